@@ -1,0 +1,183 @@
+"""A run's fully resolved configuration (`spec.json`): presets, validation, stable id."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+
+from . import data
+from .methods import PARAMS, ParamError, check_params
+from .models import MODELS
+from .robustness import default_sigmas
+
+SPEC_VERSION = 1
+
+
+class SpecError(ValueError):
+    """One clear sentence about one key of a spec."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+# The paper's Table 1, selected by model and overridable key by key.
+PRESETS = {
+    "lenet": {"batch_size": 1000, "lr_patience": 3, "lr_factor": 0.9, "early_stop": 10,
+              "optimizer": {"name": "adam", "lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}},
+    "alexnet": {"batch_size": 128, "lr_patience": 5, "lr_factor": 0.5, "early_stop": 20,
+                "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}},
+}
+PRESETS["mlp"] = PRESETS["lenet"]
+
+OPTIMIZER_KEYS = {"adam": {"name", "lr", "betas", "eps", "weight_decay"},
+                  "sgd": {"name", "lr", "momentum", "nesterov", "weight_decay"}}
+ROBUSTNESS_KEYS = {"sigmas", "samples", "clip"}
+
+# key -> (types, check, meaning); the optimizer, robustness and params tables are checked apart
+_pos = (lambda v: v >= 1, "must be >= 1")
+_nonneg = (lambda v: v >= 0, "must be >= 0")
+_opt_pos = (lambda v: v is None or v >= 1, "must be >= 1")
+SCALARS = {
+    "experiment": (str, lambda v: re.fullmatch(r"[A-Za-z0-9._-]*", v) is not None,
+                   "may only hold letters, digits, '.', '_' and '-'"),
+    "dataset": (str, lambda v: v in data.DATASETS, "must be one of " + ", ".join(data.DATASETS)),
+    "model": (str, lambda v: v in MODELS, "must be one of " + ", ".join(MODELS)),
+    "method": (str, lambda v: v in PARAMS, "must be one of " + ", ".join(PARAMS)),
+    "seed": (int, *_nonneg),
+    "split_seed": (int, *_nonneg),
+    "max_epochs": (int, *_pos),
+    "batch_size": (int, *_pos),
+    "lr_patience": (int, *_nonneg),
+    "lr_factor": (float, lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "early_stop": (int, *_pos),
+    "train_subset": ((int, type(None)), *_opt_pos),
+    "test_subset": ((int, type(None)), *_opt_pos),
+    "device": (str, lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v) is not None,
+               "must be auto, cpu, cuda or cuda:N"),
+    "data_dir": ((str, type(None)), lambda v: True, ""),
+}
+TABLES = {"params", "optimizer", "robustness"}
+KEYS = set(SCALARS) | TABLES | {"version"}
+# Where a run happens, not what it computes: left out of the run id.
+NOT_IN_ID = {"device", "data_dir"}
+
+
+def _check_type(key, v, types):
+    types = types if isinstance(types, tuple) else (types,)
+    if float in types and isinstance(v, int) and not isinstance(v, bool):
+        return float(v)
+    if isinstance(v, bool) and bool not in types:
+        raise SpecError(key, f"{key!r} must be {types[0].__name__}, not {v!r}")
+    if not isinstance(v, types):
+        raise SpecError(key, f"{key!r} must be {types[0].__name__}, not {v!r}")
+    return v
+
+
+def _resolve_optimizer(given: dict, preset: dict) -> dict:
+    if not isinstance(given, dict):
+        raise SpecError("optimizer", f"'optimizer' must be a table, not {given!r}")
+    name = given.get("name", preset["name"])
+    if name not in OPTIMIZER_KEYS:
+        raise SpecError("optimizer.name", f"'optimizer.name' must be adam or sgd, not {name!r}")
+    base = dict(preset) if name == preset["name"] else {"name": name}
+    defaults = {"adam": {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
+                "sgd": {"lr": 0.1, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0}}[name]
+    out = {**defaults, **base, **given}
+    for key, v in out.items():
+        k = f"optimizer.{key}"
+        if key not in OPTIMIZER_KEYS[name]:
+            raise SpecError(k, f"unknown key {k!r} for {name} (known: {', '.join(sorted(OPTIMIZER_KEYS[name]))})")
+        if key in ("lr", "eps", "weight_decay", "momentum"):
+            v = out[key] = _check_type(k, v, float)
+            if v < 0 or (key == "lr" and v == 0):
+                raise SpecError(k, f"{k!r} must be {'> 0' if key == 'lr' else '>= 0'} (got {v!r})")
+        elif key == "nesterov":
+            _check_type(k, v, bool)
+        elif key == "betas":
+            if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(
+                    isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in v)):
+                raise SpecError(k, f"{k!r} must be two numbers in [0, 1), not {v!r}")
+            out[key] = [float(b) for b in v]
+    return out
+
+
+def _resolve_robustness(given: dict) -> dict:
+    if not isinstance(given, dict):
+        raise SpecError("robustness", f"'robustness' must be a table, not {given!r}")
+    for key in given:
+        if key not in ROBUSTNESS_KEYS:
+            raise SpecError(f"robustness.{key}", f"unknown key 'robustness.{key}' (known: sigmas, samples, clip)")
+    out = {"sigmas": default_sigmas(), "samples": 1, "clip": False, **given}
+    s = out["sigmas"]
+    if not (isinstance(s, list) and s and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+                                              for v in s)):
+        raise SpecError("robustness.sigmas", f"'robustness.sigmas' must be a non-empty list of numbers >= 0, not {s!r}")
+    out["sigmas"] = [float(v) for v in s]
+    if isinstance(out["samples"], bool) or not isinstance(out["samples"], int) or out["samples"] < 1:
+        raise SpecError("robustness.samples", f"'robustness.samples' must be an integer >= 1, not {out['samples']!r}")
+    _check_type("robustness.clip", out["clip"], bool)
+    return out
+
+
+def resolve(partial: dict) -> dict:
+    """The complete spec: presets of the model, then the given keys on top. Raises
+    SpecError naming the first bad key."""
+    if not isinstance(partial, dict):
+        raise SpecError("", "a spec must be a JSON object")
+    for key in partial:
+        if key not in KEYS:
+            raise SpecError(key, f"unknown key {key!r} (known: {', '.join(sorted(KEYS))})")
+    for key in ("dataset", "model", "method"):
+        if key not in partial:
+            raise SpecError(key, f"the spec has no {key!r}")
+    model = partial["model"]
+    _check_type("model", model, str)
+    if model not in MODELS:
+        raise SpecError("model", f"unknown model {model!r}; 'model' must be one of {', '.join(MODELS)}")
+    preset = copy.deepcopy(PRESETS[model])
+    spec = {"version": SPEC_VERSION, "experiment": "", "seed": 0, "split_seed": 0, "max_epochs": 100,
+            "train_subset": None, "test_subset": None, "device": "auto", "data_dir": None,
+            **{k: v for k, v in preset.items() if k != "optimizer"}}
+    for key, v in partial.items():
+        if key not in TABLES and key != "version":
+            spec[key] = v
+    for key, (types, ok, why) in SCALARS.items():
+        spec[key] = v = _check_type(key, spec[key], types)
+        if not ok(v):
+            raise SpecError(key, f"{key!r} {why} (got {v!r})")
+    if partial.get("version", SPEC_VERSION) != SPEC_VERSION:
+        raise SpecError("version", f"spec version {partial['version']!r} is not supported (this is {SPEC_VERSION})")
+    ds = data.info(spec["dataset"])
+    if model == "alexnet" and ds.shape[1:] != (32, 32):
+        raise SpecError("model", f"alexnet needs 32x32 images and {spec['dataset']} has {ds.shape[1]}x{ds.shape[2]}")
+    params = partial.get("params", {})
+    if not isinstance(params, dict):
+        raise SpecError("params", f"'params' must be a table, not {params!r}")
+    try:
+        spec["params"] = check_params(spec["method"], params)
+    except ParamError as e:
+        raise SpecError(f"params.{e.key}" if e.key != "method" else "method", str(e)) from None
+    spec["optimizer"] = _resolve_optimizer(partial.get("optimizer", {}), preset["optimizer"])
+    spec["robustness"] = _resolve_robustness(partial.get("robustness", {}))
+    return spec
+
+
+def canonical(spec: dict) -> str:
+    return json.dumps({k: v for k, v in spec.items() if k not in NOT_IN_ID}, sort_keys=True, separators=(",", ":"))
+
+
+def run_id(spec: dict) -> str:
+    """Stable across processes and machines: same resolved spec, same id."""
+    digest = hashlib.sha1(canonical(spec).encode()).hexdigest()[:10]
+    return f"{spec.get('experiment') or 'run'}-{spec['method']}-{digest}"
+
+
+def describe_params(spec: dict) -> str:
+    """`sigma=0.25 alpha=1` for tables and live views."""
+    items = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in spec.get("params", {}).items()]
+    if spec.get("seed"):
+        items.append(f"seed={spec['seed']}")
+    return " ".join(items)

@@ -1,0 +1,394 @@
+"""Train one run: `python -m gaussreg.worker RUN_DIR [--resume]`.
+
+Reads RUN_DIR/spec.json, trains with the paper's protocol (presets by model, Adam/SGD,
+ReduceLROnPlateau on the validation objective, early stopping, best-validation model),
+evaluates clean accuracy and robustness, and writes the run directory (README: "The run
+directory"). The whole dataset lives on the training device; batches are index slices."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+
+from . import __version__
+from .spec import SpecError, resolve
+from .store import HEARTBEAT_S, RunDir, atomic_write_bytes, atomic_write_json, now_iso, try_lock
+
+EXIT_BAD_INPUT = 2
+EXIT_LOCKED = 3
+PROGRESS_EVERY_S = 0.5
+
+
+class Cancelled(Exception):
+    pass
+
+
+class Diverged(Exception):
+    def __init__(self, epoch: int, term: str):
+        super().__init__(f"loss term {term!r} became non-finite in epoch {epoch}")
+        self.epoch, self.term = epoch, term
+
+
+class Status:
+    """status.json, replaced atomically; a heartbeat thread refreshes updated_at."""
+
+    def __init__(self, run: RunDir, **fields):
+        self.run, self.fields, self.lock = run, dict(fields), threading.Lock()
+        self._stop = threading.Event()
+        self._thread = None
+
+    def update(self, **fields) -> None:
+        with self.lock:
+            self.fields.update(fields, updated_at=now_iso())
+            self.run.write_status(self.fields)
+
+    def start_heartbeat(self) -> None:
+        def beat():
+            while not self._stop.wait(HEARTBEAT_S):
+                try:
+                    self.update()
+                except OSError:
+                    pass  # a full disk must not kill training; the next beat retries
+        self._thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop_heartbeat(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+
+
+class Events:
+    """events.jsonl: append-only, one JSON object per line, flushed per line."""
+
+    def __init__(self, path: Path, truncate: bool):
+        self.f = open(path, "w" if truncate else "a", buffering=1)
+
+    def emit(self, type_: str, **fields) -> None:
+        import json
+        self.f.write(json.dumps({"type": type_, "time": now_iso(), **fields}) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def pick_device(name: str):
+    import torch
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SpecError("device", f"device {name!r} was asked for but CUDA is not available here")
+    return dev
+
+
+def device_name(dev) -> str:
+    import torch
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def make_optimizer(spec, params):
+    import torch
+    o = dict(spec["optimizer"])
+    name = o.pop("name")
+    if name == "adam":
+        return torch.optim.Adam(params, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
+                                weight_decay=o["weight_decay"])
+    return torch.optim.SGD(params, lr=o["lr"], momentum=o["momentum"], nesterov=o["nesterov"],
+                           weight_decay=o["weight_decay"])
+
+
+def evaluate(method, model, X, Y, batch_size: int, seed: int) -> dict:
+    """The method's objective, clean CE and clean accuracy over (X, Y); noise (for
+    augment) comes from a generator reseeded per call, so epochs compare."""
+    import torch
+    import torch.nn.functional as F
+    g = torch.Generator(device=X.device).manual_seed(seed)
+    chunk = max(1, batch_size // method.copies)
+    obj = torch.zeros((), dtype=torch.float64, device=X.device)
+    ce = torch.zeros_like(obj)
+    correct = torch.zeros((), dtype=torch.long, device=X.device)
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i in range(0, len(X), chunk):
+                x, y = X[i:i + chunk], Y[i:i + chunk]
+                L = method.objective(model, x, y, g)
+                logits = L.logits if L.logits is not None and len(L.logits) == len(x) else model(x)
+                obj += L.total.detach().double() * len(x)
+                ce += F.cross_entropy(logits, y, reduction="sum").double()
+                correct += (logits.argmax(1) == y).sum()
+    finally:
+        model.train()
+    n = max(1, len(X))
+    return {"loss": float(obj) / n, "ce": float(ce) / n, "accuracy": float(correct) / n}
+
+
+def _rng_states(g):
+    import torch
+    states = {"generator": g.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _save_checkpoint(path: Path, model, opt, sched, g, state: dict) -> None:
+    import io
+    import torch
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "rng": _rng_states(g), "state": dict(state)}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _load_checkpoint(path: Path, model, opt, sched, g) -> dict:
+    import torch
+    # weights_only: a run directory is data, never code
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(ck["model"])
+    if opt is not None:
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        g.set_state(ck["rng"]["generator"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        if "cuda" in ck["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+    return ck["state"]
+
+
+def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, log) -> dict:
+    """The training loop; returns result.json's content."""
+    import torch
+    import torch.nn.functional as F
+    from . import data
+    from .methods import make_method
+    from .models import build_model, parameter_count
+    from .robustness import robustness
+
+    t_start = time.time()
+    dev = pick_device(spec["device"])
+    seed = spec["seed"]
+    threads = os.environ.get("GAUSSREG_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+    splits = data.load(spec["dataset"], spec["data_dir"], split_seed=spec["split_seed"],
+                       train_subset=spec["train_subset"], test_subset=spec["test_subset"], device=dev)
+    log(f"data {spec['dataset']} {splits.sizes()} on {dev}")
+    torch.manual_seed(seed)
+    model = build_model(spec["model"], splits.info).to(dev)
+    method = make_method(spec["method"], spec["params"])
+    g = torch.Generator(device=dev).manual_seed(seed)  # shuffling and training noise
+    X, Y = splits.train_x, splits.train_y
+    method.prepare(len(X), tuple(X.shape[1:]), g)
+    opt = make_optimizer(spec, model.parameters())
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", patience=spec["lr_patience"],
+                                                       factor=spec["lr_factor"])
+    state = {"epoch": 0, "best_val_loss": math.inf, "best_epoch": 0, "bad_epochs": 0, "train_time": 0.0}
+    last, best = run.file("last.pt"), run.file("best.pt")
+    resuming = resume and last.exists()
+    if resuming:
+        state.update(_load_checkpoint(last, model, opt, sched, g))
+        log(f"resumed from last.pt after epoch {state['epoch']}")
+    else:
+        for name in ("result.json", "best.pt"):
+            run.file(name).unlink(missing_ok=True)
+        _save_checkpoint(last, model, opt, sched, g, state)  # so a cancel always leaves a last.pt
+    events = Events(run.file("events.jsonl"), truncate=not resuming)
+    try:
+        events.emit("resume" if resuming else "start", epoch=state["epoch"], device=str(dev),
+                    sizes=splits.sizes(), parameters=parameter_count(model))
+        N, B = len(X) * method.copies, spec["batch_size"]
+        batches = math.ceil(N / B)
+        val_seed = seed + 1_000_003
+        for epoch in range(state["epoch"] + 1, spec["max_epochs"] + 1):
+            if state["bad_epochs"] >= spec["early_stop"]:
+                break
+            status.update(epoch=epoch)
+            t0 = time.time()
+            model.train()
+            perm = torch.randperm(N, generator=g, device=dev)
+            sums, seen = {}, 0
+            correct = torch.zeros((), dtype=torch.long, device=dev)
+            next_progress = time.monotonic() + PROGRESS_EVERY_S
+            for b in range(batches):
+                if should_stop():
+                    raise Cancelled()
+                idx = perm[b * B:(b + 1) * B]
+                x, y = method.batch(X, Y, idx, g)
+                L = method.loss(model, x, y, g)
+                opt.zero_grad(set_to_none=True)
+                L.total.backward()
+                opt.step()
+                # accumulate on the device: no host sync in the loop
+                for k, v in (("loss", L.total), *L.terms.items()):
+                    sums[k] = sums.get(k, 0) + v.detach().double() * len(y)
+                if L.logits is not None:
+                    correct += (L.logits.detach().argmax(1) == y).sum()
+                seen += len(y)
+                if time.monotonic() >= next_progress:
+                    next_progress = time.monotonic() + PROGRESS_EVERY_S
+                    events.emit("progress", epoch=epoch, batch=b + 1, batches=batches,
+                                loss=float(sums["loss"]) / seen)
+            train = {k: float(v) / seen for k, v in sums.items()}
+            for k, v in train.items():
+                if not math.isfinite(v):
+                    raise Diverged(epoch, k)
+            val = evaluate(method, model, splits.val_x, splits.val_y, B, val_seed)
+            if not math.isfinite(val["loss"]):
+                raise Diverged(epoch, "val_loss")
+            sched.step(val["loss"])
+            improved = val["loss"] < state["best_val_loss"]
+            dt = time.time() - t0
+            state.update(epoch=epoch, train_time=state["train_time"] + dt)
+            if improved:
+                state.update(best_val_loss=val["loss"], best_epoch=epoch, bad_epochs=0,
+                             best_val_accuracy=val["accuracy"])
+                _save_checkpoint(best, model, opt, sched, g, state)
+            else:
+                state["bad_epochs"] += 1
+            events.emit("epoch", epoch=epoch, train_loss=train.pop("loss"), train_terms=train,
+                        train_accuracy=float(correct) / seen if L.logits is not None else None,
+                        val_loss=val["loss"], val_ce=val["ce"], val_accuracy=val["accuracy"],
+                        lr=opt.param_groups[0]["lr"], epoch_time=dt, images_per_s=seen / dt,
+                        best=improved)
+            _save_checkpoint(last, model, opt, sched, g, state)
+            log(f"epoch {epoch}: train {float(sums['loss']) / seen:.4f} "
+                f"val {val['loss']:.4f} acc {val['accuracy']:.4f} ({dt:.1f}s, {seen / dt:.0f} img/s)")
+
+        # evaluate the model with the best validation objective
+        _load_checkpoint(best, model, None, None, None)
+        test = evaluate(make_method("baseline", {}), model, splits.test_x, splits.test_y, B, seed)
+        rcfg = spec["robustness"]
+        t0 = time.time()
+        rob = robustness(model, splits.test_x, splits.test_y, sigmas=rcfg["sigmas"], samples=rcfg["samples"],
+                         seed=seed, clip=rcfg["clip"])
+        rob_time = time.time() - t0
+        events.emit("test", test_accuracy=test["accuracy"], test_loss=test["ce"], robustness=rob.score,
+                    sigmas=rob.sigmas, per_sigma=rob.per_sigma, accuracy_per_sigma=rob.accuracy_per_sigma,
+                    eval_time=rob_time)
+    finally:
+        events.close()
+    import torch as _t
+    return {
+        "run_id": run.id, "experiment": spec["experiment"], "dataset": spec["dataset"], "model": spec["model"],
+        "method": spec["method"], "params": spec["params"], "seed": seed,
+        "test_accuracy": test["accuracy"], "test_loss": test["ce"],
+        "robustness": rob.score, "sigmas": rob.sigmas, "per_sigma": rob.per_sigma,
+        "accuracy_per_sigma": rob.accuracy_per_sigma, "robustness_samples": rob.samples,
+        "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
+        "best_val_loss": state["best_val_loss"], "best_val_accuracy": state.get("best_val_accuracy"),
+        "train_time_s": state["train_time"], "robustness_time_s": rob_time, "wall_time_s": time.time() - t_start,
+        "parameters": parameter_count(model), "device": str(dev), "device_name": device_name(dev),
+        "sizes": splits.sizes(), "host": socket.gethostname(),
+        "versions": {"gaussreg": __version__, "torch": _t.__version__, "python": platform.python_version()},
+        "finished_at": now_iso(),
+    }
+
+
+@contextmanager
+def _signals(flag: dict):
+    def handler(signum, _frame):
+        flag["signal"] = signum
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m gaussreg.worker", description="Train one run directory.")
+    ap.add_argument("run_dir")
+    ap.add_argument("--resume", action="store_true", help="continue from last.pt when it exists")
+    args = ap.parse_args(argv)
+    run = RunDir(args.run_dir)
+    if not run.path.is_dir():
+        print(f"error: run directory {run.path} does not exist", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    logf = open(run.file("worker.log"), "a", buffering=1)
+    echo = sys.stderr.isatty()
+
+    def log(msg: str) -> None:
+        line = f"{now_iso()} {msg}"
+        logf.write(line + "\n")
+        if echo:
+            print(line, file=sys.stderr)
+
+    held = os.environ.pop("GAUSSREG_LOCK_FD", None)  # the scheduler passes the lock it took
+    lock_fd = int(held) if held else try_lock(run)
+    if lock_fd is None:
+        print(f"error: run {run.id} is already being trained by another process", file=sys.stderr)
+        return EXIT_LOCKED
+    status = Status(run, state="running", pid=os.getpid(), host=socket.gethostname(), device=None,
+                    started_at=now_iso(), finished_at=None, epoch=0, max_epochs=None, error=None,
+                    cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+    def fail(message: str, state: str = "failed", **extra) -> None:
+        log(f"{state}: {message}")
+        status.update(state=state, error=message, finished_at=now_iso(), **extra)
+
+    try:
+        from .store import RunFileError
+        try:
+            spec = resolve(run.spec())
+        except (SpecError, RunFileError) as e:
+            fail(f"bad spec {run.file('spec.json')}: {e}")
+            print(f"error: bad spec {run.file('spec.json')}: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        from . import data
+        if spec["dataset"] != "synthetic" and data.find(spec["dataset"], spec["data_dir"]) is None:
+            msg = data.missing_message(spec["dataset"], spec["data_dir"])
+            fail(msg)
+            print(f"error: {msg}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        try:
+            dev = pick_device(spec["device"])
+        except SpecError as e:
+            fail(str(e))
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        status.fields.update(device=str(dev), max_epochs=spec["max_epochs"])
+        status.update()
+        status.start_heartbeat()
+        flag = {}
+        log(f"start {run.id} pid {os.getpid()} device {dev} resume={args.resume}")
+        with _signals(flag):
+            try:
+                result = train(spec, run, args.resume, lambda: "signal" in flag, status, log)
+            except Cancelled:
+                sig = flag.get("signal", signal.SIGTERM)
+                fail(f"cancelled by {signal.Signals(sig).name}; last.pt holds the last finished epoch",
+                     "cancelled")
+                return 128 + sig
+            except Diverged as e:
+                fail(str(e), "diverged", diverged_epoch=e.epoch, diverged_term=e.term)
+                return 1
+            except Exception as e:
+                logf.write(traceback.format_exc())
+                fail(f"{type(e).__name__}: {e}")
+                return 1
+        atomic_write_json(run.file("result.json"), result)
+        status.update(state="completed", finished_at=now_iso(), error=None)
+        log(f"completed: test accuracy {result['test_accuracy']:.4f}, robustness {result['robustness']:.4f}")
+        return 0
+    finally:
+        status.stop_heartbeat()
+        logf.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
