@@ -1,0 +1,392 @@
+"""The `gaussreg` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Train networks robust to Gaussian input noise and compare them fairly.")
+data_app = typer.Typer(no_args_is_help=True, help="List and fetch datasets.")
+app.add_typer(data_app, name="data")
+console = Console()
+err_console = Console(stderr=True)
+
+EXIT_BAD_INPUT = 2
+StoreOpt = typer.Option(Path("runs"), "--store", help="The run store folder.")
+DataDirOpt = typer.Option(None, "--data-dir", help="Data root (default: $GAUSSREG_DATA, else ./data).")
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT):
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _version(value: bool):
+    if value:
+        console.print(f"gaussreg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")):
+    pass
+
+
+class TableFormat(str, Enum):
+    table = "table"
+    markdown = "markdown"
+    csv = "csv"
+    json = "json"
+
+
+class ListFormat(str, Enum):
+    table = "table"
+    json = "json"
+
+
+# ---------------------------------------------------------------- run
+
+@app.command()
+def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The experiment manifest (TOML)."),
+        store: Path = StoreOpt,
+        only: Optional[str] = typer.Option(None, help="Only experiments, run ids or methods matching this glob."),
+        gpus: str = typer.Option("all", help="'all' (every visible GPU; none on a CPU box), 'none', or '0,1'."),
+        per_gpu: int = typer.Option(1, "--per-gpu", help="Runs sharing one GPU."),
+        max_parallel: Optional[int] = typer.Option(None, "--max-parallel",
+                                                   help="At most this many runs at once (CPU default: 1)."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="List the expanded runs and their ids; launch nothing."),
+        rerun: bool = typer.Option(False, "--rerun", help="Train finished runs again."),
+        follow: bool = typer.Option(True, "--follow/--detach",
+                                    help="Watch until done (default), or start in the background and return."),
+        data_dir: Optional[Path] = DataDirOpt):
+    """Run every configuration of a manifest, one worker process per run, then print the fair table."""
+    from . import data, manifest as mf, report
+    from .scheduler import Scheduler, make_slots, parse_gpus
+    from .store import Store
+
+    try:
+        m = mf.load(manifest, data_dir=str(data_dir) if data_dir else None)
+    except mf.ManifestError as e:
+        fail(str(e))
+    runs = m.select(only)
+    if not runs:
+        fail(f"--only {only!r} matches no experiment, run id or method in {manifest}")
+    try:
+        slots = make_slots(parse_gpus(gpus), per_gpu, max_parallel)
+    except ValueError as e:
+        fail(str(e))
+    st = Store(store)
+    if dry_run:
+        t = Table(title=f"{len(runs)} runs from {manifest} on {len(slots)} slot(s)", title_justify="left")
+        for h in ("run id", "dataset", "model", "method", "params", "state"):
+            t.add_column(h)
+        from .spec import describe_params
+        from .store import RunDir
+        for r in runs:
+            rd = RunDir(st.root / r.id)
+            state = rd.state() if rd.file("spec.json").exists() else "new"
+            t.add_row(r.id, r.spec["dataset"], r.spec["model"], r.spec["method"], describe_params(r.spec), state)
+        console.print(t)
+        return
+    for name in sorted({r.spec["dataset"] for r in runs} - {"synthetic"}):
+        if data.find(name, data_dir) is None:
+            fail(data.missing_message(name, data_dir))
+    if not follow:
+        _detach(manifest, store, only, gpus, per_gpu, max_parallel, rerun, data_dir)
+        return
+    for e in m.experiments:
+        if any(r.spec["experiment"] == e.name for r in runs):
+            st.write_experiment(e.name, {"name": e.name, "tolerance": e.tolerance,
+                                         "manifest": str(Path(manifest).resolve())})
+    for r in runs:
+        st.create(r.spec, r.id)
+    from .live import LiveView
+    console.print(f"{len(runs)} runs from {manifest} into {st.root}/ on "
+                  f"{', '.join('gpu ' + s.gpu if s.gpu else 'cpu' for s in slots)}"
+                  f" ({slots[0].threads} thread(s) each)")
+    with LiveView(len(runs), console) as view:
+        summary = Scheduler(st, [r.id for r in runs], slots, rerun=rerun, on_change=view.on_change).run()
+    for o in summary.outcomes.values():
+        if o.state in ("failed", "diverged") and o.log_tail:
+            console.print(f"[red]{o.state}[/] {o.run_id}: {o.error}\n[dim]{o.log_tail}[/]", highlight=False)
+    if summary.interrupted:
+        console.print("[yellow]interrupted:[/] running workers were cancelled (their last.pt is kept); "
+                      "run the same command again to resume them.")
+    exps = sorted({r.spec["experiment"] for r in runs})
+    for e in exps:
+        console.print(report.render_rich(report.fair_table(st, e)))
+    raise typer.Exit(summary.exit_code())
+
+
+def _detach(manifest, store, only, gpus, per_gpu, max_parallel, rerun, data_dir):
+    """Start `gaussreg run ... --follow` in its own session so it outlives this shell."""
+    logs = Path(store) / "_launches"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / time.strftime("%Y%m%d-%H%M%S.log")
+    argv = [sys.executable, "-m", "gaussreg", "run", str(manifest), "--store", str(store), "--gpus", gpus,
+            "--per-gpu", str(per_gpu), "--follow"]
+    argv += ["--only", only] if only else []
+    argv += ["--max-parallel", str(max_parallel)] if max_parallel else []
+    argv += ["--rerun"] if rerun else []
+    argv += ["--data-dir", str(data_dir)] if data_dir else []
+    with open(log, "ab") as f:
+        p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             start_new_session=True, env=dict(os.environ, COLUMNS="120"))
+    (logs / f"{p.pid}.pid").write_text(str(p.pid))
+    console.print(f"started in the background (pid {p.pid}); log: {log}\n"
+                  f"watch with `gaussreg ls --store {store}` or `gaussreg table --store {store}`")
+
+
+# ---------------------------------------------------------------- reading the store
+
+@app.command()
+def table(store: Path = StoreOpt,
+          experiment: Optional[str] = typer.Option(None, help="Only this experiment."),
+          tolerance: Optional[float] = typer.Option(None, help="Override the manifest's tolerance (a fraction)."),
+          format: TableFormat = typer.Option(TableFormat.table, "--format", help="table, markdown, csv or json.")):
+    """The fair comparison: among runs within `tolerance` of the baseline's accuracy, the most robust per method."""
+    from . import report
+    from .store import Store
+    if tolerance is not None and not 0 <= tolerance <= 1:
+        fail(f"--tolerance must be a fraction in [0, 1], not {tolerance}")
+    if not store.is_dir():
+        fail(f"the store {store} does not exist")
+    t = report.fair_table(Store(store), experiment, tolerance)
+    if experiment and not t["experiments"]:
+        fail(f"no runs of experiment {experiment!r} in {store}")
+    if format == TableFormat.json:
+        print(json.dumps(t, indent=2))
+    elif format == TableFormat.markdown:
+        print(report.render_markdown(t))
+    elif format == TableFormat.csv:
+        print(report.render_csv(t), end="")
+    else:
+        console.print(report.render_rich(t))
+
+
+@app.command("ls")
+def ls(store: Path = StoreOpt,
+       state: Optional[str] = typer.Option(None, help="Only runs in this state."),
+       format: ListFormat = typer.Option(ListFormat.table, "--format", help="table or json.")):
+    """List the runs of a store."""
+    from . import report
+    from .spec import describe_params
+    from .store import STATES, Store
+    if state and state not in STATES + ("corrupt",):
+        fail(f"--state must be one of {', '.join(STATES)}, not {state!r}")
+    rows = [r for r in report.collect(Store(store)) if not state or r["state"] == state]
+    if format == ListFormat.json:
+        print(json.dumps([{"id": r["id"], "state": r["state"], "spec": r["spec"], "result": r["result"],
+                           "error": r["error"]} for r in rows], indent=2))
+        return
+    t = Table(title=f"{len(rows)} runs in {store}", title_justify="left")
+    for h in ("run id", "experiment", "dataset", "model", "method", "params", "state", "test acc", "R"):
+        t.add_column(h)
+    from .live import STATE_STYLE
+    for r in rows:
+        s, res = r["spec"] or {}, r["result"] or {}
+        t.add_row(r["id"], s.get("experiment", "?"), s.get("dataset", "?"), s.get("model", "?"), s.get("method", "?"),
+                  describe_params(s) if s else r.get("error", ""),
+                  f"[{STATE_STYLE.get(r['state'], 'red')}]{r['state']}[/]",
+                  f"{res['test_accuracy'] * 100:.2f}" if res else "-", f"{res['robustness'] * 100:.2f}" if res else "-")
+    console.print(t)
+
+
+def _get_run(store: Path, run_id: str):
+    from .store import RunFileError, Store
+    try:
+        return Store(store).get(run_id)
+    except RunFileError as e:
+        fail(str(e))
+
+
+@app.command()
+def show(run_id: str = typer.Argument(..., help="A run id (or a unique prefix)."), store: Path = StoreOpt):
+    """A run's spec, status, last epoch, result and log tail."""
+    from .store import RunFileError
+    run = _get_run(store, run_id)
+    try:
+        spec, status, result = run.spec(), run.status(), run.result()
+        state = run.state(status)
+    except RunFileError as e:
+        fail(str(e))
+    epochs = run.epochs()
+    console.rule(f"{run.id}  [{state}]")
+    console.print_json(json.dumps({"spec": spec, "status": {**status, "state": state}}))
+    if epochs:
+        e = epochs[-1]
+        console.print(f"epoch {e['epoch']}: train loss {e['train_loss']:.4f}, val loss {e['val_loss']:.4f}, "
+                      f"val acc {e['val_accuracy'] * 100:.2f}%, lr {e['lr']:.3g}, {e['images_per_s']:.0f} img/s")
+    if result:
+        console.print(f"test accuracy {result['test_accuracy'] * 100:.2f}%, robustness {result['robustness'] * 100:.2f}%"
+                      f", best epoch {result['best_epoch']} of {result['epochs_run']}, {result['wall_time_s']:.1f}s "
+                      f"on {result['device_name']}")
+    tail = run.log_tail(15)
+    if tail:
+        console.rule("worker.log")
+        console.print(tail, highlight=False, markup=False)
+
+
+@app.command()
+def cancel(run_id: str = typer.Argument(..., help="A run id (or a unique prefix)."), store: Path = StoreOpt):
+    """Ask a running run's worker to stop (SIGTERM): it saves last.pt and becomes cancelled."""
+    import socket
+    from .store import RunFileError, pid_alive
+    run = _get_run(store, run_id)
+    try:
+        status = run.status()
+    except RunFileError as e:
+        fail(str(e))
+    state, pid = run.state(status), status.get("pid")
+    if state != "running":
+        fail(f"run {run.id} is {state}, not running")
+    if status.get("host") != socket.gethostname():
+        fail(f"run {run.id} runs on host {status.get('host')}, not here")
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        cmd = ""
+    if not pid_alive(pid) or run.id not in cmd:
+        fail(f"process {pid} of run {run.id} is not its worker any more")
+    os.kill(pid, signal.SIGTERM)
+    console.print(f"sent SIGTERM to the worker of {run.id} (pid {pid})")
+
+
+def _parse_sigmas(text: Optional[str]) -> Optional[List[float]]:
+    if not text:
+        return None
+    try:
+        if ":" in text:
+            lo, hi, n = text.split(":")
+            import torch
+            return torch.linspace(float(lo), float(hi), int(n), dtype=torch.float64).tolist()
+        vals = [float(v) for v in text.split(",")]
+    except ValueError:
+        fail(f"--sigmas must be a list like '0,0.1,0.2' or a range START:STOP:COUNT, not {text!r}")
+    if any(v < 0 for v in vals):
+        fail("--sigmas must be >= 0")
+    return vals
+
+
+@app.command("eval")
+def eval_(target: str = typer.Argument(..., help="A run id, or a checkpoint file inside a run directory."),
+          store: Path = StoreOpt,
+          sigmas: Optional[str] = typer.Option(None, help="'0,0.1,0.2' or START:STOP:COUNT (default 0:0.5:30)."),
+          samples: int = typer.Option(1, help="Noise draws per image and sigma; all must agree."),
+          seed: int = typer.Option(0),
+          clip: bool = typer.Option(False, help="Clip noisy images to [0,1]."),
+          device: str = typer.Option("auto"),
+          data_dir: Optional[Path] = DataDirOpt,
+          format: ListFormat = typer.Option(ListFormat.table, "--format")):
+    """Re-evaluate robustness of a trained run (best.pt) or checkpoint on its test set."""
+    import torch
+    from . import data
+    from .models import build_model
+    from .robustness import robustness
+    from .spec import SpecError, resolve
+    from .store import RunDir, RunFileError
+    from .worker import pick_device
+    p = Path(target)
+    if p.is_file():
+        run, ckpt = RunDir(p.parent), p
+    else:
+        run = _get_run(store, target)
+        ckpt = run.file("best.pt")
+    if samples < 1:
+        fail("--samples must be >= 1")
+    sig = _parse_sigmas(sigmas)
+    try:
+        spec = resolve(run.spec())
+        dev = pick_device(device)
+    except (SpecError, RunFileError) as e:
+        fail(str(e))
+    if not ckpt.is_file():
+        fail(f"{ckpt} does not exist (has the run finished an epoch?)")
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
+    except Exception as e:
+        fail(f"{ckpt} is not a gaussreg checkpoint ({type(e).__name__}: {e})")
+    try:
+        splits = data.load(spec["dataset"], data_dir or spec["data_dir"], split_seed=spec["split_seed"],
+                           test_subset=spec["test_subset"], device=dev)
+    except data.DataError as e:
+        fail(str(e))
+    model = build_model(spec["model"], splits.info).to(dev)
+    model.load_state_dict(state)
+    r = robustness(model, splits.test_x, splits.test_y, sigmas=sig, samples=samples, seed=seed, clip=clip)
+    if format == ListFormat.json:
+        print(json.dumps({"run_id": run.id, "checkpoint": str(ckpt), **r.to_dict()}, indent=2))
+        return
+    t = Table(title=f"{run.id}: clean acc {r.clean_accuracy * 100:.2f}%, robustness R {r.score * 100:.2f}%",
+              title_justify="left")
+    for h in ("sigma", "consistency %", "accuracy %"):
+        t.add_column(h, justify="right")
+    for s, c, a in zip(r.sigmas, r.per_sigma, r.accuracy_per_sigma):
+        t.add_row(f"{s:.4f}", f"{c * 100:.2f}", f"{a * 100:.2f}")
+    console.print(t)
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def train(run_dir: Path = typer.Argument(..., help="A run directory holding spec.json."),
+          resume: bool = typer.Option(False, "--resume", help="Continue from last.pt.")):
+    """Train one run directory in this process (what `gaussreg run` starts per run)."""
+    from .worker import main as worker_main
+    raise typer.Exit(worker_main([str(run_dir)] + (["--resume"] if resume else [])))
+
+
+# ---------------------------------------------------------------- data
+
+@data_app.command("list")
+def data_list(data_dir: Optional[Path] = DataDirOpt):
+    """Each dataset, where it was found, and its sizes."""
+    from . import data
+    t = Table(title=f"datasets (data root: {data.data_root(data_dir)})", title_justify="left")
+    for h in ("name", "shape", "classes", "found in", "train", "test"):
+        t.add_column(h, overflow="fold")
+    missing = []
+    for name in data.DATASETS:
+        d = data.describe(name, data_dir)
+        t.add_row(name, d["shape"], str(d["classes"]), d["where"] if d["found"] else "[red]missing[/]",
+                  str(d["train"] or "-"), str(d["test"] or "-"))
+        if not d["found"]:
+            missing.append(d["note"])
+    console.print(t)
+    for note in missing:
+        console.print(f"- {note}", highlight=False)
+
+
+@data_app.command("download")
+def data_download(name: str = typer.Argument(..., help="mnist, fashion-mnist, cifar10 or cifar100."),
+                  data_dir: Optional[Path] = DataDirOpt):
+    """Make a dataset available (Debian package, torchvision, or the official files)."""
+    from . import data
+    if name not in data.DATASETS:
+        fail(f"unknown dataset {name!r}; known: {', '.join(data.DATASETS)}")
+    try:
+        where = data.download(name, data_dir, log=lambda m: console.print(m, highlight=False))
+    except data.DataError as e:
+        fail(str(e), 1)
+    console.print(f"{name} is available in {where}")
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""The experiment manifest (TOML): experiments x methods x parameter grids -> run specs.
+
+A list value of a run key or of a method parameter is a grid axis; the runs of an
+experiment are the Cartesian product. Tables (`optimizer`, `robustness`) are taken
+as they are. Errors name the file, the line and the key."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import itertools
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .methods import PARAMS
+from .spec import SCALARS, TABLES, SpecError, resolve, run_id
+
+RUN_KEYS = (set(SCALARS) - {"experiment", "data_dir"}) | {"optimizer", "robustness"}
+EXPERIMENT_KEYS = RUN_KEYS | {"name", "tolerance", "methods", "seeds"}
+TOP_KEYS = {"defaults", "experiment"}
+
+
+class ManifestError(Exception):
+    def __init__(self, path, line: Optional[int], key: str, message: str):
+        where = f"{path}:{line}" if line else str(path)
+        super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
+        self.path, self.line, self.key = path, line, key
+
+
+@dataclass
+class PlannedRun:
+    id: str
+    spec: dict
+
+
+@dataclass
+class Experiment:
+    name: str
+    tolerance: float
+    runs: List[PlannedRun] = field(default_factory=list)
+
+
+@dataclass
+class Manifest:
+    path: Path
+    experiments: List[Experiment]
+
+    def runs(self) -> List[PlannedRun]:
+        return [r for e in self.experiments for r in e.runs]
+
+    def select(self, pattern: Optional[str]) -> List[PlannedRun]:
+        """Runs whose experiment name, run id or method matches the glob."""
+        if not pattern:
+            return self.runs()
+        return [r for e in self.experiments for r in e.runs
+                if any(fnmatch.fnmatchcase(s, pattern) for s in (e.name, r.id, r.spec["method"]))]
+
+
+class _Lines:
+    """Finds the line of a key in the manifest text (tomllib keeps no positions)."""
+
+    def __init__(self, text: str):
+        self.lines = text.splitlines()
+        self.sections = []  # (kind, first line index), kind is 'defaults' or 'experiment'
+        for i, line in enumerate(self.lines):
+            s = line.strip()
+            if re.match(r"\[\[\s*experiment\s*\]\]", s):
+                self.sections.append(("experiment", i))
+            elif re.match(r"\[\s*defaults\s*\]", s):
+                self.sections.append(("defaults", i))
+
+    def _range(self, section):
+        if section is None:
+            return 0, len(self.lines)
+        kind, index = section
+        starts = [i for k, i in self.sections if k == kind]
+        if index >= len(starts):
+            return 0, len(self.lines)
+        start = starts[index]
+        later = [i for _, i in self.sections if i > start]
+        return start, later[0] if later else len(self.lines)
+
+    def find(self, section, path: List[str]) -> Optional[int]:
+        lo, hi = self._range(section)
+        for depth in range(len(path), 0, -1):
+            leaf = re.escape(path[depth - 1])
+            pat = re.compile(rf'(^|[\s{{,.\[])"?{leaf}"?\s*(=|\.|\])')
+            hits = [i for i in range(lo, hi) if pat.search(self.lines[i].split("#", 1)[0])]
+            if hits:
+                richer = [i for i in hits if all(p in self.lines[i] for p in path[:depth - 1])]
+                return (richer or hits)[0] + 1
+        return lo + 1 if section is not None else None
+
+
+def _suggest(key: str, known) -> str:
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(known))})"
+
+
+def load(path, data_dir: Optional[str] = None) -> Manifest:
+    """Parse, validate and expand a manifest. Raises ManifestError; launches nothing."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ManifestError(path, None, "", "the manifest file does not exist") from None
+    except OSError as e:
+        raise ManifestError(path, None, "", f"cannot be read ({e.strerror})") from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        m = re.search(r"line (\d+)", str(e))
+        raise ManifestError(path, int(m.group(1)) if m else None, "", f"not valid TOML ({e})") from None
+    lines = _Lines(text)
+
+    def err(section, keypath: List[str], message: str):
+        return ManifestError(path, lines.find(section, keypath), ".".join(keypath), message)
+
+    for key in doc:
+        if key not in TOP_KEYS:
+            raise err(None, [key], "unknown top-level key" + _suggest(key, TOP_KEYS))
+    defaults = doc.get("defaults", {})
+    if not isinstance(defaults, dict):
+        raise err(None, ["defaults"], "must be a table")
+    for key in defaults:
+        if key not in RUN_KEYS | {"tolerance", "seeds"}:
+            raise err(("defaults", 0), [key], "unknown key in [defaults]" + _suggest(key, RUN_KEYS))
+    exps = doc.get("experiment", [])
+    if not isinstance(exps, list) or not exps:
+        raise err(None, ["experiment"], "the manifest has no [[experiment]]")
+    out, names = [], set()
+    for i, exp in enumerate(exps):
+        sec = ("experiment", i)
+        for key in exp:
+            if key not in EXPERIMENT_KEYS:
+                raise err(sec, [key], "unknown key in [[experiment]]" + _suggest(key, EXPERIMENT_KEYS))
+        name = exp.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+            raise err(sec, ["name"], "every experiment needs a name of letters, digits, '.', '_' or '-'"
+                      + (f" (got {name!r})" if name is not None else ""))
+        if name in names:
+            raise err(sec, ["name"], f"duplicate experiment name {name!r}")
+        names.add(name)
+        merged = {k: v for k, v in {**defaults, **exp}.items() if k != "name"}
+        tol = merged.pop("tolerance", 0.0)
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol <= 1:
+            raise err(sec if "tolerance" in exp else ("defaults", 0), ["tolerance"],
+                      f"must be a fraction in [0, 1] (0.0039 means 0.39%), not {tol!r}")
+        methods = merged.pop("methods", None)
+        if not isinstance(methods, dict) or not methods:
+            raise err(sec, ["methods"], "each experiment needs a non-empty 'methods' table, "
+                      "e.g. methods.baseline = {}")
+        seeds = merged.pop("seeds", None)
+        if seeds is not None:
+            if "seed" in exp:
+                raise err(sec, ["seeds"], "give either 'seed' or 'seeds', not both")
+            if not isinstance(seeds, list) or not seeds:
+                raise err(sec, ["seeds"], "must be a non-empty list of integers")
+            merged["seed"] = seeds
+        axes = {}
+        for key, v in merged.items():
+            if isinstance(v, list) and key not in TABLES:
+                if not v:
+                    raise err(sec, [key], "empty grid: a list value needs at least one element")
+                axes[key] = v
+            else:
+                axes[key] = [v]
+        exp_out = Experiment(name, float(tol))
+        for method, params in methods.items():
+            if method not in PARAMS:
+                raise err(sec, ["methods", method], f"unknown method {method!r}" + _suggest(method, PARAMS))
+            if not isinstance(params, dict):
+                raise err(sec, ["methods", method], "must be a table of parameters, e.g. {} or { sigma = 0.25 }")
+            p_axes = {}
+            for k, v in params.items():
+                if isinstance(v, list):
+                    if not v:
+                        raise err(sec, ["methods", method, k], "empty grid: a list value needs at least one element")
+                    p_axes[k] = v
+                else:
+                    p_axes[k] = [v]
+            keys, pkeys = list(axes), list(p_axes)
+            for combo in itertools.product(*axes.values()):
+                for pcombo in itertools.product(*p_axes.values()):
+                    partial = {**dict(zip(keys, combo)), "experiment": name, "method": method,
+                               "params": dict(zip(pkeys, pcombo))}
+                    if data_dir:
+                        partial["data_dir"] = str(data_dir)
+                    try:
+                        spec = resolve(partial)
+                    except SpecError as e:
+                        k = e.key
+                        kp = ["methods", method, k.split(".", 1)[1]] if k.startswith("params.") else k.split(".")
+                        section = sec if (kp[0] in exp or kp[0] == "methods") else ("defaults", 0)
+                        raise err(section, kp, str(e)) from None
+                    exp_out.runs.append(PlannedRun(run_id(spec), spec))
+        ids = [r.id for r in exp_out.runs]
+        if len(set(ids)) != len(ids):
+            dup = next(x for x in ids if ids.count(x) > 1)
+            raise err(sec, ["methods"], f"two grid points give the same run ({dup}): a grid repeats a value")
+        out.append(exp_out)
+    return Manifest(path, out)

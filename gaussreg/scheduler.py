@@ -1,0 +1,235 @@
+"""The local scheduler: one worker process per run, GPU slots handed out by the parent.
+
+Each worker runs in its own process group with CUDA_VISIBLE_DEVICES set to its GPU;
+the parent holds each run's OS lock while launching and passes it to the worker, so
+two schedulers on one store never train the same run twice."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+from .store import FINISHED, RunDir, Store, now_iso, try_lock
+
+GRACE_S = 30.0  # how long a SIGTERMed worker gets to write last.pt before SIGKILL
+
+
+@dataclass
+class Slot:
+    index: int
+    gpu: Optional[str]  # CUDA_VISIBLE_DEVICES of the runs in this slot; None on CPU
+    threads: Optional[int] = None
+
+
+def detect_gpus() -> List[str]:
+    """The GPUs this process may use: $CUDA_VISIBLE_DEVICES when set, else every GPU."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+            return [str(i) for i, line in enumerate(l for l in out.splitlines() if l.startswith("GPU "))]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return []
+
+
+def parse_gpus(arg: str) -> List[str]:
+    """'all' (every visible GPU, none on a CPU box), 'none', or a list like '0,1'."""
+    arg = arg.strip()
+    if arg == "all":
+        return detect_gpus()
+    if arg == "none":
+        return []
+    parts = [p.strip() for p in arg.split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise ValueError(f"--gpus must be 'all', 'none' or GPU indices like '0,1', not {arg!r}")
+    return list(dict.fromkeys(parts))
+
+
+def make_slots(gpus: List[str], per_gpu: int = 1, max_parallel: Optional[int] = None,
+               cpus: Optional[int] = None) -> List[Slot]:
+    """`per_gpu` slots on each GPU (capped by max_parallel); without GPUs, max_parallel
+    CPU slots (default: one) sharing the cores evenly."""
+    if per_gpu < 1:
+        raise ValueError("--per-gpu must be >= 1")
+    if max_parallel is not None and max_parallel < 1:
+        raise ValueError("--max-parallel must be >= 1")
+    cpus = cpus or os.cpu_count() or 1
+    if gpus:
+        slots = [Slot(i, g) for i, (g, _) in enumerate((g, k) for k in range(per_gpu) for g in gpus)]
+        slots = slots[:max_parallel] if max_parallel else slots
+        threads = max(1, cpus // len(slots))
+    else:
+        n = max_parallel or 1
+        slots = [Slot(i, None) for i in range(n)]
+        threads = max(1, cpus // n)
+    for s in slots:
+        s.threads = threads
+    return slots
+
+
+@dataclass
+class Active:
+    run: RunDir
+    slot: Slot
+    proc: subprocess.Popen
+    started: float
+
+
+@dataclass
+class Outcome:
+    run_id: str
+    state: str
+    returncode: Optional[int] = None
+    error: Optional[str] = None
+    log_tail: str = ""
+
+
+@dataclass
+class Summary:
+    outcomes: Dict[str, Outcome] = field(default_factory=dict)
+    interrupted: bool = False
+
+    def count(self, *states) -> int:
+        return sum(1 for o in self.outcomes.values() if o.state in states)
+
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 130
+        return 1 if self.count("failed", "diverged", "cancelled", "interrupted") else 0
+
+
+def _reset(run: RunDir) -> None:
+    """Forget a finished run's results (keep its spec) so it trains afresh."""
+    for name in ("result.json", "events.jsonl", "best.pt", "last.pt"):
+        run.file(name).unlink(missing_ok=True)
+
+
+class Scheduler:
+    def __init__(self, store: Store, run_ids: List[str], slots: List[Slot], rerun: bool = False,
+                 worker_argv: Optional[List[str]] = None, on_change: Optional[Callable] = None,
+                 poll_s: float = 0.5, grace_s: float = GRACE_S):
+        self.store, self.slots, self.rerun = store, slots, rerun
+        self.queue = [RunDir(store.root / r) for r in run_ids]
+        self.worker_argv = worker_argv or [sys.executable, "-m", "gaussreg.worker"]
+        self.on_change = on_change or (lambda sched, what, run: None)
+        self.poll_s, self.grace_s = poll_s, grace_s
+        self.active: Dict[int, Active] = {}  # slot index -> active run
+        self.summary = Summary()
+        self.stopping = False
+
+    def stop(self, *_args) -> None:
+        """First Ctrl-C (or SIGTERM): launch nothing more and cancel the running workers."""
+        self.stopping = True
+
+    def _launch(self, run: RunDir, slot: Slot) -> bool:
+        fd = try_lock(run)
+        if fd is None:
+            self.summary.outcomes[run.id] = Outcome(run.id, "elsewhere", error="being trained by another process")
+            self.on_change(self, "elsewhere", run)
+            return False
+        try:
+            state = run.state()
+            if state in FINISHED and not self.rerun:
+                self.summary.outcomes[run.id] = Outcome(run.id, state)
+                self.on_change(self, "skipped", run)
+                return False
+            if self.rerun and state in FINISHED:
+                _reset(run)
+            resume = run.file("last.pt").exists()
+            env = dict(os.environ, GAUSSREG_LOCK_FD=str(fd), PYTHONUNBUFFERED="1")
+            if slot.gpu is not None:
+                env["CUDA_VISIBLE_DEVICES"] = slot.gpu
+            if slot.threads:
+                env["GAUSSREG_THREADS"] = env["OMP_NUM_THREADS"] = str(slot.threads)
+            with open(run.file("worker.log"), "ab") as log:
+                proc = subprocess.Popen(self.worker_argv + [str(run.path)] + (["--resume"] if resume else []),
+                                        env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        pass_fds=(fd,), start_new_session=True)
+        finally:
+            os.close(fd)  # the worker holds the lock now (same open file description)
+        self.active[slot.index] = Active(run, slot, proc, time.time())
+        self.on_change(self, "started", run)
+        return True
+
+    def _reap(self, a: Active) -> None:
+        rc = a.proc.returncode
+        try:
+            status = a.run.status()
+        except Exception as e:  # a corrupt status.json: the worker died badly
+            status = {"state": "failed", "error": str(e)}
+        state = status.get("state")
+        if state in ("running", "queued"):
+            # the worker died without saying so (crash, SIGKILL, OOM)
+            state = "cancelled" if self.stopping else "failed"
+            status.update(state=state, finished_at=now_iso(), updated_at=now_iso(),
+                          error=f"worker exited with code {rc} without finishing; see worker.log")
+            a.run.write_status(status)
+        self.summary.outcomes[a.run.id] = Outcome(a.run.id, state, rc, status.get("error"),
+                                                  a.run.log_tail(15) if state not in ("completed",) else "")
+        self.on_change(self, state, a.run)
+
+    def _terminate_all(self) -> None:
+        for a in self.active.values():
+            try:
+                os.killpg(a.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + self.grace_s
+        while self.active and time.time() < deadline:
+            self._poll()
+            time.sleep(0.1)
+        for a in self.active.values():
+            try:
+                os.killpg(a.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            a.proc.wait()
+        self._poll()
+
+    def _poll(self) -> None:
+        for idx, a in list(self.active.items()):
+            if a.proc.poll() is not None:
+                del self.active[idx]
+                # the group may hold children of the worker; none may outlive it
+                try:
+                    os.killpg(a.proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                self._reap(a)
+
+    def run(self) -> Summary:
+        old = {}
+        if _main_thread():
+            old = {s: signal.signal(s, self.stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while (self.queue and not self.stopping) or self.active:
+                if self.stopping:
+                    self._terminate_all()
+                    break
+                for slot in self.slots:
+                    while slot.index not in self.active and self.queue and not self.stopping:
+                        self._launch(self.queue.pop(0), slot)
+                self._poll()
+                self.on_change(self, "tick", None)
+                time.sleep(self.poll_s)
+            self.summary.interrupted = self.stopping
+            for run in self.queue:
+                self.summary.outcomes.setdefault(run.id, Outcome(run.id, "queued"))
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        return self.summary
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
