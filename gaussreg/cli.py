@@ -94,7 +94,7 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
     if dry_run:
         t = Table(title=f"{len(runs)} runs from {manifest} on {len(slots)} slot(s)", title_justify="left")
         for h in ("run id", "dataset", "model", "method", "params", "state"):
-            t.add_column(h)
+            t.add_column(h, overflow="fold")
         from .spec import describe_params
         from .store import RunDir
         for r in runs:
@@ -194,13 +194,14 @@ def ls(store: Path = StoreOpt,
         print(json.dumps([{"id": r["id"], "state": r["state"], "spec": r["spec"], "result": r["result"],
                            "error": r["error"]} for r in rows], indent=2))
         return
-    t = Table(title=f"{len(rows)} runs in {store}", title_justify="left")
-    for h in ("run id", "experiment", "dataset", "model", "method", "params", "state", "test acc", "R"):
-        t.add_column(h)
+    t = Table(title=f"{len(rows)} runs in {store}", title_justify="left", box=None, header_style="bold")
+    t.add_column("run id", no_wrap=True)
+    for h in ("data/model", "params", "state", "acc %", "R %"):
+        t.add_column(h, overflow="fold", justify="right" if "%" in h else "left")
     from .live import STATE_STYLE
     for r in rows:
         s, res = r["spec"] or {}, r["result"] or {}
-        t.add_row(r["id"], s.get("experiment", "?"), s.get("dataset", "?"), s.get("model", "?"), s.get("method", "?"),
+        t.add_row(r["id"], f"{s.get('dataset', '?')}/{s.get('model', '?')}",
                   describe_params(s) if s else r.get("error", ""),
                   f"[{STATE_STYLE.get(r['state'], 'red')}]{r['state']}[/]",
                   f"{res['test_accuracy'] * 100:.2f}" if res else "-", f"{res['robustness'] * 100:.2f}" if res else "-")

@@ -12,6 +12,7 @@ import json
 from collections import defaultdict
 from typing import List, Optional
 
+from .methods import PARAMS
 from .spec import describe_params
 from .store import RunFileError, Store
 
@@ -54,7 +55,6 @@ def _configs(rows: List[dict]) -> List[dict]:
         done = [r for r in runs if r["result"]]
         spec = runs[0]["spec"]
         cfg = {"method": spec["method"], "params": spec.get("params", {}),
-               "describe": describe_params({"params": spec.get("params", {})}),
                "run_ids": sorted(r["id"] for r in done), "seeds": sorted(r["spec"].get("seed", 0) for r in done),
                "accuracy": None, "robustness": None}
         if done:
@@ -75,7 +75,8 @@ def compare(rows: List[dict], experiment: str, dataset: str, model: str, toleran
     base_runs = [r for r in rows if r["spec"]["method"] == "baseline" and r["result"]]
     rec = {"experiment": experiment, "dataset": dataset, "model": model, "tolerance": tolerance,
            "baseline": None, "best": [], "best_per_sigma": [], "equivalent_folds": None, "counts": {}}
-    methods = list(dict.fromkeys(r["spec"]["method"] for r in rows))
+    present = {r["spec"]["method"] for r in rows}
+    methods = [m for m in PARAMS if m in present]
     eligible = []
     if base_runs:
         a0 = sum(r["result"]["test_accuracy"] for r in base_runs) / len(base_runs)

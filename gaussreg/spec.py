@@ -176,8 +176,11 @@ def run_id(spec: dict) -> str:
 
 
 def describe_params(spec: dict) -> str:
-    """`sigma=0.25 alpha=1` for tables and live views."""
-    items = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in spec.get("params", {}).items()]
+    """`sigma=0.25 alpha=1` for tables and live views; parameters left at their
+    default are not shown."""
+    schema = PARAMS.get(spec.get("method"), {})
+    items = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in spec.get("params", {}).items()
+             if k not in schema or schema[k][1] is None or schema[k][1] != v]
     if spec.get("seed"):
         items.append(f"seed={spec['seed']}")
     return " ".join(items)

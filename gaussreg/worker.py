@@ -220,7 +220,7 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
             t0 = time.time()
             model.train()
             perm = torch.randperm(N, generator=g, device=dev)
-            sums, seen = {}, 0
+            sums, first_bad, seen = {}, {}, 0
             correct = torch.zeros((), dtype=torch.long, device=dev)
             next_progress = time.monotonic() + PROGRESS_EVERY_S
             for b in range(batches):
@@ -232,9 +232,13 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
                 opt.zero_grad(set_to_none=True)
                 L.total.backward()
                 opt.step()
-                # accumulate on the device: no host sync in the loop
-                for k, v in (("loss", L.total), *L.terms.items()):
-                    sums[k] = sums.get(k, 0) + v.detach().double() * len(y)
+                # accumulate on the device: no host sync in the loop; remember the first
+                # batch at which each term went non-finite, to name the culprit
+                for k, v in (*L.terms.items(), ("loss", L.total)):
+                    v = v.detach().double()
+                    sums[k] = sums.get(k, 0) + v * len(y)
+                    fb = first_bad.get(k, torch.full((), batches, device=dev))
+                    first_bad[k] = torch.where(torch.isfinite(v) | (fb < batches), fb, b)
                 if L.logits is not None:
                     correct += (L.logits.detach().argmax(1) == y).sum()
                 seen += len(y)
@@ -243,9 +247,9 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
                     events.emit("progress", epoch=epoch, batch=b + 1, batches=batches,
                                 loss=float(sums["loss"]) / seen)
             train = {k: float(v) / seen for k, v in sums.items()}
-            for k, v in train.items():
-                if not math.isfinite(v):
-                    raise Diverged(epoch, k)
+            bad = {k: int(v) for k, v in first_bad.items() if int(v) < batches}
+            if bad or not all(math.isfinite(v) for v in train.values()):
+                raise Diverged(epoch, min(bad, key=lambda k: bad[k]) if bad else "loss")
             val = evaluate(method, model, splits.val_x, splits.val_y, B, val_seed)
             if not math.isfinite(val["loss"]):
                 raise Diverged(epoch, "val_loss")
