@@ -196,8 +196,10 @@ def ls(store: Path = StoreOpt,
         return
     t = Table(title=f"{len(rows)} runs in {store}", title_justify="left", box=None, header_style="bold")
     t.add_column("run id", no_wrap=True)
-    for h in ("data/model", "params", "state", "acc %", "R %"):
-        t.add_column(h, overflow="fold", justify="right" if "%" in h else "left")
+    t.add_column("data/model", overflow="fold")
+    t.add_column("params", overflow="fold")
+    for h in ("state", "acc %", "R %"):
+        t.add_column(h, no_wrap=True, justify="right" if "%" in h else "left")
     from .live import STATE_STYLE
     for r in rows:
         s, res = r["spec"] or {}, r["result"] or {}
