@@ -117,7 +117,8 @@ class _BatchUnpickler(pickle.Unpickler):
     never be able to run code."""
 
     _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                ("numpy", "ndarray"), ("numpy", "dtype")}
+                ("numpy", "ndarray"), ("numpy", "dtype"),
+                ("_codecs", "encode")}  # how protocol-2 pickles written by Python 3 hold bytes
 
     def find_class(self, module, name):
         if (module, name) in self._ALLOWED:

@@ -1,0 +1,101 @@
+import pytest
+import torch
+
+from gaussreg.methods import ParamError, check_params, make_method, random_sign
+from gaussreg.models import build_model
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_augment_epoch_holds_clean_images_and_independent_noisy_copies():
+    m = make_method("augment", {"sigma": 0.5, "folds": 3})
+    assert m.copies == 4
+    X = torch.rand(50, 1, 8, 8)
+    Y = torch.arange(50) % 10
+    g = _gen()
+    m.prepare(len(X), X.shape[1:], g)
+    idx = torch.arange(len(X) * m.copies)
+    x, y = m.batch(X, Y, idx, g)
+    assert x.shape == (200, 1, 8, 8) and torch.equal(y, Y.repeat(4))
+    assert torch.equal(x[:50], X)  # copy 0 is the clean image
+    noise = (x[50:] - X.repeat(3, 1, 1, 1)) / 0.5
+    assert abs(noise.std().item() - 1) < 0.03 and abs(noise.mean().item()) < 0.03
+    # independent per image and per copy (the reference code shared one tensor)
+    flat = noise.view(3, 50, -1)
+    assert not torch.allclose(flat[0, 0], flat[0, 1]) and not torch.allclose(flat[0, 0], flat[1, 0])
+    corr = torch.corrcoef(torch.stack([flat[0].flatten(), flat[1].flatten()]))[0, 1]
+    assert abs(corr) < 0.05
+    # fresh noise: the next epoch draws new noise
+    x2, _ = m.batch(X, Y, idx, g)
+    assert not torch.allclose(x2[50:], x[50:])
+
+
+def test_augment_fixed_noise_repeats_across_epochs():
+    m = make_method("augment", {"sigma": 0.25, "folds": 2, "fresh_noise": False})
+    X, Y = torch.rand(10, 1, 4, 4), torch.arange(10)
+    g = _gen()
+    m.prepare(len(X), X.shape[1:], g)
+    idx = torch.randperm(30, generator=_gen(3))
+    a, ya = m.batch(X, Y, idx, g)
+    b, yb = m.batch(X, Y, idx, g)
+    assert torch.equal(a, b) and torch.equal(ya, yb)
+    assert (a - X[idx % 10]).abs().max() > 0.05
+
+
+def test_randsign_flips_magnitude_with_probability_p():
+    x = torch.rand(200_000) + 0.1
+    out = random_sign(x, 0.1, 0.8, _gen())
+    up = torch.isclose(out, x * 1.1)
+    down = torch.isclose(out, x * 0.9)
+    assert (up | down).all()
+    assert abs(up.float().mean().item() - 0.8) < 0.01
+    neg = -x
+    assert torch.allclose(random_sign(neg, 0.1, 1.0, _gen()), neg * 0.9)  # x + eps x sign(x) = x + eps|x|
+
+
+@pytest.mark.parametrize("where", ["input", "hidden", "both"])
+def test_randsign_loss_is_random_in_training_only(where):
+    torch.manual_seed(0)
+    model = build_model("mlp", "synthetic")
+    m = make_method("randsign", {"eps": 0.5, "where": where})
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    a, b = m.loss(model, x, y, _gen(1)).total, m.loss(model, x, y, _gen(2)).total
+    assert a.item() != b.item()
+    clean = torch.nn.functional.cross_entropy(model(x), y)
+    assert m.objective(model, x, y, _gen(1)).total.item() == pytest.approx(clean.item())
+
+
+def test_fgsm_adversarial_term():
+    torch.manual_seed(0)
+    model = build_model("mlp", "synthetic")
+    m = make_method("fgsm", {"eps": 0.1})
+    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    L = m.loss(model, x, y, _gen())
+    assert L.terms["adv"].item() > L.terms["ce"].item()  # the attack raises the loss
+    assert L.total.item() == pytest.approx(0.5 * L.terms["ce"].item() + 0.5 * L.terms["adv"].item())
+    L.total.backward()
+    assert model.first.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("method,params,key", [
+    ("augment", {"sigma": 0.1}, "folds"),
+    ("augment", {"sigma": 0.1, "folds": 0}, "folds"),
+    ("augment", {"sigmas": 0.1, "folds": 2}, "sigmas"),
+    ("regularizer", {"sigma": -1, "alpha": 1}, "sigma"),
+    ("regularizer", {"sigma": 1, "alpha": -0.5}, "alpha"),
+    ("regularizer", {"sigma": "big", "alpha": 1}, "sigma"),
+    ("fgsm", {"eps": -0.1}, "eps"),
+    ("randsign", {"eps": 0.1, "where": "output"}, "where"),
+    ("nope", {}, "method"),
+])
+def test_bad_params_name_the_key(method, params, key):
+    with pytest.raises(ParamError) as e:
+        check_params(method, params)
+    assert e.value.key == key and key in str(e.value)
+
+
+def test_params_get_defaults_and_ints_become_floats():
+    assert check_params("regularizer", {"sigma": 1, "alpha": 2}) == {"sigma": 1.0, "alpha": 2.0}
+    assert check_params("randsign", {"eps": 0.1}) == {"eps": 0.1, "p": 0.5, "where": "input"}

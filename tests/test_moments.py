@@ -1,0 +1,107 @@
+import math
+
+import pytest
+import torch
+
+from gaussreg.moments import relu_mean, relu_variance, shallow_mean
+
+GRID = [(0.0, 1.0), (1.0, 1.0), (-1.0, 1.0), (2.5, 0.7), (-0.3, 2.0), (0.5, 1e-8), (0.0, 1e-8),
+        (-0.5, 1e-8), (40.0, 1.0), (-40.0, 1.0), (4e-7, 1e-8), (-4e-7, 1e-8), (3.0, 0.075)]
+
+
+def _mc(mu, sigma, n=1_000_000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.relu(mu + sigma * torch.randn(n, generator=g, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("mu,sigma", GRID)
+def test_relu_mean_and_variance_match_monte_carlo(mu, sigma):
+    s = _mc(mu, sigma)
+    n = len(s)
+    mean_mc, var_mc = s.mean().item(), s.var().item()
+    se_mean = s.std().item() / math.sqrt(n)
+    m4 = ((s - s.mean()) ** 4).mean().item()
+    se_var = math.sqrt(max(m4 - var_mc ** 2, 0.0) / n)
+    t = relu_mean(torch.tensor(mu, dtype=torch.float64), torch.tensor(sigma, dtype=torch.float64)).item()
+    v = relu_variance(torch.tensor(mu, dtype=torch.float64), torch.tensor(sigma, dtype=torch.float64)).item()
+    assert abs(t - mean_mc) <= 4 * se_mean + 1e-15 * max(1, abs(mu))
+    assert abs(v - var_mc) <= 4 * se_var + 1e-12 * max(1, mu * mu)
+    assert v >= 0
+
+
+def test_sigma_zero_is_relu_and_never_nan():
+    mu = torch.tensor([-2.0, -1e-30, 0.0, 1e-30, 3.0], requires_grad=True)
+    sigma = torch.zeros(5, requires_grad=True)
+    t = relu_mean(mu, sigma)
+    assert torch.equal(t, torch.relu(mu.detach()))
+    t.sum().backward()
+    assert torch.isfinite(mu.grad).all() and torch.isfinite(sigma.grad).all()
+    assert mu.grad.tolist() == [0.0, 0.0, 0.0, 1.0, 1.0]  # dT/dmu = Phi(mu/0) = step
+
+
+def test_huge_ratios_are_exact_and_gradients_finite():
+    mu = torch.tensor([1e6, -1e6, 40.0, -40.0, 1.0], requires_grad=True)
+    sigma = torch.tensor([1e-3, 1e-3, 1.0, 1.0, 1e-12], requires_grad=True)
+    t = relu_mean(mu, sigma)
+    assert t.tolist() == [1e6, 0.0, 40.0, 0.0, 1.0]
+    t.sum().backward()
+    assert torch.isfinite(mu.grad).all() and torch.isfinite(sigma.grad).all()
+    assert mu.grad.tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]
+
+
+def test_gradients_are_phi_and_Phi():
+    mu = torch.tensor([-1.0, 0.0, 0.7], dtype=torch.float64, requires_grad=True)
+    sigma = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(relu_mean, (mu, sigma))
+    relu_mean(mu, sigma).sum().backward()
+    a = (mu / sigma).detach()
+    assert torch.allclose(mu.grad, torch.special.ndtr(a))
+    assert torch.allclose(sigma.grad, torch.exp(-a * a / 2) / math.sqrt(2 * math.pi))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_computed_in_float32(dtype):
+    mu = torch.linspace(-3, 3, 101)
+    sigma = torch.full_like(mu, 0.3)
+    ref = relu_mean(mu.to(dtype).float(), sigma.to(dtype).float())
+    out = relu_mean(mu.to(dtype), sigma.to(dtype))
+    assert out.dtype == dtype
+    assert torch.equal(out, ref.to(dtype))
+    assert torch.isfinite(relu_variance(mu.to(dtype), sigma.to(dtype))).all()
+
+
+def _random_net(seed, n=4, p=6, d=3):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(p, n, generator=g, dtype=torch.float64)
+    c1 = torch.randn(p, generator=g, dtype=torch.float64) * 0.5
+    B = torch.randn(d, p, generator=g, dtype=torch.float64)
+    c2 = torch.randn(d, generator=g, dtype=torch.float64)
+    return A, c1, B, c2, g
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_shallow_mean_matches_monte_carlo(full):
+    A, c1, B, c2, g = _random_net(1)
+    n = A.shape[1]
+    means = torch.randn(2, n, generator=g, dtype=torch.float64)
+    if full:
+        L = torch.randn(n, n, generator=g, dtype=torch.float64) * 0.6
+        cov = L @ L.T + 0.1 * torch.eye(n, dtype=torch.float64)
+    else:
+        cov = torch.rand(n, generator=g, dtype=torch.float64) + 0.2
+    out = shallow_mean(A, c1, B, c2, means, cov)
+    assert out.shape == (2, B.shape[0])
+    chol = torch.linalg.cholesky(cov if full else torch.diag(cov))
+    for i in range(2):
+        z = torch.randn(1_000_000, n, generator=g, dtype=torch.float64)
+        x = means[i] + z @ chol.T
+        y = torch.relu(x @ A.T + c1) @ B.T + c2
+        se = y.std(0) / math.sqrt(len(y))
+        assert ((out[i] - y.mean(0)).abs() <= 4 * se).all(), (out[i], y.mean(0), se)
+
+
+def test_shallow_mean_diagonal_equals_full_with_that_diagonal():
+    A, c1, B, c2, g = _random_net(2)
+    var = torch.rand(A.shape[1], generator=g, dtype=torch.float64)
+    m = torch.randn(5, A.shape[1], generator=g, dtype=torch.float64)
+    assert torch.allclose(shallow_mean(A, c1, B, c2, m, var), shallow_mean(A, c1, B, c2, m, torch.diag(var)))
