@@ -136,7 +136,7 @@ def resolve(partial: dict) -> dict:
     model = partial["model"]
     _check_type("model", model, str)
     if model not in MODELS:
-        raise SpecError("model", f"unknown model {model!r}; 'model' must be one of {', '.join(MODELS)}")
+        raise SpecError("model", f"unknown model {model!r}; must be one of {', '.join(MODELS)}")
     preset = copy.deepcopy(PRESETS[model])
     spec = {"version": SPEC_VERSION, "experiment": "", "seed": 0, "split_seed": 0, "max_epochs": 100,
             "train_subset": None, "test_subset": None, "device": "auto", "data_dir": None,
@@ -147,6 +147,8 @@ def resolve(partial: dict) -> dict:
     for key, (types, ok, why) in SCALARS.items():
         spec[key] = v = _check_type(key, spec[key], types)
         if not ok(v):
+            if key in ("dataset", "model", "method"):
+                raise SpecError(key, f"unknown {key} {v!r}; {why}")
             raise SpecError(key, f"{key!r} {why} (got {v!r})")
     if partial.get("version", SPEC_VERSION) != SPEC_VERSION:
         raise SpecError("version", f"spec version {partial['version']!r} is not supported (this is {SPEC_VERSION})")

@@ -1,0 +1,181 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import python_env
+from gaussreg import data
+from gaussreg.store import RunDir
+
+FAST = {"dataset": "synthetic", "model": "mlp", "method": "baseline", "batch_size": 100,
+        "optimizer": {"lr": 1e-3}, "robustness": {"sigmas": [0.0, 0.2, 0.4]}}
+
+
+def make_run(tmp_path, name="run", **spec):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "spec.json").write_text(json.dumps({**FAST, **spec}))
+    return RunDir(d)
+
+
+def worker(run, *args, **env):
+    return subprocess.Popen([sys.executable, "-m", "gaussreg.worker", str(run.path), *args],
+                            env=python_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(p, timeout=300):
+    out, err = p.communicate(timeout=timeout)
+    return p.returncode, out, err
+
+
+def test_two_epoch_run_writes_the_documented_files(tmp_path):
+    run = make_run(tmp_path, model="lenet", method="regularizer", params={"sigma": 0.3, "alpha": 1.0},
+                   max_epochs=2, train_subset=400, test_subset=100)
+    rc, _, err = finish(worker(run))
+    assert rc == 0, err
+    for f in ("spec.json", "status.json", "events.jsonl", "result.json", "best.pt", "last.pt", "worker.log"):
+        assert run.file(f).exists(), f
+    st = run.status()
+    assert st["state"] == "completed" and st["epoch"] == 2 and st["max_epochs"] == 2
+    for k in ("pid", "host", "device", "started_at", "updated_at", "finished_at", "error"):
+        assert k in st
+    events, _ = run.events()
+    epochs = [e for e in events if e["type"] == "epoch"]
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    for k in ("train_loss", "train_terms", "val_loss", "val_ce", "val_accuracy", "lr", "epoch_time", "images_per_s"):
+        assert k in epochs[0]
+    assert set(epochs[0]["train_terms"]) == {"ce", "reg"}
+    # the validation loss is the method's own objective, not the clean CE
+    assert epochs[0]["val_loss"] > epochs[0]["val_ce"]
+    test = [e for e in events if e["type"] == "test"]
+    assert len(test) == 1 and len(test[0]["per_sigma"]) == 3
+    res = run.result()
+    assert res["epochs_run"] == 2 and res["best_epoch"] in (1, 2) and res["parameters"] == 3_274_634
+    assert 0 <= res["test_accuracy"] <= 1 and res["sizes"] == {"train": 400, "val": 44, "test": 100}
+    assert res["per_sigma"][0] == 1.0 and res["robustness"] == pytest.approx(
+        (0.1 * (res["per_sigma"][0] + res["per_sigma"][1]) + 0.1 * (res["per_sigma"][1] + res["per_sigma"][2])) / 0.4)
+    assert res["versions"]["torch"] == torch.__version__ and res["device"] == "cpu"
+    ck = torch.load(run.file("last.pt"), weights_only=True)
+    assert set(ck) == {"model", "optimizer", "scheduler", "rng", "state"} and ck["state"]["epoch"] == 2
+    assert json.loads(run.file("spec.json").read_text())["model"] == "lenet"  # never rewritten
+
+
+def _compare_results(a, b):
+    for k in ("test_accuracy", "test_loss", "robustness", "per_sigma", "accuracy_per_sigma", "best_epoch",
+              "epochs_run", "best_val_loss"):
+        assert a[k] == b[k], k
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
+    spec = dict(method="augment", params={"sigma": 0.3, "folds": 1}, max_epochs=12, train_subset=600)
+    ref = make_run(tmp_path, "ref", **spec)
+    assert finish(worker(ref))[0] == 0
+    run = make_run(tmp_path, "killed", **spec)
+    p = worker(run)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if sum(e["type"] == "epoch" for e in run.events()[0]) >= 3:
+            break
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert run.status()["state"] == "running"  # no chance to say anything
+    assert run.state() == "interrupted"  # but a reader can tell: pid gone, lock free
+    done = sum(e["type"] == "epoch" for e in run.events()[0])
+    assert 3 <= done < 12
+    rc, _, err = finish(worker(run, "--resume"))
+    assert rc == 0, err
+    _compare_results(ref.result(), run.result())
+    assert [e["val_loss"] for e in run.epochs()] == [e["val_loss"] for e in ref.epochs()]
+    assert any(e["type"] == "resume" for e in run.events()[0])
+
+
+def test_sigterm_cancels_with_a_usable_last_checkpoint(tmp_path):
+    run = make_run(tmp_path, model="lenet", max_epochs=50)
+    p = worker(run)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(e["type"] == "progress" for e in run.events()[0]):
+        time.sleep(0.05)
+    t0 = time.time()
+    p.send_signal(signal.SIGTERM)
+    rc, _, _ = finish(p, 30)
+    assert rc != 0 and time.time() - t0 < 5
+    st = run.status()
+    assert st["state"] == "cancelled" and "SIGTERM" in st["error"]
+    ck = torch.load(run.file("last.pt"), weights_only=True)
+    assert "model" in ck and ck["state"]["epoch"] >= 0
+    # usable: resuming finishes the run from there
+    run.file("spec.json").write_text(json.dumps({**json.loads(run.file("spec.json").read_text()), "max_epochs": 1}))
+    assert finish(worker(run, "--resume"))[0] == 0 and run.status()["state"] == "completed"
+
+
+def test_non_finite_loss_is_diverged_with_epoch_and_term(tmp_path):
+    # sigma^2 = 1e40 overflows float32: the regularizer term becomes NaN, the clean CE does not (at first)
+    run = make_run(tmp_path, method="regularizer", params={"sigma": 1e20, "alpha": 1.0}, max_epochs=3)
+    rc, _, err = finish(worker(run))
+    assert rc == 1, err
+    st = run.status()
+    assert st["state"] == "diverged" and st["diverged_epoch"] == 1 and st["diverged_term"] == "reg"
+    assert "'reg'" in st["error"] and "epoch 1" in st["error"]
+    assert not run.file("result.json").exists()
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"learning_rate": 0.1}, "unknown key 'learning_rate'"),
+    ({"dataset": "imagenet"}, "unknown dataset 'imagenet'"),
+    ({"model": "resnet"}, "unknown model 'resnet'"),
+    ({"method": "mixup"}, "unknown method 'mixup'"),
+    ({"method": "regularizer", "params": {"sigma": -0.1, "alpha": 1}}, "'sigma' of method 'regularizer' must be >= 0"),
+    ({"method": "regularizer", "params": {"sigma": 0.1, "alpha": -1}}, "'alpha' of method 'regularizer' must be >= 0"),
+    ({"method": "fgsm", "params": {"eps": -0.01}}, "'eps' of method 'fgsm' must be >= 0"),
+    ({"method": "augment", "params": {"sigma": 0.1, "folds": 0}}, "'folds' of method 'augment' must be >= 1"),
+    ({"dataset": "mnist", "data_dir": "/nonexistent"}, "Dataset 'mnist' was not found"),
+])
+def test_bad_spec_fails_before_training_with_exit_2(tmp_path, change, needle):
+    run = make_run(tmp_path, **change)
+    rc, _, err = finish(worker(run))
+    assert rc == 2
+    st = run.status()
+    assert st["state"] == "failed" and needle in st["error"], st["error"]
+    assert needle in err and "Traceback" not in err
+    assert not run.file("events.jsonl").exists() and not run.file("last.pt").exists()
+
+
+def test_corrupt_spec_is_failed_with_exit_2(tmp_path):
+    run = make_run(tmp_path)
+    run.file("spec.json").write_text('{"dataset": "synth')
+    rc, _, err = finish(worker(run))
+    assert rc == 2 and "is not valid JSON" in run.status()["error"]
+
+
+def test_second_worker_on_a_locked_run_refuses(tmp_path):
+    run = make_run(tmp_path, model="lenet", max_epochs=50)
+    p = worker(run)
+    while not run.file("events.jsonl").exists():
+        time.sleep(0.05)
+    rc, _, err = finish(worker(run))
+    assert rc == 3 and "already being trained" in err
+    p.send_signal(signal.SIGTERM)
+    finish(p)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(data.find("fashion-mnist") is None,
+                    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def test_real_lenet_fashion_mnist_two_epochs(tmp_path):
+    run = make_run(tmp_path, dataset="fashion-mnist", model="lenet", method="baseline", max_epochs=2,
+                   batch_size=1000, optimizer={"lr": 1e-4}, robustness={"sigmas": [0.0, 0.1]})
+    spec = json.loads(run.file("spec.json").read_text())
+    del spec["batch_size"], spec["optimizer"]  # the paper's preset: Adam 1e-4, batch 1000
+    run.file("spec.json").write_text(json.dumps(spec))
+    rc, _, err = finish(worker(run, GAUSSREG_THREADS=str(os.cpu_count())), timeout=900)
+    assert rc == 0, err
+    res = run.result()
+    print(f"LeNet Fashion-MNIST 2 epochs: test acc {res['test_accuracy']:.4f}, "
+          f"{res['train_time_s'] / 2:.1f}s/epoch")
+    assert res["test_accuracy"] >= 0.72
