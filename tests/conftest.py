@@ -16,8 +16,7 @@ def _deterministic_threads(monkeypatch):
 
 
 def python_env(**extra):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), GAUSSREG_THREADS="1", **extra)
-    return env
+    return {**os.environ, "PYTHONPATH": str(ROOT), "GAUSSREG_THREADS": "1", **extra}
 
 
 def cli(*args):
