@@ -5,6 +5,7 @@ generator, so a run is reproducible from its seed and never syncs the host."""
 
 from __future__ import annotations
 
+import difflib
 from typing import Dict, NamedTuple, Optional
 
 import torch
@@ -48,8 +49,9 @@ def check_params(method: str, params: dict) -> dict:
     schema = PARAMS[method]
     for key in params:
         if key not in schema:
-            known = ", ".join(schema) or "none"
-            raise ParamError(key, f"unknown parameter {key!r} for method {method!r} (known: {known})")
+            close = difflib.get_close_matches(key, list(schema), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "known: " + (", ".join(schema) or "none")
+            raise ParamError(key, f"unknown parameter {key!r} for method {method!r} ({hint})")
     out = {}
     for key, (typ, default, ok, why) in schema.items():
         if key not in params:

@@ -1,0 +1,127 @@
+import subprocess
+
+import pytest
+
+from conftest import cli, python_env
+from gaussreg import manifest
+
+GOOD = """\
+[defaults]
+dataset = "synthetic"
+model = "mlp"
+max_epochs = 3
+
+[[experiment]]
+name = "grid"
+tolerance = 0.01
+dataset = ["synthetic", "mnist"]
+seeds = [0, 1]
+methods.baseline = {}
+methods.augment = { sigma = [0.1, 0.2], folds = [2, 6] }
+
+[[experiment]]
+name = "other"
+methods.regularizer = { sigma = 0.5, alpha = [1, 2] }
+optimizer = { lr = 0.01 }
+robustness = { sigmas = [0.0, 0.5], samples = 2 }
+"""
+
+
+def test_expansion_and_stable_ids(tmp_path):
+    p = tmp_path / "m.toml"
+    p.write_text(GOOD)
+    m = manifest.load(p)
+    grid, other = m.experiments
+    assert grid.name == "grid" and grid.tolerance == 0.01 and other.tolerance == 0.0
+    assert len(grid.runs) == 2 * 2 * (1 + 4) and len(other.runs) == 2
+    ids = [r.id for r in m.runs()]
+    assert len(set(ids)) == len(ids) and all(i.startswith(("grid-", "other-")) for i in ids)
+    assert [r.id for r in manifest.load(p).runs()] == ids  # same manifest, same ids
+    spec = other.runs[1].spec
+    assert spec["params"] == {"sigma": 0.5, "alpha": 2.0} and spec["optimizer"]["lr"] == 0.01
+    assert spec["optimizer"]["name"] == "adam" and spec["batch_size"] == 1000  # the lenet/mlp preset
+    assert spec["robustness"] == {"sigmas": [0.0, 0.5], "samples": 2, "clip": False}
+    assert {r.spec["seed"] for r in grid.runs} == {0, 1}
+    # a new tolerance keeps the ids; a changed grid value changes only its runs
+    p.write_text(GOOD.replace("tolerance = 0.01", "tolerance = 0.02").replace("folds = [2, 6]", "folds = [2, 7]"))
+    ids2 = [r.id for r in manifest.load(p).runs()]
+    assert len(set(ids) & set(ids2)) == len(ids) - 8
+    assert len(m.select("other")) == 2 and len(m.select("*augment*")) == 16 and len(m.select("baseline")) == 4
+
+
+BAD = [
+    ('methods.augment = { sigmas = [0.1], folds = 2 }', 6, "methods.augment.sigmas", "did you mean 'sigma'"),
+    ('methods.regularizer = { sigma = [], alpha = 1 }', 6, "methods.regularizer.sigma", "empty grid"),
+    ('methods.regularizer = { sigma = 0.1, alpha = -1 }', 6, "methods.regularizer.alpha", "must be >= 0"),
+    ('methods.augment = { sigma = 0.1, folds = 0 }', 6, "methods.augment.folds", "must be >= 1"),
+    ('methods.mixup = {}', 6, "methods.mixup", "unknown method 'mixup'"),
+    ('methods.baseline = {}\nmax_epochs = "ten"', 7, "max_epochs", "must be int"),
+    ('methods.baseline = {}\nmax_epochs = -3', 7, "max_epochs", "must be >= 1"),
+    ('methods.baseline = {}\ndataset = "imagenet"', 7, "dataset", "unknown dataset 'imagenet'"),
+    ('methods.baseline = {}\nmodel = ["lenet", "vgg"]', 7, "model", "unknown model 'vgg'"),
+    ('methods.baseline = {}\ntolerence = 0.1', 7, "tolerence", "did you mean 'tolerance'"),
+    ('methods.baseline = {}\ntolerance = 5', 7, "tolerance", "fraction"),
+    ('methods.baseline = {}\nseeds = []', 7, "seeds", "non-empty list"),
+    ('methods.baseline = {}\noptimizer = { lr = 0 }', 7, "optimizer.lr", "must be > 0"),
+    ('methods.baseline = {}\nrobustness = { sigma = [0.1] }', 7, "robustness.sigma", "unknown key"),
+    ('methods = {}', 6, "methods", "non-empty 'methods'"),
+]
+
+
+@pytest.mark.parametrize("body,line,key,needle", BAD)
+def test_errors_name_file_line_and_key(tmp_path, body, line, key, needle):
+    p = tmp_path / "bad.toml"
+    p.write_text(f'[defaults]\ndataset = "synthetic"\nmodel = "mlp"\n[[experiment]]\nname = "e"\n{body}\n')
+    with pytest.raises(manifest.ManifestError) as e:
+        manifest.load(p)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}:{line}: {key}: "), msg
+    assert needle in msg, msg
+
+
+def test_defaults_errors_point_into_defaults(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text('[defaults]\nmodel = "mlp"\nmax_epoch = 3\n\n[[experiment]]\nname = "e"\nmethods.baseline = {}\n')
+    with pytest.raises(manifest.ManifestError, match=r"bad.toml:3: max_epoch: .*did you mean 'max_epochs'"):
+        manifest.load(p)
+
+
+def test_duplicate_names_and_toml_syntax(tmp_path):
+    p = tmp_path / "dup.toml"
+    p.write_text('[[experiment]]\nname = "a"\nmethods.baseline = {}\ndataset = "synthetic"\nmodel = "mlp"\n'
+                 '[[experiment]]\nname = "a"\nmethods.baseline = {}\ndataset = "synthetic"\nmodel = "mlp"\n')
+    with pytest.raises(manifest.ManifestError, match=r"dup.toml:7: name: duplicate experiment name 'a'"):
+        manifest.load(p)
+    p.write_text('[[experiment]]\nname = "a"\nmethods.baseline = {\n')
+    with pytest.raises(manifest.ManifestError, match=r"dup.toml:3: not valid TOML"):
+        manifest.load(p)
+    with pytest.raises(manifest.ManifestError, match="does not exist"):
+        manifest.load(tmp_path / "missing.toml")
+
+
+def test_cli_run_with_a_bad_manifest_launches_nothing(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text('[[experiment]]\nname = "a"\ndataset = "synthetic"\nmodel = "mlp"\n'
+                 'methods.augment = { sigmas = 0.1, folds = 2 }\n')
+    out = subprocess.run(cli("run", p, "--store", tmp_path / "runs"), capture_output=True, text=True, env=python_env())
+    assert out.returncode == 2
+    assert f"{p}:5: methods.augment.sigmas: unknown parameter 'sigmas'" in " ".join(out.stderr.split())
+    assert "Traceback" not in out.stderr and not (tmp_path / "runs").exists()
+
+
+def test_shipped_manifests_are_valid():
+    from conftest import ROOT
+    demo = manifest.load(ROOT / "experiments.toml")
+    methods = {r.spec["method"] for r in demo.runs()}
+    assert {"baseline", "augment", "regularizer"} <= methods and len(demo.runs()) <= 6
+    lenet = manifest.load(ROOT / "experiments" / "paper-lenet.toml")
+    alex = manifest.load(ROOT / "experiments" / "paper-alexnet.toml")
+    tol = {e.name: e.tolerance for e in lenet.experiments + alex.experiments}
+    assert tol == {"lenet-mnist": 0.0, "lenet-cifar10": 0.0039, "lenet-cifar100": 0.0075,
+                   "lenet-mnist-seed-methods": 0.0, "alexnet-cifar10": 0.0168, "alexnet-cifar100": 0.0483,
+                   "alexnet-cifar10-seed-methods": 0.0168}
+    mnist = lenet.experiments[0]
+    counts = {m: sum(r.spec["method"] == m for r in mnist.runs) for m in ("baseline", "augment", "regularizer")}
+    assert counts == {"baseline": 1, "augment": 20, "regularizer": 63}
+    all_methods = {r.spec["method"] for r in lenet.runs() + alex.runs()}
+    assert {"randsign", "fgsm"} <= all_methods
