@@ -50,7 +50,8 @@ def robustness(model, images, labels=None, sigmas=None, samples: int = 1, seed: 
         raise ValueError("samples must be >= 1")
     params = next(model.parameters(), None)
     dev = params.device if params is not None else images.device
-    sig = torch.tensor(default_sigmas() if sigmas is None else list(sigmas), dtype=torch.float32, device=dev)
+    sig_list = [float(v) for v in (default_sigmas() if sigmas is None else sigmas)]
+    sig = torch.tensor(sig_list, dtype=torch.float32, device=dev)
     if (sig < 0).any():
         raise ValueError("sigmas must be non-negative")
     S = len(sig)
@@ -87,7 +88,7 @@ def robustness(model, images, labels=None, sigmas=None, samples: int = 1, seed: 
         model.train(was_training)
     N = len(images)
     per_sigma = (robust.double() / N).tolist()
-    out = Robustness(sig.double().tolist(), per_sigma, score_of(sig.double(), per_sigma), samples)
+    out = Robustness(sig_list, per_sigma, score_of(sig_list, per_sigma), samples)
     if labels is not None:
         out.accuracy_per_sigma = (correct.double() / (N * samples)).tolist()
         out.clean_accuracy = float(clean_correct) / N

@@ -1,0 +1,97 @@
+import json
+import subprocess
+
+from conftest import cli, python_env
+from gaussreg.spec import resolve, run_id
+from gaussreg.store import Store
+
+DEMO = """
+[[experiment]]
+name = "cli"
+dataset = "synthetic"
+model = "mlp"
+max_epochs = 1
+batch_size = 200
+train_subset = 400
+test_subset = 100
+robustness = { sigmas = [0.0, 0.25] }
+methods.baseline = {}
+methods.regularizer = { sigma = 0.25, alpha = [0.5, 1.0] }
+"""
+
+
+def run(*args, **env):
+    return subprocess.run(cli(*args), capture_output=True, text=True, env=python_env(COLUMNS="200", **env))
+
+
+def test_help_and_version():
+    out = run("--help")
+    assert out.returncode == 0
+    for cmd in ("run", "table", "ls", "show", "cancel", "eval", "train", "data"):
+        assert cmd in out.stdout
+    assert run("--version").stdout.startswith("gaussreg 0.")
+
+
+def test_bad_flags_exit_2_with_one_sentence(tmp_path):
+    (tmp_path / "m.toml").write_text(DEMO)
+    m = tmp_path / "m.toml"
+    for args, needle in [(("--gpus", "first"), "--gpus must be"), (("--per-gpu", "0"), "--per-gpu must be >= 1"),
+                         (("--max-parallel", "0"), "--max-parallel must be >= 1"),
+                         (("--only", "nomatch*"), "matches no experiment")]:
+        out = run("run", m, "--store", tmp_path / "runs", *args)
+        assert out.returncode == 2 and needle in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
+    assert not (tmp_path / "runs").exists()
+    assert run("ls", "--store", tmp_path, "--state", "sleeping").returncode == 2
+    assert run("show", "nope", "--store", tmp_path).returncode == 2
+
+
+def test_missing_dataset_stops_before_anything_is_written(tmp_path):
+    (tmp_path / "m.toml").write_text(DEMO.replace('"synthetic"', '"cifar10"').replace('"mlp"', '"lenet"'))
+    out = run("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--data-dir", tmp_path / "empty")
+    assert out.returncode == 2
+    assert "Dataset 'cifar10' was not found" in out.stderr and "gaussreg data download cifar10" in out.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_dry_run_lists_ids_and_launches_nothing(tmp_path):
+    (tmp_path / "m.toml").write_text(DEMO)
+    out = run("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--dry-run")
+    assert out.returncode == 0
+    from gaussreg import manifest
+    for r in manifest.load(tmp_path / "m.toml").runs():
+        assert r.id in out.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def test_run_then_read_the_store(tmp_path):
+    (tmp_path / "m.toml").write_text(DEMO)
+    out = run("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--max-parallel", "2")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "cli · synthetic · mlp" in out.stdout and "equivalent folds" in out.stdout
+    ls = json.loads(run("ls", "--store", tmp_path / "runs", "--format", "json").stdout)
+    assert len(ls) == 3 and {r["state"] for r in ls} == {"completed"}
+    rid = ls[0]["id"]
+    show = run("show", rid[:-3], "--store", tmp_path / "runs")  # a unique prefix is enough
+    assert show.returncode == 0 and "test accuracy" in show.stdout and "completed" in show.stdout
+    ev = run("eval", rid, "--store", tmp_path / "runs", "--sigmas", "0,0.1,0.2", "--format", "json")
+    assert ev.returncode == 0, ev.stderr
+    res = json.loads(ev.stdout)
+    assert res["sigmas"] == [0.0, 0.1, 0.2] and res["per_sigma"][0] == 1.0
+    best = next(r for r in ls if r["id"] == rid)["result"]
+    assert res["clean_accuracy"] == best["test_accuracy"]
+    again = run("run", tmp_path / "m.toml", "--store", tmp_path / "runs")
+    assert again.returncode == 0 and again.stdout.count("skipped") == 3
+    assert run("cancel", rid, "--store", tmp_path / "runs").returncode == 2  # not running
+
+
+def test_corrupt_run_files_are_named(tmp_path):
+    st = Store(tmp_path / "runs")
+    spec = resolve({"dataset": "synthetic", "model": "mlp", "method": "baseline", "experiment": "x"})
+    r = st.create(spec, run_id(spec))
+    r.file("status.json").write_text("{not json")
+    out = run("show", r.id, "--store", st.root)
+    assert out.returncode == 2 and "status.json is not valid JSON (line 1" in out.stderr
+    ls = run("ls", "--store", st.root, "--format", "json")
+    assert ls.returncode == 0 and json.loads(ls.stdout)[0]["state"] == "corrupt"
+    assert run("table", "--store", st.root).returncode == 0
