@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
@@ -134,21 +129,15 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
 
 
 def _detach(manifest, store, only, gpus, per_gpu, max_parallel, rerun, data_dir):
-    """Start `gaussreg run ... --follow` in its own session so it outlives this shell."""
-    logs = Path(store) / "_launches"
-    logs.mkdir(parents=True, exist_ok=True)
-    log = logs / time.strftime("%Y%m%d-%H%M%S.log")
-    argv = [sys.executable, "-m", "gaussreg", "run", str(manifest), "--store", str(store), "--gpus", gpus,
-            "--per-gpu", str(per_gpu), "--follow"]
+    from .scheduler import detach_run
+    from .store import Store
+    argv = [str(manifest), "--store", str(store), "--gpus", gpus, "--per-gpu", str(per_gpu)]
     argv += ["--only", only] if only else []
     argv += ["--max-parallel", str(max_parallel)] if max_parallel else []
     argv += ["--rerun"] if rerun else []
     argv += ["--data-dir", str(data_dir)] if data_dir else []
-    with open(log, "ab") as f:
-        p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             start_new_session=True, env=dict(os.environ, COLUMNS="120"))
-    (logs / f"{p.pid}.pid").write_text(str(p.pid))
-    console.print(f"started in the background (pid {p.pid}); log: {log}\n"
+    info = detach_run(argv, Store(store), only or str(manifest))
+    console.print(f"started in the background (pid {info['pid']}); log: {info['log']}\n"
                   f"watch with `gaussreg ls --store {store}` or `gaussreg table --store {store}`")
 
 
@@ -248,25 +237,12 @@ def show(run_id: str = typer.Argument(..., help="A run id (or a unique prefix)."
 @app.command()
 def cancel(run_id: str = typer.Argument(..., help="A run id (or a unique prefix)."), store: Path = StoreOpt):
     """Ask a running run's worker to stop (SIGTERM): it saves last.pt and becomes cancelled."""
-    import socket
-    from .store import RunFileError, pid_alive
+    from .scheduler import ControlError, cancel_run
     run = _get_run(store, run_id)
     try:
-        status = run.status()
-    except RunFileError as e:
+        pid = cancel_run(run)
+    except ControlError as e:
         fail(str(e))
-    state, pid = run.state(status), status.get("pid")
-    if state != "running":
-        fail(f"run {run.id} is {state}, not running")
-    if status.get("host") != socket.gethostname():
-        fail(f"run {run.id} runs on host {status.get('host')}, not here")
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        cmd = ""
-    if not pid_alive(pid) or run.id not in cmd:
-        fail(f"process {pid} of run {run.id} is not its worker any more")
-    os.kill(pid, signal.SIGTERM)
     console.print(f"sent SIGTERM to the worker of {run.id} (pid {pid})")
 
 

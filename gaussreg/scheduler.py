@@ -6,6 +6,7 @@ two schedulers on one store never train the same run twice."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -13,9 +14,10 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from .store import FINISHED, RunDir, Store, now_iso, try_lock
+from .store import FINISHED, RunDir, Store, atomic_write_json, now_iso, try_lock
 
 GRACE_S = 30.0  # how long a SIGTERMed worker gets to write last.pt before SIGKILL
 
@@ -107,6 +109,105 @@ class Summary:
         return 1 if self.count("failed", "diverged", "cancelled", "interrupted") else 0
 
 
+def start_worker(run: RunDir, resume: bool, gpu: Optional[str] = None, threads: Optional[int] = None,
+                 lock_fd: Optional[int] = None, argv: Optional[List[str]] = None) -> subprocess.Popen:
+    """One worker process for a run, in its own session (so a terminal's Ctrl-C reaches
+    only its parent), with its output appended to worker.log. A held lock is passed on."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("GAUSSREG_LOCK_FD", None)
+    if lock_fd is not None:
+        env["GAUSSREG_LOCK_FD"] = str(lock_fd)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    if threads:
+        env["GAUSSREG_THREADS"] = env["OMP_NUM_THREADS"] = str(threads)
+    cmd = (argv or [sys.executable, "-m", "gaussreg.worker"]) + [str(run.path)] + (["--resume"] if resume else [])
+    with open(run.file("worker.log"), "ab") as log:
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                pass_fds=(lock_fd,) if lock_fd is not None else (), start_new_session=True)
+
+
+class ControlError(Exception):
+    """A run or launch cannot be controlled as asked; the message says why."""
+
+
+def cancel_run(run: RunDir) -> int:
+    """SIGTERM a running run's worker (it saves last.pt and becomes cancelled). Checks
+    that the pid really is this run's worker on this host. Returns the pid."""
+    import socket
+    from .store import RunFileError, pid_alive
+    try:
+        status = run.status()
+    except RunFileError as e:
+        raise ControlError(str(e)) from None
+    state, pid = run.state(status), status.get("pid")
+    if state != "running":
+        raise ControlError(f"run {run.id} is {state}, not running")
+    if status.get("host") != socket.gethostname():
+        raise ControlError(f"run {run.id} runs on host {status.get('host')}, not here")
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        cmd = ""
+    if not pid_alive(pid) or run.id not in cmd:
+        raise ControlError(f"process {pid} of run {run.id} is not its worker any more")
+    os.kill(pid, signal.SIGTERM)
+    return pid
+
+
+def rerun(run: RunDir, gpu: Optional[str] = None) -> subprocess.Popen:
+    """Train a run that is not running again, detached: a diverged one from scratch
+    (it would diverge again from its checkpoint), any other from its last.pt."""
+    fd = try_lock(run)
+    if fd is None:
+        raise ControlError(f"run {run.id} is being trained by another process")
+    try:
+        state = run.state()
+        if state == "completed":
+            raise ControlError(f"run {run.id} is completed; use `gaussreg run --rerun` to train it again")
+        if state == "diverged":
+            _reset(run)
+        return start_worker(run, resume=run.file("last.pt").exists(), gpu=gpu, lock_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def launches(store: Store) -> List[dict]:
+    """Detached `gaussreg run` processes of this store that are still alive."""
+    from .store import pid_alive
+    out = []
+    for p in sorted((store.root / "_launches").glob("*.pid")):
+        try:
+            info = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if pid_alive(info.get("pid")):
+            out.append(info)
+    return out
+
+
+def cancel_launch(store: Store, pid: int) -> None:
+    """Stop a detached launch: its scheduler cancels its running workers and exits."""
+    if not any(info["pid"] == pid for info in launches(store)):
+        raise ControlError(f"no running launch with pid {pid} in {store.root}")
+    os.kill(pid, signal.SIGTERM)
+
+
+def detach_run(argv_tail: List[str], store: Store, label: str) -> dict:
+    """Start `gaussreg run ... --follow` in its own session so it outlives its caller;
+    recorded in STORE/_launches so it can be listed and cancelled."""
+    logs = store.root / "_launches"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / (time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}-{int(time.time() * 1000) % 1000}.log")
+    with open(log, "ab") as f:
+        p = subprocess.Popen([sys.executable, "-m", "gaussreg", "run", *argv_tail, "--follow"], stdout=f,
+                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                             env=dict(os.environ, COLUMNS="120"))
+    info = {"pid": p.pid, "label": label, "log": str(log), "started_at": now_iso(), "argv": argv_tail}
+    atomic_write_json(logs / f"{p.pid}.pid", info)
+    return info
+
+
 def _reset(run: RunDir) -> None:
     """Forget a finished run's results (keep its spec) so it trains afresh."""
     for name in ("result.json", "events.jsonl", "best.pt", "last.pt"):
@@ -144,16 +245,8 @@ class Scheduler:
                 return False
             if self.rerun and state in FINISHED:
                 _reset(run)
-            resume = run.file("last.pt").exists()
-            env = dict(os.environ, GAUSSREG_LOCK_FD=str(fd), PYTHONUNBUFFERED="1")
-            if slot.gpu is not None:
-                env["CUDA_VISIBLE_DEVICES"] = slot.gpu
-            if slot.threads:
-                env["GAUSSREG_THREADS"] = env["OMP_NUM_THREADS"] = str(slot.threads)
-            with open(run.file("worker.log"), "ab") as log:
-                proc = subprocess.Popen(self.worker_argv + [str(run.path)] + (["--resume"] if resume else []),
-                                        env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        pass_fds=(fd,), start_new_session=True)
+            proc = start_worker(run, resume=run.file("last.pt").exists(), gpu=slot.gpu, threads=slot.threads,
+                                lock_fd=fd, argv=self.worker_argv)
         finally:
             os.close(fd)  # the worker holds the lock now (same open file description)
         self.active[slot.index] = Active(run, slot, proc, time.time())

@@ -172,7 +172,6 @@ def _load_checkpoint(path: Path, model, opt, sched, g) -> dict:
 def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, log) -> dict:
     """The training loop; returns result.json's content."""
     import torch
-    import torch.nn.functional as F
     from . import data
     from .methods import make_method
     from .models import build_model, parameter_count

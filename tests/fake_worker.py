@@ -1,6 +1,5 @@
 """A stand-in for gaussreg.worker in scheduler tests: records its environment and
 timing, then completes (or crashes when the spec's seed is 13)."""
-import json
 import os
 import sys
 import time

@@ -1,5 +1,4 @@
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import ROOT, cli, python_env
+from conftest import cli, python_env
 from gaussreg.scheduler import Scheduler, make_slots, parse_gpus
 from gaussreg.spec import resolve, run_id
 from gaussreg.store import RunDir, Store

@@ -1,0 +1,227 @@
+"""Benchmarks: `python -m gaussreg.bench [--device cpu|cuda] [--model lenet] [--out FILE]`.
+
+1. training step time of every method, as a ratio to `baseline` in the same process;
+2. one LeNet epoch on the device-resident path against a torch DataLoader;
+3. robustness evaluation throughput (images x sigmas per second);
+4. on a GPU, total images/s of the box with --per-gpu 1, 2, 4, 8 through the real scheduler.
+Warm-up first, then the median of repeats; the device is synchronised before every clock read."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__, data
+from .methods import make_method
+from .models import build_model
+from .robustness import robustness
+
+METHODS = [("baseline", {}), ("regularizer", {"sigma": 0.5, "alpha": 1.0}),
+           ("augment", {"sigma": 0.5, "folds": 2}), ("augment", {"sigma": 0.5, "folds": 6}),
+           ("augment", {"sigma": 0.5, "folds": 11}), ("augment", {"sigma": 0.5, "folds": 21}),
+           ("randsign", {"eps": 0.1}), ("fgsm", {"eps": 0.1})]
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def timed(fn, dev, warmup: int, repeats: int) -> float:
+    """Median seconds of fn() after warm-up."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        sync(dev)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_steps(dev, model_name, dataset, batch, warmup, repeats) -> list:
+    """Seconds per optimizer step of each method on one batch of `batch` items."""
+    info = data.info(dataset)
+    g = torch.Generator(device=dev).manual_seed(0)
+    X = torch.rand((batch * 4, *info.shape), generator=g, device=dev)
+    Y = torch.randint(0, info.classes, (batch * 4,), generator=g, device=dev)
+    rows = []
+    for name, params in METHODS:
+        torch.manual_seed(0)
+        model = build_model(model_name, info).to(dev)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        method = make_method(name, params)
+        method.prepare(len(X), tuple(X.shape[1:]), g)
+        n_items = len(X) * method.copies
+
+        def step():
+            idx = torch.randint(0, n_items, (batch,), generator=g, device=dev)
+            x, y = method.batch(X, Y, idx, g)
+            loss = method.loss(model, x, y, g)
+            opt.zero_grad(set_to_none=True)
+            loss.total.backward()
+            opt.step()
+
+        t = timed(step, dev, warmup, repeats)
+        rows.append({"method": name, "params": params, "step_s": t, "images_per_s": batch / t,
+                     "copies": method.copies})
+    base = rows[0]["step_s"]
+    for r in rows:
+        r["step_ratio"] = r["step_s"] / base
+        # an epoch of augment holds (folds + 1) items per clean image
+        r["epoch_ratio"] = r["step_s"] * r["copies"] / base
+    return rows
+
+
+def bench_epoch(dev, dataset, batch, repeats) -> dict:
+    """One LeNet baseline epoch: device-resident index slices vs a DataLoader."""
+    try:
+        s = data.load(dataset, device="cpu")
+        X, Y, source = s.train_x, s.train_y, dataset
+    except data.DataError:
+        info = data.info(dataset)
+        X = torch.rand(54_000, *info.shape)
+        Y = torch.randint(0, info.classes, (54_000,))
+        source = f"random tensors shaped like {dataset} (dataset not installed)"
+    torch.manual_seed(0)
+    model = build_model("lenet", dataset).to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    loss_fn = torch.nn.functional.cross_entropy
+
+    def train_step(x, y):
+        loss = loss_fn(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    Xd, Yd = X.to(dev), Y.to(dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def resident():
+        perm = torch.randperm(len(Xd), generator=g, device=dev)
+        for i in range(0, len(perm), batch):
+            idx = perm[i:i + batch]
+            train_step(Xd[idx], Yd[idx])
+
+    out = {"images": len(X), "source": source, "resident_s": timed(resident, dev, 1, repeats)}
+    ds = torch.utils.data.TensorDataset(X, Y)
+    choices = [{"num_workers": 0, "pin_memory": dev.type == "cuda"},
+               {"num_workers": 2, "pin_memory": dev.type == "cuda", "persistent_workers": True}]
+    loaders = []
+    for kw in choices:
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, **kw)
+
+        def conventional():
+            for x, y in loader:
+                train_step(x.to(dev, non_blocking=True), y.to(dev, non_blocking=True))
+
+        loaders.append({**kw, "epoch_s": timed(conventional, dev, 1, repeats)})
+    best = min(loaders, key=lambda r: r["epoch_s"])
+    out.update(dataloader=loaders, dataloader_best_s=best["epoch_s"], speedup=best["epoch_s"] / out["resident_s"])
+    return out
+
+
+def bench_robustness(dev, dataset, images: int, repeats: int) -> dict:
+    info = data.info(dataset)
+    torch.manual_seed(0)
+    model = build_model("lenet", info).to(dev)
+    x = torch.rand((images, *info.shape), device=dev)
+    y = torch.randint(0, info.classes, (images,), device=dev)
+    batch = 16384 if dev.type == "cuda" else 4096
+    t = timed(lambda: robustness(model, x, y, batch_size=batch), dev, 1, repeats)
+    return {"images": images, "sigmas": 30, "seconds": t, "image_sigmas_per_s": images * 30 / t,
+            "seconds_for_10k_x_30": 10_000 * 30 / (images * 30 / t)}
+
+
+def bench_packing(per_gpu_values, epochs: int) -> list:
+    """Total images/s of one GPU with N LeNet runs packed on it, via the real scheduler."""
+    from .scheduler import Scheduler, make_slots
+    from .spec import resolve, run_id
+    from .store import Store
+    rows = []
+    for n in per_gpu_values:
+        root = Path(tempfile.mkdtemp(prefix=f"gaussreg-pack{n}-"))
+        st = Store(root)
+        ids = []
+        for seed in range(n):
+            spec = resolve({"dataset": "fashion-mnist" if data.find("fashion-mnist") else "synthetic",
+                            "model": "lenet", "method": "baseline", "seed": seed, "max_epochs": epochs,
+                            "experiment": f"pack{n}", "robustness": {"sigmas": [0.0]}})
+            ids.append(run_id(spec))
+            st.create(spec, ids[-1])
+        t0 = time.time()
+        Scheduler(st, ids, make_slots(["0"], per_gpu=n), poll_s=0.2).run()
+        wall = time.time() - t0
+        ips = []
+        for i in ids:
+            eps = st.get(i).epochs()
+            ips.append(statistics.median(e["images_per_s"] for e in eps) if eps else 0.0)
+        rows.append({"per_gpu": n, "runs": n, "wall_s": wall, "images_per_s_total": sum(ips),
+                     "images_per_s_per_run": statistics.mean(ips)})
+        shutil.rmtree(root, ignore_errors=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m gaussreg.bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--model", default="lenet", choices=["lenet", "alexnet", "mlp"])
+    ap.add_argument("--dataset", default=None, help="default: fashion-mnist for lenet, cifar10 for alexnet")
+    ap.add_argument("--batch", type=int, default=None, help="default: the model's preset batch size")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--robust-images", type=int, default=None, help="default: 10000 on cuda, 1000 on cpu")
+    ap.add_argument("--epoch-repeats", type=int, default=None)
+    ap.add_argument("--packing", default="1,2,4,8", help="--per-gpu values to try (GPU only); '' to skip")
+    ap.add_argument("--packing-epochs", type=int, default=3)
+    ap.add_argument("--skip", default="", help="comma list of: steps,epoch,robustness,packing")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    a = ap.parse_args(argv)
+    dev = torch.device(a.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but CUDA is not available", file=sys.stderr)
+        return 2
+    gpu = dev.type == "cuda"
+    dataset = a.dataset or ("cifar10" if a.model == "alexnet" else "fashion-mnist")
+    batch = a.batch or (128 if a.model == "alexnet" else 1000)
+    repeats = a.repeats or (20 if gpu else 5)
+    skip = set(filter(None, a.skip.split(",")))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    res = {"device": str(dev), "device_name": torch.cuda.get_device_name(dev) if gpu else platform.processor()
+           or platform.machine(), "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+           "torch": torch.__version__, "gaussreg": __version__, "commit": commit or None,
+           "model": a.model, "dataset": dataset, "batch": batch, "date": time.strftime("%Y-%m-%d")}
+
+    def report(key, value):
+        res[key] = value
+        print(json.dumps({key: value}, indent=1), flush=True)
+
+    if "steps" not in skip:
+        report("steps", bench_steps(dev, a.model, dataset, batch, 3 if gpu else 2, repeats))
+    if "epoch" not in skip and a.model == "lenet":
+        report("epoch", bench_epoch(dev, dataset, batch, a.epoch_repeats or (5 if gpu else 1)))
+    if "robustness" not in skip and a.model == "lenet":
+        report("robustness", bench_robustness(dev, dataset, a.robust_images or (10_000 if gpu else 1000),
+                                              3 if gpu else 1))
+    if "packing" not in skip and gpu and a.packing:
+        report("packing", bench_packing([int(v) for v in a.packing.split(",")], a.packing_epochs))
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
