@@ -53,13 +53,14 @@ def timed(fn, dev, warmup: int, repeats: int) -> float:
 
 
 def bench_steps(dev, model_name, dataset, batch, warmup, repeats) -> list:
-    """Seconds per optimizer step of each method on one batch of `batch` items."""
+    """Seconds per optimizer step of each method on one batch of `batch` items. The
+    methods are timed round-robin, so drift of the machine hits them all alike."""
     info = data.info(dataset)
     g = torch.Generator(device=dev).manual_seed(0)
     X = torch.rand((batch * 4, *info.shape), generator=g, device=dev)
     Y = torch.randint(0, info.classes, (batch * 4,), generator=g, device=dev)
-    rows = []
-    for name, params in METHODS:
+
+    def make_step(name, params):
         torch.manual_seed(0)
         model = build_model(model_name, info).to(dev)
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -74,8 +75,19 @@ def bench_steps(dev, model_name, dataset, batch, warmup, repeats) -> list:
             opt.zero_grad(set_to_none=True)
             loss.total.backward()
             opt.step()
+        return method, step
 
-        t = timed(step, dev, warmup, repeats)
+    steps = [make_step(name, params) for name, params in METHODS]
+    times = [[] for _ in steps]
+    for _ in range(warmup):
+        for _, step in steps:
+            step()
+    for _ in range(repeats):
+        for i, (_, step) in enumerate(steps):
+            times[i].append(timed(step, dev, 0, 1))
+    rows = []
+    for (name, params), (method, _), ts in zip(METHODS, steps, times):
+        t = statistics.median(ts)
         rows.append({"method": name, "params": params, "step_s": t, "images_per_s": batch / t,
                      "copies": method.copies})
     base = rows[0]["step_s"]

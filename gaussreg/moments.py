@@ -6,11 +6,9 @@ import math
 
 import torch
 
-# Beyond |mu/sigma| = 50, Phi and phi are exactly 0/1 even in float64, so clamping the
-# ratio changes no value; it keeps huge ratios (sigma -> 0) from producing inf * 0 = NaN
-# in the gradient of phi.
-_A_MAX = 50.0
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_A_MAX = 50.0  # beyond |mu/sigma| = 50, Phi and phi are exactly 0/1 even in float64
 
 
 def _compute_dtype(*ts):
@@ -31,6 +29,114 @@ def _pdf(a):
     return torch.exp(-0.5 * a * a) * _INV_SQRT_2PI
 
 
+def _reduce_to(grad, shape):
+    """Sum a broadcast gradient back to an input's shape."""
+    if grad.shape == shape:
+        return grad
+    lead = grad.ndim - len(shape)
+    dims = tuple(range(lead)) + tuple(i + lead for i, n in enumerate(shape) if n == 1 and grad.shape[i + lead] != 1)
+    return grad.sum(dims, keepdim=True).view(shape)
+
+
+_CHUNK_ELEMS = 1 << 17  # CPU: work on ~512 KB pieces that stay in cache
+
+
+def _row_chunks(t: torch.Tensor):
+    """Slices along dim 0 for CPU tensors (memory-bound passes run in cache); one
+    slice on accelerators, where each op is already one fused kernel."""
+    n = t.shape[0] if t.ndim else 1
+    if t.device.type != "cpu" or t.ndim == 0 or t.numel() <= _CHUNK_ELEMS:
+        return [...]
+    rows = max(1, _CHUNK_ELEMS // max(1, t[0].numel()))
+    return [slice(i, i + rows) for i in range(0, n, rows)]
+
+
+def _rows_of(x: torch.Tensor, sl: slice, ndim: int):
+    """x's part of a dim-0 slice of a tensor with `ndim` dims (x may be broadcast)."""
+    if sl is ... or x.ndim < ndim or x.shape[0] == 1:
+        return x
+    return x[sl]
+
+
+def _moments_into(m, sigma, scaled_sigma, ninv, c, e, o) -> None:
+    """T(m, sigma) into o, Phi(a) into c and phi(a) into e, with few passes.
+
+    v = -mu / (sigma sqrt 2): Phi(a) = erfc(v) / 2 (accurate in both tails, and
+    vectorised, unlike ndtr) and phi(a) = exp(-v^2) / sqrt(2 pi)."""
+    torch.mul(m, ninv, out=e)  # e holds v for now
+    torch.special.erfc(e, out=c)
+    c.mul_(0.5)
+    e.square_().neg_().exp_()  # a = +-inf (sigma = 0) gives exp(-inf) = 0
+    torch.mul(e, scaled_sigma, out=o)  # sigma phi(a), the 1/sqrt(2 pi) folded into sigma
+    o.addcmul_(m, c)
+    e.mul_(_INV_SQRT_2PI)
+
+
+class _ReluMean(torch.autograd.Function):
+    """[relu(mu); T(mu, sigma)] stacked along dim 0 (or T alone), with the analytic
+    gradients dT/dmu = Phi(a), dT/dsigma = phi(a).
+
+    Written straight into one buffer in cache-sized chunks on CPU: no separate relu,
+    no concatenation, and one backward pass for both branches. The regularizer's
+    extra cost beyond the second pass through `rest` is this function.
+    sigma = 0 needs no special case: a = mu / tiny saturates Phi to the step and phi
+    to 0, and sigma * phi = 0 * phi keeps T = relu(mu) exactly (0 at mu = 0)."""
+
+    @staticmethod
+    def forward(ctx, mu, sigma, with_relu: bool):
+        shape = torch.broadcast_shapes(mu.shape, sigma.shape)
+        mu_b = mu.expand(shape)
+        ninv = -_INV_SQRT_2 / sigma.clamp_min(torch.finfo(mu.dtype).tiny)  # one image's worth: cheap
+        scaled = sigma * _INV_SQRT_2PI
+        n = shape[0] if shape else 1
+        out = torch.empty(((2 * n,) + tuple(shape[1:])) if with_relu else shape, dtype=mu.dtype, device=mu.device)
+        t_part = out[n:] if with_relu else out
+        cdf, pdf = torch.empty_like(t_part), torch.empty_like(t_part)
+        nd = len(shape)
+        for sl in _row_chunks(t_part):
+            m = mu_b[sl]
+            _moments_into(m, sigma, _rows_of(scaled, sl, nd), _rows_of(ninv, sl, nd), cdf[sl], pdf[sl], t_part[sl])
+            if with_relu:
+                torch.clamp_min(m, 0, out=out[:n][sl])
+        ctx.save_for_backward(cdf, pdf)
+        ctx.shapes, ctx.with_relu = (mu.shape, sigma.shape), with_relu
+        return out
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        cdf, pdf = ctx.saved_tensors
+        mu_shape, sigma_shape = ctx.shapes
+        n = cdf.shape[0] if cdf.ndim else 1
+        g_relu, g_t = (grad[:n], grad[n:]) if ctx.with_relu else (None, grad)
+        g_mu = torch.empty_like(cdf) if ctx.needs_input_grad[0] else None
+        batch_sum = _reduces_batch(sigma_shape, cdf.shape)
+        g_sigma = None
+        for sl in _row_chunks(cdf):
+            c, gt = cdf[sl], g_t[sl]
+            if g_mu is not None:
+                gm = g_mu[sl]
+                torch.mul(gt, c, out=gm)
+                if g_relu is not None:  # relu'(mu) = [mu > 0] = [Phi(a) > 1/2]
+                    gm.addcmul_(g_relu[sl], (c > 0.5).to(c.dtype))
+            if ctx.needs_input_grad[1]:
+                part = gt * pdf[sl]
+                part = part.sum(0, keepdim=True) if batch_sum and part.ndim else part
+                g_sigma = part if g_sigma is None else (g_sigma + part if batch_sum else torch.cat([g_sigma, part]))
+        return (_reduce_to(g_mu, mu_shape) if g_mu is not None else None,
+                _reduce_to(g_sigma, sigma_shape) if g_sigma is not None else None, None)
+
+
+def _reduces_batch(small, big) -> bool:
+    return len(small) < len(big) or (len(big) > 0 and small[0] == 1 and big[0] != 1)
+
+
+def relu_and_mean(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """cat([relu(mu), T(mu, sigma)]) along dim 0, computed as one: the input of the
+    clean and the expected pass through `rest` in a single buffer (Eq. 1, 3)."""
+    out_dtype, dt = _compute_dtype(mu, sigma)
+    return _ReluMean.apply(mu.to(dt), sigma.to(dt), True).to(out_dtype)
+
+
 def relu_mean(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """T(mu2, sigma2) = E[max(X, 0)] for X ~ N(mu, sigma^2), elementwise (Eq. 1).
 
@@ -39,10 +145,7 @@ def relu_mean(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     inputs are computed in float32 and returned in their own dtype."""
     mu, sigma = torch.as_tensor(mu), torch.as_tensor(sigma)
     out_dtype, dt = _compute_dtype(mu, sigma)
-    mu, sigma = mu.to(dt), sigma.to(dt)
-    positive, s, a = _ratio(mu, sigma)
-    t = mu * torch.special.ndtr(a) + s * _pdf(a)
-    return torch.where(positive, t, torch.relu(mu)).to(out_dtype)
+    return _ReluMean.apply(mu.to(dt), sigma.to(dt), False).to(out_dtype)
 
 
 def relu_variance(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from typing import NamedTuple, Union
 import torch
 import torch.nn.functional as F
 
-from .moments import relu_mean, safe_sqrt
+from .moments import relu_and_mean, relu_mean, safe_sqrt
 from .models import first_variance
 
 Sigma = Union[float, torch.Tensor]
@@ -45,11 +45,10 @@ class MomentLoss(NamedTuple):
 def moment_loss(model, x: torch.Tensor, y: torch.Tensor, sigma: Sigma, alpha: float) -> MomentLoss:
     """CE(f(x), y) + alpha * CE(rest(mu3), y) (Eq. 3).
 
-    first(x) is computed once and shared by both terms, and the clean activations
-    and mu3 go through `rest` as one batch: one wide pass instead of two narrow ones."""
+    first(x) is computed once and shared by both terms, and relu(mu2) and mu3 are
+    written into one buffer that goes through `rest` as one batch."""
     mu2 = model.first(x)
-    mu3 = relu_mean(mu2, sigma2(model.first, sigma, x))
-    both = model.rest(torch.cat([torch.relu(mu2), mu3]))
+    both = model.rest(relu_and_mean(mu2, sigma2(model.first, sigma, x)))
     logits, expected = both[: len(x)], both[len(x):]
     ce = F.cross_entropy(logits, y)
     reg = F.cross_entropy(expected, y)

@@ -36,7 +36,8 @@ def test_sigma_zero_is_relu_and_never_nan():
     assert torch.equal(t, torch.relu(mu.detach()))
     t.sum().backward()
     assert torch.isfinite(mu.grad).all() and torch.isfinite(sigma.grad).all()
-    assert mu.grad.tolist() == [0.0, 0.0, 0.0, 1.0, 1.0]  # dT/dmu = Phi(mu/0) = step
+    # dT/dmu = Phi(mu/0): the step, and at mu = 0 the limit Phi(0) = 1/2 of sigma -> 0+
+    assert mu.grad.tolist() == [0.0, 0.0, 0.5, 1.0, 1.0]
 
 
 def test_huge_ratios_are_exact_and_gradients_finite():
