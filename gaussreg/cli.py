@@ -328,6 +328,17 @@ def train(run_dir: Path = typer.Argument(..., help="A run directory holding spec
     raise typer.Exit(worker_main([str(run_dir)] + (["--resume"] if resume else [])))
 
 
+@app.command()
+def tui(store: Path = StoreOpt,
+        manifest: Path = typer.Option(Path("experiments.toml"), help="The manifest the launch dialog opens.")):
+    """The Textual dashboard: watch, launch, cancel, compare and browse runs."""
+    try:
+        from tui.app import run_app  # the only place gaussreg touches textual
+    except ImportError as e:
+        fail(f"the TUI needs textual and textual-plotext ({e}); pip install -e .")
+    run_app(str(store), str(manifest))
+
+
 # ---------------------------------------------------------------- data
 
 @data_app.command("list")

@@ -1,0 +1,172 @@
+"""The gaussreg dashboard: `gaussreg tui [--store runs] [--manifest experiments.toml]`."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Dict, Iterable, List
+
+from textual import on, work
+from textual.app import App, SystemCommand
+from textual.screen import Screen
+
+from gaussreg.store import RunDir, Store
+
+from .messages import RunsChanged
+from .screens import (CompareScreen, ConfirmScreen, HelpScreen, LaunchesScreen, LaunchScreen, RunsScreen)
+from .watcher import RunRow, StoreWatcher
+
+
+class GaussregApp(App):
+    TITLE = "gaussreg"
+    CSS = """
+    #filters { height: 3; }
+    #filter { width: 1fr; }
+    #state { width: 24; }
+    #summary { height: 1; padding: 0 1; }
+    #plots { width: 2fr; }
+    #side { width: 1fr; }
+    #status { height: auto; padding: 0 1; }
+    #spec-box { height: 7; padding: 0 1; }
+    #log { height: 1fr; border-top: solid $primary; }
+    #compare-title, #compare-footer { height: auto; padding: 0 1; }
+    #best { height: auto; max-height: 12; }
+    #experiment { width: 60; }
+    ModalScreen { align: center middle; }
+    #dialog { width: 90; max-width: 100%; height: auto; max-height: 90%; border: thick $primary; background: $surface;
+              padding: 1 2; }
+    #dialog .row { height: 3; }
+    #dialog Label { padding: 1 1 0 0; }
+    #experiments { height: 10; }
+    #plan-error { height: auto; }
+    """
+
+    def __init__(self, store: str = "runs", manifest: str = "experiments.toml", poll_s: float = 1.0):
+        super().__init__()
+        self.store_root = Path(store)
+        self.manifest = manifest
+        self.poll_s = poll_s
+        self.watcher = StoreWatcher(self.store_root)
+        self._rows: Dict[str, RunRow] = {}
+        self._stop = threading.Event()
+        self.loaded = False  # the first scan has been shown
+
+    def on_mount(self) -> None:
+        self.sub_title = f"store {self.store_root}"
+        self.push_screen(RunsScreen())
+        self.watch_store()
+
+    def on_unmount(self) -> None:
+        self._stop.set()
+
+    def rows(self) -> List[RunRow]:
+        return list(self._rows.values())
+
+    @work(thread=True, exclusive=True, group="store")
+    def watch_store(self) -> None:
+        """The store reader: scans, and posts what changed. The only reader of the store
+        for the runs table, so the UI thread never touches a file."""
+        first = True
+        while not self._stop.is_set():
+            changed = self.watcher.scan()
+            if changed or first:
+                self.post_message(RunsChanged(changed, first))
+                first = False
+            self._stop.wait(self.poll_s)
+
+    @on(RunsChanged)
+    def runs_changed(self, message: RunsChanged) -> None:
+        for row in message.rows:
+            self._rows[row.id] = row
+        for screen in self.screen_stack:
+            if isinstance(screen, RunsScreen):
+                screen.show_rows(message.rows, self.rows())
+        self.loaded = True
+
+    # ------------------------------------------------------------ actions
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+    def action_compare(self) -> None:
+        exps = sorted({r.experiment for r in self._rows.values() if r.experiment})
+        current = None
+        runs = next((s for s in self.screen_stack if isinstance(s, RunsScreen)), None)
+        if runs and runs.table.selected_id in self._rows:
+            current = self._rows[runs.table.selected_id].experiment
+        self.push_screen(CompareScreen(exps, current))
+
+    def action_launch(self) -> None:
+        self.push_screen(LaunchScreen(self.manifest), self._launch)
+
+    @work(thread=True, group="control")
+    def _launch(self, request) -> None:
+        if not request:
+            return
+        from gaussreg.scheduler import detach_run
+        for exp in request["experiments"]:
+            info = detach_run([request["manifest"], "--store", str(self.store_root), "--only", exp,
+                               "--gpus", request["gpus"], "--per-gpu", str(request["per_gpu"])],
+                              Store(self.store_root), exp)
+            self.call_from_thread(self.notify, f"launched {exp} (pid {info['pid']}); log {info['log']}")
+
+    def confirm_cancel_run(self, run_id: str) -> None:
+        def answer(yes: bool) -> None:
+            if yes:
+                self._control("cancel", run_id)
+        self.push_screen(ConfirmScreen(f"Cancel run {run_id}? Its worker saves last.pt and stops."), answer)
+
+    def confirm_rerun(self, run_id: str) -> None:
+        def answer(yes: bool) -> None:
+            if yes:
+                self._control("rerun", run_id)
+        self.push_screen(ConfirmScreen(f"Train run {run_id} again (from its last.pt when it has one)?"), answer)
+
+    @work(thread=True, group="control")
+    def _control(self, what: str, run_id: str) -> None:
+        from gaussreg.scheduler import ControlError, cancel_run, rerun
+        run = RunDir(self.store_root / run_id)
+        try:
+            if what == "cancel":
+                pid = cancel_run(run)
+                self.call_from_thread(self.notify, f"sent SIGTERM to {run_id} (pid {pid})")
+            else:
+                p = rerun(run)
+                self.call_from_thread(self.notify, f"training {run_id} again (pid {p.pid})")
+        except ControlError as e:
+            self.call_from_thread(self.notify, str(e), severity="error")
+
+    @work(thread=True, group="control")
+    def action_cancel_launch(self) -> None:
+        from gaussreg.scheduler import launches
+        found = launches(Store(self.store_root))
+        self.call_from_thread(self.push_screen, LaunchesScreen(found), self._confirm_cancel_launch)
+
+    def _confirm_cancel_launch(self, pid) -> None:
+        if pid is None:
+            return
+
+        def answer(yes: bool) -> None:
+            if yes:
+                self._cancel_launch(pid)
+        self.push_screen(ConfirmScreen(f"Cancel launch pid {pid} and every run it is training?"), answer)
+
+    @work(thread=True, group="control")
+    def _cancel_launch(self, pid: int) -> None:
+        from gaussreg.scheduler import ControlError, cancel_launch
+        try:
+            cancel_launch(Store(self.store_root), pid)
+            self.call_from_thread(self.notify, f"cancelling launch {pid}")
+        except ControlError as e:
+            self.call_from_thread(self.notify, str(e), severity="error")
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("Compare", "The fair comparison of an experiment", self.action_compare)
+        yield SystemCommand("Launch", "Launch experiments of a manifest", self.action_launch)
+        yield SystemCommand("Cancel launch", "Stop a running launch and its runs", self.action_cancel_launch)
+        yield SystemCommand("Help", "Keys and states", self.action_help)
+
+
+def run_app(store: str = "runs", manifest: str = "experiments.toml") -> None:
+    GaussregApp(store, manifest).run()

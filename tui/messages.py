@@ -1,0 +1,33 @@
+"""Messages from the reader threads to the widgets: the UI thread never reads files."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+from textual.message import Message
+
+from .watcher import Detail, RunRow
+
+
+class RunsChanged(Message):
+    def __init__(self, rows: List[RunRow], first: bool = False):
+        super().__init__()
+        self.rows, self.first = rows, first
+
+
+class DetailChanged(Message):
+    def __init__(self, detail: Detail):
+        super().__init__()
+        self.detail = detail
+
+
+class CompareReady(Message):
+    def __init__(self, experiment: str, table: dict, points: List[dict]):
+        super().__init__()
+        self.experiment, self.table, self.points = experiment, table, points
+
+
+class PlanReady(Message):
+    def __init__(self, manifest: str, experiments: List[dict], error: Optional[str] = None):
+        super().__init__()
+        self.manifest, self.experiments, self.error = manifest, experiments, error
