@@ -201,6 +201,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", default="", help="comma list of: steps,epoch,robustness,packing")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     a = ap.parse_args(argv)
+    from .worker import keep_freed_memory
+    keep_freed_memory()  # as the worker does
     dev = torch.device(a.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but CUDA is not available", file=sys.stderr)

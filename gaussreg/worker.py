@@ -83,6 +83,22 @@ class Events:
         self.f.close()
 
 
+def keep_freed_memory() -> bool:
+    """Stop glibc from handing freed blocks over 32 MB back to the OS. Otherwise every
+    training step gets fresh pages for its activations, which the kernel faults in and
+    zeroes: measured at ~35% of a LeNet step on CPU, and twice that for the regularizer,
+    whose steps allocate twice as much."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
+
+
 def pick_device(name: str):
     import torch
     if name == "auto":
@@ -178,6 +194,7 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
     from .robustness import robustness
 
     t_start = time.time()
+    keep_freed_memory()
     dev = pick_device(spec["device"])
     seed = spec["seed"]
     threads = os.environ.get("GAUSSREG_THREADS")

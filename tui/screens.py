@@ -163,6 +163,7 @@ class RunDetailScreen(Screen):
     def __init__(self, run_id: str):
         super().__init__()
         self.run_id = run_id
+        self.title = run_id
         self._stop = threading.Event()
 
     def compose(self) -> ComposeResult:
@@ -180,7 +181,6 @@ class RunDetailScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.title = self.run_id
         self.follow()
 
     def on_unmount(self) -> None:
@@ -248,6 +248,7 @@ class CompareScreen(Screen):
 
     def __init__(self, experiments: List[str], experiment: Optional[str] = None):
         super().__init__()
+        self.title = "compare"
         self.experiments = experiments
         self.experiment = experiment or (experiments[0] if experiments else None)
 
@@ -267,7 +268,6 @@ class CompareScreen(Screen):
         for key, label in [("method", "method"), ("params", "params"), ("acc", "acc %"), ("dacc", "Δacc"),
                            ("r", "R %"), ("dr", "ΔR"), ("seeds", "seeds")]:
             t.add_column(label, key=key)
-        self.title = "compare"
         if self.experiment:
             self.load(self.experiment)
 
