@@ -89,12 +89,14 @@ async def measure(store: Path, runs: int, seconds: float) -> dict:
             keys = keys[4:] + keys[:4]
             rss.append((round(time.perf_counter() - start, 1), proc.memory_info().rss / 2**20))
             await asyncio.sleep(0.25)
-        live_epoch = app.screen.query_one(RunsTable).get_cell_at((0, 3))
+        live = [r for r in app.rows() if r.state == "running"]
+        live_epochs = sorted({r.epoch for r in live})
     lat = sorted(latencies)
     out.update(key_presses=len(lat), latency_ms_median=1000 * statistics.median(lat),
                latency_ms_p95=1000 * lat[int(0.95 * len(lat))], latency_ms_max=1000 * lat[-1],
                rss_mib_first=rss[0][1], rss_mib_last=rss[-1][1], rss_mib_max=max(r for _, r in rss),
-               rss_samples=rss[:: max(1, len(rss) // 20)], last_seen_epoch_cell=str(live_epoch))
+               rss_samples=rss[:: max(1, len(rss) // 20)], live_rows=len(live),
+               live_epochs_seen_at_end=live_epochs, seconds_streamed=seconds)
     return out
 
 

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 from gaussreg.spec import describe_params
 from gaussreg.store import RunDir, RunFileError, parse_iso
 
-LIVE = ("running", "queued")
+LIVE = ("running", "queued")  # states whose rows change without their status file changing
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,8 @@ class StoreWatcher:
         if tr.spec is None:
             return RunRow(run.id, state="corrupt", error=tr.status.get("error"))
         sig = _sig(run.file("status.json"))
+        if sig == tr.status_sig and tr.row is not None and tr.row.state not in LIVE:
+            return tr.row  # a finished run whose status has not changed: nothing to redo
         if sig != tr.status_sig:
             tr.status_sig = sig
             try:
