@@ -320,7 +320,7 @@ def eval_(target: str = typer.Argument(..., help="A run id, or a checkpoint file
     console.print(t)
 
 
-@app.command(context_settings={"allow_extra_args": False})
+@app.command()
 def train(run_dir: Path = typer.Argument(..., help="A run directory holding spec.json."),
           resume: bool = typer.Option(False, "--resume", help="Continue from last.pt.")):
     """Train one run directory in this process (what `gaussreg run` starts per run)."""

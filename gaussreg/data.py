@@ -297,8 +297,12 @@ def describe(name: str, data_dir=None) -> dict:
         return {**row, "found": False, "where": "", "train": None, "test": None,
                 "note": missing_message(name, data_dir)}
     try:
-        n_train = len(load_raw(name, "train", data_dir)[1])
-        n_test = len(load_raw(name, "test", data_dir)[1])
+        if name in ("mnist", "fashion-mnist"):  # the label files say it; no need to decode the images
+            n_train = len(read_idx(_idx_file(folder, "train-labels-idx1-ubyte")))
+            n_test = len(read_idx(_idx_file(folder, "t10k-labels-idx1-ubyte")))
+        else:
+            n_train = len(load_raw(name, "train", data_dir)[1])
+            n_test = len(load_raw(name, "test", data_dir)[1])
     except DataError as e:
         return {**row, "found": False, "where": str(folder), "train": None, "test": None, "note": str(e)}
     return {**row, "found": True, "where": str(folder), "train": n_train, "test": n_test, "note": ""}

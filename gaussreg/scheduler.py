@@ -220,7 +220,7 @@ class Scheduler:
                  poll_s: float = 0.5, grace_s: float = GRACE_S):
         self.store, self.slots, self.rerun = store, slots, rerun
         self.queue = [RunDir(store.root / r) for r in run_ids]
-        self.worker_argv = worker_argv or [sys.executable, "-m", "gaussreg.worker"]
+        self.worker_argv = worker_argv  # None: python -m gaussreg.worker
         self.on_change = on_change or (lambda sched, what, run: None)
         self.poll_s, self.grace_s = poll_s, grace_s
         self.active: Dict[int, Active] = {}  # slot index -> active run

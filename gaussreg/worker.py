@@ -8,6 +8,7 @@ directory"). The whole dataset lives on the training device; batches are index s
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -75,7 +76,6 @@ class Events:
         self.f = open(path, "w" if truncate else "a", buffering=1)
 
     def emit(self, type_: str, **fields) -> None:
-        import json
         self.f.write(json.dumps({"type": type_, "time": now_iso(), **fields}) + "\n")
         self.f.flush()
 
@@ -301,7 +301,6 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
                     eval_time=rob_time)
     finally:
         events.close()
-    import torch as _t
     return {
         "run_id": run.id, "experiment": spec["experiment"], "dataset": spec["dataset"], "model": spec["model"],
         "method": spec["method"], "params": spec["params"], "seed": seed,
@@ -313,7 +312,7 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
         "train_time_s": state["train_time"], "robustness_time_s": rob_time, "wall_time_s": time.time() - t_start,
         "parameters": parameter_count(model), "device": str(dev), "device_name": device_name(dev),
         "sizes": splits.sizes(), "host": socket.gethostname(),
-        "versions": {"gaussreg": __version__, "torch": _t.__version__, "python": platform.python_version()},
+        "versions": {"gaussreg": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "finished_at": now_iso(),
     }
 
