@@ -18,9 +18,13 @@ import tarfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions that load data: the dataset registry below is
+# read by specs, manifests and the store tools, which must start without torch.
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -92,6 +96,7 @@ def data_root(data_dir: Optional[os.PathLike] = None) -> Path:
 
 def read_idx(path: os.PathLike) -> torch.Tensor:
     """One IDX file (optionally .gz) as a uint8 tensor of its declared shape."""
+    import torch
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
@@ -128,6 +133,7 @@ class _BatchUnpickler(pickle.Unpickler):
 
 def read_cifar_batch(path: os.PathLike):
     """One CIFAR python pickle batch -> (uint8 N,3,32,32, int64 labels)."""
+    import torch
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -213,6 +219,7 @@ def load_raw(name: str, split: str, data_dir=None, seed: int = 0):
         files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     else:
         files = [split]
+    import torch
     parts = [read_cifar_batch(folder / f) for f in files]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
@@ -222,6 +229,7 @@ def synthetic(split: str, seed: int = 0, n: Optional[int] = None):
 
     Learnable in a few epochs by every model here, and deterministic by seed (the
     train and test splits share prototypes and differ in their noise)."""
+    import torch
     ds = DATASETS["synthetic"]
     n = n or SYNTHETIC_SIZES[split]
     g = torch.Generator().manual_seed(seed)
@@ -252,6 +260,7 @@ class Splits:
 
 def split_indices(n: int, val_fraction: float = 0.1, split_seed: int = 0):
     """(train, val) indices: the same for every run of a dataset with the same split_seed."""
+    import torch
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
     n_val = int(round(n * val_fraction))
     return perm[n_val:], perm[:n_val]
@@ -266,6 +275,7 @@ def load(name: str, data_dir=None, *, split_seed: int = 0, val_fraction: float =
     (fixed, so runs of one dataset are comparable). `train_subset` keeps that many of
     the remaining training images, `test_subset` that many test images, both by a
     seeded permutation so classes stay balanced."""
+    import torch
     x, y = load_raw(name, "train", data_dir)
     tx, ty = load_raw(name, "test", data_dir)
     tr, va = split_indices(len(y), val_fraction, split_seed)

@@ -20,8 +20,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .methods import PARAMS
-from .spec import SCALARS, TABLES, SpecError, resolve, run_id
+from .spec import PARAMS, SCALARS, TABLES, SpecError, resolve, run_id
 
 RUN_KEYS = (set(SCALARS) - {"experiment", "data_dir"}) | {"optimizer", "robustness"}
 EXPERIMENT_KEYS = RUN_KEYS | {"name", "tolerance", "methods", "seeds"}

@@ -12,8 +12,7 @@ import json
 from collections import defaultdict
 from typing import List, Optional
 
-from .methods import PARAMS
-from .spec import describe_params
+from .spec import PARAMS, describe_params
 from .store import RunFileError, Store
 
 EPS = 1e-12  # accuracies are ratios of integers; keep "equal to a0 - tol" eligible

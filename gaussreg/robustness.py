@@ -6,12 +6,14 @@ import math
 from dataclasses import asdict, dataclass
 from typing import List, Optional
 
-import torch
-
 
 def default_sigmas(count: int = 30, top: float = 0.5) -> List[float]:
-    """The paper's set A: `count` evenly spaced noise levels in [0, top]."""
-    return torch.linspace(0, top, count, dtype=torch.float64).tolist()
+    """The paper's set A: `count` evenly spaced noise levels in [0, top] (the values of
+    torch.linspace in float64, computed without importing torch)."""
+    if count == 1:
+        return [0.0]
+    step = top / (count - 1)
+    return [i * step if i < count // 2 else top - (count - 1 - i) * step for i in range(count)]
 
 
 @dataclass
@@ -29,14 +31,13 @@ class Robustness:
 
 def score_of(sigmas, per_sigma) -> float:
     """Trapezoidal average of a per-sigma curve (its mean for a single sigma)."""
-    s = torch.as_tensor(sigmas, dtype=torch.float64)
-    p = torch.as_tensor(per_sigma, dtype=torch.float64)
+    s, p = [float(v) for v in sigmas], [float(v) for v in per_sigma]
     if len(s) == 1 or s[-1] == s[0]:
-        return float(p.mean())
-    return float(torch.trapezoid(p, s) / (s[-1] - s[0]))
+        return sum(p) / len(p)
+    area = sum((s[i + 1] - s[i]) * (p[i] + p[i + 1]) / 2 for i in range(len(s) - 1))
+    return area / (s[-1] - s[0])
 
 
-@torch.no_grad()
 def robustness(model, images, labels=None, sigmas=None, samples: int = 1, seed: int = 0,
                clip: bool = False, batch_size: int = 4096) -> Robustness:
     """Prediction consistency under noise, per sigma (Sec. 4.1).
@@ -46,6 +47,13 @@ def robustness(model, images, labels=None, sigmas=None, samples: int = 1, seed: 
     image is robust at sigma when every noisy prediction equals the clean one. All
     sigmas of a chunk of images go through the model as one batch, on the model's
     device; results are deterministic for a seed (and batch_size)."""
+    import torch  # here, so that reading results and specs never needs torch
+    with torch.no_grad():
+        return _robustness(model, images, labels, sigmas, samples, seed, clip, batch_size)
+
+
+def _robustness(model, images, labels, sigmas, samples, seed, clip, batch_size) -> Robustness:
+    import torch
     if samples < 1:
         raise ValueError("samples must be >= 1")
     params = next(model.parameters(), None)

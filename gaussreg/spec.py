@@ -3,16 +3,66 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
 import re
 
-from . import data
-from .methods import PARAMS, ParamError, check_params
-from .models import MODELS
+from . import data  # torch is imported lazily there: reading specs and stores needs no torch
 from .robustness import default_sigmas
 
 SPEC_VERSION = 1
+
+
+class ParamError(ValueError):
+    """A method parameter is missing, unknown, of the wrong type or out of range."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+# The parameters of each training method (gaussreg.methods):
+# name -> (type, default (None = required), check, what the check means)
+_nonneg = (lambda v: v >= 0, "must be >= 0")
+PARAMS = {
+    "baseline": {},
+    "augment": {"sigma": (float, None, *_nonneg), "folds": (int, None, lambda v: v >= 1, "must be >= 1"),
+                "fresh_noise": (bool, True, lambda v: True, "")},
+    "regularizer": {"sigma": (float, None, *_nonneg), "alpha": (float, None, *_nonneg)},
+    "randsign": {"eps": (float, None, *_nonneg), "p": (float, 0.5, lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+                 "where": (str, "input", lambda v: v in ("input", "hidden", "both"),
+                           "must be 'input', 'hidden' or 'both'")},
+    "fgsm": {"eps": (float, None, *_nonneg)},
+}
+
+
+def check_params(method: str, params: dict) -> dict:
+    """The method's parameters with defaults filled in; ParamError names the bad key."""
+    if method not in PARAMS:
+        raise ParamError("method", f"unknown method {method!r}; known: {', '.join(PARAMS)}")
+    schema = PARAMS[method]
+    for key in params:
+        if key not in schema:
+            close = difflib.get_close_matches(key, list(schema), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "known: " + (", ".join(schema) or "none")
+            raise ParamError(key, f"unknown parameter {key!r} for method {method!r} ({hint})")
+    out = {}
+    for key, (typ, default, ok, why) in schema.items():
+        if key not in params:
+            if default is None:
+                raise ParamError(key, f"method {method!r} needs parameter {key!r}")
+            out[key] = default
+            continue
+        v = params[key]
+        if typ is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, typ) or (typ is not bool and isinstance(v, bool)):
+            raise ParamError(key, f"parameter {key!r} of method {method!r} must be {typ.__name__}, not {v!r}")
+        if not ok(v):
+            raise ParamError(key, f"parameter {key!r} of method {method!r} {why} (got {v!r})")
+        out[key] = v
+    return out
 
 
 class SpecError(ValueError):
@@ -31,6 +81,7 @@ PRESETS = {
                 "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}},
 }
 PRESETS["mlp"] = PRESETS["lenet"]
+MODELS = tuple(PRESETS)  # the names models.build_model knows (a test keeps the two in step)
 
 OPTIMIZER_KEYS = {"adam": {"name", "lr", "betas", "eps", "weight_decay"},
                   "sgd": {"name", "lr", "momentum", "nesterov", "weight_decay"}}
@@ -38,7 +89,6 @@ ROBUSTNESS_KEYS = {"sigmas", "samples", "clip"}
 
 # key -> (types, check, meaning); the optimizer, robustness and params tables are checked apart
 _pos = (lambda v: v >= 1, "must be >= 1")
-_nonneg = (lambda v: v >= 0, "must be >= 0")
 _opt_pos = (lambda v: v is None or v >= 1, "must be >= 1")
 SCALARS = {
     "experiment": (str, lambda v: re.fullmatch(r"[A-Za-z0-9._-]*", v) is not None,
