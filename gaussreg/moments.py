@@ -58,7 +58,7 @@ def _rows_of(x: torch.Tensor, sl: slice, ndim: int):
     return x[sl]
 
 
-def _moments_into(m, sigma, scaled_sigma, ninv, c, e, o) -> None:
+def _moments_into(m, scaled_sigma, ninv, c, e, o) -> None:
     """T(m, sigma) into o, Phi(a) into c and phi(a) into e, with few passes.
 
     v = -mu / (sigma sqrt 2): Phi(a) = erfc(v) / 2 (accurate in both tails, and
@@ -95,7 +95,7 @@ class _ReluMean(torch.autograd.Function):
         nd = len(shape)
         for sl in _row_chunks(t_part):
             m = mu_b[sl]
-            _moments_into(m, sigma, _rows_of(scaled, sl, nd), _rows_of(ninv, sl, nd), cdf[sl], pdf[sl], t_part[sl])
+            _moments_into(m, _rows_of(scaled, sl, nd), _rows_of(ninv, sl, nd), cdf[sl], pdf[sl], t_part[sl])
             if with_relu:
                 torch.clamp_min(m, 0, out=out[:n][sl])
         ctx.save_for_backward(cdf, pdf)
@@ -109,7 +109,9 @@ class _ReluMean(torch.autograd.Function):
         n = cdf.shape[0] if cdf.ndim else 1
         g_relu, g_t = (grad[:n], grad[n:]) if ctx.with_relu else (None, grad)
         g_mu = torch.empty_like(cdf) if ctx.needs_input_grad[0] else None
-        batch_sum = _reduces_batch(sigma_shape, cdf.shape)
+        # sigma broadcast over the batch (the regularizer's case): sum its gradient chunk
+        # by chunk, never materialising grad * pdf whole
+        batch_sum = ctx.needs_input_grad[1] and _reduces_batch(sigma_shape, cdf.shape)
         g_sigma = None
         for sl in _row_chunks(cdf):
             c, gt = cdf[sl], g_t[sl]
@@ -118,10 +120,11 @@ class _ReluMean(torch.autograd.Function):
                 torch.mul(gt, c, out=gm)
                 if g_relu is not None:  # relu'(mu) = [mu > 0] = [Phi(a) > 1/2]
                     gm.addcmul_(g_relu[sl], (c > 0.5).to(c.dtype))
-            if ctx.needs_input_grad[1]:
-                part = gt * pdf[sl]
-                part = part.sum(0, keepdim=True) if batch_sum and part.ndim else part
-                g_sigma = part if g_sigma is None else (g_sigma + part if batch_sum else torch.cat([g_sigma, part]))
+            if batch_sum:
+                part = (gt * pdf[sl]).sum(0, keepdim=True)
+                g_sigma = part if g_sigma is None else g_sigma + part
+        if ctx.needs_input_grad[1] and not batch_sum:
+            g_sigma = g_t * pdf
         return (_reduce_to(g_mu, mu_shape) if g_mu is not None else None,
                 _reduce_to(g_sigma, sigma_shape) if g_sigma is not None else None, None)
 
