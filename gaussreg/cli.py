@@ -321,6 +321,75 @@ def eval_(target: str = typer.Argument(..., help="A run id, or a checkpoint file
 
 
 @app.command()
+def certify(run_id: str = typer.Argument(..., help="A run id (or a unique prefix)."),
+            store: Path = StoreOpt,
+            sigma: Optional[float] = typer.Option(None, help="Noise level of the smoothed classifier, in [0,1] "
+                                                  "pixel units (default: the run's training sigma for augment "
+                                                  "and regularizer runs, else 0.25)."),
+            n: int = typer.Option(10_000, "--n", help="Noise draws per image that estimate pA."),
+            n0: int = typer.Option(100, "--n0", help="Noise draws per image that pick the class."),
+            alpha: float = typer.Option(0.001, help="Failure probability of each certificate."),
+            images: int = typer.Option(500, help="Test images, spread evenly over the test set."),
+            batch: int = typer.Option(1000, help="Noisy copies per forward pass."),
+            seed: Optional[int] = typer.Option(None, help="Noise seed (default: the run's seed)."),
+            device: str = typer.Option("auto"),
+            data_dir: Optional[Path] = DataDirOpt):
+    """Certified robustness of a trained run by randomized smoothing (Cohen et al. 2019): writes certify-<sigma>.json."""
+    if sigma is not None and not sigma > 0:
+        fail(f"--sigma must be > 0, not {sigma}")
+    if n < 1 or n0 < 1 or images < 1 or batch < 1:
+        fail("--n, --n0, --images and --batch must be >= 1")
+    if n0 > n:
+        fail(f"--n0 ({n0}) must not exceed --n ({n})")
+    if not 0 < alpha < 1:
+        fail(f"--alpha must be in (0, 1), not {alpha}")
+    run = _get_run(store, run_id)
+    from .spec import SpecError, default_certify_sigma, resolve
+    from .store import RunFileError
+    try:
+        spec = resolve(run.spec())
+    except (SpecError, RunFileError) as e:
+        fail(f"bad spec {run.file('spec.json')}: {e}")
+    ckpt = run.file("best.pt")
+    if not ckpt.is_file():
+        fail(f"{ckpt} does not exist: run {run.id} has not finished an epoch, so there is no model to certify")
+    sigma = default_certify_sigma(spec) if sigma is None else sigma
+    import torch
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from . import data
+    from .models import build_model
+    from .smoothing import certify_run
+    from .worker import pick_device
+    try:
+        dev = pick_device(device)
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
+    except SpecError as e:
+        fail(str(e))
+    except Exception as e:
+        fail(f"{ckpt} is not a gaussreg checkpoint ({type(e).__name__}: {e})")
+    try:
+        splits = data.load(spec["dataset"], data_dir or spec["data_dir"], split_seed=spec["split_seed"],
+                           test_subset=spec["test_subset"], device=dev)
+    except data.DataError as e:
+        fail(str(e))
+    model = build_model(spec["model"], splits.info).to(dev)
+    model.load_state_dict(state)
+    with Progress(TextColumn(f"certifying at sigma {sigma:g}"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=err_console, transient=True) as bar:
+        task = bar.add_task("certify", total=min(images, len(splits.test_x)))
+        cert = certify_run(run, model, splits.test_x, splits.test_y, sigma, n0, n, alpha, images, batch,
+                           spec["seed"] if seed is None else seed,
+                           progress=lambda done, total: bar.update(task, completed=done))
+    acc = cert["certified_accuracy"]
+    console.print(f"{escape(run.id)}: {cert['images']} images at sigma {sigma:g}, n {n}, alpha {alpha:g}: "
+                  f"certified accuracy {acc['0'] * 100:.1f}% at radius 0, {acc['0.25'] * 100:.1f}% at 0.25, "
+                  f"{acc['0.5'] * 100:.1f}% at 0.5; abstained on {cert['abstain_rate'] * 100:.1f}%; "
+                  f"{cert['time_s']:.1f}s ({cert['forward_passes_per_s']:.0f} forward passes/s)\n"
+                  f"wrote {escape(str(run.file(run.certification_name(sigma))))}", highlight=False)
+
+
+@app.command()
 def train(run_dir: Path = typer.Argument(..., help="A run directory holding spec.json."),
           resume: bool = typer.Option(False, "--resume", help="Continue from last.pt.")):
     """Train one run directory in this process (what `gaussreg run` starts per run)."""

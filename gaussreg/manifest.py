@@ -22,7 +22,7 @@ else:  # pragma: no cover
 
 from .spec import PARAMS, SCALARS, TABLES, SpecError, resolve, run_id
 
-RUN_KEYS = (set(SCALARS) - {"experiment", "data_dir"}) | {"optimizer", "robustness"}
+RUN_KEYS = (set(SCALARS) - {"experiment", "data_dir"}) | {"optimizer", "robustness", "certify"}
 EXPERIMENT_KEYS = RUN_KEYS | {"name", "tolerance", "methods", "seeds"}
 TOP_KEYS = {"defaults", "experiment"}
 

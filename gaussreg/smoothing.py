@@ -19,17 +19,13 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+from .spec import CERTIFY_DEFAULTS, default_certify_sigma as default_sigma  # noqa: F401 (API)
+
 ABSTAIN = -1
-DEFAULT_N, DEFAULT_N0, DEFAULT_ALPHA, DEFAULT_IMAGES = 10_000, 100, 0.001, 500
-DEFAULT_SIGMA = 0.25  # for runs trained without a noise level (baseline, randsign, fgsm)
+DEFAULT_N, DEFAULT_N0 = CERTIFY_DEFAULTS["n"], CERTIFY_DEFAULTS["n0"]
+DEFAULT_ALPHA, DEFAULT_IMAGES = CERTIFY_DEFAULTS["alpha"], CERTIFY_DEFAULTS["images"]
 TABLE_RADII = (0.0, 0.25, 0.5)  # the radii the fair table and the TUI show
 CURVE_STEP = 0.05
-
-
-def default_sigma(spec: dict) -> float:
-    """The run's training sigma for augment and regularizer runs, else 0.25."""
-    s = spec.get("params", {}).get("sigma") if spec.get("method") in ("augment", "regularizer") else None
-    return float(s) if s else DEFAULT_SIGMA
 
 
 def _device(model, x):
@@ -184,3 +180,21 @@ def certify_dataset(model, images, labels, sigma: float, n0: int = DEFAULT_N0, n
         "curve": curve(records), "per_image": records, "time_s": elapsed,
         "forward_passes_per_s": forwards / elapsed if elapsed > 0 else None,
     }
+
+
+def certify_run(run, model, test_x, test_y, sigma: float, n0: int = DEFAULT_N0, n: int = DEFAULT_N,
+                alpha: float = DEFAULT_ALPHA, images: Optional[int] = DEFAULT_IMAGES, batch: int = 1000,
+                seed: int = 0, checkpoint: str = "best.pt", should_stop=None, progress=None) -> Optional[dict]:
+    """Certify `images` test images spread over the test set with the trained model and
+    write run/certify-<sigma>.json atomically (through gaussreg.store); returns its
+    content, or None (nothing written) when should_stop() turned true."""
+    from .store import now_iso
+    indices = pick_images(len(test_x), images)
+    cert = certify_dataset(model, test_x, test_y, sigma, n0, n, alpha, batch, seed, indices, should_stop, progress)
+    if cert is None:
+        return None
+    p = next(model.parameters(), None)
+    cert.update(run_id=run.id, checkpoint=checkpoint, test_images=len(test_x), created_at=now_iso(),
+                device=str(p.device if p is not None else "cpu"), torch=torch.__version__)
+    run.write_certification(cert)
+    return cert

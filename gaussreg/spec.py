@@ -109,10 +109,12 @@ SCALARS = {
                "must be auto, cpu, cuda or cuda:N"),
     "data_dir": ((str, type(None)), lambda v: True, ""),
 }
-TABLES = {"params", "optimizer", "robustness"}
+TABLES = {"params", "optimizer", "robustness", "certify"}
 KEYS = set(SCALARS) | TABLES | {"version"}
-# Where a run happens, not what it computes: left out of the run id.
-NOT_IN_ID = {"device", "data_dir"}
+# Where a run happens, not what it computes: left out of the run id. `certify` only adds
+# a certificate of the trained model (certify-<sigma>.json), so adding it to a manifest
+# does not retrain its runs (certify finished ones with `gaussreg certify`).
+NOT_IN_ID = {"device", "data_dir", "certify"}
 
 
 def _check_type(key, v, types):
@@ -172,6 +174,41 @@ def _resolve_robustness(given: dict) -> dict:
     return out
 
 
+# randomized-smoothing certification after training (gaussreg.smoothing); present in a
+# spec only when asked for, so other specs (and their ids) are unchanged
+CERTIFY_DEFAULTS = {"n": 10_000, "n0": 100, "alpha": 0.001, "images": 500}
+CERTIFY_SIGMA = 0.25  # for methods trained without a noise level
+
+
+def default_certify_sigma(spec: dict) -> float:
+    """The run's training sigma for augment and regularizer runs, else 0.25."""
+    s = spec.get("params", {}).get("sigma") if spec.get("method") in ("augment", "regularizer") else None
+    return float(s) if s else CERTIFY_SIGMA
+
+
+def _resolve_certify(given, spec: dict) -> dict:
+    if not isinstance(given, dict):
+        raise SpecError("certify", f"'certify' must be a table like {{ sigma = 0.25, n = 10000, images = 500 }}, "
+                        f"not {given!r}")
+    known = {"sigma", *CERTIFY_DEFAULTS}
+    for key in given:
+        if key not in known:
+            raise SpecError(f"certify.{key}", f"unknown key 'certify.{key}' (known: {', '.join(sorted(known))})")
+    out = {"sigma": default_certify_sigma(spec), **CERTIFY_DEFAULTS, **given}
+    for key in ("sigma", "alpha"):
+        v = out[key] = _check_type(f"certify.{key}", out[key], float)
+        if not (v > 0 if key == "sigma" else 0 < v < 1):
+            raise SpecError(f"certify.{key}", f"'certify.{key}' must be {'> 0' if key == 'sigma' else 'in (0, 1)'}"
+                            f" (got {v!r})")
+    for key in ("n", "n0", "images"):
+        v = _check_type(f"certify.{key}", out[key], int)
+        if v < 1:
+            raise SpecError(f"certify.{key}", f"'certify.{key}' must be >= 1 (got {v!r})")
+    if out["n0"] > out["n"]:
+        raise SpecError("certify.n0", f"'certify.n0' ({out['n0']}) must not exceed 'certify.n' ({out['n']})")
+    return out
+
+
 def resolve(partial: dict) -> dict:
     """The complete spec: presets of the model, then the given keys on top. Raises
     SpecError naming the first bad key."""
@@ -214,6 +251,8 @@ def resolve(partial: dict) -> dict:
         raise SpecError(f"params.{e.key}" if e.key != "method" else "method", str(e)) from None
     spec["optimizer"] = _resolve_optimizer(partial.get("optimizer", {}), preset["optimizer"])
     spec["robustness"] = _resolve_robustness(partial.get("robustness", {}))
+    if "certify" in partial:
+        spec["certify"] = _resolve_certify(partial["certify"], spec)
     return spec
 
 

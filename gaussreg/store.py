@@ -203,6 +203,31 @@ class RunDir:
     def write_status(self, status: dict) -> None:
         atomic_write_json(self.file("status.json"), status)
 
+    # certify-<sigma>.json: randomized-smoothing certificates (gaussreg.smoothing), one
+    # file per noise level, written atomically by `gaussreg certify` or the worker
+
+    @staticmethod
+    def certification_name(sigma: float) -> str:
+        return f"certify-{float(sigma):g}.json"
+
+    def certification_files(self) -> List[Path]:
+        return sorted(self.path.glob("certify-*.json"))
+
+    def certifications(self) -> List[dict]:
+        """Every certification of the run, by increasing sigma; RunFileError names a corrupt file."""
+        out = []
+        for f in self.certification_files():
+            c = read_json(f)
+            if not isinstance(c, dict) or not isinstance(c.get("per_image"), list) or "sigma" not in c:
+                raise RunFileError(f"{f} is not a certification (no 'sigma' and 'per_image')")
+            out.append(c)
+        return sorted(out, key=lambda c: c["sigma"])
+
+    def write_certification(self, cert: dict) -> Path:
+        path = self.file(self.certification_name(cert["sigma"]))
+        atomic_write_json(path, cert)
+        return path
+
 
 def try_lock(run: RunDir) -> Optional[int]:
     """An exclusive OS lock on the run (flock): held by whoever trains it, released by

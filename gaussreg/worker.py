@@ -221,6 +221,8 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
     else:
         for name in ("result.json", "best.pt"):
             run.file(name).unlink(missing_ok=True)
+        for f in run.certification_files():  # certificates of a model about to be replaced
+            f.unlink(missing_ok=True)
         _save_checkpoint(last, model, opt, sched, g, state)  # so a cancel always leaves a last.pt
     events = Events(run.file("events.jsonl"), truncate=not resuming)
     try:
@@ -299,6 +301,8 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
         events.emit("test", test_accuracy=test["accuracy"], test_loss=test["ce"], robustness=rob.score,
                     sigmas=rob.sigmas, per_sigma=rob.per_sigma, accuracy_per_sigma=rob.accuracy_per_sigma,
                     eval_time=rob_time)
+        if spec.get("certify"):
+            _certify(spec, model, splits, run, should_stop, events, log)
     finally:
         events.close()
     return {
@@ -315,6 +319,23 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
         "versions": {"gaussreg": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "finished_at": now_iso(),
     }
+
+
+def _certify(spec, model, splits, run, should_stop, events, log) -> None:
+    """The manifest's `certify` table: randomized-smoothing certificates of the best
+    model after R; a stop request (SIGTERM) is honoured between images."""
+    from .smoothing import certify_run
+    c = spec["certify"]
+    log(f"certifying {c['images']} test images at sigma {c['sigma']:g} (n0 {c['n0']}, n {c['n']}, "
+        f"alpha {c['alpha']:g})")
+    cert = certify_run(run, model, splits.test_x, splits.test_y, c["sigma"], c["n0"], c["n"], c["alpha"],
+                       c["images"], seed=spec["seed"], should_stop=should_stop)
+    if cert is None:
+        raise Cancelled()
+    events.emit("certify", sigma=cert["sigma"], images=cert["images"], n=cert["n"],
+                certified_accuracy=cert["certified_accuracy"], time_s=cert["time_s"])
+    log(f"certified accuracy at radius 0/0.25/0.5: "
+        + "/".join(f"{v:.4f}" for v in cert["certified_accuracy"].values()) + f" ({cert['time_s']:.1f}s)")
 
 
 @contextmanager

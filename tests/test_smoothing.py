@@ -13,6 +13,14 @@ D = 16  # input dimension of the oracle classifiers
 SIGMA = 0.25
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models: a second intra-op thread only adds wake-up latency per forward pass
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(2)
+
+
 def linear_classifier(seed=0):
     """f(x) = argmax(W x + b) with two classes: class 1 where w.x + b > 0, with
     w = W1 - W0 and b = b1 - b0. Under N(0, sigma^2 I) noise the top class has
