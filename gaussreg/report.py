@@ -13,7 +13,7 @@ from collections import defaultdict
 from typing import List, Optional
 
 from .spec import PARAMS, describe_params
-from .store import RunFileError, Store
+from .store import RunDir, RunFileError, Store
 
 EPS = 1e-12  # accuracies are ratios of integers; keep "equal to a0 - tol" eligible
 
@@ -135,7 +135,53 @@ def fair_table(store: Store, experiment: Optional[str] = None, tolerance: Option
     for (exp, ds, model), rs in sorted(groups.items()):
         tol = tolerance if tolerance is not None else float(store.experiment(exp).get("tolerance", 0.0))
         out.append(compare(rs, exp, ds, model, tol))
+    _add_certified(store, rows, out)
     return {"experiments": out}
+
+
+# ---------------------------------------------------------------- certified accuracy
+
+CERT_RADII = (0.0, 0.25, 0.5)  # pixel L2 radii shown next to R (gaussreg.smoothing.TABLE_RADII)
+
+
+def run_certified(run) -> Optional[dict]:
+    """A run's certified accuracy at CERT_RADII from its certify-<sigma>.json files: per
+    radius the best over the noise levels it was certified at (the envelope Cohen et al.
+    report), or None when it has none (or they cannot be read)."""
+    try:
+        certs = run.certifications()
+    except RunFileError:
+        return None
+    if not certs:
+        return None
+    acc = {}
+    for r in CERT_RADII:
+        acc[f"{r:g}"] = max(sum(1 for i in c["per_image"] if i.get("correct") and i.get("radius", 0) >= r)
+                            / max(1, len(c["per_image"])) for c in certs)
+    return {"sigmas": [c["sigma"] for c in certs], "accuracy": acc}
+
+
+def _add_certified(store: Store, rows: List[dict], records: List[dict]) -> None:
+    """`certified` of every table entry: the mean over its certified runs (None when
+    none of its runs has a certificate)."""
+    by_id = {r["id"]: run_certified(RunDir(store.root / r["id"])) for r in rows if r["result"]}
+    for rec in records:
+        for e in rec["best"] + rec["best_per_sigma"]:
+            certs = [by_id[i] for i in e["run_ids"] if by_id.get(i)]
+            e["certified"] = None if not certs else {
+                "runs": len(certs), "sigmas": sorted({s for c in certs for s in c["sigmas"]}),
+                "accuracy": {k: sum(c["accuracy"][k] for c in certs) / len(certs) for k in certs[0]["accuracy"]}}
+
+
+def _cert_header(rec) -> List[str]:
+    return [f"cert@{r:g} %" for r in CERT_RADII] if any(e.get("certified") for e in rec["best"]) else []
+
+
+def _cert_cells(rec, e) -> List[str]:
+    if not _cert_header(rec):
+        return []
+    c = e.get("certified")
+    return [_pct(c["accuracy"][f"{r:g}"]) if c else "-" for r in CERT_RADII]
 
 
 # ---------------------------------------------------------------- rendering
@@ -150,7 +196,7 @@ def _rows(rec: dict) -> List[List[str]]:
     rows = []
     for e in rec["best"]:
         rows.append([e["method"], describe_params(e), _pct(e["accuracy"]), _pct(e["d_accuracy"], True),
-                     _pct(e["robustness"]), _pct(e["d_robustness"], True), str(e["seeds"])])
+                     _pct(e["robustness"]), _pct(e["d_robustness"], True), str(e["seeds"]), *_cert_cells(rec, e)])
     return rows
 
 
@@ -185,7 +231,7 @@ def render_rich(table: dict):
     for rec in table["experiments"]:
         t = Table(title=_title(rec), title_justify="left", caption="\n".join(_footer(rec)),
                   caption_justify="left")
-        for h in HEADER:
+        for h in HEADER + _cert_header(rec):
             t.add_column(h, justify="right" if h not in ("method", "params") else "left")
         for r in _rows(rec):
             t.add_row(*r)
@@ -205,8 +251,8 @@ def render_markdown(table: dict) -> str:
     out = []
     for rec in table["experiments"]:
         out.append(f"### {_title(rec)}\n")
-        out.append("| " + " | ".join(HEADER) + " |")
-        out.append("|" + "---|" * len(HEADER))
+        out.append("| " + " | ".join(HEADER + _cert_header(rec)) + " |")
+        out.append("|" + "---|" * len(HEADER + _cert_header(rec)))
         out.extend("| " + " | ".join(r) + " |" for r in _rows(rec))
         out.append("")
         out.extend(f"- {line}" for line in _footer(rec))
@@ -218,10 +264,12 @@ def render_csv(table: dict) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["experiment", "dataset", "model", "tolerance", "method", "params", "accuracy",
-                "d_accuracy", "robustness", "d_robustness", "seeds", "run_ids"])
+                "d_accuracy", "robustness", "d_robustness", "seeds", "run_ids",
+                *(f"certified_{r:g}" for r in CERT_RADII)])
     for rec in table["experiments"]:
         for e in rec["best"]:
             w.writerow([rec["experiment"], rec["dataset"], rec["model"], rec["tolerance"], e["method"],
                         json.dumps(e["params"], sort_keys=True), e["accuracy"], e["d_accuracy"], e["robustness"],
-                        e["d_robustness"], e["seeds"], " ".join(e["run_ids"])])
+                        e["d_robustness"], e["seeds"], " ".join(e["run_ids"]),
+                        *((e["certified"]["accuracy"][f"{r:g}"] if e.get("certified") else "") for r in CERT_RADII)])
     return buf.getvalue()

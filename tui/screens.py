@@ -221,6 +221,10 @@ class RunDetailScreen(Screen):
         if d.result:
             lines.append(Text(f"test acc {pct(d.result['test_accuracy'])}%   R {pct(d.result['robustness'])}%   "
                               f"best epoch {d.result['best_epoch']}/{d.result['epochs_run']}", style="bold"))
+        if d.certified:
+            c = d.certified
+            lines.append(Text(f"certified acc (sigma {', '.join(f'{v:g}' for v in c['sigmas'])}): "
+                              + "  ".join(f"r={k} {pct(v)}%" for k, v in c["accuracy"].items())))
         if st.get("error"):
             lines.append(Text(f"error: {st['error']}", style="red"))
         self.query_one("#status", Static).update(Text("\n").join(lines))

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from gaussreg.report import run_certified
 from gaussreg.spec import describe_params
 from gaussreg.store import RunDir, RunFileError, parse_iso
 
@@ -159,6 +160,7 @@ class Detail:
     result: Optional[dict]
     test: Optional[dict]
     log_tail: str
+    certified: Optional[dict] = None  # report.run_certified: certified accuracy at a few radii
 
 
 class RunTail:
@@ -174,6 +176,7 @@ class RunTail:
     def poll(self) -> Optional[Detail]:
         """A Detail when anything changed since the last poll, else None."""
         sigs = tuple(_sig(self.run.file(f)) for f in ("status.json", "events.jsonl", "result.json", "worker.log"))
+        sigs += tuple(_sig(f) for f in self.run.certification_files())
         if sigs == self._sigs:
             return None
         self._sigs = sigs
@@ -191,4 +194,4 @@ class RunTail:
         except RunFileError as e:
             spec, status, result = None, {"state": "corrupt", "error": str(e)}, None
         return Detail(self.run.id, [self.epochs[k] for k in sorted(self.epochs)], status, spec, result, self.test,
-                      self.run.log_tail(40))
+                      self.run.log_tail(40), run_certified(self.run))
