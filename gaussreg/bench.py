@@ -3,7 +3,8 @@
 1. training step time of every method, as a ratio to `baseline` in the same process;
 2. one LeNet epoch on the device-resident path against a torch DataLoader;
 3. robustness evaluation throughput (images x sigmas per second);
-4. on a GPU, total images/s of the box with --per-gpu 1, 2, 4, 8 through the real scheduler.
+4. randomized-smoothing certification throughput (forward passes per second);
+5. on a GPU, total images/s of the box with --per-gpu 1, 2, 4, 8 through the real scheduler.
 Warm-up first, then the median of repeats; the device is synchronised before every clock read."""
 
 from __future__ import annotations
@@ -158,6 +159,28 @@ def bench_robustness(dev, dataset, images: int, repeats: int) -> dict:
             "seconds_for_10k_x_30": 10_000 * 30 / (images * 30 / t)}
 
 
+def bench_certify(dev, model_name, dataset, images: int, n: int, batch: int) -> dict:
+    """Randomized-smoothing certification (gaussreg.smoothing.certify, n0 = 100) of an
+    untrained model: forward passes per second, and what 500 images x 10,000 draws cost.
+    The cost does not depend on the weights: every draw is one forward pass."""
+    from .smoothing import certify_dataset
+    info = data.info(dataset)
+    torch.manual_seed(0)
+    model = build_model(model_name, info).to(dev)
+    x = torch.rand((images, *info.shape), device=dev)
+    y = torch.randint(0, info.classes, (images,), device=dev)
+    certify_dataset(model, x[:1], y[:1], 0.25, 100, min(n, 2 * batch), 0.001, batch)  # warm-up
+    sync(dev)
+    t0 = time.perf_counter()
+    certify_dataset(model, x, y, 0.25, 100, n, 0.001, batch)
+    sync(dev)
+    t = time.perf_counter() - t0
+    fps = images * (n + 100) / t
+    return {"model": model_name, "images": images, "n": n, "n0": 100, "batch": batch, "seconds": t,
+            "forward_passes_per_s": fps, "seconds_per_image": t / images,
+            "seconds_for_500_x_10k": 500 * (10_000 + 100) / fps}
+
+
 def bench_packing(per_gpu_values, epochs: int) -> list:
     """Total images/s of one GPU with N LeNet runs packed on it, via the real scheduler."""
     from .scheduler import Scheduler, make_slots
@@ -198,7 +221,8 @@ def main(argv=None) -> int:
     ap.add_argument("--epoch-repeats", type=int, default=None)
     ap.add_argument("--packing", default="1,2,4,8", help="--per-gpu values to try (GPU only); '' to skip")
     ap.add_argument("--packing-epochs", type=int, default=3)
-    ap.add_argument("--skip", default="", help="comma list of: steps,epoch,robustness,packing")
+    ap.add_argument("--certify-images", type=int, default=None, help="default: 100 on cuda, 10 on cpu")
+    ap.add_argument("--skip", default="", help="comma list of: steps,epoch,robustness,certify,packing")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     a = ap.parse_args(argv)
     from .worker import keep_freed_memory
@@ -229,6 +253,9 @@ def main(argv=None) -> int:
     if "robustness" not in skip and a.model == "lenet":
         report("robustness", bench_robustness(dev, dataset, a.robust_images or (10_000 if gpu else 1000),
                                               3 if gpu else 1))
+    if "certify" not in skip:
+        report("certify", bench_certify(dev, a.model, dataset, a.certify_images or (100 if gpu else 10), 10_000,
+                                        10_000 if gpu else 1000))
     if "packing" not in skip and gpu and a.packing:
         report("packing", bench_packing([int(v) for v in a.packing.split(",")], a.packing_epochs))
     if a.out:
