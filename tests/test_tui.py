@@ -169,6 +169,25 @@ async def test_robustness_curve_once_evaluated(store):
         assert robust.series["accuracy"][1] == pytest.approx([0.905, 0.805, 0.605])
 
 
+async def test_detail_shows_certified_accuracy_once_certified(store):
+    app = GaussregApp("runs", poll_s=0.05)
+    run = next(r for r in store.runs() if "augment" in r.id)
+    async with app.run_test(size=(160, 40)) as pilot:
+        await until(pilot, lambda: table(app).row_count == 5)
+        app.push_screen(RunDetailScreen(run.id))
+        status = await widget(pilot, RunDetailScreen, "#status")
+        await until(pilot, lambda: "test acc" in str(status.render()))
+        assert "certified" not in str(status.render())
+        # 4 images: correct at radius 0.3, correct at 0.1, wrong, abstained
+        per_image = [{"index": 0, "label": 1, "prediction": 1, "radius": 0.3, "correct": True},
+                     {"index": 1, "label": 2, "prediction": 2, "radius": 0.1, "correct": True},
+                     {"index": 2, "label": 3, "prediction": 4, "radius": 0.6, "correct": False},
+                     {"index": 3, "label": 5, "prediction": -1, "radius": 0.0, "correct": False}]
+        run.write_certification({"sigma": 0.25, "per_image": per_image})
+        await until(pilot, lambda: "certified" in str(status.render()))
+        assert "certified acc (sigma 0.25): r=0 50.00%  r=0.25 25.00%  r=0.5 0.00%" in str(status.render())
+
+
 async def test_compare_screen_matches_table_json(store):
     app = GaussregApp("runs", poll_s=0.05)
     out = subprocess.run(cli("table", "--store", "runs", "--format", "json"), capture_output=True, text=True,

@@ -311,9 +311,12 @@ class CompareScreen(Screen):
                       f"{e['d_robustness'] * 100:+.2f}", str(e["seeds"]), key=e["method"])
         ef = rec["equivalent_folds"]
         counts = ", ".join(f"{m} {c['eligible']}/{c['completed']}/{c['total']}" for m, c in rec["counts"].items())
+        certs = ", ".join(f"{e['method']} " + "/".join(pct(v) for v in e["certified"]["accuracy"].values())
+                          for e in rec["best"] if e.get("certified"))
         self.query_one("#compare-footer", Static).update(
             (f"equivalent folds of augmentation: {ef['text']}\n" if ef else "")
-            + f"runs eligible/completed/total: {counts}")
+            + f"runs eligible/completed/total: {counts}"
+            + (f"\ncertified acc % at radius 0/0.25/0.5: {certs}" if certs else ""))
         series: Dict[str, tuple] = {}
         for p in message.points:
             xs, ys = series.setdefault(p["method"], ([], []))
