@@ -8,12 +8,14 @@ import subprocess
 import time
 
 import pytest
+from textual.css.query import NoMatches
 
 from conftest import cli, python_env
 from gaussreg.scheduler import start_worker
 from gaussreg.spec import resolve, run_id
 from gaussreg.store import Store, atomic_write_json
 from tui.app import GaussregApp
+from tui.messages import RunsChanged
 from tui.screens import CompareScreen, LaunchScreen, RunDetailScreen, RunsScreen
 from tui.widgets import RunsTable, SeriesPlot
 
@@ -64,9 +66,16 @@ def store(tmp_path, monkeypatch):
     return st
 
 
+def _holds(cond) -> bool:
+    try:
+        return bool(cond())
+    except NoMatches:  # the screen it looks at is not composed yet: not yet
+        return False
+
+
 async def until(pilot, cond, timeout=30.0):
     deadline = time.monotonic() + timeout
-    while not cond():
+    while not _holds(cond):
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         await pilot.pause(0.05)
@@ -96,6 +105,26 @@ async def test_table_contents(store):
         failed = next(r.id for r in store.runs() if r.status()["state"] == "failed")
         assert t.get_cell(failed, "state").plain == "failed" and t.get_cell(failed, "test_acc") == "-"
         assert "completed 4" in str(app.screen.query_one("#summary").render())
+
+
+async def test_store_messages_reach_only_mounted_runs_screens(store):
+    """The store reader's messages can arrive while a runs screen is composed or after it
+    was removed (the cause of a 1-in-7 NoMatches): ignored there, and a screen mounted
+    later still shows every row read before it existed."""
+    app = GaussregApp("runs", poll_s=0.05)
+    async with app.run_test(size=(160, 40)) as pilot:
+        await until(pilot, lambda: app.loaded and table(app).row_count == 5)
+        late = RunsScreen()
+        late.show_rows(app.rows(), app.rows())  # not mounted: nothing to show, no error
+        app.post_message(RunsChanged(app.rows()))
+        await app.push_screen(late)
+        await until(pilot, lambda: app.screen is late and table(app).row_count == 5)
+        await app.pop_screen()
+        await until(pilot, lambda: app.screen is not late)
+        late.show_rows(app.rows(), app.rows())  # removed: ignored
+        app.post_message(RunsChanged(app.rows()))
+        await pilot.pause()
+        assert table(app).row_count == 5
 
 
 async def test_filter_and_sort(store):

@@ -95,9 +95,18 @@ class RunsScreen(Screen):
         yield RunsTable(id="runs")
         yield Footer()
 
+    ready = False  # composed and mounted: only then can rows be shown
+
     @property
     def table(self) -> RunsTable:
         return self.query_one(RunsTable)
+
+    def on_mount(self) -> None:
+        self.ready = True
+        self.show_rows([], self.app.rows(), rebuild=True)  # rows read before this screen existed
+
+    def on_unmount(self) -> None:
+        self.ready = False
 
     def keep(self, row) -> bool:
         text = self.query_one("#filter", Input).value.strip().lower()
@@ -111,6 +120,11 @@ class RunsScreen(Screen):
         return all(word in hay for word in text.split())
 
     def show_rows(self, changed, all_rows, rebuild: bool = False) -> None:
+        """Show store rows. The store reader's messages can arrive while this screen is being
+        composed or torn down (app start, quit): such a message is dropped, since on_mount
+        catches up from app.rows() and a removed screen needs nothing."""
+        if not self.ready or not self.is_attached or not self.query(RunsTable):
+            return
         if rebuild:
             self.table.rebuild(all_rows, self.keep)
         else:
