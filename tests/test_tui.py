@@ -186,6 +186,32 @@ async def test_detail_plots_come_from_events_and_follow_new_ones(store):
         assert table(app).get_cell(run.id, "best_val_acc") == "91.00"
 
 
+async def test_a_rerun_replaces_what_detail_and_row_showed(store):
+    """A rerun starts events.jsonl anew (and may outgrow the old file before the next read):
+    the detail screen and the row forget the old epochs and the old result."""
+    run = next(r for r in store.runs() if "augment" in r.id)
+    app = GaussregApp("runs", poll_s=0.05)
+    async with app.run_test(size=(160, 40)) as pilot:
+        await until(pilot, lambda: table(app).row_count == 5 and table(app).get_cell(run.id, "test_acc") == "90.50")
+        app.push_screen(RunDetailScreen(run.id))
+        loss = await widget(pilot, RunDetailScreen, "#loss")
+        await until(pilot, lambda: loss.series.get("train", ([], []))[0] == [1, 2, 3])
+        # what `r` does: outputs deleted, a running status, a new events file longer than the old one
+        for name in ("result.json", "events.jsonl"):
+            run.file(name).unlink()
+        status = run.status()
+        status.update(state="running", pid=os.getpid(), host=socket.gethostname(), finished_at=None, epoch=1)
+        run.write_status(status)
+        run.file("events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in [
+            {"type": "start", "time": T1, "padding": "x" * 2000}, _epoch(1, 9.0, 9.5, 0.11)]))
+        await until(pilot, lambda: loss.series["train"] == ([1], [9.0]))
+        await pilot.press("escape")
+        await until(pilot, lambda: isinstance(app.screen, RunsScreen))
+        await until(pilot, lambda: table(app).get_cell(run.id, "best_val_acc") == "11.00")
+        assert table(app).get_cell(run.id, "test_acc") == "-"
+        assert table(app).get_cell(run.id, "state").plain == "running"
+
+
 async def test_robustness_curve_once_evaluated(store):
     app = GaussregApp("runs", poll_s=0.05)
     rid = next(r.id for r in store.runs() if "augment" in r.id)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from gaussreg.spec import describe_params
-from gaussreg.store import RunDir, RunFileError, parse_iso
+from gaussreg.store import EventTail, RunDir, RunFileError, parse_iso
 
 LIVE = ("running", "queued")  # states whose rows change without their status file changing
 
@@ -45,7 +45,7 @@ class _Tracked:
     status_sig: Optional[tuple] = None
     status: dict = field(default_factory=dict)
     result: Optional[dict] = None
-    offset: int = 0
+    tail: Optional[EventTail] = None
     epoch: int = 0
     best_val_acc: Optional[float] = None
     events_read: bool = False
@@ -76,7 +76,11 @@ class StoreWatcher:
         return _Tracked(run, spec)
 
     def _read_events(self, tr: _Tracked) -> None:
-        events, tr.offset = tr.run.events(tr.offset)
+        if tr.tail is None:
+            tr.tail = tr.run.tail()
+        events, restarted = tr.tail.read()
+        if restarted:  # a rerun began a new events file: what the old one said is gone
+            tr.epoch, tr.best_val_acc = 0, None
         for e in events:
             kind = e.get("type")
             if kind == "epoch":
@@ -103,7 +107,9 @@ class StoreWatcher:
         state = tr.status.get("state", "queued")
         if state != "corrupt":
             state = run.state(tr.status)
-        if state == "completed" and tr.result is None:
+        if state != "completed":
+            tr.result = None  # a rerun of a completed run: its old result no longer holds
+        elif tr.result is None:
             try:
                 tr.result = run.result() or {}
             except RunFileError as e:
@@ -166,7 +172,7 @@ class RunTail:
 
     def __init__(self, run: RunDir):
         self.run = run
-        self.offset = 0
+        self.tail = run.tail()
         self.epochs: Dict[int, dict] = {}
         self.test: Optional[dict] = None
         self._sigs = None
@@ -177,7 +183,9 @@ class RunTail:
         if sigs == self._sigs:
             return None
         self._sigs = sigs
-        events, self.offset = self.run.events(self.offset)
+        events, restarted = self.tail.read()
+        if restarted:
+            self.epochs, self.test = {}, None
         for e in events:
             if e.get("type") == "epoch":
                 self.epochs[e["epoch"]] = e
