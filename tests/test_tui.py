@@ -16,8 +16,8 @@ from gaussreg.spec import resolve, run_id
 from gaussreg.store import Store, atomic_write_json
 from tui.app import GaussregApp
 from tui.messages import RunsChanged
-from tui.screens import CompareScreen, LaunchScreen, RunDetailScreen, RunsScreen
-from tui.widgets import RunsTable, SeriesPlot
+from tui.screens import CompareScreen, ConfirmScreen, LaunchScreen, RunDetailScreen, RunsScreen, SortScreen
+from tui.widgets import COLUMNS, RunsTable, SeriesPlot
 
 T0 = "2026-01-01T10:00:00.000+00:00"
 T1 = "2026-01-01T10:02:05.000+00:00"
@@ -145,11 +145,102 @@ async def test_filter_and_sort(store):
         t.focus()
         t.sort_by("test_acc")
         await pilot.pause()
-        accs = [t.get_cell_at((i, 5)) for i in range(5)]
-        assert accs == ["85.00", "90.00", "90.50", "92.00", "-"]
-        await pilot.press("s")  # the cursor is on the first column: method
-        methods = [t.get_cell_at((i, 0)) for i in range(5)]
-        assert methods == sorted(methods)
+        assert column(t, "test_acc") == ["85.00", "90.00", "90.50", "92.00", "-"]
+        # any column from the keyboard: `s` opens the column menu; the selected run stays selected
+        t.move_cursor(row=1)
+        chosen = t.selected_id
+        await pilot.press("s")
+        menu = await widget(pilot, SortScreen, "#sort-columns")
+        menu.highlighted = [k for k, _ in COLUMNS].index("robustness")
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, RunsScreen) and t.sorted_by == "robustness")
+        assert column(t, "robustness") == ["50.00", "70.00", "78.00", "95.00", "-"]
+        assert t.selected_id == chosen
+        await pilot.press("s")
+        await widget(pilot, SortScreen, "#sort-columns")
+        await pilot.press("enter")  # the current column again: reversed
+        await until(pilot, lambda: isinstance(app.screen, RunsScreen) and t.reverse)
+        assert column(t, "robustness") == ["-", "95.00", "78.00", "70.00", "50.00"]
+        assert t.selected_id == chosen
+        # a new run appears: still the same run selected
+        add_run(store, "randsign", 0.8, 0.6, eps=0.1, p=0.5, where="input")
+        await until(pilot, lambda: t.row_count == 6)
+        assert t.selected_id == chosen
+
+
+def column(t, key):
+    return [str(t.get_cell(t.coordinate_to_cell_key((i, 0)).row_key, key)) for i in range(t.row_count)]
+
+
+async def test_cells_that_grow_are_shown_whole(store):
+    run = add_run(store, "randsign", state="queued", eps=0.1, p=0.5, where="input")
+    app = GaussregApp("runs", poll_s=0.05)
+    async with app.run_test(size=(160, 40)) as pilot:
+        await until(pilot, lambda: table(app).row_count == 6)
+        t = table(app)
+        narrow = {k: t.columns[k].content_width for k in ("state", "robustness")}
+        assert narrow["robustness"] < len("100.00")  # every R shown so far is narrower
+        res = {"test_accuracy": 0.9, "robustness": 1.0, "sigmas": SIGMAS, "per_sigma": [1, 1, 1],
+               "best_epoch": 3, "epochs_run": 3, "best_val_accuracy": 0.9}
+        atomic_write_json(run.file("result.json"), res)
+        st = run.status()
+        st.update(state="interrupted")  # wider than any state the table had
+        run.write_status(st)
+        await until(pilot, lambda: t.get_cell(run.id, "state").plain == "interrupted")
+        assert t.columns["state"].content_width >= len("interrupted")
+        st.update(state="completed")
+        run.write_status(st)
+        await until(pilot, lambda: t.get_cell(run.id, "robustness") == "100.00")
+        assert t.columns["robustness"].content_width >= len("100.00")
+
+
+async def test_cancel_and_rerun_refuse_first_with_the_reason(store):
+    app = GaussregApp("runs", poll_s=0.05)
+    async with app.run_test(size=(160, 40)) as pilot:
+        await until(pilot, lambda: table(app).row_count == 5)
+        t = table(app)
+        done = next(r.id for r in store.runs() if "augment" in r.id)
+        t.move_cursor(row=t.get_row_index(done))
+        for key, words in (("x", "cancel refused"), ("r", "rerun refused")):
+            await pilot.press(key)
+            await until(pilot, lambda: any(words in n.message for n in app._notifications))
+            assert isinstance(app.screen, RunsScreen)  # nothing was asked
+            note = next(n.message for n in app._notifications if words in n.message)
+            assert f"run {done} is completed" in note
+        failed = next(r.id for r in store.runs() if r.status()["state"] == "failed")
+        t.move_cursor(row=t.get_row_index(failed))
+        await pilot.press("r")  # a failed run can be trained again: this one asks
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("n")
+
+
+async def test_compare_screen_follows_the_store(store):
+    app = GaussregApp("runs", poll_s=0.05)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await until(pilot, lambda: table(app).row_count == 5)
+        await pilot.press("c")
+        best = await widget(pilot, CompareScreen, "#best")
+        await until(pilot, lambda: best.row_count == 3)
+        assert "randsign" not in [str(best.get_row_at(i)[0]) for i in range(best.row_count)]
+        add_run(store, "randsign", 0.91, 0.66, eps=0.1, p=0.5, where="input")
+        await until(pilot, lambda: best.row_count == 4)
+        row = best.get_row("randsign")
+        assert row[2] == "91.00" and row[4] == "66.00"
+
+
+async def test_default_order_tells_runs_apart(store):
+    for seed in (2, 1):
+        add_run(store, "baseline", 0.9, 0.5, seed=seed)
+    app = GaussregApp("runs", poll_s=0.05)
+    async with app.run_test(size=(160, 40)) as pilot:
+        await until(pilot, lambda: table(app).row_count == 7)
+        t = table(app)
+        assert column(t, "method")[:3] == ["augment", "baseline", "baseline"]
+        assert column(t, "seed")[1:4] == ["0", "1", "2"]
+        ids = column(t, "id")
+        assert len(set(ids)) == 7 and all(len(i) == 6 for i in ids)
+        for i, rid in enumerate(ids):
+            assert t.coordinate_to_cell_key((i, 0)).row_key.value.rsplit("-", 1)[1].startswith(rid)
 
 
 async def test_detail_plots_come_from_events_and_follow_new_ones(store):

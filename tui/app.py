@@ -37,6 +37,8 @@ class GaussregApp(App):
               padding: 1 2; }
     #dialog .row { height: 3; }
     #dialog Label { padding: 1 1 0 0; }
+    #dialog.menu { width: 60; }
+    #sort-columns { height: auto; max-height: 16; }
     #experiments { height: 10; }
     #plan-error { height: auto; }
     """
@@ -81,6 +83,8 @@ class GaussregApp(App):
         for screen in self.screen_stack:
             if isinstance(screen, RunsScreen):  # it ignores what arrives before it is mounted or after
                 screen.show_rows(message.rows, self.rows())
+            elif isinstance(screen, CompareScreen) and screen.is_attached:
+                screen.store_changed({r.experiment for r in message.rows})
         self.loaded = True
 
     # ------------------------------------------------------------ actions
@@ -110,13 +114,33 @@ class GaussregApp(App):
                               Store(self.store_root), exp)
             self.call_from_thread(self.notify, f"launched {exp} (pid {info['pid']}); log {info['log']}")
 
+    # what each control can act on; anything else is refused before asking
+    CANCELLABLE = ("running",)
+    RERUNNABLE = ("failed", "cancelled", "interrupted", "diverged", "queued")
+
+    def _refused(self, run_id: str, allowed: tuple, what: str) -> bool:
+        row = self._rows.get(run_id)
+        if row is None or row.state in allowed:
+            return False
+        hint = {"completed": " (to train a completed run again: gaussreg run --rerun)",
+                "running": " (cancel it first with x)"}.get(row.state, "")
+        self.notify(f"{what} refused: run {run_id} is {row.state}; only {', '.join(allowed)} runs can be"
+                    f"{' cancelled' if what == 'cancel' else ' trained again'}{hint}", severity="error", markup=False)
+        return True
+
     def confirm_cancel_run(self, run_id: str) -> None:
+        if self._refused(run_id, self.CANCELLABLE, "cancel"):
+            return
+
         def answer(yes: bool) -> None:
             if yes:
                 self._control("cancel", run_id)
         self.push_screen(ConfirmScreen(f"Cancel run {run_id}? Its worker saves last.pt and stops."), answer)
 
     def confirm_rerun(self, run_id: str) -> None:
+        if self._refused(run_id, self.RERUNNABLE, "rerun"):
+            return
+
         def answer(yes: bool) -> None:
             if yes:
                 self._control("rerun", run_id)

@@ -19,7 +19,7 @@ from gaussreg.store import STATES, RunDir
 
 from .messages import CompareReady, DetailChanged, PlanReady
 from .watcher import RunTail
-from .widgets import STATE_STYLE, RunsTable, SeriesPlot, SummaryBar, pct
+from .widgets import COLUMNS, STATE_STYLE, RunsTable, SeriesPlot, SummaryBar, pct
 
 METHOD_COLORS = {"baseline": "white", "augment": "orange", "regularizer": "cyan", "randsign": "magenta",
                  "fgsm": "red"}
@@ -47,6 +47,33 @@ class ConfirmScreen(ModalScreen[bool]):
         self.dismiss(event.button.id == "yes")
 
 
+class SortScreen(ModalScreen[Optional[str]]):
+    """Pick the column to sort the runs table by (the current one again reverses it)."""
+    BINDINGS = [Binding("escape", "dismiss_none", "close")]
+
+    def __init__(self, current: Optional[str], reverse: bool):
+        super().__init__()
+        self.current, self.reverse = current, reverse
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog", classes="menu"):
+            yield Label("Sort runs by (enter; the current column again reverses)")
+            yield OptionList(*[label + ("  (current, reversed)" if key == self.current and self.reverse
+                                        else "  (current)" if key == self.current else "")
+                               for key, label in COLUMNS], id="sort-columns")
+
+    def on_mount(self) -> None:
+        keys = [k for k, _ in COLUMNS]
+        self.query_one(OptionList).highlighted = keys.index(self.current) if self.current in keys else 0
+
+    @on(OptionList.OptionSelected)
+    def picked(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(COLUMNS[event.option_index][0])
+
+    def action_dismiss_none(self) -> None:
+        self.dismiss(None)
+
+
 class HelpScreen(ModalScreen[None]):
     BINDINGS = [Binding("escape,q,question_mark", "app.pop_screen", "close")]
     TEXT = """gaussreg tui: launch, watch, compare and browse runs
@@ -54,7 +81,7 @@ class HelpScreen(ModalScreen[None]):
 Runs screen
   enter     open the run's detail (curves, robustness, spec, status, log)
   /         filter by text (any column); the state selector filters by state
-  s         sort by the column under the cursor (again: reverse); clicking a header sorts too
+  s         sort by any column (a menu; the same column again reverses); a click on a header too
   c         compare: the fair-comparison table and accuracy vs robustness
   l         launch experiments of a manifest (detached: runs go on when the TUI quits)
   x         cancel the selected run      r   rerun the selected failed/cancelled run
@@ -156,9 +183,10 @@ class RunsScreen(Screen):
         self.query_one("#filter", Input).focus()
 
     def action_sort(self) -> None:
-        if self.table.row_count:
-            col = self.table.ordered_columns[self.table.cursor_column].key.value
-            self.table.sort_by(col)
+        def chosen(column: Optional[str]) -> None:
+            if column:
+                self.table.sort_by(column)
+        self.app.push_screen(SortScreen(self.table.sorted_by, self.table.reverse), chosen)
 
     def action_cancel_run(self) -> None:
         if self.table.selected_id:
@@ -226,8 +254,11 @@ class RunDetailScreen(Screen):
             self.query_one("#robust", SeriesPlot).set_series(series)
         st = d.status
         state = st.get("state", "?")
-        lines = [Text.assemble("state ", (state, STATE_STYLE.get(state, "")),
-                               f"   epoch {st.get('epoch', 0)}/{st.get('max_epochs') or '?'}   device {st.get('device')}")]
+        done, total = (d.epochs[-1]["epoch"] if d.epochs else 0), st.get("max_epochs") or "?"
+        # one meaning everywhere: epochs done; a running run also names the epoch in progress
+        epochs = (f"epoch {done + 1}/{total} running ({done} done)" if state == "running"
+                  else f"{done}/{total} epochs done")
+        lines = [Text.assemble("state ", (state, STATE_STYLE.get(state, "")), f"   {epochs}   device {st.get('device')}")]
         if d.epochs:
             e = d.epochs[-1]
             lines.append(Text(f"last epoch: train {e['train_loss']:.4f}  val {e['val_loss']:.4f}  "
@@ -290,6 +321,11 @@ class CompareScreen(Screen):
         if event.value is not Select.NULL and event.value != self.experiment:
             self.experiment = event.value
             self.load(event.value)
+
+    def store_changed(self, experiments: set) -> None:
+        """Runs changed in the store: follow them when they are this experiment's."""
+        if self.experiment in experiments:
+            self.load(self.experiment)
 
     @work(thread=True, exclusive=True, group="compare")
     def load(self, experiment: str) -> None:

@@ -28,8 +28,9 @@ class RunRow:
     model: str = ""
     method: str = ""
     params: str = ""
+    seed: Optional[int] = None
     state: str = "queued"
-    epoch: int = 0
+    epoch: int = 0  # epochs done (never the one in progress), as everywhere
     max_epochs: Optional[int] = None
     best_val_acc: Optional[float] = None
     test_acc: Optional[float] = None
@@ -83,8 +84,9 @@ class StoreWatcher:
             tr.epoch, tr.best_val_acc = 0, None
         for e in events:
             kind = e.get("type")
-            if kind == "epoch":
-                tr.epoch = e.get("epoch", tr.epoch)
+            if kind == "epoch":  # a resume may redo an epoch: the count never goes back
+                ep = e.get("epoch")
+                tr.epoch = max(tr.epoch, ep) if isinstance(ep, int) else tr.epoch
                 if e.get("best"):
                     tr.best_val_acc = e.get("val_accuracy")
             elif kind == "start":  # a fresh start forgets what an earlier attempt wrote
@@ -121,13 +123,13 @@ class StoreWatcher:
         else:
             if state in LIVE or not tr.events_read:
                 self._read_events(tr)
-            epoch, best = max(tr.epoch, tr.status.get("epoch") or 0), tr.best_val_acc
+            epoch, best = tr.epoch, tr.best_val_acc
         started = parse_iso(tr.status.get("started_at"))
         ended = parse_iso(tr.status.get("finished_at"))
         duration = (ended or now) - started if started and (ended or state == "running") else None
         s = tr.spec
         return RunRow(run.id, s.get("experiment", ""), s.get("dataset", ""), s.get("model", ""), s.get("method", ""),
-                      describe_params(s), state, epoch, s.get("max_epochs"), best,
+                      describe_params(s, with_seed=False), s.get("seed"), state, epoch, s.get("max_epochs"), best,
                       res.get("test_accuracy") if res else None, res.get("robustness") if res else None,
                       duration, tr.status.get("error"))
 

@@ -16,11 +16,19 @@ from .watcher import RunRow
 STATE_STYLE = {"completed": "green", "failed": "bold red", "diverged": "magenta", "cancelled": "yellow",
                "interrupted": "dark_orange", "running": "bold cyan", "queued": "dim", "corrupt": "reverse red"}
 
-# (key, label) of the runs table, in order
+# (key, label) of the runs table, in order: what tells runs apart and what matters first fit 80 columns
 COLUMNS: List[Tuple[str, str]] = [
-    ("method", "method"), ("params", "params"), ("state", "state"), ("epoch", "epoch"),
-    ("best_val_acc", "val acc"), ("test_acc", "test acc"), ("robustness", "R"), ("duration", "time"),
-    ("experiment", "experiment"), ("dataset", "dataset"), ("model", "model")]  # what matters first: 80 columns
+    ("id", "id"), ("experiment", "experiment"), ("method", "method"), ("params", "params"), ("seed", "seed"),
+    ("state", "state"), ("test_acc", "test acc"), ("robustness", "R"), ("epoch", "epochs"),
+    ("best_val_acc", "val acc"), ("duration", "time"), ("dataset", "dataset"), ("model", "model")]
+DEFAULT_ORDER = ("experiment", "method", "params", "seed")  # until the user sorts
+
+
+def short_id(run_id: str) -> str:
+    """The hash part of a run id (`exp-method-3fa2c1d9e0` -> `3fa2c1`): unique enough to tell
+    rows apart and to type as a prefix (`gaussreg show` takes the full id or a unique prefix)."""
+    tail = run_id.rsplit("-", 1)[-1]
+    return tail[:6] if len(tail) >= 6 else run_id
 
 
 def pct(v: Optional[float]) -> str:
@@ -36,6 +44,7 @@ def duration(s: Optional[float]) -> str:
 
 def cells(row: RunRow) -> Dict[str, object]:
     return {
+        "id": short_id(row.id), "seed": "-" if row.seed is None else str(row.seed),
         "experiment": row.experiment, "dataset": row.dataset, "model": row.model, "method": row.method,
         "params": row.params, "state": Text(row.state, style=STATE_STYLE.get(row.state, "")),
         "epoch": f"{row.epoch}/{row.max_epochs}" if row.max_epochs else str(row.epoch),
@@ -55,11 +64,12 @@ def sort_key(value) -> tuple:
 
 class RunsTable(DataTable):
     """Every run of the store; rows are updated in place (update_cell), so the cursor
-    and the scroll position stay where the user left them."""
+    and the scroll position stay where the user left them, and the selected run stays
+    selected when rows are added or sorted."""
 
     def __init__(self, **kw):
         super().__init__(cursor_type="row", zebra_stripes=True, **kw)
-        self.sorted_by: Optional[str] = None
+        self.sorted_by: Optional[str] = None  # None: DEFAULT_ORDER
         self.reverse = False
         self.shown: Dict[str, Dict[str, object]] = {}
 
@@ -69,6 +79,7 @@ class RunsTable(DataTable):
 
     def sync(self, rows: Iterable[RunRow], keep: Callable[[RunRow], bool]) -> None:
         """Bring the table up to date with changed rows."""
+        was_empty = not self.shown  # nothing was selected by anyone yet: start at the top
         added = False
         for row in rows:
             new = cells(row)
@@ -83,12 +94,11 @@ class RunsTable(DataTable):
                 added = True
             else:
                 for key, value in new.items():
-                    if value != old[key]:
-                        self.update_cell(row.id, key, value)
+                    if value != old[key]:  # a value can be wider than its column was: never cut it
+                        self.update_cell(row.id, key, value, update_width=True)
             self.shown[row.id] = new
         if added:
-            if self.sorted_by:
-                self.sort(self.sorted_by, key=sort_key, reverse=self.reverse)
+            self._order(keep_selected=not was_empty)
             # new rows can widen columns; once the new widths are in, redraw the header
             # and the rows that were drawn with the old ones
             self.call_after_refresh(self._redraw)
@@ -104,9 +114,18 @@ class RunsTable(DataTable):
         self.sync(rows, keep)
 
     def sort_by(self, column: str) -> None:
+        """Sort by a column; the same column again reverses."""
         self.reverse = not self.reverse if self.sorted_by == column else False
         self.sorted_by = column
-        self.sort(column, key=sort_key, reverse=self.reverse)
+        self._order()
+
+    def _order(self, keep_selected: bool = True) -> None:
+        selected = self.selected_id if keep_selected else None
+        columns = (self.sorted_by,) if self.sorted_by else DEFAULT_ORDER
+        self.sort(*columns, key=lambda v: tuple(map(sort_key, v)) if len(columns) > 1 else sort_key(v),
+                  reverse=self.reverse)
+        if selected is not None and selected in self.shown:
+            self.move_cursor(row=self.get_row_index(selected), animate=False)
 
     @property
     def selected_id(self) -> Optional[str]:
