@@ -263,7 +263,7 @@ async def test_detail_plots_come_from_events_and_follow_new_ones(store):
         events = [e for e in run.events()[0] if e["type"] == "epoch"]
         assert loss.series["train"] == ([1, 2], [e["train_loss"] for e in events])
         assert loss.series["validation"][1] == [e["val_loss"] for e in events]
-        assert app.screen.query_one("#acc", SeriesPlot).series["validation"][1] == [0.6, 0.7]
+        assert app.screen.query_one("#acc", SeriesPlot).series["validation"][1] == pytest.approx([60, 70])
         # the run trains on: a new epoch shows up in the plot and, back on the list, in its row
         with open(run.file("events.jsonl"), "a") as f:
             f.write(json.dumps(_epoch(3, 0.4, 0.5, 0.91)) + "\n")
@@ -311,8 +311,9 @@ async def test_robustness_curve_once_evaluated(store):
         app.push_screen(RunDetailScreen(rid))
         robust = await widget(pilot, RunDetailScreen, "#robust")
         await until(pilot, lambda: "consistency" in robust.series)
-        assert robust.series["consistency"] == (SIGMAS, [1.0, 0.7, 0.7 - 0.2])
-        assert robust.series["accuracy"][1] == pytest.approx([0.905, 0.805, 0.605])
+        assert robust.series["consistency"][0] == SIGMAS
+        assert robust.series["consistency"][1] == pytest.approx([100, 70, 50])  # plots in % like the tables
+        assert robust.series["accuracy"][1] == pytest.approx([90.5, 80.5, 60.5])
 
 
 async def test_compare_screen_matches_table_json(store):
@@ -332,9 +333,9 @@ async def test_compare_screen_matches_table_json(store):
         footer = str(app.screen.query_one("#compare-footer").render())
         assert f"equivalent folds of augmentation: {rec['equivalent_folds']['text']}" in footer
         scatter = app.screen.query_one("#scatter", SeriesPlot)
-        assert scatter.series["regularizer"] == ([0.92, 0.85], [0.78, 0.95]) or \
-            scatter.series["regularizer"] == ([0.85, 0.92], [0.95, 0.78])
-        assert scatter.vlines[0][0] == pytest.approx(0.90 - 0.01)  # the tolerance band's edge
+        points = sorted(zip(*scatter.series["regularizer"]))
+        assert points == [pytest.approx((85, 95)), pytest.approx((92, 78))]  # in %, like the table
+        assert scatter.vlines[0][0] == pytest.approx(90 - 1)  # the tolerance band's edge
 
 
 MANIFEST = """

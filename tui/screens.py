@@ -5,13 +5,14 @@ from __future__ import annotations
 import threading
 from typing import Dict, List, Optional
 
+from rich.table import Table
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen, Screen
-from textual.widgets import (Button, DataTable, Footer, Header, Input, Label, Log, OptionList, Select,
+from textual.widgets import (Button, DataTable, Footer, Header, Input, Label, OptionList, RichLog, Select,
                              SelectionList, Static)
 
 from gaussreg.spec import describe_params
@@ -197,33 +198,73 @@ class RunsScreen(Screen):
             self.app.confirm_rerun(self.table.selected_id)
 
 
+def _grid(pairs) -> Table:
+    """Label/value lines that wrap within the side panel instead of running off it."""
+    g = Table.grid(padding=(0, 1))
+    g.add_column(style="dim", no_wrap=True)
+    g.add_column(overflow="fold")
+    for k, v in pairs:
+        g.add_row(k, v)
+    return g
+
+
+def _optimizer(o: dict) -> str:
+    parts = [str(o.get("name", "?")), f"lr {o.get('lr'):g}" if isinstance(o.get("lr"), (int, float)) else ""]
+    for k, v in o.items():
+        if k not in ("name", "lr"):
+            parts.append(f"{k.replace('_', ' ')} {', '.join(f'{x:g}' for x in v) if isinstance(v, list) else v}")
+    return "  ".join(p for p in parts if p)
+
+
+def _log_line(line: str) -> str:
+    """`2026-01-01T10:00:05.123+00:00 text` -> `10:00:05 text`: the date is the same all run long."""
+    stamp, _, rest = line.partition(" ")
+    return f"{stamp[11:19]} {rest}" if len(stamp) >= 19 and stamp[10:11] == "T" else line
+
+
 class RunDetailScreen(Screen):
     BINDINGS = [Binding("escape,backspace", "app.pop_screen", "back"),
+                Binding("p", "next_plot", "next plot"),
                 Binding("x", "cancel_run", "cancel run"), Binding("r", "rerun", "rerun"),
                 Binding("question_mark", "app.help", "help"), Binding("q", "app.quit", "quit")]
+    PLOTS = ("loss", "acc", "robust")
+    COMPACT_BELOW = 34  # rows: below this the plots are shown one at a time (p switches)
 
     def __init__(self, run_id: str):
         super().__init__()
         self.run_id = run_id
         self.title = run_id
+        self.shown_plot = 0
         self._stop = threading.Event()
 
     def compose(self) -> ComposeResult:
         yield Header()
         with Horizontal():
             with Vertical(id="plots"):
-                yield SeriesPlot("loss per epoch", "epoch", "loss", id="loss")
-                yield SeriesPlot("validation accuracy per epoch", "epoch", "accuracy", id="acc")
-                yield SeriesPlot("robustness vs test sigma", "sigma", "fraction", id="robust")
+                yield SeriesPlot("loss", "epoch", "", integer_x=True,
+                                 colors={"train": "cyan", "validation": "orange"}, id="loss")
+                yield SeriesPlot("validation accuracy %", "epoch", "", integer_x=True,
+                                 colors={"validation": "orange"}, ybounds=(0, 100), id="acc")
+                yield SeriesPlot("under test noise %", "sigma (pixel units)", "",
+                                 colors={"consistency": "cyan", "accuracy": "green"}, ybounds=(0, 100), id="robust")
             with Vertical(id="side"):
                 yield Static(id="status")
                 with VerticalScroll(id="spec-box"):
                     yield Static(id="spec")
-                yield Log(id="log", max_lines=200)
+                yield RichLog(id="log", max_lines=200, wrap=True, markup=False, highlight=False)
         yield Footer()
 
     def on_mount(self) -> None:
         self.follow()
+
+    def on_resize(self) -> None:
+        compact = self.size.height < self.COMPACT_BELOW
+        for i, name in enumerate(self.PLOTS):
+            self.query_one(f"#{name}").display = not compact or i == self.shown_plot
+
+    def action_next_plot(self) -> None:
+        self.shown_plot = (self.shown_plot + 1) % len(self.PLOTS)
+        self.on_resize()
 
     def on_unmount(self) -> None:
         self._stop.set()
@@ -245,40 +286,55 @@ class RunDetailScreen(Screen):
             "train": (ep, [e["train_loss"] for e in d.epochs]),
             "validation": (ep, [e["val_loss"] for e in d.epochs])})
         self.query_one("#acc", SeriesPlot).set_series({
-            "validation": (ep, [e["val_accuracy"] for e in d.epochs])})
+            "validation": (ep, [e["val_accuracy"] * 100 for e in d.epochs])})
         test = d.result or d.test
         if test and test.get("sigmas"):
-            series = {"consistency": (test["sigmas"], test["per_sigma"])}
+            series = {"consistency": (test["sigmas"], [v * 100 for v in test["per_sigma"]])}
             if test.get("accuracy_per_sigma"):
-                series["accuracy"] = (test["sigmas"], test["accuracy_per_sigma"])
+                series["accuracy"] = (test["sigmas"], [v * 100 for v in test["accuracy_per_sigma"]])
             self.query_one("#robust", SeriesPlot).set_series(series)
+        self.query_one("#status", Static).update(self._status(d))
+        if d.spec:
+            self.query_one("#spec", Static).update(self._spec(d.spec))
+        log = self.query_one(RichLog)
+        log.clear()
+        for line in d.log_tail.splitlines():
+            log.write(_log_line(line))
+
+    @staticmethod
+    def _status(d) -> Table:
         st = d.status
         state = st.get("state", "?")
         done, total = (d.epochs[-1]["epoch"] if d.epochs else 0), st.get("max_epochs") or "?"
         # one meaning everywhere: epochs done; a running run also names the epoch in progress
-        epochs = (f"epoch {done + 1}/{total} running ({done} done)" if state == "running"
-                  else f"{done}/{total} epochs done")
-        lines = [Text.assemble("state ", (state, STATE_STYLE.get(state, "")), f"   {epochs}   device {st.get('device')}")]
+        epochs = (f"{done}/{total} done, epoch {done + 1} running" if state == "running"
+                  else f"{done}/{total} done")
+        rows = [("state", Text(state, style=STATE_STYLE.get(state, ""))), ("epochs", epochs),
+                ("device", str(st.get("device") or "-"))]
         if d.epochs:
             e = d.epochs[-1]
-            lines.append(Text(f"last epoch: train {e['train_loss']:.4f}  val {e['val_loss']:.4f}  "
-                              f"val acc {pct(e['val_accuracy'])}%  {e['images_per_s']:.0f} img/s"))
+            rows.append(("last epoch", f"loss {e['train_loss']:.4f} train, {e['val_loss']:.4f} val; "
+                                       f"val acc {pct(e['val_accuracy'])}%; {e['images_per_s']:.0f} img/s"))
         if d.result:
-            lines.append(Text(f"test acc {pct(d.result['test_accuracy'])}%   R {pct(d.result['robustness'])}%   "
-                              f"best epoch {d.result['best_epoch']}/{d.result['epochs_run']}", style="bold"))
+            r = d.result
+            rows.append(("test", Text(f"acc {pct(r['test_accuracy'])}%  R {pct(r['robustness'])}%  "
+                                      f"(best epoch {r['best_epoch']} of {r['epochs_run']})", style="bold")))
         if st.get("error"):
-            lines.append(Text(f"error: {st['error']}", style="red"))
-        self.query_one("#status", Static).update(Text("\n").join(lines))
-        if d.spec:
-            s = d.spec
-            self.query_one("#spec", Static).update(
-                f"{s['experiment']} · {s['dataset']} · {s['model']} · {s['method']} {describe_params(s)}\n"
-                f"seed {s['seed']}  max epochs {s['max_epochs']}  batch {s['batch_size']}  "
-                f"optimizer {s['optimizer']}\nrobustness {len(s['robustness']['sigmas'])} sigmas, "
-                f"{s['robustness']['samples']} sample(s)")
-        log = self.query_one(Log)
-        log.clear()
-        log.write(d.log_tail)
+            rows.append(("error", Text(str(st["error"]), style="red")))
+        return _grid(rows)
+
+    @staticmethod
+    def _spec(s: dict) -> Table:
+        rob = s.get("robustness", {})
+        sig = rob.get("sigmas") or []
+        return _grid([
+            ("run", f"{s.get('experiment')} · {s.get('method')} {describe_params(s, with_seed=False)}"),
+            ("data", f"{s.get('dataset')} · {s.get('model')}"),
+            ("seed", str(s.get("seed"))),
+            ("training", f"≤ {s.get('max_epochs')} epochs, batch {s.get('batch_size')}"),
+            ("optimizer", _optimizer(s.get("optimizer") or {})),
+            ("robustness", f"{len(sig)} sigmas {min(sig, default=0):g}–{max(sig, default=0):g}, "
+                           f"{rob.get('samples', 1)} sample(s)")])
 
     def action_cancel_run(self) -> None:
         self.app.confirm_cancel_run(self.run_id)
@@ -304,8 +360,8 @@ class CompareScreen(Screen):
         yield Static(id="compare-title")
         yield DataTable(id="best", cursor_type="row")
         yield Static(id="compare-footer")
-        yield SeriesPlot("clean accuracy vs robustness (every completed run)", "test accuracy", "R", kind="scatter",
-                         id="scatter")
+        yield SeriesPlot("every completed run: R % vs clean test accuracy %", "test accuracy %", "", kind="scatter",
+                         colors=METHOD_COLORS, ybounds=(0, 100), id="scatter")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -363,9 +419,10 @@ class CompareScreen(Screen):
         series: Dict[str, tuple] = {}
         for p in message.points:
             xs, ys = series.setdefault(p["method"], ([], []))
-            xs.append(p["accuracy"])
-            ys.append(p["robustness"])
-        vlines = [(b["accuracy"] - rec["tolerance"], "red"), (b["accuracy"], "white")] if b else []
+            xs.append(p["accuracy"] * 100)
+            ys.append(p["robustness"] * 100)
+        # the tolerance band: eligible runs lie right of the red line
+        vlines = [((b["accuracy"] - rec["tolerance"]) * 100, "red"), (b["accuracy"] * 100, "white")] if b else []
         self.query_one("#scatter", SeriesPlot).set_series(series, vlines)
 
 

@@ -144,14 +144,32 @@ class SummaryBar(Static):
         self.update(Text.assemble(*parts))
 
 
-class SeriesPlot(PlotextPlot):
-    """A plot whose data is kept as named series (x, y), so what is drawn can be read back."""
+SERIES_COLORS = ("cyan", "orange", "magenta", "green", "red", "yellow", "blue", "white")
+RICH_COLOR = {"orange": "dark_orange"}  # plotext's name -> Rich's name for the same colour
 
-    def __init__(self, title: str, xlabel: str = "", ylabel: str = "", kind: str = "line", **kw):
+
+class SeriesPlot(PlotextPlot):
+    """A plot whose data is kept as named series (x, y), so what is drawn can be read back.
+    The legend is the border title (coloured names), never drawn over the data; `integer_x`
+    puts ticks on whole numbers only (epochs); the y range hugs the data (a robustness of
+    99.8-100 % is shown as such, not flattened against 0-100)."""
+
+    DEFAULT_CSS = "SeriesPlot { border: round $panel; border-title-align: left; }"
+
+    def __init__(self, title: str, xlabel: str = "", ylabel: str = "", kind: str = "line",
+                 integer_x: bool = False, colors: Optional[Dict[str, str]] = None,
+                 ybounds: Optional[Tuple[float, float]] = None, **kw):
         super().__init__(**kw)
         self.title, self.xlabel, self.ylabel, self.kind = title, xlabel, ylabel, kind
+        self.integer_x, self.series_colors = integer_x, dict(colors or {})
+        self.ybounds = ybounds  # e.g. (0, 100) for percentages: the padding never passes them
         self.series: Dict[str, Tuple[List[float], List[float]]] = {}
         self.vlines: List[Tuple[float, str]] = []
+
+    def color(self, name: str) -> str:
+        if name not in self.series_colors:
+            self.series_colors[name] = SERIES_COLORS[len(self.series_colors) % len(SERIES_COLORS)]
+        return self.series_colors[name]
 
     def set_series(self, series: Dict[str, Tuple[List[float], List[float]]],
                    vlines: Sequence[Tuple[float, str]] = ()) -> None:
@@ -163,17 +181,39 @@ class SeriesPlot(PlotextPlot):
     def on_mount(self) -> None:
         self.redraw()
 
+    def legend(self) -> Text:
+        parts: List[object] = [self.title]
+        for name, (xs, _) in self.series.items():
+            if xs:
+                color = self.color(name)
+                parts += ["  ", ("● " + name, RICH_COLOR.get(color, color))]
+        return Text.assemble(*parts)
+
     def redraw(self) -> None:
         plt = self.plt
         plt.clear_data()
         plt.clear_figure()
-        plt.title(self.title)
         plt.xlabel(self.xlabel)
         plt.ylabel(self.ylabel)
+        self.border_title = self.legend()
+        xs_all, ys_all = [], []
         for name, (xs, ys) in self.series.items():
             if xs:
-                (plt.scatter if self.kind == "scatter" else plt.plot)(xs, ys, label=name,
-                                                                   marker="dot" if self.kind == "scatter" else "braille")
+                xs_all += list(xs)
+                ys_all += list(ys)
+                (plt.scatter if self.kind == "scatter" else plt.plot)(
+                    xs, ys, color=self.color(name), marker="dot" if self.kind == "scatter" else "braille")
         for x, color in self.vlines:
             plt.vline(x, color)
+        if ys_all:
+            lo, hi = min(ys_all), max(ys_all)
+            pad = (hi - lo) * 0.05 or max(abs(hi) * 0.001, 1e-3)
+            lo, hi = lo - pad, hi + pad
+            if self.ybounds:
+                lo, hi = max(lo, self.ybounds[0]), min(hi, self.ybounds[1])
+            plt.ylim(lo, hi)
+        if self.integer_x and xs_all:
+            lo, hi = int(min(xs_all)), int(max(xs_all))
+            step = max(1, (hi - lo) // 6 + (1 if (hi - lo) % 6 else 0))
+            plt.xticks(list(range(lo, hi + 1, step)))
         self.refresh()
