@@ -59,8 +59,11 @@ class ListFormat(str, Enum):
 @app.command()
 def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The experiment manifest (TOML)."),
         store: Path = StoreOpt,
+        experiment: Optional[List[str]] = typer.Option(None, "--experiment",
+                                                       help="Only this experiment (exact name; repeat for more)."),
         only: Optional[str] = typer.Option(None, help="Only experiments, run ids or methods matching this glob."),
-        gpus: str = typer.Option("all", help="'all' (every visible GPU; none on a CPU box), 'none', or '0,1'."),
+        gpus: str = typer.Option("all", help="'all' (every visible GPU; none on a CPU box), 'none', or '0,1' "
+                                              "(indices among the visible GPUs)."),
         per_gpu: int = typer.Option(1, "--per-gpu", help="Runs sharing one GPU."),
         max_parallel: Optional[int] = typer.Option(None, "--max-parallel",
                                                    help="At most this many runs at once (CPU default: 1)."),
@@ -70,41 +73,34 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
                                     help="Watch until done (default), or start in the background and return."),
         data_dir: Optional[Path] = DataDirOpt):
     """Run every configuration of a manifest, one worker process per run, then print the fair table."""
-    from . import data, manifest as mf, report
-    from .scheduler import Scheduler, make_slots, parse_gpus
+    from . import report
+    from .launch import LaunchError, LaunchRequest, launch, plan
+    from .scheduler import Scheduler
     from .store import Store
 
+    req = LaunchRequest(str(manifest), str(store), tuple(experiment or ()), only, gpus, per_gpu, max_parallel,
+                        rerun, str(data_dir) if data_dir else None)
     try:
-        m = mf.load(manifest, data_dir=str(data_dir) if data_dir else None)
-    except mf.ManifestError as e:
+        p = plan(req)
+    except LaunchError as e:
         fail(str(e))
-    runs = m.select(only)
-    if not runs:
-        fail(f"--only {only!r} matches no experiment, run id or method in {manifest}")
-    try:
-        slots = make_slots(parse_gpus(gpus), per_gpu, max_parallel)
-    except ValueError as e:
-        fail(str(e))
+    runs, slots = p.runs, p.slots
     st = Store(store)
     if dry_run:
-        t = Table(title=f"{len(runs)} runs from {manifest} on {len(slots)} slot(s)", title_justify="left")
-        for h in ("run id", "dataset", "model", "method", "params", "state"):
-            t.add_column(h, overflow="fold")
-        from .spec import describe_params
-        from .store import RunDir
-        for r in runs:
-            rd = RunDir(st.root / r.id)
-            state = rd.state() if rd.file("spec.json").exists() else "new"
-            t.add_row(r.id, r.spec["dataset"], r.spec["model"], r.spec["method"], describe_params(r.spec), state)
-        console.print(t)
+        _dry_run(p, st, manifest)
         return
-    for name in sorted({r.spec["dataset"] for r in runs} - {"synthetic"}):
-        if data.find(name, data_dir) is None:
-            fail(data.missing_message(name, data_dir))
+    if p.missing_data:
+        fail(next(iter(p.missing_data.values())))
     if not follow:
-        _detach(manifest, store, only, gpus, per_gpu, max_parallel, rerun, data_dir)
+        try:
+            info = launch(req)
+        except LaunchError as e:
+            fail(str(e))
+        console.print(f"started in the background (pid {info['pid']}); log: {info['log']}\n"
+                      f"watch with `gaussreg tui --store {store}`, `gaussreg ls --store {store}` or "
+                      f"`gaussreg table --store {store}`", highlight=False, markup=False)
         return
-    for e in m.experiments:
+    for e in p.manifest.experiments:
         if any(r.spec["experiment"] == e.name for r in runs):
             st.write_experiment(e.name, {"name": e.name, "tolerance": e.tolerance,
                                          "manifest": str(Path(manifest).resolve())})
@@ -128,17 +124,30 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
     raise typer.Exit(summary.exit_code())
 
 
-def _detach(manifest, store, only, gpus, per_gpu, max_parallel, rerun, data_dir):
-    from .scheduler import detach_run
-    from .store import Store
-    argv = [str(manifest), "--store", str(store), "--gpus", gpus, "--per-gpu", str(per_gpu)]
-    argv += ["--only", only] if only else []
-    argv += ["--max-parallel", str(max_parallel)] if max_parallel else []
-    argv += ["--rerun"] if rerun else []
-    argv += ["--data-dir", str(data_dir)] if data_dir else []
-    info = detach_run(argv, Store(store), only or str(manifest))
-    console.print(f"started in the background (pid {info['pid']}); log: {info['log']}\n"
-                  f"watch with `gaussreg ls --store {store}` or `gaussreg table --store {store}`")
+def _dry_run(p, st, manifest) -> None:
+    """What a launch would do, per experiment: runs new/done, and whether its data is there."""
+    from .spec import describe_params
+    from .store import RunDir
+    runs, slots = p.runs, p.slots
+    t = Table(title=f"{len(runs)} run{'s' if len(runs) != 1 else ''} from {manifest} on {len(slots)} slot(s)",
+              title_justify="left")
+    for h in ("run id", "dataset", "model", "method", "params", "state"):
+        t.add_column(h, overflow="fold")
+    per_exp = {}
+    for r in runs:
+        rd = RunDir(st.root / r.id)
+        state = rd.state() if rd.file("spec.json").exists() else "new"
+        t.add_row(r.id, r.spec["dataset"], r.spec["model"], r.spec["method"], describe_params(r.spec), state)
+        counts = per_exp.setdefault(r.spec["experiment"], {"new": 0, "done": 0, "other": 0, "datasets": set()})
+        counts["new" if state == "new" else "done" if state in ("completed", "diverged") else "other"] += 1
+        counts["datasets"].add(r.spec["dataset"])
+    console.print(t)
+    for name, c in per_exp.items():
+        gone = sorted(c["datasets"] & set(p.missing_data))
+        console.print(f"{name}: {c['new']} new, {c['done']} done, {c['other']} to resume or retry; data "
+                      + (f"MISSING: {', '.join(gone)}" if gone else "present"), markup=False, highlight=False)
+    for message in p.missing_data.values():
+        console.print(message, markup=False, highlight=False)
 
 
 # ---------------------------------------------------------------- reading the store

@@ -11,7 +11,7 @@ import pytest
 from textual.css.query import NoMatches
 
 from conftest import cli, python_env
-from gaussreg.scheduler import start_worker
+from gaussreg.scheduler import launches, start_worker
 from gaussreg.spec import resolve, run_id
 from gaussreg.store import Store, atomic_write_json
 from tui.app import GaussregApp
@@ -353,21 +353,51 @@ methods.baseline = {}
 
 
 async def test_launch_from_the_tui_runs_to_completion(tmp_path, monkeypatch):
+    """Two experiments chosen in the dialog become ONE scheduler process (one owner of the
+    cores and GPUs), and both train to completion."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # a GPU box trains these on the CPU too
+    (tmp_path / "tiny.toml").write_text(MANIFEST + MANIFEST.replace('"tiny"', '"tiny2"').replace("400", "300"))
+    app = GaussregApp("runs", manifest="tiny.toml", poll_s=0.1)
+    async with app.run_test(size=(80, 24)) as pilot:  # everything reachable at 80x24
+        await pilot.press("l")
+        sel = await widget(pilot, LaunchScreen, "SelectionList")
+        await until(pilot, lambda: sel.option_count == 2)
+        assert "1 pending" in str(sel.get_option_at_index(0).prompt) and sel.selected == ["tiny", "tiny2"]
+        app.screen.query_one("#gpus").value = "none"
+        app.screen.query_one("#max-parallel").value = "2"
+        await pilot.click("#launch")
+        await until(pilot, lambda: isinstance(app.screen, RunsScreen))
+        found = launches(Store("runs"))
+        assert len(found) == 1 and found[0]["argv"].count("--experiment") == 2
+        assert found[0]["argv"][found[0]["argv"].index("--max-parallel") + 1] == "2"
+        await until(pilot, lambda: table(app).row_count == 2, timeout=60)
+        for i in range(2):
+            rid = table(app).coordinate_to_cell_key((i, 0)).row_key.value
+            await until(pilot, lambda: table(app).get_cell(rid, "state").plain == "completed", timeout=180)
+            assert table(app).get_cell(rid, "test_acc") != "-"
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("#per-gpu", "0", "runs per GPU must be a whole number"),
+    ("#max-parallel", "x", "CPU runs must be a whole number"),
+    ("#gpus", "3", "asks for GPUs, but this machine shows none"),
+    ("#gpus", "zero", "--gpus must be"),
+])
+async def test_launch_dialog_refuses_bad_values_before_launching(tmp_path, monkeypatch, field, value, words):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU visible, on any machine
     (tmp_path / "tiny.toml").write_text(MANIFEST)
     app = GaussregApp("runs", manifest="tiny.toml", poll_s=0.1)
-    async with app.run_test(size=(160, 40)) as pilot:
+    async with app.run_test(size=(80, 24)) as pilot:
         await pilot.press("l")
         sel = await widget(pilot, LaunchScreen, "SelectionList")
         await until(pilot, lambda: sel.option_count == 1)
-        assert "1 pending" in str(sel.get_option_at_index(0).prompt) and sel.selected == ["tiny"]
-        app.screen.query_one("#gpus").value = "none"
+        app.screen.query_one(field).value = value
         await pilot.click("#launch")
-        await until(pilot, lambda: isinstance(app.screen, RunsScreen))
-        await until(pilot, lambda: table(app).row_count == 1, timeout=60)
-        rid = table(app).coordinate_to_cell_key((0, 0)).row_key.value
-        await until(pilot, lambda: table(app).get_cell(rid, "state").plain == "completed", timeout=180)
-        assert table(app).get_cell(rid, "test_acc") != "-"
+        error = app.screen.query_one("#plan-error")
+        await until(pilot, lambda: words in str(error.render()))
+        assert isinstance(app.screen, LaunchScreen) and not (tmp_path / "runs").exists()
 
 
 async def test_cancel_a_running_run(tmp_path, monkeypatch):

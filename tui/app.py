@@ -39,7 +39,11 @@ class GaussregApp(App):
     #dialog Label { padding: 1 1 0 0; }
     #dialog.menu { width: 60; }
     #sort-columns { height: auto; max-height: 16; }
-    #experiments { height: 10; }
+    #experiments { height: 6; }
+    #dialog.launch .row Input { width: 1fr; }
+    #dialog.launch .row Input.short { width: 10; }
+    #dialog.launch .row Button { width: auto; min-width: 10; margin-right: 2; }
+    #dialog.launch .row Label { width: auto; padding: 1 1 0 1; }
     #plan-error { height: auto; }
     """
 
@@ -101,18 +105,21 @@ class GaussregApp(App):
         self.push_screen(CompareScreen(exps, current))
 
     def action_launch(self) -> None:
-        self.push_screen(LaunchScreen(self.manifest), self._launch)
+        self.push_screen(LaunchScreen(self.manifest, str(self.store_root)), self._launch)
 
     @work(thread=True, group="control")
     def _launch(self, request) -> None:
+        """One scheduler process for the whole request (it owns the GPUs and cores it was given)."""
         if not request:
             return
-        from gaussreg.scheduler import detach_run
-        for exp in request["experiments"]:
-            info = detach_run([request["manifest"], "--store", str(self.store_root), "--only", exp,
-                               "--gpus", request["gpus"], "--per-gpu", str(request["per_gpu"])],
-                              Store(self.store_root), exp)
-            self.call_from_thread(self.notify, f"launched {exp} (pid {info['pid']}); log {info['log']}")
+        from gaussreg.launch import LaunchError, launch
+        try:
+            info = launch(request)
+        except LaunchError as e:
+            self.call_from_thread(self.notify, str(e), severity="error", markup=False)
+            return
+        self.call_from_thread(self.notify, f"launched {', '.join(request.experiments)} (pid {info['pid']}); "
+                                           f"log {info['log']}", markup=False)
 
     # what each control can act on; anything else is refused before asking
     CANCELLABLE = ("running",)

@@ -15,6 +15,7 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import (Button, DataTable, Footer, Header, Input, Label, OptionList, RichLog, Select,
                              SelectionList, Static)
 
+from gaussreg.launch import LaunchRequest
 from gaussreg.spec import describe_params
 from gaussreg.store import STATES, RunDir
 
@@ -426,16 +427,18 @@ class CompareScreen(Screen):
         self.query_one("#scatter", SeriesPlot).set_series(series, vlines)
 
 
-class LaunchScreen(ModalScreen[Optional[dict]]):
-    """Pick a manifest and experiments, GPUs and runs per GPU; returns the launch request."""
+class LaunchScreen(ModalScreen[Optional[LaunchRequest]]):
+    """Pick a manifest and experiments, GPUs, runs per GPU and parallel CPU runs; the request
+    is checked by gaussreg (`launch.plan`) before the dialog closes, so a bad value is an
+    error here, not a line in a log. Usable at 80x24."""
     BINDINGS = [Binding("escape", "dismiss_none", "cancel")]
 
-    def __init__(self, manifest: str):
+    def __init__(self, manifest: str, store: str):
         super().__init__()
-        self.manifest = manifest
+        self.manifest, self.store = manifest, store
 
     def compose(self) -> ComposeResult:
-        with Vertical(id="dialog"):
+        with Vertical(id="dialog", classes="launch"):
             yield Label("Launch experiments (detached: they keep training when the TUI quits)")
             with Horizontal(classes="row"):
                 yield Input(self.manifest, placeholder="manifest.toml", id="manifest")
@@ -444,9 +447,11 @@ class LaunchScreen(ModalScreen[Optional[dict]]):
             yield SelectionList(id="experiments")
             with Horizontal(classes="row"):
                 yield Label("GPUs")
-                yield Input("all", id="gpus")
-                yield Label("runs per GPU")
-                yield Input("1", id="per-gpu", type="integer")
+                yield Input("all", id="gpus", classes="short")
+                yield Label("per GPU")
+                yield Input("1", id="per-gpu", type="integer", classes="short")
+                yield Label("CPU runs")
+                yield Input("1", id="max-parallel", type="integer", classes="short")
             with Horizontal(classes="row"):
                 yield Button("Launch", id="launch", variant="success")
                 yield Button("Cancel", id="cancel")
@@ -483,15 +488,43 @@ class LaunchScreen(ModalScreen[Optional[dict]]):
             pending = e["runs"] - e["completed"]
             sel.add_option((f"{e['name']}  ({pending} pending, {e['completed']} completed)", e["name"], pending > 0))
 
+    def request(self) -> Optional[LaunchRequest]:
+        """The request the fields describe, or None with the reason shown."""
+        chosen = self.query_one(SelectionList).selected
+        if not chosen:
+            self.error("choose at least one experiment")
+            return None
+        numbers = {}
+        for field_id, name in (("per-gpu", "runs per GPU"), ("max-parallel", "CPU runs")):
+            text = self.query_one(f"#{field_id}", Input).value.strip() or "1"
+            if not text.isdigit() or int(text) < 1:
+                self.error(f"{name} must be a whole number ≥ 1, not {text!r}")
+                return None
+            numbers[field_id] = int(text)
+        return LaunchRequest(self.manifest, str(self.store), tuple(chosen),
+                             gpus=self.query_one("#gpus", Input).value.strip() or "all",
+                             per_gpu=numbers["per-gpu"], max_parallel=numbers["max-parallel"])
+
+    def error(self, text: str) -> None:
+        self.query_one("#plan-error", Static).update(Text(text, style="red"))
+
     @on(Button.Pressed, "#launch")
     def launch(self) -> None:
-        chosen = self.query_one(SelectionList).selected
-        per_gpu = self.query_one("#per-gpu", Input).value or "1"
-        if not chosen:
-            self.query_one("#plan-error", Static).update(Text("choose at least one experiment", style="red"))
+        req = self.request()
+        if req is not None:
+            self.check(req)
+
+    @work(thread=True, exclusive=True, group="plan")
+    def check(self, req: LaunchRequest) -> None:
+        from gaussreg.launch import LaunchError, plan
+        try:
+            p = plan(req)
+            if p.missing_data:
+                raise LaunchError(next(iter(p.missing_data.values())))
+        except LaunchError as e:
+            self.app.call_from_thread(self.error, str(e))
             return
-        self.dismiss({"manifest": self.manifest, "experiments": list(chosen),
-                      "gpus": self.query_one("#gpus", Input).value.strip() or "all", "per_gpu": per_gpu})
+        self.app.call_from_thread(self.dismiss, req)
 
     @on(Button.Pressed, "#cancel")
     def action_dismiss_none(self) -> None:
