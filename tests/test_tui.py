@@ -16,7 +16,7 @@ from gaussreg.spec import resolve, run_id
 from gaussreg.store import Store, atomic_write_json
 from tui.app import GaussregApp
 from tui.messages import RunsChanged
-from tui.screens import CompareScreen, ConfirmScreen, LaunchScreen, RunDetailScreen, RunsScreen, SortScreen
+from tui.screens import CompareScreen, ConfirmScreen, LaunchScreen, OverlayScreen, RunDetailScreen, RunsScreen, SortScreen
 from tui.widgets import COLUMNS, RunsTable, SeriesPlot
 
 T0 = "2026-01-01T10:00:00.000+00:00"
@@ -226,6 +226,31 @@ async def test_compare_screen_follows_the_store(store):
         await until(pilot, lambda: best.row_count == 4)
         row = best.get_row("randsign")
         assert row[2] == "91.00" and row[4] == "66.00"
+
+
+async def test_overlay_of_marked_runs(store):
+    app = GaussregApp("runs", poll_s=0.05)
+    async with app.run_test(size=(160, 40)) as pilot:
+        await until(pilot, lambda: table(app).row_count == 5)
+        t = table(app)
+        t.focus()
+        picked = []
+        for method in ("augment", "baseline"):
+            rid = next(r.id for r in store.runs() if f"-{method}-" in r.id)
+            t.move_cursor(row=t.get_row_index(rid))
+            await pilot.press("space")
+            picked.append(rid)
+        assert [str(t.get_cell(r, "id")).startswith("● ") for r in picked] == [True, True]
+        await pilot.press("o")
+        noisy = await widget(pilot, OverlayScreen, "#overlay-noisy")
+        short = [r.rsplit("-", 1)[1][:6] for r in picked]
+        await until(pilot, lambda: list(noisy.series) == short)
+        assert noisy.series[short[0]][1] == pytest.approx([90.5, 80.5, 60.5])  # augment: acc 0.905
+        assert noisy.series[short[1]][1] == pytest.approx([90, 80, 60])
+        consistency = app.screen.query_one("#overlay-consistency", SeriesPlot).series
+        assert consistency[short[0]][1] == pytest.approx([100, 70, 50])
+        assert app.screen.query_one("#overlay-loss", SeriesPlot).series[short[1]][0] == [1, 2, 3]
+        assert noisy.series_colors[short[0]] != noisy.series_colors[short[1]]
 
 
 async def test_default_order_tells_runs_apart(store):

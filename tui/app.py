@@ -40,6 +40,7 @@ class GaussregApp(App):
     #dialog.menu { width: 60; }
     #sort-columns { height: auto; max-height: 16; }
     #experiments { height: 6; }
+    #overlay Horizontal { height: 1fr; }
     #dialog.launch .row Input { width: 1fr; }
     #dialog.launch .row Input.short { width: 10; }
     #dialog.launch .row Button { width: auto; min-width: 10; margin-right: 2; }

@@ -19,7 +19,7 @@ from gaussreg.launch import LaunchRequest
 from gaussreg.spec import describe_params
 from gaussreg.store import STATES, RunDir
 
-from .messages import CompareReady, DetailChanged, PlanReady
+from .messages import CompareReady, DetailChanged, OverlayReady, PlanReady
 from .watcher import RunTail
 from .widgets import COLUMNS, STATE_STYLE, RunsTable, SeriesPlot, SummaryBar, pct
 
@@ -84,6 +84,7 @@ Runs screen
   enter     open the run's detail (curves, robustness, spec, status, log)
   /         filter by text (any column); the state selector filters by state
   s         sort by any column (a menu; the same column again reverses); a click on a header too
+  space     mark a run; o overlays the curves of the marked runs (colours per run)
   c         compare: the fair-comparison table and accuracy vs robustness
   l         launch experiments of a manifest (detached: runs go on when the TUI quits)
   x         cancel the selected run      r   rerun the selected failed/cancelled run
@@ -106,6 +107,8 @@ class RunsScreen(Screen):
         Binding("enter", "open", "detail", show=False),
         Binding("slash", "focus_filter", "filter"),
         Binding("s", "sort", "sort"),
+        Binding("space", "mark", "mark"),
+        Binding("o", "overlay", "overlay"),
         Binding("c", "app.compare", "compare"),
         Binding("l", "app.launch", "launch"),
         Binding("x", "cancel_run", "cancel run"),
@@ -180,6 +183,16 @@ class RunsScreen(Screen):
     def action_open(self) -> None:
         if self.table.selected_id:
             self.app.push_screen(RunDetailScreen(self.table.selected_id))
+
+    def action_mark(self) -> None:
+        self.table.toggle_mark()
+
+    def action_overlay(self) -> None:
+        runs = self.table.marked or ([self.table.selected_id] if self.table.selected_id else [])
+        if runs:
+            self.app.push_screen(OverlayScreen(list(runs)))
+        else:
+            self.app.notify("mark runs with space first, then o overlays their curves")
 
     def action_focus_filter(self) -> None:
         self.query_one("#filter", Input).focus()
@@ -342,6 +355,46 @@ class RunDetailScreen(Screen):
 
     def action_rerun(self) -> None:
         self.app.confirm_rerun(self.run_id)
+
+
+class OverlayScreen(Screen):
+    """The curves of several runs on shared axes, one colour per run (what W&B and TensorBoard
+    users do first): loss, validation accuracy, and consistency and accuracy under noise."""
+    BINDINGS = [Binding("escape,backspace", "app.pop_screen", "back"), Binding("question_mark", "app.help", "help"),
+                Binding("q", "app.quit", "quit")]
+    PLOTS = (("loss", "train loss", "epoch", True), ("acc", "validation accuracy %", "epoch", True),
+             ("consistency", "R: prediction unchanged %", "sigma", False),
+             ("noisy", "accuracy under noise %", "sigma", False))
+
+    def __init__(self, run_ids: List[str]):
+        super().__init__()
+        self.run_ids = run_ids
+        self.title = f"overlay of {len(run_ids)} run(s)"
+
+    def compose(self) -> ComposeResult:
+        from .widgets import SERIES_COLORS, short_id
+        colors = {short_id(r): SERIES_COLORS[i % len(SERIES_COLORS)] for i, r in enumerate(self.run_ids)}
+        yield Header()
+        with Vertical(id="overlay"):
+            for row in (self.PLOTS[:2], self.PLOTS[2:]):
+                with Horizontal():
+                    for key, title, x, integer in row:
+                        yield SeriesPlot(title, x, "", integer_x=integer, colors=colors,
+                                         ybounds=None if key == "loss" else (0, 100), id=f"overlay-{key}")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.load()
+
+    @work(thread=True, exclusive=True, group="overlay")
+    def load(self) -> None:
+        from .watcher import overlay_series
+        self.post_message(OverlayReady(overlay_series(self.app.store_root, self.run_ids)))
+
+    @on(OverlayReady)
+    def show(self, message: OverlayReady) -> None:
+        for key, _, _, _ in self.PLOTS:
+            self.query_one(f"#overlay-{key}", SeriesPlot).set_series(message.series[key])
 
 
 class CompareScreen(Screen):

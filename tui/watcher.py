@@ -202,3 +202,25 @@ class RunTail:
             spec, status, result = None, {"state": "corrupt", "error": str(e)}, None
         return Detail(self.run.id, [self.epochs[k] for k in sorted(self.epochs)], status, spec, result, self.test,
                       self.run.log_tail(40))
+
+
+def overlay_series(root, run_ids: List[str]) -> Dict[str, Dict[str, tuple]]:
+    """Curves of several runs for the overlay, keyed by plot then by short run id: train loss
+    and validation accuracy (%) per epoch, consistency and accuracy under noise (%) per sigma.
+    A run whose files cannot be read contributes nothing."""
+    from .widgets import short_id
+    out: Dict[str, Dict[str, tuple]] = {"loss": {}, "acc": {}, "consistency": {}, "noisy": {}}
+    for rid in run_ids:
+        run, name = RunDir(Path(root) / rid), short_id(rid)
+        try:
+            epochs, result = run.epochs(), run.result()
+        except RunFileError:
+            continue
+        ep = [e["epoch"] for e in epochs if isinstance(e.get("epoch"), int)]
+        out["loss"][name] = (ep, [e.get("train_loss") for e in epochs if isinstance(e.get("epoch"), int)])
+        out["acc"][name] = (ep, [e.get("val_accuracy", 0) * 100 for e in epochs if isinstance(e.get("epoch"), int)])
+        if result and result.get("sigmas"):
+            out["consistency"][name] = (result["sigmas"], [v * 100 for v in result.get("per_sigma", [])])
+            if result.get("accuracy_per_sigma"):
+                out["noisy"][name] = (result["sigmas"], [v * 100 for v in result["accuracy_per_sigma"]])
+    return out

@@ -72,6 +72,20 @@ class RunsTable(DataTable):
         self.sorted_by: Optional[str] = None  # None: DEFAULT_ORDER
         self.reverse = False
         self.shown: Dict[str, Dict[str, object]] = {}
+        self.marked: List[str] = []  # runs marked (space) for the overlay, in marking order
+
+    def toggle_mark(self) -> None:
+        rid = self.selected_id
+        if rid is None:
+            return
+        if rid in self.marked:
+            self.marked.remove(rid)
+        else:
+            self.marked.append(rid)
+        self.update_cell(rid, "id", self._id_cell(rid), update_width=True)
+
+    def _id_cell(self, rid: str) -> Text:
+        return Text(("● " if rid in self.marked else "") + short_id(rid), style="bold" if rid in self.marked else "")
 
     def on_mount(self) -> None:
         for key, label in COLUMNS:
@@ -89,6 +103,8 @@ class RunsTable(DataTable):
                     self.remove_row(row.id)
                     del self.shown[row.id]
                 continue
+            if row.id in self.marked:
+                new["id"] = self._id_cell(row.id)
             if old is None:
                 self.add_row(*(new[k] for k, _ in COLUMNS), key=row.id)
                 added = True
