@@ -71,8 +71,10 @@ def _compare_results(a, b):
         assert a[k] == b[k], k
 
 
-def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
-    spec = dict(method="augment", params={"sigma": 0.3, "folds": 1}, max_epochs=12, train_subset=600)
+@pytest.mark.parametrize("fresh", [True, False])
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, fresh):
+    spec = dict(method="augment", params={"sigma": 0.3, "folds": 1, "fresh_noise": fresh}, max_epochs=12,
+                train_subset=600)
     ref = make_run(tmp_path, "ref", **spec)
     assert finish(worker(ref))[0] == 0
     run = make_run(tmp_path, "killed", **spec)
