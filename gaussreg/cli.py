@@ -49,6 +49,11 @@ class TableFormat(str, Enum):
     json = "json"
 
 
+class Selection(str, Enum):
+    validation = "validation"
+    test = "test"
+
+
 class ListFormat(str, Enum):
     table = "table"
     json = "json"
@@ -147,25 +152,31 @@ def _detach(manifest, store, only, gpus, per_gpu, max_parallel, rerun, data_dir)
 def table(store: Path = StoreOpt,
           experiment: Optional[str] = typer.Option(None, help="Only this experiment."),
           tolerance: Optional[float] = typer.Option(None, help="Override the manifest's tolerance (a fraction)."),
-          format: TableFormat = typer.Option(TableFormat.table, "--format", help="table, markdown, csv or json.")):
-    """The fair comparison: among runs within `tolerance` of the baseline's accuracy, the most robust per method."""
+          format: TableFormat = typer.Option(TableFormat.table, "--format", help="table, markdown, csv or json."),
+          select: Selection = typer.Option(Selection.validation, "--select",
+                                           help="Decide eligibility and the best on validation (default) or test "
+                                                "numbers (the paper's procedure)."),
+          show_all: bool = typer.Option(False, "--all", help="Also list every configuration with its eligibility "
+                                                             "and the reason, by robustness.")):
+    """The fair comparison: among configurations within `tolerance` of the baseline's accuracy, the most robust
+    per method; test numbers, mean ± std over seeds."""
     from . import report
     from .store import Store
     if tolerance is not None and not 0 <= tolerance <= 1:
         fail(f"--tolerance must be a fraction in [0, 1], not {tolerance}")
     if not store.is_dir():
         fail(f"the store {store} does not exist")
-    t = report.fair_table(Store(store), experiment, tolerance)
+    t = report.fair_table(Store(store), experiment, tolerance, select.value)
     if experiment and not t["experiments"]:
         fail(f"no runs of experiment {experiment!r} in {store}")
     if format == TableFormat.json:
         print(json.dumps(t, indent=2))
     elif format == TableFormat.markdown:
-        print(report.render_markdown(t))
+        print(report.render_markdown(t, show_all))
     elif format == TableFormat.csv:
-        print(report.render_csv(t), end="")
+        print(report.render_csv(t, show_all), end="")
     else:
-        console.print(report.render_rich(t))
+        console.print(report.render_rich(t, show_all))
 
 
 @app.command("ls")
