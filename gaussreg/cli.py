@@ -49,6 +49,11 @@ class TableFormat(str, Enum):
     json = "json"
 
 
+class Selection(str, Enum):
+    validation = "validation"
+    test = "test"
+
+
 class ListFormat(str, Enum):
     table = "table"
     json = "json"
@@ -156,25 +161,92 @@ def _dry_run(p, st, manifest) -> None:
 def table(store: Path = StoreOpt,
           experiment: Optional[str] = typer.Option(None, help="Only this experiment."),
           tolerance: Optional[float] = typer.Option(None, help="Override the manifest's tolerance (a fraction)."),
-          format: TableFormat = typer.Option(TableFormat.table, "--format", help="table, markdown, csv or json.")):
-    """The fair comparison: among runs within `tolerance` of the baseline's accuracy, the most robust per method."""
+          format: TableFormat = typer.Option(TableFormat.table, "--format", help="table, markdown, csv or json."),
+          select: Selection = typer.Option(Selection.validation, "--select",
+                                           help="Decide eligibility and the best on validation (default) or test "
+                                                "numbers (the paper's procedure)."),
+          show_all: bool = typer.Option(False, "--all", help="Also list every configuration with its eligibility "
+                                                             "and the reason, by robustness.")):
+    """The fair comparison: among configurations within `tolerance` of the baseline's accuracy, the most robust
+    per method; test numbers, mean ± std over seeds."""
     from . import report
     from .store import Store
     if tolerance is not None and not 0 <= tolerance <= 1:
         fail(f"--tolerance must be a fraction in [0, 1], not {tolerance}")
     if not store.is_dir():
         fail(f"the store {store} does not exist")
-    t = report.fair_table(Store(store), experiment, tolerance)
+    t = report.fair_table(Store(store), experiment, tolerance, select.value)
     if experiment and not t["experiments"]:
         fail(f"no runs of experiment {experiment!r} in {store}")
     if format == TableFormat.json:
         print(json.dumps(t, indent=2))
     elif format == TableFormat.markdown:
-        print(report.render_markdown(t))
+        print(report.render_markdown(t, show_all))
     elif format == TableFormat.csv:
-        print(report.render_csv(t), end="")
+        print(report.render_csv(t, show_all), end="")
     else:
-        console.print(report.render_rich(t))
+        console.print(report.render_rich(t, show_all))
+
+
+class PlotFormat(str, Enum):
+    png = "png"
+    svg = "svg"
+    pdf = "pdf"
+
+
+@app.command()
+def plot(store: Path = StoreOpt,
+         experiment: Optional[str] = typer.Option(None, help="Only this experiment."),
+         out: Path = typer.Option(Path("figures"), "--out", help="Folder for the figures."),
+         format: PlotFormat = typer.Option(PlotFormat.png, "--format", help="png, svg or pdf."),
+         select: Selection = typer.Option(Selection.validation, "--select", help="validation or test selection.")):
+    """Figures of the fair comparison: accuracy vs R per run, best per training sigma, robustness curves."""
+    from . import plot as plots
+    from .store import Store
+    if not store.is_dir():
+        fail(f"the store {store} does not exist")
+    try:
+        paths = plots.plot(Store(store), out, experiment, format.value, select.value)
+    except plots.PlotsUnavailable as e:
+        from rich.markup import escape
+        fail(escape(str(e)))
+    except OSError as e:
+        fail(f"cannot write figures into {out}: {e.strerror or e}")
+    if not paths:
+        fail(f"no runs{' of experiment ' + repr(experiment) if experiment else ''} in {store}")
+    for p in paths:
+        console.print(str(p), highlight=False, markup=False)
+
+
+class ExportFormat(str, Enum):
+    csv = "csv"
+    jsonl = "jsonl"
+
+
+class ExportWhat(str, Enum):
+    runs = "runs"
+    epochs = "epochs"
+    sigmas = "sigmas"
+
+
+@app.command()
+def export(store: Path = StoreOpt,
+           what: ExportWhat = typer.Option(ExportWhat.runs, "--what",
+                                           help="One row per run, per epoch, or per (run, split, sigma)."),
+           format: ExportFormat = typer.Option(ExportFormat.csv, "--format", help="csv or jsonl."),
+           experiment: Optional[str] = typer.Option(None, help="Only this experiment.")):
+    """The store in long format on stdout, for pandas (pd.read_csv / pd.read_json(lines=True))."""
+    from . import export as ex
+    from .store import Store
+    if not store.is_dir():
+        fail(f"the store {store} does not exist")
+    import sys
+    try:
+        sys.stdout.write(ex.export(Store(store), what.value, format.value, experiment))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `gaussreg export | head` is fine
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 @app.command("ls")

@@ -100,7 +100,7 @@ def test_run_then_read_the_store(tmp_path):
     (tmp_path / "m.toml").write_text(DEMO)
     out = run("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--max-parallel", "2")
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "cli · synthetic · mlp" in out.stdout and "equivalent folds" in out.stdout
+    assert "cli · synthetic · mlp" in out.stdout and "equivalent augmentation" in out.stdout
     ls = json.loads(run("ls", "--store", tmp_path / "runs", "--format", "json").stdout)
     assert len(ls) == 3 and {r["state"] for r in ls} == {"completed"}
     rid = ls[0]["id"]

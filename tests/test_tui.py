@@ -40,7 +40,7 @@ def add_run(st, method, acc=None, rob=None, state="completed", seed=0, epochs=3,
     if state == "completed":
         res = {"test_accuracy": acc, "robustness": rob, "sigmas": SIGMAS, "per_sigma": [1.0, rob, rob - 0.2],
                "accuracy_per_sigma": [acc, acc - 0.1, acc - 0.3], "best_epoch": epochs, "epochs_run": epochs,
-               "best_val_accuracy": events[-1]["val_accuracy"], "test_loss": 0.5}
+               "best_val_accuracy": events[-1]["val_accuracy"], "val_robustness": rob, "test_loss": 0.5}
         atomic_write_json(run.file("result.json"), res)
         events.append({"type": "test", "time": T1, "test_accuracy": acc, "robustness": rob, "sigmas": SIGMAS,
                        "per_sigma": res["per_sigma"], "accuracy_per_sigma": res["accuracy_per_sigma"]})
@@ -356,7 +356,7 @@ async def test_compare_screen_matches_table_json(store):
             assert row[2] == f"{e['accuracy'] * 100:.2f}" and row[4] == f"{e['robustness'] * 100:.2f}"
             assert row[3] == f"{e['d_accuracy'] * 100:+.2f}" and row[5] == f"{e['d_robustness'] * 100:+.2f}"
         footer = str(app.screen.query_one("#compare-footer").render())
-        assert f"equivalent folds of augmentation: {rec['equivalent_folds']['text']}" in footer
+        assert f"equivalent augmentation (the paper's Ñ = folds + 1): {rec['equivalent_folds']['text']}" in footer
         scatter = app.screen.query_one("#scatter", SeriesPlot)
         points = sorted(zip(*scatter.series["regularizer"]))
         assert points == [pytest.approx((85, 95)), pytest.approx((92, 78))]  # in %, like the table

@@ -468,7 +468,7 @@ class CompareScreen(Screen):
         ef = rec["equivalent_folds"]
         counts = ", ".join(f"{m} {c['eligible']}/{c['completed']}/{c['total']}" for m, c in rec["counts"].items())
         self.query_one("#compare-footer", Static).update(
-            (f"equivalent folds of augmentation: {ef['text']}\n" if ef else "")
+            (f"equivalent augmentation (the paper's Ñ = folds + 1): {ef['text']}\n" if ef else "")
             + f"runs eligible/completed/total: {counts}")
         series: Dict[str, tuple] = {}
         for p in message.points:
