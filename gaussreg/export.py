@@ -4,6 +4,7 @@ or per (run, split, sigma), as CSV or JSON lines."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from typing import Iterable, List
@@ -26,7 +27,7 @@ def _ident(row: dict) -> dict:
     out.update({k: s.get(k) for k in RUN_KEYS})
     out["lr"] = s.get("optimizer", {}).get("lr")
     # runs with equal config ids are seeds of one configuration
-    out["config"] = config_key(s)
+    out["config"] = hashlib.sha1(config_key(s).encode()).hexdigest()[:10]
     return out
 
 
