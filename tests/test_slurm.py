@@ -204,3 +204,12 @@ def test_slurm_sigterm_is_interrupted_unless_cancel_was_asked(tmp_path, asked):
     assert st["state"] == ("cancelled" if asked else "interrupted"), st
     assert ("preemption or time limit" in st["error"]) != asked
     assert run.file("last.pt").exists()
+
+
+def test_tui_runs_table_shows_the_array_task_of_slurm_runs(fake_slurm):
+    from tui.watcher import StoreWatcher
+    from tui.widgets import cells
+    assert gr(fake_slurm, "run", "m.toml", "--backend", "slurm").returncode == 0
+    rows = StoreWatcher(fake_slurm["dir"] / "runs").scan()
+    assert sorted(r.slurm_job for r in rows) == ["4242_0", "4242_1", "4242_2"]
+    assert sorted(cells(r)["state"].plain for r in rows) == ["queued 4242_0", "queued 4242_1", "queued 4242_2"]

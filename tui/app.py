@@ -124,10 +124,13 @@ class GaussregApp(App):
 
     @work(thread=True, group="control")
     def _control(self, what: str, run_id: str) -> None:
+        from gaussreg import slurm
         from gaussreg.scheduler import ControlError, cancel_run, rerun
         run = RunDir(self.store_root / run_id)
         try:
-            if what == "cancel":
+            if what == "cancel" and _on_slurm(run):  # scancel its array task
+                self.call_from_thread(self.notify, f"{run_id}: {slurm.cancel(run)}")
+            elif what == "cancel":
                 pid = cancel_run(run)
                 self.call_from_thread(self.notify, f"sent SIGTERM to {run_id} (pid {pid})")
             else:
@@ -170,3 +173,12 @@ class GaussregApp(App):
 
 def run_app(store: str = "runs", manifest: str = "experiments.toml") -> None:
     GaussregApp(store, manifest).run()
+
+
+def _on_slurm(run: RunDir) -> bool:
+    from gaussreg import slurm
+    from gaussreg.store import RunFileError
+    try:
+        return slurm.is_slurm(run.status())
+    except RunFileError:
+        return False
