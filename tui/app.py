@@ -79,7 +79,7 @@ class GaussregApp(App):
         for row in message.rows:
             self._rows[row.id] = row
         for screen in self.screen_stack:
-            if isinstance(screen, RunsScreen):
+            if isinstance(screen, RunsScreen) and screen.query("RunsTable"):  # not while composing or closing
                 screen.show_rows(message.rows, self.rows())
         self.loaded = True
 
