@@ -101,7 +101,7 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
                      "per_gpu": per_gpu, "sbatch_args": [a for x in sbatch_arg or [] for a in shlex.split(x)]}
         return _run_slurm(m, runs, Store(store), manifest, overrides, rerun, bool(follow), dry_run, data_dir)
     follow = True if follow is None else follow
-    per_gpu = per_gpu or 1
+    per_gpu = 1 if per_gpu is None else per_gpu
     try:
         slots = make_slots(parse_gpus(gpus), per_gpu, max_parallel)
     except ValueError as e:
