@@ -69,25 +69,54 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
         only: Optional[str] = typer.Option(None, help="Only experiments, run ids or methods matching this glob."),
         gpus: str = typer.Option("all", help="'all' (every visible GPU; none on a CPU box), 'none', or '0,1' "
                                               "(indices among the visible GPUs)."),
-        per_gpu: int = typer.Option(1, "--per-gpu", help="Runs sharing one GPU."),
+        per_gpu: Optional[int] = typer.Option(None, "--per-gpu", help="Runs sharing one GPU (default 1)."),
         max_parallel: Optional[int] = typer.Option(None, "--max-parallel",
                                                    help="At most this many runs at once (CPU default: 1)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="List the expanded runs and their ids; launch nothing."),
         rerun: bool = typer.Option(False, "--rerun", help="Train finished runs again."),
-        follow: bool = typer.Option(True, "--follow/--detach",
-                                    help="Watch until done (default), or start in the background and return."),
-        data_dir: Optional[Path] = DataDirOpt):
+        follow: Optional[bool] = typer.Option(None, "--follow/--detach",
+                                              help="Watch until done (default; with --backend slurm: return "
+                                                   "after submitting), or start in the background and return."),
+        data_dir: Optional[Path] = DataDirOpt,
+        backend: str = typer.Option("local", "--backend", help="local (this box) or slurm (sbatch array jobs)."),
+        partition: Optional[str] = typer.Option(None, "--partition", help="Slurm partition."),
+        time_limit: Optional[str] = typer.Option(None, "--time", help="Slurm time limit per task, e.g. 04:00:00."),
+        gpus_per_run: Optional[int] = typer.Option(None, "--gpus-per-run", help="Slurm: GPUs per run (default 0)."),
+        cpus_per_run: Optional[int] = typer.Option(None, "--cpus-per-run", help="Slurm: CPUs per run (default 1)."),
+        mem: Optional[str] = typer.Option(None, "--mem", help="Slurm: memory per run, e.g. 16G."),
+        array_parallelism: Optional[int] = typer.Option(None, "--array-parallelism",
+                                                        help="Slurm: at most K array tasks at once."),
+        sbatch_arg: Optional[List[str]] = typer.Option(None, "--sbatch-arg",
+                                                       help="Slurm: extra sbatch arguments (repeatable).")):
     """Run every configuration of a manifest, one worker process per run, then print the fair table."""
     from . import report
     from .launch import LaunchError, LaunchRequest, launch, plan
     from .scheduler import Scheduler
     from .store import Store
 
-    req = LaunchRequest(str(manifest), str(store), tuple(experiment or ()), only, gpus, per_gpu, max_parallel,
-                        rerun, str(data_dir) if data_dir else None)
+    if backend not in ("local", "slurm"):
+        fail(f"--backend must be 'local' or 'slurm', not {backend!r}")
+    if backend == "slurm":  # the login node's own GPUs say nothing about the cluster's: no local plan
+        import shlex
+        from . import manifest as mf
+        try:
+            m = mf.load(manifest, data_dir=str(data_dir) if data_dir else None)
+        except mf.ManifestError as e:
+            fail(str(e))
+        runs = [r for r in m.select(only) if not experiment or r.spec.get("experiment") in experiment]
+        if not runs:
+            fail(f"the experiments chosen (--experiment/--only) match no run in {manifest}")
+        overrides = {"partition": partition, "time": time_limit, "gpus_per_run": gpus_per_run,
+                     "cpus_per_run": cpus_per_run, "mem": mem, "array_parallelism": array_parallelism,
+                     "per_gpu": per_gpu, "sbatch_args": [a for x in sbatch_arg or [] for a in shlex.split(x)]}
+        return _run_slurm(m, runs, Store(store), manifest, overrides, rerun, bool(follow), dry_run, data_dir)
+    follow = True if follow is None else follow
+    req = LaunchRequest(str(manifest), str(store), tuple(experiment or ()), only, gpus,
+                        1 if per_gpu is None else per_gpu, max_parallel, rerun, str(data_dir) if data_dir else None)
     try:
         p = plan(req)
     except LaunchError as e:
+        fail(str(e))
         fail(str(e))
     runs, slots = p.runs, p.slots
     st = Store(store)
@@ -153,6 +182,54 @@ def _dry_run(p, st, manifest) -> None:
                       + (f"MISSING: {', '.join(gone)}" if gone else "present"), markup=False, highlight=False)
     for message in p.missing_data.values():
         console.print(message, markup=False, highlight=False)
+
+
+def _run_slurm(m, runs, st, manifest, overrides, rerun, follow, dry_run, data_dir):
+    """`gaussreg run --backend slurm`: one sbatch array job for the runs that need training."""
+    from . import data, report, slurm
+    try:
+        cfg = slurm.settings(m.slurm, overrides)
+    except slurm.SlurmConfigError as e:
+        fail(f"Slurm setting (flag or [slurm] in {manifest}) {e}")
+    if dry_run:
+        console.print(" ".join(slurm.sbatch_command(cfg, -(-len(runs) // cfg.per_gpu), Path("JOB.sh"),
+                                                    st.root / "_slurm" / "LAUNCH")), highlight=False, markup=False)
+        return
+    try:
+        slurm.require("sbatch", "squeue")
+    except slurm.SlurmError as e:
+        fail(str(e))
+    for name in sorted({r.spec["dataset"] for r in runs} - {"synthetic"}):
+        if data.find(name, data_dir) is None:
+            fail(data.missing_message(name, data_dir))
+    for e in m.experiments:
+        if any(r.spec["experiment"] == e.name for r in runs):
+            st.write_experiment(e.name, {"name": e.name, "tolerance": e.tolerance,
+                                         "manifest": str(Path(manifest).resolve())})
+    for r in runs:
+        st.create(r.spec, r.id)
+    try:
+        sub = slurm.submit(st, [r.id for r in runs], cfg, rerun=rerun)
+    except slurm.SlurmError as e:
+        fail(str(e))
+    for rid, why in sorted(sub.skipped.items()):
+        console.print(f"[dim]skipped[/] {rid}: {why}", highlight=False)
+    if sub.job_id:
+        console.print(f"submitted {len(sub.submitted)} run(s) as Slurm array job {sub.job_id} "
+                      f"({-(-len(sub.submitted) // cfg.per_gpu)} task(s)); script {sub.script}", highlight=False)
+    else:
+        console.print("nothing to submit", highlight=False)
+    if not follow:
+        console.print(f"watch with `gaussreg tui --store {st.root}`, `gaussreg ls --store {st.root}` or "
+                      f"`gaussreg run {manifest} --store {st.root} --backend slurm --follow`", highlight=False)
+        return
+    code = slurm.follow(st, [r.id for r in runs], console)
+    if code:
+        raise typer.Exit(code)
+    for e in sorted({r.spec["experiment"] for r in runs}):
+        console.print(report.render_rich(report.fair_table(st, e)))
+    states = [row["state"] for row in report.collect(st) if row["id"] in {r.id for r in runs}]
+    raise typer.Exit(0 if all(s == "completed" for s in states) else 1)
 
 
 # ---------------------------------------------------------------- reading the store
@@ -270,13 +347,17 @@ def ls(store: Path = StoreOpt,
     t.add_column("params", overflow="fold")
     for h in ("state", "acc %", "R %"):
         t.add_column(h, no_wrap=True, justify="right" if "%" in h else "left")
+    jobs = any(r.get("slurm_job") for r in rows)
+    if jobs:
+        t.add_column("slurm job", no_wrap=True)
     from .live import STATE_STYLE
     for r in rows:
         s, res = r["spec"] or {}, r["result"] or {}
         t.add_row(r["id"], f"{s.get('dataset', '?')}/{s.get('model', '?')}",
                   describe_params(s) if s else r.get("error", ""),
                   f"[{STATE_STYLE.get(r['state'], 'red')}]{r['state']}[/]",
-                  f"{res['test_accuracy'] * 100:.2f}" if res else "-", f"{res['robustness'] * 100:.2f}" if res else "-")
+                  f"{res['test_accuracy'] * 100:.2f}" if res else "-", f"{res['robustness'] * 100:.2f}" if res else "-",
+                  *([r.get("slurm_job") or "-"] if jobs else []))
     console.print(t)
 
 
@@ -317,12 +398,17 @@ def show(run_id: str = typer.Argument(..., help="A run id (or a unique prefix)."
 
 @app.command()
 def cancel(run_id: str = typer.Argument(..., help="A run id (or a unique prefix)."), store: Path = StoreOpt):
-    """Ask a running run's worker to stop (SIGTERM): it saves last.pt and becomes cancelled."""
+    """Ask a running run's worker to stop (SIGTERM; scancel for Slurm runs): it saves last.pt and becomes cancelled."""
+    from . import slurm
     from .scheduler import ControlError, cancel_run
+    from .store import RunFileError
     run = _get_run(store, run_id)
     try:
+        if slurm.is_slurm(run.status()):  # on a cluster: scancel, not a local signal
+            console.print(f"{run.id}: {slurm.cancel(run)}", highlight=False)
+            return
         pid = cancel_run(run)
-    except ControlError as e:
+    except (ControlError, RunFileError) as e:
         fail(str(e))
     console.print(f"sent SIGTERM to the worker of {run.id} (pid {pid})")
 

@@ -68,9 +68,11 @@ def collect(store: Store, experiment: Optional[str] = None) -> List[dict]:
             state = run.state(status)
             result = run.result() if state == "completed" else None
             error = status.get("error")
+            job = status.get("slurm_job")  # set for runs submitted with --backend slurm
         except RunFileError as e:
-            state, result, error = "corrupt", None, str(e)
-        rows.append({"id": run.id, "spec": spec, "state": state, "result": result, "error": error})
+            state, result, error, job = "corrupt", None, str(e), None
+        rows.append({"id": run.id, "spec": spec, "state": state, "result": result, "error": error,
+                     "slurm_job": job})
     return rows
 
 

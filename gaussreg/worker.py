@@ -21,7 +21,7 @@ import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import __version__
+from . import __version__, slurm
 from .spec import SpecError, resolve
 from .store import HEARTBEAT_S, RunDir, atomic_write_bytes, atomic_write_json, now_iso, try_lock
 
@@ -364,7 +364,7 @@ def main(argv=None) -> int:
         return EXIT_LOCKED
     status = Status(run, state="running", pid=os.getpid(), host=socket.gethostname(), device=None,
                     started_at=now_iso(), finished_at=None, epoch=0, max_epochs=None, error=None,
-                    cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
+                    cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"), **slurm.worker_fields())
 
     def fail(message: str, state: str = "failed", **extra) -> None:
         log(f"{state}: {message}")
@@ -400,8 +400,8 @@ def main(argv=None) -> int:
                 result = train(spec, run, args.resume, lambda: "signal" in flag, status, log)
             except Cancelled:
                 sig = flag.get("signal", signal.SIGTERM)
-                fail(f"cancelled by {signal.Signals(sig).name}; last.pt holds the last finished epoch",
-                     "cancelled")
+                state, message = slurm.stop_state(run, sig)  # under Slurm, SIGTERM may be preemption
+                fail(message, state)
                 return 128 + sig
             except Diverged as e:
                 fail(str(e), "diverged", diverged_epoch=e.epoch, diverged_term=e.term)

@@ -128,8 +128,8 @@ class GaussregApp(App):
 
     def _refused(self, run_id: str, allowed: tuple, what: str) -> bool:
         row = self._rows.get(run_id)
-        if row is None or row.state in allowed:
-            return False
+        if row is None or row.state in allowed or (what == "cancel" and row.slurm_job and row.state == "queued"):
+            return False  # a queued Slurm run can be cancelled: scancel drops its pending task
         hint = {"completed": " (to train a completed run again: gaussreg run --rerun)",
                 "running": " (cancel it first with x)"}.get(row.state, "")
         self.notify(f"{what} refused: run {run_id} is {row.state}; only {', '.join(allowed)} runs can be"
@@ -156,10 +156,13 @@ class GaussregApp(App):
 
     @work(thread=True, group="control")
     def _control(self, what: str, run_id: str) -> None:
+        from gaussreg import slurm
         from gaussreg.scheduler import ControlError, cancel_run, rerun
         run = RunDir(self.store_root / run_id)
         try:
-            if what == "cancel":
+            if what == "cancel" and _on_slurm(run):  # scancel its array task
+                self.call_from_thread(self.notify, f"{run_id}: {slurm.cancel(run)}", markup=False)
+            elif what == "cancel":
                 pid = cancel_run(run)
                 self.call_from_thread(self.notify, f"sent SIGTERM to {run_id} (pid {pid})")
             else:
@@ -202,3 +205,12 @@ class GaussregApp(App):
 
 def run_app(store: str = "runs", manifest: str = "experiments.toml") -> None:
     GaussregApp(store, manifest).run()
+
+
+def _on_slurm(run: RunDir) -> bool:
+    from gaussreg import slurm
+    from gaussreg.store import RunFileError
+    try:
+        return slurm.is_slurm(run.status())
+    except RunFileError:
+        return False

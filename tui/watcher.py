@@ -37,6 +37,7 @@ class RunRow:
     robustness: Optional[float] = None
     duration: Optional[float] = None
     error: Optional[str] = None
+    slurm_job: Optional[str] = None  # "JOBID_INDEX" for runs submitted with --backend slurm
 
 
 @dataclass
@@ -131,7 +132,7 @@ class StoreWatcher:
         return RunRow(run.id, s.get("experiment", ""), s.get("dataset", ""), s.get("model", ""), s.get("method", ""),
                       describe_params(s, with_seed=False), s.get("seed"), state, epoch, s.get("max_epochs"), best,
                       res.get("test_accuracy") if res else None, res.get("robustness") if res else None,
-                      duration, tr.status.get("error"))
+                      duration, tr.status.get("error"), tr.status.get("slurm_job"))
 
     def scan(self) -> List[RunRow]:
         """Rows that are new or changed since the previous scan."""

@@ -46,7 +46,9 @@ def cells(row: RunRow) -> Dict[str, object]:
     return {
         "id": short_id(row.id), "seed": "-" if row.seed is None else str(row.seed),
         "experiment": row.experiment, "dataset": row.dataset, "model": row.model, "method": row.method,
-        "params": row.params, "state": Text(row.state, style=STATE_STYLE.get(row.state, "")),
+        "params": row.params,
+        "state": Text(row.state, style=STATE_STYLE.get(row.state, ""))
+        + (Text(f" {row.slurm_job}", style="dim") if row.slurm_job else ""),  # Slurm runs: their array task
         "epoch": f"{row.epoch}/{row.max_epochs}" if row.max_epochs else str(row.epoch),
         "best_val_acc": pct(row.best_val_acc), "test_acc": pct(row.test_acc), "robustness": pct(row.robustness),
         "duration": duration(row.duration)}
