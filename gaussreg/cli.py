@@ -49,6 +49,11 @@ class TableFormat(str, Enum):
     json = "json"
 
 
+class Selection(str, Enum):
+    validation = "validation"
+    test = "test"
+
+
 class ListFormat(str, Enum):
     table = "table"
     json = "json"
@@ -59,52 +64,77 @@ class ListFormat(str, Enum):
 @app.command()
 def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The experiment manifest (TOML)."),
         store: Path = StoreOpt,
+        experiment: Optional[List[str]] = typer.Option(None, "--experiment",
+                                                       help="Only this experiment (exact name; repeat for more)."),
         only: Optional[str] = typer.Option(None, help="Only experiments, run ids or methods matching this glob."),
-        gpus: str = typer.Option("all", help="'all' (every visible GPU; none on a CPU box), 'none', or '0,1'."),
-        per_gpu: int = typer.Option(1, "--per-gpu", help="Runs sharing one GPU."),
+        gpus: str = typer.Option("all", help="'all' (every visible GPU; none on a CPU box), 'none', or '0,1' "
+                                              "(indices among the visible GPUs)."),
+        per_gpu: Optional[int] = typer.Option(None, "--per-gpu", help="Runs sharing one GPU (default 1)."),
         max_parallel: Optional[int] = typer.Option(None, "--max-parallel",
                                                    help="At most this many runs at once (CPU default: 1)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="List the expanded runs and their ids; launch nothing."),
         rerun: bool = typer.Option(False, "--rerun", help="Train finished runs again."),
-        follow: bool = typer.Option(True, "--follow/--detach",
-                                    help="Watch until done (default), or start in the background and return."),
-        data_dir: Optional[Path] = DataDirOpt):
+        follow: Optional[bool] = typer.Option(None, "--follow/--detach",
+                                              help="Watch until done (default; with --backend slurm: return "
+                                                   "after submitting), or start in the background and return."),
+        data_dir: Optional[Path] = DataDirOpt,
+        backend: str = typer.Option("local", "--backend", help="local (this box) or slurm (sbatch array jobs)."),
+        partition: Optional[str] = typer.Option(None, "--partition", help="Slurm partition."),
+        time_limit: Optional[str] = typer.Option(None, "--time", help="Slurm time limit per task, e.g. 04:00:00."),
+        gpus_per_run: Optional[int] = typer.Option(None, "--gpus-per-run", help="Slurm: GPUs per run (default 0)."),
+        cpus_per_run: Optional[int] = typer.Option(None, "--cpus-per-run", help="Slurm: CPUs per run (default 1)."),
+        mem: Optional[str] = typer.Option(None, "--mem", help="Slurm: memory per run, e.g. 16G."),
+        array_parallelism: Optional[int] = typer.Option(None, "--array-parallelism",
+                                                        help="Slurm: at most K array tasks at once."),
+        sbatch_arg: Optional[List[str]] = typer.Option(None, "--sbatch-arg",
+                                                       help="Slurm: extra sbatch arguments (repeatable).")):
     """Run every configuration of a manifest, one worker process per run, then print the fair table."""
-    from . import data, manifest as mf, report
-    from .scheduler import Scheduler, make_slots, parse_gpus
+    from . import report
+    from .launch import LaunchError, LaunchRequest, launch, plan
+    from .scheduler import Scheduler
     from .store import Store
 
+    if backend not in ("local", "slurm"):
+        fail(f"--backend must be 'local' or 'slurm', not {backend!r}")
+    if backend == "slurm":  # the login node's own GPUs say nothing about the cluster's: no local plan
+        import shlex
+        from . import manifest as mf
+        try:
+            m = mf.load(manifest, data_dir=str(data_dir) if data_dir else None)
+        except mf.ManifestError as e:
+            fail(str(e))
+        runs = [r for r in m.select(only) if not experiment or r.spec.get("experiment") in experiment]
+        if not runs:
+            fail(f"the experiments chosen (--experiment/--only) match no run in {manifest}")
+        overrides = {"partition": partition, "time": time_limit, "gpus_per_run": gpus_per_run,
+                     "cpus_per_run": cpus_per_run, "mem": mem, "array_parallelism": array_parallelism,
+                     "per_gpu": per_gpu, "sbatch_args": [a for x in sbatch_arg or [] for a in shlex.split(x)]}
+        return _run_slurm(m, runs, Store(store), manifest, overrides, rerun, bool(follow), dry_run, data_dir)
+    follow = True if follow is None else follow
+    req = LaunchRequest(str(manifest), str(store), tuple(experiment or ()), only, gpus,
+                        1 if per_gpu is None else per_gpu, max_parallel, rerun, str(data_dir) if data_dir else None)
     try:
-        m = mf.load(manifest, data_dir=str(data_dir) if data_dir else None)
-    except mf.ManifestError as e:
+        p = plan(req)
+    except LaunchError as e:
         fail(str(e))
-    runs = m.select(only)
-    if not runs:
-        fail(f"--only {only!r} matches no experiment, run id or method in {manifest}")
-    try:
-        slots = make_slots(parse_gpus(gpus), per_gpu, max_parallel)
-    except ValueError as e:
         fail(str(e))
+    runs, slots = p.runs, p.slots
     st = Store(store)
     if dry_run:
-        t = Table(title=f"{len(runs)} runs from {manifest} on {len(slots)} slot(s)", title_justify="left")
-        for h in ("run id", "dataset", "model", "method", "params", "state"):
-            t.add_column(h, overflow="fold")
-        from .spec import describe_params
-        from .store import RunDir
-        for r in runs:
-            rd = RunDir(st.root / r.id)
-            state = rd.state() if rd.file("spec.json").exists() else "new"
-            t.add_row(r.id, r.spec["dataset"], r.spec["model"], r.spec["method"], describe_params(r.spec), state)
-        console.print(t)
+        _dry_run(p, st, manifest)
         return
-    for name in sorted({r.spec["dataset"] for r in runs} - {"synthetic"}):
-        if data.find(name, data_dir) is None:
-            fail(data.missing_message(name, data_dir))
+    if p.missing_data:
+        fail(next(iter(p.missing_data.values())))
     if not follow:
-        _detach(manifest, store, only, gpus, per_gpu, max_parallel, rerun, data_dir)
+        try:
+            info = launch(req)
+        except LaunchError as e:
+            fail(str(e))
+        console.print(f"started in the background (pid {info['pid']}); log: {info['log']}\n"
+                      f"watch with `gaussreg tui --store {store}`, `gaussreg ls --store {store}` or "
+                      f"`gaussreg table --store {store}`", highlight=False, markup=False)
         return
-    for e in m.experiments:
+    for e in p.manifest.experiments:
         if any(r.spec["experiment"] == e.name for r in runs):
             st.write_experiment(e.name, {"name": e.name, "tolerance": e.tolerance,
                                          "manifest": str(Path(manifest).resolve())})
@@ -128,17 +158,78 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
     raise typer.Exit(summary.exit_code())
 
 
-def _detach(manifest, store, only, gpus, per_gpu, max_parallel, rerun, data_dir):
-    from .scheduler import detach_run
-    from .store import Store
-    argv = [str(manifest), "--store", str(store), "--gpus", gpus, "--per-gpu", str(per_gpu)]
-    argv += ["--only", only] if only else []
-    argv += ["--max-parallel", str(max_parallel)] if max_parallel else []
-    argv += ["--rerun"] if rerun else []
-    argv += ["--data-dir", str(data_dir)] if data_dir else []
-    info = detach_run(argv, Store(store), only or str(manifest))
-    console.print(f"started in the background (pid {info['pid']}); log: {info['log']}\n"
-                  f"watch with `gaussreg ls --store {store}` or `gaussreg table --store {store}`")
+def _dry_run(p, st, manifest) -> None:
+    """What a launch would do, per experiment: runs new/done, and whether its data is there."""
+    from .spec import describe_params
+    from .store import RunDir
+    runs, slots = p.runs, p.slots
+    t = Table(title=f"{len(runs)} run{'s' if len(runs) != 1 else ''} from {manifest} on {len(slots)} slot(s)",
+              title_justify="left")
+    for h in ("run id", "dataset", "model", "method", "params", "state"):
+        t.add_column(h, overflow="fold")
+    per_exp = {}
+    for r in runs:
+        rd = RunDir(st.root / r.id)
+        state = rd.state() if rd.file("spec.json").exists() else "new"
+        t.add_row(r.id, r.spec["dataset"], r.spec["model"], r.spec["method"], describe_params(r.spec), state)
+        counts = per_exp.setdefault(r.spec["experiment"], {"new": 0, "done": 0, "other": 0, "datasets": set()})
+        counts["new" if state == "new" else "done" if state in ("completed", "diverged") else "other"] += 1
+        counts["datasets"].add(r.spec["dataset"])
+    console.print(t)
+    for name, c in per_exp.items():
+        gone = sorted(c["datasets"] & set(p.missing_data))
+        console.print(f"{name}: {c['new']} new, {c['done']} done, {c['other']} to resume or retry; data "
+                      + (f"MISSING: {', '.join(gone)}" if gone else "present"), markup=False, highlight=False)
+    for message in p.missing_data.values():
+        console.print(message, markup=False, highlight=False)
+
+
+def _run_slurm(m, runs, st, manifest, overrides, rerun, follow, dry_run, data_dir):
+    """`gaussreg run --backend slurm`: one sbatch array job for the runs that need training."""
+    from . import data, report, slurm
+    try:
+        cfg = slurm.settings(m.slurm, overrides)
+    except slurm.SlurmConfigError as e:
+        fail(f"Slurm setting (flag or [slurm] in {manifest}) {e}")
+    if dry_run:
+        console.print(" ".join(slurm.sbatch_command(cfg, -(-len(runs) // cfg.per_gpu), Path("JOB.sh"),
+                                                    st.root / "_slurm" / "LAUNCH")), highlight=False, markup=False)
+        return
+    try:
+        slurm.require("sbatch", "squeue")
+    except slurm.SlurmError as e:
+        fail(str(e))
+    for name in sorted({r.spec["dataset"] for r in runs} - {"synthetic"}):
+        if data.find(name, data_dir) is None:
+            fail(data.missing_message(name, data_dir))
+    for e in m.experiments:
+        if any(r.spec["experiment"] == e.name for r in runs):
+            st.write_experiment(e.name, {"name": e.name, "tolerance": e.tolerance,
+                                         "manifest": str(Path(manifest).resolve())})
+    for r in runs:
+        st.create(r.spec, r.id)
+    try:
+        sub = slurm.submit(st, [r.id for r in runs], cfg, rerun=rerun)
+    except slurm.SlurmError as e:
+        fail(str(e))
+    for rid, why in sorted(sub.skipped.items()):
+        console.print(f"[dim]skipped[/] {rid}: {why}", highlight=False)
+    if sub.job_id:
+        console.print(f"submitted {len(sub.submitted)} run(s) as Slurm array job {sub.job_id} "
+                      f"({-(-len(sub.submitted) // cfg.per_gpu)} task(s)); script {sub.script}", highlight=False)
+    else:
+        console.print("nothing to submit", highlight=False)
+    if not follow:
+        console.print(f"watch with `gaussreg tui --store {st.root}`, `gaussreg ls --store {st.root}` or "
+                      f"`gaussreg run {manifest} --store {st.root} --backend slurm --follow`", highlight=False)
+        return
+    code = slurm.follow(st, [r.id for r in runs], console)
+    if code:
+        raise typer.Exit(code)
+    for e in sorted({r.spec["experiment"] for r in runs}):
+        console.print(report.render_rich(report.fair_table(st, e)))
+    states = [row["state"] for row in report.collect(st) if row["id"] in {r.id for r in runs}]
+    raise typer.Exit(0 if all(s == "completed" for s in states) else 1)
 
 
 # ---------------------------------------------------------------- reading the store
@@ -147,25 +238,92 @@ def _detach(manifest, store, only, gpus, per_gpu, max_parallel, rerun, data_dir)
 def table(store: Path = StoreOpt,
           experiment: Optional[str] = typer.Option(None, help="Only this experiment."),
           tolerance: Optional[float] = typer.Option(None, help="Override the manifest's tolerance (a fraction)."),
-          format: TableFormat = typer.Option(TableFormat.table, "--format", help="table, markdown, csv or json.")):
-    """The fair comparison: among runs within `tolerance` of the baseline's accuracy, the most robust per method."""
+          format: TableFormat = typer.Option(TableFormat.table, "--format", help="table, markdown, csv or json."),
+          select: Selection = typer.Option(Selection.validation, "--select",
+                                           help="Decide eligibility and the best on validation (default) or test "
+                                                "numbers (the paper's procedure)."),
+          show_all: bool = typer.Option(False, "--all", help="Also list every configuration with its eligibility "
+                                                             "and the reason, by robustness.")):
+    """The fair comparison: among configurations within `tolerance` of the baseline's accuracy, the most robust
+    per method; test numbers, mean ± std over seeds."""
     from . import report
     from .store import Store
     if tolerance is not None and not 0 <= tolerance <= 1:
         fail(f"--tolerance must be a fraction in [0, 1], not {tolerance}")
     if not store.is_dir():
         fail(f"the store {store} does not exist")
-    t = report.fair_table(Store(store), experiment, tolerance)
+    t = report.fair_table(Store(store), experiment, tolerance, select.value)
     if experiment and not t["experiments"]:
         fail(f"no runs of experiment {experiment!r} in {store}")
     if format == TableFormat.json:
         print(json.dumps(t, indent=2))
     elif format == TableFormat.markdown:
-        print(report.render_markdown(t))
+        print(report.render_markdown(t, show_all))
     elif format == TableFormat.csv:
-        print(report.render_csv(t), end="")
+        print(report.render_csv(t, show_all), end="")
     else:
-        console.print(report.render_rich(t))
+        console.print(report.render_rich(t, show_all))
+
+
+class PlotFormat(str, Enum):
+    png = "png"
+    svg = "svg"
+    pdf = "pdf"
+
+
+@app.command()
+def plot(store: Path = StoreOpt,
+         experiment: Optional[str] = typer.Option(None, help="Only this experiment."),
+         out: Path = typer.Option(Path("figures"), "--out", help="Folder for the figures."),
+         format: PlotFormat = typer.Option(PlotFormat.png, "--format", help="png, svg or pdf."),
+         select: Selection = typer.Option(Selection.validation, "--select", help="validation or test selection.")):
+    """Figures of the fair comparison: accuracy vs R per run, best per training sigma, robustness curves."""
+    from . import plot as plots
+    from .store import Store
+    if not store.is_dir():
+        fail(f"the store {store} does not exist")
+    try:
+        paths = plots.plot(Store(store), out, experiment, format.value, select.value)
+    except plots.PlotsUnavailable as e:
+        from rich.markup import escape
+        fail(escape(str(e)))
+    except OSError as e:
+        fail(f"cannot write figures into {out}: {e.strerror or e}")
+    if not paths:
+        fail(f"no runs{' of experiment ' + repr(experiment) if experiment else ''} in {store}")
+    for p in paths:
+        console.print(str(p), highlight=False, markup=False)
+
+
+class ExportFormat(str, Enum):
+    csv = "csv"
+    jsonl = "jsonl"
+
+
+class ExportWhat(str, Enum):
+    runs = "runs"
+    epochs = "epochs"
+    sigmas = "sigmas"
+
+
+@app.command()
+def export(store: Path = StoreOpt,
+           what: ExportWhat = typer.Option(ExportWhat.runs, "--what",
+                                           help="One row per run, per epoch, or per (run, split, sigma)."),
+           format: ExportFormat = typer.Option(ExportFormat.csv, "--format", help="csv or jsonl."),
+           experiment: Optional[str] = typer.Option(None, help="Only this experiment.")):
+    """The store in long format on stdout, for pandas (pd.read_csv / pd.read_json(lines=True))."""
+    from . import export as ex
+    from .store import Store
+    if not store.is_dir():
+        fail(f"the store {store} does not exist")
+    import sys
+    try:
+        sys.stdout.write(ex.export(Store(store), what.value, format.value, experiment))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `gaussreg export | head` is fine
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 @app.command("ls")
@@ -189,13 +347,17 @@ def ls(store: Path = StoreOpt,
     t.add_column("params", overflow="fold")
     for h in ("state", "acc %", "R %"):
         t.add_column(h, no_wrap=True, justify="right" if "%" in h else "left")
+    jobs = any(r.get("slurm_job") for r in rows)
+    if jobs:
+        t.add_column("slurm job", no_wrap=True)
     from .live import STATE_STYLE
     for r in rows:
         s, res = r["spec"] or {}, r["result"] or {}
         t.add_row(r["id"], f"{s.get('dataset', '?')}/{s.get('model', '?')}",
                   describe_params(s) if s else r.get("error", ""),
                   f"[{STATE_STYLE.get(r['state'], 'red')}]{r['state']}[/]",
-                  f"{res['test_accuracy'] * 100:.2f}" if res else "-", f"{res['robustness'] * 100:.2f}" if res else "-")
+                  f"{res['test_accuracy'] * 100:.2f}" if res else "-", f"{res['robustness'] * 100:.2f}" if res else "-",
+                  *([r.get("slurm_job") or "-"] if jobs else []))
     console.print(t)
 
 
@@ -236,12 +398,17 @@ def show(run_id: str = typer.Argument(..., help="A run id (or a unique prefix)."
 
 @app.command()
 def cancel(run_id: str = typer.Argument(..., help="A run id (or a unique prefix)."), store: Path = StoreOpt):
-    """Ask a running run's worker to stop (SIGTERM): it saves last.pt and becomes cancelled."""
+    """Ask a running run's worker to stop (SIGTERM; scancel for Slurm runs): it saves last.pt and becomes cancelled."""
+    from . import slurm
     from .scheduler import ControlError, cancel_run
+    from .store import RunFileError
     run = _get_run(store, run_id)
     try:
+        if slurm.is_slurm(run.status()):  # on a cluster: scancel, not a local signal
+            console.print(f"{run.id}: {slurm.cancel(run)}", highlight=False)
+            return
         pid = cancel_run(run)
-    except ControlError as e:
+    except (ControlError, RunFileError) as e:
         fail(str(e))
     console.print(f"sent SIGTERM to the worker of {run.id} (pid {pid})")
 

@@ -266,6 +266,27 @@ def split_indices(n: int, val_fraction: float = 0.1, split_seed: int = 0):
     return perm[n_val:], perm[:n_val]
 
 
+def stratified(indices, labels, k: int):
+    """k of `indices`, with each class in proportion to its share of `indices` (largest
+    remainder), the first ones of each class in the given (seeded, random) order, which
+    is kept. Balanced pools give balanced subsets: 100 per class for 1,000 of MNIST."""
+    import torch
+    if k >= len(indices):
+        return indices
+    y = labels[indices]
+    classes, counts = torch.unique(y, return_counts=True)
+    exact = counts.double() * k / len(indices)
+    quota = exact.floor().long()
+    # the remaining images go to the classes with the largest remainders (ties: lower class)
+    order = sorted(range(len(classes)), key=lambda i: (-(exact[i] - quota[i]).item(), i))
+    for i in order[:k - int(quota.sum())]:
+        quota[i] += 1
+    keep = torch.zeros(len(indices), dtype=torch.bool)
+    for c, q in zip(classes.tolist(), quota.tolist()):
+        keep[torch.nonzero(y == c).flatten()[:q]] = True
+    return indices[keep]
+
+
 def load(name: str, data_dir=None, *, split_seed: int = 0, val_fraction: float = 0.1,
          train_subset: Optional[int] = None, test_subset: Optional[int] = None,
          device="cpu") -> Splits:
@@ -273,18 +294,20 @@ def load(name: str, data_dir=None, *, split_seed: int = 0, val_fraction: float =
 
     The validation split is 10% of the official training set chosen by split_seed
     (fixed, so runs of one dataset are comparable). `train_subset` keeps that many of
-    the remaining training images, `test_subset` that many test images, both by a
-    seeded permutation so classes stay balanced."""
+    the remaining training images (and a validation set of proportionate size),
+    `test_subset` that many test images, all stratified by class (`stratified`) from a
+    permutation seeded by split_seed."""
     import torch
     x, y = load_raw(name, "train", data_dir)
     tx, ty = load_raw(name, "test", data_dir)
     tr, va = split_indices(len(y), val_fraction, split_seed)
     if train_subset:
-        tr = tr[:train_subset]
+        tr = stratified(tr, y, train_subset)
         # keep the validation set proportionate to the subset so it stays cheap
-        va = va[:max(1, int(round(train_subset * val_fraction / (1 - val_fraction))))]
+        va = stratified(va, y, max(1, int(round(train_subset * val_fraction / (1 - val_fraction)))))
     if test_subset and test_subset < len(ty):
-        keep = torch.randperm(len(ty), generator=torch.Generator().manual_seed(split_seed + 1))[:test_subset]
+        keep = stratified(torch.randperm(len(ty), generator=torch.Generator().manual_seed(split_seed + 1)),
+                          ty, test_subset)
         tx, ty = tx[keep], ty[keep]
 
     def to(t_x, t_y):

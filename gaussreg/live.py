@@ -22,12 +22,14 @@ class RunTail:
     """The newest epoch and progress events of one run, read incrementally."""
 
     def __init__(self, run: RunDir):
-        self.run, self.offset = run, 0
+        self.run, self.events = run, run.tail()
         self.epoch, self.progress = None, None
         self.spec = run.spec()
 
     def update(self) -> None:
-        events, self.offset = self.run.events(self.offset)
+        events, restarted = self.events.read()
+        if restarted:
+            self.epoch = self.progress = None
         for e in events:
             if e.get("type") == "epoch":
                 self.epoch = e

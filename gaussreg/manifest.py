@@ -24,7 +24,7 @@ from .spec import PARAMS, SCALARS, TABLES, SpecError, resolve, run_id
 
 RUN_KEYS = (set(SCALARS) - {"experiment", "data_dir"}) | {"optimizer", "robustness", "certify"}
 EXPERIMENT_KEYS = RUN_KEYS | {"name", "tolerance", "methods", "seeds"}
-TOP_KEYS = {"defaults", "experiment"}
+TOP_KEYS = {"defaults", "experiment", "slurm"}
 
 
 class ManifestError(Exception):
@@ -51,6 +51,7 @@ class Experiment:
 class Manifest:
     path: Path
     experiments: List[Experiment]
+    slurm: dict = field(default_factory=dict)  # the optional [slurm] table (gaussreg.slurm.settings)
 
     def runs(self) -> List[PlannedRun]:
         return [r for e in self.experiments for r in e.runs]
@@ -126,6 +127,14 @@ def load(path, data_dir: Optional[str] = None) -> Manifest:
     for key in doc:
         if key not in TOP_KEYS:
             raise err(None, [key], "unknown top-level key" + _suggest(key, TOP_KEYS))
+    slurm_table = doc.get("slurm", {})
+    if not isinstance(slurm_table, dict):
+        raise err(None, ["slurm"], "must be a table")
+    from .slurm import SlurmConfigError, settings
+    try:
+        settings(slurm_table)
+    except SlurmConfigError as e:
+        raise err(None, ["slurm", e.key], str(e).split(": ", 1)[1]) from None
     defaults = doc.get("defaults", {})
     if not isinstance(defaults, dict):
         raise err(None, ["defaults"], "must be a table")
@@ -206,4 +215,4 @@ def load(path, data_dir: Optional[str] = None) -> Manifest:
             dup = next(x for x in ids if ids.count(x) > 1)
             raise err(sec, ["methods"], f"two grid points give the same run ({dup}): a grid repeats a value")
         out.append(exp_out)
-    return Manifest(path, out)
+    return Manifest(path, out, slurm_table)

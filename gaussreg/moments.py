@@ -98,13 +98,15 @@ class _ReluMean(torch.autograd.Function):
             _moments_into(m, _rows_of(scaled, sl, nd), _rows_of(ninv, sl, nd), cdf[sl], pdf[sl], t_part[sl])
             if with_relu:
                 torch.clamp_min(m, 0, out=out[:n][sl])
-        ctx.save_for_backward(cdf, pdf)
+        # the relu branch's gradient mask is [mu > 0] = [relu(mu) > 0], read from the output:
+        # [Phi(a) > 1/2] would be 0 in float32 for 0 < mu < ~1e-7 sigma
+        ctx.save_for_backward(cdf, pdf, out[:n] if with_relu else cdf)
         ctx.shapes, ctx.with_relu = (mu.shape, sigma.shape), with_relu
         return out
 
     @staticmethod
     def backward(ctx, grad, *_):
-        cdf, pdf = ctx.saved_tensors
+        cdf, pdf, relu_out = ctx.saved_tensors
         mu_shape, sigma_shape = ctx.shapes
         n = cdf.shape[0] if cdf.ndim else 1
         g_relu, g_t = (grad[:n], grad[n:]) if ctx.with_relu else (None, grad)
@@ -118,8 +120,8 @@ class _ReluMean(torch.autograd.Function):
             if g_mu is not None:
                 gm = g_mu[sl]
                 torch.mul(gt, c, out=gm)
-                if g_relu is not None:  # relu'(mu) = [mu > 0] = [Phi(a) > 1/2]
-                    gm.addcmul_(g_relu[sl], (c > 0.5).to(c.dtype))
+                if g_relu is not None:  # relu'(mu) = [mu > 0]
+                    gm.addcmul_(g_relu[sl], (relu_out[sl] > 0).to(c.dtype))
             if batch_sum:
                 part = (gt * pdf[sl]).sum(0, keepdim=True)
                 g_sigma = part if g_sigma is None else g_sigma + part

@@ -266,12 +266,12 @@ def run_id(spec: dict) -> str:
     return f"{spec.get('experiment') or 'run'}-{spec['method']}-{digest}"
 
 
-def describe_params(spec: dict) -> str:
+def describe_params(spec: dict, with_seed: bool = True) -> str:
     """`sigma=0.25 alpha=1` for tables and live views; parameters left at their
-    default are not shown."""
+    default are not shown (nor the seed where a view has a column for it)."""
     schema = PARAMS.get(spec.get("method"), {})
     items = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in spec.get("params", {}).items()
              if k not in schema or schema[k][1] is None or schema[k][1] != v]
-    if spec.get("seed"):
+    if with_seed and spec.get("seed"):
         items.append(f"seed={spec['seed']}")
     return " ".join(items)

@@ -95,6 +95,12 @@ def read_events(path: Path, offset: int = 0) -> Tuple[List[dict], int]:
             chunk = f.read()
     except FileNotFoundError:
         return [], offset
+    events, used = parse_events(chunk)
+    return events, offset + used
+
+
+def parse_events(chunk: bytes) -> Tuple[List[dict], int]:
+    """The events in the complete lines of `chunk`, and how many bytes those lines span."""
     end = chunk.rfind(b"\n") + 1
     events = []
     for line in chunk[:end].splitlines():
@@ -103,7 +109,7 @@ def read_events(path: Path, offset: int = 0) -> Tuple[List[dict], int]:
                 events.append(json.loads(line))
             except json.JSONDecodeError:
                 continue  # a torn line from a crash mid-write; the run goes on after it
-    return events, offset + end
+    return events, end
 
 
 def pid_alive(pid) -> bool:
@@ -158,6 +164,10 @@ class RunDir:
 
     def events(self, offset: int = 0) -> Tuple[List[dict], int]:
         return read_events(self.file("events.jsonl"), offset)
+
+    def tail(self) -> "EventTail":
+        """A reader of this run's events that follows appends and notices a new file."""
+        return EventTail(self)
 
     def epochs(self) -> List[dict]:
         """Epoch events, one per epoch: after a resume the later record of an epoch wins."""
@@ -292,3 +302,42 @@ class Store:
         except RunFileError:
             return {}
         return e if isinstance(e, dict) else {}
+
+
+class EventTail:
+    """Follows one run's events.jsonl from a byte offset, for every reader (CLI live view,
+    TUI). A rerun starts the file anew (the scheduler deletes it, a fresh worker truncates
+    it), possibly growing past the old offset before the next read: the tail notices by the
+    file's identity and first line, restarts at 0 and says so, so readers drop what they had."""
+
+    HEAD = 4096  # the first line (the start event) is far shorter
+
+    def __init__(self, run: RunDir):
+        self.path = run.file("events.jsonl")
+        self.offset = 0
+        self._ident = None
+
+    def read(self) -> Tuple[List[dict], bool]:
+        """(new complete events, restarted): restarted means the file is not the one read
+        so far, and the events are from its beginning."""
+        try:
+            f = open(self.path, "rb")
+        except FileNotFoundError:
+            restarted, self.offset, self._ident = self.offset > 0, 0, None
+            return [], restarted
+        with f:
+            st = os.fstat(f.fileno())
+            head = f.read(self.HEAD).split(b"\n", 1)[0]
+            restarted = self.offset > 0 and ((st.st_dev, st.st_ino, head) != self._ident
+                                             or st.st_size < self.offset)
+            if restarted:
+                self.offset = 0
+            f.seek(self.offset)
+            chunk = f.read()
+        if self.offset == 0:
+            head = chunk[:self.HEAD].split(b"\n", 1)[0]  # the first line as complete as this read has it
+        events, used = parse_events(chunk)
+        self.offset += used
+        if self.offset:
+            self._ident = (st.st_dev, st.st_ino, head)
+        return events, restarted

@@ -21,13 +21,18 @@ import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import __version__
+from . import __version__, slurm
 from .spec import SpecError, resolve
 from .store import HEARTBEAT_S, RunDir, atomic_write_bytes, atomic_write_json, now_iso, try_lock
 
 EXIT_BAD_INPUT = 2
 EXIT_LOCKED = 3
 PROGRESS_EVERY_S = 0.5
+# Validation robustness (for selecting on validation): the first images of the validation
+# split (a seeded permutation shared by every run of a dataset), and the same noise for
+# every run, so configurations are compared on identical noisy images.
+VAL_ROBUSTNESS_IMAGES = 1000
+VAL_ROBUSTNESS_SEED = 0
 
 
 class Cancelled(Exception):
@@ -298,6 +303,9 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
         rob = robustness(model, splits.test_x, splits.test_y, sigmas=rcfg["sigmas"], samples=rcfg["samples"],
                          seed=seed, clip=rcfg["clip"])
         rob_time = time.time() - t0
+        nv = min(VAL_ROBUSTNESS_IMAGES, len(splits.val_y))
+        vrob = robustness(model, splits.val_x[:nv], splits.val_y[:nv], sigmas=rcfg["sigmas"], samples=rcfg["samples"],
+                          seed=VAL_ROBUSTNESS_SEED, clip=rcfg["clip"])
         events.emit("test", test_accuracy=test["accuracy"], test_loss=test["ce"], robustness=rob.score,
                     sigmas=rob.sigmas, per_sigma=rob.per_sigma, accuracy_per_sigma=rob.accuracy_per_sigma,
                     eval_time=rob_time)
@@ -313,6 +321,8 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
         "accuracy_per_sigma": rob.accuracy_per_sigma, "robustness_samples": rob.samples,
         "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
         "best_val_loss": state["best_val_loss"], "best_val_accuracy": state.get("best_val_accuracy"),
+        "val_robustness": vrob.score, "val_per_sigma": vrob.per_sigma,
+        "val_accuracy_per_sigma": vrob.accuracy_per_sigma, "val_robustness_images": nv,
         "train_time_s": state["train_time"], "robustness_time_s": rob_time, "wall_time_s": time.time() - t_start,
         "parameters": parameter_count(model), "device": str(dev), "device_name": device_name(dev),
         "sizes": splits.sizes(), "host": socket.gethostname(),
@@ -375,7 +385,7 @@ def main(argv=None) -> int:
         return EXIT_LOCKED
     status = Status(run, state="running", pid=os.getpid(), host=socket.gethostname(), device=None,
                     started_at=now_iso(), finished_at=None, epoch=0, max_epochs=None, error=None,
-                    cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
+                    cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"), **slurm.worker_fields())
 
     def fail(message: str, state: str = "failed", **extra) -> None:
         log(f"{state}: {message}")
@@ -411,8 +421,8 @@ def main(argv=None) -> int:
                 result = train(spec, run, args.resume, lambda: "signal" in flag, status, log)
             except Cancelled:
                 sig = flag.get("signal", signal.SIGTERM)
-                fail(f"cancelled by {signal.Signals(sig).name}; last.pt holds the last finished epoch",
-                     "cancelled")
+                state, message = slurm.stop_state(run, sig)  # under Slurm, SIGTERM may be preemption
+                fail(message, state)
                 return 128 + sig
             except Diverged as e:
                 fail(str(e), "diverged", diverged_epoch=e.epoch, diverged_term=e.term)

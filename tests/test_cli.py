@@ -36,9 +36,9 @@ def test_help_and_version():
 def test_bad_flags_exit_2_with_one_sentence(tmp_path):
     (tmp_path / "m.toml").write_text(DEMO)
     m = tmp_path / "m.toml"
-    for args, needle in [(("--gpus", "first"), "--gpus must be"), (("--per-gpu", "0"), "--per-gpu must be >= 1"),
-                         (("--max-parallel", "0"), "--max-parallel must be >= 1"),
-                         (("--only", "nomatch*"), "matches no experiment")]:
+    for args, needle in [(("--gpus", "first"), "--gpus must be"), (("--per-gpu", "0"), "(--per-gpu) must be a whole number ≥ 1"),
+                         (("--max-parallel", "0"), "(--max-parallel) must be a whole number ≥ 1"),
+                         (("--only", "nomatch*"), "match no run")]:
         out = run("run", m, "--store", tmp_path / "runs", *args)
         assert out.returncode == 2 and needle in out.stderr, out.stderr
         assert "Traceback" not in out.stderr
@@ -65,11 +65,42 @@ def test_dry_run_lists_ids_and_launches_nothing(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_dry_run_says_per_experiment_what_is_new_and_whether_data_is_there(tmp_path):
+    two = DEMO + DEMO.replace('"cli"', '"cif"').replace('"synthetic"', '"cifar10"').replace('"mlp"', '"lenet"')
+    (tmp_path / "m.toml").write_text(two)
+    out = run("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--dry-run", "--data-dir", tmp_path / "empty")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.replace("\n", " ")
+    assert "cli: 3 new, 0 done, 0 to resume or retry; data present" in lines
+    assert "cif: 3 new, 0 done, 0 to resume or retry; data MISSING: cifar10" in lines
+    assert "Dataset 'cifar10' was not found" in lines and not (tmp_path / "runs").exists()
+
+
+def test_gpus_asked_on_a_machine_without_them_is_an_error(tmp_path):
+    (tmp_path / "m.toml").write_text(DEMO)
+    for extra in ((), ("--dry-run",), ("--detach",)):
+        out = run("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--gpus", "0", *extra,
+                  CUDA_VISIBLE_DEVICES="")
+        assert out.returncode == 2 and "--gpus 0 asks for GPUs, but this machine shows none" in out.stderr
+    out = run("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--gpus", "1", "--dry-run",
+              CUDA_VISIBLE_DEVICES="5")  # one GPU visible, numbered 0
+    assert out.returncode == 2 and "GPU 1 does not exist; this machine shows 1 GPU(s)" in out.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_run_experiment_option_picks_experiments_by_name(tmp_path):
+    (tmp_path / "m.toml").write_text(DEMO + DEMO.replace('"cli"', '"other"'))
+    out = run("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--dry-run", "--experiment", "other")
+    assert out.returncode == 0 and "other-" in out.stdout and "cli-" not in out.stdout
+    out = run("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--dry-run", "--experiment", "nope")
+    assert out.returncode == 2 and "experiment 'nope' is not in" in out.stderr
+
+
 def test_run_then_read_the_store(tmp_path):
     (tmp_path / "m.toml").write_text(DEMO)
     out = run("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--max-parallel", "2")
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "cli · synthetic · mlp" in out.stdout and "equivalent folds" in out.stdout
+    assert "cli · synthetic · mlp" in out.stdout and "equivalent augmentation" in out.stdout
     ls = json.loads(run("ls", "--store", tmp_path / "runs", "--format", "json").stdout)
     assert len(ls) == 3 and {r["state"] for r in ls} == {"completed"}
     rid = ls[0]["id"]

@@ -102,7 +102,25 @@ def test_split_is_deterministic_and_ten_percent(tmp_path):
     assert len(set(tr.tolist()) | set(va.tolist())) == 300 and not set(tr.tolist()) & set(va.tolist())
     s = data.load("mnist", tmp_path, train_subset=90, test_subset=20)
     assert s.sizes() == {"train": 90, "val": 10, "test": 20}
-    assert torch.equal(s.train_x, a.train_x[:90])  # a subset keeps the same split
+    # a subset keeps the same split: every subset image is one of the full training set
+    full = {bytes(v.flatten().mul(255).byte().tolist()) for v in a.train_x}
+    assert all(bytes(v.flatten().mul(255).byte().tolist()) in full for v in s.train_x)
+    # stratified: each class within one image of its share of the pool it is drawn from
+    for ys, pool in ((s.train_y, a.train_y), (s.val_y, a.val_y), (s.test_y, a.test_y)):
+        want = torch.bincount(pool, minlength=10).double() * len(ys) / len(pool)
+        assert ((torch.bincount(ys, minlength=10) - want).abs() < 1).all()
+    assert torch.bincount(s.test_y, minlength=10).tolist() == [2] * 10  # the test set is balanced
+
+
+def test_stratified_keeps_class_shares_and_order():
+    labels = torch.tensor([0] * 60 + [1] * 30 + [2] * 10)
+    pool = torch.randperm(100, generator=torch.Generator().manual_seed(3))
+    sub = data.stratified(pool, labels, 10)
+    assert torch.bincount(labels[sub], minlength=3).tolist() == [6, 3, 1]
+    pos = [pool.tolist().index(i) for i in sub.tolist()]
+    assert pos == sorted(pos)  # in the permutation's order
+    assert torch.bincount(labels[data.stratified(pool, labels, 7)], minlength=3).tolist() == [4, 2, 1]
+    assert torch.equal(data.stratified(pool, labels, 100), pool)
 
 
 def test_synthetic_is_deterministic_by_seed():

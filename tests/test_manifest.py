@@ -123,5 +123,12 @@ def test_shipped_manifests_are_valid():
     mnist = lenet.experiments[0]
     counts = {m: sum(r.spec["method"] == m for r in mnist.runs) for m in ("baseline", "augment", "regularizer")}
     assert counts == {"baseline": 1, "augment": 20, "regularizer": 63}
+    # the paper's N~ in {2, 6, 11, 21} is folds + 1 (the clean copy), on a once-augmented (fixed) dataset
+    for e in lenet.experiments + alex.experiments:
+        aug = [r.spec["params"] for r in e.runs if r.spec["method"] == "augment"]
+        if aug:
+            assert sorted({p["folds"] for p in aug}) == [1, 5, 10, 20], e.name
+            assert {p["fresh_noise"] for p in aug} == {False}, e.name
+            assert sorted({p["sigma"] for p in aug}) == [0.125, 0.25, 0.325, 0.5, 1.0], e.name
     all_methods = {r.spec["method"] for r in lenet.runs() + alex.runs()}
     assert {"randsign", "fgsm"} <= all_methods

@@ -44,6 +44,39 @@ def test_augment_fixed_noise_repeats_across_epochs():
     assert (a - X[idx % 10]).abs().max() > 0.05
 
 
+def test_fixed_noise_bank_is_a_function_of_seed_copy_and_image_only():
+    from gaussreg.methods import bank_noise
+    m = make_method("augment", {"sigma": 1.0, "folds": 3, "fresh_noise": False})
+    X, Y = torch.zeros(500, 3, 8, 8), torch.arange(500) % 10
+    m.prepare(len(X), X.shape[1:], _gen(7))
+    assert not hasattr(m, "fixed") or m.fixed is None  # nothing of size folds x n is held
+    full, _ = m.batch(X, Y, torch.arange(2000), _gen(0))
+    perm = torch.randperm(2000, generator=_gen(1))
+    part, _ = m.batch(X, Y, perm[:300], _gen(5))  # any batch, any order, any generator state
+    assert torch.equal(part, full[perm[:300]])
+    z = full[500:].flatten()
+    assert abs(z.mean().item()) < 0.01 and abs(z.std().item() - 1) < 0.01
+    assert abs((z.abs() > 1.96).float().mean().item() - 0.05) < 0.003  # Gaussian tails, not uniform
+    copies = full[500:].view(3, 500, -1)
+    assert abs(torch.corrcoef(torch.stack([copies[0].flatten(), copies[1].flatten()]))[0, 1]) < 0.01
+    assert abs(torch.corrcoef(torch.stack([copies[0, :-1].flatten(), copies[0, 1:].flatten()]))[0, 1]) < 0.01
+    other = make_method("augment", {"sigma": 1.0, "folds": 3, "fresh_noise": False})
+    other.prepare(len(X), X.shape[1:], _gen(8))
+    assert not torch.equal(other.batch(X, Y, torch.arange(2000), _gen(0))[0], full)  # the seed matters
+    assert torch.equal(bank_noise(7, torch.tensor([3, 3]), (2, 5))[0], bank_noise(7, torch.tensor([3]), (2, 5))[0])
+
+
+def test_augment_validation_objective_is_clean_cross_entropy():
+    torch.manual_seed(0)
+    model = build_model("mlp", "synthetic")
+    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    clean = torch.nn.functional.cross_entropy(model(x), y).item()
+    for fresh in (True, False):
+        m = make_method("augment", {"sigma": 0.5, "folds": 5, "fresh_noise": fresh})
+        m.prepare(16, x.shape[1:], _gen())
+        assert m.objective(model, x, y, _gen(3)).total.item() == pytest.approx(clean, rel=1e-6)
+
+
 def test_randsign_flips_magnitude_with_probability_p():
     x = torch.rand(200_000) + 0.1
     out = random_sign(x, 0.1, 0.8, _gen())

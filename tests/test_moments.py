@@ -106,3 +106,13 @@ def test_shallow_mean_diagonal_equals_full_with_that_diagonal():
     var = torch.rand(A.shape[1], generator=g, dtype=torch.float64)
     m = torch.randn(5, A.shape[1], generator=g, dtype=torch.float64)
     assert torch.allclose(shallow_mean(A, c1, B, c2, m, var), shallow_mean(A, c1, B, c2, m, torch.diag(var)))
+
+
+def test_relu_branch_gradient_is_one_for_tiny_positive_mu():
+    # float32 Phi(1e-8 / 1) rounds to exactly 0.5: a [Phi > 1/2] mask would zero these gradients
+    from gaussreg.moments import relu_and_mean
+    mu = torch.tensor([[1e-8, 5e-8, -1e-8, 0.0, 2.0]], requires_grad=True)
+    sigma = torch.ones(1, 5)
+    out = relu_and_mean(mu, sigma)
+    out[:1].sum().backward()  # the relu branch only
+    assert mu.grad.tolist() == [[1.0, 1.0, 0.0, 0.0, 1.0]]

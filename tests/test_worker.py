@@ -60,6 +60,9 @@ def test_two_epoch_run_writes_the_documented_files(tmp_path):
     assert res["per_sigma"][0] == 1.0 and res["robustness"] == pytest.approx(
         (0.1 * (res["per_sigma"][0] + res["per_sigma"][1]) + 0.1 * (res["per_sigma"][1] + res["per_sigma"][2])) / 0.4)
     assert res["versions"]["torch"] == torch.__version__ and res["device"] == "cpu"
+    # validation robustness for selecting on validation: every validation image here (44 <= 1000), same sigmas
+    assert res["val_robustness_images"] == 44 and len(res["val_per_sigma"]) == 3 and res["val_per_sigma"][0] == 1.0
+    assert 0 <= res["val_robustness"] <= 1 and len(res["val_accuracy_per_sigma"]) == 3
     ck = torch.load(run.file("last.pt"), weights_only=True)
     assert set(ck) == {"model", "optimizer", "scheduler", "rng", "state"} and ck["state"]["epoch"] == 2
     assert json.loads(run.file("spec.json").read_text())["model"] == "lenet"  # never rewritten
@@ -71,8 +74,10 @@ def _compare_results(a, b):
         assert a[k] == b[k], k
 
 
-def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
-    spec = dict(method="augment", params={"sigma": 0.3, "folds": 1}, max_epochs=12, train_subset=600)
+@pytest.mark.parametrize("fresh", [True, False])
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, fresh):
+    spec = dict(method="augment", params={"sigma": 0.3, "folds": 1, "fresh_noise": fresh}, max_epochs=12,
+                train_subset=600)
     ref = make_run(tmp_path, "ref", **spec)
     assert finish(worker(ref))[0] == 0
     run = make_run(tmp_path, "killed", **spec)

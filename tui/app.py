@@ -37,7 +37,14 @@ class GaussregApp(App):
               padding: 1 2; }
     #dialog .row { height: 3; }
     #dialog Label { padding: 1 1 0 0; }
-    #experiments { height: 10; }
+    #dialog.menu { width: 60; }
+    #sort-columns { height: auto; max-height: 16; }
+    #experiments { height: 6; }
+    #overlay Horizontal { height: 1fr; }
+    #dialog.launch .row Input { width: 1fr; }
+    #dialog.launch .row Input.short { width: 10; }
+    #dialog.launch .row Button { width: auto; min-width: 10; margin-right: 2; }
+    #dialog.launch .row Label { width: auto; padding: 1 1 0 1; }
     #plan-error { height: auto; }
     """
 
@@ -79,8 +86,10 @@ class GaussregApp(App):
         for row in message.rows:
             self._rows[row.id] = row
         for screen in self.screen_stack:
-            if isinstance(screen, RunsScreen):
+            if isinstance(screen, RunsScreen):  # it ignores what arrives before it is mounted or after
                 screen.show_rows(message.rows, self.rows())
+            elif isinstance(screen, CompareScreen) and screen.is_attached:
+                screen.store_changed({r.experiment for r in message.rows})
         self.loaded = True
 
     # ------------------------------------------------------------ actions
@@ -97,26 +106,49 @@ class GaussregApp(App):
         self.push_screen(CompareScreen(exps, current))
 
     def action_launch(self) -> None:
-        self.push_screen(LaunchScreen(self.manifest), self._launch)
+        self.push_screen(LaunchScreen(self.manifest, str(self.store_root)), self._launch)
 
     @work(thread=True, group="control")
     def _launch(self, request) -> None:
+        """One scheduler process for the whole request (it owns the GPUs and cores it was given)."""
         if not request:
             return
-        from gaussreg.scheduler import detach_run
-        for exp in request["experiments"]:
-            info = detach_run([request["manifest"], "--store", str(self.store_root), "--only", exp,
-                               "--gpus", request["gpus"], "--per-gpu", str(request["per_gpu"])],
-                              Store(self.store_root), exp)
-            self.call_from_thread(self.notify, f"launched {exp} (pid {info['pid']}); log {info['log']}")
+        from gaussreg.launch import LaunchError, launch
+        try:
+            info = launch(request)
+        except LaunchError as e:
+            self.call_from_thread(self.notify, str(e), severity="error", markup=False)
+            return
+        self.call_from_thread(self.notify, f"launched {', '.join(request.experiments)} (pid {info['pid']}); "
+                                           f"log {info['log']}", markup=False)
+
+    # what each control can act on; anything else is refused before asking
+    CANCELLABLE = ("running",)
+    RERUNNABLE = ("failed", "cancelled", "interrupted", "diverged", "queued")
+
+    def _refused(self, run_id: str, allowed: tuple, what: str) -> bool:
+        row = self._rows.get(run_id)
+        if row is None or row.state in allowed or (what == "cancel" and row.slurm_job and row.state == "queued"):
+            return False  # a queued Slurm run can be cancelled: scancel drops its pending task
+        hint = {"completed": " (to train a completed run again: gaussreg run --rerun)",
+                "running": " (cancel it first with x)"}.get(row.state, "")
+        self.notify(f"{what} refused: run {run_id} is {row.state}; only {', '.join(allowed)} runs can be"
+                    f"{' cancelled' if what == 'cancel' else ' trained again'}{hint}", severity="error", markup=False)
+        return True
 
     def confirm_cancel_run(self, run_id: str) -> None:
+        if self._refused(run_id, self.CANCELLABLE, "cancel"):
+            return
+
         def answer(yes: bool) -> None:
             if yes:
                 self._control("cancel", run_id)
         self.push_screen(ConfirmScreen(f"Cancel run {run_id}? Its worker saves last.pt and stops."), answer)
 
     def confirm_rerun(self, run_id: str) -> None:
+        if self._refused(run_id, self.RERUNNABLE, "rerun"):
+            return
+
         def answer(yes: bool) -> None:
             if yes:
                 self._control("rerun", run_id)
@@ -124,10 +156,13 @@ class GaussregApp(App):
 
     @work(thread=True, group="control")
     def _control(self, what: str, run_id: str) -> None:
+        from gaussreg import slurm
         from gaussreg.scheduler import ControlError, cancel_run, rerun
         run = RunDir(self.store_root / run_id)
         try:
-            if what == "cancel":
+            if what == "cancel" and _on_slurm(run):  # scancel its array task
+                self.call_from_thread(self.notify, f"{run_id}: {slurm.cancel(run)}", markup=False)
+            elif what == "cancel":
                 pid = cancel_run(run)
                 self.call_from_thread(self.notify, f"sent SIGTERM to {run_id} (pid {pid})")
             else:
@@ -170,3 +205,12 @@ class GaussregApp(App):
 
 def run_app(store: str = "runs", manifest: str = "experiments.toml") -> None:
     GaussregApp(store, manifest).run()
+
+
+def _on_slurm(run: RunDir) -> bool:
+    from gaussreg import slurm
+    from gaussreg.store import RunFileError
+    try:
+        return slurm.is_slurm(run.status())
+    except RunFileError:
+        return False

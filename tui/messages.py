@@ -31,3 +31,9 @@ class PlanReady(Message):
     def __init__(self, manifest: str, experiments: List[dict], error: Optional[str] = None):
         super().__init__()
         self.manifest, self.experiments, self.error = manifest, experiments, error
+
+
+class OverlayReady(Message):
+    def __init__(self, series: dict):
+        super().__init__()
+        self.series = series  # plot key -> {short run id: (xs, ys)}

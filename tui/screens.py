@@ -5,21 +5,23 @@ from __future__ import annotations
 import threading
 from typing import Dict, List, Optional
 
+from rich.table import Table
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen, Screen
-from textual.widgets import (Button, DataTable, Footer, Header, Input, Label, Log, OptionList, Select,
+from textual.widgets import (Button, DataTable, Footer, Header, Input, Label, OptionList, RichLog, Select,
                              SelectionList, Static)
 
+from gaussreg.launch import LaunchRequest
 from gaussreg.spec import describe_params
 from gaussreg.store import STATES, RunDir
 
-from .messages import CompareReady, DetailChanged, PlanReady
+from .messages import CompareReady, DetailChanged, OverlayReady, PlanReady
 from .watcher import RunTail
-from .widgets import STATE_STYLE, RunsTable, SeriesPlot, SummaryBar, pct
+from .widgets import COLUMNS, STATE_STYLE, RunsTable, SeriesPlot, SummaryBar, pct
 
 METHOD_COLORS = {"baseline": "white", "augment": "orange", "regularizer": "cyan", "randsign": "magenta",
                  "fgsm": "red"}
@@ -47,6 +49,33 @@ class ConfirmScreen(ModalScreen[bool]):
         self.dismiss(event.button.id == "yes")
 
 
+class SortScreen(ModalScreen[Optional[str]]):
+    """Pick the column to sort the runs table by (the current one again reverses it)."""
+    BINDINGS = [Binding("escape", "dismiss_none", "close")]
+
+    def __init__(self, current: Optional[str], reverse: bool):
+        super().__init__()
+        self.current, self.reverse = current, reverse
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog", classes="menu"):
+            yield Label("Sort runs by (enter; the current column again reverses)")
+            yield OptionList(*[label + ("  (current, reversed)" if key == self.current and self.reverse
+                                        else "  (current)" if key == self.current else "")
+                               for key, label in COLUMNS], id="sort-columns")
+
+    def on_mount(self) -> None:
+        keys = [k for k, _ in COLUMNS]
+        self.query_one(OptionList).highlighted = keys.index(self.current) if self.current in keys else 0
+
+    @on(OptionList.OptionSelected)
+    def picked(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(COLUMNS[event.option_index][0])
+
+    def action_dismiss_none(self) -> None:
+        self.dismiss(None)
+
+
 class HelpScreen(ModalScreen[None]):
     BINDINGS = [Binding("escape,q,question_mark", "app.pop_screen", "close")]
     TEXT = """gaussreg tui: launch, watch, compare and browse runs
@@ -54,7 +83,8 @@ class HelpScreen(ModalScreen[None]):
 Runs screen
   enter     open the run's detail (curves, robustness, spec, status, log)
   /         filter by text (any column); the state selector filters by state
-  s         sort by the column under the cursor (again: reverse); clicking a header sorts too
+  s         sort by any column (a menu; the same column again reverses); a click on a header too
+  space     mark a run; o overlays the curves of the marked runs (colours per run)
   c         compare: the fair-comparison table and accuracy vs robustness
   l         launch experiments of a manifest (detached: runs go on when the TUI quits)
   x         cancel the selected run      r   rerun the selected failed/cancelled run
@@ -77,6 +107,8 @@ class RunsScreen(Screen):
         Binding("enter", "open", "detail", show=False),
         Binding("slash", "focus_filter", "filter"),
         Binding("s", "sort", "sort"),
+        Binding("space", "mark", "mark"),
+        Binding("o", "overlay", "overlay"),
         Binding("c", "app.compare", "compare"),
         Binding("l", "app.launch", "launch"),
         Binding("x", "cancel_run", "cancel run"),
@@ -95,9 +127,18 @@ class RunsScreen(Screen):
         yield RunsTable(id="runs")
         yield Footer()
 
+    ready = False  # composed and mounted: only then can rows be shown
+
     @property
     def table(self) -> RunsTable:
         return self.query_one(RunsTable)
+
+    def on_mount(self) -> None:
+        self.ready = True
+        self.show_rows([], self.app.rows(), rebuild=True)  # rows read before this screen existed
+
+    def on_unmount(self) -> None:
+        self.ready = False
 
     def keep(self, row) -> bool:
         text = self.query_one("#filter", Input).value.strip().lower()
@@ -111,6 +152,11 @@ class RunsScreen(Screen):
         return all(word in hay for word in text.split())
 
     def show_rows(self, changed, all_rows, rebuild: bool = False) -> None:
+        """Show store rows. The store reader's messages can arrive while this screen is being
+        composed or torn down (app start, quit): such a message is dropped, since on_mount
+        catches up from app.rows() and a removed screen needs nothing."""
+        if not self.ready or not self.is_attached or not self.query(RunsTable):
+            return
         if rebuild:
             self.table.rebuild(all_rows, self.keep)
         else:
@@ -138,13 +184,24 @@ class RunsScreen(Screen):
         if self.table.selected_id:
             self.app.push_screen(RunDetailScreen(self.table.selected_id))
 
+    def action_mark(self) -> None:
+        self.table.toggle_mark()
+
+    def action_overlay(self) -> None:
+        runs = self.table.marked or ([self.table.selected_id] if self.table.selected_id else [])
+        if runs:
+            self.app.push_screen(OverlayScreen(list(runs)))
+        else:
+            self.app.notify("mark runs with space first, then o overlays their curves")
+
     def action_focus_filter(self) -> None:
         self.query_one("#filter", Input).focus()
 
     def action_sort(self) -> None:
-        if self.table.row_count:
-            col = self.table.ordered_columns[self.table.cursor_column].key.value
-            self.table.sort_by(col)
+        def chosen(column: Optional[str]) -> None:
+            if column:
+                self.table.sort_by(column)
+        self.app.push_screen(SortScreen(self.table.sorted_by, self.table.reverse), chosen)
 
     def action_cancel_run(self) -> None:
         if self.table.selected_id:
@@ -155,33 +212,73 @@ class RunsScreen(Screen):
             self.app.confirm_rerun(self.table.selected_id)
 
 
+def _grid(pairs) -> Table:
+    """Label/value lines that wrap within the side panel instead of running off it."""
+    g = Table.grid(padding=(0, 1))
+    g.add_column(style="dim", no_wrap=True)
+    g.add_column(overflow="fold")
+    for k, v in pairs:
+        g.add_row(k, v)
+    return g
+
+
+def _optimizer(o: dict) -> str:
+    parts = [str(o.get("name", "?")), f"lr {o.get('lr'):g}" if isinstance(o.get("lr"), (int, float)) else ""]
+    for k, v in o.items():
+        if k not in ("name", "lr"):
+            parts.append(f"{k.replace('_', ' ')} {', '.join(f'{x:g}' for x in v) if isinstance(v, list) else v}")
+    return "  ".join(p for p in parts if p)
+
+
+def _log_line(line: str) -> str:
+    """`2026-01-01T10:00:05.123+00:00 text` -> `10:00:05 text`: the date is the same all run long."""
+    stamp, _, rest = line.partition(" ")
+    return f"{stamp[11:19]} {rest}" if len(stamp) >= 19 and stamp[10:11] == "T" else line
+
+
 class RunDetailScreen(Screen):
     BINDINGS = [Binding("escape,backspace", "app.pop_screen", "back"),
+                Binding("p", "next_plot", "next plot"),
                 Binding("x", "cancel_run", "cancel run"), Binding("r", "rerun", "rerun"),
                 Binding("question_mark", "app.help", "help"), Binding("q", "app.quit", "quit")]
+    PLOTS = ("loss", "acc", "robust")
+    COMPACT_BELOW = 34  # rows: below this the plots are shown one at a time (p switches)
 
     def __init__(self, run_id: str):
         super().__init__()
         self.run_id = run_id
         self.title = run_id
+        self.shown_plot = 0
         self._stop = threading.Event()
 
     def compose(self) -> ComposeResult:
         yield Header()
         with Horizontal():
             with Vertical(id="plots"):
-                yield SeriesPlot("loss per epoch", "epoch", "loss", id="loss")
-                yield SeriesPlot("validation accuracy per epoch", "epoch", "accuracy", id="acc")
-                yield SeriesPlot("robustness vs test sigma", "sigma", "fraction", id="robust")
+                yield SeriesPlot("loss", "epoch", "", integer_x=True,
+                                 colors={"train": "cyan", "validation": "orange"}, id="loss")
+                yield SeriesPlot("validation accuracy %", "epoch", "", integer_x=True,
+                                 colors={"validation": "orange"}, ybounds=(0, 100), id="acc")
+                yield SeriesPlot("under test noise %", "sigma (pixel units)", "",
+                                 colors={"consistency": "cyan", "accuracy": "green"}, ybounds=(0, 100), id="robust")
             with Vertical(id="side"):
                 yield Static(id="status")
                 with VerticalScroll(id="spec-box"):
                     yield Static(id="spec")
-                yield Log(id="log", max_lines=200)
+                yield RichLog(id="log", max_lines=200, wrap=True, markup=False, highlight=False)
         yield Footer()
 
     def on_mount(self) -> None:
         self.follow()
+
+    def on_resize(self) -> None:
+        compact = self.size.height < self.COMPACT_BELOW
+        for i, name in enumerate(self.PLOTS):
+            self.query_one(f"#{name}").display = not compact or i == self.shown_plot
+
+    def action_next_plot(self) -> None:
+        self.shown_plot = (self.shown_plot + 1) % len(self.PLOTS)
+        self.on_resize()
 
     def on_unmount(self) -> None:
         self._stop.set()
@@ -203,47 +300,105 @@ class RunDetailScreen(Screen):
             "train": (ep, [e["train_loss"] for e in d.epochs]),
             "validation": (ep, [e["val_loss"] for e in d.epochs])})
         self.query_one("#acc", SeriesPlot).set_series({
-            "validation": (ep, [e["val_accuracy"] for e in d.epochs])})
+            "validation": (ep, [e["val_accuracy"] * 100 for e in d.epochs])})
         test = d.result or d.test
         if test and test.get("sigmas"):
-            series = {"consistency": (test["sigmas"], test["per_sigma"])}
+            series = {"consistency": (test["sigmas"], [v * 100 for v in test["per_sigma"]])}
             if test.get("accuracy_per_sigma"):
-                series["accuracy"] = (test["sigmas"], test["accuracy_per_sigma"])
+                series["accuracy"] = (test["sigmas"], [v * 100 for v in test["accuracy_per_sigma"]])
             self.query_one("#robust", SeriesPlot).set_series(series)
+        self.query_one("#status", Static).update(self._status(d))
+        if d.spec:
+            self.query_one("#spec", Static).update(self._spec(d.spec))
+        log = self.query_one(RichLog)
+        log.clear()
+        for line in d.log_tail.splitlines():
+            log.write(_log_line(line))
+
+    @staticmethod
+    def _status(d) -> Table:
         st = d.status
         state = st.get("state", "?")
-        lines = [Text.assemble("state ", (state, STATE_STYLE.get(state, "")),
-                               f"   epoch {st.get('epoch', 0)}/{st.get('max_epochs') or '?'}   device {st.get('device')}")]
+        done, total = (d.epochs[-1]["epoch"] if d.epochs else 0), st.get("max_epochs") or "?"
+        # one meaning everywhere: epochs done; a running run also names the epoch in progress
+        epochs = (f"{done}/{total} done, epoch {done + 1} running" if state == "running"
+                  else f"{done}/{total} done")
+        rows = [("state", Text(state, style=STATE_STYLE.get(state, ""))), ("epochs", epochs),
+                ("device", str(st.get("device") or "-"))]
         if d.epochs:
             e = d.epochs[-1]
-            lines.append(Text(f"last epoch: train {e['train_loss']:.4f}  val {e['val_loss']:.4f}  "
-                              f"val acc {pct(e['val_accuracy'])}%  {e['images_per_s']:.0f} img/s"))
+            rows.append(("last epoch", f"loss {e['train_loss']:.4f} train, {e['val_loss']:.4f} val; "
+                                       f"val acc {pct(e['val_accuracy'])}%; {e['images_per_s']:.0f} img/s"))
         if d.result:
-            lines.append(Text(f"test acc {pct(d.result['test_accuracy'])}%   R {pct(d.result['robustness'])}%   "
-                              f"best epoch {d.result['best_epoch']}/{d.result['epochs_run']}", style="bold"))
+            r = d.result
+            rows.append(("test", Text(f"acc {pct(r['test_accuracy'])}%  R {pct(r['robustness'])}%  "
+                                      f"(best epoch {r['best_epoch']} of {r['epochs_run']})", style="bold")))
         if d.certified:
             c = d.certified
-            lines.append(Text(f"certified acc (sigma {', '.join(f'{v:g}' for v in c['sigmas'])}): "
-                              + "  ".join(f"r={k} {pct(v)}%" for k, v in c["accuracy"].items())))
+            rows.append(("certified", f"acc at sigma {', '.join(f'{v:g}' for v in c['sigmas'])}: "
+                                      + "  ".join(f"r={k} {pct(v)}%" for k, v in c["accuracy"].items())))
         if st.get("error"):
-            lines.append(Text(f"error: {st['error']}", style="red"))
-        self.query_one("#status", Static).update(Text("\n").join(lines))
-        if d.spec:
-            s = d.spec
-            self.query_one("#spec", Static).update(
-                f"{s['experiment']} · {s['dataset']} · {s['model']} · {s['method']} {describe_params(s)}\n"
-                f"seed {s['seed']}  max epochs {s['max_epochs']}  batch {s['batch_size']}  "
-                f"optimizer {s['optimizer']}\nrobustness {len(s['robustness']['sigmas'])} sigmas, "
-                f"{s['robustness']['samples']} sample(s)")
-        log = self.query_one(Log)
-        log.clear()
-        log.write(d.log_tail)
+            rows.append(("error", Text(str(st["error"]), style="red")))
+        return _grid(rows)
+
+    @staticmethod
+    def _spec(s: dict) -> Table:
+        rob = s.get("robustness", {})
+        sig = rob.get("sigmas") or []
+        return _grid([
+            ("run", f"{s.get('experiment')} · {s.get('method')} {describe_params(s, with_seed=False)}"),
+            ("data", f"{s.get('dataset')} · {s.get('model')}"),
+            ("seed", str(s.get("seed"))),
+            ("training", f"≤ {s.get('max_epochs')} epochs, batch {s.get('batch_size')}"),
+            ("optimizer", _optimizer(s.get("optimizer") or {})),
+            ("robustness", f"{len(sig)} sigmas {min(sig, default=0):g}–{max(sig, default=0):g}, "
+                           f"{rob.get('samples', 1)} sample(s)")])
 
     def action_cancel_run(self) -> None:
         self.app.confirm_cancel_run(self.run_id)
 
     def action_rerun(self) -> None:
         self.app.confirm_rerun(self.run_id)
+
+
+class OverlayScreen(Screen):
+    """The curves of several runs on shared axes, one colour per run (what W&B and TensorBoard
+    users do first): loss, validation accuracy, and consistency and accuracy under noise."""
+    BINDINGS = [Binding("escape,backspace", "app.pop_screen", "back"), Binding("question_mark", "app.help", "help"),
+                Binding("q", "app.quit", "quit")]
+    PLOTS = (("loss", "train loss", "epoch", True), ("acc", "validation accuracy %", "epoch", True),
+             ("consistency", "R: prediction unchanged %", "sigma", False),
+             ("noisy", "accuracy under noise %", "sigma", False))
+
+    def __init__(self, run_ids: List[str]):
+        super().__init__()
+        self.run_ids = run_ids
+        self.title = f"overlay of {len(run_ids)} run(s)"
+
+    def compose(self) -> ComposeResult:
+        from .widgets import SERIES_COLORS, short_id
+        colors = {short_id(r): SERIES_COLORS[i % len(SERIES_COLORS)] for i, r in enumerate(self.run_ids)}
+        yield Header()
+        with Vertical(id="overlay"):
+            for row in (self.PLOTS[:2], self.PLOTS[2:]):
+                with Horizontal():
+                    for key, title, x, integer in row:
+                        yield SeriesPlot(title, x, "", integer_x=integer, colors=colors,
+                                         ybounds=None if key == "loss" else (0, 100), id=f"overlay-{key}")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.load()
+
+    @work(thread=True, exclusive=True, group="overlay")
+    def load(self) -> None:
+        from .watcher import overlay_series
+        self.post_message(OverlayReady(overlay_series(self.app.store_root, self.run_ids)))
+
+    @on(OverlayReady)
+    def show(self, message: OverlayReady) -> None:
+        for key, _, _, _ in self.PLOTS:
+            self.query_one(f"#overlay-{key}", SeriesPlot).set_series(message.series[key])
 
 
 class CompareScreen(Screen):
@@ -263,8 +418,8 @@ class CompareScreen(Screen):
         yield Static(id="compare-title")
         yield DataTable(id="best", cursor_type="row")
         yield Static(id="compare-footer")
-        yield SeriesPlot("clean accuracy vs robustness (every completed run)", "test accuracy", "R", kind="scatter",
-                         id="scatter")
+        yield SeriesPlot("every completed run: R % vs clean test accuracy %", "test accuracy %", "", kind="scatter",
+                         colors=METHOD_COLORS, ybounds=(0, 100), id="scatter")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -280,6 +435,11 @@ class CompareScreen(Screen):
         if event.value is not Select.NULL and event.value != self.experiment:
             self.experiment = event.value
             self.load(event.value)
+
+    def store_changed(self, experiments: set) -> None:
+        """Runs changed in the store: follow them when they are this experiment's."""
+        if self.experiment in experiments:
+            self.load(self.experiment)
 
     @work(thread=True, exclusive=True, group="compare")
     def load(self, experiment: str) -> None:
@@ -314,28 +474,31 @@ class CompareScreen(Screen):
         certs = ", ".join(f"{e['method']} " + "/".join(pct(v) for v in e["certified"]["accuracy"].values())
                           for e in rec["best"] if e.get("certified"))
         self.query_one("#compare-footer", Static).update(
-            (f"equivalent folds of augmentation: {ef['text']}\n" if ef else "")
+            (f"equivalent augmentation (the paper's Ñ = folds + 1): {ef['text']}\n" if ef else "")
             + f"runs eligible/completed/total: {counts}"
             + (f"\ncertified acc % at radius 0/0.25/0.5: {certs}" if certs else ""))
         series: Dict[str, tuple] = {}
         for p in message.points:
             xs, ys = series.setdefault(p["method"], ([], []))
-            xs.append(p["accuracy"])
-            ys.append(p["robustness"])
-        vlines = [(b["accuracy"] - rec["tolerance"], "red"), (b["accuracy"], "white")] if b else []
+            xs.append(p["accuracy"] * 100)
+            ys.append(p["robustness"] * 100)
+        # the tolerance band: eligible runs lie right of the red line
+        vlines = [((b["accuracy"] - rec["tolerance"]) * 100, "red"), (b["accuracy"] * 100, "white")] if b else []
         self.query_one("#scatter", SeriesPlot).set_series(series, vlines)
 
 
-class LaunchScreen(ModalScreen[Optional[dict]]):
-    """Pick a manifest and experiments, GPUs and runs per GPU; returns the launch request."""
+class LaunchScreen(ModalScreen[Optional[LaunchRequest]]):
+    """Pick a manifest and experiments, GPUs, runs per GPU and parallel CPU runs; the request
+    is checked by gaussreg (`launch.plan`) before the dialog closes, so a bad value is an
+    error here, not a line in a log. Usable at 80x24."""
     BINDINGS = [Binding("escape", "dismiss_none", "cancel")]
 
-    def __init__(self, manifest: str):
+    def __init__(self, manifest: str, store: str):
         super().__init__()
-        self.manifest = manifest
+        self.manifest, self.store = manifest, store
 
     def compose(self) -> ComposeResult:
-        with Vertical(id="dialog"):
+        with Vertical(id="dialog", classes="launch"):
             yield Label("Launch experiments (detached: they keep training when the TUI quits)")
             with Horizontal(classes="row"):
                 yield Input(self.manifest, placeholder="manifest.toml", id="manifest")
@@ -344,9 +507,11 @@ class LaunchScreen(ModalScreen[Optional[dict]]):
             yield SelectionList(id="experiments")
             with Horizontal(classes="row"):
                 yield Label("GPUs")
-                yield Input("all", id="gpus")
-                yield Label("runs per GPU")
-                yield Input("1", id="per-gpu", type="integer")
+                yield Input("all", id="gpus", classes="short")
+                yield Label("per GPU")
+                yield Input("1", id="per-gpu", type="integer", classes="short")
+                yield Label("CPU runs")
+                yield Input("1", id="max-parallel", type="integer", classes="short")
             with Horizontal(classes="row"):
                 yield Button("Launch", id="launch", variant="success")
                 yield Button("Cancel", id="cancel")
@@ -383,15 +548,43 @@ class LaunchScreen(ModalScreen[Optional[dict]]):
             pending = e["runs"] - e["completed"]
             sel.add_option((f"{e['name']}  ({pending} pending, {e['completed']} completed)", e["name"], pending > 0))
 
+    def request(self) -> Optional[LaunchRequest]:
+        """The request the fields describe, or None with the reason shown."""
+        chosen = self.query_one(SelectionList).selected
+        if not chosen:
+            self.error("choose at least one experiment")
+            return None
+        numbers = {}
+        for field_id, name in (("per-gpu", "runs per GPU"), ("max-parallel", "CPU runs")):
+            text = self.query_one(f"#{field_id}", Input).value.strip() or "1"
+            if not text.isdigit() or int(text) < 1:
+                self.error(f"{name} must be a whole number ≥ 1, not {text!r}")
+                return None
+            numbers[field_id] = int(text)
+        return LaunchRequest(self.manifest, str(self.store), tuple(chosen),
+                             gpus=self.query_one("#gpus", Input).value.strip() or "all",
+                             per_gpu=numbers["per-gpu"], max_parallel=numbers["max-parallel"])
+
+    def error(self, text: str) -> None:
+        self.query_one("#plan-error", Static).update(Text(text, style="red"))
+
     @on(Button.Pressed, "#launch")
     def launch(self) -> None:
-        chosen = self.query_one(SelectionList).selected
-        per_gpu = self.query_one("#per-gpu", Input).value or "1"
-        if not chosen:
-            self.query_one("#plan-error", Static).update(Text("choose at least one experiment", style="red"))
+        req = self.request()
+        if req is not None:
+            self.check(req)
+
+    @work(thread=True, exclusive=True, group="plan")
+    def check(self, req: LaunchRequest) -> None:
+        from gaussreg.launch import LaunchError, plan
+        try:
+            p = plan(req)
+            if p.missing_data:
+                raise LaunchError(next(iter(p.missing_data.values())))
+        except LaunchError as e:
+            self.app.call_from_thread(self.error, str(e))
             return
-        self.dismiss({"manifest": self.manifest, "experiments": list(chosen),
-                      "gpus": self.query_one("#gpus", Input).value.strip() or "all", "per_gpu": per_gpu})
+        self.app.call_from_thread(self.dismiss, req)
 
     @on(Button.Pressed, "#cancel")
     def action_dismiss_none(self) -> None:

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 
 from gaussreg.report import run_certified
 from gaussreg.spec import describe_params
-from gaussreg.store import RunDir, RunFileError, parse_iso
+from gaussreg.store import EventTail, RunDir, RunFileError, parse_iso
 
 LIVE = ("running", "queued")  # states whose rows change without their status file changing
 
@@ -29,14 +29,16 @@ class RunRow:
     model: str = ""
     method: str = ""
     params: str = ""
+    seed: Optional[int] = None
     state: str = "queued"
-    epoch: int = 0
+    epoch: int = 0  # epochs done (never the one in progress), as everywhere
     max_epochs: Optional[int] = None
     best_val_acc: Optional[float] = None
     test_acc: Optional[float] = None
     robustness: Optional[float] = None
     duration: Optional[float] = None
     error: Optional[str] = None
+    slurm_job: Optional[str] = None  # "JOBID_INDEX" for runs submitted with --backend slurm
 
 
 @dataclass
@@ -46,7 +48,7 @@ class _Tracked:
     status_sig: Optional[tuple] = None
     status: dict = field(default_factory=dict)
     result: Optional[dict] = None
-    offset: int = 0
+    tail: Optional[EventTail] = None
     epoch: int = 0
     best_val_acc: Optional[float] = None
     events_read: bool = False
@@ -77,11 +79,16 @@ class StoreWatcher:
         return _Tracked(run, spec)
 
     def _read_events(self, tr: _Tracked) -> None:
-        events, tr.offset = tr.run.events(tr.offset)
+        if tr.tail is None:
+            tr.tail = tr.run.tail()
+        events, restarted = tr.tail.read()
+        if restarted:  # a rerun began a new events file: what the old one said is gone
+            tr.epoch, tr.best_val_acc = 0, None
         for e in events:
             kind = e.get("type")
-            if kind == "epoch":
-                tr.epoch = e.get("epoch", tr.epoch)
+            if kind == "epoch":  # a resume may redo an epoch: the count never goes back
+                ep = e.get("epoch")
+                tr.epoch = max(tr.epoch, ep) if isinstance(ep, int) else tr.epoch
                 if e.get("best"):
                     tr.best_val_acc = e.get("val_accuracy")
             elif kind == "start":  # a fresh start forgets what an earlier attempt wrote
@@ -104,7 +111,9 @@ class StoreWatcher:
         state = tr.status.get("state", "queued")
         if state != "corrupt":
             state = run.state(tr.status)
-        if state == "completed" and tr.result is None:
+        if state != "completed":
+            tr.result = None  # a rerun of a completed run: its old result no longer holds
+        elif tr.result is None:
             try:
                 tr.result = run.result() or {}
             except RunFileError as e:
@@ -116,15 +125,15 @@ class StoreWatcher:
         else:
             if state in LIVE or not tr.events_read:
                 self._read_events(tr)
-            epoch, best = max(tr.epoch, tr.status.get("epoch") or 0), tr.best_val_acc
+            epoch, best = tr.epoch, tr.best_val_acc
         started = parse_iso(tr.status.get("started_at"))
         ended = parse_iso(tr.status.get("finished_at"))
         duration = (ended or now) - started if started and (ended or state == "running") else None
         s = tr.spec
         return RunRow(run.id, s.get("experiment", ""), s.get("dataset", ""), s.get("model", ""), s.get("method", ""),
-                      describe_params(s), state, epoch, s.get("max_epochs"), best,
+                      describe_params(s, with_seed=False), s.get("seed"), state, epoch, s.get("max_epochs"), best,
                       res.get("test_accuracy") if res else None, res.get("robustness") if res else None,
-                      duration, tr.status.get("error"))
+                      duration, tr.status.get("error"), tr.status.get("slurm_job"))
 
     def scan(self) -> List[RunRow]:
         """Rows that are new or changed since the previous scan."""
@@ -168,7 +177,7 @@ class RunTail:
 
     def __init__(self, run: RunDir):
         self.run = run
-        self.offset = 0
+        self.tail = run.tail()
         self.epochs: Dict[int, dict] = {}
         self.test: Optional[dict] = None
         self._sigs = None
@@ -180,7 +189,9 @@ class RunTail:
         if sigs == self._sigs:
             return None
         self._sigs = sigs
-        events, self.offset = self.run.events(self.offset)
+        events, restarted = self.tail.read()
+        if restarted:
+            self.epochs, self.test = {}, None
         for e in events:
             if e.get("type") == "epoch":
                 self.epochs[e["epoch"]] = e
@@ -195,3 +206,25 @@ class RunTail:
             spec, status, result = None, {"state": "corrupt", "error": str(e)}, None
         return Detail(self.run.id, [self.epochs[k] for k in sorted(self.epochs)], status, spec, result, self.test,
                       self.run.log_tail(40), run_certified(self.run))
+
+
+def overlay_series(root, run_ids: List[str]) -> Dict[str, Dict[str, tuple]]:
+    """Curves of several runs for the overlay, keyed by plot then by short run id: train loss
+    and validation accuracy (%) per epoch, consistency and accuracy under noise (%) per sigma.
+    A run whose files cannot be read contributes nothing."""
+    from .widgets import short_id
+    out: Dict[str, Dict[str, tuple]] = {"loss": {}, "acc": {}, "consistency": {}, "noisy": {}}
+    for rid in run_ids:
+        run, name = RunDir(Path(root) / rid), short_id(rid)
+        try:
+            epochs, result = run.epochs(), run.result()
+        except RunFileError:
+            continue
+        ep = [e["epoch"] for e in epochs if isinstance(e.get("epoch"), int)]
+        out["loss"][name] = (ep, [e.get("train_loss") for e in epochs if isinstance(e.get("epoch"), int)])
+        out["acc"][name] = (ep, [e.get("val_accuracy", 0) * 100 for e in epochs if isinstance(e.get("epoch"), int)])
+        if result and result.get("sigmas"):
+            out["consistency"][name] = (result["sigmas"], [v * 100 for v in result.get("per_sigma", [])])
+            if result.get("accuracy_per_sigma"):
+                out["noisy"][name] = (result["sigmas"], [v * 100 for v in result["accuracy_per_sigma"]])
+    return out

@@ -16,11 +16,19 @@ from .watcher import RunRow
 STATE_STYLE = {"completed": "green", "failed": "bold red", "diverged": "magenta", "cancelled": "yellow",
                "interrupted": "dark_orange", "running": "bold cyan", "queued": "dim", "corrupt": "reverse red"}
 
-# (key, label) of the runs table, in order
+# (key, label) of the runs table, in order: what tells runs apart and what matters first fit 80 columns
 COLUMNS: List[Tuple[str, str]] = [
-    ("method", "method"), ("params", "params"), ("state", "state"), ("epoch", "epoch"),
-    ("best_val_acc", "val acc"), ("test_acc", "test acc"), ("robustness", "R"), ("duration", "time"),
-    ("experiment", "experiment"), ("dataset", "dataset"), ("model", "model")]  # what matters first: 80 columns
+    ("id", "id"), ("experiment", "experiment"), ("method", "method"), ("params", "params"), ("seed", "seed"),
+    ("state", "state"), ("test_acc", "test acc"), ("robustness", "R"), ("epoch", "epochs"),
+    ("best_val_acc", "val acc"), ("duration", "time"), ("dataset", "dataset"), ("model", "model")]
+DEFAULT_ORDER = ("experiment", "method", "params", "seed")  # until the user sorts
+
+
+def short_id(run_id: str) -> str:
+    """The hash part of a run id (`exp-method-3fa2c1d9e0` -> `3fa2c1`): unique enough to tell
+    rows apart and to type as a prefix (`gaussreg show` takes the full id or a unique prefix)."""
+    tail = run_id.rsplit("-", 1)[-1]
+    return tail[:6] if len(tail) >= 6 else run_id
 
 
 def pct(v: Optional[float]) -> str:
@@ -36,8 +44,11 @@ def duration(s: Optional[float]) -> str:
 
 def cells(row: RunRow) -> Dict[str, object]:
     return {
+        "id": short_id(row.id), "seed": "-" if row.seed is None else str(row.seed),
         "experiment": row.experiment, "dataset": row.dataset, "model": row.model, "method": row.method,
-        "params": row.params, "state": Text(row.state, style=STATE_STYLE.get(row.state, "")),
+        "params": row.params,
+        "state": Text(row.state, style=STATE_STYLE.get(row.state, ""))
+        + (Text(f" {row.slurm_job}", style="dim") if row.slurm_job else ""),  # Slurm runs: their array task
         "epoch": f"{row.epoch}/{row.max_epochs}" if row.max_epochs else str(row.epoch),
         "best_val_acc": pct(row.best_val_acc), "test_acc": pct(row.test_acc), "robustness": pct(row.robustness),
         "duration": duration(row.duration)}
@@ -55,13 +66,28 @@ def sort_key(value) -> tuple:
 
 class RunsTable(DataTable):
     """Every run of the store; rows are updated in place (update_cell), so the cursor
-    and the scroll position stay where the user left them."""
+    and the scroll position stay where the user left them, and the selected run stays
+    selected when rows are added or sorted."""
 
     def __init__(self, **kw):
         super().__init__(cursor_type="row", zebra_stripes=True, **kw)
-        self.sorted_by: Optional[str] = None
+        self.sorted_by: Optional[str] = None  # None: DEFAULT_ORDER
         self.reverse = False
         self.shown: Dict[str, Dict[str, object]] = {}
+        self.marked: List[str] = []  # runs marked (space) for the overlay, in marking order
+
+    def toggle_mark(self) -> None:
+        rid = self.selected_id
+        if rid is None:
+            return
+        if rid in self.marked:
+            self.marked.remove(rid)
+        else:
+            self.marked.append(rid)
+        self.update_cell(rid, "id", self._id_cell(rid), update_width=True)
+
+    def _id_cell(self, rid: str) -> Text:
+        return Text(("● " if rid in self.marked else "") + short_id(rid), style="bold" if rid in self.marked else "")
 
     def on_mount(self) -> None:
         for key, label in COLUMNS:
@@ -69,6 +95,7 @@ class RunsTable(DataTable):
 
     def sync(self, rows: Iterable[RunRow], keep: Callable[[RunRow], bool]) -> None:
         """Bring the table up to date with changed rows."""
+        was_empty = not self.shown  # nothing was selected by anyone yet: start at the top
         added = False
         for row in rows:
             new = cells(row)
@@ -78,17 +105,18 @@ class RunsTable(DataTable):
                     self.remove_row(row.id)
                     del self.shown[row.id]
                 continue
+            if row.id in self.marked:
+                new["id"] = self._id_cell(row.id)
             if old is None:
                 self.add_row(*(new[k] for k, _ in COLUMNS), key=row.id)
                 added = True
             else:
                 for key, value in new.items():
-                    if value != old[key]:
-                        self.update_cell(row.id, key, value)
+                    if value != old[key]:  # a value can be wider than its column was: never cut it
+                        self.update_cell(row.id, key, value, update_width=True)
             self.shown[row.id] = new
         if added:
-            if self.sorted_by:
-                self.sort(self.sorted_by, key=sort_key, reverse=self.reverse)
+            self._order(keep_selected=not was_empty)
             # new rows can widen columns; once the new widths are in, redraw the header
             # and the rows that were drawn with the old ones
             self.call_after_refresh(self._redraw)
@@ -104,9 +132,18 @@ class RunsTable(DataTable):
         self.sync(rows, keep)
 
     def sort_by(self, column: str) -> None:
+        """Sort by a column; the same column again reverses."""
         self.reverse = not self.reverse if self.sorted_by == column else False
         self.sorted_by = column
-        self.sort(column, key=sort_key, reverse=self.reverse)
+        self._order()
+
+    def _order(self, keep_selected: bool = True) -> None:
+        selected = self.selected_id if keep_selected else None
+        columns = (self.sorted_by,) if self.sorted_by else DEFAULT_ORDER
+        self.sort(*columns, key=lambda v: tuple(map(sort_key, v)) if len(columns) > 1 else sort_key(v),
+                  reverse=self.reverse)
+        if selected is not None and selected in self.shown:
+            self.move_cursor(row=self.get_row_index(selected), animate=False)
 
     @property
     def selected_id(self) -> Optional[str]:
@@ -125,14 +162,32 @@ class SummaryBar(Static):
         self.update(Text.assemble(*parts))
 
 
-class SeriesPlot(PlotextPlot):
-    """A plot whose data is kept as named series (x, y), so what is drawn can be read back."""
+SERIES_COLORS = ("cyan", "orange", "magenta", "green", "red", "yellow", "blue", "white")
+RICH_COLOR = {"orange": "dark_orange"}  # plotext's name -> Rich's name for the same colour
 
-    def __init__(self, title: str, xlabel: str = "", ylabel: str = "", kind: str = "line", **kw):
+
+class SeriesPlot(PlotextPlot):
+    """A plot whose data is kept as named series (x, y), so what is drawn can be read back.
+    The legend is the border title (coloured names), never drawn over the data; `integer_x`
+    puts ticks on whole numbers only (epochs); the y range hugs the data (a robustness of
+    99.8-100 % is shown as such, not flattened against 0-100)."""
+
+    DEFAULT_CSS = "SeriesPlot { border: round $panel; border-title-align: left; }"
+
+    def __init__(self, title: str, xlabel: str = "", ylabel: str = "", kind: str = "line",
+                 integer_x: bool = False, colors: Optional[Dict[str, str]] = None,
+                 ybounds: Optional[Tuple[float, float]] = None, **kw):
         super().__init__(**kw)
         self.title, self.xlabel, self.ylabel, self.kind = title, xlabel, ylabel, kind
+        self.integer_x, self.series_colors = integer_x, dict(colors or {})
+        self.ybounds = ybounds  # e.g. (0, 100) for percentages: the padding never passes them
         self.series: Dict[str, Tuple[List[float], List[float]]] = {}
         self.vlines: List[Tuple[float, str]] = []
+
+    def color(self, name: str) -> str:
+        if name not in self.series_colors:
+            self.series_colors[name] = SERIES_COLORS[len(self.series_colors) % len(SERIES_COLORS)]
+        return self.series_colors[name]
 
     def set_series(self, series: Dict[str, Tuple[List[float], List[float]]],
                    vlines: Sequence[Tuple[float, str]] = ()) -> None:
@@ -144,17 +199,39 @@ class SeriesPlot(PlotextPlot):
     def on_mount(self) -> None:
         self.redraw()
 
+    def legend(self) -> Text:
+        parts: List[object] = [self.title]
+        for name, (xs, _) in self.series.items():
+            if xs:
+                color = self.color(name)
+                parts += ["  ", ("● " + name, RICH_COLOR.get(color, color))]
+        return Text.assemble(*parts)
+
     def redraw(self) -> None:
         plt = self.plt
         plt.clear_data()
         plt.clear_figure()
-        plt.title(self.title)
         plt.xlabel(self.xlabel)
         plt.ylabel(self.ylabel)
+        self.border_title = self.legend()
+        xs_all, ys_all = [], []
         for name, (xs, ys) in self.series.items():
             if xs:
-                (plt.scatter if self.kind == "scatter" else plt.plot)(xs, ys, label=name,
-                                                                   marker="dot" if self.kind == "scatter" else "braille")
+                xs_all += list(xs)
+                ys_all += list(ys)
+                (plt.scatter if self.kind == "scatter" else plt.plot)(
+                    xs, ys, color=self.color(name), marker="dot" if self.kind == "scatter" else "braille")
         for x, color in self.vlines:
             plt.vline(x, color)
+        if ys_all:
+            lo, hi = min(ys_all), max(ys_all)
+            pad = (hi - lo) * 0.05 or max(abs(hi) * 0.001, 1e-3)
+            lo, hi = lo - pad, hi + pad
+            if self.ybounds:
+                lo, hi = max(lo, self.ybounds[0]), min(hi, self.ybounds[1])
+            plt.ylim(lo, hi)
+        if self.integer_x and xs_all:
+            lo, hi = int(min(xs_all)), int(max(xs_all))
+            step = max(1, (hi - lo) // 6 + (1 if (hi - lo) % 6 else 0))
+            plt.xticks(list(range(lo, hi + 1, step)))
         self.refresh()

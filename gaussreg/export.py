@@ -1,0 +1,108 @@
+"""`gaussreg export`: the store in long format for pandas, one row per run, per epoch
+or per (run, split, sigma), as CSV or JSON lines."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from typing import Iterable, List
+
+from .report import collect, config_key, run_metrics
+from .store import RunFileError, Store
+
+WHATS = ("runs", "epochs", "sigmas")
+FORMATS = ("csv", "jsonl")
+RUN_KEYS = ("dataset", "model", "max_epochs", "batch_size", "train_subset", "test_subset", "split_seed")
+RESULT_KEYS = ("best_epoch", "epochs_run", "best_val_loss", "train_time_s", "robustness_time_s", "wall_time_s",
+               "parameters", "device_name")
+
+
+def _ident(row: dict) -> dict:
+    s = row["spec"]
+    out = {"run_id": row["id"], "experiment": s.get("experiment", ""), "method": s["method"], "seed": s.get("seed"),
+           "state": row["state"]}
+    out.update({f"param_{k}": v for k, v in s.get("params", {}).items()})
+    out.update({k: s.get(k) for k in RUN_KEYS})
+    out["lr"] = s.get("optimizer", {}).get("lr")
+    # runs with equal config ids are seeds of one configuration
+    out["config"] = hashlib.sha1(config_key(s).encode()).hexdigest()[:10]
+    return out
+
+
+def run_rows(store: Store, experiment=None) -> Iterable[dict]:
+    for r in collect(store, experiment):
+        if r["spec"] is None:
+            continue
+        row = _ident(r)
+        res = r["result"] or {}
+        m = run_metrics(res) if res else {}
+        row.update({k: m.get(k) for k in ("test_accuracy", "test_robustness", "test_noisy_accuracy", "val_accuracy",
+                                           "val_robustness", "val_noisy_accuracy")})
+        row.update({k: res.get(k) for k in RESULT_KEYS})
+        row["error"] = r["error"]
+        yield row
+
+
+def epoch_rows(store: Store, experiment=None) -> Iterable[dict]:
+    for r in collect(store, experiment):
+        if r["spec"] is None:
+            continue
+        ident = {k: v for k, v in _ident(r).items() if k in ("run_id", "experiment", "method", "seed", "config")}
+        try:
+            epochs = store.get(r["id"]).epochs()
+        except RunFileError:
+            continue  # one unreadable run never stops the export
+        for e in epochs:
+            row = {**ident, **{k: e.get(k) for k in ("epoch", "train_loss", "train_accuracy", "val_loss", "val_ce",
+                                                     "val_accuracy", "lr", "epoch_time", "images_per_s", "best")}}
+            row.update({f"train_{k}": v for k, v in (e.get("train_terms") or {}).items()})
+            yield row
+
+
+def sigma_rows(store: Store, experiment=None) -> Iterable[dict]:
+    for r in collect(store, experiment):
+        res = r["result"]
+        if not res or r["spec"] is None:
+            continue
+        ident = {k: v for k, v in _ident(r).items() if not k.startswith(RUN_KEYS) and k not in ("state",)}
+        for split, cons, acc in (("test", "per_sigma", "accuracy_per_sigma"),
+                                 ("val", "val_per_sigma", "val_accuracy_per_sigma")):
+            sig, c, a = res.get("sigmas") or [], res.get(cons) or [], res.get(acc) or []
+            for i, s in enumerate(sig):
+                yield {**ident, "split": split, "sigma": s, "consistency": c[i] if i < len(c) else None,
+                       "accuracy": a[i] if i < len(a) else None}
+
+
+def _cell(v):
+    """CSV numbers to 6 significant digits (0.7663000000000002 -> 0.7663); None empty."""
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return v
+
+
+def render(rows: Iterable[dict], fmt: str) -> str:
+    rows = list(rows)
+    if fmt == "jsonl":
+        return "".join(json.dumps(r) + "\n" for r in rows)
+    header: List[str] = []
+    for r in rows:
+        header.extend(k for k in r if k not in header)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=header, restval="", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: _cell(v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def export(store: Store, what: str = "runs", fmt: str = "csv", experiment=None) -> str:
+    if what not in WHATS:
+        raise ValueError(f"what must be one of {', '.join(WHATS)}, not {what!r}")
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    rows = {"runs": run_rows, "epochs": epoch_rows, "sigmas": sigma_rows}[what](store, experiment)
+    return render(rows, fmt)

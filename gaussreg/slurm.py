@@ -1,0 +1,500 @@
+"""Sweeps on a Slurm cluster: Slurm schedules, gaussreg only submits and reads.
+
+One launch is one `sbatch --parsable --array=0-N%K` job; array task i trains the runs
+on line i*P .. i*P+P-1 of the launch's run list (P = `per_gpu`, the runs packed on one
+task's GPU) through `python -m gaussreg.slurm task`, which `exec`s the worker (P = 1) or
+starts P workers and waits. The run directory stays the only contract, so the store must
+be on a filesystem shared by the login node and the compute nodes. Only the portable
+commands are used: `sbatch --parsable`, `squeue -h -o`, `scancel` (no sacct, no flock
+across nodes).
+
+Stopping: Slurm sends SIGTERM both for preemption/time limits and for `scancel`, so
+`gaussreg cancel` first writes the run's `cancel_requested` file; a worker under Slurm
+that is SIGTERMed without it ends `interrupted` (resumable, requeued by Slurm), with it
+`cancelled`."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from .store import FINISHED, RunDir, RunFileError, Store, atomic_write_bytes, atomic_write_json, now_iso
+
+CANCEL_FILE = "cancel_requested"
+SQUEUE_MIN_S = 10.0  # never poll squeue more often than this (it loads the controller)
+JOB_NAME = "gaussreg"
+# pending reasons that will not resolve by waiting
+FATAL_REASONS = ("PartitionConfig", "ReqNodeNotAvail", "InvalidQOS", "InvalidAccount", "PartitionNodeLimit",
+                 "PartitionTimeLimit", "BadConstraints", "DependencyNeverSatisfied")
+
+
+class SlurmError(Exception):
+    """Slurm cannot be used as asked; the message says why in one sentence."""
+
+
+class SlurmConfigError(ValueError):
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+@dataclass
+class SlurmSettings:
+    """The `[slurm]` manifest table and the `gaussreg run --backend slurm` flags (flags win)."""
+    partition: Optional[str] = None
+    time: Optional[str] = None  # Slurm's time format, e.g. 04:00:00 or 1-00:00:00
+    gpus_per_run: int = 0
+    cpus_per_run: int = 1
+    mem: Optional[str] = None  # per run, e.g. 16G; a task packing P runs asks for P times this
+    array_parallelism: Optional[int] = None
+    per_gpu: int = 1
+    sbatch_args: List[str] = field(default_factory=list)
+    signal: str = "B:TERM@120"  # the worker saves and stops on SIGTERM, 120 s before the time limit
+    requeue: bool = True
+
+
+_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")
+_MEM = re.compile(r"^(\d+)([KMGT]?)$", re.I)
+
+
+def settings(table: Optional[dict] = None, overrides: Optional[dict] = None) -> SlurmSettings:
+    """Validated settings from a `[slurm]` table, with non-None overrides on top.
+    Raises SlurmConfigError naming the key."""
+    merged = dict(table or {})
+    merged.update({k: v for k, v in (overrides or {}).items() if v is not None and v != []})
+    names = {f.name: f for f in fields(SlurmSettings)}
+    out = SlurmSettings()
+    for key, v in merged.items():
+        if key not in names:
+            raise SlurmConfigError(key, f"unknown Slurm setting (known: {', '.join(names)})")
+        if key in ("gpus_per_run", "cpus_per_run", "array_parallelism", "per_gpu"):
+            lo = 0 if key == "gpus_per_run" else 1
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise SlurmConfigError(key, f"must be an integer >= {lo}, not {v!r}")
+        elif key == "requeue":
+            if not isinstance(v, bool):
+                raise SlurmConfigError(key, f"must be true or false, not {v!r}")
+        elif key == "sbatch_args":
+            if isinstance(v, str):
+                import shlex
+                v = shlex.split(v)
+            if not isinstance(v, list) or not all(isinstance(a, str) for a in v):
+                raise SlurmConfigError(key, "must be a list of strings, e.g. [\"--qos=long\"]")
+        else:
+            if not isinstance(v, str) or not v.strip():
+                raise SlurmConfigError(key, f"must be a non-empty string, not {v!r}")
+            if key == "time" and not _TIME.match(v):
+                raise SlurmConfigError(key, f"must be a Slurm time like 04:00:00 or 1-00:00:00, not {v!r}")
+            if key == "mem" and not _MEM.match(v):
+                raise SlurmConfigError(key, f"must be a size like 16G or 4000M, not {v!r}")
+        setattr(out, key, v)
+    return out
+
+
+def _times(mem: str, k: int) -> str:
+    n, unit = _MEM.match(mem).groups()
+    return f"{int(n) * k}{unit.upper()}"
+
+
+def require(*commands: str) -> None:
+    """Every command must be on PATH (checked before anything is written)."""
+    for c in commands:
+        if shutil.which(c) is None:
+            raise SlurmError(f"`{c}` is not on PATH: run on a Slurm login node (or load its module) "
+                             "to use --backend slurm")
+
+
+def sbatch_command(cfg: SlurmSettings, tasks: int, script: Path, out_dir: Path) -> List[str]:
+    """The sbatch command line of one launch (an array of `tasks` tasks)."""
+    k = cfg.per_gpu
+    array = f"0-{tasks - 1}" + (f"%{cfg.array_parallelism}" if cfg.array_parallelism else "")
+    cmd = ["sbatch", "--parsable", f"--array={array}", f"--job-name={JOB_NAME}",
+           f"--output={out_dir}/%A_%a.out", "--open-mode=append", f"--signal={cfg.signal}",
+           f"--cpus-per-task={cfg.cpus_per_run * k}"]
+    cmd += ["--requeue"] if cfg.requeue else ["--no-requeue"]
+    if cfg.partition:
+        cmd.append(f"--partition={cfg.partition}")
+    if cfg.time:
+        cmd.append(f"--time={cfg.time}")
+    if cfg.gpus_per_run:
+        cmd.append(f"--gres=gpu:{cfg.gpus_per_run}")
+    if cfg.mem:
+        cmd.append(f"--mem={_times(cfg.mem, k)}")
+    return cmd + list(cfg.sbatch_args) + [str(script)]
+
+
+def parse_job_id(out: str) -> str:
+    """`sbatch --parsable` prints `JOBID` or `JOBID;CLUSTER`."""
+    first = out.strip().splitlines()[0] if out.strip() else ""
+    jid = first.split(";")[0].strip()
+    if not jid.isdigit():
+        raise SlurmError(f"sbatch printed no job id (got {out.strip()[:200]!r})")
+    return jid
+
+
+@dataclass
+class Task:
+    job: str  # "JOBID_INDEX"
+    state: str  # PENDING, RUNNING, ...
+    reason: str
+
+
+def parse_squeue(out: str) -> Dict[str, Task]:
+    """Lines of `squeue -h -r -o %i|%T|%r` by array task ("123_4"); other lines are ignored."""
+    tasks = {}
+    for line in out.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) != 3 or not re.fullmatch(r"\d+_\d+", parts[0]):
+            continue
+        tasks[parts[0]] = Task(parts[0], parts[1], parts[2])
+    return tasks
+
+
+def squeue() -> Dict[str, Task]:
+    """This user's gaussreg array tasks that Slurm still knows (pending, running, ...)."""
+    require("squeue")
+    try:
+        p = subprocess.run(["squeue", "-h", "-r", "-n", JOB_NAME, "-o", "%i|%T|%r"],
+                           capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise SlurmError(f"squeue could not be run ({e})") from None
+    if p.returncode != 0:
+        raise SlurmError(f"squeue failed: {(p.stderr or p.stdout).strip()[:300]}")
+    return parse_squeue(p.stdout)
+
+
+def scancel(job: str) -> None:
+    require("scancel")
+    p = subprocess.run(["scancel", job], capture_output=True, text=True, timeout=60)
+    if p.returncode != 0:
+        raise SlurmError(f"scancel {job} failed: {(p.stderr or p.stdout).strip()[:300]}")
+
+
+def is_slurm(status: dict) -> bool:
+    return status.get("backend") == "slurm" and bool(status.get("slurm_job"))
+
+
+@dataclass
+class Submission:
+    job_id: Optional[str]
+    submitted: List[str]
+    skipped: Dict[str, str]  # run id -> why
+    script: Optional[Path] = None
+
+
+def _plan(store: Store, run_ids: List[str], rerun: bool, live: Dict[str, Task]) -> Tuple[List[RunDir], dict]:
+    todo, skipped = [], {}
+    for rid in run_ids:
+        run = RunDir(store.root / rid)
+        try:
+            status = run.status()
+            state = run.state(status)
+        except RunFileError as e:
+            skipped[rid] = str(e)
+            continue
+        if is_slurm(status) and state in ("queued", "running") and status["slurm_job"] in live:
+            skipped[rid] = f"already {state} in Slurm job {status['slurm_job']}"
+        elif state == "running":
+            skipped[rid] = f"running on {status.get('host')}"
+        elif state in FINISHED and not rerun:
+            skipped[rid] = state
+        else:
+            todo.append(run)
+    return todo, skipped
+
+
+def submit(store: Store, run_ids: List[str], cfg: SlurmSettings, rerun: bool = False,
+           python: str = sys.executable) -> Submission:
+    """Submit the runs that need training as one array job; write each one's queued
+    status with the job id. Runs already queued or running in Slurm are left alone."""
+    require("sbatch", "squeue")
+    todo, skipped = _plan(store, run_ids, rerun, squeue())
+    if not todo:
+        return Submission(None, [], skipped)
+    from .scheduler import _reset
+    for run in todo:
+        if rerun and run.state() in FINISHED:
+            _reset(run)
+        run.file(CANCEL_FILE).unlink(missing_ok=True)
+    k = cfg.per_gpu
+    tasks = math.ceil(len(todo) / k)
+    sub = store.root / "_slurm" / (time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}")
+    sub.mkdir(parents=True, exist_ok=True)
+    runs_file = sub / "runs.txt"
+    atomic_write_bytes(runs_file, "".join(f"{r.path.resolve()}\n" for r in todo).encode())
+    script = sub / "job.sh"
+    atomic_write_bytes(script, (
+        "#!/bin/bash\n"
+        "# written by gaussreg: array task i trains lines i*P.. of runs.txt (P runs per task)\n"
+        "export GAUSSREG_BACKEND=slurm PYTHONUNBUFFERED=1\n"
+        f"exec {_q(python)} -m gaussreg.slurm task {_q(str(runs_file.resolve()))} --per-task {k}\n").encode())
+    script.chmod(0o755)
+    cmd = sbatch_command(cfg, tasks, script.resolve(), sub.resolve())
+    try:
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=str(store.root))
+        except (OSError, subprocess.SubprocessError) as e:
+            raise SlurmError(f"sbatch could not be run ({e})") from None
+        if p.returncode != 0:
+            raise SlurmError(f"sbatch refused the job: {(p.stderr or p.stdout).strip()[:500]}")
+        jid = parse_job_id(p.stdout)
+    except SlurmError:
+        shutil.rmtree(sub, ignore_errors=True)  # nothing was submitted: leave no launch behind
+        raise
+    atomic_write_json(sub / "job.json", {"job_id": jid, "runs": [r.id for r in todo], "per_task": k,
+                                         "command": cmd, "submitted_at": now_iso()})
+    for i, run in enumerate(todo):
+        job = f"{jid}_{i // k}"
+        try:
+            old = run.status()
+        except RunFileError:
+            old = {}
+        if old.get("slurm_job") == job:
+            continue  # the task already started and wrote its own status
+        keep = {key: old[key] for key in ("epoch", "max_epochs") if key in old}
+        run.write_status({**keep, "state": "queued", "backend": "slurm", "slurm_job_id": jid,
+                          "slurm_array_index": i // k, "slurm_job": job, "slurm_runs_per_task": k,
+                          "submitted_at": now_iso(), "updated_at": now_iso(), "error": None})
+    return Submission(jid, [r.id for r in todo], skipped, script)
+
+
+def _q(s: str) -> str:
+    import shlex
+    return shlex.quote(s)
+
+
+# ---------------------------------------------------------------- control
+
+def cancel(run: RunDir) -> str:
+    """Cancel a Slurm run: mark it, then scancel its array task (when the task trains only
+    this run; a task packing several runs stops just this worker). Returns what was done."""
+    from .scheduler import ControlError
+    try:
+        status = run.status()
+        state = run.state(status)
+    except RunFileError as e:
+        raise ControlError(str(e)) from None
+    if state not in ("queued", "running"):
+        raise ControlError(f"run {run.id} is {state}, neither queued nor running")
+    job = status["slurm_job"]
+    atomic_write_json(run.file(CANCEL_FILE), {"requested_at": now_iso()})
+    shared = status.get("slurm_runs_per_task", 1) > 1
+    if not shared:
+        try:
+            scancel(job)
+        except SlurmError as e:
+            raise ControlError(str(e)) from None
+    if state == "queued":
+        try:
+            now = run.status()
+        except RunFileError:
+            now = status
+        if now.get("state") == "queued":  # no worker will ever say so
+            run.write_status({**now, "state": "cancelled", "finished_at": now_iso(), "updated_at": now_iso(),
+                              "error": "cancelled before it started"})
+    return (f"scancel {job}" if not shared else f"asked the task {job} to stop it") + f" ({state})"
+
+
+def stop_state(run: RunDir, signum: int) -> Tuple[str, str]:
+    """How a worker stopped by `signum` ends: under Slurm a SIGTERM nobody asked for
+    through `gaussreg cancel` is preemption or the time limit, so the run is
+    `interrupted` (Slurm requeues it; it resumes from last.pt)."""
+    name = signal.Signals(signum).name
+    if (os.environ.get("GAUSSREG_BACKEND") == "slurm" and signum == signal.SIGTERM
+            and not run.file(CANCEL_FILE).exists()):
+        return "interrupted", (f"stopped by Slurm ({name}: preemption or time limit); "
+                               "last.pt holds the last finished epoch and a requeue resumes from it")
+    return "cancelled", f"cancelled by {name}; last.pt holds the last finished epoch"
+
+
+def worker_fields() -> dict:
+    """What a worker started by an array task records in status.json."""
+    if os.environ.get("GAUSSREG_BACKEND") != "slurm":
+        return {}
+    jid, idx = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    out = {"backend": "slurm", "slurm_job_id": jid or os.environ.get("SLURM_JOB_ID"),
+           "slurm_array_index": int(idx) if idx and idx.isdigit() else None,
+           "slurm_runs_per_task": int(os.environ.get("GAUSSREG_RUNS_PER_TASK", "1")),
+           "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)}
+    out["slurm_job"] = f"{jid}_{idx}" if jid and idx else out["slurm_job_id"]
+    return out
+
+
+# ---------------------------------------------------------------- the array task
+
+def _task(runs_file: Path, per_task: int) -> int:
+    idx = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
+    lines = [l for l in runs_file.read_text().splitlines() if l.strip()]
+    mine = [RunDir(p) for p in lines[idx * per_task:(idx + 1) * per_task]]
+    todo = []
+    for run in mine:
+        try:
+            status = run.status()
+            state = run.state(status)
+        except RunFileError as e:
+            print(f"skipping {run.path}: {e}", flush=True)
+            continue
+        if state in FINISHED:
+            print(f"skipping {run.id}: {state}", flush=True)
+        elif run.file(CANCEL_FILE).exists():
+            print(f"skipping {run.id}: cancel requested", flush=True)
+        else:
+            todo.append(run)
+    if not todo:
+        return 0
+    env = dict(os.environ, GAUSSREG_BACKEND="slurm", GAUSSREG_RUNS_PER_TASK=str(per_task))
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if cpus and cpus.isdigit() and "GAUSSREG_THREADS" not in os.environ:
+        env["GAUSSREG_THREADS"] = env["OMP_NUM_THREADS"] = str(max(1, int(cpus) // len(todo)))
+    argv = lambda r: [sys.executable, "-m", "gaussreg.worker", str(r.path), "--resume"]
+    print(f"{now_iso()} task {idx} on {os.uname().nodename}: {' '.join(r.id for r in todo)}", flush=True)
+    if len(todo) == 1:
+        # exec: the worker is the batch step's process, so B:TERM reaches it directly
+        fd = os.open(todo[0].file("worker.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.execve(sys.executable, argv(todo[0]), env)
+    procs = {}
+    for run in todo:
+        with open(run.file("worker.log"), "ab") as log:
+            procs[run.id] = (run, subprocess.Popen(argv(run), env=env, stdout=log, stderr=subprocess.STDOUT,
+                                                   stdin=subprocess.DEVNULL))
+
+    def forward(signum, _frame):
+        for _, p in procs.values():
+            if p.poll() is None:
+                p.send_signal(signum)
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    stopped = set()
+    while any(p.poll() is None for _, p in procs.values()):
+        for rid, (run, p) in procs.items():  # gaussreg cancel of one packed run
+            if rid not in stopped and p.poll() is None and run.file(CANCEL_FILE).exists():
+                p.send_signal(signal.SIGTERM)
+                stopped.add(rid)
+        time.sleep(1.0)
+    return 0 if all(p.returncode == 0 for _, p in procs.values()) else 1
+
+
+# ---------------------------------------------------------------- follow
+
+def pending_reasons(run_ids: List[str], store: Store, live: Dict[str, Task]) -> Dict[str, str]:
+    """Run id -> Slurm's pending reason, for queued runs whose task is pending."""
+    out = {}
+    for rid in run_ids:
+        try:
+            status = RunDir(store.root / rid).status()
+        except RunFileError:
+            continue
+        t = live.get(status.get("slurm_job", ""))
+        if t and t.state == "PENDING":
+            out[rid] = t.reason
+    return out
+
+
+def fatal(reason: str) -> bool:
+    return any(reason.startswith(r) for r in FATAL_REASONS)
+
+
+TERMINAL = ("completed", "failed", "diverged", "cancelled")
+
+
+def follow(store: Store, run_ids: List[str], console, poll_s: float = 1.0, squeue_s: float = SQUEUE_MIN_S) -> int:
+    """The live view of a Slurm launch: reads the run directories every `poll_s` and
+    squeue every `squeue_s` (>= 10 s). Returns when no run can change any more (0), or
+    when a run waits for a reason that will not resolve (1, after saying which runs)."""
+    from rich.live import Live
+    from rich.markup import escape
+    from rich.table import Table
+    from .live import STATE_STYLE
+    squeue_s = max(SQUEUE_MIN_S, squeue_s)
+    runs = [RunDir(store.root / r) for r in run_ids]
+    live_tasks: Dict[str, Task] = {}
+    next_squeue, t0 = 0.0, time.time()
+
+    def snapshot():
+        rows = []
+        for run in runs:
+            try:
+                status = run.status()
+                state = run.state(status)
+            except RunFileError as e:
+                rows.append((run.id, "failed", "", "", str(e)))
+                continue
+            task = live_tasks.get(status.get("slurm_job", ""))
+            reason = task.reason if task and task.state == "PENDING" else ""
+            rows.append((run.id, state, status.get("slurm_job", ""),
+                         f"{status.get('epoch') or 0}/{status.get('max_epochs') or '?'}",
+                         reason if reason and reason != "None" else (status.get("error") or "")))
+        return rows
+
+    def done(rows) -> bool:
+        for rid, state, job, _, _ in rows:
+            if state in TERMINAL:
+                continue
+            if state in ("queued", "running", "interrupted") and job in live_tasks:
+                return False  # Slurm still has it (an interrupted one is being requeued)
+            if state == "running":
+                return False  # finishing its last write; its heartbeat will tell
+        return True
+
+    def render(rows):
+        t = Table(box=None, header_style="bold")
+        for h in ("run", "state", "slurm job", "epoch", "reason / error"):
+            t.add_column(h)
+        counts = {}
+        for rid, state, job, ep, why in rows:
+            counts[state] = counts.get(state, 0) + 1
+            if state not in ("completed",):
+                t.add_row(rid, f"[{STATE_STYLE.get(state, '')}]{state}[/]", job, ep, escape(why))
+        t.caption = "  ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f"  ·  {time.time() - t0:.0f}s"
+        return t
+
+    with Live(render(snapshot()), console=console, refresh_per_second=1, transient=True) as view:
+        while True:
+            if time.monotonic() >= next_squeue:
+                live_tasks = squeue()
+                next_squeue = time.monotonic() + squeue_s
+                reasons = pending_reasons(run_ids, store, live_tasks)
+                bad = {r: why for r, why in reasons.items() if fatal(why)}
+                if bad:
+                    view.stop()
+                    for why in sorted(set(bad.values())):
+                        ids = [r for r, w in bad.items() if w == why]
+                        console.print(f"[bold red]error:[/] Slurm will not start {len(ids)} run(s) ({escape(why)}): "
+                                      + ", ".join(ids), highlight=False)
+                    return 1
+                rows = snapshot()
+                if done(rows):
+                    break
+            else:
+                rows = snapshot()
+                if all(r[1] in TERMINAL for r in rows):
+                    break
+            view.update(render(rows))
+            time.sleep(poll_s)
+    return 0
+
+
+def main(argv=None) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m gaussreg.slurm")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("task", help="run this array task's runs (called by the job script)")
+    t.add_argument("runs_file")
+    t.add_argument("--per-task", type=int, default=1)
+    args = ap.parse_args(argv)
+    return _task(Path(args.runs_file), args.per_task)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

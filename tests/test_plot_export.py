@@ -1,0 +1,108 @@
+import csv
+import io
+import json
+import subprocess
+
+import pytest
+
+from conftest import cli, python_env
+from gaussreg.spec import resolve, run_id
+from gaussreg.store import Store, atomic_write_json
+
+SIGMAS = [0.0, 0.25, 0.5]
+
+
+def add(st, method, acc, rob, seed=0, state="completed", **params):
+    spec = resolve({"dataset": "synthetic", "model": "mlp", "method": method, "params": params, "seed": seed,
+                    "experiment": "P", "robustness": {"sigmas": SIGMAS}})
+    run = st.create(spec, run_id(spec))
+    run.write_status({"state": state})
+    epochs = [{"type": "epoch", "epoch": e, "train_loss": 1.0 / e + 1e-17, "train_terms": {"ce": 1.0 / e},
+               "val_loss": 1.1 / e, "val_ce": 1.1 / e, "val_accuracy": acc - 0.01, "lr": 1e-3, "epoch_time": 0.5,
+               "images_per_s": 1000.0, "best": True} for e in (1, 2)]
+    run.file("events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in epochs))
+    if state == "completed":
+        atomic_write_json(run.file("result.json"), {
+            "test_accuracy": acc, "robustness": rob, "sigmas": SIGMAS, "per_sigma": [1.0, rob, rob - 0.1],
+            "accuracy_per_sigma": [acc, acc - 0.1, acc - 0.3], "best_val_accuracy": acc - 0.01,
+            "val_robustness": rob + 0.0000000000000002, "val_per_sigma": [1.0, rob, rob - 0.12],
+            "val_accuracy_per_sigma": [acc, acc - 0.12, acc - 0.3], "best_epoch": 2, "epochs_run": 2})
+    return run.id
+
+
+@pytest.fixture
+def store(tmp_path):
+    st = Store(tmp_path / "runs")
+    st.write_experiment("P", {"tolerance": 0.02})
+    add(st, "baseline", 0.90, 0.50)
+    add(st, "baseline", 0.91, 0.52, seed=1)
+    add(st, "augment", 0.90, 0.70, sigma=0.25, folds=1)
+    add(st, "augment", 0.89, 0.75, sigma=0.5, folds=5)
+    add(st, "regularizer", 0.90, 0.78, sigma=0.25, alpha=1)
+    add(st, "regularizer", 0.88, 0.85, sigma=1.0, alpha=1)
+    add(st, "regularizer", 0.7663000000000002, 0.9, sigma=5.0, alpha=1)
+    add(st, "regularizer", 0.0, 0.0, state="failed", sigma=10.0, alpha=1)
+    return st
+
+
+MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "svg": b"<svg", "pdf": b"%PDF-"}
+
+
+@pytest.mark.parametrize("fmt", ["png", "svg", "pdf"])
+def test_plot_writes_three_valid_figures(store, tmp_path, fmt):
+    pytest.importorskip("matplotlib")
+    out = subprocess.run(cli("plot", "--store", store.root, "--out", tmp_path / "fig", "--format", fmt),
+                         capture_output=True, text=True, env=python_env())
+    assert out.returncode == 0, out.stderr
+    files = sorted((tmp_path / "fig").iterdir())
+    assert [f.name for f in files] == [f"P-{n}.{fmt}" for n in ("accuracy-vs-robustness", "curves", "per-sigma")]
+    for f in files:
+        data = f.read_bytes()
+        assert len(data) > 5000, f
+        assert (MAGIC[fmt] in data[:400]) if fmt == "svg" else data.startswith(MAGIC[fmt]), f
+        if fmt == "png":
+            from PIL import Image
+            with Image.open(f) as im:
+                im.verify()
+            with Image.open(f) as im:
+                assert im.size[0] > 600 and im.size[1] > 400
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(store, tmp_path):
+    fake = tmp_path / "nompl"
+    (fake / "matplotlib").mkdir(parents=True)
+    (fake / "matplotlib" / "__init__.py").write_text("raise ImportError('no matplotlib here')\n")
+    env = python_env()
+    env["PYTHONPATH"] = f"{fake}:{env.get('PYTHONPATH', '')}"
+    out = subprocess.run(cli("plot", "--store", store.root, "--out", tmp_path / "fig"), capture_output=True,
+                         text=True, env=env)
+    assert out.returncode == 2
+    assert 'pip install "gaussreg[plots]"' in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "fig").exists()
+
+
+def test_export_long_formats_read_back(store):
+    def export(*args):
+        out = subprocess.run(cli("export", "--store", store.root, *args), capture_output=True, text=True,
+                             env=python_env())
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+    runs = list(csv.DictReader(io.StringIO(export())))
+    assert len(runs) == 8 and {r["state"] for r in runs} == {"completed", "failed"}
+    odd = next(r for r in runs if r["param_sigma"] == "5")
+    assert odd["test_accuracy"] == "0.7663" and odd["val_robustness"] == "0.9"  # rounded, not 0.7663000000000002
+    assert odd["test_noisy_accuracy"] == "0.6413"  # trapezoid of [0.7663, 0.6663, 0.4663] on [0, .25, .5]
+    failed = next(r for r in runs if r["state"] == "failed")
+    assert failed["test_accuracy"] == "" and failed["param_sigma"] == "10"
+    base = [r for r in runs if r["method"] == "baseline"]
+    assert base[0]["config"] == base[1]["config"] and {b["seed"] for b in base} == {"0", "1"}
+    epochs = list(csv.DictReader(io.StringIO(export("--what", "epochs"))))
+    assert len(epochs) == 16 and {e["epoch"] for e in epochs} == {"1", "2"}
+    assert next(e for e in epochs if e["epoch"] == "1")["train_loss"] == "1"
+    sig = [json.loads(line) for line in export("--what", "sigmas", "--format", "jsonl").splitlines()]
+    assert len(sig) == 7 * 2 * 3  # completed runs x (test, val) x sigmas
+    one = [s for s in sig if s["run_id"] == odd["run_id"] and s["split"] == "val"]
+    assert [s["sigma"] for s in one] == SIGMAS and [s["consistency"] for s in one] == [1.0, 0.9, pytest.approx(0.78)]
+    pd = pytest.importorskip("pandas")
+    frame = pd.read_csv(io.StringIO(export()))
+    assert len(frame) == 8 and frame["test_accuracy"].max() == pytest.approx(0.91)

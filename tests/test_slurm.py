@@ -1,0 +1,215 @@
+"""The Slurm backend against fake sbatch/squeue/scancel scripts on PATH (argument
+building, parsing, status files, error paths). The real-Slurm test is test_slurm_cluster.py."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import cli, python_env
+from gaussreg import slurm
+from gaussreg.store import RunDir, Store
+
+MANIFEST = """
+[slurm]
+partition = "gpu"
+time = "01:00:00"
+gpus_per_run = 1
+mem = "2G"
+
+[[experiment]]
+name = "sl"
+dataset = "synthetic"
+model = "mlp"
+max_epochs = 1
+train_subset = 300
+test_subset = 100
+robustness = { sigmas = [0.0, 0.25] }
+methods.baseline = {}
+methods.regularizer = { sigma = [0.25, 0.5], alpha = 1 }
+"""
+
+
+@pytest.fixture
+def fake_slurm(tmp_path):
+    """bin/ with sbatch (prints JOB;cluster and records its argv), squeue (prints the
+    file squeue.txt) and scancel (records its argv)."""
+    b = tmp_path / "bin"
+    b.mkdir()
+    calls = tmp_path / "calls.jsonl"
+    rec = f"{sys.executable} -c 'import json,sys; open(\"{calls}\", \"a\").write(json.dumps(sys.argv[1:]) + \"\\n\")'"
+    (b / "sbatch").write_text(f"#!/bin/bash\n{rec} sbatch \"$@\"\n"
+                              f"[ -f {tmp_path}/sbatch_fails ] && {{ echo 'sbatch: error: invalid partition' >&2; exit 1; }}\n"
+                              "echo '4242;cluster'\n")
+    (b / "squeue").write_text(f"#!/bin/bash\n{rec} squeue \"$@\"\n[ -f {tmp_path}/squeue.txt ] && while IFS= read -r l; do echo \"$l\"; done < {tmp_path}/squeue.txt\nexit 0\n")
+    (b / "scancel").write_text(f"#!/bin/bash\n{rec} scancel \"$@\"\n")
+    for f in b.iterdir():
+        f.chmod(0o755)
+    (tmp_path / "m.toml").write_text(MANIFEST)
+
+    def calls_of(name):
+        if not calls.exists():
+            return []
+        return [c[1:] for c in map(json.loads, calls.read_text().splitlines()) if c[0] == name]
+    return {"bin": b, "calls": calls_of, "dir": tmp_path,
+            "env": {"PATH": str(b), "COLUMNS": "200"}}  # only the fakes: a real Slurm may be installed
+
+
+def gr(fake, *args):
+    return subprocess.run(cli(*args), capture_output=True, text=True, cwd=fake["dir"],
+                          env=python_env(**fake["env"]))
+
+
+def test_settings_flags_override_the_table_and_are_checked():
+    cfg = slurm.settings({"partition": "a", "time": "04:00:00", "per_gpu": 3}, {"partition": "b", "mem": None})
+    assert (cfg.partition, cfg.time, cfg.per_gpu, cfg.requeue, cfg.signal) == ("b", "04:00:00", 3, True, "B:TERM@120")
+    for bad, key in [({"gpus_per_run": -1}, "gpus_per_run"), ({"time": "4 hours"}, "time"),
+                     ({"mem": "lots"}, "mem"), ({"partiton": "x"}, "partiton"), ({"per_gpu": 0}, "per_gpu")]:
+        with pytest.raises(slurm.SlurmConfigError) as e:
+            slurm.settings(bad)
+        assert e.value.key == key
+
+
+def test_sbatch_command_packs_per_gpu_runs_into_one_task():
+    cfg = slurm.settings({"gpus_per_run": 1, "cpus_per_run": 2, "mem": "3G", "per_gpu": 2, "array_parallelism": 4,
+                          "sbatch_args": "--qos=long --account=lab"})
+    cmd = slurm.sbatch_command(cfg, 5, Path("/s/job.sh"), Path("/s"))
+    assert cmd[:3] == ["sbatch", "--parsable", "--array=0-4%4"]
+    for a in ("--gres=gpu:1", "--cpus-per-task=4", "--mem=6G", "--requeue", "--open-mode=append",
+              "--signal=B:TERM@120", "--output=/s/%A_%a.out", "--qos=long", "--account=lab"):
+        assert a in cmd
+    assert cmd[-1] == "/s/job.sh" and not any(a.startswith("--partition") for a in cmd)
+
+
+def test_parsing_sbatch_and_squeue_output():
+    assert slurm.parse_job_id("4242;cluster\n") == "4242" and slurm.parse_job_id("17\n") == "17"
+    with pytest.raises(slurm.SlurmError, match="no job id"):
+        slurm.parse_job_id("sbatch: error: nope")
+    t = slurm.parse_squeue("12_0|RUNNING|None\n12_3|PENDING|Resources\n13|PENDING|Priority\ngarbage\n")
+    assert set(t) == {"12_0", "12_3"} and t["12_3"].reason == "Resources" and t["12_0"].state == "RUNNING"
+    assert slurm.fatal("ReqNodeNotAvail, UnavailableNodes:n1") and not slurm.fatal("Resources")
+
+
+def test_submission_writes_queued_status_with_job_ids(fake_slurm):
+    r = gr(fake_slurm, "run", "m.toml", "--backend", "slurm", "--per-gpu", "2", "--time", "02:00:00")
+    assert r.returncode == 0, r.stderr
+    assert "array job 4242" in r.stdout and "2 task(s)" in r.stdout
+    (args,) = fake_slurm["calls"]("sbatch")
+    assert "--array=0-1" in args and "--gres=gpu:1" in args and "--time=02:00:00" in args  # flag beats table
+    assert "--partition=gpu" in args and "--mem=4G" in args and "--cpus-per-task=2" in args
+    st = Store(fake_slurm["dir"] / "runs")
+    statuses = sorted((r.status() for r in st.runs()), key=lambda s: s["slurm_job"])
+    assert [s["slurm_job"] for s in statuses] == ["4242_0", "4242_0", "4242_1"]
+    assert all(s["state"] == "queued" and s["backend"] == "slurm" and s["slurm_job_id"] == "4242" for s in statuses)
+    assert [s["slurm_array_index"] for s in statuses] == [0, 0, 1]
+    script = Path(args[-1]).read_text()
+    assert "GAUSSREG_BACKEND=slurm" in script and "gaussreg.slurm task" in script and "--per-task 2" in script
+    listed = (Path(args[-1]).parent / "runs.txt").read_text().split()
+    assert sorted(Path(p).name for p in listed) == sorted(r.id for r in st.runs())
+    ls = gr(fake_slurm, "ls")
+    assert "4242_1" in ls.stdout and "slurm job" in ls.stdout
+
+
+def test_runs_still_in_slurm_are_not_submitted_twice(fake_slurm):
+    assert gr(fake_slurm, "run", "m.toml", "--backend", "slurm").returncode == 0
+    (fake_slurm["dir"] / "squeue.txt").write_text("4242_0|RUNNING|None\n4242_2|PENDING|Resources\n")
+    st = Store(fake_slurm["dir"] / "runs")
+    by_job = {r.status()["slurm_job"]: r for r in st.runs()}
+    by_job["4242_1"].write_status({**by_job["4242_1"].status(), "state": "cancelled"})
+    r = gr(fake_slurm, "run", "m.toml", "--backend", "slurm")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("already") == 2 and "submitted 1 run(s)" in r.stdout
+    assert len(fake_slurm["calls"]("sbatch")) == 2
+    assert fake_slurm["calls"]("squeue")[-1][:4] == ["-h", "-r", "-n", "gaussreg"]
+    assert by_job["4242_1"].status()["state"] == "queued"  # the resubmitted one
+
+
+def test_missing_sbatch_exits_2_and_writes_nothing(fake_slurm):
+    (fake_slurm["bin"] / "sbatch").unlink()
+    r = gr(fake_slurm, "run", "m.toml", "--backend", "slurm")
+    assert r.returncode == 2 and "`sbatch` is not on PATH" in r.stderr and "Traceback" not in r.stderr
+    assert not (fake_slurm["dir"] / "runs").exists()
+
+
+def test_refused_submission_exits_2_and_leaves_no_launch(fake_slurm):
+    (fake_slurm["dir"] / "sbatch_fails").touch()
+    r = gr(fake_slurm, "run", "m.toml", "--backend", "slurm")
+    assert r.returncode == 2 and "sbatch refused the job" in r.stderr and "invalid partition" in r.stderr
+    assert not any((fake_slurm["dir"] / "runs" / "_slurm").iterdir())
+    assert all(r.status()["state"] == "queued" and "slurm_job" not in r.status()
+               for r in Store(fake_slurm["dir"] / "runs").runs())
+
+
+def test_bad_slurm_table_names_file_line_and_key(fake_slurm):
+    (fake_slurm["dir"] / "m.toml").write_text(MANIFEST.replace('time = "01:00:00"', 'time = "an hour"'))
+    r = gr(fake_slurm, "run", "m.toml", "--backend", "slurm")
+    assert r.returncode == 2 and "m.toml:4: slurm.time: must be a Slurm time" in r.stderr
+    r = gr(fake_slurm, "run", "m.toml", "--backend", "slurm", "--gpus-per-run", "-2")
+    assert r.returncode == 2
+
+
+def test_cancel_of_a_slurm_run_calls_scancel_on_its_array_task(fake_slurm):
+    assert gr(fake_slurm, "run", "m.toml", "--backend", "slurm").returncode == 0
+    run = next(r for r in Store(fake_slurm["dir"] / "runs").runs() if r.status()["slurm_job"] == "4242_2")
+    r = gr(fake_slurm, "cancel", run.id[:-3])
+    assert r.returncode == 0, r.stderr
+    assert fake_slurm["calls"]("scancel") == [["4242_2"]]
+    assert run.status()["state"] == "cancelled" and run.file(slurm.CANCEL_FILE).exists()
+    r = gr(fake_slurm, "cancel", run.id)
+    assert r.returncode == 2 and "is cancelled, neither queued nor running" in r.stderr
+
+
+def test_follow_reports_a_pending_reason_that_never_resolves(fake_slurm):
+    (fake_slurm["dir"] / "squeue.txt").write_text("4242_0|PENDING|PartitionConfig\n4242_1|PENDING|Resources\n"
+                                                  "4242_2|PENDING|PartitionConfig\n")
+    r = gr(fake_slurm, "run", "m.toml", "--backend", "slurm", "--follow")
+    assert r.returncode == 1
+    st = Store(fake_slurm["dir"] / "runs")
+    bad = sorted(r.id for r in st.runs() if r.status()["slurm_job"] in ("4242_0", "4242_2"))
+    assert "Slurm will not start 2 run(s) (PartitionConfig)" in r.stdout
+    assert all(b in r.stdout for b in bad)
+
+
+def _worker_until_training(run, env):
+    p = subprocess.Popen([sys.executable, "-m", "gaussreg.worker", str(run.path), "--resume"],
+                         env=python_env(**env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(e["type"] == "progress" for e in run.events()[0]):
+        assert p.poll() is None, p.stderr.read()
+        time.sleep(0.05)
+    return p
+
+
+@pytest.mark.parametrize("asked", [False, True])
+def test_slurm_sigterm_is_interrupted_unless_cancel_was_asked(tmp_path, asked):
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "spec.json").write_text(json.dumps({"dataset": "synthetic", "model": "lenet", "method": "baseline",
+                                             "max_epochs": 50, "batch_size": 100}))
+    run = RunDir(d)
+    p = _worker_until_training(run, {"GAUSSREG_BACKEND": "slurm", "SLURM_ARRAY_JOB_ID": "77",
+                                     "SLURM_ARRAY_TASK_ID": "3", "SLURM_JOB_ID": "80"})
+    st = run.status()
+    assert (st["backend"], st["slurm_job"], st["slurm_array_index"]) == ("slurm", "77_3", 3)
+    if asked:
+        run.file(slurm.CANCEL_FILE).write_text("{}")
+    p.send_signal(signal.SIGTERM)
+    p.wait(60)
+    st = run.status()
+    assert st["state"] == ("cancelled" if asked else "interrupted"), st
+    assert ("preemption or time limit" in st["error"]) != asked
+    assert run.file("last.pt").exists()
+
+
+def test_tui_runs_table_shows_the_array_task_of_slurm_runs(fake_slurm):
+    from tui.watcher import StoreWatcher
+    from tui.widgets import cells
+    assert gr(fake_slurm, "run", "m.toml", "--backend", "slurm").returncode == 0
+    rows = StoreWatcher(fake_slurm["dir"] / "runs").scan()
+    assert sorted(r.slurm_job for r in rows) == ["4242_0", "4242_1", "4242_2"]
+    assert sorted(cells(r)["state"].plain for r in rows) == ["queued 4242_0", "queued 4242_1", "queued 4242_2"]

@@ -1,0 +1,185 @@
+"""gaussreg against a real single-node Slurm (Debian's slurmctld + slurmd), started here.
+
+The fixture installs Slurm with apt when it is missing (root only), writes a slurm.conf
+for this host into a temp dir (auth/none, two fake GPUs backed by /dev/tty0-1, free
+ports), runs `slurmctld -D` and `slurmd -D` in the foreground and kills them by pid."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import cli, python_env
+from gaussreg.store import Store
+
+DAEMONS = ("slurmctld", "slurmd", "sbatch", "squeue", "scancel", "sinfo")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def await_(cond, timeout: float, what: str, every: float = 0.1):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _install() -> str:
+    """'' when Slurm is usable, else why not (one line)."""
+    if all(shutil.which(c) for c in DAEMONS):
+        return ""
+    if os.geteuid() != 0:
+        return "Slurm is not installed and installing it needs root"
+    r = subprocess.run("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "
+                       "slurmctld slurmd slurm-client", shell=True, capture_output=True, text=True, timeout=900)
+    if r.returncode != 0 or not all(shutil.which(c) for c in DAEMONS):
+        tail = (r.stderr or r.stdout).strip().splitlines()
+        return f"apt could not install Slurm: {tail[-1] if tail else 'exit ' + str(r.returncode)}"
+    return ""
+
+
+@pytest.fixture(scope="module")
+def slurm_conf(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("a real single-node Slurm needs root (slurmd runs the jobs)")
+    why = _install()
+    if why:
+        pytest.skip(why)
+    d = tmp_path_factory.mktemp("slurm")
+    for sub in ("state", "spool"):
+        (d / sub).mkdir()
+    host = socket.gethostname().split(".")[0]
+    cpus = os.cpu_count() or 1
+    conf = d / "slurm.conf"
+    conf.write_text(f"""ClusterName=gaussregtest
+SlurmctldHost={host}
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/none
+CredType=cred/none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+MailProg=/bin/true
+KillWait=5
+GresTypes=gpu
+MpiDefault=none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SchedulerType=sched/backfill
+ReturnToService=2
+InactiveLimit=0
+MinJobAge=300
+StateSaveLocation={d}/state
+SlurmdSpoolDir={d}/spool
+SlurmctldPidFile={d}/slurmctld.pid
+SlurmdPidFile={d}/slurmd.pid
+SlurmctldLogFile={d}/slurmctld.log
+SlurmdLogFile={d}/slurmd.log
+NodeName={host} CPUs={cpus} RealMemory=1000 Gres=gpu:2 State=UNKNOWN
+PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+""")
+    (d / "gres.conf").write_text(f"NodeName={host} Name=gpu File=/dev/tty[0-1]\n")
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    procs = []
+    try:
+        for cmd in (["slurmctld", "-D", "-i", "-f", str(conf)], ["slurmd", "-D", "-f", str(conf)]):
+            with open(d / f"{cmd[0]}.out", "wb") as out:
+                procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                              stdin=subprocess.DEVNULL))
+
+        def idle():
+            for p in procs:
+                assert p.poll() is None, (d / "slurmctld.out").read_text() + (d / "slurmd.out").read_text()
+            r = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True)
+            return r.returncode == 0 and r.stdout.strip() == "idle"
+        await_(idle, 90, "the Slurm node to be idle", every=0.3)
+        yield str(conf)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+MANIFEST = """
+[[experiment]]
+name = "cluster"
+dataset = "synthetic"
+model = "mlp"
+max_epochs = 30
+early_stop = 100
+train_subset = 2000
+test_subset = 400
+optimizer = { lr = 3e-4 }
+robustness = { sigmas = [0.0, 0.2, 0.4] }
+methods.baseline = {}
+methods.regularizer = { sigma = [0.25, 0.5], alpha = 1 }
+"""
+
+
+def test_sweep_cancel_resume_on_a_real_slurm_gives_the_local_table(slurm_conf, tmp_path):
+    (tmp_path / "m.toml").write_text(MANIFEST)
+    env = python_env(SLURM_CONF=slurm_conf, COLUMNS="200")
+
+    def gr(*args, timeout=300):
+        return subprocess.run(cli(*args), capture_output=True, text=True, cwd=tmp_path, env=env, timeout=timeout)
+
+    r = gr("run", "m.toml", "--backend", "slurm", "--gpus-per-run", "1", "--cpus-per-run", "1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "submitted 3 run(s) as Slurm array job" in r.stdout
+    st = Store(tmp_path / "runs")
+    runs = sorted(st.runs(), key=lambda run: run.status()["slurm_array_index"])
+    assert [run.status()["slurm_array_index"] for run in runs] == [0, 1, 2]
+    job = runs[0].status()["slurm_job_id"]
+    assert all(run.status()["slurm_job"] == f"{job}_{i}" for i, run in enumerate(runs))
+
+    # tasks 0 and 1 start together, one per fake GPU; cancel task 1 while it trains
+    other, victim, last = runs
+    await_(lambda: victim.status().get("state") == "running" and (victim.status().get("epoch") or 0) >= 2,
+           180, "run 1 to train its second epoch")
+    await_(lambda: other.status().get("cuda_visible_devices") is not None, 60, "run 0 to start")
+    seen = {other.status()["cuda_visible_devices"], victim.status()["cuda_visible_devices"]}
+    assert seen == {"0", "1"}, seen  # each worker got its own GPU
+    r = gr("cancel", victim.id)
+    assert r.returncode == 0 and f"scancel {job}_1" in r.stdout, r.stdout + r.stderr
+    await_(lambda: victim.status().get("state") == "cancelled", 60, "the cancelled run to say so")
+    assert victim.file("last.pt").exists() and not victim.file("result.json").exists()
+    assert victim.status()["epoch"] < 30
+    await_(lambda: all(run.state() == "completed" for run in (other, last)), 300, "runs 0 and 2 to complete")
+    assert last.status()["cuda_visible_devices"] in {"0", "1"}
+    assert other.status()["slurm_job"] == f"{job}_0" and last.status()["slurm_array_index"] == 2
+
+    # running the manifest again resubmits only the cancelled run, which resumes from last.pt
+    r = gr("run", "m.toml", "--backend", "slurm", "--gpus-per-run", "1", "--cpus-per-run", "1", "--follow")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "submitted 1 run(s)" in r.stdout and r.stdout.count("skipped") == 2
+    assert victim.state() == "completed" and victim.status()["slurm_job_id"] != job
+    assert any(e["type"] == "resume" for e in victim.events()[0])
+
+    # the same manifest trained locally, with the same thread count, gives the same table
+    r = gr("run", "m.toml", "--store", "local", "--max-parallel", str(os.cpu_count() or 1))  # 1 thread each
+    assert r.returncode == 0, r.stdout + r.stderr
+    tables = [json.loads(gr("table", "--store", s, "--format", "json").stdout) for s in ("runs", "local")]
+    assert tables[0] == tables[1]
+    assert len(tables[0]["experiments"][0]["best"]) == 2
