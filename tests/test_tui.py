@@ -187,11 +187,12 @@ async def test_cells_that_grow_are_shown_whole(store):
         st.update(state="interrupted")  # wider than any state the table had
         run.write_status(st)
         await until(pilot, lambda: t.get_cell(run.id, "state").plain == "interrupted")
-        assert t.columns["state"].content_width >= len("interrupted")
+        # widths are recomputed when the table next settles: wait for that, not for a time
+        await until(pilot, lambda: t.columns["state"].content_width >= len("interrupted"), timeout=10)
         st.update(state="completed")
         run.write_status(st)
         await until(pilot, lambda: t.get_cell(run.id, "robustness") == "100.00")
-        assert t.columns["robustness"].content_width >= len("100.00")
+        await until(pilot, lambda: t.columns["robustness"].content_width >= len("100.00"), timeout=10)
 
 
 async def test_cancel_and_rerun_refuse_first_with_the_reason(store):
