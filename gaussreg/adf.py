@@ -36,7 +36,6 @@ from torch import nn
 import torch.nn.functional as F
 
 from .models import first_variance
-from .moments import relu_mean
 
 Depth = Union[int, str]
 
@@ -105,6 +104,15 @@ def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return (num / den.clamp_min(torch.finfo(den.dtype).tiny)).clamp(-_A_MAX, _A_MAX)
 
 
+def _relu_var_ratio(a, cdf, q, pdf):
+    """Var[max(X, 0)] / sigma^2 as a function of a = mu / sigma (see relu_variance)."""
+    r = pdf - a * q
+    pos = 1 + (a * a - 1) * q - a * pdf - r * r
+    t = a * cdf + pdf
+    neg = (a * a + 1) * cdf + a * pdf - t * t
+    return torch.where(a >= 0, pos, neg)
+
+
 def relu_variance(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Var[max(X, 0)] for X ~ N(mu, sigma^2), written without the cancellation of
     E[max^2] - T^2 that loses everything in float32 when mu >> sigma.
@@ -113,18 +121,81 @@ def relu_variance(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     Var / sigma^2 = 1 + (a^2 - 1) Q - a phi - r^2 for a >= 0, and
     (a^2 + 1) Phi + a phi - (a Phi + phi)^2 for a < 0 (where every term is small)."""
     a = _ratio(mu, sigma)
-    cdf, q, pdf = _cdf_pdf(a)
-    r = pdf - a * q
-    pos = 1 + (a * a - 1) * q - a * pdf - r * r
-    t = a * cdf + pdf
-    neg = (a * a + 1) * cdf + a * pdf - t * t
-    return (sigma * sigma * torch.where(a >= 0, pos, neg)).clamp_min(0)
+    return (sigma * sigma * _relu_var_ratio(a, *_cdf_pdf(a))).clamp_min(0)
+
+
+def _sum_to(grad, shape):
+    """A broadcast gradient summed back to an input's shape."""
+    if grad.shape == shape:
+        return grad
+    lead = grad.ndim - len(shape)
+    dims = tuple(range(lead)) + tuple(i + lead for i, n in enumerate(shape) if n == 1 and grad.shape[i + lead] != 1)
+    return grad.sum(dims, keepdim=True).reshape(shape)
+
+
+class _ReluMoments(torch.autograd.Function):
+    """(T, Var) of max(X, 0), X ~ N(mu, sigma^2), with the analytic gradients
+    dT/dmu = Phi, dT/dsigma = phi, dVar/dmu = 2 T Phi(-a), dVar/dsigma = 2 (sigma Phi - T phi)
+    (from dE[relu^2]/dmu = 2T and, by Stein's lemma, dE[relu^2]/dsigma = 2 sigma Phi):
+    three saved tensors instead of the dozen autograd would keep."""
+
+    @staticmethod
+    def forward(ctx, mu, sigma):
+        a = _ratio(mu, sigma)
+        cdf, q, pdf = _cdf_pdf(a)
+        t = mu * cdf + sigma * pdf
+        var = (sigma * sigma * _relu_var_ratio(a, cdf, q, pdf)).clamp_min(0)
+        ctx.save_for_backward(sigma, cdf, pdf, t)
+        ctx.mu_shape = mu.shape
+        return t, var
+
+    @staticmethod
+    def backward(ctx, g_t, g_var):
+        sigma, cdf, pdf, t = ctx.saved_tensors
+        g_mu = g_t * cdf + g_var * 2 * t * (1 - cdf)
+        g_sigma = g_t * pdf + g_var * 2 * (sigma * cdf - t * pdf)
+        return _sum_to(g_mu, ctx.mu_shape), _sum_to(g_sigma, sigma.shape)
 
 
 def relu_moments(mu: torch.Tensor, var: torch.Tensor):
     """Mean T(mu, sigma) (Eq. 1) and variance of a rectified Gaussian."""
-    s = std(var)
-    return relu_mean(mu, s), relu_variance(mu, s)
+    return _ReluMoments.apply(mu, std(var))
+
+
+class _MaxMoments(torch.autograd.Function):
+    """Clark's moments of max(X1, X2) (see max_moments) with analytic gradients; with
+    theta^2 = v1 + v2, d = m1 - m2, alpha = d / theta, Phi = Phi(alpha), Q = Phi(-alpha):
+    dE/dm1 = Phi, dE/dm2 = Q, dE/dv1 = dE/dv2 = phi / (2 theta);
+    dVar/dm1 = 2 (Phi (d Q - theta phi) + v1 phi / theta), dVar/dm2 = 2 (-Q (d Phi + theta phi) + v2 phi / theta),
+    dVar/dv1 = Phi + B, dVar/dv2 = Q + B, B = phi / (2 theta) (d (Q - Phi) - 2 theta phi - (v1 - v2) alpha / theta)
+    (from E[max^2] = (m1^2 + v1) Phi + (m2^2 + v2) Q + (m1 + m2) theta phi)."""
+
+    @staticmethod
+    def forward(ctx, m1, v1, m2, v2):
+        theta = std(v1 + v2)
+        d = m1 - m2
+        alpha = _ratio(d, theta)
+        cdf, q, pdf = _cdf_pdf(alpha)
+        mean = m1 * cdf + m2 * q + theta * pdf
+        var = v1 * cdf + v2 * q + d * d * cdf * q + d * theta * pdf * (q - cdf) - theta * theta * pdf * pdf
+        ctx.save_for_backward(m1, v1, m2, v2, theta, cdf, pdf)
+        return mean, var.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, g_mean, g_var):
+        m1, v1, m2, v2, theta, cdf, pdf = ctx.saved_tensors
+        q = 1 - cdf
+        d = m1 - m2
+        # phi / theta -> 0 where theta = 0 (a deterministic pair: the step, no density)
+        inv = torch.where(theta > 0, 1 / torch.where(theta > 0, theta, torch.ones_like(theta)), torch.zeros_like(theta))
+        alpha = _ratio(d, theta)
+        p_t = pdf * inv
+        b = 0.5 * p_t * (d * (q - cdf) - 2 * theta * pdf - (v1 - v2) * alpha * inv)
+        g_m1 = g_mean * cdf + g_var * 2 * (cdf * (d * q - theta * pdf) + v1 * p_t)
+        g_m2 = g_mean * q + g_var * 2 * (v2 * p_t - q * (d * cdf + theta * pdf))
+        g_v1 = g_mean * 0.5 * p_t + g_var * (cdf + b)
+        g_v2 = g_mean * 0.5 * p_t + g_var * (q + b)
+        return g_m1, g_v1, g_m2, g_v2
 
 
 def max_moments(m1, v1, m2, v2):
@@ -132,16 +203,9 @@ def max_moments(m1, v1, m2, v2):
     X2 ~ N(m2, v2): theta^2 = v1 + v2, d = m1 - m2, alpha = d / theta,
     E = m1 Phi(alpha) + m2 Phi(-alpha) + theta phi(alpha) (exactly m1 or m2 when theta = 0),
     Var = v1 Phi + v2 Phi(-alpha) + d^2 Phi Phi(-alpha) + d theta phi (Phi(-alpha) - Phi) - theta^2 phi^2
-    (the shift-invariant form, free of the E[max^2] - E^2 cancellation). alpha is held
-    constant for the mean's gradient: its paths cancel exactly (dE/dm1 = Phi, dE/dm2 = Phi(-alpha), dE/dtheta = phi)."""
-    theta = std(v1 + v2)
-    d = m1 - m2
-    alpha = _ratio(d, theta)
-    cdf, q, pdf = _cdf_pdf(alpha.detach())
-    mean = m1 * cdf + m2 * q + theta * pdf
-    cdf, q, pdf = _cdf_pdf(alpha)
-    var = v1 * cdf + v2 * q + d * d * cdf * q + d * theta * pdf * (q - cdf) - theta * theta * pdf * pdf
-    return mean, var.clamp_min(0)
+    (the shift-invariant form, free of the E[max^2] - E^2 cancellation)."""
+    shape = torch.broadcast_shapes(m1.shape, v1.shape, m2.shape, v2.shape)
+    return _MaxMoments.apply(*(t.expand(shape) for t in (m1, v1, m2, v2)))
 
 
 def maxpool_moments(pool: nn.MaxPool2d, mu: torch.Tensor, var: torch.Tensor):

@@ -209,3 +209,18 @@ def test_a_manifest_with_a_depth_grid_runs_and_shows_depth(tmp_path):
     text = subprocess.run(cli("table", "--store", tmp_path / "runs"), capture_output=True, text=True, env=env).stdout
     assert describe_params({"method": "regularizer", "params": best["params"]}) in text
     assert table["experiments"][0]["counts"]["regularizer"] == {"total": 3, "completed": 3, "eligible": 3}
+
+
+def test_analytic_gradients_of_relu_and_max_moments_match_finite_differences():
+    torch.manual_seed(0)
+    mu = (2 * torch.randn(3, 20, dtype=F64)).requires_grad_()
+    sigma = (torch.rand(1, 20, dtype=F64) + 0.1).requires_grad_()  # broadcast over the batch, as after `first`
+    assert torch.autograd.gradcheck(adf._ReluMoments.apply, (mu, sigma))
+    args = [torch.randn(30, dtype=F64), torch.rand(30, dtype=F64) + 0.05,
+            torch.randn(30, dtype=F64), 0.5 * torch.rand(30, dtype=F64) + 0.01]
+    assert torch.autograd.gradcheck(adf.max_moments, [a.requires_grad_() for a in args])
+    # a deterministic tie (theta = 0, d = 0) has finite gradients: the subgradient 1/2
+    z = [torch.zeros(2, dtype=F64, requires_grad=True) for _ in range(4)]
+    mean, var = adf.max_moments(*z)
+    (mean.sum() + var.sum()).backward()
+    assert z[0].grad.tolist() == [0.5, 0.5] and all(torch.isfinite(t.grad).all() for t in z)
