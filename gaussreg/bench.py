@@ -29,6 +29,9 @@ from .models import build_model
 from .robustness import robustness
 
 METHODS = [("baseline", {}), ("regularizer", {"sigma": 0.5, "alpha": 1.0}),
+           ("regularizer", {"sigma": 0.5, "alpha": 1.0, "depth": 2}),
+           ("regularizer", {"sigma": 0.5, "alpha": 1.0, "depth": 3}),
+           ("regularizer", {"sigma": 0.5, "alpha": 1.0, "depth": "all"}),
            ("augment", {"sigma": 0.5, "folds": 2}), ("augment", {"sigma": 0.5, "folds": 6}),
            ("augment", {"sigma": 0.5, "folds": 11}), ("augment", {"sigma": 0.5, "folds": 21}),
            ("randsign", {"eps": 0.1}), ("fgsm", {"eps": 0.1})]
@@ -53,7 +56,7 @@ def timed(fn, dev, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_steps(dev, model_name, dataset, batch, warmup, repeats) -> list:
+def bench_steps(dev, model_name, dataset, batch, warmup, repeats, methods=METHODS) -> list:
     """Seconds per optimizer step of each method on one batch of `batch` items. The
     methods are timed round-robin, so drift of the machine hits them all alike."""
     info = data.info(dataset)
@@ -78,7 +81,7 @@ def bench_steps(dev, model_name, dataset, batch, warmup, repeats) -> list:
             opt.step()
         return method, step
 
-    steps = [make_step(name, params) for name, params in METHODS]
+    steps = [make_step(name, params) for name, params in methods]  # baseline first: the ratios' reference
     times = [[] for _ in steps]
     for _ in range(warmup):
         for _, step in steps:
@@ -87,7 +90,7 @@ def bench_steps(dev, model_name, dataset, batch, warmup, repeats) -> list:
         for i, (_, step) in enumerate(steps):
             times[i].append(timed(step, dev, 0, 1))
     rows = []
-    for (name, params), (method, _), ts in zip(METHODS, steps, times):
+    for (name, params), (method, _), ts in zip(methods, steps, times):
         t = statistics.median(ts)
         rows.append({"method": name, "params": params, "step_s": t, "images_per_s": batch / t,
                      "copies": method.copies})
@@ -223,6 +226,8 @@ def main(argv=None) -> int:
     ap.add_argument("--packing-epochs", type=int, default=3)
     ap.add_argument("--certify-images", type=int, default=None, help="default: 100 on cuda, 10 on cpu")
     ap.add_argument("--skip", default="", help="comma list of: steps,epoch,robustness,certify,packing")
+    ap.add_argument("--methods", default="", help="time only these methods' steps (comma list, e.g. "
+                    "baseline,regularizer); baseline is always timed")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     a = ap.parse_args(argv)
     from .worker import keep_freed_memory
@@ -247,7 +252,9 @@ def main(argv=None) -> int:
         print(json.dumps({key: value}, indent=1), flush=True)
 
     if "steps" not in skip:
-        report("steps", bench_steps(dev, a.model, dataset, batch, 3 if gpu else 2, repeats))
+        only = set(filter(None, a.methods.split(","))) | {"baseline"}
+        chosen = [m for m in METHODS if not a.methods or m[0] in only]
+        report("steps", bench_steps(dev, a.model, dataset, batch, 3 if gpu else 2, repeats, chosen))
     if "epoch" not in skip and a.model == "lenet":
         report("epoch", bench_epoch(dev, dataset, batch, a.epoch_repeats or (5 if gpu else 1)))
     if "robustness" not in skip and a.model == "lenet":

@@ -121,12 +121,12 @@ class Augment(Method):
 
 
 class Regularizer(Method):
-    """CE(f(x), y) + alpha CE(rest(mu3), y) (Eq. 3)."""
+    """CE(f(x), y) + alpha CE(rest_k(mu_k), y) (Eq. 3; depth k = 1 is the paper)."""
 
     name = "regularizer"
 
     def loss(self, model, x, y, g):
-        m = moment_loss(model, x, y, self.params["sigma"], self.params["alpha"])
+        m = moment_loss(model, x, y, self.params["sigma"], self.params["alpha"], self.params["depth"])
         return Loss(m.total, {"ce": m.ce, "reg": m.reg}, m.logits)
 
 

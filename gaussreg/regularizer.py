@@ -1,5 +1,8 @@
 """The analytic moment regularizer: the loss of the network's expected output under
-Gaussian input noise, computed with one extra pass through `rest` (Eq. 3-5)."""
+Gaussian input noise, computed with one extra pass through `rest` (Eq. 3-5).
+
+`depth` moves the split deeper than the paper's first ReLU (gaussreg.adf): 1 is the
+paper, k splits after the k-th ReLU, "all" propagates the moments to the logits."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from typing import NamedTuple, Union
 import torch
 import torch.nn.functional as F
 
+from . import adf
 from .moments import relu_and_mean, relu_mean, safe_sqrt
 from .models import first_variance
 
@@ -29,10 +33,25 @@ def sigma2(first, sigma: Sigma, x: torch.Tensor) -> torch.Tensor:
     return safe_sqrt(first_variance(first, noise_variance(sigma, x.shape[1:], x)))
 
 
-def expected_logits(model, x: torch.Tensor, sigma: Sigma) -> torch.Tensor:
-    """rest(mu3) with mu3 = T(mu2, sigma2) and mu2 = first(x) (Eq. 1, 4, 5)."""
+def _deep_mean(model, mu2: torch.Tensor, x: torch.Tensor, sigma: Sigma, head) -> torch.Tensor:
+    """mu_k: the ADF mean after the first ReLU and the `head` modules."""
+    var2 = first_variance(model.first, noise_variance(sigma, x.shape[1:], x))
+    mu, _ = adf.propagate(head, mu2, var2)
+    return mu.to(mu2.dtype)
+
+
+def expected_logits(model, x: torch.Tensor, sigma: Sigma, depth: adf.Depth = 1) -> torch.Tensor:
+    """The analytic estimate of E[f(x + n)]: rest_k(mu_k). depth 1 is the paper's
+    rest(mu3), mu3 = T(mu2, sigma2), mu2 = first(x) (Eq. 1, 4, 5); deeper splits
+    propagate mean and variance through the layers before the k-th ReLU (gaussreg.adf)."""
     mu2 = model.first(x)
-    return model.rest(relu_mean(mu2, sigma2(model.first, sigma, x)))
+    if depth == 1:
+        return model.rest(relu_mean(mu2, sigma2(model.first, sigma, x)))
+    head, tail = adf.split(model.rest, depth)
+    out = _deep_mean(model, mu2, x, sigma, head)
+    for mod in tail:
+        out = mod(out)
+    return out
 
 
 class MomentLoss(NamedTuple):
@@ -42,13 +61,23 @@ class MomentLoss(NamedTuple):
     logits: torch.Tensor  # f(x), for accuracy
 
 
-def moment_loss(model, x: torch.Tensor, y: torch.Tensor, sigma: Sigma, alpha: float) -> MomentLoss:
-    """CE(f(x), y) + alpha * CE(rest(mu3), y) (Eq. 3).
+def moment_loss(model, x: torch.Tensor, y: torch.Tensor, sigma: Sigma, alpha: float,
+                depth: adf.Depth = 1) -> MomentLoss:
+    """CE(f(x), y) + alpha * CE(rest_k(mu_k), y) (Eq. 3; k = 1 is the paper's rest(mu3)).
 
-    first(x) is computed once and shared by both terms, and relu(mu2) and mu3 are
-    written into one buffer that goes through `rest` as one batch."""
+    first(x) is computed once and shared by both terms, and the clean activations and
+    mu_k go through rest_k as one batch (at depth 1 written into one buffer)."""
     mu2 = model.first(x)
-    both = model.rest(relu_and_mean(mu2, sigma2(model.first, sigma, x)))
+    if depth == 1:
+        both = model.rest(relu_and_mean(mu2, sigma2(model.first, sigma, x)))
+    else:
+        head, tail = adf.split(model.rest, depth)
+        h = torch.relu(mu2)
+        for mod in head:
+            h = mod(h)
+        both = torch.cat([h, _deep_mean(model, mu2, x, sigma, head).to(h.dtype)])
+        for mod in tail:
+            both = mod(both)
     logits, expected = both[: len(x)], both[len(x):]
     ce = F.cross_entropy(logits, y)
     reg = F.cross_entropy(expected, y)

@@ -29,12 +29,22 @@ PARAMS = {
     "baseline": {},
     "augment": {"sigma": (float, None, *_nonneg), "folds": (int, None, lambda v: v >= 1, "must be >= 1"),
                 "fresh_noise": (bool, True, lambda v: True, "")},
-    "regularizer": {"sigma": (float, None, *_nonneg), "alpha": (float, None, *_nonneg)},
+    "regularizer": {"sigma": (float, None, *_nonneg), "alpha": (float, None, *_nonneg),
+                    # where the moments stop being propagated (gaussreg.adf): 1 = the paper
+                    "depth": ((int, str), 1, lambda v: v == "all" or (isinstance(v, int) and v >= 1),
+                              "must be an integer >= 1 or 'all'")},
     "randsign": {"eps": (float, None, *_nonneg), "p": (float, 0.5, lambda v: 0 <= v <= 1, "must be in [0, 1]"),
                  "where": (str, "input", lambda v: v in ("input", "hidden", "both"),
                            "must be 'input', 'hidden' or 'both'")},
     "fgsm": {"eps": (float, None, *_nonneg)},
 }
+# Parameters added after run ids existed: left out of a resolved spec at their default,
+# so the ids of earlier runs (and of manifests that do not use them) stay the same.
+OMITTED_AT_DEFAULT = {("regularizer", "depth")}
+
+
+def _type_name(typ) -> str:
+    return " or ".join(t.__name__ for t in typ) if isinstance(typ, tuple) else typ.__name__
 
 
 def check_params(method: str, params: dict) -> dict:
@@ -58,7 +68,7 @@ def check_params(method: str, params: dict) -> dict:
         if typ is float and isinstance(v, int) and not isinstance(v, bool):
             v = float(v)
         if not isinstance(v, typ) or (typ is not bool and isinstance(v, bool)):
-            raise ParamError(key, f"parameter {key!r} of method {method!r} must be {typ.__name__}, not {v!r}")
+            raise ParamError(key, f"parameter {key!r} of method {method!r} must be {_type_name(typ)}, not {v!r}")
         if not ok(v):
             raise ParamError(key, f"parameter {key!r} of method {method!r} {why} (got {v!r})")
         out[key] = v
@@ -249,6 +259,9 @@ def resolve(partial: dict) -> dict:
         spec["params"] = check_params(spec["method"], params)
     except ParamError as e:
         raise SpecError(f"params.{e.key}" if e.key != "method" else "method", str(e)) from None
+    for key, (_, default, _, _) in PARAMS[spec["method"]].items():
+        if (spec["method"], key) in OMITTED_AT_DEFAULT and spec["params"][key] == default:
+            del spec["params"][key]
     spec["optimizer"] = _resolve_optimizer(partial.get("optimizer", {}), preset["optimizer"])
     spec["robustness"] = _resolve_robustness(partial.get("robustness", {}))
     if "certify" in partial:
