@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -26,7 +27,7 @@ DataDirOpt = typer.Option(None, "--data-dir", help="Data root (default: $GAUSSRE
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT):
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -87,15 +88,19 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
         fail(str(e))
     st = Store(store)
     if dry_run:
-        t = Table(title=f"{len(runs)} runs from {manifest} on {len(slots)} slot(s)", title_justify="left")
+        t = Table(title=escape(f"{len(runs)} runs from {manifest} on {len(slots)} slot(s)"), title_justify="left")
         for h in ("run id", "dataset", "model", "method", "params", "state"):
             t.add_column(h, overflow="fold")
         from .spec import describe_params
-        from .store import RunDir
+        from .store import RunDir, RunFileError
         for r in runs:
             rd = RunDir(st.root / r.id)
-            state = rd.state() if rd.file("spec.json").exists() else "new"
-            t.add_row(r.id, r.spec["dataset"], r.spec["model"], r.spec["method"], describe_params(r.spec), state)
+            try:
+                state = rd.state() if rd.file("spec.json").exists() else "new"
+            except RunFileError as e:
+                state = f"corrupt: {e}"
+            t.add_row(escape(r.id), r.spec["dataset"], r.spec["model"], r.spec["method"],
+                      escape(describe_params(r.spec)), state)
         console.print(t)
         return
     for name in sorted({r.spec["dataset"] for r in runs} - {"synthetic"}):
@@ -113,12 +118,13 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
     from .live import LiveView
     console.print(f"{len(runs)} runs from {manifest} into {st.root}/ on "
                   f"{', '.join('gpu ' + s.gpu if s.gpu else 'cpu' for s in slots)}"
-                  f" ({slots[0].threads} thread(s) each)")
+                  f" ({slots[0].threads} thread(s) each)", markup=False)
     with LiveView(len(runs), console) as view:
         summary = Scheduler(st, [r.id for r in runs], slots, rerun=rerun, on_change=view.on_change).run()
     for o in summary.outcomes.values():
         if o.state in ("failed", "diverged") and o.log_tail:
-            console.print(f"[red]{o.state}[/] {o.run_id}: {o.error}\n[dim]{o.log_tail}[/]", highlight=False)
+            console.print(f"[red]{o.state}[/] {escape(o.run_id)}: {escape(o.error or '')}\n[dim]{escape(o.log_tail)}[/]",
+                          highlight=False)
     if summary.interrupted:
         console.print("[yellow]interrupted:[/] running workers were cancelled (their last.pt is kept); "
                       "run the same command again to resume them.")
@@ -138,7 +144,7 @@ def _detach(manifest, store, only, gpus, per_gpu, max_parallel, rerun, data_dir)
     argv += ["--data-dir", str(data_dir)] if data_dir else []
     info = detach_run(argv, Store(store), only or str(manifest))
     console.print(f"started in the background (pid {info['pid']}); log: {info['log']}\n"
-                  f"watch with `gaussreg ls --store {store}` or `gaussreg table --store {store}`")
+                  f"watch with `gaussreg ls --store {store}` or `gaussreg table --store {store}`", markup=False)
 
 
 # ---------------------------------------------------------------- reading the store
@@ -156,6 +162,12 @@ def table(store: Path = StoreOpt,
     if not store.is_dir():
         fail(f"the store {store} does not exist")
     t = report.fair_table(Store(store), experiment, tolerance)
+    if tolerance is None:
+        for rec in t["experiments"]:
+            why = Store(store).experiment(rec["experiment"]).get("error")
+            if why:
+                err_console.print(f"[yellow]warning:[/] {escape(why)}; using tolerance {rec['tolerance']:g}",
+                                  highlight=False, soft_wrap=True)
     if experiment and not t["experiments"]:
         fail(f"no runs of experiment {experiment!r} in {store}")
     if format == TableFormat.json:
@@ -183,7 +195,7 @@ def ls(store: Path = StoreOpt,
         print(json.dumps([{"id": r["id"], "state": r["state"], "spec": r["spec"], "result": r["result"],
                            "error": r["error"]} for r in rows], indent=2))
         return
-    t = Table(title=f"{len(rows)} runs in {store}", title_justify="left", box=None, header_style="bold")
+    t = Table(title=escape(f"{len(rows)} runs in {store}"), title_justify="left", box=None, header_style="bold")
     t.add_column("run id", no_wrap=True)
     t.add_column("data/model", overflow="fold")
     t.add_column("params", overflow="fold")
@@ -192,8 +204,8 @@ def ls(store: Path = StoreOpt,
     from .live import STATE_STYLE
     for r in rows:
         s, res = r["spec"] or {}, r["result"] or {}
-        t.add_row(r["id"], f"{s.get('dataset', '?')}/{s.get('model', '?')}",
-                  describe_params(s) if s else r.get("error", ""),
+        t.add_row(escape(r["id"]), escape(f"{s.get('dataset', '?')}/{s.get('model', '?')}"),
+                  escape(describe_params(s) if s else r.get("error") or ""),
                   f"[{STATE_STYLE.get(r['state'], 'red')}]{r['state']}[/]",
                   f"{res['test_accuracy'] * 100:.2f}" if res else "-", f"{res['robustness'] * 100:.2f}" if res else "-")
     console.print(t)
@@ -218,16 +230,18 @@ def show(run_id: str = typer.Argument(..., help="A run id (or a unique prefix)."
     except RunFileError as e:
         fail(str(e))
     epochs = run.epochs()
-    console.rule(f"{run.id}  [{state}]")
+    console.rule(escape(f"{run.id}  [{state}]"))
     console.print_json(json.dumps({"spec": spec, "status": {**status, "state": state}}))
     if epochs:
         e = epochs[-1]
         console.print(f"epoch {e['epoch']}: train loss {e['train_loss']:.4f}, val loss {e['val_loss']:.4f}, "
                       f"val acc {e['val_accuracy'] * 100:.2f}%, lr {e['lr']:.3g}, {e['images_per_s']:.0f} img/s")
     if result:
+        wall = result.get("wall_time_s")
         console.print(f"test accuracy {result['test_accuracy'] * 100:.2f}%, robustness {result['robustness'] * 100:.2f}%"
-                      f", best epoch {result['best_epoch']} of {result['epochs_run']}, {result['wall_time_s']:.1f}s "
-                      f"on {result['device_name']}")
+                      f", best epoch {result.get('best_epoch', '?')} of {result.get('epochs_run', '?')}, "
+                      + (f"{wall:.1f}s " if wall is not None else "")
+                      + f"on {result.get('device_name', '?')}", highlight=False, markup=False)
     tail = run.log_tail(15)
     if tail:
         console.rule("worker.log")
@@ -243,7 +257,7 @@ def cancel(run_id: str = typer.Argument(..., help="A run id (or a unique prefix)
         pid = cancel_run(run)
     except ControlError as e:
         fail(str(e))
-    console.print(f"sent SIGTERM to the worker of {run.id} (pid {pid})")
+    console.print(f"sent SIGTERM to the worker of {run.id} (pid {pid})", markup=False)
 
 
 def _parse_sigmas(text: Optional[str]) -> Optional[List[float]]:
@@ -311,7 +325,7 @@ def eval_(target: str = typer.Argument(..., help="A run id, or a checkpoint file
     if format == ListFormat.json:
         print(json.dumps({"run_id": run.id, "checkpoint": str(ckpt), **r.to_dict()}, indent=2))
         return
-    t = Table(title=f"{run.id}: clean acc {r.clean_accuracy * 100:.2f}%, robustness R {r.score * 100:.2f}%",
+    t = Table(title=escape(f"{run.id}: clean acc {r.clean_accuracy * 100:.2f}%, robustness R {r.score * 100:.2f}%"),
               title_justify="left")
     for h in ("sigma", "consistency %", "accuracy %"):
         t.add_column(h, justify="right")
@@ -351,13 +365,13 @@ def data_list(data_dir: Optional[Path] = DataDirOpt):
     missing = []
     for name in data.DATASETS:
         d = data.describe(name, data_dir)
-        t.add_row(name, d["shape"], str(d["classes"]), d["where"] if d["found"] else "[red]missing[/]",
+        t.add_row(name, d["shape"], str(d["classes"]), escape(str(d["where"])) if d["found"] else "[red]missing[/]",
                   str(d["train"] or "-"), str(d["test"] or "-"))
         if not d["found"]:
             missing.append(d["note"])
     console.print(t)
     for note in missing:
-        console.print(f"- {note}", highlight=False)
+        console.print(f"- {note}", highlight=False, markup=False)
 
 
 @data_app.command("download")
@@ -368,10 +382,10 @@ def data_download(name: str = typer.Argument(..., help="mnist, fashion-mnist, ci
     if name not in data.DATASETS:
         fail(f"unknown dataset {name!r}; known: {', '.join(data.DATASETS)}")
     try:
-        where = data.download(name, data_dir, log=lambda m: console.print(m, highlight=False))
+        where = data.download(name, data_dir, log=lambda m: console.print(m, highlight=False, markup=False))
     except data.DataError as e:
         fail(str(e), 1)
-    console.print(f"{name} is available in {where}")
+    console.print(f"{name} is available in {where}", markup=False)
 
 
 def main():

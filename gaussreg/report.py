@@ -177,25 +177,26 @@ def _footer(rec) -> List[str]:
 def render_rich(table: dict):
     """Rich renderables, one table per experiment."""
     from rich.console import Group
+    from rich.markup import escape
     from rich.table import Table
     from rich.text import Text
     parts = []
     if not table["experiments"]:
         return Text("no runs in the store")
     for rec in table["experiments"]:
-        t = Table(title=_title(rec), title_justify="left", caption="\n".join(_footer(rec)),
+        t = Table(title=escape(_title(rec)), title_justify="left", caption=escape("\n".join(_footer(rec))),
                   caption_justify="left")
         for h in HEADER:
             t.add_column(h, justify="right" if h not in ("method", "params") else "left")
         for r in _rows(rec):
-            t.add_row(*r)
+            t.add_row(*map(escape, r))
         parts.append(t)
         if rec["best_per_sigma"]:
             s = Table(title="best eligible per training sigma", title_justify="left")
             for h in ["method", "sigma", "params", "acc %", "R %"]:
                 s.add_column(h)
             for e in rec["best_per_sigma"]:
-                s.add_row(e["method"], f"{e['sigma']:g}", describe_params(e), _pct(e["accuracy"]),
+                s.add_row(e["method"], f"{e['sigma']:g}", escape(describe_params(e)), _pct(e["accuracy"]),
                           _pct(e["robustness"]))
             parts.append(s)
     return Group(*parts)

@@ -20,6 +20,7 @@ import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 from . import __version__
 from .spec import SpecError, resolve
@@ -317,6 +318,28 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
     }
 
 
+def watch_parent() -> Optional[int]:
+    """The scheduler that started this worker (GAUSSREG_PARENT_PID), made to stop us when
+    it dies: Linux sends SIGTERM on its death (PR_SET_PDEATHSIG), which the worker treats
+    like a cancel (last.pt kept, the run resumable); elsewhere the training loop notices
+    that its parent changed. None when no parent asked to be watched."""
+    parent = os.environ.pop("GAUSSREG_PARENT_PID", None)
+    if not parent or not parent.isdigit():
+        return None
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            PR_SET_PDEATHSIG = 1
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # the per-batch check below still stops us
+    return int(parent)
+
+
+def orphaned(parent: Optional[int]) -> bool:
+    return parent is not None and os.getppid() != parent
+
+
 @contextmanager
 def _signals(flag: dict):
     def handler(signum, _frame):
@@ -347,6 +370,7 @@ def main(argv=None) -> int:
         if echo:
             print(line, file=sys.stderr)
 
+    parent = watch_parent()
     held = os.environ.pop("GAUSSREG_LOCK_FD", None)  # the scheduler passes the lock it took
     lock_fd = int(held) if held else try_lock(run)
     if lock_fd is None:
@@ -386,12 +410,15 @@ def main(argv=None) -> int:
         flag = {}
         log(f"start {run.id} pid {os.getpid()} device {dev} resume={args.resume}")
         with _signals(flag):
+            if orphaned(parent):
+                flag["signal"] = signal.SIGTERM  # the scheduler died before we could ask to follow it
             try:
-                result = train(spec, run, args.resume, lambda: "signal" in flag, status, log)
+                result = train(spec, run, args.resume, lambda: "signal" in flag or orphaned(parent), status, log)
             except Cancelled:
                 sig = flag.get("signal", signal.SIGTERM)
-                fail(f"cancelled by {signal.Signals(sig).name}; last.pt holds the last finished epoch",
-                     "cancelled")
+                why = (f"its scheduler (pid {parent}) died" if orphaned(parent)
+                       else f"cancelled by {signal.Signals(sig).name}")
+                fail(f"{why}; last.pt holds the last finished epoch (run it again to resume)", "cancelled")
                 return 128 + sig
             except Diverged as e:
                 fail(str(e), "diverged", diverged_epoch=e.epoch, diverged_term=e.term)

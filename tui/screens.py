@@ -34,7 +34,7 @@ class ConfirmScreen(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
-            yield Label(self.question)
+            yield Label(Text(self.question))  # run ids are data, not markup
             with Horizontal():
                 yield Button("Yes (y)", id="yes", variant="error")
                 yield Button("No (n)", id="no", variant="primary")
@@ -220,17 +220,19 @@ class RunDetailScreen(Screen):
                               f"val acc {pct(e['val_accuracy'])}%  {e['images_per_s']:.0f} img/s"))
         if d.result:
             lines.append(Text(f"test acc {pct(d.result['test_accuracy'])}%   R {pct(d.result['robustness'])}%   "
-                              f"best epoch {d.result['best_epoch']}/{d.result['epochs_run']}", style="bold"))
+                              f"best epoch {d.result.get('best_epoch', '?')}/{d.result.get('epochs_run', '?')}",
+                              style="bold"))
         if st.get("error"):
             lines.append(Text(f"error: {st['error']}", style="red"))
         self.query_one("#status", Static).update(Text("\n").join(lines))
         if d.spec:
             s = d.spec
-            self.query_one("#spec", Static).update(
-                f"{s['experiment']} · {s['dataset']} · {s['model']} · {s['method']} {describe_params(s)}\n"
-                f"seed {s['seed']}  max epochs {s['max_epochs']}  batch {s['batch_size']}  "
-                f"optimizer {s['optimizer']}\nrobustness {len(s['robustness']['sigmas'])} sigmas, "
-                f"{s['robustness']['samples']} sample(s)")
+            rob = s.get("robustness") or {}
+            self.query_one("#spec", Static).update(Text(
+                f"{s.get('experiment', '')} · {s['dataset']} · {s['model']} · {s['method']} {describe_params(s)}\n"
+                f"seed {s.get('seed', 0)}  max epochs {s['max_epochs']}  batch {s.get('batch_size', '?')}  "
+                f"optimizer {s.get('optimizer', '?')}\nrobustness {len(rob.get('sigmas', []))} sigmas, "
+                f"{rob.get('samples', 1)} sample(s)"))
         log = self.query_one(Log)
         log.clear()
         log.write(d.log_tail)
@@ -254,7 +256,7 @@ class CompareScreen(Screen):
 
     def compose(self) -> ComposeResult:
         yield Header()
-        yield Select([(e, e) for e in self.experiments], value=self.experiment or Select.NULL,
+        yield Select([(Text(e), e) for e in self.experiments], value=self.experiment or Select.NULL,
                      prompt="experiment", id="experiment", allow_blank=not self.experiments)
         yield Static(id="compare-title")
         yield DataTable(id="best", cursor_type="row")
@@ -298,18 +300,18 @@ class CompareScreen(Screen):
             return
         rec = recs[0]
         b = rec["baseline"]
-        self.query_one("#compare-title", Static).update(
+        self.query_one("#compare-title", Static).update(Text(
             f"{rec['experiment']} · {rec['dataset']} · {rec['model']} · tolerance {rec['tolerance'] * 100:.2f}% · "
-            + (f"baseline acc {pct(b['accuracy'])}%, R {pct(b['robustness'])}%" if b else "no completed baseline"))
+            + (f"baseline acc {pct(b['accuracy'])}%, R {pct(b['robustness'])}%" if b else "no completed baseline")))
         for e in rec["best"]:
-            t.add_row(Text(e["method"], style=METHOD_COLORS.get(e["method"], "")), describe_params(e),
+            t.add_row(Text(e["method"], style=METHOD_COLORS.get(e["method"], "")), Text(describe_params(e)),
                       pct(e["accuracy"]), f"{e['d_accuracy'] * 100:+.2f}", pct(e["robustness"]),
                       f"{e['d_robustness'] * 100:+.2f}", str(e["seeds"]), key=e["method"])
         ef = rec["equivalent_folds"]
         counts = ", ".join(f"{m} {c['eligible']}/{c['completed']}/{c['total']}" for m, c in rec["counts"].items())
-        self.query_one("#compare-footer", Static).update(
+        self.query_one("#compare-footer", Static).update(Text(
             (f"equivalent folds of augmentation: {ef['text']}\n" if ef else "")
-            + f"runs eligible/completed/total: {counts}")
+            + f"runs eligible/completed/total: {counts}"))
         series: Dict[str, tuple] = {}
         for p in message.points:
             xs, ys = series.setdefault(p["method"], ([], []))
@@ -374,7 +376,8 @@ class LaunchScreen(ModalScreen[Optional[dict]]):
         self.manifest = message.manifest
         for e in message.experiments:
             pending = e["runs"] - e["completed"]
-            sel.add_option((f"{e['name']}  ({pending} pending, {e['completed']} completed)", e["name"], pending > 0))
+            sel.add_option((Text(f"{e['name']}  ({pending} pending, {e['completed']} completed)"), e["name"],
+                            pending > 0))
 
     @on(Button.Pressed, "#launch")
     def launch(self) -> None:
@@ -403,7 +406,8 @@ class LaunchesScreen(ModalScreen[Optional[int]]):
         with Vertical(id="dialog"):
             yield Label("Running launches: enter cancels one (after confirmation)" if self.launches
                         else "No running launches in this store.")
-            yield OptionList(*[f"pid {x['pid']}  {x['label']}  since {x['started_at'][:19]}" for x in self.launches],
+            yield OptionList(*[Text(f"pid {x['pid']}  {x['label']}  since {str(x.get('started_at'))[:19]}")
+                               for x in self.launches],
                              id="launches")
 
     @on(OptionList.OptionSelected)
