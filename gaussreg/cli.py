@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
@@ -29,6 +31,23 @@ DataDirOpt = typer.Option(None, "--data-dir", help="Data root (default: $GAUSSRE
 def fail(message: str, code: int = EXIT_BAD_INPUT):
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def writable_store(store: Path) -> None:
+    """The store folder exists (made if needed) and this user may write it; else one sentence, exit 2."""
+    if store.exists() and not store.is_dir():
+        fail(f"--store {store} is a file, not a folder")
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create the store folder {store} ({e.strerror})")
+    if not os.access(store, os.W_OK | os.X_OK):
+        fail(f"the store folder {store} is not writable by this user")
+
+
+def readable_store(store: Path) -> None:
+    if store.exists() and not store.is_dir():
+        fail(f"--store {store} is a file, not a folder")
 
 
 def _version(value: bool):
@@ -86,6 +105,7 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
         slots = make_slots(parse_gpus(gpus), per_gpu, max_parallel)
     except ValueError as e:
         fail(str(e))
+    readable_store(store)
     st = Store(store)
     if dry_run:
         t = Table(title=escape(f"{len(runs)} runs from {manifest} on {len(slots)} slot(s)"), title_justify="left")
@@ -106,15 +126,19 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
     for name in sorted({r.spec["dataset"] for r in runs} - {"synthetic"}):
         if data.find(name, data_dir) is None:
             fail(data.missing_message(name, data_dir))
+    writable_store(store)  # after every check of the input: a bad manifest or dataset writes nothing
     if not follow:
         _detach(manifest, store, only, gpus, per_gpu, max_parallel, rerun, data_dir)
         return
-    for e in m.experiments:
-        if any(r.spec["experiment"] == e.name for r in runs):
-            st.write_experiment(e.name, {"name": e.name, "tolerance": e.tolerance,
-                                         "manifest": str(Path(manifest).resolve())})
-    for r in runs:
-        st.create(r.spec, r.id)
+    try:
+        for e in m.experiments:
+            if any(r.spec["experiment"] == e.name for r in runs):
+                st.write_experiment(e.name, {"name": e.name, "tolerance": e.tolerance,
+                                             "manifest": str(Path(manifest).resolve())})
+        for r in runs:
+            st.create(r.spec, r.id)
+    except OSError as e:  # a full disk, a file where a run folder should be: nothing launched
+        fail(f"cannot write the run directories in {store} ({e.strerror}{': ' + str(e.filename) if e.filename else ''})")
     from .live import LiveView
     console.print(f"{len(runs)} runs from {manifest} into {st.root}/ on "
                   f"{', '.join('gpu ' + s.gpu if s.gpu else 'cpu' for s in slots)}"
@@ -159,6 +183,7 @@ def table(store: Path = StoreOpt,
     from .store import Store
     if tolerance is not None and not 0 <= tolerance <= 1:
         fail(f"--tolerance must be a fraction in [0, 1], not {tolerance}")
+    readable_store(store)
     if not store.is_dir():
         fail(f"the store {store} does not exist")
     t = report.fair_table(Store(store), experiment, tolerance)
@@ -188,6 +213,7 @@ def ls(store: Path = StoreOpt,
     from . import report
     from .spec import describe_params
     from .store import STATES, Store
+    readable_store(store)
     if state and state not in STATES + ("corrupt",):
         fail(f"--state must be one of {', '.join(STATES)}, not {state!r}")
     rows = [r for r in report.collect(Store(store)) if not state or r["state"] == state]
@@ -213,6 +239,7 @@ def ls(store: Path = StoreOpt,
 
 def _get_run(store: Path, run_id: str):
     from .store import RunFileError, Store
+    readable_store(store)
     try:
         return Store(store).get(run_id)
     except RunFileError as e:
@@ -266,13 +293,17 @@ def _parse_sigmas(text: Optional[str]) -> Optional[List[float]]:
     try:
         if ":" in text:
             lo, hi, n = text.split(":")
+            lo, hi, n = float(lo), float(hi), int(n)
+            if n < 1 or n > 10_000:
+                fail(f"--sigmas {text!r}: the COUNT of START:STOP:COUNT must be from 1 to 10000, not {n}")
             import torch
-            return torch.linspace(float(lo), float(hi), int(n), dtype=torch.float64).tolist()
-        vals = [float(v) for v in text.split(",")]
+            vals = torch.linspace(lo, hi, n, dtype=torch.float64).tolist()
+        else:
+            vals = [float(v) for v in text.split(",")]
     except ValueError:
         fail(f"--sigmas must be a list like '0,0.1,0.2' or a range START:STOP:COUNT, not {text!r}")
-    if any(v < 0 for v in vals):
-        fail("--sigmas must be >= 0")
+    if not all(math.isfinite(v) and v >= 0 for v in vals):
+        fail(f"--sigmas must be finite numbers >= 0, not {text!r}")
     return vals
 
 
@@ -300,8 +331,11 @@ def eval_(target: str = typer.Argument(..., help="A run id, or a checkpoint file
     else:
         run = _get_run(store, target)
         ckpt = run.file("best.pt")
-    if samples < 1:
-        fail("--samples must be >= 1")
+    from .spec import MAX_SAMPLES, valid_device
+    if not 1 <= samples <= MAX_SAMPLES:
+        fail(f"--samples must be from 1 to {MAX_SAMPLES}, not {samples}")
+    if not valid_device(device):
+        fail(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
     sig = _parse_sigmas(sigmas)
     try:
         spec = resolve(run.spec())
@@ -320,7 +354,11 @@ def eval_(target: str = typer.Argument(..., help="A run id, or a checkpoint file
     except data.DataError as e:
         fail(str(e))
     model = build_model(spec["model"], splits.info).to(dev)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fail(f"{ckpt} does not fit the run's model {spec['model']} on {spec['dataset']} ({first})")
     r = robustness(model, splits.test_x, splits.test_y, sigmas=sig, samples=samples, seed=seed, clip=clip)
     if format == ListFormat.json:
         print(json.dumps({"run_id": run.id, "checkpoint": str(ckpt), **r.to_dict()}, indent=2))
@@ -336,9 +374,25 @@ def eval_(target: str = typer.Argument(..., help="A run id, or a checkpoint file
 
 @app.command()
 def train(run_dir: Path = typer.Argument(..., help="A run directory holding spec.json."),
-          resume: bool = typer.Option(False, "--resume", help="Continue from last.pt.")):
+          resume: bool = typer.Option(False, "--resume", help="Continue from last.pt."),
+          force: bool = typer.Option(False, "--force", "--rerun",
+                                     help="Train a completed run again (its result.json and best.pt are replaced).")):
     """Train one run directory in this process (what `gaussreg run` starts per run)."""
+    from .store import RunDir, RunFileError
     from .worker import main as worker_main
+    if not run_dir.is_dir():
+        fail(f"{run_dir} is not a run directory")
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        fail(f"the run directory {run_dir} is not writable by this user")
+    run = RunDir(run_dir)
+    try:
+        run.spec()
+        state = run.state()
+    except RunFileError as e:
+        fail(str(e))
+    if state in ("completed", "diverged") and not force:
+        fail(f"run {run.id} is {state}; training it again replaces its result.json and best.pt "
+             "(add --force to do that)")
     raise typer.Exit(worker_main([str(run_dir)] + (["--resume"] if resume else [])))
 
 

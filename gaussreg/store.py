@@ -53,11 +53,27 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    try:  # Linux states it; asking os.umask would change it for a moment under other threads
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
 def atomic_write_bytes(path: os.PathLike, payload: bytes) -> None:
-    """Temp file in the same directory, fsync, rename: readers see old or new, never half."""
+    """Temp file in the same directory, fsync, rename: readers see old or new, never half.
+    The file gets the permissions a plain open() would (0666 less the umask), not
+    mkstemp's 0600: colleagues reading a shared store must see the runs."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()
@@ -72,8 +88,24 @@ def atomic_write_bytes(path: os.PathLike, payload: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def finite(obj):
+    """obj with every NaN/inf float replaced by None: JSON has no such numbers, and a
+    file holding them is unreadable to strict readers."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def to_json(obj, **kw) -> str:
+    return json.dumps(finite(obj), allow_nan=False, **kw)
+
+
 def atomic_write_json(path: os.PathLike, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(path, (to_json(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _reject_constant(name):

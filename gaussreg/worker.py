@@ -8,7 +8,6 @@ directory"). The whole dataset lives on the training device; batches are index s
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -24,7 +23,7 @@ from typing import Optional
 
 from . import __version__
 from .spec import SpecError, resolve
-from .store import HEARTBEAT_S, RunDir, atomic_write_bytes, atomic_write_json, now_iso, try_lock
+from .store import HEARTBEAT_S, RunDir, atomic_write_bytes, atomic_write_json, now_iso, to_json, try_lock
 
 EXIT_BAD_INPUT = 2
 EXIT_LOCKED = 3
@@ -74,10 +73,12 @@ class Events:
     """events.jsonl: append-only, one JSON object per line, flushed per line."""
 
     def __init__(self, path: Path, truncate: bool):
-        self.f = open(path, "w" if truncate else "a", buffering=1)
+        # O_NOFOLLOW: a symbolic link in a run directory must not get its target truncated
+        flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | (os.O_TRUNC if truncate else os.O_APPEND)
+        self.f = os.fdopen(os.open(path, flags, 0o666), "w", buffering=1)
 
     def emit(self, type_: str, **fields) -> None:
-        self.f.write(json.dumps({"type": type_, "time": now_iso(), **fields}) + "\n")
+        self.f.write(to_json({"type": type_, "time": now_iso(), **fields}) + "\n")
         self.f.flush()
 
     def close(self) -> None:
@@ -361,7 +362,14 @@ def main(argv=None) -> int:
     if not run.path.is_dir():
         print(f"error: run directory {run.path} does not exist", file=sys.stderr)
         return EXIT_BAD_INPUT
-    logf = open(run.file("worker.log"), "a", buffering=1)
+    try:
+        fd = os.open(run.file("worker.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0),
+                     0o666)
+    except OSError as e:
+        print(f"error: cannot write {run.file('worker.log')} ({e.strerror}); is the run directory writable "
+              "and worker.log a plain file?", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    logf = os.fdopen(fd, "a", buffering=1)
     echo = sys.stderr.isatty()
 
     def log(msg: str) -> None:
