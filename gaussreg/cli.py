@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -48,6 +49,37 @@ def writable_store(store: Path) -> None:
 def readable_store(store: Path) -> None:
     if store.exists() and not store.is_dir():
         fail(f"--store {store} is a file, not a folder")
+
+
+def stdout_gone() -> None:
+    """Our reader went away (`gaussreg run | head`, a closed terminal): from now on output
+    goes to /dev/null and the work goes on; the exit code still tells how it went."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+    except OSError:
+        pass
+
+
+def _console_lost_its_reader() -> None:
+    # Rich's default is to exit(1) on a broken pipe; a sweep must outlive its output
+    stdout_gone()
+    console.quiet = True
+
+
+console.on_broken_pipe = _console_lost_its_reader
+
+
+def survive_closed_output(fn):
+    def call(*args, **kw):
+        try:
+            return fn(*args, **kw)
+        except OSError as e:
+            if e.errno not in (errno.EPIPE, errno.EIO):
+                raise
+            stdout_gone()
+    return call
 
 
 def _version(value: bool):
@@ -140,11 +172,22 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
     except OSError as e:  # a full disk, a file where a run folder should be: nothing launched
         fail(f"cannot write the run directories in {store} ({e.strerror}{': ' + str(e.filename) if e.filename else ''})")
     from .live import LiveView
-    console.print(f"{len(runs)} runs from {manifest} into {st.root}/ on "
+    survive_closed_output(console.print)(f"{len(runs)} runs from {manifest} into {st.root}/ on "
                   f"{', '.join('gpu ' + s.gpu if s.gpu else 'cpu' for s in slots)}"
                   f" ({slots[0].threads} thread(s) each)", markup=False)
-    with LiveView(len(runs), console) as view:
-        summary = Scheduler(st, [r.id for r in runs], slots, rerun=rerun, on_change=view.on_change).run()
+    view = LiveView(len(runs), console)
+    survive_closed_output(view.__enter__)()
+    try:
+        summary = Scheduler(st, [r.id for r in runs], slots, rerun=rerun,
+                            on_change=survive_closed_output(view.on_change)).run()
+    finally:
+        survive_closed_output(view.__exit__)(None, None, None)
+    survive_closed_output(_print_outcome)(summary, st, runs)
+    raise typer.Exit(summary.exit_code())
+
+
+def _print_outcome(summary, st, runs):
+    from . import report
     for o in summary.outcomes.values():
         if o.state in ("failed", "diverged") and o.log_tail:
             console.print(f"[red]{o.state}[/] {escape(o.run_id)}: {escape(o.error or '')}\n[dim]{escape(o.log_tail)}[/]",
@@ -155,7 +198,6 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
     exps = sorted({r.spec["experiment"] for r in runs})
     for e in exps:
         console.print(report.render_rich(report.fair_table(st, e)))
-    raise typer.Exit(summary.exit_code())
 
 
 def _detach(manifest, store, only, gpus, per_gpu, max_parallel, rerun, data_dir):
