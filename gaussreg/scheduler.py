@@ -179,17 +179,43 @@ def rerun(run: RunDir, gpu: Optional[str] = None) -> subprocess.Popen:
         os.close(fd)
 
 
+def _is_our_launch(info: dict) -> bool:
+    """Whether the recorded pid is still that launch: a pid is reused once its process
+    is gone, and signalling a stranger's process must never happen. The process must
+    have the recorded start time and run `gaussreg run`."""
+    import psutil
+    pid = info.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        created, cmd = proc.create_time(), proc.cmdline()
+    except (psutil.Error, OSError):
+        return False
+    want = info.get("create_time")
+    if not isinstance(want, (int, float)) or abs(created - want) > 0.05:
+        return False
+    return "gaussreg" in cmd and "run" in cmd
+
+
 def launches(store: Store) -> List[dict]:
-    """Detached `gaussreg run` processes of this store that are still alive."""
-    from .store import pid_alive
+    """Detached `gaussreg run` processes of this store that are still alive; the records
+    of launches that ended are removed."""
     out = []
     for p in sorted((store.root / "_launches").glob("*.pid")):
         try:
-            info = json.loads(p.read_text())
+            info = json.loads(p.read_bytes().decode())
         except (OSError, ValueError):
             continue
-        if pid_alive(info.get("pid")):
+        if isinstance(info, dict) and _is_our_launch(info):
             out.append(info)
+        else:
+            try:
+                p.unlink()  # the launch ended (or the record is not ours to trust): forget it
+            except OSError:
+                pass
     return out
 
 
@@ -210,7 +236,9 @@ def detach_run(argv_tail: List[str], store: Store, label: str) -> dict:
         p = subprocess.Popen([sys.executable, "-m", "gaussreg", "run", *argv_tail, "--follow"], stdout=f,
                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                              env=dict(os.environ, COLUMNS="120"))
-    info = {"pid": p.pid, "label": label, "log": str(log), "started_at": now_iso(), "argv": argv_tail}
+    import psutil
+    info = {"pid": p.pid, "label": label, "log": str(log), "started_at": now_iso(), "argv": argv_tail,
+            "create_time": psutil.Process(p.pid).create_time()}
     atomic_write_json(logs / f"{p.pid}.pid", info)
     return info
 
@@ -272,7 +300,7 @@ class Scheduler:
                 self.summary.outcomes[run.id] = Outcome(run.id, state)
                 self._notify("skipped", run)
                 return False
-            if self.rerun and state in FINISHED:
+            if self.rerun:  # from scratch: a corrupt last.pt must not fail every rerun
                 _reset(run)
             proc = start_worker(run, resume=run.file("last.pt").exists(), gpu=slot.gpu, threads=slot.threads,
                                 lock_fd=fd, argv=self.worker_argv, watch_parent=True)

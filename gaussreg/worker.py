@@ -193,7 +193,7 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
     from . import data
     from .methods import make_method
     from .models import build_model, parameter_count
-    from .robustness import robustness
+    from .robustness import EvaluationStopped, robustness
 
     t_start = time.time()
     keep_freed_memory()
@@ -218,7 +218,11 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
     last, best = run.file("last.pt"), run.file("best.pt")
     resuming = resume and last.exists()
     if resuming:
-        state.update(_load_checkpoint(last, model, opt, sched, g))
+        try:
+            state.update(_load_checkpoint(last, model, opt, sched, g))
+        except Exception as e:  # noqa: BLE001 - truncated, foreign or tampered: all mean the same here
+            raise RuntimeError(f"cannot resume from {last} ({type(e).__name__}: {str(e)[:200]}); "
+                               "`gaussreg run --rerun` (or deleting last.pt) starts the run over") from None
         log(f"resumed from last.pt after epoch {state['epoch']}")
     else:
         for name in ("result.json", "best.pt"):
@@ -295,8 +299,12 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
         test = evaluate(make_method("baseline", {}), model, splits.test_x, splits.test_y, B, seed)
         rcfg = spec["robustness"]
         t0 = time.time()
-        rob = robustness(model, splits.test_x, splits.test_y, sigmas=rcfg["sigmas"], samples=rcfg["samples"],
-                         seed=seed, clip=rcfg["clip"])
+        status.update(phase="evaluating")
+        try:
+            rob = robustness(model, splits.test_x, splits.test_y, sigmas=rcfg["sigmas"], samples=rcfg["samples"],
+                             seed=seed, clip=rcfg["clip"], should_stop=should_stop)
+        except EvaluationStopped:
+            raise Cancelled() from None
         rob_time = time.time() - t0
         events.emit("test", test_accuracy=test["accuracy"], test_loss=test["ce"], robustness=rob.score,
                     sigmas=rob.sigmas, per_sigma=rob.per_sigma, accuracy_per_sigma=rob.accuracy_per_sigma,
@@ -385,7 +393,7 @@ def main(argv=None) -> int:
         print(f"error: run {run.id} is already being trained by another process", file=sys.stderr)
         return EXIT_LOCKED
     status = Status(run, state="running", pid=os.getpid(), host=socket.gethostname(), device=None,
-                    started_at=now_iso(), finished_at=None, epoch=0, max_epochs=None, error=None,
+                    started_at=now_iso(), finished_at=None, epoch=0, max_epochs=None, error=None, phase="training",
                     cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
 
     def fail(message: str, state: str = "failed", **extra) -> None:

@@ -153,3 +153,56 @@ def test_workers_stop_when_their_scheduler_is_killed(tmp_path):
     status = run.status()
     assert status["state"] == "cancelled" and "scheduler" in status["error"] and "died" in status["error"]
     assert "model" in torch.load(run.file("last.pt"), weights_only=True)  # resumable: `gaussreg run` again
+
+
+def test_cancel_is_honoured_during_the_final_evaluation(tmp_path):
+    from gaussreg.scheduler import cancel_run, start_worker
+    st = Store(tmp_path / "runs")
+    spec = resolve({"dataset": "synthetic", "model": "lenet", "method": "baseline", "experiment": "f",
+                    "max_epochs": 1, "train_subset": 200, "test_subset": 1000,
+                    "robustness": {"samples": 1000}})  # minutes of evaluation on 2 cores
+    run = st.create(spec, run_id(spec))
+    proc = start_worker(run, resume=False, threads=1)
+    try:
+        deadline = time.time() + 120
+        while run.status().get("phase") != "evaluating":  # await the evaluation phase
+            assert time.time() < deadline and proc.poll() is None, run.log_tail()
+            time.sleep(0.1)
+        cancel_run(run)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+    assert run.status()["state"] == "cancelled" and not run.file("result.json").exists()
+
+
+def test_cancel_launch_never_signals_a_reused_pid(tmp_path):
+    from gaussreg.scheduler import ControlError, cancel_launch, launches
+    from gaussreg.store import atomic_write_json
+    st = Store(tmp_path / "runs")
+    (st.root / "_launches").mkdir(parents=True)
+    stranger = subprocess.Popen(["sleep", "60"])  # a process that took over a finished launch's pid
+    try:
+        record = st.root / "_launches" / f"{stranger.pid}.pid"
+        atomic_write_json(record, {"pid": stranger.pid, "label": "old", "log": "x", "started_at": "2026-01-01",
+                                   "argv": [], "create_time": psutil.Process(stranger.pid).create_time() - 3600})
+        assert launches(st) == [] and not record.exists()  # not ours: forgotten, never listed
+        with pytest.raises(ControlError):
+            cancel_launch(st, stranger.pid)
+        assert stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_rerun_starts_over_from_a_corrupt_last_pt(tmp_path):
+    st = Store(tmp_path / "runs")
+    spec = resolve({"dataset": "synthetic", "model": "mlp", "method": "baseline", "experiment": "f",
+                    "max_epochs": 1, "train_subset": 200, "test_subset": 100, "robustness": {"sigmas": [0.0]}})
+    run = st.create(spec, run_id(spec))
+    run.file("last.pt").write_bytes(b"\x80\x04 not a checkpoint")
+    first = subprocess.run([sys.executable, "-m", "gaussreg.worker", str(run.path), "--resume"], env=python_env(),
+                           capture_output=True)
+    assert first.returncode == 1
+    assert "--rerun" in run.status()["error"] and "cannot resume" in run.status()["error"]
+    summary = Scheduler(st, [run.id], make_slots([]), rerun=True, poll_s=0.05).run()
+    assert summary.outcomes[run.id].state == "completed", (summary.outcomes[run.id], run.log_tail())

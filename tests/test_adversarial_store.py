@@ -6,7 +6,6 @@ import io
 import json
 import os
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from typer.testing import CliRunner
 from gaussreg import report
 from gaussreg.cli import app as cli_app
 from gaussreg.live import LiveView
+from gaussreg.manifest import tomllib
 from gaussreg.scheduler import Scheduler, make_slots
 from gaussreg.spec import resolve, run_id
 from gaussreg.store import Store
