@@ -25,6 +25,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 EXIT_BAD_INPUT = 2
+BIG_GRID = 1000  # a grid larger than this is more likely a typo than a plan: ask for --yes
 StoreOpt = typer.Option(Path("runs"), "--store", help="The run store folder.")
 DataDirOpt = typer.Option(None, "--data-dir", help="Data root (default: $GAUSSREG_DATA, else ./data).")
 
@@ -120,7 +121,8 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
         rerun: bool = typer.Option(False, "--rerun", help="Train finished runs again."),
         follow: bool = typer.Option(True, "--follow/--detach",
                                     help="Watch until done (default), or start in the background and return."),
-        data_dir: Optional[Path] = DataDirOpt):
+        data_dir: Optional[Path] = DataDirOpt,
+        yes: bool = typer.Option(False, "--yes", help=f"Launch a grid of more than {BIG_GRID} runs.")):
     """Run every configuration of a manifest, one worker process per run, then print the fair table."""
     from . import data, manifest as mf, report
     from .scheduler import Scheduler, make_slots, parse_gpus
@@ -158,6 +160,9 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
     for name in sorted({r.spec["dataset"] for r in runs} - {"synthetic"}):
         if data.find(name, data_dir) is None:
             fail(data.missing_message(name, data_dir))
+    if len(runs) > BIG_GRID and not yes:
+        fail(f"{manifest} expands to {len(runs)} runs (more than {BIG_GRID}); check the grid with --dry-run, "
+             "then add --yes to launch them all")
     writable_store(store)  # after every check of the input: a bad manifest or dataset writes nothing
     if not follow:
         _detach(manifest, store, only, gpus, per_gpu, max_parallel, rerun, data_dir)
@@ -207,6 +212,7 @@ def _detach(manifest, store, only, gpus, per_gpu, max_parallel, rerun, data_dir)
     argv += ["--only", only] if only else []
     argv += ["--max-parallel", str(max_parallel)] if max_parallel else []
     argv += ["--rerun"] if rerun else []
+    argv += ["--yes"]  # the size was accepted here
     argv += ["--data-dir", str(data_dir)] if data_dir else []
     info = detach_run(argv, Store(store), only or str(manifest))
     console.print(f"started in the background (pid {info['pid']}); log: {info['log']}\n"

@@ -430,6 +430,14 @@ class Store:
         """A new run directory with its spec and a queued status (both atomic)."""
         run = RunDir(self.root / run_id)
         run.path.mkdir(parents=True, exist_ok=True)
+        # temp files of a writer killed mid-write (SIGKILL gives no chance to clean up);
+        # a minute old: no live writer is still on them
+        for tmp in run.path.glob(".*.tmp"):
+            try:
+                if time.time() - tmp.lstat().st_mtime > 60:
+                    tmp.unlink()
+            except OSError:
+                pass
         if not run.file("spec.json").exists():
             atomic_write_json(run.file("spec.json"), spec)
         if not run.file("status.json").exists():

@@ -214,7 +214,8 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
     opt = make_optimizer(spec, model.parameters())
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", patience=spec["lr_patience"],
                                                        factor=spec["lr_factor"])
-    state = {"epoch": 0, "best_val_loss": math.inf, "best_epoch": 0, "bad_epochs": 0, "train_time": 0.0}
+    state = {"epoch": 0, "best_val_loss": math.inf, "best_epoch": 0, "bad_epochs": 0, "train_time": 0.0,
+             "threads": torch.get_num_threads()}
     last, best = run.file("last.pt"), run.file("best.pt")
     resuming = resume and last.exists()
     if resuming:
@@ -224,6 +225,12 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
             raise RuntimeError(f"cannot resume from {last} ({type(e).__name__}: {str(e)[:200]}); "
                                "`gaussreg run --rerun` (or deleting last.pt) starts the run over") from None
         log(f"resumed from last.pt after epoch {state['epoch']}")
+        # float sums depend on how work is split over threads: a bitwise-exact resume
+        # needs the thread count the run started with, whatever this launch would use
+        if state.get("threads") and state["threads"] != torch.get_num_threads():
+            log(f"using {state['threads']} thread(s) as before the interruption (not {torch.get_num_threads()}), "
+                "so the result equals an uninterrupted run")
+            torch.set_num_threads(state["threads"])
     else:
         for name in ("result.json", "best.pt"):
             run.file(name).unlink(missing_ok=True)
