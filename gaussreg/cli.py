@@ -434,8 +434,7 @@ def train(run_dir: Path = typer.Argument(..., help="A run directory holding spec
         fail(f"the run directory {run_dir} is not writable by this user")
     run = RunDir(run_dir)
     try:
-        run.spec()
-        state = run.state()
+        state = run.state()  # the worker checks the spec itself
     except RunFileError as e:
         fail(str(e))
     if state in ("completed", "diverged") and not force:

@@ -370,8 +370,13 @@ class RunDir:
         return "\n".join(strip_control(line) for line in text.splitlines()[-lines:])
 
     def locked(self) -> bool:
-        """Whether some process holds this run's lock (it is being trained)."""
-        fd = try_lock(self)
+        """Whether some process holds this run's lock (it is being trained). When the
+        lock cannot be opened (a read-only shared store, a lock that is not a file) we
+        cannot tell and say yes: the caller then goes by the pid and the heartbeat."""
+        try:
+            fd = try_lock(self)
+        except RunFileError:
+            return True
         if fd is None:
             return True
         os.close(fd)

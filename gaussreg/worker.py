@@ -408,9 +408,12 @@ def main(argv=None) -> int:
         status.update(state=state, error=message, finished_at=now_iso(), **extra)
 
     try:
-        from .store import RunFileError
+        from .store import RunFileError, read_json
         try:
-            spec = resolve(run.spec())
+            raw = read_json(run.file("spec.json"))  # resolve() checks it key by key, with its own messages
+            if raw is None:
+                raise RunFileError(f"{run.file('spec.json')} is missing")
+            spec = resolve(raw)
         except (SpecError, RunFileError) as e:
             fail(f"bad spec {run.file('spec.json')}: {e}")
             print(f"error: bad spec {run.file('spec.json')}: {e}", file=sys.stderr)
