@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import math
+import os
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -21,13 +25,62 @@ console = Console()
 err_console = Console(stderr=True)
 
 EXIT_BAD_INPUT = 2
+BIG_GRID = 1000  # a grid larger than this is more likely a typo than a plan: ask for --yes
 StoreOpt = typer.Option(Path("runs"), "--store", help="The run store folder.")
 DataDirOpt = typer.Option(None, "--data-dir", help="Data root (default: $GAUSSREG_DATA, else ./data).")
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT):
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def writable_store(store: Path) -> None:
+    """The store folder exists (made if needed) and this user may write it; else one sentence, exit 2."""
+    if store.exists() and not store.is_dir():
+        fail(f"--store {store} is a file, not a folder")
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create the store folder {store} ({e.strerror})")
+    if not os.access(store, os.W_OK | os.X_OK):
+        fail(f"the store folder {store} is not writable by this user")
+
+
+def readable_store(store: Path) -> None:
+    if store.exists() and not store.is_dir():
+        fail(f"--store {store} is a file, not a folder")
+
+
+def stdout_gone() -> None:
+    """Our reader went away (`gaussreg run | head`, a closed terminal): from now on output
+    goes to /dev/null and the work goes on; the exit code still tells how it went."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+    except OSError:
+        pass
+
+
+def _console_lost_its_reader() -> None:
+    # Rich's default is to exit(1) on a broken pipe; a sweep must outlive its output
+    stdout_gone()
+    console.quiet = True
+
+
+console.on_broken_pipe = _console_lost_its_reader
+
+
+def survive_closed_output(fn):
+    def call(*args, **kw):
+        try:
+            return fn(*args, **kw)
+        except OSError as e:
+            if e.errno not in (errno.EPIPE, errno.EIO):
+                raise
+            stdout_gone()
+    return call
 
 
 def _version(value: bool):
@@ -87,7 +140,8 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
         array_parallelism: Optional[int] = typer.Option(None, "--array-parallelism",
                                                         help="Slurm: at most K array tasks at once."),
         sbatch_arg: Optional[List[str]] = typer.Option(None, "--sbatch-arg",
-                                                       help="Slurm: extra sbatch arguments (repeatable).")):
+                                                       help="Slurm: extra sbatch arguments (repeatable)."),
+        yes: bool = typer.Option(False, "--yes", help=f"Launch a grid of more than {BIG_GRID} runs.")):
     """Run every configuration of a manifest, one worker process per run, then print the fair table."""
     from . import report
     from .launch import LaunchError, LaunchRequest, launch, plan
@@ -119,12 +173,17 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
         fail(str(e))
         fail(str(e))
     runs, slots = p.runs, p.slots
+    readable_store(store)
     st = Store(store)
     if dry_run:
         _dry_run(p, st, manifest)
         return
     if p.missing_data:
         fail(next(iter(p.missing_data.values())))
+    if len(runs) > BIG_GRID and not yes:
+        fail(f"{manifest} expands to {len(runs)} runs (more than {BIG_GRID}); check the grid with --dry-run, "
+             "then add --yes to launch them all")
+    writable_store(store)  # after every check of the input: a bad manifest or dataset writes nothing
     if not follow:
         try:
             info = launch(req)
@@ -134,44 +193,62 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
                       f"watch with `gaussreg tui --store {store}`, `gaussreg ls --store {store}` or "
                       f"`gaussreg table --store {store}`", highlight=False, markup=False)
         return
-    for e in p.manifest.experiments:
-        if any(r.spec["experiment"] == e.name for r in runs):
-            st.write_experiment(e.name, {"name": e.name, "tolerance": e.tolerance,
-                                         "manifest": str(Path(manifest).resolve())})
-    for r in runs:
-        st.create(r.spec, r.id)
+    try:
+        for e in p.manifest.experiments:
+            if any(r.spec["experiment"] == e.name for r in runs):
+                st.write_experiment(e.name, {"name": e.name, "tolerance": e.tolerance,
+                                             "manifest": str(Path(manifest).resolve())})
+        for r in runs:
+            st.create(r.spec, r.id)
+    except OSError as e:  # a full disk, a file where a run folder should be: nothing launched
+        fail(f"cannot write the run directories in {store} ({e.strerror}{': ' + str(e.filename) if e.filename else ''})")
     from .live import LiveView
-    console.print(f"{len(runs)} runs from {manifest} into {st.root}/ on "
+    survive_closed_output(console.print)(f"{len(runs)} runs from {manifest} into {st.root}/ on "
                   f"{', '.join('gpu ' + s.gpu if s.gpu else 'cpu' for s in slots)}"
-                  f" ({slots[0].threads} thread(s) each)")
-    with LiveView(len(runs), console) as view:
-        summary = Scheduler(st, [r.id for r in runs], slots, rerun=rerun, on_change=view.on_change).run()
+                  f" ({slots[0].threads} thread(s) each)", markup=False)
+    view = LiveView(len(runs), console)
+    survive_closed_output(view.__enter__)()
+    try:
+        summary = Scheduler(st, [r.id for r in runs], slots, rerun=rerun,
+                            on_change=survive_closed_output(view.on_change)).run()
+    finally:
+        survive_closed_output(view.__exit__)(None, None, None)
+    survive_closed_output(_print_outcome)(summary, st, runs)
+    raise typer.Exit(summary.exit_code())
+
+
+def _print_outcome(summary, st, runs):
+    from . import report
     for o in summary.outcomes.values():
         if o.state in ("failed", "diverged") and o.log_tail:
-            console.print(f"[red]{o.state}[/] {o.run_id}: {o.error}\n[dim]{o.log_tail}[/]", highlight=False)
+            console.print(f"[red]{o.state}[/] {escape(o.run_id)}: {escape(o.error or '')}\n[dim]{escape(o.log_tail)}[/]",
+                          highlight=False)
     if summary.interrupted:
         console.print("[yellow]interrupted:[/] running workers were cancelled (their last.pt is kept); "
                       "run the same command again to resume them.")
     exps = sorted({r.spec["experiment"] for r in runs})
     for e in exps:
         console.print(report.render_rich(report.fair_table(st, e)))
-    raise typer.Exit(summary.exit_code())
 
 
 def _dry_run(p, st, manifest) -> None:
     """What a launch would do, per experiment: runs new/done, and whether its data is there."""
     from .spec import describe_params
-    from .store import RunDir
+    from .store import RunDir, RunFileError
     runs, slots = p.runs, p.slots
-    t = Table(title=f"{len(runs)} run{'s' if len(runs) != 1 else ''} from {manifest} on {len(slots)} slot(s)",
+    t = Table(title=escape(f"{len(runs)} run{'s' if len(runs) != 1 else ''} from {manifest} on {len(slots)} slot(s)"),
               title_justify="left")
     for h in ("run id", "dataset", "model", "method", "params", "state"):
         t.add_column(h, overflow="fold")
     per_exp = {}
     for r in runs:
         rd = RunDir(st.root / r.id)
-        state = rd.state() if rd.file("spec.json").exists() else "new"
-        t.add_row(r.id, r.spec["dataset"], r.spec["model"], r.spec["method"], describe_params(r.spec), state)
+        try:
+            state = rd.state() if rd.file("spec.json").exists() else "new"
+        except RunFileError as e:
+            state = f"corrupt: {e}"
+        t.add_row(*map(escape, (r.id, r.spec["dataset"], r.spec["model"], r.spec["method"],
+                                describe_params(r.spec), state)))
         counts = per_exp.setdefault(r.spec["experiment"], {"new": 0, "done": 0, "other": 0, "datasets": set()})
         counts["new" if state == "new" else "done" if state in ("completed", "diverged") else "other"] += 1
         counts["datasets"].add(r.spec["dataset"])
@@ -250,9 +327,16 @@ def table(store: Path = StoreOpt,
     from .store import Store
     if tolerance is not None and not 0 <= tolerance <= 1:
         fail(f"--tolerance must be a fraction in [0, 1], not {tolerance}")
+    readable_store(store)
     if not store.is_dir():
         fail(f"the store {store} does not exist")
     t = report.fair_table(Store(store), experiment, tolerance, select.value)
+    if tolerance is None:
+        for rec in t["experiments"]:
+            why = Store(store).experiment(rec["experiment"]).get("error")
+            if why:
+                err_console.print(f"[yellow]warning:[/] {escape(why)}; using tolerance {rec['tolerance']:g}",
+                                  highlight=False, soft_wrap=True)
     if experiment and not t["experiments"]:
         fail(f"no runs of experiment {experiment!r} in {store}")
     if format == TableFormat.json:
@@ -334,6 +418,7 @@ def ls(store: Path = StoreOpt,
     from . import report
     from .spec import describe_params
     from .store import STATES, Store
+    readable_store(store)
     if state and state not in STATES + ("corrupt",):
         fail(f"--state must be one of {', '.join(STATES)}, not {state!r}")
     rows = [r for r in report.collect(Store(store)) if not state or r["state"] == state]
@@ -341,7 +426,7 @@ def ls(store: Path = StoreOpt,
         print(json.dumps([{"id": r["id"], "state": r["state"], "spec": r["spec"], "result": r["result"],
                            "error": r["error"]} for r in rows], indent=2))
         return
-    t = Table(title=f"{len(rows)} runs in {store}", title_justify="left", box=None, header_style="bold")
+    t = Table(title=escape(f"{len(rows)} runs in {store}"), title_justify="left", box=None, header_style="bold")
     t.add_column("run id", no_wrap=True)
     t.add_column("data/model", overflow="fold")
     t.add_column("params", overflow="fold")
@@ -353,8 +438,8 @@ def ls(store: Path = StoreOpt,
     from .live import STATE_STYLE
     for r in rows:
         s, res = r["spec"] or {}, r["result"] or {}
-        t.add_row(r["id"], f"{s.get('dataset', '?')}/{s.get('model', '?')}",
-                  describe_params(s) if s else r.get("error", ""),
+        t.add_row(escape(r["id"]), escape(f"{s.get('dataset', '?')}/{s.get('model', '?')}"),
+                  escape(describe_params(s) if s else r.get("error") or ""),
                   f"[{STATE_STYLE.get(r['state'], 'red')}]{r['state']}[/]",
                   f"{res['test_accuracy'] * 100:.2f}" if res else "-", f"{res['robustness'] * 100:.2f}" if res else "-",
                   *([r.get("slurm_job") or "-"] if jobs else []))
@@ -363,6 +448,7 @@ def ls(store: Path = StoreOpt,
 
 def _get_run(store: Path, run_id: str):
     from .store import RunFileError, Store
+    readable_store(store)
     try:
         return Store(store).get(run_id)
     except RunFileError as e:
@@ -380,16 +466,18 @@ def show(run_id: str = typer.Argument(..., help="A run id (or a unique prefix)."
     except RunFileError as e:
         fail(str(e))
     epochs = run.epochs()
-    console.rule(f"{run.id}  [{state}]")
+    console.rule(escape(f"{run.id}  [{state}]"))
     console.print_json(json.dumps({"spec": spec, "status": {**status, "state": state}}))
     if epochs:
         e = epochs[-1]
         console.print(f"epoch {e['epoch']}: train loss {e['train_loss']:.4f}, val loss {e['val_loss']:.4f}, "
                       f"val acc {e['val_accuracy'] * 100:.2f}%, lr {e['lr']:.3g}, {e['images_per_s']:.0f} img/s")
     if result:
+        wall = result.get("wall_time_s")
         console.print(f"test accuracy {result['test_accuracy'] * 100:.2f}%, robustness {result['robustness'] * 100:.2f}%"
-                      f", best epoch {result['best_epoch']} of {result['epochs_run']}, {result['wall_time_s']:.1f}s "
-                      f"on {result['device_name']}")
+                      f", best epoch {result.get('best_epoch', '?')} of {result.get('epochs_run', '?')}, "
+                      + (f"{wall:.1f}s " if wall is not None else "")
+                      + f"on {result.get('device_name', '?')}", highlight=False, markup=False)
     tail = run.log_tail(15)
     if tail:
         console.rule("worker.log")
@@ -410,7 +498,7 @@ def cancel(run_id: str = typer.Argument(..., help="A run id (or a unique prefix)
         pid = cancel_run(run)
     except (ControlError, RunFileError) as e:
         fail(str(e))
-    console.print(f"sent SIGTERM to the worker of {run.id} (pid {pid})")
+    console.print(f"sent SIGTERM to the worker of {run.id} (pid {pid})", markup=False)
 
 
 def _parse_sigmas(text: Optional[str]) -> Optional[List[float]]:
@@ -419,13 +507,17 @@ def _parse_sigmas(text: Optional[str]) -> Optional[List[float]]:
     try:
         if ":" in text:
             lo, hi, n = text.split(":")
+            lo, hi, n = float(lo), float(hi), int(n)
+            if n < 1 or n > 10_000:
+                fail(f"--sigmas {text!r}: the COUNT of START:STOP:COUNT must be from 1 to 10000, not {n}")
             import torch
-            return torch.linspace(float(lo), float(hi), int(n), dtype=torch.float64).tolist()
-        vals = [float(v) for v in text.split(",")]
+            vals = torch.linspace(lo, hi, n, dtype=torch.float64).tolist()
+        else:
+            vals = [float(v) for v in text.split(",")]
     except ValueError:
         fail(f"--sigmas must be a list like '0,0.1,0.2' or a range START:STOP:COUNT, not {text!r}")
-    if any(v < 0 for v in vals):
-        fail("--sigmas must be >= 0")
+    if not all(math.isfinite(v) and v >= 0 for v in vals):
+        fail(f"--sigmas must be finite numbers >= 0, not {text!r}")
     return vals
 
 
@@ -453,8 +545,11 @@ def eval_(target: str = typer.Argument(..., help="A run id, or a checkpoint file
     else:
         run = _get_run(store, target)
         ckpt = run.file("best.pt")
-    if samples < 1:
-        fail("--samples must be >= 1")
+    from .spec import MAX_SAMPLES, valid_device
+    if not 1 <= samples <= MAX_SAMPLES:
+        fail(f"--samples must be from 1 to {MAX_SAMPLES}, not {samples}")
+    if not valid_device(device):
+        fail(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
     sig = _parse_sigmas(sigmas)
     try:
         spec = resolve(run.spec())
@@ -473,12 +568,16 @@ def eval_(target: str = typer.Argument(..., help="A run id, or a checkpoint file
     except data.DataError as e:
         fail(str(e))
     model = build_model(spec["model"], splits.info).to(dev)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fail(f"{ckpt} does not fit the run's model {spec['model']} on {spec['dataset']} ({first})")
     r = robustness(model, splits.test_x, splits.test_y, sigmas=sig, samples=samples, seed=seed, clip=clip)
     if format == ListFormat.json:
         print(json.dumps({"run_id": run.id, "checkpoint": str(ckpt), **r.to_dict()}, indent=2))
         return
-    t = Table(title=f"{run.id}: clean acc {r.clean_accuracy * 100:.2f}%, robustness R {r.score * 100:.2f}%",
+    t = Table(title=escape(f"{run.id}: clean acc {r.clean_accuracy * 100:.2f}%, robustness R {r.score * 100:.2f}%"),
               title_justify="left")
     for h in ("sigma", "consistency %", "accuracy %"):
         t.add_column(h, justify="right")
@@ -558,9 +657,24 @@ def certify(run_id: str = typer.Argument(..., help="A run id (or a unique prefix
 
 @app.command()
 def train(run_dir: Path = typer.Argument(..., help="A run directory holding spec.json."),
-          resume: bool = typer.Option(False, "--resume", help="Continue from last.pt.")):
+          resume: bool = typer.Option(False, "--resume", help="Continue from last.pt."),
+          force: bool = typer.Option(False, "--force", "--rerun",
+                                     help="Train a completed run again (its result.json and best.pt are replaced).")):
     """Train one run directory in this process (what `gaussreg run` starts per run)."""
+    from .store import RunDir, RunFileError
     from .worker import main as worker_main
+    if not run_dir.is_dir():
+        fail(f"{run_dir} is not a run directory")
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        fail(f"the run directory {run_dir} is not writable by this user")
+    run = RunDir(run_dir)
+    try:
+        state = run.state()  # the worker checks the spec itself
+    except RunFileError as e:
+        fail(str(e))
+    if state in ("completed", "diverged") and not force:
+        fail(f"run {run.id} is {state}; training it again replaces its result.json and best.pt "
+             "(add --force to do that)")
     raise typer.Exit(worker_main([str(run_dir)] + (["--resume"] if resume else [])))
 
 
@@ -587,13 +701,13 @@ def data_list(data_dir: Optional[Path] = DataDirOpt):
     missing = []
     for name in data.DATASETS:
         d = data.describe(name, data_dir)
-        t.add_row(name, d["shape"], str(d["classes"]), d["where"] if d["found"] else "[red]missing[/]",
+        t.add_row(name, d["shape"], str(d["classes"]), escape(str(d["where"])) if d["found"] else "[red]missing[/]",
                   str(d["train"] or "-"), str(d["test"] or "-"))
         if not d["found"]:
             missing.append(d["note"])
     console.print(t)
     for note in missing:
-        console.print(f"- {note}", highlight=False)
+        console.print(f"- {note}", highlight=False, markup=False)
 
 
 @data_app.command("download")
@@ -604,10 +718,10 @@ def data_download(name: str = typer.Argument(..., help="mnist, fashion-mnist, ci
     if name not in data.DATASETS:
         fail(f"unknown dataset {name!r}; known: {', '.join(data.DATASETS)}")
     try:
-        where = data.download(name, data_dir, log=lambda m: console.print(m, highlight=False))
+        where = data.download(name, data_dir, log=lambda m: console.print(m, highlight=False, markup=False))
     except data.DataError as e:
         fail(str(e), 1)
-    console.print(f"{name} is available in {where}")
+    console.print(f"{name} is available in {where}", markup=False)
 
 
 def main():

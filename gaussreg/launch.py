@@ -37,6 +37,7 @@ class LaunchRequest:
         a += ["--only", self.only] if self.only else []
         a += ["--max-parallel", str(self.max_parallel)] if self.max_parallel else []
         a += ["--rerun"] if self.rerun else []
+        a += ["--yes"]  # whoever made the request accepted its size
         a += ["--data-dir", str(self.data_dir)] if self.data_dir else []
         return a
 

@@ -8,11 +8,12 @@ from typing import Dict
 
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 from .spec import describe_params
-from .store import RunDir
+from .store import RunDir, RunFileError
 
 STATE_STYLE = {"completed": "green", "failed": "red", "diverged": "magenta", "cancelled": "yellow",
                "interrupted": "yellow", "running": "cyan", "queued": "dim", "elsewhere": "dim", "skipped": "dim"}
@@ -24,7 +25,10 @@ class RunTail:
     def __init__(self, run: RunDir):
         self.run, self.events = run, run.tail()
         self.epoch, self.progress = None, None
-        self.spec = run.spec()
+        try:
+            self.spec = run.spec()
+        except RunFileError:
+            self.spec = None  # the scheduler reports the run's problem; the view shows what it can
 
     def update(self) -> None:
         events, restarted = self.events.read()
@@ -57,15 +61,21 @@ class LiveView:
     def on_change(self, sched, what: str, run) -> None:
         if what == "started":
             self.tails[run.id] = RunTail(run)
-            self.console.print(f"[cyan]started[/]   {run.id}  {describe_params(self.tails[run.id].spec)}")
+            spec = self.tails[run.id].spec
+            self.console.print(f"[cyan]started[/]   {escape(run.id)}  {escape(describe_params(spec) if spec else '')}")
         elif what in ("skipped", "elsewhere"):
-            self.console.print(f"[dim]{what:9}[/] {run.id}")
+            self.console.print(f"[dim]{what:9}[/] {escape(run.id)}")
         elif what != "tick":
             self.tails.pop(run.id, None)
-            res = run.result() if what == "completed" else None
-            extra = (f"test acc {res['test_accuracy'] * 100:.2f}%  R {res['robustness'] * 100:.2f}%  "
-                     f"({res['wall_time_s']:.0f}s)" if res else (sched.summary.outcomes[run.id].error or ""))
-            self.console.print(f"[{STATE_STYLE.get(what, '')}]{what:9}[/] {run.id}  {extra}")
+            try:
+                res = run.result() if what == "completed" else None
+            except RunFileError:
+                res = None
+            wall = f"({res['wall_time_s']:.0f}s)" if res and "wall_time_s" in res else ""
+            outcome = sched.summary.outcomes.get(run.id)
+            extra = (f"test acc {res['test_accuracy'] * 100:.2f}%  R {res['robustness'] * 100:.2f}%  {wall}" if res
+                     else (outcome.error if outcome else "") or "")
+            self.console.print(f"[{STATE_STYLE.get(what, '')}]{what:9}[/] {escape(run.id)}  {escape(extra)}")
         self.live.update(self.render(sched))
 
     def render(self, sched):
@@ -79,14 +89,15 @@ class LiveView:
                     continue
                 tail.update()
                 ep, pr = tail.epoch, tail.progress
-                max_ep = tail.spec.get("max_epochs", 0)
+                spec = tail.spec or {}
+                max_ep = spec.get("max_epochs", 0)
                 epoch = ep["epoch"] if ep else 0
                 loss = pr["loss"] if pr and (not ep or pr["epoch"] > ep["epoch"]) else (ep["train_loss"] if ep else None)
                 eta = "-"
                 if ep:
                     per_epoch = (time.time() - a.started) / max(1, epoch)
                     eta = f"≤{per_epoch * (max_ep - epoch):.0f}s"  # early stopping may end sooner
-                t.add_row(a.run.id, describe_params(tail.spec), a.slot.gpu or "cpu", f"{epoch}/{max_ep}",
+                t.add_row(Text(a.run.id), Text(describe_params(spec)), a.slot.gpu or "cpu", f"{epoch}/{max_ep}",
                           f"{loss:.4f}" if loss is not None else "-",
                           f"{ep['val_accuracy'] * 100:.2f}%" if ep else "-",
                           f"{ep['images_per_s']:.0f}" if ep else "-", eta)

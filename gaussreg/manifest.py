@@ -20,7 +20,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .spec import PARAMS, SCALARS, TABLES, SpecError, resolve, run_id
+from .spec import EXPERIMENT_NAME, PARAMS, SCALARS, TABLES, SpecError, resolve, run_id
 
 RUN_KEYS = (set(SCALARS) - {"experiment", "data_dir"}) | {"optimizer", "robustness", "certify"}
 EXPERIMENT_KEYS = RUN_KEYS | {"name", "tolerance", "methods", "seeds"}
@@ -109,11 +109,16 @@ def load(path, data_dir: Optional[str] = None) -> Manifest:
     """Parse, validate and expand a manifest. Raises ManifestError; launches nothing."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise ManifestError(path, None, "", "the manifest file does not exist") from None
+    except IsADirectoryError:
+        raise ManifestError(path, None, "", "is a folder, not a manifest file") from None
     except OSError as e:
         raise ManifestError(path, None, "", f"cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        line = text_line = e.object[:e.start].count(b"\n") + 1
+        raise ManifestError(path, line, "", f"is not UTF-8 text (bad byte at offset {e.start}, line {text_line})") from None
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -151,15 +156,15 @@ def load(path, data_dir: Optional[str] = None) -> Manifest:
             if key not in EXPERIMENT_KEYS:
                 raise err(sec, [key], "unknown key in [[experiment]]" + _suggest(key, EXPERIMENT_KEYS))
         name = exp.get("name")
-        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
-            raise err(sec, ["name"], "every experiment needs a name of letters, digits, '.', '_' or '-'"
-                      + (f" (got {name!r})" if name is not None else ""))
+        if not isinstance(name, str) or not EXPERIMENT_NAME.fullmatch(name):
+            raise err(sec, ["name"], "every experiment needs a name of 1 to 100 letters, digits, '.', '_' or '-', "
+                      "starting with a letter or digit" + (f" (got {name!r:.120})" if name is not None else ""))
         if name in names:
             raise err(sec, ["name"], f"duplicate experiment name {name!r}")
         names.add(name)
         merged = {k: v for k, v in {**defaults, **exp}.items() if k != "name"}
         tol = merged.pop("tolerance", 0.0)
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol <= 1:
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol <= 1:  # NaN fails too
             raise err(sec if "tolerance" in exp else ("defaults", 0), ["tolerance"],
                       f"must be a fraction in [0, 1] (0.0039 means 0.39%), not {tol!r}")
         methods = merged.pop("methods", None)

@@ -39,20 +39,26 @@ def score_of(sigmas, per_sigma) -> float:
 
 
 def robustness(model, images, labels=None, sigmas=None, samples: int = 1, seed: int = 0,
-               clip: bool = False, batch_size: int = 4096) -> Robustness:
+               clip: bool = False, batch_size: int = 4096, should_stop=None) -> Robustness:
     """Prediction consistency under noise, per sigma (Sec. 4.1).
 
     For each image and sigma, `samples` noise vectors of norm exactly sigma sqrt(n)
     (n = pixels x channels, the expected energy of N(0, sigma^2 I)) are drawn; the
     image is robust at sigma when every noisy prediction equals the clean one. All
     sigmas of a chunk of images go through the model as one batch, on the model's
-    device; results are deterministic for a seed (and batch_size)."""
+    device; results are deterministic for a seed (and batch_size). `should_stop` is
+    asked before every forward pass: when it says yes, EvaluationStopped is raised (a
+    cancel must not wait for the whole evaluation)."""
     import torch  # here, so that reading results and specs never needs torch
     with torch.no_grad():
-        return _robustness(model, images, labels, sigmas, samples, seed, clip, batch_size)
+        return _robustness(model, images, labels, sigmas, samples, seed, clip, batch_size, should_stop)
 
 
-def _robustness(model, images, labels, sigmas, samples, seed, clip, batch_size) -> Robustness:
+class EvaluationStopped(Exception):
+    """should_stop() said yes during the evaluation."""
+
+
+def _robustness(model, images, labels, sigmas, samples, seed, clip, batch_size, should_stop) -> Robustness:
     import torch
     if samples < 1:
         raise ValueError("samples must be >= 1")
@@ -82,6 +88,8 @@ def _robustness(model, images, labels, sigmas, samples, seed, clip, batch_size) 
             if y is not None:
                 clean_correct += (clean == y).sum()
             for _ in range(samples):
+                if should_stop is not None and should_stop():
+                    raise EvaluationStopped()
                 z = torch.randn((S, len(x), *shape), generator=g, device=dev)
                 z = z * (radius / z.flatten(2).norm(dim=2).view(S, len(x), *([1] * len(shape))))
                 xn = x.unsqueeze(0) + z

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from .store import FINISHED, RunDir, Store, atomic_write_json, now_iso, try_lock
+from .store import FINISHED, RunDir, RunFileError, Store, atomic_write_json, now_iso, try_lock
 
 GRACE_S = 30.0  # how long a SIGTERMed worker gets to write last.pt before SIGKILL
 
@@ -110,11 +110,17 @@ class Summary:
 
 
 def start_worker(run: RunDir, resume: bool, gpu: Optional[str] = None, threads: Optional[int] = None,
-                 lock_fd: Optional[int] = None, argv: Optional[List[str]] = None) -> subprocess.Popen:
+                 lock_fd: Optional[int] = None, argv: Optional[List[str]] = None,
+                 watch_parent: bool = False) -> subprocess.Popen:
     """One worker process for a run, in its own session (so a terminal's Ctrl-C reaches
-    only its parent), with its output appended to worker.log. A held lock is passed on."""
+    only its parent), with its output appended to worker.log. A held lock is passed on.
+    With watch_parent the worker stops (saving last.pt, as on SIGTERM) when this process
+    dies: a scheduler that dies must not leave workers training for nobody."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("GAUSSREG_LOCK_FD", None)
+    env.pop("GAUSSREG_PARENT_PID", None)
+    if watch_parent:
+        env["GAUSSREG_PARENT_PID"] = str(os.getpid())
     if lock_fd is not None:
         env["GAUSSREG_LOCK_FD"] = str(lock_fd)
     if gpu is not None:
@@ -122,7 +128,8 @@ def start_worker(run: RunDir, resume: bool, gpu: Optional[str] = None, threads: 
     if threads:
         env["GAUSSREG_THREADS"] = env["OMP_NUM_THREADS"] = str(threads)
     cmd = (argv or [sys.executable, "-m", "gaussreg.worker"]) + [str(run.path)] + (["--resume"] if resume else [])
-    with open(run.file("worker.log"), "ab") as log:
+    fd = os.open(run.file("worker.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    with os.fdopen(fd, "ab") as log:
         return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 pass_fds=(lock_fd,) if lock_fd is not None else (), start_new_session=True)
 
@@ -172,17 +179,43 @@ def rerun(run: RunDir, gpu: Optional[str] = None) -> subprocess.Popen:
         os.close(fd)
 
 
+def _is_our_launch(info: dict) -> bool:
+    """Whether the recorded pid is still that launch: a pid is reused once its process
+    is gone, and signalling a stranger's process must never happen. The process must
+    have the recorded start time and run `gaussreg run`."""
+    import psutil
+    pid = info.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        created, cmd = proc.create_time(), proc.cmdline()
+    except (psutil.Error, OSError):
+        return False
+    want = info.get("create_time")
+    if not isinstance(want, (int, float)) or abs(created - want) > 0.05:
+        return False
+    return "gaussreg" in cmd and "run" in cmd
+
+
 def launches(store: Store) -> List[dict]:
-    """Detached `gaussreg run` processes of this store that are still alive."""
-    from .store import pid_alive
+    """Detached `gaussreg run` processes of this store that are still alive; the records
+    of launches that ended are removed."""
     out = []
     for p in sorted((store.root / "_launches").glob("*.pid")):
         try:
-            info = json.loads(p.read_text())
+            info = json.loads(p.read_bytes().decode())
         except (OSError, ValueError):
             continue
-        if pid_alive(info.get("pid")):
+        if isinstance(info, dict) and _is_our_launch(info):
             out.append(info)
+        else:
+            try:
+                p.unlink()  # the launch ended (or the record is not ours to trust): forget it
+            except OSError:
+                pass
     return out
 
 
@@ -203,7 +236,9 @@ def detach_run(argv_tail: List[str], store: Store, label: str) -> dict:
         p = subprocess.Popen([sys.executable, "-m", "gaussreg", "run", *argv_tail, "--follow"], stdout=f,
                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                              env=dict(os.environ, COLUMNS="120"))
-    info = {"pid": p.pid, "label": label, "log": str(log), "started_at": now_iso(), "argv": argv_tail}
+    import psutil
+    info = {"pid": p.pid, "label": label, "log": str(log), "started_at": now_iso(), "argv": argv_tail,
+            "create_time": psutil.Process(p.pid).create_time()}
     atomic_write_json(logs / f"{p.pid}.pid", info)
     return info
 
@@ -226,38 +261,60 @@ class Scheduler:
         self.active: Dict[int, Active] = {}  # slot index -> active run
         self.summary = Summary()
         self.stopping = False
+        self.view_error: Optional[str] = None  # the first error of the view (on_change); it never stops the sweep
 
     def stop(self, *_args) -> None:
         """First Ctrl-C (or SIGTERM): launch nothing more and cancel the running workers."""
         self.stopping = True
 
+    def _notify(self, what: str, run: Optional[RunDir]) -> None:
+        """The view is told what happened; a view that cannot show it (a closed pipe, a
+        corrupt file it reads) never stops the sweep."""
+        try:
+            self.on_change(self, what, run)
+        except Exception as e:  # noqa: BLE001 - the sweep outlives its view
+            if self.view_error is None:
+                self.view_error = f"{type(e).__name__}: {e}"
+
     def _launch(self, run: RunDir, slot: Slot) -> bool:
+        """Start one run; any problem of that run (a corrupt file, a lock that is a
+        directory, a full disk) makes that run failed and the sweep goes on."""
+        try:
+            return self._launch_one(run, slot)
+        except Exception as e:  # noqa: BLE001
+            why = str(e) if isinstance(e, (RunFileError, ControlError)) else f"{type(e).__name__}: {e}"
+            self.summary.outcomes[run.id] = Outcome(run.id, "failed", error=f"not started: {why}")
+            self._notify("failed", run)
+            return False
+
+    def _launch_one(self, run: RunDir, slot: Slot) -> bool:
         fd = try_lock(run)
         if fd is None:
             self.summary.outcomes[run.id] = Outcome(run.id, "elsewhere", error="being trained by another process")
-            self.on_change(self, "elsewhere", run)
+            self._notify("elsewhere", run)
             return False
         try:
+            run.spec()  # a spec that cannot be read fails its run here, not in the worker
             state = run.state()
             if state in FINISHED and not self.rerun:
                 self.summary.outcomes[run.id] = Outcome(run.id, state)
-                self.on_change(self, "skipped", run)
+                self._notify("skipped", run)
                 return False
-            if self.rerun and state in FINISHED:
+            if self.rerun:  # from scratch: a corrupt last.pt must not fail every rerun
                 _reset(run)
             proc = start_worker(run, resume=run.file("last.pt").exists(), gpu=slot.gpu, threads=slot.threads,
-                                lock_fd=fd, argv=self.worker_argv)
+                                lock_fd=fd, argv=self.worker_argv, watch_parent=True)
         finally:
             os.close(fd)  # the worker holds the lock now (same open file description)
         self.active[slot.index] = Active(run, slot, proc, time.time())
-        self.on_change(self, "started", run)
+        self._notify("started", run)
         return True
 
     def _reap(self, a: Active) -> None:
         rc = a.proc.returncode
         try:
             status = a.run.status()
-        except Exception as e:  # a corrupt status.json: the worker died badly
+        except Exception as e:  # noqa: BLE001 - a corrupt status.json: the worker died badly
             status = {"state": "failed", "error": str(e)}
         state = status.get("state")
         if state in ("running", "queued"):
@@ -265,10 +322,13 @@ class Scheduler:
             state = "cancelled" if self.stopping else "failed"
             status.update(state=state, finished_at=now_iso(), updated_at=now_iso(),
                           error=f"worker exited with code {rc} without finishing; see worker.log")
-            a.run.write_status(status)
+            try:
+                a.run.write_status(status)
+            except OSError as e:  # a full disk: the status stays as the worker left it, reading as interrupted
+                status["error"] += f" (and its status could not be written: {e.strerror})"
         self.summary.outcomes[a.run.id] = Outcome(a.run.id, state, rc, status.get("error"),
                                                   a.run.log_tail(15) if state not in ("completed",) else "")
-        self.on_change(self, state, a.run)
+        self._notify(state, a.run)
 
     def _terminate_all(self) -> None:
         for a in self.active.values():
@@ -302,7 +362,9 @@ class Scheduler:
     def run(self) -> Summary:
         old = {}
         if _main_thread():
-            old = {s: signal.signal(s, self.stop) for s in (signal.SIGINT, signal.SIGTERM)}
+            # SIGHUP (the terminal or tmux session closed) is handled like Ctrl-C: nobody
+            # watches any more, so the workers save last.pt and the sweep resumes later
+            old = {s: signal.signal(s, self.stop) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
             while (self.queue and not self.stopping) or self.active:
                 if self.stopping:
@@ -312,7 +374,7 @@ class Scheduler:
                     while slot.index not in self.active and self.queue and not self.stopping:
                         self._launch(self.queue.pop(0), slot)
                 self._poll()
-                self.on_change(self, "tick", None)
+                self._notify("tick", None)
                 time.sleep(self.poll_s)
             self.summary.interrupted = self.stopping
             for run in self.queue:

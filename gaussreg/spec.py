@@ -6,12 +6,15 @@ import copy
 import difflib
 import hashlib
 import json
+import math
 import re
 
 from . import data  # torch is imported lazily there: reading specs and stores needs no torch
 from .robustness import default_sigmas
 
 SPEC_VERSION = 1
+MAX_SAMPLES = 1000  # robustness draws per image and sigma: each is a pass over the test set per sigma
+EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a folder-safe prefix of run ids
 
 
 class ParamError(ValueError):
@@ -69,6 +72,8 @@ def check_params(method: str, params: dict) -> dict:
             v = float(v)
         if not isinstance(v, typ) or (typ is not bool and isinstance(v, bool)):
             raise ParamError(key, f"parameter {key!r} of method {method!r} must be {_type_name(typ)}, not {v!r}")
+        if typ is float and not math.isfinite(v):
+            raise ParamError(key, f"parameter {key!r} of method {method!r} must be a finite number, not {v!r}")
         if not ok(v):
             raise ParamError(key, f"parameter {key!r} of method {method!r} {why} (got {v!r})")
         out[key] = v
@@ -101,8 +106,8 @@ ROBUSTNESS_KEYS = {"sigmas", "samples", "clip"}
 _pos = (lambda v: v >= 1, "must be >= 1")
 _opt_pos = (lambda v: v is None or v >= 1, "must be >= 1")
 SCALARS = {
-    "experiment": (str, lambda v: re.fullmatch(r"[A-Za-z0-9._-]*", v) is not None,
-                   "may only hold letters, digits, '.', '_' and '-'"),
+    "experiment": (str, lambda v: v == "" or EXPERIMENT_NAME.fullmatch(v) is not None,
+                   "must be 1 to 100 letters, digits, '.', '_' or '-', starting with a letter or digit"),
     "dataset": (str, lambda v: v in data.DATASETS, "must be one of " + ", ".join(data.DATASETS)),
     "model": (str, lambda v: v in MODELS, "must be one of " + ", ".join(MODELS)),
     "method": (str, lambda v: v in PARAMS, "must be one of " + ", ".join(PARAMS)),
@@ -115,7 +120,7 @@ SCALARS = {
     "early_stop": (int, *_pos),
     "train_subset": ((int, type(None)), *_opt_pos),
     "test_subset": ((int, type(None)), *_opt_pos),
-    "device": (str, lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v) is not None,
+    "device": (str, lambda v: valid_device(v),
                "must be auto, cpu, cuda or cuda:N"),
     "data_dir": ((str, type(None)), lambda v: True, ""),
 }
@@ -127,10 +132,17 @@ KEYS = set(SCALARS) | TABLES | {"version"}
 NOT_IN_ID = {"device", "data_dir", "certify"}
 
 
+def valid_device(name: str) -> bool:
+    """The devices a spec or `eval --device` may name (README: auto, cpu, cuda, cuda:N)."""
+    return isinstance(name, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", name) is not None
+
+
 def _check_type(key, v, types):
     types = types if isinstance(types, tuple) else (types,)
     if float in types and isinstance(v, int) and not isinstance(v, bool):
         return float(v)
+    if isinstance(v, float) and not math.isfinite(v):
+        raise SpecError(key, f"{key!r} must be a finite number, not {v!r}")
     if isinstance(v, bool) and bool not in types:
         raise SpecError(key, f"{key!r} must be {types[0].__name__}, not {v!r}")
     if not isinstance(v, types):
@@ -175,11 +187,14 @@ def _resolve_robustness(given: dict) -> dict:
     out = {"sigmas": default_sigmas(), "samples": 1, "clip": False, **given}
     s = out["sigmas"]
     if not (isinstance(s, list) and s and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
-                                              for v in s)):
-        raise SpecError("robustness.sigmas", f"'robustness.sigmas' must be a non-empty list of numbers >= 0, not {s!r}")
+                                              and math.isfinite(v) for v in s)):
+        raise SpecError("robustness.sigmas",
+                        f"'robustness.sigmas' must be a non-empty list of finite numbers >= 0, not {s!r}")
     out["sigmas"] = [float(v) for v in s]
-    if isinstance(out["samples"], bool) or not isinstance(out["samples"], int) or out["samples"] < 1:
-        raise SpecError("robustness.samples", f"'robustness.samples' must be an integer >= 1, not {out['samples']!r}")
+    n = out["samples"]
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SAMPLES:
+        raise SpecError("robustness.samples",
+                        f"'robustness.samples' must be an integer from 1 to {MAX_SAMPLES}, not {n!r}")
     _check_type("robustness.clip", out["clip"], bool)
     return out
 

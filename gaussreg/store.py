@@ -6,9 +6,12 @@ replaced atomically; events.jsonl is append-only and may end in a partial line."
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
+import math
 import os
+import re
 import socket
 import tempfile
 import time
@@ -50,11 +53,27 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    try:  # Linux states it; asking os.umask would change it for a moment under other threads
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
 def atomic_write_bytes(path: os.PathLike, payload: bytes) -> None:
-    """Temp file in the same directory, fsync, rename: readers see old or new, never half."""
+    """Temp file in the same directory, fsync, rename: readers see old or new, never half.
+    The file gets the permissions a plain open() would (0666 less the umask), not
+    mkstemp's 0600: colleagues reading a shared store must see the runs."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()
@@ -69,47 +88,196 @@ def atomic_write_bytes(path: os.PathLike, payload: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def finite(obj):
+    """obj with every NaN/inf float replaced by None: JSON has no such numbers, and a
+    file holding them is unreadable to strict readers."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def to_json(obj, **kw) -> str:
+    return json.dumps(finite(obj), allow_nan=False, **kw)
+
+
 def atomic_write_json(path: os.PathLike, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(path, (to_json(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def read_bytes_nofollow(path: Path) -> bytes:
+    """A run file's bytes, refusing a symbolic link (a run directory is data others
+    wrote; following a link would read, or later overwrite, a file outside it)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
 
 
 def read_json(path: Path):
+    """The JSON value of a file, None when it does not exist; RunFileError (naming the
+    file and what is wrong) for anything unreadable: not UTF-8, not JSON, NaN/Infinity,
+    a symbolic link, a directory."""
     try:
-        text = path.read_text()
+        raw = read_bytes_nofollow(path)
     except FileNotFoundError:
         return None
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise RunFileError(f"{path} is a symbolic link; run files must be plain files") from None
         raise RunFileError(f"{path} cannot be read ({e.strerror})") from None
     try:
-        return json.loads(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RunFileError(f"{path} is not UTF-8 text (bad byte at offset {e.start})") from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as e:
         raise RunFileError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    except (ValueError, RecursionError) as e:
+        raise RunFileError(f"{path} is not valid JSON ({e})") from None
+
+
+# ---------------------------------------------------------------- shapes of run files
+# Every reader gets its values through RunDir, which checks them here: a file of the
+# wrong shape makes its run 'corrupt' with a reason instead of a KeyError elsewhere.
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_str(v) -> bool:
+    return isinstance(v, str)
+
+
+def _opt(check):
+    return lambda v: v is None or check(v)
+
+
+def _nums(v) -> bool:
+    return isinstance(v, list) and all(_is_num(x) for x in v)
+
+
+_KIND = {_is_num: "a finite number", _is_int: "an integer", _is_str: "a string", _nums: "a list of numbers"}
+
+
+def _describe(check) -> str:
+    return _KIND.get(check, "of another type")
+
+
+# name -> (check, required)
+SPEC_FIELDS = {"experiment": (_is_str, False), "dataset": (_is_str, True), "model": (_is_str, True),
+               "method": (_is_str, True), "params": (lambda v: isinstance(v, dict), True),
+               "seed": (_is_int, False), "max_epochs": (_is_int, True), "batch_size": (_is_int, False),
+               "optimizer": (lambda v: isinstance(v, dict), False),
+               "robustness": (lambda v: isinstance(v, dict) and _nums(v.get("sigmas", []))
+                              and _is_int(v.get("samples", 1)), False)}
+STATUS_FIELDS = {"state": (lambda v: v in STATES, True), "pid": (_opt(_is_int), False),
+                 "host": (_opt(_is_str), False), "device": (_opt(_is_str), False),
+                 "epoch": (_opt(_is_int), False), "max_epochs": (_opt(_is_int), False),
+                 "error": (_opt(_is_str), False), "started_at": (_opt(_is_str), False),
+                 "updated_at": (_opt(_is_str), False), "finished_at": (_opt(_is_str), False)}
+RESULT_FIELDS = {"test_accuracy": (_is_num, True), "robustness": (_is_num, True),
+                 "best_epoch": (_is_int, False), "epochs_run": (_is_int, False),
+                 "best_val_accuracy": (_opt(_is_num), False), "wall_time_s": (_is_num, False),
+                 "device_name": (_is_str, False), "sigmas": (_nums, False), "per_sigma": (_nums, False),
+                 "accuracy_per_sigma": (_nums, False)}
+# what each event type must hold for the readers (show, live view, TUI) to use it
+EVENT_FIELDS = {"epoch": {"epoch": _is_int, "train_loss": _is_num, "val_loss": _is_num, "val_accuracy": _is_num,
+                          "lr": _is_num, "images_per_s": _is_num},
+                "progress": {"epoch": _is_int, "loss": _is_num},
+                "test": {"test_accuracy": _is_num, "robustness": _is_num, "sigmas": _nums, "per_sigma": _nums}}
+
+
+def shape_error(obj, fields: dict) -> Optional[str]:
+    """What is wrong with a JSON object against a field table, or None."""
+    if not isinstance(obj, dict):
+        return f"is not a JSON object (it is a JSON {type(obj).__name__})"
+    for name, (check, required) in fields.items():
+        if name not in obj:
+            if required:
+                return f"has no {name!r}"
+            continue
+        if not check(obj[name]):
+            what = _describe(check)
+            return f"has a bad {name!r} ({obj[name]!r:.60}" + (f"; must be {what})" if what != "of another type" else ")")
+    return None
+
+
+def _params_error(spec: dict) -> Optional[str]:
+    from .spec import PARAMS  # here: spec imports data, which must not load at store import
+    schema = PARAMS.get(spec["method"])
+    if schema is None:
+        return f"has an unknown method {spec['method']!r}"
+    for k, v in spec["params"].items():
+        typ = schema[k][0] if k in schema else None
+        ok = {float: _is_num, int: _is_int, bool: lambda x: isinstance(x, bool), str: _is_str}.get(typ)
+        if ok is None:  # a parameter this version does not know: at least a plain value
+            ok = lambda x: isinstance(x, (bool, str)) or _is_num(x)  # noqa: E731
+        if not ok(v):
+            return f"has a bad parameter {k!r} ({v!r:.60})"
+    return None
+
+
+def valid_event(e) -> bool:
+    """An events.jsonl record readers can use: an object with a 'type', and the fields
+    of that type with the right types. Other lines are skipped like a torn line."""
+    if not isinstance(e, dict) or not isinstance(e.get("type"), str):
+        return False
+    need = EVENT_FIELDS.get(e["type"], {})
+    return all(k in e and check(e[k]) for k, check in need.items())
 
 
 def read_events(path: Path, offset: int = 0) -> Tuple[List[dict], int]:
     """Complete lines from byte `offset` on, and the offset after the last complete
-    line: a partial last line (a writer mid-line, or killed) is left for next time."""
+    line: a partial last line (a writer mid-line, or killed) is left for next time.
+    Lines that are not valid events (torn by a crash, not UTF-8, not an object, a field
+    missing) are skipped: the run's other events stay readable."""
     try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            chunk = f.read()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         return [], offset
+    except OSError:
+        return [], offset  # a symbolic link or unreadable: no events, the status says the rest
+    with os.fdopen(fd, "rb") as f:
+        f.seek(offset)
+        chunk = f.read()
     events, used = parse_events(chunk)
     return events, offset + used
 
 
 def parse_events(chunk: bytes) -> Tuple[List[dict], int]:
-    """The events in the complete lines of `chunk`, and how many bytes those lines span."""
+    """The valid events in the complete lines of `chunk`, and how many bytes those lines span."""
     end = chunk.rfind(b"\n") + 1
     events = []
     for line in chunk[:end].splitlines():
         if line.strip():
             try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:
+                e = json.loads(line.decode("utf-8"), parse_constant=_reject_constant)
+            except (ValueError, RecursionError):
                 continue  # a torn line from a crash mid-write; the run goes on after it
+            if valid_event(e):
+                events.append(e)
     return events, end
+
+
+_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(\x07|\x1b\\)?|[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def strip_control(text: str) -> str:
+    """Text without terminal escape sequences and control characters (a log line must
+    not move the cursor, retitle the terminal or clear the screen of whoever reads it)."""
+    return _CONTROL.sub("", text).replace("\r", "")
 
 
 def pid_alive(pid) -> bool:
@@ -143,23 +311,31 @@ class RunDir:
         return self.path / name
 
     def spec(self) -> dict:
-        s = read_json(self.file("spec.json"))
-        if not isinstance(s, dict):
-            raise RunFileError(f"{self.file('spec.json')} is missing or not a JSON object")
+        path = self.file("spec.json")
+        s = read_json(path)
+        if s is None:
+            raise RunFileError(f"{path} is missing")
+        why = shape_error(s, SPEC_FIELDS) or _params_error(s)
+        if why:
+            raise RunFileError(f"{path} {why}")
         return s
 
     def status(self) -> dict:
-        s = read_json(self.file("status.json"))
+        path = self.file("status.json")
+        s = read_json(path)
         if s is None:
             return {"state": "queued"}
-        if not isinstance(s, dict) or s.get("state") not in STATES:
-            raise RunFileError(f"{self.file('status.json')} has no valid 'state'")
+        why = shape_error(s, STATUS_FIELDS)
+        if why:
+            raise RunFileError(f"{path} {why}")
         return s
 
     def result(self) -> Optional[dict]:
-        r = read_json(self.file("result.json"))
-        if r is not None and not isinstance(r, dict):
-            raise RunFileError(f"{self.file('result.json')} is not a JSON object")
+        path = self.file("result.json")
+        r = read_json(path)
+        why = None if r is None else shape_error(r, RESULT_FIELDS)
+        if why:
+            raise RunFileError(f"{path} {why}")
         return r
 
     def events(self, offset: int = 0) -> Tuple[List[dict], int]:
@@ -194,17 +370,23 @@ class RunDir:
 
     def log_tail(self, lines: int = 20) -> str:
         try:
-            with open(self.file("worker.log"), "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - 64 * 1024))
-                text = f.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+            fd = os.open(self.file("worker.log"), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            return ""  # none yet, or a symbolic link: nothing we should show
+        with os.fdopen(fd, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            text = f.read().decode(errors="replace")
+        return "\n".join(strip_control(line) for line in text.splitlines()[-lines:])
 
     def locked(self) -> bool:
-        """Whether some process holds this run's lock (it is being trained)."""
-        fd = try_lock(self)
+        """Whether some process holds this run's lock (it is being trained). When the
+        lock cannot be opened (a read-only shared store, a lock that is not a file) we
+        cannot tell and say yes: the caller then goes by the pid and the heartbeat."""
+        try:
+            fd = try_lock(self)
+        except RunFileError:
+            return True
         if fd is None:
             return True
         os.close(fd)
@@ -243,9 +425,11 @@ def try_lock(run: RunDir) -> Optional[int]:
     """An exclusive OS lock on the run (flock): held by whoever trains it, released by
     the kernel when that process dies, so a dead holder's lock is simply free."""
     try:
-        fd = os.open(run.file("lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(run.file("lock"), os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
     except FileNotFoundError:
         return None
+    except OSError as e:  # a directory, a symbolic link, no permission: this run cannot be trained
+        raise RunFileError(f"{run.file('lock')} cannot be opened as a lock file ({e.strerror})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -264,13 +448,16 @@ class Store:
         if not self.root.is_dir():
             return
         for p in sorted(self.root.iterdir()):
-            if p.is_dir() and not p.name.startswith(("_", ".")) and (p / "spec.json").exists():
+            # lexists: a spec.json that is a broken link is a corrupt run, not no run
+            if p.is_dir() and not p.name.startswith(("_", ".")) and os.path.lexists(p / "spec.json"):
                 yield RunDir(p)
 
     def get(self, run_id: str) -> RunDir:
-        run = RunDir(self.root / run_id)
-        if not (run.path / "spec.json").exists():
-            matches = [r for r in self.runs() if r.id.startswith(run_id)]
+        # a run id is a name inside the store, never a path out of it
+        plain = run_id and "/" not in run_id and "\0" not in run_id and not run_id.startswith((".", "_"))
+        run = RunDir(self.root / run_id) if plain else None
+        if run is None or not os.path.lexists(run.path / "spec.json"):
+            matches = [r for r in self.runs() if r.id.startswith(run_id)] if plain else []
             if len(matches) == 1:
                 return matches[0]
             if len(matches) > 1:
@@ -283,6 +470,14 @@ class Store:
         """A new run directory with its spec and a queued status (both atomic)."""
         run = RunDir(self.root / run_id)
         run.path.mkdir(parents=True, exist_ok=True)
+        # temp files of a writer killed mid-write (SIGKILL gives no chance to clean up);
+        # a minute old: no live writer is still on them
+        for tmp in run.path.glob(".*.tmp"):
+            try:
+                if time.time() - tmp.lstat().st_mtime > 60:
+                    tmp.unlink()
+            except OSError:
+                pass
         if not run.file("spec.json").exists():
             atomic_write_json(run.file("spec.json"), spec)
         if not run.file("status.json").exists():
@@ -297,11 +492,22 @@ class Store:
         atomic_write_json(d / f"{name}.json", info)
 
     def experiment(self, name: str) -> dict:
+        """The experiment's facts; when its file is unreadable or its tolerance is not a
+        fraction, {'error': why} (readers then use the default tolerance and say so)."""
+        path = self.root / "_experiments" / f"{name}.json"
         try:
-            e = read_json(self.root / "_experiments" / f"{name}.json")
-        except RunFileError:
+            e = read_json(path)
+        except RunFileError as err:
+            return {"error": str(err)}
+        if e is None:
             return {}
-        return e if isinstance(e, dict) else {}
+        if not isinstance(e, dict):
+            return {"error": f"{path} is not a JSON object"}
+        tol = e.get("tolerance", 0.0)
+        if not (_is_num(tol) and 0 <= tol <= 1):
+            return {k: v for k, v in e.items() if k != "tolerance"} | {
+                "error": f"{path} has a bad 'tolerance' ({tol!r:.40}; must be a fraction in [0, 1])"}
+        return e
 
 
 class EventTail:
@@ -321,11 +527,13 @@ class EventTail:
         """(new complete events, restarted): restarted means the file is not the one read
         so far, and the events are from its beginning."""
         try:
-            f = open(self.path, "rb")
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
             restarted, self.offset, self._ident = self.offset > 0, 0, None
             return [], restarted
-        with f:
+        except OSError:
+            return [], False  # a symbolic link or unreadable: no events (as read_events)
+        with os.fdopen(fd, "rb") as f:
             st = os.fstat(f.fileno())
             head = f.read(self.HEAD).split(b"\n", 1)[0]
             restarted = self.offset > 0 and ((st.st_dev, st.st_ino, head) != self._ident

@@ -8,7 +8,6 @@ directory"). The whole dataset lives on the training device; batches are index s
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -20,10 +19,11 @@ import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 from . import __version__, slurm
 from .spec import SpecError, resolve
-from .store import HEARTBEAT_S, RunDir, atomic_write_bytes, atomic_write_json, now_iso, try_lock
+from .store import HEARTBEAT_S, RunDir, atomic_write_bytes, atomic_write_json, now_iso, to_json, try_lock
 
 EXIT_BAD_INPUT = 2
 EXIT_LOCKED = 3
@@ -78,10 +78,12 @@ class Events:
     """events.jsonl: append-only, one JSON object per line, flushed per line."""
 
     def __init__(self, path: Path, truncate: bool):
-        self.f = open(path, "w" if truncate else "a", buffering=1)
+        # O_NOFOLLOW: a symbolic link in a run directory must not get its target truncated
+        flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | (os.O_TRUNC if truncate else os.O_APPEND)
+        self.f = os.fdopen(os.open(path, flags, 0o666), "w", buffering=1)
 
     def emit(self, type_: str, **fields) -> None:
-        self.f.write(json.dumps({"type": type_, "time": now_iso(), **fields}) + "\n")
+        self.f.write(to_json({"type": type_, "time": now_iso(), **fields}) + "\n")
         self.f.flush()
 
     def close(self) -> None:
@@ -196,7 +198,7 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
     from . import data
     from .methods import make_method
     from .models import build_model, parameter_count
-    from .robustness import robustness
+    from .robustness import EvaluationStopped, robustness
 
     t_start = time.time()
     keep_freed_memory()
@@ -217,12 +219,23 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
     opt = make_optimizer(spec, model.parameters())
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", patience=spec["lr_patience"],
                                                        factor=spec["lr_factor"])
-    state = {"epoch": 0, "best_val_loss": math.inf, "best_epoch": 0, "bad_epochs": 0, "train_time": 0.0}
+    state = {"epoch": 0, "best_val_loss": math.inf, "best_epoch": 0, "bad_epochs": 0, "train_time": 0.0,
+             "threads": torch.get_num_threads()}
     last, best = run.file("last.pt"), run.file("best.pt")
     resuming = resume and last.exists()
     if resuming:
-        state.update(_load_checkpoint(last, model, opt, sched, g))
+        try:
+            state.update(_load_checkpoint(last, model, opt, sched, g))
+        except Exception as e:  # noqa: BLE001 - truncated, foreign or tampered: all mean the same here
+            raise RuntimeError(f"cannot resume from {last} ({type(e).__name__}: {str(e)[:200]}); "
+                               "`gaussreg run --rerun` (or deleting last.pt) starts the run over") from None
         log(f"resumed from last.pt after epoch {state['epoch']}")
+        # float sums depend on how work is split over threads: a bitwise-exact resume
+        # needs the thread count the run started with, whatever this launch would use
+        if state.get("threads") and state["threads"] != torch.get_num_threads():
+            log(f"using {state['threads']} thread(s) as before the interruption (not {torch.get_num_threads()}), "
+                "so the result equals an uninterrupted run")
+            torch.set_num_threads(state["threads"])
     else:
         for name in ("result.json", "best.pt"):
             run.file(name).unlink(missing_ok=True)
@@ -300,8 +313,12 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
         test = evaluate(make_method("baseline", {}), model, splits.test_x, splits.test_y, B, seed)
         rcfg = spec["robustness"]
         t0 = time.time()
-        rob = robustness(model, splits.test_x, splits.test_y, sigmas=rcfg["sigmas"], samples=rcfg["samples"],
-                         seed=seed, clip=rcfg["clip"])
+        status.update(phase="evaluating")
+        try:
+            rob = robustness(model, splits.test_x, splits.test_y, sigmas=rcfg["sigmas"], samples=rcfg["samples"],
+                             seed=seed, clip=rcfg["clip"], should_stop=should_stop)
+        except EvaluationStopped:
+            raise Cancelled() from None
         rob_time = time.time() - t0
         nv = min(VAL_ROBUSTNESS_IMAGES, len(splits.val_y))
         vrob = robustness(model, splits.val_x[:nv], splits.val_y[:nv], sigmas=rcfg["sigmas"], samples=rcfg["samples"],
@@ -348,6 +365,28 @@ def _certify(spec, model, splits, run, should_stop, events, log) -> None:
         + "/".join(f"{v:.4f}" for v in cert["certified_accuracy"].values()) + f" ({cert['time_s']:.1f}s)")
 
 
+def watch_parent() -> Optional[int]:
+    """The scheduler that started this worker (GAUSSREG_PARENT_PID), made to stop us when
+    it dies: Linux sends SIGTERM on its death (PR_SET_PDEATHSIG), which the worker treats
+    like a cancel (last.pt kept, the run resumable); elsewhere the training loop notices
+    that its parent changed. None when no parent asked to be watched."""
+    parent = os.environ.pop("GAUSSREG_PARENT_PID", None)
+    if not parent or not parent.isdigit():
+        return None
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            PR_SET_PDEATHSIG = 1
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # the per-batch check below still stops us
+    return int(parent)
+
+
+def orphaned(parent: Optional[int]) -> bool:
+    return parent is not None and os.getppid() != parent
+
+
 @contextmanager
 def _signals(flag: dict):
     def handler(signum, _frame):
@@ -369,7 +408,14 @@ def main(argv=None) -> int:
     if not run.path.is_dir():
         print(f"error: run directory {run.path} does not exist", file=sys.stderr)
         return EXIT_BAD_INPUT
-    logf = open(run.file("worker.log"), "a", buffering=1)
+    try:
+        fd = os.open(run.file("worker.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0),
+                     0o666)
+    except OSError as e:
+        print(f"error: cannot write {run.file('worker.log')} ({e.strerror}); is the run directory writable "
+              "and worker.log a plain file?", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    logf = os.fdopen(fd, "a", buffering=1)
     echo = sys.stderr.isatty()
 
     def log(msg: str) -> None:
@@ -378,13 +424,14 @@ def main(argv=None) -> int:
         if echo:
             print(line, file=sys.stderr)
 
+    parent = watch_parent()
     held = os.environ.pop("GAUSSREG_LOCK_FD", None)  # the scheduler passes the lock it took
     lock_fd = int(held) if held else try_lock(run)
     if lock_fd is None:
         print(f"error: run {run.id} is already being trained by another process", file=sys.stderr)
         return EXIT_LOCKED
     status = Status(run, state="running", pid=os.getpid(), host=socket.gethostname(), device=None,
-                    started_at=now_iso(), finished_at=None, epoch=0, max_epochs=None, error=None,
+                    started_at=now_iso(), finished_at=None, epoch=0, max_epochs=None, error=None, phase="training",
                     cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"), **slurm.worker_fields())
 
     def fail(message: str, state: str = "failed", **extra) -> None:
@@ -392,9 +439,12 @@ def main(argv=None) -> int:
         status.update(state=state, error=message, finished_at=now_iso(), **extra)
 
     try:
-        from .store import RunFileError
+        from .store import RunFileError, read_json
         try:
-            spec = resolve(run.spec())
+            raw = read_json(run.file("spec.json"))  # resolve() checks it key by key, with its own messages
+            if raw is None:
+                raise RunFileError(f"{run.file('spec.json')} is missing")
+            spec = resolve(raw)
         except (SpecError, RunFileError) as e:
             fail(f"bad spec {run.file('spec.json')}: {e}")
             print(f"error: bad spec {run.file('spec.json')}: {e}", file=sys.stderr)
@@ -417,10 +467,15 @@ def main(argv=None) -> int:
         flag = {}
         log(f"start {run.id} pid {os.getpid()} device {dev} resume={args.resume}")
         with _signals(flag):
+            if orphaned(parent):
+                flag["signal"] = signal.SIGTERM  # the scheduler died before we could ask to follow it
             try:
-                result = train(spec, run, args.resume, lambda: "signal" in flag, status, log)
+                result = train(spec, run, args.resume, lambda: "signal" in flag or orphaned(parent), status, log)
             except Cancelled:
                 sig = flag.get("signal", signal.SIGTERM)
+                if orphaned(parent):
+                    fail(f"its scheduler (pid {parent}) died; last.pt holds the last finished epoch "
+                         "(run it again to resume)", "cancelled")
                 state, message = slurm.stop_state(run, sig)  # under Slurm, SIGTERM may be preemption
                 fail(message, state)
                 return 128 + sig

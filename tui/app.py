@@ -164,12 +164,12 @@ class GaussregApp(App):
                 self.call_from_thread(self.notify, f"{run_id}: {slurm.cancel(run)}", markup=False)
             elif what == "cancel":
                 pid = cancel_run(run)
-                self.call_from_thread(self.notify, f"sent SIGTERM to {run_id} (pid {pid})")
+                self.call_from_thread(self.notify, f"sent SIGTERM to {run_id} (pid {pid})", markup=False)
             else:
                 p = rerun(run)
-                self.call_from_thread(self.notify, f"training {run_id} again (pid {p.pid})")
+                self.call_from_thread(self.notify, f"training {run_id} again (pid {p.pid})", markup=False)
         except ControlError as e:
-            self.call_from_thread(self.notify, str(e), severity="error")
+            self.call_from_thread(self.notify, str(e), severity="error", markup=False)
 
     @work(thread=True, group="control")
     def action_cancel_launch(self) -> None:
@@ -191,9 +191,9 @@ class GaussregApp(App):
         from gaussreg.scheduler import ControlError, cancel_launch
         try:
             cancel_launch(Store(self.store_root), pid)
-            self.call_from_thread(self.notify, f"cancelling launch {pid}")
+            self.call_from_thread(self.notify, f"cancelling launch {pid}", markup=False)
         except ControlError as e:
-            self.call_from_thread(self.notify, str(e), severity="error")
+            self.call_from_thread(self.notify, str(e), severity="error", markup=False)
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)

@@ -36,7 +36,7 @@ class ConfirmScreen(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
-            yield Label(self.question)
+            yield Label(Text(self.question))  # run ids are data, not markup
             with Horizontal():
                 yield Button("Yes (y)", id="yes", variant="error")
                 yield Button("No (n)", id="no", variant="primary")
@@ -217,8 +217,8 @@ def _grid(pairs) -> Table:
     g = Table.grid(padding=(0, 1))
     g.add_column(style="dim", no_wrap=True)
     g.add_column(overflow="fold")
-    for k, v in pairs:
-        g.add_row(k, v)
+    for k, v in pairs:  # values are data (run files): Text, never markup
+        g.add_row(k, v if isinstance(v, Text) else Text(str(v)))
     return g
 
 
@@ -332,7 +332,7 @@ class RunDetailScreen(Screen):
         if d.result:
             r = d.result
             rows.append(("test", Text(f"acc {pct(r['test_accuracy'])}%  R {pct(r['robustness'])}%  "
-                                      f"(best epoch {r['best_epoch']} of {r['epochs_run']})", style="bold")))
+                                      f"(best epoch {r.get('best_epoch', '?')} of {r.get('epochs_run', '?')})", style="bold")))
         if d.certified:
             c = d.certified
             rows.append(("certified", f"acc at sigma {', '.join(f'{v:g}' for v in c['sigmas'])}: "
@@ -413,7 +413,7 @@ class CompareScreen(Screen):
 
     def compose(self) -> ComposeResult:
         yield Header()
-        yield Select([(e, e) for e in self.experiments], value=self.experiment or Select.NULL,
+        yield Select([(Text(e), e) for e in self.experiments], value=self.experiment or Select.NULL,
                      prompt="experiment", id="experiment", allow_blank=not self.experiments)
         yield Static(id="compare-title")
         yield DataTable(id="best", cursor_type="row")
@@ -462,21 +462,21 @@ class CompareScreen(Screen):
             return
         rec = recs[0]
         b = rec["baseline"]
-        self.query_one("#compare-title", Static).update(
+        self.query_one("#compare-title", Static).update(Text(
             f"{rec['experiment']} · {rec['dataset']} · {rec['model']} · tolerance {rec['tolerance'] * 100:.2f}% · "
-            + (f"baseline acc {pct(b['accuracy'])}%, R {pct(b['robustness'])}%" if b else "no completed baseline"))
+            + (f"baseline acc {pct(b['accuracy'])}%, R {pct(b['robustness'])}%" if b else "no completed baseline")))
         for e in rec["best"]:
-            t.add_row(Text(e["method"], style=METHOD_COLORS.get(e["method"], "")), describe_params(e),
+            t.add_row(Text(e["method"], style=METHOD_COLORS.get(e["method"], "")), Text(describe_params(e)),
                       pct(e["accuracy"]), f"{e['d_accuracy'] * 100:+.2f}", pct(e["robustness"]),
                       f"{e['d_robustness'] * 100:+.2f}", str(e["seeds"]), key=e["method"])
         ef = rec["equivalent_folds"]
         counts = ", ".join(f"{m} {c['eligible']}/{c['completed']}/{c['total']}" for m, c in rec["counts"].items())
         certs = ", ".join(f"{e['method']} " + "/".join(pct(v) for v in e["certified"]["accuracy"].values())
                           for e in rec["best"] if e.get("certified"))
-        self.query_one("#compare-footer", Static).update(
+        self.query_one("#compare-footer", Static).update(Text(
             (f"equivalent augmentation (the paper's Ñ = folds + 1): {ef['text']}\n" if ef else "")
             + f"runs eligible/completed/total: {counts}"
-            + (f"\ncertified acc % at radius 0/0.25/0.5: {certs}" if certs else ""))
+            + (f"\ncertified acc % at radius 0/0.25/0.5: {certs}" if certs else "")))
         series: Dict[str, tuple] = {}
         for p in message.points:
             xs, ys = series.setdefault(p["method"], ([], []))
@@ -546,7 +546,8 @@ class LaunchScreen(ModalScreen[Optional[LaunchRequest]]):
         self.manifest = message.manifest
         for e in message.experiments:
             pending = e["runs"] - e["completed"]
-            sel.add_option((f"{e['name']}  ({pending} pending, {e['completed']} completed)", e["name"], pending > 0))
+            sel.add_option((Text(f"{e['name']}  ({pending} pending, {e['completed']} completed)"), e["name"],
+                            pending > 0))
 
     def request(self) -> Optional[LaunchRequest]:
         """The request the fields describe, or None with the reason shown."""
@@ -603,7 +604,8 @@ class LaunchesScreen(ModalScreen[Optional[int]]):
         with Vertical(id="dialog"):
             yield Label("Running launches: enter cancels one (after confirmation)" if self.launches
                         else "No running launches in this store.")
-            yield OptionList(*[f"pid {x['pid']}  {x['label']}  since {x['started_at'][:19]}" for x in self.launches],
+            yield OptionList(*[Text(f"pid {x['pid']}  {x['label']}  since {str(x.get('started_at'))[:19]}")
+                               for x in self.launches],
                              id="launches")
 
     @on(OptionList.OptionSelected)

@@ -146,7 +146,7 @@ class StoreWatcher:
         for entry in entries:
             tr = self.tracked.get(entry.name)
             if tr is None:
-                if not os.path.exists(os.path.join(entry.path, "spec.json")):
+                if not os.path.lexists(os.path.join(entry.path, "spec.json")):
                     continue
                 tr = self.tracked[entry.name] = self._track(Path(entry.path))
             row = self._update(tr, now)

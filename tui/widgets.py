@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from rich.markup import escape
 from rich.text import Text
 from textual.widgets import DataTable, Static
 from textual_plotext import PlotextPlot
@@ -45,8 +46,9 @@ def duration(s: Optional[float]) -> str:
 def cells(row: RunRow) -> Dict[str, object]:
     return {
         "id": short_id(row.id), "seed": "-" if row.seed is None else str(row.seed),
-        "experiment": row.experiment, "dataset": row.dataset, "model": row.model, "method": row.method,
-        "params": row.params,
+        # strings of a run's files are data: escaped, a '[' in them is not markup
+        "experiment": escape(row.experiment), "dataset": escape(row.dataset), "model": escape(row.model),
+        "method": escape(row.method), "params": escape(row.params),
         "state": Text(row.state, style=STATE_STYLE.get(row.state, ""))
         + (Text(f" {row.slurm_job}", style="dim") if row.slurm_job else ""),  # Slurm runs: their array task
         "epoch": f"{row.epoch}/{row.max_epochs}" if row.max_epochs else str(row.epoch),
