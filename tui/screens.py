@@ -460,7 +460,7 @@ class CompareScreen(Screen):
         if not recs:
             self.query_one("#compare-title", Static).update("no runs")
             return
-        rec = recs[0]
+        rec = next((r for r in recs if r["baseline"]), recs[0])  # the first setting with a baseline
         b = rec["baseline"]
         self.query_one("#compare-title", Static).update(Text(
             f"{rec['experiment']} · {rec['dataset']} · {rec['model']} · tolerance {rec['tolerance'] * 100:.2f}% · "
