@@ -20,8 +20,15 @@ Sigma = Union[float, torch.Tensor]
 
 def noise_variance(sigma: Sigma, image_shape, like: torch.Tensor) -> torch.Tensor:
     """sigma_x^2 as a (1, C, H, W) map: sigma is a float or a tensor broadcastable to
-    one image (per pixel / per channel), in [0,1] pixel units."""
-    s = torch.as_tensor(sigma, dtype=like.dtype, device=like.device)
+    one image (per pixel / per channel), in [0,1] pixel units. This runs on every batch:
+    a float sigma is checked in Python and filled on the device, because a tensor made
+    from a float and a tensor comparison read back by `if` each block on the GPU."""
+    if not isinstance(sigma, torch.Tensor):
+        sigma = float(sigma)
+        if not sigma >= 0:
+            raise ValueError(f"sigma must be non-negative, not {sigma}")
+        return torch.full((1, *image_shape), sigma, dtype=like.dtype, device=like.device).square()
+    s = sigma.to(dtype=like.dtype, device=like.device)
     if (s < 0).any():
         raise ValueError("sigma must be non-negative")
     return s.square().expand(image_shape).unsqueeze(0)
