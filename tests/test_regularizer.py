@@ -165,3 +165,21 @@ def test_a_float_sigma_batch_reads_nothing_back_from_the_device(monkeypatch, dep
     monkeypatch.undo()
     with pytest.raises(ValueError, match="sigma must be non-negative"):
         moment_loss(model, x, y, -0.1, 0.5)
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_first_layer_variance_is_fp32_under_autocast_and_finite_at_large_sigma(half):
+    torch.manual_seed(0)
+    model = build_model("lenet", data.DatasetInfo("tiny", (1, 28, 28), 10, (0.3,), (0.2,)))
+    x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    sigma = 200.0  # sigma2^2 ~ 1e6 here: past fp16's 65504
+    with torch.no_grad():
+        exact = sigma2(model.first, sigma, x.double())
+        assert exact.max() ** 2 > 65504
+        with torch.autocast("cpu", dtype=half):
+            assert model.first(x).dtype == half  # autocast is on for the layer itself
+            got = sigma2(model.first, sigma, x)
+            loss = moment_loss(model, x, y, sigma, 1.0, depth="all")
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert torch.allclose(got.double(), exact, rtol=1e-5)
+    assert all(torch.isfinite(t).all() for t in loss)
