@@ -53,12 +53,12 @@ def first_variance(first: nn.Module, var: torch.Tensor) -> torch.Tensor:
             var = var / std.square()
         if first.padding_mode != "zeros":
             raise ValueError("only zero padding keeps the border noise-free")
-        return F.conv2d(var, first.weight.square(), None, first.stride, first.padding,
+        return F.conv2d(var, first.weight.to(var.dtype).square(), None, first.stride, first.padding,
                         first.dilation, first.groups)
     if isinstance(first, nn.Linear):
         if std is not None:
             var = var / (std.view(1, -1, *([1] * (var.ndim - 2))) if var.ndim > 2 else std).square()
-        return F.linear(var.flatten(1), first.weight.square())
+        return F.linear(var.flatten(1), first.weight.to(var.dtype).square())
     raise TypeError(f"the first layer must be Conv2d or Linear, not {type(first).__name__}")
 
 

@@ -20,8 +20,15 @@ Sigma = Union[float, torch.Tensor]
 
 def noise_variance(sigma: Sigma, image_shape, like: torch.Tensor) -> torch.Tensor:
     """sigma_x^2 as a (1, C, H, W) map: sigma is a float or a tensor broadcastable to
-    one image (per pixel / per channel), in [0,1] pixel units."""
-    s = torch.as_tensor(sigma, dtype=like.dtype, device=like.device)
+    one image (per pixel / per channel), in [0,1] pixel units. This runs on every batch:
+    a float sigma is checked in Python and filled on the device, because a tensor made
+    from a float and a tensor comparison read back by `if` each block on the GPU."""
+    if not isinstance(sigma, torch.Tensor):
+        sigma = float(sigma)
+        if not sigma >= 0:
+            raise ValueError(f"sigma must be non-negative, not {sigma}")
+        return torch.full((1, *image_shape), sigma, dtype=like.dtype, device=like.device).square()
+    s = sigma.to(dtype=like.dtype, device=like.device)
     if (s < 0).any():
         raise ValueError("sigma must be non-negative")
     return s.square().expand(image_shape).unsqueeze(0)
@@ -30,12 +37,20 @@ def noise_variance(sigma: Sigma, image_shape, like: torch.Tensor) -> torch.Tenso
 def sigma2(first, sigma: Sigma, x: torch.Tensor) -> torch.Tensor:
     """sigma2 = sqrt((A . A) sigma_x^2) (Eq. 5). The noise does not depend on the image,
     so this is one pass of a single variance map, broadcast over the batch."""
-    return safe_sqrt(first_variance(first, noise_variance(sigma, x.shape[1:], x)))
+    return safe_sqrt(_first_variance(first, sigma, x))
+
+
+def _first_variance(first, sigma: Sigma, x: torch.Tensor) -> torch.Tensor:
+    """sigma2^2 (Eq. 5) in at least fp32 with autocast off: squared weights times sigma^2
+    summed over a receptive field overflows fp16 (max 65504) at large sigma."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    with torch.autocast(x.device.type, enabled=False):
+        return first_variance(first, noise_variance(sigma, x.shape[1:], x.new_empty((), dtype=dtype)))
 
 
 def _deep_mean(model, mu2: torch.Tensor, x: torch.Tensor, sigma: Sigma, head) -> torch.Tensor:
     """mu_k: the ADF mean after the first ReLU and the `head` modules."""
-    var2 = first_variance(model.first, noise_variance(sigma, x.shape[1:], x))
+    var2 = _first_variance(model.first, sigma, x)
     mu, _ = adf.propagate(head, mu2, var2)
     return mu.to(mu2.dtype)
 

@@ -25,7 +25,7 @@ GRACE_S = 30.0  # how long a SIGTERMed worker gets to write last.pt before SIGKI
 @dataclass
 class Slot:
     index: int
-    gpu: Optional[str]  # CUDA_VISIBLE_DEVICES of the runs in this slot; None on CPU
+    gpu: Optional[str]  # CUDA_VISIBLE_DEVICES of the runs in this slot; None on CPU (workers get "")
     threads: Optional[int] = None
 
 
@@ -302,7 +302,10 @@ class Scheduler:
                 return False
             if self.rerun:  # from scratch: a corrupt last.pt must not fail every rerun
                 _reset(run)
-            proc = start_worker(run, resume=run.file("last.pt").exists(), gpu=slot.gpu, threads=slot.threads,
+            # a CPU slot hides every GPU: inheriting the parent's devices would put each
+            # `device = "auto"` worker on GPU 0
+            gpu = slot.gpu if slot.gpu is not None else ""
+            proc = start_worker(run, resume=run.file("last.pt").exists(), gpu=gpu, threads=slot.threads,
                                 lock_fd=fd, argv=self.worker_argv, watch_parent=True)
         finally:
             os.close(fd)  # the worker holds the lock now (same open file description)

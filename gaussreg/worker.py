@@ -192,6 +192,17 @@ def _load_checkpoint(path: Path, model, opt, sched, g) -> dict:
     return ck["state"]
 
 
+def make_deterministic() -> None:
+    """GPU runs repeat only with cuDNN's deterministic kernels, no autotuning (it may pick
+    another algorithm each run) and a fixed cuBLAS workspace; the variable must be set
+    before cuBLAS starts, so this runs before the device is picked. Strict
+    `use_deterministic_algorithms` is left off: CUDA NLLLoss has no deterministic kernel."""
+    import torch
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
 def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, log) -> dict:
     """The training loop; returns result.json's content."""
     import torch
@@ -202,6 +213,7 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
 
     t_start = time.time()
     keep_freed_memory()
+    make_deterministic()
     dev = pick_device(spec["device"])
     seed = spec["seed"]
     threads = os.environ.get("GAUSSREG_THREADS")
@@ -456,6 +468,7 @@ def main(argv=None) -> int:
             print(f"error: {msg}", file=sys.stderr)
             return EXIT_BAD_INPUT
         try:
+            make_deterministic()
             dev = pick_device(spec["device"])
         except SpecError as e:
             fail(str(e))

@@ -138,3 +138,48 @@ def test_custom_sequential():
     assert torch.equal(expected_logits(m, x, 0.0), seq(x))
     with pytest.raises(TypeError):
         from_sequential(nn.Sequential(nn.ReLU(), nn.Linear(2, 2)))
+
+
+def _forbid_host_syncs(monkeypatch):
+    """Make every way a tensor's value reaches Python raise: on a GPU each one blocks the host."""
+    def sync(*_a, **_k):
+        raise AssertionError("host sync in the per-batch path")
+    for name in ("__bool__", "__float__", "__int__", "__index__", "item", "tolist", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    monkeypatch.setattr(torch, "as_tensor", sync)  # a tensor from a float is a blocking host-to-device copy
+
+
+@pytest.mark.parametrize("depth", [1, "all"])
+def test_a_float_sigma_batch_reads_nothing_back_from_the_device(monkeypatch, depth):
+    torch.manual_seed(0)
+    model = build_model("lenet", data.DatasetInfo("tiny", (1, 28, 28), 10, (0.3,), (0.2,)))
+    x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    want = moment_loss(model, x, y, 0.4, 0.5, depth=depth)
+    _forbid_host_syncs(monkeypatch)
+    got = moment_loss(model, x, y, 0.4, 0.5, depth=depth)
+    monkeypatch.undo()
+    assert all(torch.equal(a, b) for a, b in zip(got, want))  # same bits as before
+    with pytest.raises(AssertionError, match="host sync"):  # the trap is armed: a tensor sigma checks its sign
+        _forbid_host_syncs(monkeypatch)
+        moment_loss(model, x, y, torch.tensor(0.4), 0.5, depth=depth)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="sigma must be non-negative"):
+        moment_loss(model, x, y, -0.1, 0.5)
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_first_layer_variance_is_fp32_under_autocast_and_finite_at_large_sigma(half):
+    torch.manual_seed(0)
+    model = build_model("lenet", data.DatasetInfo("tiny", (1, 28, 28), 10, (0.3,), (0.2,)))
+    x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    sigma = 200.0  # sigma2^2 ~ 1e6 here: past fp16's 65504
+    with torch.no_grad():
+        exact = sigma2(model.first, sigma, x.double())
+        assert exact.max() ** 2 > 65504
+        with torch.autocast("cpu", dtype=half):
+            assert model.first(x).dtype == half  # autocast is on for the layer itself
+            got = sigma2(model.first, sigma, x)
+            loss = moment_loss(model, x, y, sigma, 1.0, depth="all")
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert torch.allclose(got.double(), exact, rtol=1e-5)
+    assert all(torch.isfinite(t).all() for t in loss)

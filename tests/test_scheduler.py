@@ -141,3 +141,45 @@ def test_two_concurrent_runs_on_one_store_train_each_run_once(tmp_path):
         assert r.file("worker.log").read_text().count(" start ") == 1
     # each scheduler reports the whole table at the end
     assert all("sched · synthetic · mlp" in o for o in outs)
+
+
+def _fake_nvidia_smi(tmp_path, monkeypatch, n=2):
+    """An `nvidia-smi -L` listing n GPUs first on PATH, for tests of GPU handling on CPU boxes."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    lines = "".join(f"echo 'GPU {i}: NVIDIA Fake (UUID: GPU-{i:08d})'\n" for i in range(n))
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\n" + lines)
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("parent", [None, "0,1"])
+def test_cpu_slots_hide_every_gpu_from_their_workers(tmp_path, monkeypatch, parent):
+    # GPUs exist (fake nvidia-smi, or the parent's own CUDA_VISIBLE_DEVICES), but --gpus none
+    # must keep `device = "auto"` workers off them
+    _fake_nvidia_smi(tmp_path, monkeypatch)
+    if parent is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", parent)
+    assert parse_gpus("all") == ["0", "1"]
+    st, ids = _store_with(tmp_path, [1, 2])
+    summary = Scheduler(st, ids, make_slots(parse_gpus("none"), max_parallel=2, cpus=2), worker_argv=FAKE,
+                        poll_s=0.05).run()
+    assert summary.exit_code() == 0
+    assert [json.loads((st.root / i / "fake.json").read_text())["cuda"] for i in ids] == ["", ""]
+
+
+def test_children_of_the_suite_see_no_gpu_unless_the_test_is_about_gpus():
+    out = subprocess.run([sys.executable, "-c", "import os, torch; print(repr(os.environ['CUDA_VISIBLE_DEVICES']),"
+                          " torch.cuda.is_available())"], env=python_env(), capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.split() == ["''", "False"], out.stderr
+    assert parse_gpus("all") == [] and [s.gpu for s in make_slots(parse_gpus("all"), max_parallel=2, cpus=2)] == [None] * 2
+
+
+@pytest.mark.gpu
+def test_a_gpu_test_sees_the_hosts_devices():
+    import os
+    from conftest import HOST_CUDA_VISIBLE_DEVICES
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == HOST_CUDA_VISIBLE_DEVICES

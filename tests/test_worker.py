@@ -184,3 +184,25 @@ def test_real_lenet_fashion_mnist_two_epochs(tmp_path):
     print(f"LeNet Fashion-MNIST 2 epochs: test acc {res['test_accuracy']:.4f}, "
           f"{res['train_time_s'] / 2:.1f}s/epoch")
     assert res["test_accuracy"] >= 0.72
+
+
+@pytest.mark.gpu
+def test_the_worker_asks_for_deterministic_gpu_kernels_before_it_picks_the_device(tmp_path, monkeypatch):
+    from gaussreg import worker
+    from gaussreg.spec import SpecError, resolve, run_id
+    from gaussreg.store import Store
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    seen = {}
+
+    def pick(name):  # the device is picked before CUDA starts: the settings must be in place by then
+        seen.update(cublas=os.environ.get("CUBLAS_WORKSPACE_CONFIG"), det=torch.backends.cudnn.deterministic,
+                    bench=torch.backends.cudnn.benchmark)
+        raise SpecError("device", "stop here")
+    monkeypatch.setattr(worker, "pick_device", pick)
+    spec = resolve({"dataset": "synthetic", "model": "mlp", "method": "baseline", "seed": 1, "experiment": "t"})
+    st = Store(tmp_path / "runs")
+    st.create(spec, run_id(spec))
+    assert worker.main([str(st.root / run_id(spec))]) == 2
+    assert seen == {"cublas": ":4096:8", "det": True, "bench": False}
