@@ -369,8 +369,7 @@ def plot(store: Path = StoreOpt,
     try:
         paths = plots.plot(Store(store), out, experiment, format.value, select.value)
     except plots.PlotsUnavailable as e:
-        from rich.markup import escape
-        fail(escape(str(e)))
+        fail(str(e))  # fail() escapes
     except OSError as e:
         fail(f"cannot write figures into {out}: {e.strerror or e}")
     if not paths:

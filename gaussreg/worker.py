@@ -489,8 +489,9 @@ def main(argv=None) -> int:
                 if orphaned(parent):
                     fail(f"its scheduler (pid {parent}) died; last.pt holds the last finished epoch "
                          "(run it again to resume)", "cancelled")
-                state, message = slurm.stop_state(run, sig)  # under Slurm, SIGTERM may be preemption
-                fail(message, state)
+                else:
+                    state, message = slurm.stop_state(run, sig)  # under Slurm, SIGTERM may be preemption
+                    fail(message, state)
                 return 128 + sig
             except Diverged as e:
                 fail(str(e), "diverged", diverged_epoch=e.epoch, diverged_term=e.term)
