@@ -36,6 +36,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .models import first_variance
+from .moments import _reduce_to
 
 Depth = Union[int, str]
 
@@ -124,15 +125,6 @@ def relu_variance(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return (sigma * sigma * _relu_var_ratio(a, *_cdf_pdf(a))).clamp_min(0)
 
 
-def _sum_to(grad, shape):
-    """A broadcast gradient summed back to an input's shape."""
-    if grad.shape == shape:
-        return grad
-    lead = grad.ndim - len(shape)
-    dims = tuple(range(lead)) + tuple(i + lead for i, n in enumerate(shape) if n == 1 and grad.shape[i + lead] != 1)
-    return grad.sum(dims, keepdim=True).reshape(shape)
-
-
 class _ReluMoments(torch.autograd.Function):
     """(T, Var) of max(X, 0), X ~ N(mu, sigma^2), with the analytic gradients
     dT/dmu = Phi, dT/dsigma = phi, dVar/dmu = 2 T Phi(-a), dVar/dsigma = 2 (sigma Phi - T phi)
@@ -154,7 +146,7 @@ class _ReluMoments(torch.autograd.Function):
         sigma, cdf, pdf, t = ctx.saved_tensors
         g_mu = g_t * cdf + g_var * 2 * t * (1 - cdf)
         g_sigma = g_t * pdf + g_var * 2 * (sigma * cdf - t * pdf)
-        return _sum_to(g_mu, ctx.mu_shape), _sum_to(g_sigma, sigma.shape)
+        return _reduce_to(g_mu, ctx.mu_shape), _reduce_to(g_sigma, sigma.shape)
 
 
 def relu_moments(mu: torch.Tensor, var: torch.Tensor):

@@ -35,7 +35,7 @@ def _reduce_to(grad, shape):
         return grad
     lead = grad.ndim - len(shape)
     dims = tuple(range(lead)) + tuple(i + lead for i, n in enumerate(shape) if n == 1 and grad.shape[i + lead] != 1)
-    return grad.sum(dims, keepdim=True).view(shape)
+    return grad.sum(dims, keepdim=True).reshape(shape)  # reshape: a view when it can be
 
 
 _CHUNK_ELEMS = 1 << 17  # CPU: work on ~512 KB pieces that stay in cache
