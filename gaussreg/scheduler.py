@@ -123,8 +123,11 @@ def start_worker(run: RunDir, resume: bool, gpu: Optional[str] = None, threads: 
         env["GAUSSREG_PARENT_PID"] = str(os.getpid())
     if lock_fd is not None:
         env["GAUSSREG_LOCK_FD"] = str(lock_fd)
+    env.pop("GAUSSREG_GPU", None)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
+        if gpu:  # a GPU slot: the worker must get CUDA or refuse (worker.pick_device)
+            env["GAUSSREG_GPU"] = gpu
     if threads:
         env["GAUSSREG_THREADS"] = env["OMP_NUM_THREADS"] = str(threads)
     cmd = (argv or [sys.executable, "-m", "gaussreg.worker"]) + [str(run.path)] + (["--resume"] if resume else [])

@@ -107,8 +107,29 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
 
 
-def pick_device(name: str):
+def _cuda_unusable_reason() -> str:
+    """Why this torch cannot use CUDA here, in a few words."""
     import torch
+    if torch.version.cuda is None:
+        return "it is a CPU-only build; install a CUDA build of torch"
+    try:
+        torch.cuda.init()
+    except Exception as e:  # noqa: BLE001 - torch's own words are the most precise reason
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return first.rstrip(".")
+    return f"CUDA {torch.version.cuda} finds {torch.cuda.device_count()} device(s)"
+
+
+def pick_device(name: str, gpu_slot: Optional[str] = None):
+    """The torch device for a spec's `device`. gpu_slot: the GPU the scheduler gave this
+    run (GAUSSREG_GPU); then a GPU it must be, never a silent CPU run (unless the spec
+    says "cpu")."""
+    import torch
+    if gpu_slot and name != "cpu" and not torch.cuda.is_available():
+        raise SpecError("device", f"this run was given GPU {gpu_slot} (CUDA_VISIBLE_DEVICES="
+                        f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}) but torch {torch.__version__} (CUDA "
+                        f"{torch.version.cuda or 'none'}) cannot use it: {_cuda_unusable_reason()}; "
+                        "it does not train on the CPU instead (`--gpus none` runs on the CPU)")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
@@ -262,7 +283,7 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
     t_start = time.time()
     keep_freed_memory()
     make_deterministic()
-    dev = pick_device(spec["device"])
+    dev = pick_device(spec["device"], os.environ.get("GAUSSREG_GPU"))
     seed = spec["seed"]
     threads = os.environ.get("GAUSSREG_THREADS")
     if threads:
@@ -556,7 +577,7 @@ def main(argv=None) -> int:
             return EXIT_BAD_INPUT
         try:
             make_deterministic()
-            dev = pick_device(spec["device"])
+            dev = pick_device(spec["device"], os.environ.get("GAUSSREG_GPU"))
         except SpecError as e:
             fail(str(e))
             print(f"error: {e}", file=sys.stderr)

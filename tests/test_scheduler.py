@@ -183,3 +183,26 @@ def test_a_gpu_test_sees_the_hosts_devices():
     import os
     from conftest import HOST_CUDA_VISIBLE_DEVICES
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == HOST_CUDA_VISIBLE_DEVICES
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this torch can use the GPU, so it is never refused")
+def test_a_worker_on_a_gpu_slot_that_torch_cannot_use_refuses_instead_of_training_on_the_cpu(tmp_path, monkeypatch):
+    # the real worker, a GPU slot (fake nvidia-smi says GPU 0 exists) and this CPU-only torch
+    _fake_nvidia_smi(tmp_path, monkeypatch, n=1)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
+    st, ids = _store_with(tmp_path, [1])
+    summary = Scheduler(st, ids, make_slots(parse_gpus("all"), cpus=2), poll_s=0.05).run()
+    o = summary.outcomes[ids[0]]
+    assert o.state == "failed" and o.returncode == 2
+    run = st.get(ids[0])
+    assert o.error == run.status()["error"]
+    assert (f"this run was given GPU 0 (CUDA_VISIBLE_DEVICES='0') but torch {torch.__version__} (CUDA none) cannot "
+            "use it: it is a CPU-only build") in o.error and "does not train on the CPU" in o.error
+    assert not run.file("last.pt").exists() and not run.epochs()  # nothing trained anywhere
+
+
+def test_a_cpu_slot_or_a_cpu_spec_on_a_gpu_slot_is_not_refused(tmp_path):
+    from gaussreg.worker import pick_device
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert pick_device("cpu", gpu_slot="0").type == "cpu"  # the spec asked for the CPU itself

@@ -204,7 +204,7 @@ def test_the_worker_asks_for_deterministic_gpu_kernels_before_it_picks_the_devic
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
     seen = {}
 
-    def pick(name):  # the device is picked before CUDA starts: the settings must be in place by then
+    def pick(name, gpu_slot=None):  # the device is picked before CUDA starts: the settings must be in place by then
         seen.update(cublas=os.environ.get("CUBLAS_WORKSPACE_CONFIG"), det=torch.backends.cudnn.deterministic,
                     bench=torch.backends.cudnn.benchmark)
         raise SpecError("device", "stop here")
