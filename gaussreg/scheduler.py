@@ -44,16 +44,44 @@ def detect_gpus() -> List[str]:
 
 
 def parse_gpus(arg: str) -> List[str]:
-    """'all' (every visible GPU, none on a CPU box), 'none', or a list like '0,1'."""
+    """'auto' and 'all' (every visible GPU; none on a CPU box: launch.resolve_gpus refuses
+    an explicit 'all' there), 'none', or a list like '0,1'."""
     arg = arg.strip()
-    if arg == "all":
+    if arg in ("auto", "all"):
         return detect_gpus()
     if arg == "none":
         return []
     parts = [p.strip() for p in arg.split(",")]
     if not all(p.isdigit() for p in parts):
-        raise ValueError(f"--gpus must be 'all', 'none' or GPU indices like '0,1', not {arg!r}")
+        raise ValueError(f"--gpus must be 'auto', 'all', 'none' or GPU indices like '0,1', not {arg!r}")
     return list(dict.fromkeys(parts))
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on: a Slurm job's or taskset's cpuset, not the
+    machine's (os.cpu_count counts every core of a 128-core login node)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def exclusive_gpus(gpus: List[str]) -> List[str]:
+    """Those of `gpus` (indices or UUIDs as in CUDA_VISIBLE_DEVICES) that nvidia-smi reports
+    in EXCLUSIVE_PROCESS compute mode, where a second process cannot open the GPU."""
+    if not gpus or not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,uuid,compute_mode", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    exclusive = set()
+    for line in out.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 3 and parts[2].replace("_", " ").lower() == "exclusive process":
+            exclusive.update(parts[:2])
+    return [g for g in gpus if g in exclusive]
 
 
 def make_slots(gpus: List[str], per_gpu: int = 1, max_parallel: Optional[int] = None,
@@ -64,7 +92,7 @@ def make_slots(gpus: List[str], per_gpu: int = 1, max_parallel: Optional[int] = 
         raise ValueError("--per-gpu must be >= 1")
     if max_parallel is not None and max_parallel < 1:
         raise ValueError("--max-parallel must be >= 1")
-    cpus = cpus or os.cpu_count() or 1
+    cpus = cpus or usable_cpus()
     if gpus:
         slots = [Slot(i, g) for i, (g, _) in enumerate((g, k) for k in range(per_gpu) for g in gpus)]
         slots = slots[:max_parallel] if max_parallel else slots

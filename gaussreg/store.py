@@ -435,7 +435,34 @@ def try_lock(run: RunDir) -> Optional[int]:
     except BlockingIOError:
         os.close(fd)
         return None
+    except OSError as e:  # ENOLCK, EOPNOTSUPP, ENOSYS: the filesystem has no flock (Lustre without -o flock)
+        os.close(fd)
+        raise RunFileError(no_locks_message(run.path.parent, e)) from None
     return fd
+
+
+def no_locks_message(where: Path, e: OSError) -> str:
+    return (f"the store {where} is on a filesystem without file locks (flock: {e.strerror or e}); gaussreg needs "
+            "them so that two processes never train one run: put the store on a local disk, or mount the "
+            "filesystem with the flock option (Lustre: -o flock)")
+
+
+def check_locking(root: Path) -> Optional[str]:
+    """None when flock works in the store folder, else one sentence saying it does not."""
+    try:
+        fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return None  # an unreadable folder is reported by whoever reads it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except BlockingIOError:
+        pass  # someone holds it exclusively: locks work
+    except OSError as e:
+        return no_locks_message(root, e)
+    finally:
+        os.close(fd)
+    return None
 
 
 class Store:
