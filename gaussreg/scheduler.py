@@ -293,6 +293,9 @@ class Scheduler:
         self.summary = Summary()
         self.stopping = False
         self.view_error: Optional[str] = None  # the first error of the view (on_change); it never stops the sweep
+        # GPUs on which a run ran out of memory: nothing more starts there until one of the
+        # runs still on it ends (else the next run would run out of memory too)
+        self.oom_hold: set = set()
 
     def stop(self, *_args) -> None:
         """First Ctrl-C (or SIGTERM): launch nothing more and cancel the running workers."""
@@ -360,6 +363,14 @@ class Scheduler:
                 a.run.write_status(status)
             except OSError as e:  # a full disk: the status stays as the worker left it, reading as interrupted
                 status["error"] += f" (and its status could not be written: {e.strerror})"
+        gpu = a.slot.gpu
+        if gpu:
+            if status.get("out_of_memory"):
+                self.oom_hold.add(gpu)
+            else:
+                self.oom_hold.discard(gpu)
+            if not any(o.slot.gpu == gpu for o in self.active.values()):
+                self.oom_hold.discard(gpu)  # nothing left to wait for: the GPU is free
         self.summary.outcomes[a.run.id] = Outcome(a.run.id, state, rc, status.get("error"),
                                                   a.run.log_tail(15) if state not in ("completed",) else "")
         self._notify(state, a.run)
@@ -405,7 +416,8 @@ class Scheduler:
                     self._terminate_all()
                     break
                 for slot in self.slots:
-                    while slot.index not in self.active and self.queue and not self.stopping:
+                    while (slot.index not in self.active and self.queue and not self.stopping
+                           and slot.gpu not in self.oom_hold):
                         self._launch(self.queue.pop(0), slot)
                 self._poll()
                 self._notify("tick", None)

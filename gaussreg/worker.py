@@ -261,6 +261,14 @@ class LastCheckpoint:
         return True
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """A CUDA out-of-memory error, or the CPU allocator's."""
+    import torch
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    return isinstance(e, (MemoryError, oom)) or (isinstance(e, RuntimeError) and (
+        "out of memory" in str(e) or "can't allocate memory" in str(e) or "not enough memory" in str(e)))
+
+
 def make_deterministic() -> None:
     """GPU runs repeat only with cuDNN's deterministic kernels, no autotuning (it may pick
     another algorithm each run) and a fixed cuBLAS workspace; the variable must be set
@@ -606,7 +614,12 @@ def main(argv=None) -> int:
                 return 1
             except Exception as e:
                 logf.write(traceback.format_exc())
-                fail(f"{type(e).__name__}: {e}")
+                if out_of_memory(e):
+                    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+                    fail(f"out of memory on {dev} ({first}); run fewer runs per GPU (--per-gpu), a smaller "
+                         "batch_size or a smaller train_subset", out_of_memory=True)
+                else:
+                    fail(f"{type(e).__name__}: {e}")
                 return 1
         atomic_write_json(run.file("result.json"), result)
         status.update(state="completed", finished_at=now_iso(), error=None)

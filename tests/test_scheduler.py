@@ -206,3 +206,16 @@ def test_a_cpu_slot_or_a_cpu_spec_on_a_gpu_slot_is_not_refused(tmp_path):
     from gaussreg.worker import pick_device
     assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert pick_device("cpu", gpu_slot="0").type == "cpu"  # the spec asked for the CPU itself
+
+
+def test_after_an_out_of_memory_run_nothing_starts_on_its_gpu_until_a_run_there_ends(tmp_path):
+    st, ids = _store_with(tmp_path, [14, 15, 1, 2])  # 14 runs out of memory while 15 (long) shares GPU 0
+    summary = Scheduler(st, ids, make_slots(["0"], per_gpu=2, cpus=2), worker_argv=FAKE, poll_s=0.02).run()
+    assert [summary.outcomes[i].state for i in ids] == ["failed", "completed", "completed", "completed"]
+    assert summary.outcomes[ids[0]].error.startswith("out of memory on cuda")
+    rec = {i: json.loads((st.root / i / "fake.json").read_text()) for i in ids}
+    oom, long_run = rec[ids[0]], rec[ids[1]]
+    assert oom["end"] < long_run["end"] - 1  # the hold was tested: the GPU was busy after the failure
+    assert rec[ids[2]]["start"] >= long_run["end"]  # the next run waited for the long one to end
+    # then both slots are used again
+    assert rec[ids[3]]["start"] < rec[ids[2]]["end"]

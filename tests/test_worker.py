@@ -356,3 +356,25 @@ def test_the_first_batch_a_term_went_non_finite_is_kept():
         _batch_step(m, model, opt, X, Y, torch.arange(2 * b, 2 * b + 2), None, sums, first_bad, correct, b)
     assert first_bad.tolist() == [5, 2, 5]  # reg first failed at batch 2 (and again at 4); ce and the total never
     assert math.isfinite(sums[0]) and math.isnan(sums[1])
+
+
+@pytest.mark.parametrize("error", [
+    lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                                   "7.79 GiB of which 1.06 GiB is free."),
+    lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                         "you tried to allocate 9000000000 bytes.")])
+def test_an_out_of_memory_run_says_so_in_its_error(tmp_path, monkeypatch, error):
+    from gaussreg import worker as w
+    from gaussreg.spec import resolve, run_id
+    from gaussreg.store import Store
+
+    def train(*_a, **_k):
+        raise error()
+    monkeypatch.setattr(w, "train", train)
+    spec = resolve({"dataset": "synthetic", "model": "mlp", "method": "baseline", "experiment": "t"})
+    st = Store(tmp_path / "runs")
+    st.create(spec, run_id(spec))
+    assert w.main([str(st.root / run_id(spec))]) == 1
+    status = st.get(run_id(spec)).status()
+    assert status["state"] == "failed" and status["out_of_memory"] is True
+    assert status["error"].startswith("out of memory on cpu (") and "--per-gpu" in status["error"]
