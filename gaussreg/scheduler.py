@@ -27,6 +27,7 @@ class Slot:
     index: int
     gpu: Optional[str]  # CUDA_VISIBLE_DEVICES of the runs in this slot; None on CPU (workers get "")
     threads: Optional[int] = None
+    shares: int = 1  # --per-gpu: runs of all launches of a store that may share this slot's GPU
 
 
 def detect_gpus() -> List[str]:
@@ -102,7 +103,7 @@ def make_slots(gpus: List[str], per_gpu: int = 1, max_parallel: Optional[int] = 
         slots = [Slot(i, None) for i in range(n)]
         threads = max(1, cpus // n)
     for s in slots:
-        s.threads = threads
+        s.threads, s.shares = threads, per_gpu
     return slots
 
 
@@ -139,11 +140,12 @@ class Summary:
 
 def start_worker(run: RunDir, resume: bool, gpu: Optional[str] = None, threads: Optional[int] = None,
                  lock_fd: Optional[int] = None, argv: Optional[List[str]] = None,
-                 watch_parent: bool = False) -> subprocess.Popen:
+                 watch_parent: bool = False, hold_fds: tuple = ()) -> subprocess.Popen:
     """One worker process for a run, in its own session (so a terminal's Ctrl-C reaches
     only its parent), with its output appended to worker.log. A held lock is passed on.
     With watch_parent the worker stops (saving last.pt, as on SIGTERM) when this process
-    dies: a scheduler that dies must not leave workers training for nobody."""
+    dies: a scheduler that dies must not leave workers training for nobody. hold_fds: more
+    locks the worker holds until it exits (its share of a GPU)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("GAUSSREG_LOCK_FD", None)
     env.pop("GAUSSREG_PARENT_PID", None)
@@ -162,7 +164,8 @@ def start_worker(run: RunDir, resume: bool, gpu: Optional[str] = None, threads: 
     fd = os.open(run.file("worker.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
     with os.fdopen(fd, "ab") as log:
         return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                pass_fds=(lock_fd,) if lock_fd is not None else (), start_new_session=True)
+                                pass_fds=((lock_fd,) if lock_fd is not None else ()) + tuple(hold_fds),
+                                start_new_session=True)
 
 
 class ControlError(Exception):
@@ -296,6 +299,7 @@ class Scheduler:
         # GPUs on which a run ran out of memory: nothing more starts there until one of the
         # runs still on it ends (else the next run would run out of memory too)
         self.oom_hold: set = set()
+        self.share_error: Optional[str] = None  # why GPU shares could not be locked (then not counted)
 
     def stop(self, *_args) -> None:
         """First Ctrl-C (or SIGTERM): launch nothing more and cancel the running workers."""
@@ -310,18 +314,37 @@ class Scheduler:
             if self.view_error is None:
                 self.view_error = f"{type(e).__name__}: {e}"
 
-    def _launch(self, run: RunDir, slot: Slot) -> bool:
+    def _gpu_share(self, slot: Slot) -> Optional[int]:
+        """For a GPU slot, a lock on one of its GPU's --per-gpu places in this store (see
+        Store.lock_gpu_share); -1 for a CPU slot; None while other launches fill the GPU."""
+        if not slot.gpu:
+            return -1
+        try:
+            return self.store.lock_gpu_share(slot.gpu, slot.shares)
+        except (OSError, RunFileError) as e:  # no flock, an unwritable store: shares cannot be counted
+            if self.share_error is None:
+                self.share_error = str(e)
+            return -1
+
+    def _launch(self, run: RunDir, slot: Slot, share_fd: int = -1) -> bool:
         """Start one run; any problem of that run (a corrupt file, a lock that is a
         directory, a full disk) makes that run failed and the sweep goes on."""
         try:
-            return self._launch_one(run, slot)
+            return self._launch_one(run, slot, share_fd)
         except Exception as e:  # noqa: BLE001
             why = str(e) if isinstance(e, (RunFileError, ControlError)) else f"{type(e).__name__}: {e}"
             self.summary.outcomes[run.id] = Outcome(run.id, "failed", error=f"not started: {why}")
             self._notify("failed", run)
             return False
 
-    def _launch_one(self, run: RunDir, slot: Slot) -> bool:
+    def _launch_one(self, run: RunDir, slot: Slot, share_fd: int = -1) -> bool:
+        try:
+            return self._launch_locked(run, slot, share_fd)
+        finally:
+            if share_fd >= 0:
+                os.close(share_fd)  # the worker holds its copy; a run not started gives the place back
+
+    def _launch_locked(self, run: RunDir, slot: Slot, share_fd: int) -> bool:
         fd = try_lock(run)
         if fd is None:
             self.summary.outcomes[run.id] = Outcome(run.id, "elsewhere", error="being trained by another process")
@@ -340,7 +363,8 @@ class Scheduler:
             # `device = "auto"` worker on GPU 0
             gpu = slot.gpu if slot.gpu is not None else ""
             proc = start_worker(run, resume=run.file("last.pt").exists(), gpu=gpu, threads=slot.threads,
-                                lock_fd=fd, argv=self.worker_argv, watch_parent=True)
+                                lock_fd=fd, argv=self.worker_argv, watch_parent=True,
+                                hold_fds=(share_fd,) if share_fd >= 0 else ())
         finally:
             os.close(fd)  # the worker holds the lock now (same open file description)
         self.active[slot.index] = Active(run, slot, proc, time.time())
@@ -418,7 +442,10 @@ class Scheduler:
                 for slot in self.slots:
                     while (slot.index not in self.active and self.queue and not self.stopping
                            and slot.gpu not in self.oom_hold):
-                        self._launch(self.queue.pop(0), slot)
+                        share = self._gpu_share(slot)
+                        if share is None:
+                            break  # other launches of this store fill the GPU: try again next tick
+                        self._launch(self.queue.pop(0), slot, share)
                 self._poll()
                 self._notify("tick", None)
                 time.sleep(self.poll_s)

@@ -479,6 +479,31 @@ class Store:
             if p.is_dir() and not p.name.startswith(("_", ".")) and os.path.lexists(p / "spec.json"):
                 yield RunDir(p)
 
+    def lock_gpu_share(self, gpu: str, shares: int) -> Optional[int]:
+        """One of the `shares` places on `gpu` (as CUDA_VISIBLE_DEVICES names it), locked
+        (flock on STORE/_gpus/<gpu>.<k>.lock) for every scheduler of this store, so --per-gpu
+        K holds across launches: the fd of the first free one, passed to the worker that holds
+        it until it exits; None when all are taken."""
+        d = self.root / "_gpus"
+        d.mkdir(parents=True, exist_ok=True)
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", gpu)
+        for k in range(shares):
+            path = d / f"{name}.{k}.lock"
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+            except OSError as e:
+                raise RunFileError(f"{path} cannot be opened as a lock file ({e.strerror})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            except OSError as e:
+                os.close(fd)
+                raise RunFileError(no_locks_message(self.root, e)) from None
+            return fd
+        return None
+
     def get(self, run_id: str) -> RunDir:
         # a run id is a name inside the store, never a path out of it
         plain = run_id and "/" not in run_id and "\0" not in run_id and not run_id.startswith((".", "_"))

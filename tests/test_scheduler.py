@@ -219,3 +219,40 @@ def test_after_an_out_of_memory_run_nothing_starts_on_its_gpu_until_a_run_there_
     assert rec[ids[2]]["start"] >= long_run["end"]  # the next run waited for the long one to end
     # then both slots are used again
     assert rec[ids[3]]["start"] < rec[ids[2]]["end"]
+
+
+def test_gpu_shares_are_counted_across_the_schedulers_of_a_store(tmp_path):
+    """--per-gpu K holds across launches: a place on a GPU another launch holds is not used,
+    and two schedulers of one store with --per-gpu 1 never put two runs on one GPU."""
+    import threading
+    st, ids = _store_with(tmp_path, [1, 2, 3, 4])
+    held = st.lock_gpu_share("0", 1)  # another launch's worker on GPU 0
+    assert held is not None and st.lock_gpu_share("0", 1) is None and st.lock_gpu_share("1", 1) is not None
+    ticks, started = threading.Semaphore(0), []
+
+    def on_change(_s, what, run):
+        if what == "tick":
+            ticks.release()
+        elif what == "started":
+            started.append(run.id)
+    sched = Scheduler(st, ids[:2], make_slots(["0"], per_gpu=1, cpus=2), worker_argv=FAKE, poll_s=0.01,
+                      on_change=on_change)
+    t = threading.Thread(target=sched.run)
+    t.start()
+    for _ in range(10):
+        assert ticks.acquire(timeout=30)
+    assert started == []  # ten rounds and the GPU's only place is still taken
+    import os
+    os.close(held)
+    t.join(60)
+    assert not t.is_alive() and sched.summary.count("completed") == 2
+    # two schedulers at once, one place each on GPU 0: their runs never overlap
+    a = Scheduler(st, ids[2:3], make_slots(["0"], per_gpu=1, cpus=2), worker_argv=FAKE, poll_s=0.01)
+    b = Scheduler(st, ids[3:], make_slots(["0"], per_gpu=1, cpus=2), worker_argv=FAKE, poll_s=0.01)
+    threads = [threading.Thread(target=s.run) for s in (a, b)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    recs = sorted((json.loads((st.root / i / "fake.json").read_text()) for i in ids[2:]), key=lambda r: r["start"])
+    assert recs[0]["end"] <= recs[1]["start"] and {r["cuda"] for r in recs} == {"0"}
