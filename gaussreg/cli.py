@@ -39,12 +39,19 @@ def writable_store(store: Path) -> None:
     """The store folder exists (made if needed) and this user may write it; else one sentence, exit 2."""
     if store.exists() and not store.is_dir():
         fail(f"--store {store} is a file, not a folder")
+    existed = store.exists()
     try:
         store.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         fail(f"cannot create the store folder {store} ({e.strerror})")
     if not os.access(store, os.W_OK | os.X_OK):
         fail(f"the store folder {store} is not writable by this user")
+    from .store import check_locking
+    no_locks = check_locking(store)
+    if no_locks:
+        if not existed:
+            store.rmdir()  # nothing half-written
+        fail(no_locks)
 
 
 def readable_store(store: Path) -> None:
@@ -120,8 +127,9 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
         experiment: Optional[List[str]] = typer.Option(None, "--experiment",
                                                        help="Only this experiment (exact name; repeat for more)."),
         only: Optional[str] = typer.Option(None, help="Only experiments, run ids or methods matching this glob."),
-        gpus: str = typer.Option("all", help="'all' (every visible GPU; none on a CPU box), 'none', or '0,1' "
-                                              "(indices among the visible GPUs)."),
+        gpus: str = typer.Option("auto", help="'auto' (every visible GPU, else the CPU), 'all' (every visible "
+                                               "GPU; an error without one), 'none' (CPU), or '0,1' (indices "
+                                               "among the visible GPUs)."),
         per_gpu: Optional[int] = typer.Option(None, "--per-gpu", help="Runs sharing one GPU (default 1)."),
         max_parallel: Optional[int] = typer.Option(None, "--max-parallel",
                                                    help="At most this many runs at once (CPU default: 1)."),
@@ -205,7 +213,9 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
     from .live import LiveView
     survive_closed_output(console.print)(f"{len(runs)} runs from {manifest} into {st.root}/ on "
                   f"{', '.join('gpu ' + s.gpu if s.gpu else 'cpu' for s in slots)}"
-                  f" ({slots[0].threads} thread(s) each)", markup=False)
+                  f" ({slots[0].threads} thread(s) each"
+                  + ("; no GPU visible, --gpus none says so, --backend slurm uses a cluster's GPUs"
+                     if gpus.strip() == "auto" and not any(s.gpu for s in slots) else "") + ")", markup=False)
     view = LiveView(len(runs), console)
     survive_closed_output(view.__enter__)()
     try:
@@ -563,7 +573,7 @@ def eval_(target: str = typer.Argument(..., help="A run id, or a checkpoint file
         fail(f"{ckpt} is not a gaussreg checkpoint ({type(e).__name__}: {e})")
     try:
         splits = data.load(spec["dataset"], data_dir or spec["data_dir"], split_seed=spec["split_seed"],
-                           test_subset=spec["test_subset"], device=dev)
+                           test_subset=spec["test_subset"], device=dev, test_only=True)
     except data.DataError as e:
         fail(str(e))
     model = build_model(spec["model"], splits.info).to(dev)
@@ -635,7 +645,7 @@ def certify(run_id: str = typer.Argument(..., help="A run id (or a unique prefix
         fail(f"{ckpt} is not a gaussreg checkpoint ({type(e).__name__}: {e})")
     try:
         splits = data.load(spec["dataset"], data_dir or spec["data_dir"], split_seed=spec["split_seed"],
-                           test_subset=spec["test_subset"], device=dev)
+                           test_subset=spec["test_subset"], device=dev, test_only=True)
     except data.DataError as e:
         fail(str(e))
     model = build_model(spec["model"], splits.info).to(dev)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .scheduler import Slot, detach_run, detect_gpus, make_slots, parse_gpus
+from .scheduler import Slot, detach_run, detect_gpus, exclusive_gpus, make_slots, parse_gpus
 from .store import Store
 
 
@@ -23,7 +23,7 @@ class LaunchRequest:
     store: str = "runs"
     experiments: Tuple[str, ...] = ()  # exact names; empty: every experiment
     only: Optional[str] = None  # a glob over experiment names, run ids and methods
-    gpus: str = "all"
+    gpus: str = "auto"
     per_gpu: int = 1
     max_parallel: Optional[int] = None
     rerun: bool = False
@@ -58,7 +58,11 @@ def resolve_gpus(arg: str) -> List[str]:
         asked = parse_gpus(arg)
     except ValueError as e:
         raise LaunchError(str(e)) from None
-    if arg.strip() in ("all", "none"):
+    if arg.strip() == "all" and not asked:
+        raise LaunchError("--gpus all asks for every GPU, but this machine shows none (no nvidia-smi GPU and no "
+                          "CUDA_VISIBLE_DEVICES): use --gpus none to train on this machine's CPU, or "
+                          "--backend slurm to train on a cluster's GPUs")
+    if arg.strip() in ("auto", "all", "none"):
         return asked
     visible = detect_gpus()
     if not visible:
@@ -92,8 +96,15 @@ def plan(req: LaunchRequest) -> Plan:
         raise LaunchError(f"runs per GPU (--per-gpu) must be a whole number ≥ 1, not {req.per_gpu!r}")
     if req.max_parallel is not None and (not isinstance(req.max_parallel, int) or req.max_parallel < 1):
         raise LaunchError(f"parallel runs (--max-parallel) must be a whole number ≥ 1, not {req.max_parallel!r}")
+    gpus = resolve_gpus(req.gpus)
+    if req.per_gpu > 1:
+        excl = exclusive_gpus(gpus)
+        if excl:
+            raise LaunchError(f"GPU {excl[0]} is in EXCLUSIVE_PROCESS compute mode (nvidia-smi), which lets one "
+                              f"process use it: --per-gpu {req.per_gpu} cannot pack runs on it; use --per-gpu 1, "
+                              "or have an administrator run `nvidia-smi -c DEFAULT`")
     try:
-        slots = make_slots(resolve_gpus(req.gpus), req.per_gpu, req.max_parallel)
+        slots = make_slots(gpus, req.per_gpu, req.max_parallel)
     except ValueError as e:
         raise LaunchError(str(e)) from None
     store = Path(req.store)

@@ -27,6 +27,7 @@ class Slot:
     index: int
     gpu: Optional[str]  # CUDA_VISIBLE_DEVICES of the runs in this slot; None on CPU (workers get "")
     threads: Optional[int] = None
+    shares: int = 1  # --per-gpu: runs of all launches of a store that may share this slot's GPU
 
 
 def detect_gpus() -> List[str]:
@@ -44,16 +45,44 @@ def detect_gpus() -> List[str]:
 
 
 def parse_gpus(arg: str) -> List[str]:
-    """'all' (every visible GPU, none on a CPU box), 'none', or a list like '0,1'."""
+    """'auto' and 'all' (every visible GPU; none on a CPU box: launch.resolve_gpus refuses
+    an explicit 'all' there), 'none', or a list like '0,1'."""
     arg = arg.strip()
-    if arg == "all":
+    if arg in ("auto", "all"):
         return detect_gpus()
     if arg == "none":
         return []
     parts = [p.strip() for p in arg.split(",")]
     if not all(p.isdigit() for p in parts):
-        raise ValueError(f"--gpus must be 'all', 'none' or GPU indices like '0,1', not {arg!r}")
+        raise ValueError(f"--gpus must be 'auto', 'all', 'none' or GPU indices like '0,1', not {arg!r}")
     return list(dict.fromkeys(parts))
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on: a Slurm job's or taskset's cpuset, not the
+    machine's (os.cpu_count counts every core of a 128-core login node)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def exclusive_gpus(gpus: List[str]) -> List[str]:
+    """Those of `gpus` (indices or UUIDs as in CUDA_VISIBLE_DEVICES) that nvidia-smi reports
+    in EXCLUSIVE_PROCESS compute mode, where a second process cannot open the GPU."""
+    if not gpus or not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,uuid,compute_mode", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    exclusive = set()
+    for line in out.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 3 and parts[2].replace("_", " ").lower() == "exclusive process":
+            exclusive.update(parts[:2])
+    return [g for g in gpus if g in exclusive]
 
 
 def make_slots(gpus: List[str], per_gpu: int = 1, max_parallel: Optional[int] = None,
@@ -64,7 +93,7 @@ def make_slots(gpus: List[str], per_gpu: int = 1, max_parallel: Optional[int] = 
         raise ValueError("--per-gpu must be >= 1")
     if max_parallel is not None and max_parallel < 1:
         raise ValueError("--max-parallel must be >= 1")
-    cpus = cpus or os.cpu_count() or 1
+    cpus = cpus or usable_cpus()
     if gpus:
         slots = [Slot(i, g) for i, (g, _) in enumerate((g, k) for k in range(per_gpu) for g in gpus)]
         slots = slots[:max_parallel] if max_parallel else slots
@@ -74,7 +103,7 @@ def make_slots(gpus: List[str], per_gpu: int = 1, max_parallel: Optional[int] = 
         slots = [Slot(i, None) for i in range(n)]
         threads = max(1, cpus // n)
     for s in slots:
-        s.threads = threads
+        s.threads, s.shares = threads, per_gpu
     return slots
 
 
@@ -111,11 +140,12 @@ class Summary:
 
 def start_worker(run: RunDir, resume: bool, gpu: Optional[str] = None, threads: Optional[int] = None,
                  lock_fd: Optional[int] = None, argv: Optional[List[str]] = None,
-                 watch_parent: bool = False) -> subprocess.Popen:
+                 watch_parent: bool = False, hold_fds: tuple = ()) -> subprocess.Popen:
     """One worker process for a run, in its own session (so a terminal's Ctrl-C reaches
     only its parent), with its output appended to worker.log. A held lock is passed on.
     With watch_parent the worker stops (saving last.pt, as on SIGTERM) when this process
-    dies: a scheduler that dies must not leave workers training for nobody."""
+    dies: a scheduler that dies must not leave workers training for nobody. hold_fds: more
+    locks the worker holds until it exits (its share of a GPU)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("GAUSSREG_LOCK_FD", None)
     env.pop("GAUSSREG_PARENT_PID", None)
@@ -123,15 +153,19 @@ def start_worker(run: RunDir, resume: bool, gpu: Optional[str] = None, threads: 
         env["GAUSSREG_PARENT_PID"] = str(os.getpid())
     if lock_fd is not None:
         env["GAUSSREG_LOCK_FD"] = str(lock_fd)
+    env.pop("GAUSSREG_GPU", None)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
+        if gpu:  # a GPU slot: the worker must get CUDA or refuse (worker.pick_device)
+            env["GAUSSREG_GPU"] = gpu
     if threads:
         env["GAUSSREG_THREADS"] = env["OMP_NUM_THREADS"] = str(threads)
     cmd = (argv or [sys.executable, "-m", "gaussreg.worker"]) + [str(run.path)] + (["--resume"] if resume else [])
     fd = os.open(run.file("worker.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
     with os.fdopen(fd, "ab") as log:
         return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                pass_fds=(lock_fd,) if lock_fd is not None else (), start_new_session=True)
+                                pass_fds=((lock_fd,) if lock_fd is not None else ()) + tuple(hold_fds),
+                                start_new_session=True)
 
 
 class ControlError(Exception):
@@ -262,6 +296,10 @@ class Scheduler:
         self.summary = Summary()
         self.stopping = False
         self.view_error: Optional[str] = None  # the first error of the view (on_change); it never stops the sweep
+        # GPUs on which a run ran out of memory: nothing more starts there until one of the
+        # runs still on it ends (else the next run would run out of memory too)
+        self.oom_hold: set = set()
+        self.share_error: Optional[str] = None  # why GPU shares could not be locked (then not counted)
 
     def stop(self, *_args) -> None:
         """First Ctrl-C (or SIGTERM): launch nothing more and cancel the running workers."""
@@ -276,18 +314,37 @@ class Scheduler:
             if self.view_error is None:
                 self.view_error = f"{type(e).__name__}: {e}"
 
-    def _launch(self, run: RunDir, slot: Slot) -> bool:
+    def _gpu_share(self, slot: Slot) -> Optional[int]:
+        """For a GPU slot, a lock on one of its GPU's --per-gpu places in this store (see
+        Store.lock_gpu_share); -1 for a CPU slot; None while other launches fill the GPU."""
+        if not slot.gpu:
+            return -1
+        try:
+            return self.store.lock_gpu_share(slot.gpu, slot.shares)
+        except (OSError, RunFileError) as e:  # no flock, an unwritable store: shares cannot be counted
+            if self.share_error is None:
+                self.share_error = str(e)
+            return -1
+
+    def _launch(self, run: RunDir, slot: Slot, share_fd: int = -1) -> bool:
         """Start one run; any problem of that run (a corrupt file, a lock that is a
         directory, a full disk) makes that run failed and the sweep goes on."""
         try:
-            return self._launch_one(run, slot)
+            return self._launch_one(run, slot, share_fd)
         except Exception as e:  # noqa: BLE001
             why = str(e) if isinstance(e, (RunFileError, ControlError)) else f"{type(e).__name__}: {e}"
             self.summary.outcomes[run.id] = Outcome(run.id, "failed", error=f"not started: {why}")
             self._notify("failed", run)
             return False
 
-    def _launch_one(self, run: RunDir, slot: Slot) -> bool:
+    def _launch_one(self, run: RunDir, slot: Slot, share_fd: int = -1) -> bool:
+        try:
+            return self._launch_locked(run, slot, share_fd)
+        finally:
+            if share_fd >= 0:
+                os.close(share_fd)  # the worker holds its copy; a run not started gives the place back
+
+    def _launch_locked(self, run: RunDir, slot: Slot, share_fd: int) -> bool:
         fd = try_lock(run)
         if fd is None:
             self.summary.outcomes[run.id] = Outcome(run.id, "elsewhere", error="being trained by another process")
@@ -306,7 +363,8 @@ class Scheduler:
             # `device = "auto"` worker on GPU 0
             gpu = slot.gpu if slot.gpu is not None else ""
             proc = start_worker(run, resume=run.file("last.pt").exists(), gpu=gpu, threads=slot.threads,
-                                lock_fd=fd, argv=self.worker_argv, watch_parent=True)
+                                lock_fd=fd, argv=self.worker_argv, watch_parent=True,
+                                hold_fds=(share_fd,) if share_fd >= 0 else ())
         finally:
             os.close(fd)  # the worker holds the lock now (same open file description)
         self.active[slot.index] = Active(run, slot, proc, time.time())
@@ -329,6 +387,14 @@ class Scheduler:
                 a.run.write_status(status)
             except OSError as e:  # a full disk: the status stays as the worker left it, reading as interrupted
                 status["error"] += f" (and its status could not be written: {e.strerror})"
+        gpu = a.slot.gpu
+        if gpu:
+            if status.get("out_of_memory"):
+                self.oom_hold.add(gpu)
+            else:
+                self.oom_hold.discard(gpu)
+            if not any(o.slot.gpu == gpu for o in self.active.values()):
+                self.oom_hold.discard(gpu)  # nothing left to wait for: the GPU is free
         self.summary.outcomes[a.run.id] = Outcome(a.run.id, state, rc, status.get("error"),
                                                   a.run.log_tail(15) if state not in ("completed",) else "")
         self._notify(state, a.run)
@@ -374,8 +440,12 @@ class Scheduler:
                     self._terminate_all()
                     break
                 for slot in self.slots:
-                    while slot.index not in self.active and self.queue and not self.stopping:
-                        self._launch(self.queue.pop(0), slot)
+                    while (slot.index not in self.active and self.queue and not self.stopping
+                           and slot.gpu not in self.oom_hold):
+                        share = self._gpu_share(slot)
+                        if share is None:
+                            break  # other launches of this store fill the GPU: try again next tick
+                        self._launch(self.queue.pop(0), slot, share)
                 self._poll()
                 self._notify("tick", None)
                 time.sleep(self.poll_s)

@@ -435,7 +435,34 @@ def try_lock(run: RunDir) -> Optional[int]:
     except BlockingIOError:
         os.close(fd)
         return None
+    except OSError as e:  # ENOLCK, EOPNOTSUPP, ENOSYS: the filesystem has no flock (Lustre without -o flock)
+        os.close(fd)
+        raise RunFileError(no_locks_message(run.path.parent, e)) from None
     return fd
+
+
+def no_locks_message(where: Path, e: OSError) -> str:
+    return (f"the store {where} is on a filesystem without file locks (flock: {e.strerror or e}); gaussreg needs "
+            "them so that two processes never train one run: put the store on a local disk, or mount the "
+            "filesystem with the flock option (Lustre: -o flock)")
+
+
+def check_locking(root: Path) -> Optional[str]:
+    """None when flock works in the store folder, else one sentence saying it does not."""
+    try:
+        fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return None  # an unreadable folder is reported by whoever reads it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except BlockingIOError:
+        pass  # someone holds it exclusively: locks work
+    except OSError as e:
+        return no_locks_message(root, e)
+    finally:
+        os.close(fd)
+    return None
 
 
 class Store:
@@ -451,6 +478,31 @@ class Store:
             # lexists: a spec.json that is a broken link is a corrupt run, not no run
             if p.is_dir() and not p.name.startswith(("_", ".")) and os.path.lexists(p / "spec.json"):
                 yield RunDir(p)
+
+    def lock_gpu_share(self, gpu: str, shares: int) -> Optional[int]:
+        """One of the `shares` places on `gpu` (as CUDA_VISIBLE_DEVICES names it), locked
+        (flock on STORE/_gpus/<gpu>.<k>.lock) for every scheduler of this store, so --per-gpu
+        K holds across launches: the fd of the first free one, passed to the worker that holds
+        it until it exits; None when all are taken."""
+        d = self.root / "_gpus"
+        d.mkdir(parents=True, exist_ok=True)
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", gpu)
+        for k in range(shares):
+            path = d / f"{name}.{k}.lock"
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+            except OSError as e:
+                raise RunFileError(f"{path} cannot be opened as a lock file ({e.strerror})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            except OSError as e:
+                os.close(fd)
+                raise RunFileError(no_locks_message(self.root, e)) from None
+            return fd
+        return None
 
     def get(self, run_id: str) -> RunDir:
         # a run id is a name inside the store, never a path out of it

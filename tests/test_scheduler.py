@@ -183,3 +183,76 @@ def test_a_gpu_test_sees_the_hosts_devices():
     import os
     from conftest import HOST_CUDA_VISIBLE_DEVICES
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == HOST_CUDA_VISIBLE_DEVICES
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this torch can use the GPU, so it is never refused")
+def test_a_worker_on_a_gpu_slot_that_torch_cannot_use_refuses_instead_of_training_on_the_cpu(tmp_path, monkeypatch):
+    # the real worker, a GPU slot (fake nvidia-smi says GPU 0 exists) and this CPU-only torch
+    _fake_nvidia_smi(tmp_path, monkeypatch, n=1)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
+    st, ids = _store_with(tmp_path, [1])
+    summary = Scheduler(st, ids, make_slots(parse_gpus("all"), cpus=2), poll_s=0.05).run()
+    o = summary.outcomes[ids[0]]
+    assert o.state == "failed" and o.returncode == 2
+    run = st.get(ids[0])
+    assert o.error == run.status()["error"]
+    assert (f"this run was given GPU 0 (CUDA_VISIBLE_DEVICES='0') but torch {torch.__version__} (CUDA none) cannot "
+            "use it: it is a CPU-only build") in o.error and "does not train on the CPU" in o.error
+    assert not run.file("last.pt").exists() and not run.epochs()  # nothing trained anywhere
+
+
+def test_a_cpu_slot_or_a_cpu_spec_on_a_gpu_slot_is_not_refused(tmp_path):
+    from gaussreg.worker import pick_device
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert pick_device("cpu", gpu_slot="0").type == "cpu"  # the spec asked for the CPU itself
+
+
+def test_after_an_out_of_memory_run_nothing_starts_on_its_gpu_until_a_run_there_ends(tmp_path):
+    st, ids = _store_with(tmp_path, [14, 15, 1, 2])  # 14 runs out of memory while 15 (long) shares GPU 0
+    summary = Scheduler(st, ids, make_slots(["0"], per_gpu=2, cpus=2), worker_argv=FAKE, poll_s=0.02).run()
+    assert [summary.outcomes[i].state for i in ids] == ["failed", "completed", "completed", "completed"]
+    assert summary.outcomes[ids[0]].error.startswith("out of memory on cuda")
+    rec = {i: json.loads((st.root / i / "fake.json").read_text()) for i in ids}
+    oom, long_run = rec[ids[0]], rec[ids[1]]
+    assert oom["end"] < long_run["end"] - 1  # the hold was tested: the GPU was busy after the failure
+    assert rec[ids[2]]["start"] >= long_run["end"]  # the next run waited for the long one to end
+    # then both slots are used again
+    assert rec[ids[3]]["start"] < rec[ids[2]]["end"]
+
+
+def test_gpu_shares_are_counted_across_the_schedulers_of_a_store(tmp_path):
+    """--per-gpu K holds across launches: a place on a GPU another launch holds is not used,
+    and two schedulers of one store with --per-gpu 1 never put two runs on one GPU."""
+    import threading
+    st, ids = _store_with(tmp_path, [1, 2, 3, 4])
+    held = st.lock_gpu_share("0", 1)  # another launch's worker on GPU 0
+    assert held is not None and st.lock_gpu_share("0", 1) is None and st.lock_gpu_share("1", 1) is not None
+    ticks, started = threading.Semaphore(0), []
+
+    def on_change(_s, what, run):
+        if what == "tick":
+            ticks.release()
+        elif what == "started":
+            started.append(run.id)
+    sched = Scheduler(st, ids[:2], make_slots(["0"], per_gpu=1, cpus=2), worker_argv=FAKE, poll_s=0.01,
+                      on_change=on_change)
+    t = threading.Thread(target=sched.run)
+    t.start()
+    for _ in range(10):
+        assert ticks.acquire(timeout=30)
+    assert started == []  # ten rounds and the GPU's only place is still taken
+    import os
+    os.close(held)
+    t.join(60)
+    assert not t.is_alive() and sched.summary.count("completed") == 2
+    # two schedulers at once, one place each on GPU 0: their runs never overlap
+    a = Scheduler(st, ids[2:3], make_slots(["0"], per_gpu=1, cpus=2), worker_argv=FAKE, poll_s=0.01)
+    b = Scheduler(st, ids[3:], make_slots(["0"], per_gpu=1, cpus=2), worker_argv=FAKE, poll_s=0.01)
+    threads = [threading.Thread(target=s.run) for s in (a, b)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    recs = sorted((json.loads((st.root / i / "fake.json").read_text()) for i in ids[2:]), key=lambda r: r["start"])
+    assert recs[0]["end"] <= recs[1]["start"] and {r["cuda"] for r in recs} == {"0"}

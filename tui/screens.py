@@ -507,7 +507,7 @@ class LaunchScreen(ModalScreen[Optional[LaunchRequest]]):
             yield SelectionList(id="experiments")
             with Horizontal(classes="row"):
                 yield Label("GPUs")
-                yield Input("all", id="gpus", classes="short")
+                yield Input("auto", id="gpus", classes="short")
                 yield Label("per GPU")
                 yield Input("1", id="per-gpu", type="integer", classes="short")
                 yield Label("CPU runs")
@@ -563,7 +563,7 @@ class LaunchScreen(ModalScreen[Optional[LaunchRequest]]):
                 return None
             numbers[field_id] = int(text)
         return LaunchRequest(self.manifest, str(self.store), tuple(chosen),
-                             gpus=self.query_one("#gpus", Input).value.strip() or "all",
+                             gpus=self.query_one("#gpus", Input).value.strip() or "auto",
                              per_gpu=numbers["per-gpu"], max_parallel=numbers["max-parallel"])
 
     def error(self, text: str) -> None:
