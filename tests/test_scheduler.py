@@ -183,3 +183,39 @@ def test_a_gpu_test_sees_the_hosts_devices():
     import os
     from conftest import HOST_CUDA_VISIBLE_DEVICES
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == HOST_CUDA_VISIBLE_DEVICES
+
+
+@pytest.mark.parametrize("who", ["this test", "init"])
+def test_a_running_status_whose_lock_is_free_is_interrupted_whoever_has_its_pid_now(tmp_path, who):
+    """The worker died without a word and its pid was reused by a live process that is
+    not its worker: the free lock says it is not running (not `running` forever), so it
+    cannot be cancelled (no stranger gets SIGTERM) and a scheduler resumes it."""
+    import os
+    import socket
+    from gaussreg.scheduler import ControlError, cancel_run
+    from gaussreg.store import now_iso, pid_alive, try_lock
+    st, ids = _store_with(tmp_path, [1])
+    run = RunDir(st.root / ids[0])
+    pid = os.getpid() if who == "this test" else 1
+    assert pid_alive(pid)
+    running = {"state": "running", "pid": pid, "host": socket.gethostname(), "started_at": now_iso(),
+               "updated_at": now_iso(), "epoch": 1, "max_epochs": 3}
+    run.write_status(running)
+    assert run.state() == "interrupted"
+    with pytest.raises(ControlError, match="is interrupted, not running"):
+        cancel_run(run)
+    out = subprocess.run(cli("ls", "--store", st.root, "--format", "json"), env=python_env(),
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and [r["state"] for r in json.loads(out.stdout)] == ["interrupted"], out.stderr
+    fd = try_lock(run)  # someone trains it: running it is
+    try:
+        assert run.state() == "running"
+    finally:
+        os.close(fd)
+    assert run.state() == "interrupted"
+    # a status read just before the worker wrote its last one and exited: the file decides
+    run.write_status({**running, "state": "completed"})
+    assert run.state(running) == "completed"
+    run.write_status(running)
+    summary = Scheduler(st, ids, make_slots([]), worker_argv=FAKE, poll_s=0.05).run()
+    assert summary.count("completed") == 1 and run.status()["state"] == "completed"

@@ -93,7 +93,8 @@ Runs screen
 
 Detail and compare screens: escape goes back.
 States: queued, running, completed, failed, cancelled, diverged; a run whose worker
-died without a word (stale heartbeat, pid gone) shows as interrupted."""
+died without a word (its lock is free; on another host, a stale heartbeat) shows as
+interrupted."""
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
