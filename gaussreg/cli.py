@@ -171,7 +171,6 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
         p = plan(req)
     except LaunchError as e:
         fail(str(e))
-        fail(str(e))
     runs, slots = p.runs, p.slots
     readable_store(store)
     st = Store(store)
@@ -198,10 +197,9 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
             if any(r.spec["experiment"] == e.name for r in runs):
                 st.write_experiment(e.name, {"name": e.name, "tolerance": e.tolerance,
                                              "manifest": str(Path(manifest).resolve())})
-        for r in runs:
-            st.create(r.spec, r.id)
-    except OSError as e:  # a full disk, a file where a run folder should be: nothing launched
-        fail(f"cannot write the run directories in {store} ({e.strerror}{': ' + str(e.filename) if e.filename else ''})")
+    except OSError as e:  # a full disk, a file where a folder should be: nothing launched
+        fail(f"cannot write the experiments of {manifest} in {store} "
+             f"({e.strerror}{': ' + str(e.filename) if e.filename else ''})")
     from .live import LiveView
     survive_closed_output(console.print)(f"{len(runs)} runs from {manifest} into {st.root}/ on "
                   f"{', '.join('gpu ' + s.gpu if s.gpu else 'cpu' for s in slots)}"
@@ -209,7 +207,8 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
     view = LiveView(len(runs), console)
     survive_closed_output(view.__enter__)()
     try:
-        summary = Scheduler(st, [r.id for r in runs], slots, rerun=rerun,
+        # the scheduler creates the run directories: each at its launch, the rest while the first runs train
+        summary = Scheduler(st, [r.id for r in runs], slots, rerun=rerun, specs={r.id: r.spec for r in runs},
                             on_change=survive_closed_output(view.on_change)).run()
     finally:
         survive_closed_output(view.__exit__)(None, None, None)

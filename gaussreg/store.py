@@ -89,6 +89,38 @@ def atomic_write_bytes(path: os.PathLike, payload: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def atomic_create_json(path: os.PathLike, obj) -> bool:
+    """Write a JSON file only if it does not exist, atomically: a complete temp file is
+    hard-linked into place, which fails when the name exists, so a file another process
+    wrote meanwhile (a worker's 'running' status) is never replaced. True if written."""
+    path = Path(path)
+    payload = (to_json(obj, indent=2, sort_keys=True) + "\n").encode()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                raise
+            if os.path.lexists(path):  # a filesystem without hard links: check, then rename
+                return False
+            os.replace(tmp, path)
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+    _fsync_dir(path.parent)
+    return True
+
+
 def finite(obj):
     """obj with every NaN/inf float replaced by None: JSON has no such numbers, and a
     file holding them is unreadable to strict readers."""
@@ -500,11 +532,12 @@ class Store:
                     tmp.unlink()
             except OSError:
                 pass
-        if not run.file("spec.json").exists():
-            atomic_write_json(run.file("spec.json"), spec)
-        if not run.file("status.json").exists():
-            run.write_status({"state": "queued", "updated_at": now_iso(), "epoch": 0,
-                              "max_epochs": spec.get("max_epochs")})
+        # create-if-absent: another scheduler's worker may be writing this run already
+        if not os.path.lexists(run.file("spec.json")):
+            atomic_create_json(run.file("spec.json"), spec)
+        if not os.path.lexists(run.file("status.json")):
+            atomic_create_json(run.file("status.json"), {"state": "queued", "updated_at": now_iso(), "epoch": 0,
+                                                         "max_epochs": spec.get("max_epochs")})
         return run
 
     def write_experiment(self, name: str, info: dict) -> None:
