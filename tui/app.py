@@ -41,8 +41,11 @@ class GaussregApp(App):
     #sort-columns { height: auto; max-height: 16; }
     #experiments { height: 6; }
     #overlay Horizontal { height: 1fr; }
+    #dialog.launch { overflow-y: auto; }  /* a two-line error at 80x24 scrolls instead of hiding the buttons */
     #dialog.launch .row Input { width: 1fr; }
     #dialog.launch .row Input.short { width: 10; }
+    #dialog.launch .row Input.time { width: 14; }
+    #dialog.launch .row Select { width: 14; margin-right: 2; }
     #dialog.launch .row Button { width: auto; min-width: 10; margin-right: 2; }
     #dialog.launch .row Label { width: auto; padding: 1 1 0 1; }
     #plan-error { height: auto; }
@@ -118,6 +121,12 @@ class GaussregApp(App):
             info = launch(request)
         except LaunchError as e:
             self.call_from_thread(self.notify, str(e), severity="error", markup=False)
+            return
+        if info.get("backend") == "slurm":
+            skipped = f"; {len(info['skipped'])} skipped (queued, running or finished)" if info["skipped"] else ""
+            text = (f"submitted {len(info['submitted'])} run(s) as Slurm array job {info['job_id']}{skipped}"
+                    if info["job_id"] else f"nothing to submit{skipped}")
+            self.call_from_thread(self.notify, text, markup=False)
             return
         self.call_from_thread(self.notify, f"launched {', '.join(request.experiments)} (pid {info['pid']}); "
                                            f"log {info['log']}", markup=False)

@@ -1,0 +1,79 @@
+"""The dashboard with the Slurm backend, against the fake sbatch/squeue/scancel of
+test_slurm.py: the launch dialog submits through gaussreg.launch (as `gaussreg run
+--backend slurm`), the runs table shows job ids and pending reasons, `r` resubmits."""
+
+import json
+import os
+
+import pytest
+
+from gaussreg.store import Store
+from test_slurm import MANIFEST, fake_slurm, gr  # noqa: F401 - the fixture
+from test_tui import table, until, widget
+from tui.app import GaussregApp
+from tui.screens import LaunchScreen, RunsScreen
+
+
+@pytest.fixture
+def on_path(fake_slurm, monkeypatch):
+    monkeypatch.chdir(fake_slurm["dir"])
+    monkeypatch.setenv("PATH", f"{fake_slurm['bin']}:{os.environ['PATH']}")  # the fakes first
+    return fake_slurm
+
+
+async def _open_dialog_on_slurm(pilot):
+    app = pilot.app
+    await pilot.press("l")
+    sel = await widget(pilot, LaunchScreen, "SelectionList")
+    await until(pilot, lambda: sel.option_count == 1)
+    assert not app.screen.query_one("#slurm-row").display and app.screen.query_one("#local-row").display
+    app.screen.query_one("#backend").value = "slurm"
+    await until(pilot, lambda: app.screen.query_one("#slurm-row").display)
+    assert not app.screen.query_one("#local-row").display
+    # the manifest's [slurm] values are what an empty field means
+    assert app.screen.query_one("#partition").placeholder == "gpu"
+    assert app.screen.query_one("#time").placeholder == "01:00:00"
+
+
+async def test_launch_dialog_submits_to_slurm_with_its_fields_at_80x24(on_path):
+    app = GaussregApp("runs", manifest="m.toml", poll_s=0.05)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await _open_dialog_on_slurm(pilot)
+        await pilot.click("#partition")  # reachable at 80x24: clicks land on the fields
+        await pilot.press(*"short")
+        await pilot.click("#time")
+        await pilot.press(*"00:30:00")
+        await pilot.click("#gpus-per-run")
+        await pilot.press("2")
+        await pilot.click("#launch")
+        await until(pilot, lambda: isinstance(app.screen, RunsScreen))
+        await until(pilot, lambda: table(app).row_count == 3 and all(
+            table(app).get_cell(table(app).coordinate_to_cell_key((i, 0)).row_key.value, "state").plain
+            .startswith("queued 4242_") for i in range(3)), timeout=30)
+    (args,) = on_path["calls"]("sbatch")
+    assert "--partition=short" in args and "--time=00:30:00" in args and "--gres=gpu:2" in args
+    assert "--mem=2G" in args  # not in the dialog: the manifest's
+    statuses = [r.status() for r in Store("runs").runs()]
+    assert sorted(s["slurm_job"] for s in statuses) == ["4242_0", "4242_1", "4242_2"]
+    assert not (on_path["dir"] / "runs" / "_launches").exists()  # no local scheduler was started
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("#time", "an hour", "time: must be a Slurm time like 04:00:00"),
+    ("#gpus-per-run", "two", "GPUs per run must be a whole number"),
+    (None, None, "`sbatch` is not on PATH"),
+])
+async def test_launch_dialog_shows_slurm_errors_and_submits_nothing(on_path, monkeypatch, field, value, words):
+    if field is None:
+        (on_path["bin"] / "sbatch").unlink()
+        monkeypatch.setenv("PATH", str(on_path["bin"]))  # a real Slurm may be installed here
+    app = GaussregApp("runs", manifest="m.toml", poll_s=0.05)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await _open_dialog_on_slurm(pilot)
+        if field:
+            app.screen.query_one(field).value = value
+        await pilot.click("#launch")
+        error = app.screen.query_one("#plan-error")
+        await until(pilot, lambda: words in str(error.render()))
+        assert isinstance(app.screen, LaunchScreen)
+    assert on_path["calls"]("sbatch") == [] and not (on_path["dir"] / "runs").exists()
