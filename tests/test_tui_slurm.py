@@ -77,3 +77,45 @@ async def test_launch_dialog_shows_slurm_errors_and_submits_nothing(on_path, mon
         await until(pilot, lambda: words in str(error.render()))
         assert isinstance(app.screen, LaunchScreen)
     assert on_path["calls"]("sbatch") == [] and not (on_path["dir"] / "runs").exists()
+
+
+def _cell(app, i):
+    return table(app).get_cell(table(app).coordinate_to_cell_key((i, 0)).row_key.value, "state")
+
+
+async def test_runs_table_shows_job_ids_and_pending_reasons_polling_squeue_at_most_every_10s(on_path):
+    import time
+    assert gr(on_path, "run", "m.toml", "--backend", "slurm").returncode == 0
+    jobs = {r.id: r.status()["slurm_job"] for r in Store("runs").runs()}
+    (on_path["dir"] / "squeue.txt").write_text("4242_0|PENDING|Resources\n4242_1|PENDING|PartitionConfig\n"
+                                               "4242_2|RUNNING|None\n")
+    before = len(on_path["calls"]("squeue"))
+    app = GaussregApp("runs", manifest="m.toml", poll_s=0.02)
+    t0 = time.monotonic()
+    async with app.run_test(size=(160, 30)) as pilot:
+        await until(pilot, lambda: table(app).row_count == 3)
+        want = {"4242_0": "queued 4242_0 (Resources)", "4242_1": "queued 4242_1 (PartitionConfig)",
+                "4242_2": "queued 4242_2"}  # a task Slurm runs has no pending reason
+        await until(pilot, lambda: sorted(_cell(app, i).plain for i in range(3)) == sorted(want.values()))
+        fatal = next(i for i in range(3) if "PartitionConfig" in _cell(app, i).plain)
+        assert any("red" in str(span.style) for span in _cell(app, fatal).spans)
+        scans = app.watcher.scans
+        await until(pilot, lambda: app.watcher.scans >= scans + 50)  # 50 more scans of the store
+        elapsed = time.monotonic() - t0
+    calls = len(on_path["calls"]("squeue")) - before
+    assert 1 <= calls <= 1 + elapsed // 10 and calls == app.watcher.squeue_calls, (calls, elapsed)
+    assert set(jobs.values()) == set(want)
+
+
+def test_a_queued_slurm_run_that_squeue_no_longer_lists_says_so(on_path):
+    from tui.watcher import StoreWatcher
+    assert gr(on_path, "run", "m.toml", "--backend", "slurm").returncode == 0
+    (on_path["dir"] / "squeue.txt").write_text("4242_0|PENDING|Priority\n")  # 4242_1 and 4242_2 vanished
+    w = StoreWatcher("runs")
+    w.scan()  # the first scan finds the runs; squeue is asked once Slurm runs are known
+    w.scan()
+    reasons = sorted((r.slurm_job, r.slurm_reason) for r in w.rows())
+    assert reasons == [("4242_0", "Priority"), ("4242_1", "not in squeue"), ("4242_2", "not in squeue")]
+    assert w.squeue_calls == 1
+    w.scan()
+    assert w.squeue_calls == 1  # not again within 10 s
