@@ -2,8 +2,8 @@
 test_slurm.py: the launch dialog submits through gaussreg.launch (as `gaussreg run
 --backend slurm`), the runs table shows job ids and pending reasons, `r` resubmits."""
 
-import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +119,71 @@ def test_a_queued_slurm_run_that_squeue_no_longer_lists_says_so(on_path):
     assert w.squeue_calls == 1
     w.scan()
     assert w.squeue_calls == 1  # not again within 10 s
+
+
+async def _rerun_from_the_table(app, pilot, run_id):
+    await until(pilot, lambda: table(app).row_count == 3 and table(app).get_cell(run_id, "state").plain
+                .startswith("cancelled"))
+    table(app).move_cursor(row=table(app).get_row_index(run_id))
+    await pilot.press("r")
+    await until(pilot, lambda: app.screen.__class__.__name__ == "ConfirmScreen")
+    await pilot.press("y")
+
+
+async def test_r_on_a_slurm_run_resubmits_it_through_slurm_with_its_settings(on_path):
+    r = gr(on_path, "run", "m.toml", "--backend", "slurm", "--partition", "short", "--time", "00:20:00")
+    assert r.returncode == 0, r.stderr
+    run = next(x for x in Store("runs").runs() if x.status()["slurm_job"] == "4242_1")
+    run.write_status({**run.status(), "state": "cancelled", "error": "cancelled by SIGTERM"})
+    app = GaussregApp("runs", manifest="m.toml", poll_s=0.05)
+    async with app.run_test(size=(160, 30)) as pilot:
+        await _rerun_from_the_table(app, pilot, run.id)
+        await until(pilot, lambda: any("resubmitted" in n.message for n in app._notifications))
+        await until(pilot, lambda: table(app).get_cell(run.id, "state").plain == "queued 4242_0")
+    first, again = on_path["calls"]("sbatch")
+    assert "--array=0-0" in again and Path(again[-1]).parent != Path(first[-1]).parent
+    same = [a for a in first if a.split("=")[0] in ("--partition", "--time", "--gres", "--mem", "--signal")]
+    assert same and all(a in again for a in same)  # the settings it was submitted with
+    listed = (Path(again[-1]).parent / "runs.txt").read_text().split()
+    assert [Path(x).name for x in listed] == [run.id]
+    status = run.status()
+    assert status["state"] == "queued" and status["slurm_launch"] == Path(again[-1]).parent.name
+    assert not run.file("worker.log").exists()  # nothing trained on this (login) node
+
+
+async def test_r_on_a_slurm_run_without_recorded_settings_is_refused_with_the_reason(on_path):
+    assert gr(on_path, "run", "m.toml", "--backend", "slurm").returncode == 0
+    run = next(x for x in Store("runs").runs() if x.status()["slurm_job"] == "4242_2")
+    old = {k: v for k, v in run.status().items() if k != "slurm_launch"}  # as an older gaussreg wrote it
+    run.write_status({**old, "state": "failed", "error": "boom"})
+    app = GaussregApp("runs", manifest="m.toml", poll_s=0.05)
+    async with app.run_test(size=(160, 30)) as pilot:
+        await until(pilot, lambda: table(app).row_count == 3)
+        await until(pilot, lambda: table(app).get_cell(run.id, "state").plain.startswith("failed"))
+        table(app).move_cursor(row=table(app).get_row_index(run.id))
+        await pilot.press("r")
+        await until(pilot, lambda: app.screen.__class__.__name__ == "ConfirmScreen")
+        await pilot.press("y")
+        await until(pilot, lambda: any("no record of its Slurm settings" in n.message for n in app._notifications))
+    assert len(on_path["calls"]("sbatch")) == 1 and run.status()["state"] == "failed"
+    assert not run.file("worker.log").exists()
+
+
+def test_resubmit_leaves_a_run_slurm_requeues_and_restarts_a_diverged_one(on_path):
+    from gaussreg import slurm
+    from gaussreg.scheduler import ControlError
+    assert gr(on_path, "run", "m.toml", "--backend", "slurm").returncode == 0
+    runs = {x.status()["slurm_job"]: x for x in Store("runs").runs()}
+    pre = runs["4242_0"]
+    pre.write_status({**pre.status(), "state": "interrupted"})  # preempted: Slurm requeues its task
+    (on_path["dir"] / "squeue.txt").write_text("4242_0|PENDING|BeginTime\n")
+    with pytest.raises(ControlError, match="requeues it"):
+        slurm.resubmit(pre)
+    with pytest.raises(ControlError, match="is queued in Slurm job 4242_1; cancel it first"):
+        slurm.resubmit(runs["4242_1"])
+    div = runs["4242_2"]
+    div.write_status({**div.status(), "state": "diverged"})
+    div.file("last.pt").write_bytes(b"a checkpoint that diverges again")
+    sub = slurm.resubmit(div)
+    assert sub.submitted == [div.id] and not div.file("last.pt").exists()  # from scratch
+    assert len(on_path["calls"]("sbatch")) == 2

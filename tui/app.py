@@ -161,7 +161,10 @@ class GaussregApp(App):
         def answer(yes: bool) -> None:
             if yes:
                 self._control("rerun", run_id)
-        self.push_screen(ConfirmScreen(f"Train run {run_id} again (from its last.pt when it has one)?"), answer)
+        row = self._rows.get(run_id)
+        where = (" through Slurm, with the settings it was submitted with" if row and row.slurm_job else "")
+        self.push_screen(ConfirmScreen(f"Train run {run_id} again{where} (from its last.pt when it has one)?"),
+                         answer)
 
     @work(thread=True, group="control")
     def _control(self, what: str, run_id: str) -> None:
@@ -174,6 +177,10 @@ class GaussregApp(App):
             elif what == "cancel":
                 pid = cancel_run(run)
                 self.call_from_thread(self.notify, f"sent SIGTERM to {run_id} (pid {pid})", markup=False)
+            elif _on_slurm(run):  # a cluster run trains on the cluster again, never on this login node
+                sub = slurm.resubmit(run)
+                self.call_from_thread(self.notify, f"resubmitted {run_id} as Slurm array job {sub.job_id}",
+                                      markup=False)
             else:
                 p = rerun(run)
                 self.call_from_thread(self.notify, f"training {run_id} again (pid {p.pid})", markup=False)

@@ -86,8 +86,10 @@ Runs screen
   s         sort by any column (a menu; the same column again reverses); a click on a header too
   space     mark a run; o overlays the curves of the marked runs (colours per run)
   c         compare: the fair-comparison table and accuracy vs robustness
-  l         launch experiments of a manifest (detached: runs go on when the TUI quits)
+  l         launch experiments of a manifest, locally (detached: runs go on when the
+            TUI quits) or on Slurm (one sbatch array job)
   x         cancel the selected run      r   rerun the selected failed/cancelled run
+            (a Slurm run is resubmitted to Slurm with its launch's settings)
   X         cancel a whole launch
   ?         this help         ctrl+p   command palette        q   quit
 
