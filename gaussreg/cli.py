@@ -160,25 +160,18 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
         fail(f"--backend must be 'local' or 'slurm', not {backend!r}")
     if backend == "slurm":  # the login node's own GPUs say nothing about the cluster's: no local plan
         import shlex
-        from . import manifest as mf
-        try:
-            m = mf.load(manifest, data_dir=str(data_dir) if data_dir else None)
-        except mf.ManifestError as e:
-            fail(str(e))
-        runs = [r for r in m.select(only) if not experiment or r.spec.get("experiment") in experiment]
-        if not runs:
-            fail(f"the experiments chosen (--experiment/--only) match no run in {manifest}")
         overrides = {"partition": partition, "time": time_limit, "gpus_per_run": gpus_per_run,
                      "cpus_per_run": cpus_per_run, "mem": mem, "array_parallelism": array_parallelism,
                      "per_gpu": per_gpu, "sbatch_args": [a for x in sbatch_arg or [] for a in shlex.split(x)]}
-        return _run_slurm(m, runs, Store(store), manifest, overrides, rerun, bool(follow), dry_run, data_dir)
+        req = LaunchRequest(str(manifest), str(store), tuple(experiment or ()), only, rerun=rerun,
+                            data_dir=str(data_dir) if data_dir else None, backend="slurm", slurm=overrides)
+        return _run_slurm(req, bool(follow), dry_run, yes)
     follow = True if follow is None else follow
     req = LaunchRequest(str(manifest), str(store), tuple(experiment or ()), only, gpus,
                         1 if per_gpu is None else per_gpu, max_parallel, rerun, str(data_dir) if data_dir else None)
     try:
         p = plan(req)
     except LaunchError as e:
-        fail(str(e))
         fail(str(e))
     runs, slots = p.runs, p.slots
     readable_store(store)
@@ -206,10 +199,9 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
             if any(r.spec["experiment"] == e.name for r in runs):
                 st.write_experiment(e.name, {"name": e.name, "tolerance": e.tolerance,
                                              "manifest": str(Path(manifest).resolve())})
-        for r in runs:
-            st.create(r.spec, r.id)
-    except OSError as e:  # a full disk, a file where a run folder should be: nothing launched
-        fail(f"cannot write the run directories in {store} ({e.strerror}{': ' + str(e.filename) if e.filename else ''})")
+    except OSError as e:  # a full disk, a file where a folder should be: nothing launched
+        fail(f"cannot write the experiments of {manifest} in {store} "
+             f"({e.strerror}{': ' + str(e.filename) if e.filename else ''})")
     from .live import LiveView
     survive_closed_output(console.print)(f"{len(runs)} runs from {manifest} into {st.root}/ on "
                   f"{', '.join('gpu ' + s.gpu if s.gpu else 'cpu' for s in slots)}"
@@ -219,7 +211,8 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
     view = LiveView(len(runs), console)
     survive_closed_output(view.__enter__)()
     try:
-        summary = Scheduler(st, [r.id for r in runs], slots, rerun=rerun,
+        # the scheduler creates the run directories: each at its launch, the rest while the first runs train
+        summary = Scheduler(st, [r.id for r in runs], slots, rerun=rerun, specs={r.id: r.spec for r in runs},
                             on_change=survive_closed_output(view.on_change)).run()
     finally:
         survive_closed_output(view.__exit__)(None, None, None)
@@ -271,44 +264,44 @@ def _dry_run(p, st, manifest) -> None:
         console.print(message, markup=False, highlight=False)
 
 
-def _run_slurm(m, runs, st, manifest, overrides, rerun, follow, dry_run, data_dir):
-    """`gaussreg run --backend slurm`: one sbatch array job for the runs that need training."""
-    from . import data, report, slurm
+def _run_slurm(req, follow, dry_run, yes):
+    """`gaussreg run --backend slurm`: one sbatch array job for the runs that need training
+    (launch.submit_slurm, as the TUI's launch dialog)."""
+    from . import report, slurm
+    from .launch import LaunchError, plan, submit_slurm
+    from .store import Store
+    manifest, st = req.manifest, Store(req.store)
     try:
-        cfg = slurm.settings(m.slurm, overrides)
-    except slurm.SlurmConfigError as e:
-        fail(f"Slurm setting (flag or [slurm] in {manifest}) {e}")
+        p = plan(req, commands=not dry_run)
+    except LaunchError as e:
+        fail(str(e))
+    runs, cfg = p.runs, p.slurm
     if dry_run:
         console.print(" ".join(slurm.sbatch_command(cfg, -(-len(runs) // cfg.per_gpu), Path("JOB.sh"),
                                                     st.root / "_slurm" / "LAUNCH")), highlight=False, markup=False)
         return
+    if p.missing_data:
+        fail(next(iter(p.missing_data.values())))
+    if len(runs) > BIG_GRID and not yes:
+        fail(f"{manifest} expands to {len(runs)} runs (more than {BIG_GRID}); check the grid with --dry-run, "
+             "then add --yes to submit them all")
+    writable_store(st.root)
     try:
-        slurm.require("sbatch", "squeue")
-    except slurm.SlurmError as e:
-        fail(str(e))
-    for name in sorted({r.spec["dataset"] for r in runs} - {"synthetic"}):
-        if data.find(name, data_dir) is None:
-            fail(data.missing_message(name, data_dir))
-    for e in m.experiments:
-        if any(r.spec["experiment"] == e.name for r in runs):
-            st.write_experiment(e.name, {"name": e.name, "tolerance": e.tolerance,
-                                         "manifest": str(Path(manifest).resolve())})
-    for r in runs:
-        st.create(r.spec, r.id)
-    try:
-        sub = slurm.submit(st, [r.id for r in runs], cfg, rerun=rerun)
-    except slurm.SlurmError as e:
+        sub = submit_slurm(p)
+    except LaunchError as e:
         fail(str(e))
     for rid, why in sorted(sub.skipped.items()):
-        console.print(f"[dim]skipped[/] {rid}: {why}", highlight=False)
+        console.print(f"[dim]skipped[/] {escape(rid)}: {escape(why)}", highlight=False)
     if sub.job_id:
         console.print(f"submitted {len(sub.submitted)} run(s) as Slurm array job {sub.job_id} "
-                      f"({-(-len(sub.submitted) // cfg.per_gpu)} task(s)); script {sub.script}", highlight=False)
+                      f"({-(-len(sub.submitted) // cfg.per_gpu)} task(s)); script {escape(str(sub.script))}",
+                      highlight=False)
     else:
         console.print("nothing to submit", highlight=False)
     if not follow:
         console.print(f"watch with `gaussreg tui --store {st.root}`, `gaussreg ls --store {st.root}` or "
-                      f"`gaussreg run {manifest} --store {st.root} --backend slurm --follow`", highlight=False)
+                      f"`gaussreg run {manifest} --store {st.root} --backend slurm --follow`", highlight=False,
+                      markup=False)
         return
     code = slurm.follow(st, [r.id for r in runs], console)
     if code:

@@ -259,3 +259,101 @@ def test_gpu_shares_are_counted_across_the_schedulers_of_a_store(tmp_path):
         th.join(60)
     recs = sorted((json.loads((st.root / i / "fake.json").read_text()) for i in ids[2:]), key=lambda r: r["start"])
     assert recs[0]["end"] <= recs[1]["start"] and {r["cuda"] for r in recs} == {"0"}
+
+
+@pytest.mark.parametrize("who", ["this test", "init"])
+def test_a_running_status_whose_lock_is_free_is_interrupted_whoever_has_its_pid_now(tmp_path, who):
+    """The worker died without a word and its pid was reused by a live process that is
+    not its worker: the free lock says it is not running (not `running` forever), so it
+    cannot be cancelled (no stranger gets SIGTERM) and a scheduler resumes it."""
+    import os
+    import socket
+    from gaussreg.scheduler import ControlError, cancel_run
+    from gaussreg.store import now_iso, pid_alive, try_lock
+    st, ids = _store_with(tmp_path, [1])
+    run = RunDir(st.root / ids[0])
+    pid = os.getpid() if who == "this test" else 1
+    assert pid_alive(pid)
+    running = {"state": "running", "pid": pid, "host": socket.gethostname(), "started_at": now_iso(),
+               "updated_at": now_iso(), "epoch": 1, "max_epochs": 3}
+    run.write_status(running)
+    assert run.state() == "interrupted"
+    with pytest.raises(ControlError, match="is interrupted, not running"):
+        cancel_run(run)
+    out = subprocess.run(cli("ls", "--store", st.root, "--format", "json"), env=python_env(),
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and [r["state"] for r in json.loads(out.stdout)] == ["interrupted"], out.stderr
+    fd = try_lock(run)  # someone trains it: running it is
+    try:
+        assert run.state() == "running"
+    finally:
+        os.close(fd)
+    assert run.state() == "interrupted"
+    # a status read just before the worker wrote its last one and exited: the file decides
+    run.write_status({**running, "state": "completed"})
+    assert run.state(running) == "completed"
+    run.write_status(running)
+    summary = Scheduler(st, ids, make_slots([]), worker_argv=FAKE, poll_s=0.05).run()
+    assert summary.count("completed") == 1 and run.status()["state"] == "completed"
+
+
+def _grid(n):
+    specs = {}
+    for i in range(n):
+        spec = resolve({"dataset": "synthetic", "model": "mlp", "method": "baseline", "seed": 100 + i,
+                        "experiment": "big"})
+        specs[run_id(spec)] = spec
+    return specs
+
+
+def test_a_big_grid_starts_its_first_run_before_creating_the_other_directories(tmp_path):
+    """Run directories are created lazily: the first run is launched when only its own
+    directory exists; the others are created while it trains, so `ls` and the TUI list
+    every pending run once they are."""
+    st = Store(tmp_path / "runs")
+    specs = _grid(120)
+    seen = {}
+
+    def on_change(sched, what, run):
+        if what == "started" and "dirs at first start" not in seen:
+            seen["dirs at first start"] = sum(1 for _ in st.runs())
+        if what == "completed" and "states" not in seen:
+            assert sched.all_created.wait(120)
+            seen["states"] = sorted(r.state() for r in st.runs())
+            sched.stop()
+
+    summary = Scheduler(st, list(specs), make_slots([], max_parallel=1), worker_argv=FAKE, on_change=on_change,
+                        poll_s=0.05, specs=specs).run()
+    assert seen["dirs at first start"] == 1
+    assert seen["states"] == ["completed"] + ["queued"] * 119
+    assert summary.interrupted and summary.count("completed") == 1 and summary.count("queued") == 119
+    assert {r.spec()["seed"] for r in st.runs()} == {s["seed"] for s in specs.values()}
+
+
+def test_gaussreg_run_of_a_big_grid_launches_before_writing_its_directories(tmp_path, monkeypatch):
+    """Through the CLI: above the --yes threshold, the first worker starts when one run
+    directory exists (it used to wait for all of them, ~20 ms each)."""
+    import os
+    from typer.testing import CliRunner
+    from gaussreg import scheduler
+    from gaussreg.cli import BIG_GRID, app
+    n = BIG_GRID + 1
+    (tmp_path / "m.toml").write_text(
+        '[defaults]\ndataset = "synthetic"\nmodel = "mlp"\nmax_epochs = 1\n\n[[experiment]]\nname = "big"\n'
+        f'methods.baseline = {{}}\nseeds = {list(range(n))}\n')
+    args = ["run", str(tmp_path / "m.toml"), "--store", str(tmp_path / "runs"), "--max-parallel", "1"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and "add --yes" in r.output and not (tmp_path / "runs").exists()
+    r = CliRunner().invoke(app, args + ["--dry-run"])
+    assert r.exit_code == 0 and f"{n} new" in r.output and not (tmp_path / "runs").exists()
+    real, dirs = scheduler.start_worker, []
+
+    def first_worker_then_ctrl_c(run, resume, **kw):
+        dirs.append(sum(1 for _ in Store(tmp_path / "runs").runs()))
+        proc = real(run, resume, **{**kw, "argv": FAKE})
+        os.kill(os.getpid(), signal.SIGINT)  # the scheduler's handler: stop, cancel the worker
+        return proc
+    monkeypatch.setattr(scheduler, "start_worker", first_worker_then_ctrl_c)
+    r = CliRunner().invoke(app, args + ["--yes"])
+    assert r.exit_code == 130, r.output
+    assert dirs == [1]

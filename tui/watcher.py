@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from gaussreg import slurm
 from gaussreg.report import run_certified
 from gaussreg.spec import describe_params
 from gaussreg.store import EventTail, RunDir, RunFileError, parse_iso
@@ -39,6 +40,7 @@ class RunRow:
     duration: Optional[float] = None
     error: Optional[str] = None
     slurm_job: Optional[str] = None  # "JOBID_INDEX" for runs submitted with --backend slurm
+    slurm_reason: Optional[str] = None  # why Slurm has not started it yet (squeue), for a queued Slurm run
 
 
 @dataclass
@@ -64,9 +66,42 @@ def _sig(path: Path):
 
 
 class StoreWatcher:
-    def __init__(self, root):
+    def __init__(self, root, squeue_s: float = slurm.SQUEUE_MIN_S):
         self.root = Path(root)
         self.tracked: Dict[str, _Tracked] = {}
+        # Slurm's pending reasons: one squeue for all runs, at most every SQUEUE_MIN_S (it
+        # loads the controller), and only while some Slurm run is queued or running
+        self.squeue_s = max(slurm.SQUEUE_MIN_S, squeue_s)
+        self.tasks: Dict[str, slurm.Task] = {}
+        self.squeue_at: Optional[float] = None  # when the last squeue answered
+        self.squeue_calls = 0
+        self.squeue_error: Optional[str] = None
+        self._next_squeue = 0.0
+        self.scans = 0
+
+    def _poll_squeue(self) -> None:
+        if time.monotonic() < self._next_squeue:
+            return
+        if not any(t.row and t.row.slurm_job and t.row.state in LIVE for t in self.tracked.values()):
+            return
+        self._next_squeue = time.monotonic() + self.squeue_s
+        self.squeue_calls += 1
+        try:
+            self.tasks, self.squeue_at, self.squeue_error = slurm.squeue(), time.time(), None
+        except slurm.SlurmError as e:  # no reasons then; the runs' files still say the rest
+            self.tasks, self.squeue_at, self.squeue_error = {}, None, str(e)
+
+    def _reason(self, status: dict, state: str) -> Optional[str]:
+        job = status.get("slurm_job")
+        if state != "queued" or not job or self.squeue_at is None:
+            return None
+        task = self.tasks.get(job)
+        if task is None:  # asked after it was submitted, and Slurm no longer has it: it will not start
+            submitted = parse_iso(status.get("submitted_at"))
+            return "not in squeue" if submitted and submitted < self.squeue_at else None
+        if task.state == "PENDING" and task.reason and task.reason != "None":
+            return task.reason
+        return None
 
     def _track(self, path: Path) -> _Tracked:
         run = RunDir(path)
@@ -133,12 +168,14 @@ class StoreWatcher:
         return RunRow(run.id, s.get("experiment", ""), s.get("dataset", ""), s.get("model", ""), s.get("method", ""),
                       describe_params(s, with_seed=False), s.get("seed"), state, epoch, s.get("max_epochs"), best,
                       res.get("test_accuracy") if res else None, res.get("robustness") if res else None,
-                      duration, tr.status.get("error"), tr.status.get("slurm_job"))
+                      duration, tr.status.get("error"), tr.status.get("slurm_job"), self._reason(tr.status, state))
 
     def scan(self) -> List[RunRow]:
         """Rows that are new or changed since the previous scan."""
         now = time.time()
         changed = []
+        self.scans += 1
+        self._poll_squeue()
         try:
             entries = [e for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith(("_", "."))]
         except FileNotFoundError:
