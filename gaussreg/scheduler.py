@@ -159,6 +159,9 @@ def start_worker(run: RunDir, resume: bool, gpu: Optional[str] = None, threads: 
         env["CUDA_VISIBLE_DEVICES"] = gpu
         if gpu:  # a GPU slot: the worker must get CUDA or refuse (worker.pick_device)
             env["GAUSSREG_GPU"] = gpu
+            # GPU indices are nvidia-smi's, which counts by PCI bus; CUDA's default order
+            # (fastest first) could make "1" another GPU (a user's own setting wins)
+            env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     if threads:
         env["GAUSSREG_THREADS"] = env["OMP_NUM_THREADS"] = str(threads)
     cmd = (argv or [sys.executable, "-m", "gaussreg.worker"]) + [str(run.path)] + (["--resume"] if resume else [])

@@ -10,7 +10,8 @@ from gaussreg.store import RunDir, atomic_write_json, now_iso
 run = RunDir(sys.argv[1])
 spec = run.spec()
 rec = {"cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "threads": os.environ.get("GAUSSREG_THREADS"),
-       "lock_fd": os.environ.get("GAUSSREG_LOCK_FD"), "argv": sys.argv[1:], "start": time.time(), "pid": os.getpid()}
+       "lock_fd": os.environ.get("GAUSSREG_LOCK_FD"),
+       "order": os.environ.get("CUDA_DEVICE_ORDER"), "gpu_slot": os.environ.get("GAUSSREG_GPU"), "argv": sys.argv[1:], "start": time.time(), "pid": os.getpid()}
 run.write_status({"state": "running", "pid": os.getpid(), "updated_at": now_iso()})
 time.sleep(2.0 if spec["seed"] == 15 else 0.4)  # seed 15: a long run
 if spec["seed"] == 13:

@@ -42,12 +42,14 @@ def test_slots_per_gpu_and_cpu():
 
 
 def test_fake_gpus_each_child_sees_its_gpu_and_at_most_per_gpu_share(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
     st, ids = _store_with(tmp_path, range(10))
     summary = Scheduler(st, ids, make_slots(["0", "1"], per_gpu=2, cpus=8), worker_argv=FAKE, poll_s=0.05).run()
     assert summary.exit_code() == 0 and summary.count("completed") == 10
     recs = [json.loads((st.root / i / "fake.json").read_text()) for i in ids]
     assert {r["cuda"] for r in recs} == {"0", "1"}
     assert all(r["threads"] == "2" and r["lock_fd"] for r in recs)
+    assert all(r["order"] == "PCI_BUS_ID" and r["gpu_slot"] == r["cuda"] for r in recs)  # nvidia-smi's numbering
     for gpu in ("0", "1"):
         spans = [(r["start"], r["end"]) for r in recs if r["cuda"] == gpu]
         for t, _ in spans:  # how many runs of this GPU were alive at each start
@@ -168,7 +170,8 @@ def test_cpu_slots_hide_every_gpu_from_their_workers(tmp_path, monkeypatch, pare
     summary = Scheduler(st, ids, make_slots(parse_gpus("none"), max_parallel=2, cpus=2), worker_argv=FAKE,
                         poll_s=0.05).run()
     assert summary.exit_code() == 0
-    assert [json.loads((st.root / i / "fake.json").read_text())["cuda"] for i in ids] == ["", ""]
+    recs = [json.loads((st.root / i / "fake.json").read_text()) for i in ids]
+    assert [r["cuda"] for r in recs] == ["", ""] and [r["gpu_slot"] for r in recs] == [None, None]
 
 
 def test_children_of_the_suite_see_no_gpu_unless_the_test_is_about_gpus():

@@ -378,3 +378,22 @@ def test_an_out_of_memory_run_says_so_in_its_error(tmp_path, monkeypatch, error)
     status = st.get(run_id(spec)).status()
     assert status["state"] == "failed" and status["out_of_memory"] is True
     assert status["error"].startswith("out of memory on cpu (") and "--per-gpu" in status["error"]
+
+
+def test_the_per_batch_code_has_no_host_sync_by_construction():
+    """Static companion of the test above: the step and the loop around it read no tensor
+    value into Python (the loop's only read is the progress event, at most every 0.5 s)."""
+    import ast
+    import inspect
+    from gaussreg import worker as w
+    step = ast.parse(inspect.getsource(w._batch_step))
+    calls = {(n.func.attr if isinstance(n.func, ast.Attribute) else getattr(n.func, "id", None))
+             for n in ast.walk(step) if isinstance(n, ast.Call)}
+    assert not calls & {"item", "tolist", "cpu", "numpy", "float", "int", "bool", "as_tensor", "tensor"}, calls
+    loop = next(n for n in ast.walk(ast.parse(inspect.getsource(w._train_epochs)))
+                if isinstance(n, ast.For) and ast.unparse(n.iter) == "range(batches)")
+    reads = [ast.unparse(n) for n in ast.walk(loop) if isinstance(n, ast.Call)
+             and getattr(n.func, "id", getattr(n.func, "attr", None)) in ("float", "int", "item", "tolist")]
+    assert reads == ["float(sums[-1])"]  # the progress event's loss
+    progress = next(n for n in ast.walk(loop) if isinstance(n, ast.If) and "next_progress" in ast.unparse(n.test))
+    assert "float(sums[-1])" in ast.unparse(progress)
