@@ -523,40 +523,52 @@ def _parse_sigmas(text: Optional[str]) -> Optional[List[float]]:
 @app.command("eval")
 def eval_(target: str = typer.Argument(..., help="A run id, or a checkpoint file inside a run directory."),
           store: Path = StoreOpt,
-          sigmas: Optional[str] = typer.Option(None, help="'0,0.1,0.2' or START:STOP:COUNT (default 0:0.5:30)."),
-          samples: int = typer.Option(1, help="Noise draws per image and sigma; all must agree."),
+          sigmas: Optional[str] = typer.Option(None, help="'0,0.1,0.2' or START:STOP:COUNT (default: the run's "
+                                                          "own robustness sigmas)."),
+          samples: Optional[int] = typer.Option(None, help="Noise draws per image and sigma; all must agree "
+                                                           "(default: the run's own)."),
           seed: int = typer.Option(0),
-          clip: bool = typer.Option(False, help="Clip noisy images to [0,1]."),
+          clip: Optional[bool] = typer.Option(None, "--clip/--no-clip",
+                                              help="Clip noisy images to [0,1] (default: as the run did)."),
           device: str = typer.Option("auto"),
           data_dir: Optional[Path] = DataDirOpt,
           format: ListFormat = typer.Option(ListFormat.table, "--format")):
-    """Re-evaluate robustness of a trained run (best.pt) or checkpoint on its test set."""
-    import torch
-    from . import data
-    from .models import build_model
-    from .robustness import robustness
-    from .spec import SpecError, resolve
+    """Re-evaluate robustness of a trained run (best.pt) or checkpoint on its test set, at the run's own sigmas."""
+    from .spec import MAX_SAMPLES, SpecError, resolve, valid_device
     from .store import RunDir, RunFileError
-    from .worker import pick_device
     p = Path(target)
     if p.is_file():
         run, ckpt = RunDir(p.parent), p
+        if not os.path.lexists(run.file("spec.json")):
+            fail(f"{target} is not a run id or a checkpoint inside a run directory (no spec.json next to it)")
     else:
         run = _get_run(store, target)
         ckpt = run.file("best.pt")
-    from .spec import MAX_SAMPLES, valid_device
-    if not 1 <= samples <= MAX_SAMPLES:
+    if samples is not None and not 1 <= samples <= MAX_SAMPLES:
         fail(f"--samples must be from 1 to {MAX_SAMPLES}, not {samples}")
     if not valid_device(device):
         fail(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
     sig = _parse_sigmas(sigmas)
     try:
         spec = resolve(run.spec())
-        dev = pick_device(device)
     except (SpecError, RunFileError) as e:
         fail(str(e))
+    own = spec["robustness"]
+    sig = own["sigmas"] if sig is None else sig
+    samples = own["samples"] if samples is None else samples
+    clip = own["clip"] if clip is None else clip
     if not ckpt.is_file():
         fail(f"{ckpt} does not exist (has the run finished an epoch?)")
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from . import data
+    from .models import build_model
+    from .robustness import robustness
+    from .worker import pick_device
+    try:
+        dev = pick_device(device)
+    except SpecError as e:
+        fail(str(e))
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
     except Exception as e:
@@ -572,17 +584,29 @@ def eval_(target: str = typer.Argument(..., help="A run id, or a checkpoint file
     except (RuntimeError, TypeError, AttributeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         fail(f"{ckpt} does not fit the run's model {spec['model']} on {spec['dataset']} ({first})")
-    r = robustness(model, splits.test_x, splits.test_y, sigmas=sig, samples=samples, seed=seed, clip=clip)
+    which = "given by --sigmas" if sigmas else "the run's own"
+    used = (f"{run.id}: checkpoint {ckpt}, {len(sig)} sigmas {min(sig):g} to {max(sig):g} ({which}), "
+            f"{samples} sample(s){', clipped' if clip else ''}")
+    # said first: the evaluation takes a while; on stderr when stdout is JSON
+    (err_console if format == ListFormat.json else console).print(escape(used), highlight=False, soft_wrap=True)
+    with Progress(TextColumn(f"evaluating at {len(sig)} sigmas"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("test images"), TimeRemainingColumn(), console=err_console, transient=True) as bar:
+        task = bar.add_task("eval", total=len(splits.test_x))
+        r = robustness(model, splits.test_x, splits.test_y, sigmas=sig, samples=samples, seed=seed, clip=clip,
+                       progress=lambda done, total: bar.update(task, completed=done))
     if format == ListFormat.json:
-        print(json.dumps({"run_id": run.id, "checkpoint": str(ckpt), **r.to_dict()}, indent=2))
+        print(json.dumps({"run_id": run.id, "checkpoint": str(ckpt), "sigmas_from": "option" if sigmas else "run",
+                          **r.to_dict(), "clip": clip}, indent=2))
         return
-    t = Table(title=escape(f"{run.id}: clean acc {r.clean_accuracy * 100:.2f}%, robustness R {r.score * 100:.2f}%"),
-              title_justify="left")
+    t = Table()
     for h in ("sigma", "consistency %", "accuracy %"):
         t.add_column(h, justify="right")
     for s, c, a in zip(r.sigmas, r.per_sigma, r.accuracy_per_sigma):
         t.add_row(f"{s:.4f}", f"{c * 100:.2f}", f"{a * 100:.2f}")
     console.print(t)
+    # a line of its own: as the table's title it would wrap at the table's width
+    console.print(escape(f"{run.id}: clean acc {r.clean_accuracy * 100:.2f}%, robustness R {r.score * 100:.2f}%"),
+                  highlight=False, soft_wrap=True)
 
 
 @app.command()

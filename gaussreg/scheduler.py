@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from .store import FINISHED, RunDir, RunFileError, Store, atomic_write_json, now_iso, try_lock
 
@@ -107,6 +107,27 @@ class Summary:
         if self.interrupted:
             return 130
         return 1 if self.count("failed", "diverged", "cancelled", "interrupted") else 0
+
+
+@dataclass(frozen=True)
+class ActiveRun:
+    """A run being trained, as a view sees it."""
+    run: RunDir
+    gpu: Optional[str]  # None: a CPU slot
+    started: float  # time.time() when its worker was started
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the scheduler tells its view (the CLI live view) at each change: a copy, so the
+    view never reads the scheduler's own attributes while it schedules."""
+    active: Tuple[ActiveRun, ...]
+    queued: int
+    outcomes: Dict[str, Outcome]
+    stopping: bool
+
+    def count(self, *states) -> int:
+        return sum(1 for o in self.outcomes.values() if o.state in states)
 
 
 def start_worker(run: RunDir, resume: bool, gpu: Optional[str] = None, threads: Optional[int] = None,
@@ -256,7 +277,7 @@ class Scheduler:
         self.store, self.slots, self.rerun = store, slots, rerun
         self.queue = [RunDir(store.root / r) for r in run_ids]
         self.worker_argv = worker_argv  # None: python -m gaussreg.worker
-        self.on_change = on_change or (lambda sched, what, run: None)
+        self.on_change = on_change or (lambda snapshot, what, run: None)  # (Snapshot, what, RunDir)
         self.poll_s, self.grace_s = poll_s, grace_s
         self.active: Dict[int, Active] = {}  # slot index -> active run
         self.summary = Summary()
@@ -267,11 +288,15 @@ class Scheduler:
         """First Ctrl-C (or SIGTERM): launch nothing more and cancel the running workers."""
         self.stopping = True
 
+    def snapshot(self) -> Snapshot:
+        return Snapshot(tuple(ActiveRun(a.run, a.slot.gpu, a.started) for a in self.active.values()),
+                        len(self.queue), dict(self.summary.outcomes), self.stopping)
+
     def _notify(self, what: str, run: Optional[RunDir]) -> None:
-        """The view is told what happened; a view that cannot show it (a closed pipe, a
-        corrupt file it reads) never stops the sweep."""
+        """The view is told what happened, with a snapshot of the scheduler; a view that
+        cannot show it (a closed pipe, a corrupt file it reads) never stops the sweep."""
         try:
-            self.on_change(self, what, run)
+            self.on_change(self.snapshot(), what, run)
         except Exception as e:  # noqa: BLE001 - the sweep outlives its view
             if self.view_error is None:
                 self.view_error = f"{type(e).__name__}: {e}"

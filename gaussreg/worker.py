@@ -264,7 +264,7 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
         for epoch in range(state["epoch"] + 1, spec["max_epochs"] + 1):
             if state["bad_epochs"] >= spec["early_stop"]:
                 break
-            status.update(epoch=epoch)
+            status.update(epoch=epoch, phase="training")
             t0 = time.time()
             model.train()
             perm = torch.randperm(N, generator=g, device=dev)
@@ -298,6 +298,7 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
             bad = {k: int(v) for k, v in first_bad.items() if int(v) < batches}
             if bad or not all(math.isfinite(v) for v in train.values()):
                 raise Diverged(epoch, min(bad, key=lambda k: bad[k]) if bad else "loss")
+            status.update(phase="validating")  # what the views say while no batch progresses
             val = evaluate(method, model, splits.val_x, splits.val_y, B, val_seed)
             if not math.isfinite(val["loss"]):
                 raise Diverged(epoch, "val_loss")
@@ -322,10 +323,10 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
 
         # evaluate the model with the best validation objective
         _load_checkpoint(best, model, None, None, None)
+        status.update(phase="evaluating")  # test accuracy, then R on test and validation
         test = evaluate(make_method("baseline", {}), model, splits.test_x, splits.test_y, B, seed)
         rcfg = spec["robustness"]
         t0 = time.time()
-        status.update(phase="evaluating")
         try:
             rob = robustness(model, splits.test_x, splits.test_y, sigmas=rcfg["sigmas"], samples=rcfg["samples"],
                              seed=seed, clip=rcfg["clip"], should_stop=should_stop)
@@ -339,6 +340,7 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
                     sigmas=rob.sigmas, per_sigma=rob.per_sigma, accuracy_per_sigma=rob.accuracy_per_sigma,
                     eval_time=rob_time)
         if spec.get("certify"):
+            status.update(phase="certifying")
             _certify(spec, model, splits, run, should_stop, events, log)
     finally:
         events.close()
