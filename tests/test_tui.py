@@ -370,6 +370,40 @@ async def test_detail_shows_certified_accuracy_once_certified(store):
         assert "acc at sigma 0.25: r=0 50.00%  r=0.25 25.00%  r=0.5 0.00%" in _text(status)
 
 
+async def test_detail_shows_batch_progress_and_the_quiet_phases(store):
+    """Through epoch 1 there is no epoch event yet: the detail says how far the batches are; while
+    the worker validates or evaluates R, the row and the detail say so."""
+    run = add_run(store, "regularizer", state="running", epochs=5, sigma=0.3, alpha=1.0)
+    status = run.status()
+    status.update(pid=os.getpid(), host=socket.gethostname(), finished_at=None, epoch=1, phase="training")
+    run.write_status(status)
+    run.file("events.jsonl").write_text(json.dumps({"type": "start", "time": T0, "epoch": 0}) + "\n")
+    app = GaussregApp("runs", poll_s=0.05)
+    async with app.run_test(size=(160, 40)) as pilot:
+        await until(pilot, lambda: table(app).row_count == 6)
+        assert table(app).get_cell(run.id, "state").plain == "running"  # training: nothing more to say
+        app.push_screen(RunDetailScreen(run.id))
+        side = await widget(pilot, RunDetailScreen, "#status")
+        await until(pilot, lambda: "0/5 done, epoch 1 running" in _text(side))
+        assert "batch" not in _text(side)
+        with open(run.file("events.jsonl"), "a") as f:
+            f.write(json.dumps({"type": "progress", "time": T0, "epoch": 1, "batch": 3, "batches": 10,
+                                "loss": 1.23456}) + "\n")
+        await until(pilot, lambda: "epoch 1 running: batch 3/10, loss 1.2346" in _text(side))
+        status.update(phase="validating")
+        run.write_status(status)
+        await until(pilot, lambda: "running, validating" in _text(side))
+        assert "batch 3/10" not in _text(side)
+        with open(run.file("events.jsonl"), "a") as f:
+            f.write(json.dumps(_epoch(1, 0.9, 1.0, 0.4)) + "\n")
+        status.update(phase="evaluating")
+        run.write_status(status)
+        await until(pilot, lambda: "running, evaluating R" in _text(side) and "1/5 done" in _text(side))
+        await pilot.press("escape")
+        await until(pilot, lambda: isinstance(app.screen, RunsScreen))
+        await until(pilot, lambda: table(app).get_cell(run.id, "state").plain == "running evaluating R")
+
+
 async def test_compare_screen_matches_table_json(store):
     app = GaussregApp("runs", poll_s=0.05)
     out = subprocess.run(cli("table", "--store", "runs", "--format", "json"), capture_output=True, text=True,

@@ -17,7 +17,7 @@ from textual.widgets import (Button, DataTable, Footer, Header, Input, Label, Op
 
 from gaussreg.launch import LaunchRequest
 from gaussreg.spec import describe_params
-from gaussreg.store import STATES, RunDir
+from gaussreg.store import STATES, RunDir, phase_of
 
 from .messages import CompareReady, DetailChanged, OverlayReady, PlanReady
 from .watcher import RunTail
@@ -323,7 +323,15 @@ class RunDetailScreen(Screen):
         # one meaning everywhere: epochs done; a running run also names the epoch in progress
         epochs = (f"{done}/{total} done, epoch {done + 1} running" if state == "running"
                   else f"{done}/{total} done")
-        rows = [("state", Text(state, style=STATE_STYLE.get(state, ""))), ("epochs", epochs),
+        phase = phase_of(st)
+        if state == "running" and phase in (None, "training") and d.progress:  # within an epoch: how far its batches are
+            p = d.progress
+            batches = f"batch {p['batch']}/{p['batches']}, " if "batch" in p and "batches" in p else ""
+            epochs += f": {batches}loss {p['loss']:.4f}"
+        shown = Text(state, style=STATE_STYLE.get(state, ""))
+        if phase and phase != "training":
+            shown += Text(f", {phase}", style="cyan")
+        rows = [("state", shown), ("epochs", epochs),
                 ("device", str(st.get("device") or "-"))]
         if d.epochs:
             e = d.epochs[-1]

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 
 from gaussreg.report import run_certified
 from gaussreg.spec import describe_params
-from gaussreg.store import EventTail, RunDir, RunFileError, parse_iso
+from gaussreg.store import EventTail, RunDir, RunFileError, parse_iso, phase_of
 
 LIVE = ("running", "queued")  # states whose rows change without their status file changing
 
@@ -39,6 +39,7 @@ class RunRow:
     duration: Optional[float] = None
     error: Optional[str] = None
     slurm_job: Optional[str] = None  # "JOBID_INDEX" for runs submitted with --backend slurm
+    phase: Optional[str] = None  # what a running worker does: "validating", "evaluating R", ...
 
 
 @dataclass
@@ -133,7 +134,8 @@ class StoreWatcher:
         return RunRow(run.id, s.get("experiment", ""), s.get("dataset", ""), s.get("model", ""), s.get("method", ""),
                       describe_params(s, with_seed=False), s.get("seed"), state, epoch, s.get("max_epochs"), best,
                       res.get("test_accuracy") if res else None, res.get("robustness") if res else None,
-                      duration, tr.status.get("error"), tr.status.get("slurm_job"))
+                      duration, tr.status.get("error"), tr.status.get("slurm_job"),
+                      phase_of({**tr.status, "state": state}))
 
     def scan(self) -> List[RunRow]:
         """Rows that are new or changed since the previous scan."""
@@ -170,6 +172,7 @@ class Detail:
     test: Optional[dict]
     log_tail: str
     certified: Optional[dict] = None  # report.run_certified: certified accuracy at a few radii
+    progress: Optional[dict] = None  # the latest progress event of the epoch in progress (batch, batches, loss)
 
 
 class RunTail:
@@ -180,6 +183,7 @@ class RunTail:
         self.tail = run.tail()
         self.epochs: Dict[int, dict] = {}
         self.test: Optional[dict] = None
+        self.progress: Optional[dict] = None
         self._sigs = None
 
     def poll(self) -> Optional[Detail]:
@@ -191,21 +195,25 @@ class RunTail:
         self._sigs = sigs
         events, restarted = self.tail.read()
         if restarted:
-            self.epochs, self.test = {}, None
+            self.epochs, self.test, self.progress = {}, None, None
         for e in events:
             if e.get("type") == "epoch":
                 self.epochs[e["epoch"]] = e
+            elif e.get("type") == "progress":
+                self.progress = e
             elif e.get("type") == "test":
                 self.test = e
             elif e.get("type") == "start":
-                self.epochs, self.test = {}, None
+                self.epochs, self.test, self.progress = {}, None, None
         try:
             spec, status, result = self.run.spec(), self.run.status(), self.run.result()
             status = {**status, "state": self.run.state(status)}
         except RunFileError as e:
             spec, status, result = None, {"state": "corrupt", "error": str(e)}, None
+        done = max(self.epochs, default=0)
+        progress = self.progress if self.progress and self.progress["epoch"] > done else None
         return Detail(self.run.id, [self.epochs[k] for k in sorted(self.epochs)], status, spec, result, self.test,
-                      self.run.log_tail(40), run_certified(self.run))
+                      self.run.log_tail(40), run_certified(self.run), progress)
 
 
 def overlay_series(root, run_ids: List[str]) -> Dict[str, Dict[str, tuple]]:

@@ -50,6 +50,8 @@ def cells(row: RunRow) -> Dict[str, object]:
         "experiment": escape(row.experiment), "dataset": escape(row.dataset), "model": escape(row.model),
         "method": escape(row.method), "params": escape(row.params),
         "state": Text(row.state, style=STATE_STYLE.get(row.state, ""))
+        # a running run says what it does when that is not training (the quiet phases)
+        + (Text(f" {row.phase}", style="cyan") if row.phase and row.phase != "training" else "")
         + (Text(f" {row.slurm_job}", style="dim") if row.slurm_job else ""),  # Slurm runs: their array task
         "epoch": f"{row.epoch}/{row.max_epochs}" if row.max_epochs else str(row.epoch),
         "best_val_acc": pct(row.best_val_acc), "test_acc": pct(row.test_acc), "robustness": pct(row.robustness),
