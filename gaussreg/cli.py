@@ -30,6 +30,10 @@ StoreOpt = typer.Option(Path("runs"), "--store", help="The run store folder.")
 DataDirOpt = typer.Option(None, "--data-dir", help="Data root (default: $GAUSSREG_DATA, else ./data).")
 
 
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def fail(message: str, code: int = EXIT_BAD_INPUT):
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
@@ -50,6 +54,13 @@ def writable_store(store: Path) -> None:
 def readable_store(store: Path) -> None:
     if store.exists() and not store.is_dir():
         fail(f"--store {store} is a file, not a folder")
+
+
+def existing_store(store: Path) -> None:
+    """Commands that read a store say so when it is not there (a typo), instead of showing nothing."""
+    readable_store(store)
+    if not store.is_dir():
+        fail(f"the store {store} does not exist")
 
 
 def stdout_gone() -> None:
@@ -203,7 +214,7 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
     except OSError as e:  # a full disk, a file where a run folder should be: nothing launched
         fail(f"cannot write the run directories in {store} ({e.strerror}{': ' + str(e.filename) if e.filename else ''})")
     from .live import LiveView
-    survive_closed_output(console.print)(f"{len(runs)} runs from {manifest} into {st.root}/ on "
+    survive_closed_output(console.print)(f"{plural(len(runs), 'run')} from {manifest} into {st.root}/ on "
                   f"{', '.join('gpu ' + s.gpu if s.gpu else 'cpu' for s in slots)}"
                   f" ({slots[0].threads} thread(s) each)", markup=False)
     view = LiveView(len(runs), console)
@@ -236,7 +247,7 @@ def _dry_run(p, st, manifest) -> None:
     from .spec import describe_params
     from .store import RunDir, RunFileError
     runs, slots = p.runs, p.slots
-    t = Table(title=escape(f"{len(runs)} run{'s' if len(runs) != 1 else ''} from {manifest} on {len(slots)} slot(s)"),
+    t = Table(title=escape(f"{plural(len(runs), 'run')} from {manifest} on {plural(len(slots), 'slot')}"),
               title_justify="left")
     for h in ("run id", "dataset", "model", "method", "params", "state"):
         t.add_column(h, overflow="fold")
@@ -417,7 +428,7 @@ def ls(store: Path = StoreOpt,
     from . import report
     from .spec import describe_params
     from .store import STATES, Store
-    readable_store(store)
+    existing_store(store)
     if state and state not in STATES + ("corrupt",):
         fail(f"--state must be one of {', '.join(STATES)}, not {state!r}")
     rows = [r for r in report.collect(Store(store)) if not state or r["state"] == state]
@@ -425,7 +436,8 @@ def ls(store: Path = StoreOpt,
         print(json.dumps([{"id": r["id"], "state": r["state"], "spec": r["spec"], "result": r["result"],
                            "error": r["error"]} for r in rows], indent=2))
         return
-    t = Table(title=escape(f"{len(rows)} runs in {store}"), title_justify="left", box=None, header_style="bold")
+    t = Table(title=escape(f"{plural(len(rows), 'run')} in {store}"), title_justify="left", box=None,
+              header_style="bold")
     t.add_column("run id", no_wrap=True)
     t.add_column("data/model", overflow="fold")
     t.add_column("params", overflow="fold")
@@ -447,7 +459,7 @@ def ls(store: Path = StoreOpt,
 
 def _get_run(store: Path, run_id: str):
     from .store import RunFileError, Store
-    readable_store(store)
+    existing_store(store)
     try:
         return Store(store).get(run_id)
     except RunFileError as e:
@@ -476,11 +488,18 @@ def show(run_id: str = typer.Argument(..., help="A run id (or a unique prefix)."
         console.print(f"test accuracy {result['test_accuracy'] * 100:.2f}%, robustness {result['robustness'] * 100:.2f}%"
                       f", best epoch {result.get('best_epoch', '?')} of {result.get('epochs_run', '?')}, "
                       + (f"{wall:.1f}s " if wall is not None else "")
-                      + f"on {result.get('device_name', '?')}", highlight=False, markup=False)
+                      + f"on {_device(result)}", highlight=False, markup=False)
     tail = run.log_tail(15)
     if tail:
         console.rule("worker.log")
         console.print(tail, highlight=False, markup=False)
+
+
+def _device(result: dict) -> str:
+    """`cpu (Intel(R) Xeon(R) ...)` or the GPU's name; results of older workers named only the
+    CPU's architecture ("x86_64")."""
+    name, dev = str(result.get("device_name", "?")), str(result.get("device", ""))
+    return f"cpu ({name})" if dev == "cpu" and not name.startswith("cpu") else name
 
 
 @app.command()

@@ -27,7 +27,7 @@ class RunTail:
 
     def __init__(self, run: RunDir):
         self.run, self.events = run, run.tail()
-        self.epoch, self.progress, self.test = None, None, None
+        self.epoch, self.progress = None, None
         self.phase: Optional[str] = None
         self.new_epochs: List[dict] = []  # epoch events not yet printed (line mode)
         try:
@@ -38,17 +38,15 @@ class RunTail:
     def update(self) -> None:
         events, restarted = self.events.read()
         if restarted:
-            self.epoch = self.progress = self.test = None
+            self.epoch = self.progress = None
         for e in events:
             if e.get("type") == "epoch":
                 self.epoch = e
                 self.new_epochs.append(e)
             elif e.get("type") == "progress":
                 self.progress = e
-            elif e.get("type") == "test":
-                self.test = e
             elif e.get("type") in ("start", "resume"):
-                self.epoch = self.progress = self.test = None
+                self.epoch = self.progress = None
         try:
             self.phase = phase_of(self.run.status())
         except RunFileError:
@@ -83,10 +81,9 @@ class LiveView:
                 tail.new_epochs.clear()
                 continue
             max_ep = (tail.spec or {}).get("max_epochs", "?")
-            for e in tail.new_epochs:
-                r = f"  R {tail.test['robustness'] * 100:.2f}%" if tail.test else ""
+            for e in tail.new_epochs:  # R is measured once, after training: the "completed" line has it
                 self.console.print(f"epoch {e['epoch']}/{max_ep} {escape(rid)}  loss {e['train_loss']:.4f}  "
-                                   f"val acc {e['val_accuracy'] * 100:.2f}%{r}", highlight=False)
+                                   f"val acc {e['val_accuracy'] * 100:.2f}%", highlight=False)
             tail.new_epochs.clear()
             if tail.phase != self.phases.get(rid) and tail.phase not in (None, "training", "validating"):
                 self.console.print(f"{tail.phase} {escape(rid)}", highlight=False)  # the long quiet parts

@@ -120,7 +120,20 @@ def device_name(dev) -> str:
     import torch
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
-    return platform.processor() or platform.machine() or "cpu"
+    return f"cpu ({cpu_model()})"
+
+
+def cpu_model() -> str:
+    """The processor's name ("Intel(R) Xeon(R) Processor"); platform.processor() says only
+    "x86_64" on Linux."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "Model", "Hardware")) and ":" in line:
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown processor"
 
 
 def make_optimizer(spec, params):

@@ -206,3 +206,58 @@ def test_piped_live_view_prints_each_epoch_and_the_long_phases(tmp_path):
     lines = out.getvalue().splitlines()
     assert lines[1:] == [f"epoch 1/4 {r.id}  loss 0.5000  val acc 80.00%",
                          f"epoch 2/4 {r.id}  loss 0.1250  val acc 81.25%", f"certifying {r.id}"]
+
+
+def test_small_ones_store_missing_plural_param_order_eval_target(tmp_path):
+    for cmd in ("ls", "table", "export", "plot"):
+        out = run(cmd, "--store", tmp_path / "nope")
+        assert out.returncode == 2 and f"the store {tmp_path / 'nope'} does not exist" in out.stderr, (cmd, out.stderr)
+    out = run("show", "abc", "--store", tmp_path / "nope")
+    assert out.returncode == 2 and "does not exist" in out.stderr
+    (tmp_path / "m.toml").write_text(DEMO)
+    dry = run("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--dry-run", "--only", "*baseline*")
+    assert dry.returncode == 0 and "1 run from" in dry.stdout and "1 runs" not in dry.stdout
+    dry = run("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--dry-run")
+    st = Store(tmp_path / "runs")
+    from gaussreg import manifest
+    for r in manifest.load(tmp_path / "m.toml").runs():
+        st.create(r.spec, r.id)  # spec.json has sorted keys: ls must read the same as the dry run
+    ls = run("ls", "--store", tmp_path / "runs")
+    assert "3 runs in" in ls.stdout
+    for words in ("alpha=0.5 sigma=0.25", "alpha=1 sigma=0.25"):
+        assert words in dry.stdout and words in ls.stdout
+    out = run("eval", "README.md", "--store", tmp_path / "runs")
+    assert out.returncode == 2 and "README.md is not a run id or a checkpoint inside a run directory" in out.stderr
+
+
+def test_show_names_the_processor(tmp_path):
+    import torch
+    from gaussreg.store import atomic_write_json
+    from gaussreg.worker import device_name
+    name = device_name(torch.device("cpu"))
+    assert name.startswith("cpu (") and name not in ("cpu (x86_64)", "cpu (aarch64)")
+    st = Store(tmp_path / "runs")
+    spec = resolve({"dataset": "synthetic", "model": "mlp", "method": "baseline", "experiment": "x"})
+    r = st.create(spec, run_id(spec))
+    r.write_status({"state": "completed"})
+    atomic_write_json(r.file("result.json"), {"test_accuracy": 0.5, "robustness": 0.7, "device": "cpu",
+                                              "device_name": "x86_64"})  # what older workers wrote
+    assert "on cpu (x86_64)" in run("show", r.id, "--store", st.root).stdout
+
+
+def test_a_failed_download_does_not_send_you_to_the_same_command(tmp_path, monkeypatch):
+    import sys as _sys
+    import urllib.error
+    import pytest
+    from gaussreg import data
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setitem(_sys.modules, "torchvision.datasets", None)  # the plain HTTP path
+    monkeypatch.setattr(data, "_fetch", offline)
+    with pytest.raises(data.DataError) as e:
+        data.download("mnist", tmp_path)
+    msg = str(e.value)
+    assert msg.startswith("Could not download 'mnist'") and "gaussreg data download" not in msg
+    assert "run it again where the dataset's site can be reached" in msg
+    assert "gaussreg data download mnist" in data.missing_message("mnist", tmp_path)  # elsewhere it is the way

@@ -404,6 +404,31 @@ async def test_detail_shows_batch_progress_and_the_quiet_phases(store):
         await until(pilot, lambda: table(app).get_cell(run.id, "state").plain == "running evaluating R")
 
 
+async def test_at_80x24_every_key_is_in_the_footer_and_dialogs_fit(store):
+    from textual.widgets import Footer
+    from textual.widgets._footer import FooterKey
+    from tui.screens import HelpScreen
+    app = GaussregApp("runs", poll_s=0.05)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: table(app).row_count == 5)
+        await until(pilot, lambda: len(app.screen.query_one(Footer).query(FooterKey)) > 0)
+        keys = {k.key: k for k in app.screen.query_one(Footer).query(FooterKey)}
+        assert {"s", "o", "c", "l", "x", "r", "X", "question_mark", "q"} <= set(keys)
+        assert all(k.region.right <= 80 and k.region.width > 0 for k in keys.values())  # none cut off
+        rid = next(r.id for r in store.runs() if r.status()["state"] == "failed")
+        app.confirm_rerun(rid)
+        dialog = await widget(pilot, ConfirmScreen, "#dialog")
+        await until(pilot, lambda: dialog.region.height > 0)
+        assert dialog.region.height <= 10  # the question and the buttons, not the whole screen
+        await pilot.press("n")
+        await until(pilot, lambda: isinstance(app.screen, RunsScreen))
+        assert max(len(line) for line in HelpScreen.TEXT.splitlines()) <= 74 - 2  # no line wraps mid-sentence
+        await pilot.press("question_mark")
+        text = await widget(pilot, HelpScreen, "#help-text")
+        await until(pilot, lambda: text.region.width > 0)
+        assert text.region.width >= 72
+
+
 async def test_compare_screen_matches_table_json(store):
     app = GaussregApp("runs", poll_s=0.05)
     out = subprocess.run(cli("table", "--store", "runs", "--format", "json"), capture_output=True, text=True,

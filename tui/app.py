@@ -35,6 +35,7 @@ class GaussregApp(App):
     ModalScreen { align: center middle; }
     #dialog { width: 90; max-width: 100%; height: auto; max-height: 90%; border: thick $primary; background: $surface;
               padding: 1 2; }
+    #dialog > Horizontal { height: auto; }  /* else a row of buttons takes the whole height */
     #dialog .row { height: 3; }
     #dialog Label { padding: 1 1 0 0; }
     #dialog.menu { width: 60; }

@@ -78,25 +78,31 @@ class SortScreen(ModalScreen[Optional[str]]):
 
 class HelpScreen(ModalScreen[None]):
     BINDINGS = [Binding("escape,q,question_mark", "app.pop_screen", "close")]
+    # lines of at most 72 characters: the dialog is 74 wide inside at 80 columns, so no line
+    # is wrapped in the middle of a sentence
     TEXT = """gaussreg tui: launch, watch, compare and browse runs
 
 Runs screen
-  enter     open the run's detail (curves, robustness, spec, status, log)
-  /         filter by text (any column); the state selector filters by state
-  s         sort by any column (a menu; the same column again reverses); a click on a header too
-  space     mark a run; o overlays the curves of the marked runs (colours per run)
-  c         compare: the fair-comparison table and accuracy vs robustness
-  l         launch experiments of a manifest (detached: runs go on when the TUI quits)
-  x         cancel the selected run      r   rerun the selected failed/cancelled run
-  X         cancel a whole launch
-  ?         this help         ctrl+p   command palette        q   quit
+  enter   the run's detail (curves, robustness, spec, status, log)
+  /       filter by text (any column); the selector filters by state
+  s       sort by any column (a menu; the same column again reverses)
+  space   mark a run;  o  overlay the curves of the marked runs
+  c       compare: the fair table and accuracy vs robustness
+  l       launch experiments of a manifest (they go on after quit)
+  x       cancel the selected run
+  r       train the selected failed or cancelled run again
+  X       cancel a whole launch (every run it trains)
+  ?       this help      ctrl+p  command palette      q  quit
 
-Detail and compare screens: escape goes back.
-States: queued, running, completed, failed, cancelled, diverged; a run whose worker
-died without a word (stale heartbeat, pid gone) shows as interrupted."""
+Detail, overlay and compare screens: escape goes back; in the
+detail, p shows the next plot when they do not fit one above another.
+States: queued, running, completed, failed, cancelled, diverged; a run
+whose worker died without a word (stale heartbeat, pid gone) shows as
+interrupted. A running run says when it validates, evaluates R or
+certifies."""
 
     def compose(self) -> ComposeResult:
-        with Vertical(id="dialog"):
+        with VerticalScroll(id="dialog"):  # scrolls where the screen is lower than the text
             yield Static(self.TEXT, id="help-text")
             yield Label("escape to close", classes="dim")
 
@@ -105,15 +111,16 @@ class RunsScreen(Screen):
     AUTO_FOCUS = "#runs"
     BINDINGS = [
         Binding("enter", "open", "detail", show=False),
-        Binding("slash", "focus_filter", "filter"),
+        # "/" and space are in the filter's placeholder and the help; the other keys fit 80 columns
+        Binding("slash", "focus_filter", "filter", show=False),
         Binding("s", "sort", "sort"),
-        Binding("space", "mark", "mark"),
+        Binding("space", "mark", "mark", show=False),
         Binding("o", "overlay", "overlay"),
         Binding("c", "app.compare", "compare"),
         Binding("l", "app.launch", "launch"),
-        Binding("x", "cancel_run", "cancel run"),
+        Binding("x", "cancel_run", "cancel"),
         Binding("r", "rerun", "rerun"),
-        Binding("X", "app.cancel_launch", "cancel launch", show=False),
+        Binding("X", "app.cancel_launch", "stop launch"),
         Binding("question_mark", "app.help", "help"),
         Binding("q", "app.quit", "quit"),
     ]
@@ -121,11 +128,13 @@ class RunsScreen(Screen):
     def compose(self) -> ComposeResult:
         yield Header()
         with Horizontal(id="filters"):
-            yield Input(placeholder="filter: experiment, method, params, state…", id="filter")
+            yield Input(placeholder="/ filter: experiment, method, params, state…  (space marks a run)",
+                        id="filter")
             yield Select([(s, s) for s in STATES + ("corrupt",)], prompt="any state", id="state")
         yield SummaryBar(id="summary")
         yield RunsTable(id="runs")
-        yield Footer()
+        # compact, and the palette (ctrl+p) left to the help: every key then fits 80 columns
+        yield Footer(compact=True, show_command_palette=False)
 
     ready = False  # composed and mounted: only then can rows be shown
 

@@ -159,7 +159,7 @@ class RunsTable(DataTable):
 class SummaryBar(Static):
     def show(self, rows: Sequence[RunRow], shown: int) -> None:
         c = Counter(r.state for r in rows)
-        parts = [Text(f"{len(rows)} runs ({shown} shown)  ")]
+        parts = [Text(f"{len(rows)} run{'' if len(rows) == 1 else 's'} ({shown} shown)  ")]
         for state in STATES + ("corrupt",):
             if c.get(state) or state in ("queued", "running", "completed", "failed"):
                 parts.append(Text(f"{state} {c.get(state, 0)}  ", style=STATE_STYLE.get(state, "")))
