@@ -426,7 +426,6 @@ def ls(store: Path = StoreOpt,
        format: ListFormat = typer.Option(ListFormat.table, "--format", help="table or json.")):
     """List the runs of a store."""
     from . import report
-    from .spec import describe_params
     from .store import STATES, Store
     existing_store(store)
     if state and state not in STATES + ("corrupt",):
@@ -448,12 +447,14 @@ def ls(store: Path = StoreOpt,
         t.add_column("slurm job", no_wrap=True)
     from .live import STATE_STYLE
     for r in rows:
-        s, res = r["spec"] or {}, r["result"] or {}
-        t.add_row(escape(r["id"]), escape(f"{s.get('dataset', '?')}/{s.get('model', '?')}"),
-                  escape(describe_params(s) if s else r.get("error") or ""),
-                  f"[{STATE_STYLE.get(r['state'], 'red')}]{r['state']}[/]",
-                  f"{res['test_accuracy'] * 100:.2f}" if res else "-", f"{res['robustness'] * 100:.2f}" if res else "-",
-                  *([r.get("slurm_job") or "-"] if jobs else []))
+        row = r["row"]  # the same row the TUI shows (report.RunReader)
+        params = " ".join(p for p in (row.params, f"seed={row.seed}" if row.seed else "") if p)
+        t.add_row(escape(row.id), escape(f"{row.dataset or '?'}/{row.model or '?'}" if r["spec"] else "?/?"),
+                  escape(params if r["spec"] else row.error or ""),
+                  f"[{STATE_STYLE.get(row.state, 'red')}]{row.state}[/]",
+                  f"{row.test_acc * 100:.2f}" if row.test_acc is not None else "-",
+                  f"{row.robustness * 100:.2f}" if row.robustness is not None else "-",
+                  *([row.slurm_job or "-"] if jobs else []))
     console.print(t)
 
 

@@ -429,6 +429,31 @@ async def test_at_80x24_every_key_is_in_the_footer_and_dialogs_fit(store):
         assert text.region.width >= 72
 
 
+def test_ls_report_and_tui_rows_come_from_one_builder(store):
+    """report.collect (ls, table, export) and the TUI's watcher build a run's row with the same
+    RunReader: the same numbers, states and epochs, including a running run's."""
+    from gaussreg import report
+    from tui.watcher import StoreWatcher
+    run = add_run(store, "regularizer", state="running", epochs=5, sigma=0.3, alpha=1.0)
+    status = run.status()
+    status.update(pid=os.getpid(), host=socket.gethostname(), finished_at=None, updated_at=T1, epoch=3,
+                  phase="validating")
+    run.write_status(status)
+    run.file("events.jsonl").write_text("".join(json.dumps(_epoch(e, 1.0, 1.0, 0.5 + 0.1 * e)) + "\n"
+                                                for e in (1, 2)))
+    from dataclasses import replace
+    rows = {r["id"]: r["row"] for r in report.collect(store)}
+    watched = {r.id: r for r in StoreWatcher(store.root).scan()}
+    assert set(rows) == set(watched) and len(rows) == 6
+    for rid, row in rows.items():  # a running run's duration grows between the two reads
+        assert replace(row, duration=None) == replace(watched[rid], duration=None)
+        assert abs((row.duration or 0) - (watched[rid].duration or 0)) < 60
+    live = rows[run.id]
+    assert (live.state, live.epoch, live.best_val_acc, live.phase) == ("running", 2, 0.7, "validating")
+    done = next(r for r in rows.values() if r.method == "augment")
+    assert (done.test_acc, done.robustness, done.epoch, done.params) == (0.905, 0.70, 3, "folds=2 sigma=0.25")
+
+
 async def test_compare_screen_matches_table_json(store):
     app = GaussregApp("runs", poll_s=0.05)
     out = subprocess.run(cli("table", "--store", "runs", "--format", "json"), capture_output=True, text=True,
