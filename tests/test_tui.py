@@ -229,6 +229,35 @@ async def test_compare_screen_follows_the_store(store):
         assert row[2] == "91.00" and row[4] == "66.00"
 
 
+async def test_compare_screen_picks_among_the_settings_of_an_experiment(store):
+    """Runs of one experiment at two values of max_epochs are two comparisons, each with its own
+    baseline: a selector shows one at a time (hidden while there is only one)."""
+    from textual.widgets import Select
+    app = GaussregApp("runs", poll_s=0.05)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await until(pilot, lambda: table(app).row_count == 5)
+        await pilot.press("c")
+        best = await widget(pilot, CompareScreen, "#best")
+        await until(pilot, lambda: best.row_count == 3)
+        chooser = app.screen.query_one("#setting", Select)
+        assert not chooser.display
+        add_run(store, "baseline", 0.60, 0.40, epochs=5)
+        add_run(store, "regularizer", 0.61, 0.55, epochs=5, sigma=0.5, alpha=1.0)
+        await until(pilot, lambda: chooser.display and chooser.value == "max_epochs=3")
+        assert "max_epochs=5" in [str(label) for label, _ in chooser._options if _ is not Select.NULL]
+        assert best.row_count == 3 and best.get_row("baseline")[2] == "90.00"
+        chooser.value = "max_epochs=5"
+        await until(pilot, lambda: best.row_count == 2 and best.get_row("baseline")[2] == "60.00")
+        assert best.get_row("regularizer")[4] == "55.00"
+        scatter = app.screen.query_one("#scatter", SeriesPlot)
+        assert {m: list(zip(*xy)) for m, xy in scatter.series.items()} == {
+            "baseline": [pytest.approx((60, 40))], "regularizer": [pytest.approx((61, 55))]}
+        # the store moves on: the chosen setting stays chosen
+        add_run(store, "augment", 0.62, 0.50, epochs=5, sigma=0.25, folds=1)
+        await until(pilot, lambda: best.row_count == 3)
+        assert chooser.value == "max_epochs=5" and best.get_row("augment")[2] == "62.00"
+
+
 async def test_overlay_of_marked_runs(store):
     app = GaussregApp("runs", poll_s=0.05)
     async with app.run_test(size=(160, 40)) as pilot:

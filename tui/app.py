@@ -31,7 +31,9 @@ class GaussregApp(App):
     #log { height: 1fr; border-top: solid $primary; }
     #compare-title, #compare-footer { height: auto; padding: 0 1; }
     #best { height: auto; max-height: 12; }
-    #experiment { width: 60; }
+    #compare-selects { height: auto; }
+    #experiment { width: 1fr; max-width: 60; }
+    #setting { width: 1fr; max-width: 60; }
     ModalScreen { align: center middle; }
     #dialog { width: 90; max-width: 100%; height: auto; max-height: 90%; border: thick $primary; background: $surface;
               padding: 1 2; }

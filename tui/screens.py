@@ -427,11 +427,18 @@ class CompareScreen(Screen):
         self.title = "compare"
         self.experiments = experiments
         self.experiment = experiment or (experiments[0] if experiments else None)
+        self.setting: Optional[str] = None  # the comparison shown, by its label, when the experiment has several
+        self._labels: List[str] = []
+        self._last: Optional[CompareReady] = None
 
     def compose(self) -> ComposeResult:
         yield Header()
-        yield Select([(Text(e), e) for e in self.experiments], value=self.experiment or Select.NULL,
-                     prompt="experiment", id="experiment", allow_blank=not self.experiments)
+        with Horizontal(id="compare-selects"):
+            yield Select([(Text(e), e) for e in self.experiments], value=self.experiment or Select.NULL,
+                         prompt="experiment", id="experiment", allow_blank=not self.experiments)
+            # an experiment whose runs differ in a setting (dataset, max_epochs, ...) is several
+            # comparisons, each with its own baseline: this picks one; hidden when there is one
+            yield Select([], prompt="setting", id="setting")
         yield Static(id="compare-title")
         yield DataTable(id="best", cursor_type="row")
         yield Static(id="compare-footer")
@@ -451,7 +458,18 @@ class CompareScreen(Screen):
     def changed(self, event: Select.Changed) -> None:
         if event.value is not Select.NULL and event.value != self.experiment:
             self.experiment = event.value
+            self.setting = None
             self.load(event.value)
+
+    @on(Select.Changed, "#setting")
+    def setting_changed(self, event: Select.Changed) -> None:
+        if event.value is not Select.NULL and event.value != self.setting and self._last is not None:
+            self.setting = event.value
+            self.show(self._last)
+
+    @staticmethod
+    def _label(rec: dict) -> str:
+        return " ".join(f"{k}={v}" for k, v in rec.get("setting", {}).items()) or f"{rec['dataset']} · {rec['model']}"
 
     def store_changed(self, experiments: set) -> None:
         """Runs changed in the store: follow them when they are this experiment's."""
@@ -464,20 +482,36 @@ class CompareScreen(Screen):
         from gaussreg.store import Store
         store = Store(self.app.store_root)
         table = report.fair_table(store, experiment)
-        points = [{"method": r["spec"]["method"], "accuracy": r["result"]["test_accuracy"],
+        points = [{"id": r["id"], "method": r["spec"]["method"], "accuracy": r["result"]["test_accuracy"],
                    "robustness": r["result"]["robustness"]}
                   for r in report.collect(store, experiment) if r["result"]]
         self.post_message(CompareReady(experiment, table, points))
 
     @on(CompareReady)
     def show(self, message: CompareReady) -> None:
+        if message.experiment != self.experiment:
+            return  # a load for the experiment chosen before
+        self._last = message
         t = self.query_one("#best", DataTable)
         t.clear()
         recs = message.table["experiments"]
+        chooser = self.query_one("#setting", Select)
+        chooser.display = len(recs) > 1
         if not recs:
             self.query_one("#compare-title", Static).update("no runs")
             return
-        rec = next((r for r in recs if r["baseline"]), recs[0])  # the first setting with a baseline
+        labels = [self._label(r) for r in recs]
+        if labels != self._labels:
+            self._labels = labels
+            chooser.set_options([(Text(lab), lab) for lab in labels])  # this blanks the choice
+        # the selector holds the user's choice (also one whose Changed is still on its way)
+        if chooser.value in labels:
+            self.setting = chooser.value
+        elif self.setting not in labels:  # at first: the first setting with a baseline
+            self.setting = labels[recs.index(next((r for r in recs if r["baseline"]), recs[0]))]
+        if chooser.value != self.setting:
+            chooser.value = self.setting
+        rec = recs[labels.index(self.setting)]
         b = rec["baseline"]
         self.query_one("#compare-title", Static).update(Text(
             f"{rec['experiment']} · {rec['dataset']} · {rec['model']} · tolerance {rec['tolerance'] * 100:.2f}% · "
@@ -495,7 +529,10 @@ class CompareScreen(Screen):
             + f"runs eligible/completed/total: {counts}"
             + (f"\ncertified acc % at radius 0/0.25/0.5: {certs}" if certs else "")))
         series: Dict[str, tuple] = {}
+        ids = {i for c in rec["configurations"] for i in c["run_ids"]}  # this setting's completed runs
         for p in message.points:
+            if p["id"] not in ids:
+                continue
             xs, ys = series.setdefault(p["method"], ([], []))
             xs.append(p["accuracy"] * 100)
             ys.append(p["robustness"] * 100)
