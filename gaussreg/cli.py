@@ -507,7 +507,7 @@ def _device(result: dict) -> str:
 def cancel(run_id: str = typer.Argument(..., help="A run id (or a unique prefix)."), store: Path = StoreOpt):
     """Ask a running run's worker to stop (SIGTERM; scancel for Slurm runs): it saves last.pt and becomes cancelled."""
     from . import slurm
-    from .scheduler import ControlError, cancel_run
+    from .control import ControlError, cancel_run
     from .store import RunFileError
     run = _get_run(store, run_id)
     try:

@@ -160,7 +160,7 @@ class GaussregApp(App):
     @work(thread=True, group="control")
     def _control(self, what: str, run_id: str) -> None:
         from gaussreg import slurm
-        from gaussreg.scheduler import ControlError, cancel_run, rerun
+        from gaussreg.control import ControlError, cancel_run, rerun
         run = RunDir(self.store_root / run_id)
         try:
             if what == "cancel" and _on_slurm(run):  # scancel its array task
@@ -176,7 +176,7 @@ class GaussregApp(App):
 
     @work(thread=True, group="control")
     def action_cancel_launch(self) -> None:
-        from gaussreg.scheduler import launches
+        from gaussreg.control import launches
         found = launches(Store(self.store_root))
         self.call_from_thread(self.push_screen, LaunchesScreen(found), self._confirm_cancel_launch)
 
@@ -191,7 +191,7 @@ class GaussregApp(App):
 
     @work(thread=True, group="control")
     def _cancel_launch(self, pid: int) -> None:
-        from gaussreg.scheduler import ControlError, cancel_launch
+        from gaussreg.control import ControlError, cancel_launch
         try:
             cancel_launch(Store(self.store_root), pid)
             self.call_from_thread(self.notify, f"cancelling launch {pid}", markup=False)
