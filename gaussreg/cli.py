@@ -30,6 +30,10 @@ StoreOpt = typer.Option(Path("runs"), "--store", help="The run store folder.")
 DataDirOpt = typer.Option(None, "--data-dir", help="Data root (default: $GAUSSREG_DATA, else ./data).")
 
 
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def fail(message: str, code: int = EXIT_BAD_INPUT):
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
@@ -57,6 +61,13 @@ def writable_store(store: Path) -> None:
 def readable_store(store: Path) -> None:
     if store.exists() and not store.is_dir():
         fail(f"--store {store} is a file, not a folder")
+
+
+def existing_store(store: Path) -> None:
+    """Commands that read a store say so when it is not there (a typo), instead of showing nothing."""
+    readable_store(store)
+    if not store.is_dir():
+        fail(f"the store {store} does not exist")
 
 
 def stdout_gone() -> None:
@@ -203,7 +214,7 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
         fail(f"cannot write the experiments of {manifest} in {store} "
              f"({e.strerror}{': ' + str(e.filename) if e.filename else ''})")
     from .live import LiveView
-    survive_closed_output(console.print)(f"{len(runs)} runs from {manifest} into {st.root}/ on "
+    survive_closed_output(console.print)(f"{plural(len(runs), 'run')} from {manifest} into {st.root}/ on "
                   f"{', '.join('gpu ' + s.gpu if s.gpu else 'cpu' for s in slots)}"
                   f" ({slots[0].threads} thread(s) each"
                   + ("; no GPU visible, --gpus none says so, --backend slurm uses a cluster's GPUs"
@@ -239,7 +250,7 @@ def _dry_run(p, st, manifest) -> None:
     from .spec import describe_params
     from .store import RunDir, RunFileError
     runs, slots = p.runs, p.slots
-    t = Table(title=escape(f"{len(runs)} run{'s' if len(runs) != 1 else ''} from {manifest} on {len(slots)} slot(s)"),
+    t = Table(title=escape(f"{plural(len(runs), 'run')} from {manifest} on {plural(len(slots), 'slot')}"),
               title_justify="left")
     for h in ("run id", "dataset", "model", "method", "params", "state"):
         t.add_column(h, overflow="fold")
@@ -418,9 +429,8 @@ def ls(store: Path = StoreOpt,
        format: ListFormat = typer.Option(ListFormat.table, "--format", help="table or json.")):
     """List the runs of a store."""
     from . import report
-    from .spec import describe_params
     from .store import STATES, Store
-    readable_store(store)
+    existing_store(store)
     if state and state not in STATES + ("corrupt",):
         fail(f"--state must be one of {', '.join(STATES)}, not {state!r}")
     rows = [r for r in report.collect(Store(store)) if not state or r["state"] == state]
@@ -428,7 +438,8 @@ def ls(store: Path = StoreOpt,
         print(json.dumps([{"id": r["id"], "state": r["state"], "spec": r["spec"], "result": r["result"],
                            "error": r["error"]} for r in rows], indent=2))
         return
-    t = Table(title=escape(f"{len(rows)} runs in {store}"), title_justify="left", box=None, header_style="bold")
+    t = Table(title=escape(f"{plural(len(rows), 'run')} in {store}"), title_justify="left", box=None,
+              header_style="bold")
     t.add_column("run id", no_wrap=True)
     t.add_column("data/model", overflow="fold")
     t.add_column("params", overflow="fold")
@@ -439,18 +450,20 @@ def ls(store: Path = StoreOpt,
         t.add_column("slurm job", no_wrap=True)
     from .live import STATE_STYLE
     for r in rows:
-        s, res = r["spec"] or {}, r["result"] or {}
-        t.add_row(escape(r["id"]), escape(f"{s.get('dataset', '?')}/{s.get('model', '?')}"),
-                  escape(describe_params(s) if s else r.get("error") or ""),
-                  f"[{STATE_STYLE.get(r['state'], 'red')}]{r['state']}[/]",
-                  f"{res['test_accuracy'] * 100:.2f}" if res else "-", f"{res['robustness'] * 100:.2f}" if res else "-",
-                  *([r.get("slurm_job") or "-"] if jobs else []))
+        row = r["row"]  # the same row the TUI shows (report.RunReader)
+        params = " ".join(p for p in (row.params, f"seed={row.seed}" if row.seed else "") if p)
+        t.add_row(escape(row.id), escape(f"{row.dataset or '?'}/{row.model or '?'}" if r["spec"] else "?/?"),
+                  escape(params if r["spec"] else row.error or ""),
+                  f"[{STATE_STYLE.get(row.state, 'red')}]{row.state}[/]",
+                  f"{row.test_acc * 100:.2f}" if row.test_acc is not None else "-",
+                  f"{row.robustness * 100:.2f}" if row.robustness is not None else "-",
+                  *([row.slurm_job or "-"] if jobs else []))
     console.print(t)
 
 
 def _get_run(store: Path, run_id: str):
     from .store import RunFileError, Store
-    readable_store(store)
+    existing_store(store)
     try:
         return Store(store).get(run_id)
     except RunFileError as e:
@@ -479,18 +492,25 @@ def show(run_id: str = typer.Argument(..., help="A run id (or a unique prefix)."
         console.print(f"test accuracy {result['test_accuracy'] * 100:.2f}%, robustness {result['robustness'] * 100:.2f}%"
                       f", best epoch {result.get('best_epoch', '?')} of {result.get('epochs_run', '?')}, "
                       + (f"{wall:.1f}s " if wall is not None else "")
-                      + f"on {result.get('device_name', '?')}", highlight=False, markup=False)
+                      + f"on {_device(result)}", highlight=False, markup=False)
     tail = run.log_tail(15)
     if tail:
         console.rule("worker.log")
         console.print(tail, highlight=False, markup=False)
 
 
+def _device(result: dict) -> str:
+    """`cpu (Intel(R) Xeon(R) ...)` or the GPU's name; results of older workers named only the
+    CPU's architecture ("x86_64")."""
+    name, dev = str(result.get("device_name", "?")), str(result.get("device", ""))
+    return f"cpu ({name})" if dev == "cpu" and not name.startswith("cpu") else name
+
+
 @app.command()
 def cancel(run_id: str = typer.Argument(..., help="A run id (or a unique prefix)."), store: Path = StoreOpt):
     """Ask a running run's worker to stop (SIGTERM; scancel for Slurm runs): it saves last.pt and becomes cancelled."""
     from . import slurm
-    from .scheduler import ControlError, cancel_run
+    from .control import ControlError, cancel_run
     from .store import RunFileError
     run = _get_run(store, run_id)
     try:
@@ -526,40 +546,52 @@ def _parse_sigmas(text: Optional[str]) -> Optional[List[float]]:
 @app.command("eval")
 def eval_(target: str = typer.Argument(..., help="A run id, or a checkpoint file inside a run directory."),
           store: Path = StoreOpt,
-          sigmas: Optional[str] = typer.Option(None, help="'0,0.1,0.2' or START:STOP:COUNT (default 0:0.5:30)."),
-          samples: int = typer.Option(1, help="Noise draws per image and sigma; all must agree."),
+          sigmas: Optional[str] = typer.Option(None, help="'0,0.1,0.2' or START:STOP:COUNT (default: the run's "
+                                                          "own robustness sigmas)."),
+          samples: Optional[int] = typer.Option(None, help="Noise draws per image and sigma; all must agree "
+                                                           "(default: the run's own)."),
           seed: int = typer.Option(0),
-          clip: bool = typer.Option(False, help="Clip noisy images to [0,1]."),
+          clip: Optional[bool] = typer.Option(None, "--clip/--no-clip",
+                                              help="Clip noisy images to [0,1] (default: as the run did)."),
           device: str = typer.Option("auto"),
           data_dir: Optional[Path] = DataDirOpt,
           format: ListFormat = typer.Option(ListFormat.table, "--format")):
-    """Re-evaluate robustness of a trained run (best.pt) or checkpoint on its test set."""
-    import torch
-    from . import data
-    from .models import build_model
-    from .robustness import robustness
-    from .spec import SpecError, resolve
+    """Re-evaluate robustness of a trained run (best.pt) or checkpoint on its test set, at the run's own sigmas."""
+    from .spec import MAX_SAMPLES, SpecError, resolve, valid_device
     from .store import RunDir, RunFileError
-    from .worker import pick_device
     p = Path(target)
     if p.is_file():
         run, ckpt = RunDir(p.parent), p
+        if not os.path.lexists(run.file("spec.json")):
+            fail(f"{target} is not a run id or a checkpoint inside a run directory (no spec.json next to it)")
     else:
         run = _get_run(store, target)
         ckpt = run.file("best.pt")
-    from .spec import MAX_SAMPLES, valid_device
-    if not 1 <= samples <= MAX_SAMPLES:
+    if samples is not None and not 1 <= samples <= MAX_SAMPLES:
         fail(f"--samples must be from 1 to {MAX_SAMPLES}, not {samples}")
     if not valid_device(device):
         fail(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
     sig = _parse_sigmas(sigmas)
     try:
         spec = resolve(run.spec())
-        dev = pick_device(device)
     except (SpecError, RunFileError) as e:
         fail(str(e))
+    own = spec["robustness"]
+    sig = own["sigmas"] if sig is None else sig
+    samples = own["samples"] if samples is None else samples
+    clip = own["clip"] if clip is None else clip
     if not ckpt.is_file():
         fail(f"{ckpt} does not exist (has the run finished an epoch?)")
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from . import data
+    from .models import build_model
+    from .robustness import robustness
+    from .worker import pick_device
+    try:
+        dev = pick_device(device)
+    except SpecError as e:
+        fail(str(e))
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
     except Exception as e:
@@ -575,17 +607,29 @@ def eval_(target: str = typer.Argument(..., help="A run id, or a checkpoint file
     except (RuntimeError, TypeError, AttributeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         fail(f"{ckpt} does not fit the run's model {spec['model']} on {spec['dataset']} ({first})")
-    r = robustness(model, splits.test_x, splits.test_y, sigmas=sig, samples=samples, seed=seed, clip=clip)
+    which = "given by --sigmas" if sigmas else "the run's own"
+    used = (f"{run.id}: checkpoint {ckpt}, {len(sig)} sigmas {min(sig):g} to {max(sig):g} ({which}), "
+            f"{samples} sample(s){', clipped' if clip else ''}")
+    # said first: the evaluation takes a while; on stderr when stdout is JSON
+    (err_console if format == ListFormat.json else console).print(escape(used), highlight=False, soft_wrap=True)
+    with Progress(TextColumn(f"evaluating at {len(sig)} sigmas"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("test images"), TimeRemainingColumn(), console=err_console, transient=True) as bar:
+        task = bar.add_task("eval", total=len(splits.test_x))
+        r = robustness(model, splits.test_x, splits.test_y, sigmas=sig, samples=samples, seed=seed, clip=clip,
+                       progress=lambda done, total: bar.update(task, completed=done))
     if format == ListFormat.json:
-        print(json.dumps({"run_id": run.id, "checkpoint": str(ckpt), **r.to_dict()}, indent=2))
+        print(json.dumps({"run_id": run.id, "checkpoint": str(ckpt), "sigmas_from": "option" if sigmas else "run",
+                          **r.to_dict(), "clip": clip}, indent=2))
         return
-    t = Table(title=escape(f"{run.id}: clean acc {r.clean_accuracy * 100:.2f}%, robustness R {r.score * 100:.2f}%"),
-              title_justify="left")
+    t = Table()
     for h in ("sigma", "consistency %", "accuracy %"):
         t.add_column(h, justify="right")
     for s, c, a in zip(r.sigmas, r.per_sigma, r.accuracy_per_sigma):
         t.add_row(f"{s:.4f}", f"{c * 100:.2f}", f"{a * 100:.2f}")
     console.print(t)
+    # a line of its own: as the table's title it would wrap at the table's width
+    console.print(escape(f"{run.id}: clean acc {r.clean_accuracy * 100:.2f}%, robustness R {r.score * 100:.2f}%"),
+                  highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -186,10 +186,13 @@ def find(name: str, data_dir=None) -> Optional[Path]:
     return None
 
 
-def missing_message(name: str, data_dir=None) -> str:
+def missing_message(name: str, data_dir=None, downloading: bool = False) -> str:
+    """How to get a dataset that is not there; `downloading`: said after a download failed,
+    so it does not send the user back to the command that just failed."""
     ds = info(name)
     where = " and ".join(str(p) for p in candidates(name, data_dir))
-    ways = [f"run `gaussreg data download {name}` (needs internet access to the dataset's site)"]
+    ways = [f"run `gaussreg data download {name}` (needs internet access to the dataset's site)"
+            if not downloading else "run it again where the dataset's site can be reached"]
     if name == "fashion-mnist":
         ways.insert(0, "on Debian/Ubuntu install the package: `apt-get install dataset-fashion-mnist`")
     files = ", ".join(f for f, _ in ds.files)
@@ -415,10 +418,10 @@ def download(name: str, data_dir=None, log: Callable = print) -> Path:
         raise
     except Exception as e:  # network down, DNS, HTTP errors: say so in one paragraph
         raise DataError(f"Could not download {name!r} ({type(e).__name__}: {e}). "
-                        + missing_message(name, data_dir)) from None
+                        + missing_message(name, data_dir, downloading=True)) from None
     found = find(name, data_dir)
     if not found:
-        raise DataError(missing_message(name, data_dir))
+        raise DataError(missing_message(name, data_dir, downloading=True))
     return found
 
 

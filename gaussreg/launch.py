@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .scheduler import Slot, detach_run, detect_gpus, exclusive_gpus, make_slots, parse_gpus
+from .control import detach_run
+from .scheduler import Slot, detect_gpus, exclusive_gpus, make_slots, parse_gpus
 from .store import Store
 
 

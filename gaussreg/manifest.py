@@ -2,7 +2,8 @@
 
 A list value of a run key or of a method parameter is a grid axis; the runs of an
 experiment are the Cartesian product. Tables (`optimizer`, `robustness`) are taken
-as they are. Errors name the file, the line and the key."""
+as they are. Errors name the file, the line and the key, and are collected: one
+ManifestError lists every problem found in one pass."""
 
 from __future__ import annotations
 
@@ -28,10 +29,30 @@ TOP_KEYS = {"defaults", "experiment", "slurm"}
 
 
 class ManifestError(Exception):
+    """What is wrong with a manifest: one problem (path, line, key), or several found in one
+    pass (`errors`, each a ManifestError), so a user fixes them all at once."""
+
     def __init__(self, path, line: Optional[int], key: str, message: str):
         where = f"{path}:{line}" if line else str(path)
         super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
         self.path, self.line, self.key = path, line, key
+        self.errors: List["ManifestError"] = [self]
+
+    @classmethod
+    def of(cls, path, errors: List["ManifestError"]) -> "ManifestError":
+        if len(errors) == 1:
+            return errors[0]
+        e = cls(path, None, "", f"{len(errors)} problems, each on its own line:\n"
+                + "\n".join(f"  {x}" for x in errors))
+        e.line, e.key, e.errors = errors[0].line, errors[0].key, list(errors)
+        return e
+
+
+REQUIRED = ("name", "dataset", "model", "methods")  # per experiment; dataset and model may come from [defaults]
+MAX_ERRORS = 50  # a manifest this broken is best fixed from the top
+# what a missing or unknown dataset or model is replaced by while the rest of its experiment
+# is checked (they accept every other key); the manifest is refused all the same
+STAND_IN = {"dataset": "synthetic", "model": "mlp"}
 
 
 @dataclass
@@ -125,78 +146,104 @@ def load(path, data_dir: Optional[str] = None) -> Manifest:
         m = re.search(r"line (\d+)", str(e))
         raise ManifestError(path, int(m.group(1)) if m else None, "", f"not valid TOML ({e})") from None
     lines = _Lines(text)
+    errors: List[ManifestError] = []
 
-    def err(section, keypath: List[str], message: str):
-        return ManifestError(path, lines.find(section, keypath), ".".join(keypath), message)
+    def err(section, keypath: List[str], message: str) -> None:
+        e = ManifestError(path, lines.find(section, keypath), ".".join(keypath), message)
+        if str(e) not in {str(x) for x in errors}:  # a grid repeats the same mistake at every point
+            errors.append(e)
 
     for key in doc:
         if key not in TOP_KEYS:
-            raise err(None, [key], "unknown top-level key" + _suggest(key, TOP_KEYS))
+            err(None, [key], "unknown top-level key" + _suggest(key, TOP_KEYS))
     slurm_table = doc.get("slurm", {})
     if not isinstance(slurm_table, dict):
-        raise err(None, ["slurm"], "must be a table")
+        err(None, ["slurm"], "must be a table")
+        slurm_table = {}
     from .slurm import SlurmConfigError, settings
     try:
         settings(slurm_table)
     except SlurmConfigError as e:
-        raise err(None, ["slurm", e.key], str(e).split(": ", 1)[1]) from None
+        err(None, ["slurm", e.key], str(e).split(": ", 1)[1])
     defaults = doc.get("defaults", {})
     if not isinstance(defaults, dict):
-        raise err(None, ["defaults"], "must be a table")
-    for key in defaults:
+        err(None, ["defaults"], "must be a table")
+        defaults = {}
+    for key in list(defaults):
         if key not in RUN_KEYS | {"tolerance", "seeds"}:
-            raise err(("defaults", 0), [key], "unknown key in [defaults]" + _suggest(key, RUN_KEYS))
+            err(("defaults", 0), [key], "unknown key in [defaults]" + _suggest(key, RUN_KEYS))
+            defaults = {k: v for k, v in defaults.items() if k != key}
     exps = doc.get("experiment", [])
     if not isinstance(exps, list) or not exps:
-        raise err(None, ["experiment"], "the manifest has no [[experiment]]")
+        err(None, ["experiment"], "the manifest has no [[experiment]]")
+        exps = []
     out, names = [], set()
     for i, exp in enumerate(exps):
+        if len(errors) >= MAX_ERRORS:
+            break
         sec = ("experiment", i)
+        if not isinstance(exp, dict):
+            err(sec, ["experiment"], "each [[experiment]] must be a table")
+            continue
+        name = exp.get("name")
+        table = f"[[experiment]] {name!r}" if isinstance(name, str) else f"[[experiment]] number {i + 1}"
         for key in exp:
             if key not in EXPERIMENT_KEYS:
-                raise err(sec, [key], "unknown key in [[experiment]]" + _suggest(key, EXPERIMENT_KEYS))
-        name = exp.get("name")
+                err(sec, [key], f"unknown key in {table}" + _suggest(key, EXPERIMENT_KEYS))
+        exp = {k: v for k, v in exp.items() if k in EXPERIMENT_KEYS}
         if not isinstance(name, str) or not EXPERIMENT_NAME.fullmatch(name):
-            raise err(sec, ["name"], "every experiment needs a name of 1 to 100 letters, digits, '.', '_' or '-', "
-                      "starting with a letter or digit" + (f" (got {name!r:.120})" if name is not None else ""))
-        if name in names:
-            raise err(sec, ["name"], f"duplicate experiment name {name!r}")
+            err(sec, ["name"], "every experiment needs a name of 1 to 100 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit" + (f" (got {name!r:.120})" if name is not None else ""))
+            name = f"experiment{i + 1}"
+        elif name in names:
+            err(sec, ["name"], f"duplicate experiment name {name!r}")
         names.add(name)
         merged = {k: v for k, v in {**defaults, **exp}.items() if k != "name"}
         tol = merged.pop("tolerance", 0.0)
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol <= 1:  # NaN fails too
-            raise err(sec if "tolerance" in exp else ("defaults", 0), ["tolerance"],
-                      f"must be a fraction in [0, 1] (0.0039 means 0.39%), not {tol!r}")
+            err(sec if "tolerance" in exp else ("defaults", 0), ["tolerance"],
+                f"must be a fraction in [0, 1] (0.0039 means 0.39%), not {tol!r}")
+            tol = 0.0
         methods = merged.pop("methods", None)
         if not isinstance(methods, dict) or not methods:
-            raise err(sec, ["methods"], "each experiment needs a non-empty 'methods' table, "
-                      "e.g. methods.baseline = {}")
+            err(sec, ["methods"], f"{table} needs a non-empty 'methods' table, e.g. methods.baseline = {{}}")
+            methods = {}
+        for key in ("dataset", "model"):
+            if key not in merged:
+                err(sec, [key], f"{table} needs a {key!r} (in it or in [defaults])")
+                merged[key] = STAND_IN[key]  # to check the rest of the experiment; reported, so never run
         seeds = merged.pop("seeds", None)
         if seeds is not None:
             if "seed" in exp:
-                raise err(sec, ["seeds"], "give either 'seed' or 'seeds', not both")
-            if not isinstance(seeds, list) or not seeds:
-                raise err(sec, ["seeds"], "must be a non-empty list of integers")
-            merged["seed"] = seeds
-        axes = {}
+                err(sec, ["seeds"], "give either 'seed' or 'seeds', not both")
+            elif not isinstance(seeds, list) or not seeds:
+                err(sec, ["seeds"], "must be a non-empty list of integers")
+            else:
+                merged["seed"] = seeds
+        axes, empty = {}, False
         for key, v in merged.items():
             if isinstance(v, list) and key not in TABLES:
                 if not v:
-                    raise err(sec, [key], "empty grid: a list value needs at least one element")
+                    err(sec, [key], "empty grid: a list value needs at least one element")
+                    empty = True
                 axes[key] = v
             else:
                 axes[key] = [v]
+        if empty:
+            continue  # no runs to check: the grid has no points
         exp_out = Experiment(name, float(tol))
         for method, params in methods.items():
             if method not in PARAMS:
-                raise err(sec, ["methods", method], f"unknown method {method!r}" + _suggest(method, PARAMS))
+                err(sec, ["methods", method], f"unknown method {method!r}" + _suggest(method, PARAMS))
+                continue
             if not isinstance(params, dict):
-                raise err(sec, ["methods", method], "must be a table of parameters, e.g. {} or { sigma = 0.25 }")
+                err(sec, ["methods", method], "must be a table of parameters, e.g. {} or { sigma = 0.25 }")
+                continue
             p_axes = {}
             for k, v in params.items():
                 if isinstance(v, list):
                     if not v:
-                        raise err(sec, ["methods", method, k], "empty grid: a list value needs at least one element")
+                        err(sec, ["methods", method, k], "empty grid: a list value needs at least one element")
                     p_axes[k] = v
                 else:
                     p_axes[k] = [v]
@@ -207,17 +254,51 @@ def load(path, data_dir: Optional[str] = None) -> Manifest:
                                "params": dict(zip(pkeys, pcombo))}
                     if data_dir:
                         partial["data_dir"] = str(data_dir)
-                    try:
-                        spec = resolve(partial)
-                    except SpecError as e:
-                        k = e.key
-                        kp = ["methods", method, k.split(".", 1)[1]] if k.startswith("params.") else k.split(".")
-                        section = sec if (kp[0] in exp or kp[0] == "methods") else ("defaults", 0)
-                        raise err(section, kp, str(e)) from None
-                    exp_out.runs.append(PlannedRun(run_id(spec), spec))
+                    spec = _resolve_all(partial, lambda e: _spec_error(err, sec, exp, method, e))
+                    if spec is not None and not errors:
+                        exp_out.runs.append(PlannedRun(run_id(spec), spec))
+                    if len(errors) >= MAX_ERRORS:
+                        break
         ids = [r.id for r in exp_out.runs]
         if len(set(ids)) != len(ids):
             dup = next(x for x in ids if ids.count(x) > 1)
-            raise err(sec, ["methods"], f"two grid points give the same run ({dup}): a grid repeats a value")
+            err(sec, ["methods"], f"two grid points give the same run ({dup}): a grid repeats a value")
         out.append(exp_out)
+    if errors:
+        raise ManifestError.of(path, sorted(errors[:MAX_ERRORS], key=lambda e: e.line or 0))
     return Manifest(path, out, slurm_table)
+
+
+def _spec_error(err, sec, exp: dict, method: str, e: SpecError) -> None:
+    k = e.key
+    kp = ["methods", method, k.split(".", 1)[1]] if k.startswith("params.") else k.split(".")
+    section = sec if (kp[0] in exp or kp[0] == "methods") else ("defaults", 0)
+    err(section, kp, str(e))
+
+
+def _resolve_all(partial: dict, report) -> Optional[dict]:
+    """The resolved spec, or None after reporting every bad key of it: resolve() stops at the
+    first, so the bad key is dropped (its default taken) and the rest checked again."""
+    import copy
+    partial, dropped = copy.deepcopy(partial), set()
+    for _ in range(20):
+        try:
+            return resolve(partial)
+        except SpecError as e:
+            path = e.key.split(".") if e.key else []
+            holder = partial
+            for part in path[:-1]:
+                holder = holder.get(part) if isinstance(holder, dict) else None
+            absent = path[:1] == ["params"] and isinstance(holder, dict) and path[-1] not in holder
+            if e.key in dropped or (dropped and absent):
+                # "needs parameter x" after x, or a misspelling of x, was dropped: the same mistake again
+                return None
+            report(e)
+            dropped.add(e.key)
+            if path in (["dataset"], ["model"]) and partial.get(path[0]) != STAND_IN[path[0]]:
+                partial[path[0]] = STAND_IN[path[0]]
+                continue
+            if (not path or path[0] == "method" or not isinstance(holder, dict) or path[-1] not in holder):
+                return None  # nothing to drop: the rest cannot be checked without it
+            del holder[path[-1]]
+    return None

@@ -17,12 +17,15 @@ import csv
 import io
 import json
 import math
+import os
+import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from typing import List, Optional
 
 from .robustness import score_of
 from .spec import PARAMS, describe_params
-from .store import RunDir, RunFileError, Store
+from .store import RunDir, RunFileError, Store, parse_iso, phase_of
 
 EPS = 1e-12  # accuracies are ratios of integers; keep "equal to a0 - tol" eligible
 SELECTIONS = ("validation", "test")
@@ -51,28 +54,134 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+LIVE = ("running", "queued")  # states whose rows change without their status file changing
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """One run as every list of runs shows it (`gaussreg ls`, the TUI's runs table)."""
+    id: str
+    experiment: str = ""
+    dataset: str = ""
+    model: str = ""
+    method: str = ""
+    params: str = ""  # describe_params without the seed (it has its own field)
+    seed: Optional[int] = None
+    state: str = "queued"
+    epoch: int = 0  # epochs done (never the one in progress), as everywhere
+    max_epochs: Optional[int] = None
+    best_val_acc: Optional[float] = None
+    test_acc: Optional[float] = None
+    robustness: Optional[float] = None
+    duration: Optional[float] = None
+    error: Optional[str] = None
+    slurm_job: Optional[str] = None  # "JOBID_INDEX" for runs submitted with --backend slurm
+    phase: Optional[str] = None  # what a running worker does: "validating", "evaluating R", ...
+    slurm_reason: Optional[str] = None  # why Slurm has not started a queued Slurm run (squeue; the TUI asks)
+
+
+def _sig(path) -> Optional[tuple]:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_mtime_ns, st.st_size)
+
+
+class RunReader:
+    """The one builder of a run's row, for the report, `ls` and the TUI. Called again, it reads
+    only what changed: status.json when its stat changed, result.json once per completion,
+    events.jsonl from the last offset (a rerun's new file is noticed and what the old one
+    said is dropped). spec, status and result hold what was read last."""
+
+    def __init__(self, run: RunDir):
+        self.run = run
+        self.status: dict = {}
+        self.result: Optional[dict] = None
+        self.row: Optional[RunRow] = None
+        self._status_sig = None
+        self._tail = None
+        self._epoch, self._best_val_acc, self._events_read = 0, None, False
+        try:
+            self.spec: Optional[dict] = run.spec()
+        except RunFileError as e:
+            self.spec, self.status = None, {"state": "corrupt", "error": str(e)}
+
+    def _read_events(self) -> None:
+        if self._tail is None:
+            self._tail = self.run.tail()
+        events, restarted = self._tail.read()
+        if restarted:  # a rerun began a new events file: what the old one said is gone
+            self._epoch, self._best_val_acc = 0, None
+        for e in events:
+            kind = e.get("type")
+            if kind == "epoch":  # a resume may redo an epoch: the count never goes back
+                self._epoch = max(self._epoch, e["epoch"])
+                if e.get("best"):
+                    self._best_val_acc = e.get("val_accuracy")
+            elif kind == "start":  # a fresh start forgets what an earlier attempt wrote
+                self._epoch, self._best_val_acc = 0, None
+        self._events_read = True
+
+    def update(self, now: Optional[float] = None) -> RunRow:
+        """The run's row as of now (the previous one when nothing it shows can have changed)."""
+        now = time.time() if now is None else now
+        run = self.run
+        if self.spec is None:
+            self.row = RunRow(run.id, state="corrupt", error=self.status.get("error"))
+            return self.row
+        sig = _sig(run.file("status.json"))
+        if sig == self._status_sig and self.row is not None and self.row.state not in LIVE:
+            return self.row  # a finished run whose status has not changed: nothing to redo
+        if sig != self._status_sig:
+            self._status_sig = sig
+            try:
+                self.status = run.status()
+            except RunFileError as e:
+                self.status = {"state": "corrupt", "error": str(e)}
+        state = self.status.get("state", "queued")
+        if state != "corrupt":
+            state = run.state(self.status)
+        if state != "completed":
+            self.result = None  # a rerun of a completed run: its old result no longer holds
+        elif self.result is None:
+            try:
+                self.result = run.result() or {}
+            except RunFileError as e:
+                self.result, state = {}, "corrupt"
+                self.status = {**self.status, "error": str(e)}
+        res = self.result if state == "completed" else None
+        if res:
+            epoch, best = res.get("epochs_run", 0), res.get("best_val_accuracy")
+        else:
+            if state in LIVE or not self._events_read:
+                self._read_events()
+            epoch, best = self._epoch, self._best_val_acc
+        started = parse_iso(self.status.get("started_at"))
+        ended = parse_iso(self.status.get("finished_at"))
+        duration = (ended or now) - started if started and (ended or state == "running") else None
+        s = self.spec
+        self.row = RunRow(run.id, s.get("experiment", ""), s.get("dataset", ""), s.get("model", ""),
+                          s.get("method", ""), describe_params(s, with_seed=False), s.get("seed"), state, epoch,
+                          s.get("max_epochs"), best, res.get("test_accuracy") if res else None,
+                          res.get("robustness") if res else None, duration, self.status.get("error"),
+                          self.status.get("slurm_job"), phase_of({**self.status, "state": state}))
+        return self.row
+
+
 def collect(store: Store, experiment: Optional[str] = None) -> List[dict]:
-    """One row per run: spec, state and result (None unless completed); unreadable runs
-    are reported with state 'corrupt'."""
+    """One record per run: id, spec, state, result (None unless completed), error, slurm_job
+    and its `row` (RunRow, the same builder as the TUI's); unreadable runs are reported with
+    state 'corrupt'."""
     rows = []
     for run in store.runs():
-        try:
-            spec = run.spec()
-        except RunFileError as e:
-            rows.append({"id": run.id, "spec": None, "state": "corrupt", "result": None, "error": str(e)})
+        reader = RunReader(run)
+        if reader.spec is not None and experiment and reader.spec.get("experiment") != experiment:
             continue
-        if experiment and spec.get("experiment") != experiment:
-            continue
-        try:
-            status = run.status()
-            state = run.state(status)
-            result = run.result() if state == "completed" else None
-            error = status.get("error")
-            job = status.get("slurm_job")  # set for runs submitted with --backend slurm
-        except RunFileError as e:
-            state, result, error, job = "corrupt", None, str(e), None
-        rows.append({"id": run.id, "spec": spec, "state": state, "result": result, "error": error,
-                     "slurm_job": job})
+        row = reader.update()
+        rows.append({"id": run.id, "spec": reader.spec, "state": row.state,
+                     "result": (reader.result or None) if row.state == "completed" else None, "error": row.error,
+                     "slurm_job": row.slurm_job, "row": row})
     return rows
 
 

@@ -39,7 +39,7 @@ def score_of(sigmas, per_sigma) -> float:
 
 
 def robustness(model, images, labels=None, sigmas=None, samples: int = 1, seed: int = 0,
-               clip: bool = False, batch_size: int = 4096, should_stop=None) -> Robustness:
+               clip: bool = False, batch_size: int = 4096, should_stop=None, progress=None) -> Robustness:
     """Prediction consistency under noise, per sigma (Sec. 4.1).
 
     For each image and sigma, `samples` noise vectors of norm exactly sigma sqrt(n)
@@ -48,17 +48,18 @@ def robustness(model, images, labels=None, sigmas=None, samples: int = 1, seed: 
     sigmas of a chunk of images go through the model as one batch, on the model's
     device; results are deterministic for a seed (and batch_size). `should_stop` is
     asked before every forward pass: when it says yes, EvaluationStopped is raised (a
-    cancel must not wait for the whole evaluation)."""
+    cancel must not wait for the whole evaluation). `progress(done, total)` is told the
+    images done (at every sigma) after each chunk."""
     import torch  # here, so that reading results and specs never needs torch
     with torch.no_grad():
-        return _robustness(model, images, labels, sigmas, samples, seed, clip, batch_size, should_stop)
+        return _robustness(model, images, labels, sigmas, samples, seed, clip, batch_size, should_stop, progress)
 
 
 class EvaluationStopped(Exception):
     """should_stop() said yes during the evaluation."""
 
 
-def _robustness(model, images, labels, sigmas, samples, seed, clip, batch_size, should_stop) -> Robustness:
+def _robustness(model, images, labels, sigmas, samples, seed, clip, batch_size, should_stop, progress) -> Robustness:
     import torch
     if samples < 1:
         raise ValueError("samples must be >= 1")
@@ -100,6 +101,8 @@ def _robustness(model, images, labels, sigmas, samples, seed, clip, batch_size, 
                 if y is not None:
                     correct += (pred == y).sum(1)
             robust += agree.sum(1)
+            if progress is not None:
+                progress(min(i + chunk, len(images)), len(images))
     finally:
         model.train(was_training)
     N = len(images)

@@ -222,7 +222,7 @@ def submit(store: Store, run_ids: List[str], cfg: SlurmSettings, rerun: bool = F
     todo, skipped = _plan(store, run_ids, rerun, squeue())
     if not todo:
         return Submission(None, [], skipped)
-    from .scheduler import _reset
+    from .control import _reset
     for run in todo:
         if rerun and run.state() in FINISHED:
             _reset(run)
@@ -281,7 +281,7 @@ def _q(s: str) -> str:
 def cancel(run: RunDir) -> str:
     """Cancel a Slurm run: mark it, then scancel its array task (when the task trains only
     this run; a task packing several runs stops just this worker). Returns what was done."""
-    from .scheduler import ControlError
+    from .control import ControlError
     try:
         status = run.status()
         state = run.state(status)

@@ -300,7 +300,8 @@ def describe_params(spec: dict, with_seed: bool = True) -> str:
     """`sigma=0.25 alpha=1` for tables and live views; parameters left at their
     default are not shown (nor the seed where a view has a column for it)."""
     schema = PARAMS.get(spec.get("method"), {})
-    items = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in spec.get("params", {}).items()
+    # by name: a spec read back from spec.json (sorted keys) reads the same as one just resolved
+    items = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(spec.get("params", {}).items())
              if k not in schema or schema[k][1] is None or schema[k][1] != v]
     if with_seed and spec.get("seed"):
         items.append(f"seed={spec['seed']}")

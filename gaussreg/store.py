@@ -24,6 +24,17 @@ FINISHED = ("completed", "diverged")  # re-running a manifest leaves these alone
 HEARTBEAT_S = 5.0  # the worker refreshes updated_at this often (contract: <= 10 s)
 STALE_S = 30.0  # a running status of another host older than this is interrupted
 LOCK_TRIES = 3
+# what a running worker is doing (status.json's "phase"), as the views name it
+PHASES = {"training": "training", "validating": "validating", "evaluating": "evaluating R",
+          "certifying": "certifying"}
+
+
+def phase_of(status: dict) -> Optional[str]:
+    """The phase of a running run in words ("validating", "evaluating R", ...); None when
+    it is not running or its worker does not say (older workers)."""
+    if status.get("state") != "running":
+        return None
+    return PHASES.get(status.get("phase"))
 
 
 class RunFileError(Exception):

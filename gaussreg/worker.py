@@ -142,7 +142,20 @@ def device_name(dev) -> str:
     import torch
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
-    return platform.processor() or platform.machine() or "cpu"
+    return f"cpu ({cpu_model()})"
+
+
+def cpu_model() -> str:
+    """The processor's name ("Intel(R) Xeon(R) Processor"); platform.processor() says only
+    "x86_64" on Linux."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "Model", "Hardware")) and ":" in line:
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown processor"
 
 
 def make_optimizer(spec, params):
@@ -352,10 +365,10 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
 
         # evaluate the model with the best validation objective
         _load_checkpoint(best, model, None, None)
+        status.update(phase="evaluating")  # test accuracy, then R on test and validation
         test = evaluate(make_method("baseline", {}), model, splits.test_x, splits.test_y, B, seed)
         rcfg = spec["robustness"]
         t0 = time.time()
-        status.update(phase="evaluating")
         try:
             rob = robustness(model, splits.test_x, splits.test_y, sigmas=rcfg["sigmas"], samples=rcfg["samples"],
                              seed=seed, clip=rcfg["clip"], should_stop=should_stop)
@@ -369,6 +382,7 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
                     sigmas=rob.sigmas, per_sigma=rob.per_sigma, accuracy_per_sigma=rob.accuracy_per_sigma,
                     eval_time=rob_time)
         if spec.get("certify"):
+            status.update(phase="certifying")
             _certify(spec, model, splits, run, should_stop, events, log)
     finally:
         events.close()
@@ -425,7 +439,7 @@ def _train_epochs(spec, run, state, model, method, opt, sched, g, splits, dev, e
     for epoch in range(state["epoch"] + 1, spec["max_epochs"] + 1):
         if state["bad_epochs"] >= spec["early_stop"]:
             break
-        status.update(epoch=epoch)
+        status.update(epoch=epoch, phase="training")
         t0 = time.time()
         model.train()
         s = epoch_seed(seed, epoch)  # the epoch's randomness depends on (seed, epoch) only: see epoch_seed
@@ -451,6 +465,7 @@ def _train_epochs(spec, run, state, model, method, opt, sched, g, splits, dev, e
         bad = {k: v for k, v in zip(names, first_bad.tolist()) if v < batches}
         if bad or not all(math.isfinite(v) for v in train.values()):
             raise Diverged(epoch, min(bad, key=lambda k: bad[k]) if bad else "loss")
+        status.update(phase="validating")  # what the views say while no batch progresses
         val = evaluate(method, model, splits.val_x, splits.val_y, B, val_seed)
         if not math.isfinite(val["loss"]):
             raise Diverged(epoch, "val_loss")

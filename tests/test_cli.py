@@ -102,6 +102,12 @@ def test_run_then_read_the_store(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "cli · synthetic · mlp" in out.stdout and "equivalent augmentation" in out.stdout
     ls = json.loads(run("ls", "--store", tmp_path / "runs", "--format", "json").stdout)
+    for r in ls:  # piped: a line per epoch per run between "started" and "completed" (no live table)
+        line = next(x for x in out.stdout.splitlines() if x.startswith(f"epoch 1/1 {r['id']}  loss "))
+        assert f"val acc {r['result']['best_val_accuracy'] * 100:.2f}%" in line
+        lines = out.stdout.splitlines()
+        assert (lines.index(next(x for x in lines if x.startswith("started") and r["id"] in x)) < lines.index(line)
+                < lines.index(next(x for x in lines if x.startswith("completed") and r["id"] in x)))
     assert len(ls) == 3 and {r["state"] for r in ls} == {"completed"}
     rid = ls[0]["id"]
     show = run("show", rid[:-3], "--store", tmp_path / "runs")  # a unique prefix is enough
@@ -112,6 +118,14 @@ def test_run_then_read_the_store(tmp_path):
     assert res["sigmas"] == [0.0, 0.1, 0.2] and res["per_sigma"][0] == 1.0
     best = next(r for r in ls if r["id"] == rid)["result"]
     assert res["clean_accuracy"] == best["test_accuracy"]
+    # without --sigmas: the run's own sigmas, and it says which checkpoint and sigmas it used
+    ev = run("eval", rid, "--store", tmp_path / "runs")
+    assert ev.returncode == 0, ev.stderr
+    assert (f"{rid}: checkpoint {tmp_path / 'runs' / rid / 'best.pt'}, 2 sigmas 0 to 0.25 (the run's own), "
+            "1 sample(s)") in ev.stdout
+    rows = [x.split("│")[1].strip() for x in ev.stdout.splitlines() if x.count("│") == 4]
+    assert rows == ["0.0000", "0.2500"], ev.stdout  # one row per sigma
+    assert f"robustness R {best['robustness'] * 100:.2f}%" in ev.stdout  # the same number as training's
     again = run("run", tmp_path / "m.toml", "--store", tmp_path / "runs")
     assert again.returncode == 0 and again.stdout.count("skipped") == 3
     assert run("cancel", rid, "--store", tmp_path / "runs").returncode == 2  # not running
@@ -132,3 +146,109 @@ def test_corrupt_run_files_are_named(tmp_path):
 def test_spec_and_models_know_the_same_models():
     from gaussreg import models, spec
     assert set(spec.MODELS) == set(models.MODELS)
+
+
+def _running(tmp_path, phase, epochs=()):
+    import time
+    st = Store(tmp_path / "runs")
+    spec = resolve({"dataset": "synthetic", "model": "mlp", "method": "baseline", "experiment": "x", "max_epochs": 4})
+    r = st.create(spec, run_id(spec))
+    r.write_status({"state": "running", "phase": phase, "epoch": len(epochs), "max_epochs": 4})
+    r.file("events.jsonl").write_text("".join(json.dumps(
+        {"type": "epoch", "epoch": e, "train_loss": 0.5 / e, "val_loss": 0.6, "val_accuracy": 0.8, "lr": 1e-3,
+         "images_per_s": 100.0}) + "\n" for e in epochs))
+    from gaussreg.scheduler import ActiveRun, Snapshot
+    return r, Snapshot((ActiveRun(r, None, time.time() - 10),), 0, {}, False)
+
+
+def _view(lines):
+    import io
+    from rich.console import Console
+    from gaussreg.live import LiveView
+    out = io.StringIO()
+    return LiveView(1, Console(file=out, width=200), lines=lines), out
+
+
+def test_live_view_names_the_phase_instead_of_an_eta(tmp_path):
+    r, snap = _running(tmp_path, "evaluating", epochs=(1, 2, 3, 4))
+    view, out = _view(lines=False)
+    view.on_change(snap, "started", r)
+    view.on_change(snap, "tick", None)
+    view.console.print(view.render(snap))
+    row = next(x for x in out.getvalue().splitlines() if x.strip().startswith(r.id))
+    assert row.split()[-1] == "R" and "evaluating R" in row and "4/4" in row and "≤" not in row
+    r.write_status({"state": "running", "phase": "training", "epoch": 4, "max_epochs": 4})
+    view.on_change(snap, "tick", None)
+    view.console.print(view.render(snap))
+    assert out.getvalue().splitlines()[-2].split()[-1] == "≤0s"  # training again: an ETA
+
+
+def test_piped_live_view_prints_each_epoch_and_the_long_phases(tmp_path):
+    r, snap = _running(tmp_path, "training", epochs=(1,))
+    view, out = _view(lines=True)
+    view.on_change(snap, "started", r)
+    view.on_change(snap, "tick", None)
+    with open(r.file("events.jsonl"), "a") as f:
+        f.write(json.dumps({"type": "epoch", "epoch": 2, "train_loss": 0.125, "val_loss": 0.6, "val_accuracy": 0.8125,
+                            "lr": 1e-3, "images_per_s": 100.0}) + "\n")
+    r.write_status({"state": "running", "phase": "certifying", "epoch": 2, "max_epochs": 4})
+    view.on_change(snap, "tick", None)
+    view.on_change(snap, "tick", None)
+    lines = out.getvalue().splitlines()
+    assert lines[1:] == [f"epoch 1/4 {r.id}  loss 0.5000  val acc 80.00%",
+                         f"epoch 2/4 {r.id}  loss 0.1250  val acc 81.25%", f"certifying {r.id}"]
+
+
+def test_small_ones_store_missing_plural_param_order_eval_target(tmp_path):
+    for cmd in ("ls", "table", "export", "plot"):
+        out = run(cmd, "--store", tmp_path / "nope")
+        assert out.returncode == 2 and f"the store {tmp_path / 'nope'} does not exist" in out.stderr, (cmd, out.stderr)
+    out = run("show", "abc", "--store", tmp_path / "nope")
+    assert out.returncode == 2 and "does not exist" in out.stderr
+    (tmp_path / "m.toml").write_text(DEMO)
+    dry = run("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--dry-run", "--only", "*baseline*")
+    assert dry.returncode == 0 and "1 run from" in dry.stdout and "1 runs" not in dry.stdout
+    dry = run("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--dry-run")
+    st = Store(tmp_path / "runs")
+    from gaussreg import manifest
+    for r in manifest.load(tmp_path / "m.toml").runs():
+        st.create(r.spec, r.id)  # spec.json has sorted keys: ls must read the same as the dry run
+    ls = run("ls", "--store", tmp_path / "runs")
+    assert "3 runs in" in ls.stdout
+    for words in ("alpha=0.5 sigma=0.25", "alpha=1 sigma=0.25"):
+        assert words in dry.stdout and words in ls.stdout
+    out = run("eval", "README.md", "--store", tmp_path / "runs")
+    assert out.returncode == 2 and "README.md is not a run id or a checkpoint inside a run directory" in out.stderr
+
+
+def test_show_names_the_processor(tmp_path):
+    import torch
+    from gaussreg.store import atomic_write_json
+    from gaussreg.worker import device_name
+    name = device_name(torch.device("cpu"))
+    assert name.startswith("cpu (") and name not in ("cpu (x86_64)", "cpu (aarch64)")
+    st = Store(tmp_path / "runs")
+    spec = resolve({"dataset": "synthetic", "model": "mlp", "method": "baseline", "experiment": "x"})
+    r = st.create(spec, run_id(spec))
+    r.write_status({"state": "completed"})
+    atomic_write_json(r.file("result.json"), {"test_accuracy": 0.5, "robustness": 0.7, "device": "cpu",
+                                              "device_name": "x86_64"})  # what older workers wrote
+    assert "on cpu (x86_64)" in run("show", r.id, "--store", st.root).stdout
+
+
+def test_a_failed_download_does_not_send_you_to_the_same_command(tmp_path, monkeypatch):
+    import sys as _sys
+    import urllib.error
+    import pytest
+    from gaussreg import data
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setitem(_sys.modules, "torchvision.datasets", None)  # the plain HTTP path
+    monkeypatch.setattr(data, "_fetch", offline)
+    with pytest.raises(data.DataError) as e:
+        data.download("mnist", tmp_path)
+    msg = str(e.value)
+    assert msg.startswith("Could not download 'mnist'") and "gaussreg data download" not in msg
+    assert "run it again where the dataset's site can be reached" in msg
+    assert "gaussreg data download mnist" in data.missing_message("mnist", tmp_path)  # elsewhere it is the way

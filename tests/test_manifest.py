@@ -132,3 +132,28 @@ def test_shipped_manifests_are_valid():
             assert sorted({p["sigma"] for p in aug}) == [0.125, 0.25, 0.325, 0.5, 1.0], e.name
     all_methods = {r.spec["method"] for r in lenet.runs() + alex.runs()}
     assert {"randsign", "fgsm"} <= all_methods
+
+
+def test_every_error_is_reported_in_one_pass_with_its_table(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text('[defaults]\nmax_epoch = 3\ndataset = "synthetic"\n\n'
+                 '[[experiment]]\nname = "a"\nmodel = "mlpp"\ntolerence = 0.1\nmethods.baseline = {}\n'
+                 'methods.regularizer = { sigma = 0.25, alhpa = 1 }\n\n'
+                 '[[experiment]]\nname = "a"\nmethods.augment = { sigma = -1, folds = 2 }\n')
+    with pytest.raises(manifest.ManifestError) as e:
+        manifest.load(p)
+    lines = str(e.value).splitlines()
+    assert lines[0] == f"{p}: 7 problems, each on its own line:"
+    assert [x.strip() for x in lines[1:]] == [
+        f"{p}:2: max_epoch: unknown key in [defaults] (did you mean 'max_epochs'?)",
+        f"{p}:7: model: unknown model 'mlpp'; must be one of lenet, alexnet, mlp",
+        f"{p}:8: tolerence: unknown key in [[experiment]] 'a' (did you mean 'tolerance'?)",
+        f"{p}:10: methods.regularizer.alhpa: unknown parameter 'alhpa' for method 'regularizer' (did you mean 'alpha'?)",
+        f"{p}:12: model: [[experiment]] 'a' needs a 'model' (in it or in [defaults])",
+        f"{p}:13: name: duplicate experiment name 'a'",
+        f"{p}:14: methods.augment.sigma: parameter 'sigma' of method 'augment' must be >= 0 (got -1.0)"]
+    assert len(e.value.errors) == 7 and e.value.errors[0].line == 2
+    out = subprocess.run(cli("run", p, "--store", tmp_path / "runs", "--dry-run"), capture_output=True, text=True,
+                         env=python_env(COLUMNS="300"))
+    assert out.returncode == 2 and out.stderr.count("\n") == 8 and "alhpa" in out.stderr
+    assert not (tmp_path / "runs").exists()

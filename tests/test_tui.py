@@ -237,6 +237,35 @@ async def test_compare_screen_follows_the_store(store):
         assert row[2] == "91.00" and row[4] == "66.00"
 
 
+async def test_compare_screen_picks_among_the_settings_of_an_experiment(store):
+    """Runs of one experiment at two values of max_epochs are two comparisons, each with its own
+    baseline: a selector shows one at a time (hidden while there is only one)."""
+    from textual.widgets import Select
+    app = GaussregApp("runs", poll_s=0.05)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await until(pilot, lambda: table(app).row_count == 5)
+        await pilot.press("c")
+        best = await widget(pilot, CompareScreen, "#best")
+        await until(pilot, lambda: best.row_count == 3)
+        chooser = app.screen.query_one("#setting", Select)
+        assert not chooser.display
+        add_run(store, "baseline", 0.60, 0.40, epochs=5)
+        add_run(store, "regularizer", 0.61, 0.55, epochs=5, sigma=0.5, alpha=1.0)
+        await until(pilot, lambda: chooser.display and chooser.value == "max_epochs=3")
+        assert "max_epochs=5" in [str(label) for label, _ in chooser._options if _ is not Select.NULL]
+        assert best.row_count == 3 and best.get_row("baseline")[2] == "90.00"
+        chooser.value = "max_epochs=5"
+        await until(pilot, lambda: best.row_count == 2 and best.get_row("baseline")[2] == "60.00")
+        assert best.get_row("regularizer")[4] == "55.00"
+        scatter = app.screen.query_one("#scatter", SeriesPlot)
+        assert {m: list(zip(*xy)) for m, xy in scatter.series.items()} == {
+            "baseline": [pytest.approx((60, 40))], "regularizer": [pytest.approx((61, 55))]}
+        # the store moves on: the chosen setting stays chosen
+        add_run(store, "augment", 0.62, 0.50, epochs=5, sigma=0.25, folds=1)
+        await until(pilot, lambda: best.row_count == 3)
+        assert chooser.value == "max_epochs=5" and best.get_row("augment")[2] == "62.00"
+
+
 async def test_overlay_of_marked_runs(store):
     app = GaussregApp("runs", poll_s=0.05)
     async with app.run_test(size=(160, 40)) as pilot:
@@ -387,6 +416,90 @@ async def test_detail_shows_certified_accuracy_once_certified(store):
         run.write_certification({"sigma": 0.25, "per_image": per_image})
         await until(pilot, lambda: "certified" in _text(status))
         assert "acc at sigma 0.25: r=0 50.00%  r=0.25 25.00%  r=0.5 0.00%" in _text(status)
+
+
+async def test_detail_shows_batch_progress_and_the_quiet_phases(store):
+    """Through epoch 1 there is no epoch event yet: the detail says how far the batches are; while
+    the worker validates or evaluates R, the row and the detail say so."""
+    run = add_run(store, "regularizer", state="running", epochs=5, sigma=0.3, alpha=1.0)
+    status = run.status()
+    status.update(pid=os.getpid(), host=socket.gethostname(), finished_at=None, epoch=1, phase="training")
+    run.write_status(status)
+    run.file("events.jsonl").write_text(json.dumps({"type": "start", "time": T0, "epoch": 0}) + "\n")
+    app = GaussregApp("runs", poll_s=0.05)
+    async with app.run_test(size=(160, 40)) as pilot:
+        await until(pilot, lambda: table(app).row_count == 6)
+        assert table(app).get_cell(run.id, "state").plain == "running"  # training: nothing more to say
+        app.push_screen(RunDetailScreen(run.id))
+        side = await widget(pilot, RunDetailScreen, "#status")
+        await until(pilot, lambda: "0/5 done, epoch 1 running" in _text(side))
+        assert "batch" not in _text(side)
+        with open(run.file("events.jsonl"), "a") as f:
+            f.write(json.dumps({"type": "progress", "time": T0, "epoch": 1, "batch": 3, "batches": 10,
+                                "loss": 1.23456}) + "\n")
+        await until(pilot, lambda: "epoch 1 running: batch 3/10, loss 1.2346" in _text(side))
+        status.update(phase="validating")
+        run.write_status(status)
+        await until(pilot, lambda: "running, validating" in _text(side))
+        assert "batch 3/10" not in _text(side)
+        with open(run.file("events.jsonl"), "a") as f:
+            f.write(json.dumps(_epoch(1, 0.9, 1.0, 0.4)) + "\n")
+        status.update(phase="evaluating")
+        run.write_status(status)
+        await until(pilot, lambda: "running, evaluating R" in _text(side) and "1/5 done" in _text(side))
+        await pilot.press("escape")
+        await until(pilot, lambda: isinstance(app.screen, RunsScreen))
+        await until(pilot, lambda: table(app).get_cell(run.id, "state").plain == "running evaluating R")
+
+
+async def test_at_80x24_every_key_is_in_the_footer_and_dialogs_fit(store):
+    from textual.widgets import Footer
+    from textual.widgets._footer import FooterKey
+    from tui.screens import HelpScreen
+    app = GaussregApp("runs", poll_s=0.05)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: table(app).row_count == 5)
+        await until(pilot, lambda: len(app.screen.query_one(Footer).query(FooterKey)) > 0)
+        keys = {k.key: k for k in app.screen.query_one(Footer).query(FooterKey)}
+        assert {"s", "o", "c", "l", "x", "r", "X", "question_mark", "q"} <= set(keys)
+        assert all(k.region.right <= 80 and k.region.width > 0 for k in keys.values())  # none cut off
+        rid = next(r.id for r in store.runs() if r.status()["state"] == "failed")
+        app.confirm_rerun(rid)
+        dialog = await widget(pilot, ConfirmScreen, "#dialog")
+        await until(pilot, lambda: dialog.region.height > 0)
+        assert dialog.region.height <= 10  # the question and the buttons, not the whole screen
+        await pilot.press("n")
+        await until(pilot, lambda: isinstance(app.screen, RunsScreen))
+        assert max(len(line) for line in HelpScreen.TEXT.splitlines()) <= 74 - 2  # no line wraps mid-sentence
+        await pilot.press("question_mark")
+        text = await widget(pilot, HelpScreen, "#help-text")
+        await until(pilot, lambda: text.region.width > 0)
+        assert text.region.width >= 72
+
+
+def test_ls_report_and_tui_rows_come_from_one_builder(store):
+    """report.collect (ls, table, export) and the TUI's watcher build a run's row with the same
+    RunReader: the same numbers, states and epochs, including a running run's."""
+    from gaussreg import report
+    from tui.watcher import StoreWatcher
+    run = add_run(store, "regularizer", state="running", epochs=5, sigma=0.3, alpha=1.0)
+    status = run.status()
+    status.update(pid=os.getpid(), host=socket.gethostname(), finished_at=None, updated_at=T1, epoch=3,
+                  phase="validating")
+    run.write_status(status)
+    run.file("events.jsonl").write_text("".join(json.dumps(_epoch(e, 1.0, 1.0, 0.5 + 0.1 * e)) + "\n"
+                                                for e in (1, 2)))
+    from dataclasses import replace
+    rows = {r["id"]: r["row"] for r in report.collect(store)}
+    watched = {r.id: r for r in StoreWatcher(store.root).scan()}
+    assert set(rows) == set(watched) and len(rows) == 6
+    for rid, row in rows.items():  # a running run's duration grows between the two reads
+        assert replace(row, duration=None) == replace(watched[rid], duration=None)
+        assert abs((row.duration or 0) - (watched[rid].duration or 0)) < 60
+    live = rows[run.id]
+    assert (live.state, live.epoch, live.best_val_acc, live.phase) == ("running", 2, 0.7, "validating")
+    done = next(r for r in rows.values() if r.method == "augment")
+    assert (done.test_acc, done.robustness, done.epoch, done.params) == (0.905, 0.70, 3, "folds=2 sigma=0.25")
 
 
 async def test_compare_screen_matches_table_json(store):

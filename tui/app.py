@@ -31,10 +31,13 @@ class GaussregApp(App):
     #log { height: 1fr; border-top: solid $primary; }
     #compare-title, #compare-footer { height: auto; padding: 0 1; }
     #best { height: auto; max-height: 12; }
-    #experiment { width: 60; }
+    #compare-selects { height: auto; }
+    #experiment { width: 1fr; max-width: 60; }
+    #setting { width: 1fr; max-width: 60; }
     ModalScreen { align: center middle; }
     #dialog { width: 90; max-width: 100%; height: auto; max-height: 90%; border: thick $primary; background: $surface;
               padding: 1 2; }
+    #dialog > Horizontal { height: auto; }  /* else a row of buttons takes the whole height */
     #dialog .row { height: 3; }
     #dialog Label { padding: 1 1 0 0; }
     #dialog.menu { width: 60; }
@@ -169,7 +172,7 @@ class GaussregApp(App):
     @work(thread=True, group="control")
     def _control(self, what: str, run_id: str) -> None:
         from gaussreg import slurm
-        from gaussreg.scheduler import ControlError, cancel_run, rerun
+        from gaussreg.control import ControlError, cancel_run, rerun
         run = RunDir(self.store_root / run_id)
         try:
             if what == "cancel" and _on_slurm(run):  # scancel its array task
@@ -189,7 +192,7 @@ class GaussregApp(App):
 
     @work(thread=True, group="control")
     def action_cancel_launch(self) -> None:
-        from gaussreg.scheduler import launches
+        from gaussreg.control import launches
         found = launches(Store(self.store_root))
         self.call_from_thread(self.push_screen, LaunchesScreen(found), self._confirm_cancel_launch)
 
@@ -204,7 +207,7 @@ class GaussregApp(App):
 
     @work(thread=True, group="control")
     def _cancel_launch(self, pid: int) -> None:
-        from gaussreg.scheduler import ControlError, cancel_launch
+        from gaussreg.control import ControlError, cancel_launch
         try:
             cancel_launch(Store(self.store_root), pid)
             self.call_from_thread(self.notify, f"cancelling launch {pid}", markup=False)

@@ -17,7 +17,7 @@ from textual.widgets import (Button, DataTable, Footer, Header, Input, Label, Op
 
 from gaussreg.launch import LaunchRequest
 from gaussreg.spec import describe_params
-from gaussreg.store import STATES, RunDir
+from gaussreg.store import STATES, RunDir, phase_of
 
 from .messages import CompareReady, DetailChanged, OverlayReady, PlanReady
 from .watcher import RunTail
@@ -78,28 +78,33 @@ class SortScreen(ModalScreen[Optional[str]]):
 
 class HelpScreen(ModalScreen[None]):
     BINDINGS = [Binding("escape,q,question_mark", "app.pop_screen", "close")]
+    # lines of at most 72 characters: the dialog is 74 wide inside at 80 columns, so no line
+    # is wrapped in the middle of a sentence
     TEXT = """gaussreg tui: launch, watch, compare and browse runs
 
 Runs screen
-  enter     open the run's detail (curves, robustness, spec, status, log)
-  /         filter by text (any column); the state selector filters by state
-  s         sort by any column (a menu; the same column again reverses); a click on a header too
-  space     mark a run; o overlays the curves of the marked runs (colours per run)
-  c         compare: the fair-comparison table and accuracy vs robustness
-  l         launch experiments of a manifest, locally (detached: runs go on when the
-            TUI quits) or on Slurm (one sbatch array job)
-  x         cancel the selected run      r   rerun the selected failed/cancelled run
-            (a Slurm run is resubmitted to Slurm with its launch's settings)
-  X         cancel a whole launch
-  ?         this help         ctrl+p   command palette        q   quit
+  enter   the run's detail (curves, robustness, spec, status, log)
+  /       filter by text (any column); the selector filters by state
+  s       sort by any column (a menu; the same column again reverses)
+  space   mark a run;  o  overlay the curves of the marked runs
+  c       compare: the fair table and accuracy vs robustness
+  l       launch experiments of a manifest, locally (they go on after
+          quit) or on Slurm (one sbatch array job)
+  x       cancel the selected run (scancel for a Slurm run)
+  r       train the selected failed or cancelled run again (a Slurm
+          run is resubmitted to Slurm with its launch's settings)
+  X       cancel a whole launch (every run it trains)
+  ?       this help      ctrl+p  command palette      q  quit
 
-Detail and compare screens: escape goes back.
-States: queued, running, completed, failed, cancelled, diverged; a run whose worker
-died without a word (its lock is free; on another host, a stale heartbeat) shows as
-interrupted."""
+Detail, overlay and compare screens: escape goes back; in the
+detail, p shows the next plot when they do not fit one above another.
+States: queued, running, completed, failed, cancelled, diverged; a run
+whose worker died without a word (its lock is free; on another host, a
+stale heartbeat) shows as interrupted. A running run says when it
+validates, evaluates R or certifies."""
 
     def compose(self) -> ComposeResult:
-        with Vertical(id="dialog"):
+        with VerticalScroll(id="dialog"):  # scrolls where the screen is lower than the text
             yield Static(self.TEXT, id="help-text")
             yield Label("escape to close", classes="dim")
 
@@ -108,15 +113,16 @@ class RunsScreen(Screen):
     AUTO_FOCUS = "#runs"
     BINDINGS = [
         Binding("enter", "open", "detail", show=False),
-        Binding("slash", "focus_filter", "filter"),
+        # "/" and space are in the filter's placeholder and the help; the other keys fit 80 columns
+        Binding("slash", "focus_filter", "filter", show=False),
         Binding("s", "sort", "sort"),
-        Binding("space", "mark", "mark"),
+        Binding("space", "mark", "mark", show=False),
         Binding("o", "overlay", "overlay"),
         Binding("c", "app.compare", "compare"),
         Binding("l", "app.launch", "launch"),
-        Binding("x", "cancel_run", "cancel run"),
+        Binding("x", "cancel_run", "cancel"),
         Binding("r", "rerun", "rerun"),
-        Binding("X", "app.cancel_launch", "cancel launch", show=False),
+        Binding("X", "app.cancel_launch", "stop launch"),
         Binding("question_mark", "app.help", "help"),
         Binding("q", "app.quit", "quit"),
     ]
@@ -124,11 +130,13 @@ class RunsScreen(Screen):
     def compose(self) -> ComposeResult:
         yield Header()
         with Horizontal(id="filters"):
-            yield Input(placeholder="filter: experiment, method, params, state…", id="filter")
+            yield Input(placeholder="/ filter: experiment, method, params, state…  (space marks a run)",
+                        id="filter")
             yield Select([(s, s) for s in STATES + ("corrupt",)], prompt="any state", id="state")
         yield SummaryBar(id="summary")
         yield RunsTable(id="runs")
-        yield Footer()
+        # compact, and the palette (ctrl+p) left to the help: every key then fits 80 columns
+        yield Footer(compact=True, show_command_palette=False)
 
     ready = False  # composed and mounted: only then can rows be shown
 
@@ -326,7 +334,15 @@ class RunDetailScreen(Screen):
         # one meaning everywhere: epochs done; a running run also names the epoch in progress
         epochs = (f"{done}/{total} done, epoch {done + 1} running" if state == "running"
                   else f"{done}/{total} done")
-        rows = [("state", Text(state, style=STATE_STYLE.get(state, ""))), ("epochs", epochs),
+        phase = phase_of(st)
+        if state == "running" and phase in (None, "training") and d.progress:  # within an epoch: how far its batches are
+            p = d.progress
+            batches = f"batch {p['batch']}/{p['batches']}, " if "batch" in p and "batches" in p else ""
+            epochs += f": {batches}loss {p['loss']:.4f}"
+        shown = Text(state, style=STATE_STYLE.get(state, ""))
+        if phase and phase != "training":
+            shown += Text(f", {phase}", style="cyan")
+        rows = [("state", shown), ("epochs", epochs),
                 ("device", str(st.get("device") or "-"))]
         if d.epochs:
             e = d.epochs[-1]
@@ -413,11 +429,18 @@ class CompareScreen(Screen):
         self.title = "compare"
         self.experiments = experiments
         self.experiment = experiment or (experiments[0] if experiments else None)
+        self.setting: Optional[str] = None  # the comparison shown, by its label, when the experiment has several
+        self._labels: List[str] = []
+        self._last: Optional[CompareReady] = None
 
     def compose(self) -> ComposeResult:
         yield Header()
-        yield Select([(Text(e), e) for e in self.experiments], value=self.experiment or Select.NULL,
-                     prompt="experiment", id="experiment", allow_blank=not self.experiments)
+        with Horizontal(id="compare-selects"):
+            yield Select([(Text(e), e) for e in self.experiments], value=self.experiment or Select.NULL,
+                         prompt="experiment", id="experiment", allow_blank=not self.experiments)
+            # an experiment whose runs differ in a setting (dataset, max_epochs, ...) is several
+            # comparisons, each with its own baseline: this picks one; hidden when there is one
+            yield Select([], prompt="setting", id="setting")
         yield Static(id="compare-title")
         yield DataTable(id="best", cursor_type="row")
         yield Static(id="compare-footer")
@@ -437,7 +460,18 @@ class CompareScreen(Screen):
     def changed(self, event: Select.Changed) -> None:
         if event.value is not Select.NULL and event.value != self.experiment:
             self.experiment = event.value
+            self.setting = None
             self.load(event.value)
+
+    @on(Select.Changed, "#setting")
+    def setting_changed(self, event: Select.Changed) -> None:
+        if event.value is not Select.NULL and event.value != self.setting and self._last is not None:
+            self.setting = event.value
+            self.show(self._last)
+
+    @staticmethod
+    def _label(rec: dict) -> str:
+        return " ".join(f"{k}={v}" for k, v in rec.get("setting", {}).items()) or f"{rec['dataset']} · {rec['model']}"
 
     def store_changed(self, experiments: set) -> None:
         """Runs changed in the store: follow them when they are this experiment's."""
@@ -450,20 +484,36 @@ class CompareScreen(Screen):
         from gaussreg.store import Store
         store = Store(self.app.store_root)
         table = report.fair_table(store, experiment)
-        points = [{"method": r["spec"]["method"], "accuracy": r["result"]["test_accuracy"],
+        points = [{"id": r["id"], "method": r["spec"]["method"], "accuracy": r["result"]["test_accuracy"],
                    "robustness": r["result"]["robustness"]}
                   for r in report.collect(store, experiment) if r["result"]]
         self.post_message(CompareReady(experiment, table, points))
 
     @on(CompareReady)
     def show(self, message: CompareReady) -> None:
+        if message.experiment != self.experiment:
+            return  # a load for the experiment chosen before
+        self._last = message
         t = self.query_one("#best", DataTable)
         t.clear()
         recs = message.table["experiments"]
+        chooser = self.query_one("#setting", Select)
+        chooser.display = len(recs) > 1
         if not recs:
             self.query_one("#compare-title", Static).update("no runs")
             return
-        rec = next((r for r in recs if r["baseline"]), recs[0])  # the first setting with a baseline
+        labels = [self._label(r) for r in recs]
+        if labels != self._labels:
+            self._labels = labels
+            chooser.set_options([(Text(lab), lab) for lab in labels])  # this blanks the choice
+        # the selector holds the user's choice (also one whose Changed is still on its way)
+        if chooser.value in labels:
+            self.setting = chooser.value
+        elif self.setting not in labels:  # at first: the first setting with a baseline
+            self.setting = labels[recs.index(next((r for r in recs if r["baseline"]), recs[0]))]
+        if chooser.value != self.setting:
+            chooser.value = self.setting
+        rec = recs[labels.index(self.setting)]
         b = rec["baseline"]
         self.query_one("#compare-title", Static).update(Text(
             f"{rec['experiment']} · {rec['dataset']} · {rec['model']} · tolerance {rec['tolerance'] * 100:.2f}% · "
@@ -481,7 +531,10 @@ class CompareScreen(Screen):
             + f"runs eligible/completed/total: {counts}"
             + (f"\ncertified acc % at radius 0/0.25/0.5: {certs}" if certs else "")))
         series: Dict[str, tuple] = {}
+        ids = {i for c in rec["configurations"] for i in c["run_ids"]}  # this setting's completed runs
         for p in message.points:
+            if p["id"] not in ids:
+                continue
             xs, ys = series.setdefault(p["method"], ([], []))
             xs.append(p["accuracy"] * 100)
             ys.append(p["robustness"] * 100)

@@ -51,6 +51,8 @@ def cells(row: RunRow) -> Dict[str, object]:
         "experiment": escape(row.experiment), "dataset": escape(row.dataset), "model": escape(row.model),
         "method": escape(row.method), "params": escape(row.params),
         "state": Text(row.state, style=STATE_STYLE.get(row.state, ""))
+        # a running run says what it does when that is not training (the quiet phases)
+        + (Text(f" {row.phase}", style="cyan") if row.phase and row.phase != "training" else "")
         + (Text(f" {row.slurm_job}", style="dim") if row.slurm_job else "")  # Slurm runs: their array task
         + (Text(f" ({row.slurm_reason})", style="bold red" if fatal(row.slurm_reason) or row.slurm_reason == "not in squeue"
                                                      else "yellow")
@@ -161,7 +163,7 @@ class RunsTable(DataTable):
 class SummaryBar(Static):
     def show(self, rows: Sequence[RunRow], shown: int) -> None:
         c = Counter(r.state for r in rows)
-        parts = [Text(f"{len(rows)} runs ({shown} shown)  ")]
+        parts = [Text(f"{len(rows)} run{'' if len(rows) == 1 else 's'} ({shown} shown)  ")]
         for state in STATES + ("corrupt",):
             if c.get(state) or state in ("queued", "running", "completed", "failed"):
                 parts.append(Text(f"{state} {c.get(state, 0)}  ", style=STATE_STYLE.get(state, "")))

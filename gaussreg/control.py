@@ -1,0 +1,164 @@
+"""Run control, apart from the scheduling loop (gaussreg.scheduler): starting one worker,
+cancelling or rerunning a run, and the detached launches of a store (list, cancel, start).
+The CLI, the TUI and the scheduler's loop all go through here."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from .store import RunDir, Store, atomic_write_json, now_iso, try_lock
+
+
+def start_worker(run: RunDir, resume: bool, gpu: Optional[str] = None, threads: Optional[int] = None,
+                 lock_fd: Optional[int] = None, argv: Optional[List[str]] = None,
+                 watch_parent: bool = False, hold_fds: tuple = ()) -> subprocess.Popen:
+    """One worker process for a run, in its own session (so a terminal's Ctrl-C reaches
+    only its parent), with its output appended to worker.log. A held lock is passed on.
+    With watch_parent the worker stops (saving last.pt, as on SIGTERM) when this process
+    dies: a scheduler that dies must not leave workers training for nobody. hold_fds: more
+    locks the worker holds until it exits (its share of a GPU)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("GAUSSREG_LOCK_FD", None)
+    env.pop("GAUSSREG_PARENT_PID", None)
+    if watch_parent:
+        env["GAUSSREG_PARENT_PID"] = str(os.getpid())
+    if lock_fd is not None:
+        env["GAUSSREG_LOCK_FD"] = str(lock_fd)
+    env.pop("GAUSSREG_GPU", None)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+        if gpu:  # a GPU slot: the worker must get CUDA or refuse (worker.pick_device)
+            env["GAUSSREG_GPU"] = gpu
+            # GPU indices are nvidia-smi's, which counts by PCI bus; CUDA's default order
+            # (fastest first) could make "1" another GPU (a user's own setting wins)
+            env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    if threads:
+        env["GAUSSREG_THREADS"] = env["OMP_NUM_THREADS"] = str(threads)
+    cmd = (argv or [sys.executable, "-m", "gaussreg.worker"]) + [str(run.path)] + (["--resume"] if resume else [])
+    fd = os.open(run.file("worker.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    with os.fdopen(fd, "ab") as log:
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                pass_fds=((lock_fd,) if lock_fd is not None else ()) + tuple(hold_fds),
+                                start_new_session=True)
+
+
+class ControlError(Exception):
+    """A run or launch cannot be controlled as asked; the message says why."""
+
+
+def cancel_run(run: RunDir) -> int:
+    """SIGTERM a running run's worker (it saves last.pt and becomes cancelled). Checks
+    that the pid really is this run's worker on this host. Returns the pid."""
+    import socket
+    from .store import RunFileError, pid_alive
+    try:
+        status = run.status()
+    except RunFileError as e:
+        raise ControlError(str(e)) from None
+    state, pid = run.state(status), status.get("pid")
+    if state != "running":
+        raise ControlError(f"run {run.id} is {state}, not running")
+    if status.get("host") != socket.gethostname():
+        raise ControlError(f"run {run.id} runs on host {status.get('host')}, not here")
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        cmd = ""
+    if not pid_alive(pid) or run.id not in cmd:
+        raise ControlError(f"process {pid} of run {run.id} is not its worker any more")
+    os.kill(pid, signal.SIGTERM)
+    return pid
+
+
+def rerun(run: RunDir, gpu: Optional[str] = None) -> subprocess.Popen:
+    """Train a run that is not running again, detached: a diverged one from scratch
+    (it would diverge again from its checkpoint), any other from its last.pt."""
+    fd = try_lock(run)
+    if fd is None:
+        raise ControlError(f"run {run.id} is being trained by another process")
+    try:
+        state = run.state()
+        if state == "completed":
+            raise ControlError(f"run {run.id} is completed; use `gaussreg run --rerun` to train it again")
+        if state == "diverged":
+            _reset(run)
+        return start_worker(run, resume=run.file("last.pt").exists(), gpu=gpu, lock_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def _is_our_launch(info: dict) -> bool:
+    """Whether the recorded pid is still that launch: a pid is reused once its process
+    is gone, and signalling a stranger's process must never happen. The process must
+    have the recorded start time and run `gaussreg run`."""
+    import psutil
+    pid = info.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        created, cmd = proc.create_time(), proc.cmdline()
+    except (psutil.Error, OSError):
+        return False
+    want = info.get("create_time")
+    if not isinstance(want, (int, float)) or abs(created - want) > 0.05:
+        return False
+    return "gaussreg" in cmd and "run" in cmd
+
+
+def launches(store: Store) -> List[dict]:
+    """Detached `gaussreg run` processes of this store that are still alive; the records
+    of launches that ended are removed."""
+    out = []
+    for p in sorted((store.root / "_launches").glob("*.pid")):
+        try:
+            info = json.loads(p.read_bytes().decode())
+        except (OSError, ValueError):
+            continue
+        if isinstance(info, dict) and _is_our_launch(info):
+            out.append(info)
+        else:
+            try:
+                p.unlink()  # the launch ended (or the record is not ours to trust): forget it
+            except OSError:
+                pass
+    return out
+
+
+def cancel_launch(store: Store, pid: int) -> None:
+    """Stop a detached launch: its scheduler cancels its running workers and exits."""
+    if not any(info["pid"] == pid for info in launches(store)):
+        raise ControlError(f"no running launch with pid {pid} in {store.root}")
+    os.kill(pid, signal.SIGTERM)
+
+
+def detach_run(argv_tail: List[str], store: Store, label: str) -> dict:
+    """Start `gaussreg run ... --follow` in its own session so it outlives its caller;
+    recorded in STORE/_launches so it can be listed and cancelled."""
+    logs = store.root / "_launches"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / (time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}-{int(time.time() * 1000) % 1000}.log")
+    with open(log, "ab") as f:
+        p = subprocess.Popen([sys.executable, "-m", "gaussreg", "run", *argv_tail, "--follow"], stdout=f,
+                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                             env=dict(os.environ, COLUMNS="120"))
+    import psutil
+    info = {"pid": p.pid, "label": label, "log": str(log), "started_at": now_iso(), "argv": argv_tail,
+            "create_time": psutil.Process(p.pid).create_time()}
+    atomic_write_json(logs / f"{p.pid}.pid", info)
+    return info
+
+
+def _reset(run: RunDir) -> None:
+    """Forget a finished run's results (keep its spec) so it trains afresh."""
+    for name in ("result.json", "events.jsonl", "best.pt", "last.pt"):
+        run.file(name).unlink(missing_ok=True)
