@@ -192,4 +192,4 @@ def test_eval_reads_only_the_test_split(tmp_path, monkeypatch):
     r = CliRunner().invoke(cli_app, ["eval", str(d / "best.pt"), "--sigmas", "0", "--format", "json"])
     assert r.exit_code == 0, r.output
     assert asked == ["test"]
-    assert json.loads(r.output)["clean_accuracy"] == RunDir(d).result()["test_accuracy"]
+    assert json.loads(r.stdout)["clean_accuracy"] == RunDir(d).result()["test_accuracy"]

@@ -314,16 +314,18 @@ def test_a_big_grid_starts_its_first_run_before_creating_the_other_directories(t
     specs = _grid(120)
     seen = {}
 
-    def on_change(sched, what, run):
+    def on_change(_snapshot, what, run):  # the view gets a Snapshot; the test controls `sched`
         if what == "started" and "dirs at first start" not in seen:
             seen["dirs at first start"] = sum(1 for _ in st.runs())
         if what == "completed" and "states" not in seen:
-            assert sched.all_created.wait(120)
+            seen["all created"] = sched.all_created.wait(120)
             seen["states"] = sorted(r.state() for r in st.runs())
             sched.stop()
 
-    summary = Scheduler(st, list(specs), make_slots([], max_parallel=1), worker_argv=FAKE, on_change=on_change,
-                        poll_s=0.05, specs=specs).run()
+    sched = Scheduler(st, list(specs), make_slots([], max_parallel=1), worker_argv=FAKE, on_change=on_change,
+                      poll_s=0.05, specs=specs)
+    summary = sched.run()
+    assert sched.view_error is None and seen["all created"]
     assert seen["dirs at first start"] == 1
     assert seen["states"] == ["completed"] + ["queued"] * 119
     assert summary.interrupted and summary.count("completed") == 1 and summary.count("queued") == 119
