@@ -276,7 +276,7 @@ def _run_slurm(m, runs, st, manifest, overrides, rerun, follow, dry_run, data_di
         slurm.require("sbatch", "squeue")
     except slurm.SlurmError as e:
         fail(str(e))
-    for name in sorted({r.spec["dataset"] for r in runs} - {"synthetic"}):
+    for name in sorted({r.spec["dataset"] for r in runs if data.is_builtin(r.spec["dataset"])} - {"synthetic"}):
         if data.find(name, data_dir) is None:
             fail(data.missing_message(name, data_dir))
     for e in m.experiments:
@@ -563,10 +563,11 @@ def eval_(target: str = typer.Argument(..., help="A run id, or a checkpoint file
         fail(f"{ckpt} is not a gaussreg checkpoint ({type(e).__name__}: {e})")
     try:
         splits = data.load(spec["dataset"], data_dir or spec["data_dir"], split_seed=spec["split_seed"],
-                           test_subset=spec["test_subset"], device=dev)
+                           test_subset=spec["test_subset"], device=dev,
+                           args=spec.get("dataset_args"), python_path=spec.get("python_path", ()))
     except data.DataError as e:
         fail(str(e))
-    model = build_model(spec["model"], splits.info).to(dev)
+    model = build_model(spec["model"], splits.info, spec.get("model_args"), spec.get("python_path", ())).to(dev)
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as e:
@@ -635,10 +636,11 @@ def certify(run_id: str = typer.Argument(..., help="A run id (or a unique prefix
         fail(f"{ckpt} is not a gaussreg checkpoint ({type(e).__name__}: {e})")
     try:
         splits = data.load(spec["dataset"], data_dir or spec["data_dir"], split_seed=spec["split_seed"],
-                           test_subset=spec["test_subset"], device=dev)
+                           test_subset=spec["test_subset"], device=dev,
+                           args=spec.get("dataset_args"), python_path=spec.get("python_path", ()))
     except data.DataError as e:
         fail(str(e))
-    model = build_model(spec["model"], splits.info).to(dev)
+    model = build_model(spec["model"], splits.info, spec.get("model_args"), spec.get("python_path", ())).to(dev)
     model.load_state_dict(state)
     with Progress(TextColumn(f"certifying at sigma {sigma:g}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=err_console, transient=True) as bar:

@@ -20,11 +20,12 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .spec import EXPERIMENT_NAME, PARAMS, SCALARS, TABLES, SpecError, resolve, run_id
+from . import data
+from .spec import ARG_TABLES, EXPERIMENT_NAME, PARAMS, SCALARS, TABLES, SpecError, resolve, run_id
 
-RUN_KEYS = (set(SCALARS) - {"experiment", "data_dir"}) | {"optimizer", "robustness", "certify"}
+RUN_KEYS = (set(SCALARS) - {"experiment", "data_dir"}) | {"optimizer", "robustness", "certify", "preset", *ARG_TABLES}
 EXPERIMENT_KEYS = RUN_KEYS | {"name", "tolerance", "methods", "seeds"}
-TOP_KEYS = {"defaults", "experiment", "slurm"}
+TOP_KEYS = {"defaults", "experiment", "slurm", "python_path"}
 
 
 class ManifestError(Exception):
@@ -140,6 +141,15 @@ def load(path, data_dir: Optional[str] = None) -> Manifest:
         settings(slurm_table)
     except SlurmConfigError as e:
         raise err(None, ["slurm", e.key], str(e).split(": ", 1)[1]) from None
+    python_path = doc.get("python_path", [])
+    if not (isinstance(python_path, list) and all(isinstance(p, str) and p for p in python_path)):
+        raise err(None, ["python_path"], f"must be a list of folders (relative to the manifest), like [\"src\"], "
+                  f"not {python_path!r}")
+    base = path.resolve().parent
+    python_path = [str((base / p).resolve()) for p in python_path]
+    for p in python_path:
+        if not Path(p).is_dir():
+            raise err(None, ["python_path"], f"folder {p} does not exist")
     defaults = doc.get("defaults", {})
     if not isinstance(defaults, dict):
         raise err(None, ["defaults"], "must be a table")
@@ -178,8 +188,24 @@ def load(path, data_dir: Optional[str] = None) -> Manifest:
             if not isinstance(seeds, list) or not seeds:
                 raise err(sec, ["seeds"], "must be a non-empty list of integers")
             merged["seed"] = seeds
+        ds = merged.get("dataset")
+        for d in (ds if isinstance(ds, list) else [ds]):
+            if isinstance(d, str) and data.source_path(d) is not None and not data.source_path(d).is_absolute():
+                # a user's data file or folder: relative to the manifest, stored absolute
+                kind = d.split(":", 1)[0]
+                fixed = f"{kind}:{(base / data.source_path(d)).resolve()}"
+                merged["dataset"] = [fixed if x == d else x for x in ds] if isinstance(ds, list) else fixed
+                ds = merged["dataset"]
         axes = {}
         for key, v in merged.items():
+            if key in ARG_TABLES and isinstance(v, dict):
+                for k2, v2 in v.items():  # each argument is an axis of its own
+                    if isinstance(v2, list) and not v2:
+                        raise err(sec, [key, k2], "empty grid: a list value needs at least one element")
+                    axes[f"{key}.{k2}"] = v2 if isinstance(v2, list) else [v2]
+                if not v:
+                    axes[key] = [{}]
+                continue
             if isinstance(v, list) and key not in TABLES:
                 if not v:
                     raise err(sec, [key], "empty grid: a list value needs at least one element")
@@ -203,8 +229,14 @@ def load(path, data_dir: Optional[str] = None) -> Manifest:
             keys, pkeys = list(axes), list(p_axes)
             for combo in itertools.product(*axes.values()):
                 for pcombo in itertools.product(*p_axes.values()):
-                    partial = {**dict(zip(keys, combo)), "experiment": name, "method": method,
-                               "params": dict(zip(pkeys, pcombo))}
+                    partial = {"experiment": name, "method": method, "params": dict(zip(pkeys, pcombo))}
+                    for k, v in zip(keys, combo):
+                        if "." in k and k.split(".", 1)[0] in ARG_TABLES:
+                            partial.setdefault(k.split(".", 1)[0], {})[k.split(".", 1)[1]] = v
+                        else:
+                            partial.setdefault(k, v)
+                    if python_path:
+                        partial["python_path"] = python_path
                     if data_dir:
                         partial["data_dir"] = str(data_dir)
                     try:
