@@ -176,6 +176,7 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
     readable_store(store)
     st = Store(store)
     if dry_run:
+        _check_own_code(p.manifest)
         _dry_run(p, st, manifest)
         return
     if p.missing_data:
@@ -231,6 +232,19 @@ def _print_outcome(summary, st, runs):
         console.print(report.render_rich(report.fair_table(st, e)))
 
 
+def _check_own_code(m) -> None:
+    """--dry-run: import the manifest's own model factories and data loaders in a subprocess
+    and try them (gaussreg.check); every problem as a manifest error, then exit 2."""
+    from . import manifest as mf
+    if not mf.uses_own_code(m):
+        return
+    errors = mf.check_code(m)
+    for e in errors[:-1]:
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+    if errors:
+        fail(str(errors[-1]))
+
+
 def _dry_run(p, st, manifest) -> None:
     """What a launch would do, per experiment: runs new/done, and whether its data is there."""
     from .spec import describe_params
@@ -269,6 +283,7 @@ def _run_slurm(m, runs, st, manifest, overrides, rerun, follow, dry_run, data_di
     except slurm.SlurmConfigError as e:
         fail(f"Slurm setting (flag or [slurm] in {manifest}) {e}")
     if dry_run:
+        _check_own_code(m)
         console.print(" ".join(slurm.sbatch_command(cfg, -(-len(runs) // cfg.per_gpu), Path("JOB.sh"),
                                                     st.root / "_slurm" / "LAUNCH")), highlight=False, markup=False)
         return

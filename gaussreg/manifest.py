@@ -13,7 +13,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -46,6 +46,7 @@ class Experiment:
     name: str
     tolerance: float
     runs: List[PlannedRun] = field(default_factory=list)
+    index: int = 0  # its place among the [[experiment]] tables, for error lines
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Manifest:
     path: Path
     experiments: List[Experiment]
     slurm: dict = field(default_factory=dict)  # the optional [slurm] table (gaussreg.slurm.settings)
+    error: Optional[Callable] = None  # (experiment index, key path, message) -> ManifestError with its line
 
     def runs(self) -> List[PlannedRun]:
         return [r for e in self.experiments for r in e.runs]
@@ -212,7 +214,7 @@ def load(path, data_dir: Optional[str] = None) -> Manifest:
                 axes[key] = v
             else:
                 axes[key] = [v]
-        exp_out = Experiment(name, float(tol))
+        exp_out = Experiment(name, float(tol), index=i)
         for method, params in methods.items():
             if method not in PARAMS:
                 raise err(sec, ["methods", method], f"unknown method {method!r}" + _suggest(method, PARAMS))
@@ -252,4 +254,50 @@ def load(path, data_dir: Optional[str] = None) -> Manifest:
             dup = next(x for x in ids if ids.count(x) > 1)
             raise err(sec, ["methods"], f"two grid points give the same run ({dup}): a grid repeats a value")
         out.append(exp_out)
-    return Manifest(path, out, slurm_table)
+    def located(i: int, keypath: List[str], message: str) -> ManifestError:
+        sec = ("experiment", i) if keypath[0] in exps[i] else ("defaults", 0) if keypath[0] in defaults else None
+        return err(sec, keypath, message)
+
+    return Manifest(path, out, slurm_table, located)
+
+
+def uses_own_code(m: Manifest) -> bool:
+    """Whether a run names a model or dataset that is not built into gaussreg."""
+    from .spec import MODELS
+    return any(r.spec["model"] not in MODELS or not data.is_builtin(r.spec["dataset"]) for r in m.runs())
+
+
+def check_code(m: Manifest, timeout: float = 600) -> List[ManifestError]:
+    """Import every factory and loader the manifest names, in a subprocess (gaussreg.check),
+    build each model, run 2 images through it and check its split; the problems found,
+    as manifest errors naming the file, line and key."""
+    import json
+    import os
+    import subprocess
+    combos, where = [], {}
+    for e in m.experiments:
+        for r in e.runs:
+            s = r.spec
+            item = {k: s.get(k) for k in ("model", "model_args", "dataset", "dataset_args", "python_path")}
+            key = json.dumps(item, sort_keys=True)
+            if key not in where:
+                where[key] = (len(combos), e.index)
+                combos.append({**item, "depths": []})
+            c = combos[where[key][0]]
+            depth = s["params"].get("depth", 1) if s["method"] == "regularizer" else None
+            if depth is not None and depth not in c["depths"]:
+                c["depths"].append(depth)
+    root = str(Path(__file__).resolve().parents[1])  # the child imports this gaussreg
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    try:
+        out = subprocess.run([sys.executable, "-m", "gaussreg.check"], input=json.dumps(combos),
+                             capture_output=True, text=True, env=env, timeout=timeout)
+        found = json.loads(out.stdout)
+    except subprocess.TimeoutExpired:
+        return [ManifestError(m.path, None, "", f"checking the manifest's models and datasets took more than "
+                                                f"{timeout:g} s")]
+    except ValueError:
+        tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        return [ManifestError(m.path, None, "", f"checking the manifest's models and datasets failed ({tail})")]
+    index_of = {i: exp for i, exp in where.values()}
+    return [m.error(index_of[f["index"]], f["key"].split("."), f["message"]) for f in found]

@@ -272,8 +272,8 @@ def resolve(partial: dict) -> dict:
         name = opt.get("name") if isinstance(opt, dict) else None
         if name in OPTIMIZER_KEYS:
             absent += [f"optimizer.{k}" for k in sorted(OPTIMIZER_KEYS[name]) if k not in opt]
-        elif not absent:
-            absent = ["optimizer.name"]
+        else:
+            absent.append("a complete optimizer (name = \"adam\" or \"sgd\" and every key of it)")
         if absent:
             raise SpecError("preset", f"model {model!r} has no optimiser preset: give preset = \"lenet\" or "
                             f"\"alexnet\" to start from the paper's settings, or set {', '.join(absent)}")
