@@ -232,6 +232,17 @@ def _print_outcome(summary, st, runs):
         console.print(report.render_rich(report.fair_table(st, e)))
 
 
+def _build_or_fail(spec: dict, info):
+    """The run's model, built by its factory; a factory that cannot be imported, raises or
+    returns a model gaussreg cannot split: one sentence, exit 2."""
+    from .models import SplitError, build_model
+    from .plugins import PluginError
+    try:
+        return build_model(spec["model"], info, spec.get("model_args"), spec.get("python_path", ()))
+    except (PluginError, SplitError) as e:
+        fail(str(e))
+
+
 def _check_own_code(m) -> None:
     """--dry-run: import the manifest's own model factories and data loaders in a subprocess
     and try them (gaussreg.check); every problem as a manifest error, then exit 2."""
@@ -261,7 +272,8 @@ def _dry_run(p, st, manifest) -> None:
             state = rd.state() if rd.file("spec.json").exists() else "new"
         except RunFileError as e:
             state = f"corrupt: {e}"
-        t.add_row(*map(escape, (r.id, r.spec["dataset"], r.spec["model"], r.spec["method"],
+        args = " ".join(f"{k}={v}" for k, v in {**r.spec.get("dataset_args", {}), **r.spec.get("model_args", {})}.items())
+        t.add_row(*map(escape, (r.id, r.spec["dataset"], f"{r.spec['model']} {args}".strip(), r.spec["method"],
                                 describe_params(r.spec), state)))
         counts = per_exp.setdefault(r.spec["experiment"], {"new": 0, "done": 0, "other": 0, "datasets": set()})
         counts["new" if state == "new" else "done" if state in ("completed", "diverged") else "other"] += 1
@@ -548,7 +560,6 @@ def eval_(target: str = typer.Argument(..., help="A run id, or a checkpoint file
     """Re-evaluate robustness of a trained run (best.pt) or checkpoint on its test set."""
     import torch
     from . import data
-    from .models import build_model
     from .robustness import robustness
     from .spec import SpecError, resolve
     from .store import RunDir, RunFileError
@@ -582,7 +593,7 @@ def eval_(target: str = typer.Argument(..., help="A run id, or a checkpoint file
                            args=spec.get("dataset_args"), python_path=spec.get("python_path", ()))
     except data.DataError as e:
         fail(str(e))
-    model = build_model(spec["model"], splits.info, spec.get("model_args"), spec.get("python_path", ())).to(dev)
+    model = _build_or_fail(spec, splits.info).to(dev)
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as e:
@@ -639,7 +650,6 @@ def certify(run_id: str = typer.Argument(..., help="A run id (or a unique prefix
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from . import data
-    from .models import build_model
     from .smoothing import certify_run
     from .worker import pick_device
     try:
@@ -655,7 +665,7 @@ def certify(run_id: str = typer.Argument(..., help="A run id (or a unique prefix
                            args=spec.get("dataset_args"), python_path=spec.get("python_path", ()))
     except data.DataError as e:
         fail(str(e))
-    model = build_model(spec["model"], splits.info, spec.get("model_args"), spec.get("python_path", ())).to(dev)
+    model = _build_or_fail(spec, splits.info).to(dev)
     model.load_state_dict(state)
     with Progress(TextColumn(f"certifying at sigma {sigma:g}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=err_console, transient=True) as bar:

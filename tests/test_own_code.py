@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import sys
 import textwrap
 
 import numpy as np
@@ -189,6 +190,9 @@ def test_own_resnet_and_npz_through_the_scheduler_to_a_fair_table(project):
     assert spec["model"] == "mypkg.models:resnet" and spec["model_args"] == {"width": 8}
     assert spec["dataset"] == f"npz:{project / 'data' / 'tiny.npz'}" and len(spec["model_source"]) == 12
     assert spec["python_path"] == [str(project / "src")]
+    ev = run("eval", ls[0]["id"], "--store", project / "runs", "--sigmas", "0,0.1", "--format", "json")
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads(ev.stdout)["clean_accuracy"] == ls[0]["result"]["test_accuracy"]
 
 
 def test_model_args_are_grid_axes_and_changed_code_makes_new_runs(project):
@@ -204,6 +208,14 @@ def test_model_args_are_grid_axes_and_changed_code_makes_new_runs(project):
     spec = manifest.load(m).runs()[0].spec
     from gaussreg.spec import run_id
     assert run_id({**spec, "python_path": ["/elsewhere"]}) == run_id(spec)
+
+
+def test_reading_a_manifest_with_own_code_imports_neither_it_nor_torch(project):
+    m = write(project, MANIFEST)
+    code = (f"import sys; from gaussreg import manifest; manifest.load({str(m)!r}); "
+            "print('torch' in sys.modules, 'mypkg' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=python_env())
+    assert out.returncode == 0 and out.stdout.split() == ["False", "False"], out.stderr
 
 
 def test_a_changed_source_is_refused_by_the_worker(project):
