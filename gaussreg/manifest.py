@@ -262,9 +262,11 @@ def load(path, data_dir: Optional[str] = None) -> Manifest:
 
 
 def uses_own_code(m: Manifest) -> bool:
-    """Whether a run names a model or dataset that is not built into gaussreg."""
-    from .spec import MODELS
-    return any(r.spec["model"] not in MODELS or not data.is_builtin(r.spec["dataset"]) for r in m.runs())
+    """Whether a run names a model or dataset that is not built into gaussreg, or gives
+    a factory arguments (which only calling it checks)."""
+    from .spec import ARG_TABLES, MODELS
+    return any(r.spec["model"] not in MODELS or not data.is_builtin(r.spec["dataset"])
+               or any(k in r.spec for k in ARG_TABLES) for r in m.runs())
 
 
 def check_code(m: Manifest, timeout: float = 600) -> List[ManifestError]:

@@ -376,3 +376,39 @@ def test_image_folder_of_pngs(tmp_path):
     assert gray[0].shape[1:] == (1, 4, 5)
     with pytest.raises(data.DataError, match="unknown dataset_args key 'resize'"):
         data.load_custom(f"folder:{tmp_path / 'imgs'}", {"resize": 6}, ())
+
+
+def test_entry_point_names_for_models_and_datasets(project, monkeypatch):
+    # an installed package's entry points: a dist-info folder on sys.path is what pip leaves
+    dist = project / "src" / "mypkg-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mypkg\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[gaussreg.models]\ntinyres = mypkg.models:resnet\n\n"
+                                           "[gaussreg.datasets]\nblobs = mypkg.data:load\n")
+    monkeypatch.syspath_prepend(str(project / "src"))
+    plugins.entry_points.cache_clear()
+    try:
+        m = write(project, MANIFEST.replace("mypkg.models:resnet", "tinyres")
+                  .replace('"npz:data/tiny.npz"', '"blobs"\ndataset_args = { n = [30, 40] }'))
+        runs = manifest.load(m).runs()
+        assert len(runs) == 6 and {r.spec["dataset_args"]["n"] for r in runs} == {30, 40}
+        spec = runs[0].spec
+        assert spec["model"] == "tinyres" and len(spec["model_source"]) == 12 and len(spec["dataset_source"]) == 12
+        splits = data.load("blobs", args={"n": 30})
+        net = build_model("tinyres", splits.info, {"width": 4})
+        assert net(splits.test_x[:3]).shape == (3, 2)
+    finally:
+        plugins.entry_points.cache_clear()
+
+
+def test_a_sequential_with_batchnorm_first_supports_depth(project):
+    info = data.DatasetInfo("t", (3, 8, 8), 4, (0.5,) * 3, (0.25,) * 3)
+    torch.manual_seed(0)
+    net = build_model("mypkg.models:seq", info, None, [str(project / "src")]).double()
+    from gaussreg.regularizer import expected_logits
+    x, y = torch.rand(5, 3, 8, 8, dtype=torch.float64), torch.randint(0, 4, (5,))
+    net.train()
+    moment_loss(net, x, y, 0.2, 1.0, depth="all").total.backward()  # BN statistics of the batch
+    net.eval()
+    # rest is affine (Flatten, Linear): propagating to the logits is exact, so "all" = 1
+    assert torch.allclose(expected_logits(net, x, 0.2, "all"), expected_logits(net, x, 0.2, 1), atol=1e-10)
