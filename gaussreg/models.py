@@ -177,8 +177,17 @@ def _from_stem(model: nn.Module, name: str, shape) -> GaussNet:
     was = model.training
     model.eval()
     param = next(model.parameters())
-    x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0)).to(param.device, param.dtype)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, *shape, generator=g).to(param.device, param.dtype)
+    kept = {k: v.clone() for k, v in bn.state_dict().items()} if bn is not None else None
     with torch.no_grad():
+        if bn is not None and bn.running_var is not None:
+            # a fresh BN is nearly the identity in eval mode, under which relu(bn(z)) and
+            # bn(relu(z)) agree: give it random statistics and affine for the check
+            for t in (bn.running_mean, bn.weight, bn.bias):
+                if t is not None:
+                    t.copy_(torch.randn(t.shape, generator=g))
+            bn.running_var.copy_(0.5 + torch.rand(bn.running_var.shape, generator=g))
         try:
             ref = model(x)
         except Exception as e:  # noqa: BLE001 - the user's forward: say it, do not crash
@@ -194,6 +203,8 @@ def _from_stem(model: nn.Module, name: str, shape) -> GaussNet:
             same = out.shape == ref.shape and torch.allclose(out, ref, rtol=1e-4, atol=1e-5)
         except Exception:  # noqa: BLE001
             same = False
+        if kept is not None:
+            bn.load_state_dict(kept)
     net.train(was)
     if not same:
         raise SplitError(f"model {name!r} has conv1{', bn1' if bn is not None else ''} and relu, but its forward "

@@ -73,6 +73,16 @@ def normalising(info):
     return Normalising(info)
 
 
+class BnAfterRelu(TinyResNet):
+    def forward(self, x):  # BN after the ReLU: close to the identity at init, still refused
+        x = self.bn1(self.relu(self.conv1(x)))
+        return self.fc(torch.flatten(self.pool(self.layers(x)), 1))
+
+
+def bn_after_relu(info):
+    return BnAfterRelu(info)
+
+
 class Swish(nn.Module):
     def __init__(self, info):
         super().__init__()
@@ -266,8 +276,12 @@ def test_refusals_each_with_its_sentence(project):
     with pytest.raises(SplitError, match=r"its first layers are Conv2d \(stem.0\), GroupNorm \(stem.1\), SiLU "
                                          r"\(stem.2\); recognised are a GaussNet"):
         build_model("mypkg.models:swish", info, None, path)
-    with pytest.raises(SplitError, match=r"its forward does not start with relu\(bn1\(conv1\(x\)\)\)"):
-        build_model("mypkg.models:normalising", info, None, path)
+    for wrong in ("normalising", "bn_after_relu"):
+        with pytest.raises(SplitError, match=r"its forward does not start with relu\(bn1\(conv1\(x\)\)\)"):
+            build_model(f"mypkg.models:{wrong}", info, None, path)
+    # the check leaves the model's own BatchNorm as it was built
+    net = build_model("mypkg.models:resnet", info, None, path)
+    assert torch.equal(net.first.bn.running_var, torch.ones(8)) and torch.equal(net.first.bn.weight, torch.ones(8))
     with pytest.raises(plugins.PluginError, match="model factory 'mypkg.models:broken' raised ValueError: "
                                                   "width 3 is not a power of two"):
         build_model("mypkg.models:broken", info, {"width": 3}, path)
