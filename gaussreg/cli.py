@@ -188,6 +188,7 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
     readable_store(store)
     st = Store(store)
     if dry_run:
+        _check_own_code(p.manifest)
         _dry_run(p, st, manifest)
         return
     if p.missing_data:
@@ -245,6 +246,30 @@ def _print_outcome(summary, st, runs):
         console.print(report.render_rich(report.fair_table(st, e)))
 
 
+def _build_or_fail(spec: dict, info):
+    """The run's model, built by its factory; a factory that cannot be imported, raises or
+    returns a model gaussreg cannot split: one sentence, exit 2."""
+    from .models import SplitError, build_model
+    from .plugins import PluginError
+    try:
+        return build_model(spec["model"], info, spec.get("model_args"), spec.get("python_path", ()))
+    except (PluginError, SplitError) as e:
+        fail(str(e))
+
+
+def _check_own_code(m) -> None:
+    """--dry-run: import the manifest's own model factories and data loaders in a subprocess
+    and try them (gaussreg.check); every problem as a manifest error, then exit 2."""
+    from . import manifest as mf
+    if not mf.uses_own_code(m):
+        return
+    errors = mf.check_code(m)
+    for e in errors[:-1]:
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+    if errors:
+        fail(str(errors[-1]))
+
+
 def _dry_run(p, st, manifest) -> None:
     """What a launch would do, per experiment: runs new/done, and whether its data is there."""
     from .spec import describe_params
@@ -261,7 +286,8 @@ def _dry_run(p, st, manifest) -> None:
             state = rd.state() if rd.file("spec.json").exists() else "new"
         except RunFileError as e:
             state = f"corrupt: {e}"
-        t.add_row(*map(escape, (r.id, r.spec["dataset"], r.spec["model"], r.spec["method"],
+        args = " ".join(f"{k}={v}" for k, v in {**r.spec.get("dataset_args", {}), **r.spec.get("model_args", {})}.items())
+        t.add_row(*map(escape, (r.id, r.spec["dataset"], f"{r.spec['model']} {args}".strip(), r.spec["method"],
                                 describe_params(r.spec), state)))
         counts = per_exp.setdefault(r.spec["experiment"], {"new": 0, "done": 0, "other": 0, "datasets": set()})
         counts["new" if state == "new" else "done" if state in ("completed", "diverged") else "other"] += 1
@@ -288,6 +314,7 @@ def _run_slurm(req, follow, dry_run, yes):
         fail(str(e))
     runs, cfg = p.runs, p.slurm
     if dry_run:
+        _check_own_code(p.manifest)
         console.print(" ".join(slurm.sbatch_command(cfg, -(-len(runs) // cfg.per_gpu), Path("JOB.sh"),
                                                     st.root / "_slurm" / "LAUNCH")), highlight=False, markup=False)
         return
@@ -598,10 +625,11 @@ def eval_(target: str = typer.Argument(..., help="A run id, or a checkpoint file
         fail(f"{ckpt} is not a gaussreg checkpoint ({type(e).__name__}: {e})")
     try:
         splits = data.load(spec["dataset"], data_dir or spec["data_dir"], split_seed=spec["split_seed"],
-                           test_subset=spec["test_subset"], device=dev, test_only=True)
+                           test_subset=spec["test_subset"], device=dev, test_only=True,
+                           args=spec.get("dataset_args"), python_path=spec.get("python_path", ()))
     except data.DataError as e:
         fail(str(e))
-    model = build_model(spec["model"], splits.info).to(dev)
+    model = _build_or_fail(spec, splits.info).to(dev)
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as e:
@@ -670,7 +698,6 @@ def certify(run_id: str = typer.Argument(..., help="A run id (or a unique prefix
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from . import data
-    from .models import build_model
     from .smoothing import certify_run
     from .worker import pick_device
     try:
@@ -682,10 +709,11 @@ def certify(run_id: str = typer.Argument(..., help="A run id (or a unique prefix
         fail(f"{ckpt} is not a gaussreg checkpoint ({type(e).__name__}: {e})")
     try:
         splits = data.load(spec["dataset"], data_dir or spec["data_dir"], split_seed=spec["split_seed"],
-                           test_subset=spec["test_subset"], device=dev, test_only=True)
+                           test_subset=spec["test_subset"], device=dev, test_only=True,
+                           args=spec.get("dataset_args"), python_path=spec.get("python_path", ()))
     except data.DataError as e:
         fail(str(e))
-    model = build_model(spec["model"], splits.info).to(dev)
+    model = _build_or_fail(spec, splits.info).to(dev)
     model.load_state_dict(state)
     with Progress(TextColumn(f"certifying at sigma {sigma:g}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=err_console, transient=True) as bar:

@@ -292,21 +292,26 @@ def stratified(indices, labels, k: int):
 
 def load(name: str, data_dir=None, *, split_seed: int = 0, val_fraction: float = 0.1,
          train_subset: Optional[int] = None, test_subset: Optional[int] = None,
-         device="cpu", test_only: bool = False) -> Splits:
+         device="cpu", test_only: bool = False, args: Optional[dict] = None, python_path=()) -> Splits:
     """Load once, split, subset, and move to `device` as float32 in [0,1].
 
-    The validation split is 10% of the official training set chosen by split_seed
-    (fixed, so runs of one dataset are comparable). `train_subset` keeps that many of
-    the remaining training images (and a validation set of proportionate size),
-    `test_subset` that many test images, all stratified by class (`stratified`) from a
-    permutation seeded by split_seed. test_only leaves the training and validation
-    splits empty (evaluating a model on a GPU needs only the test images there)."""
+    `name` is a built-in dataset or a user's source (`folder:`, `npz:`, a loader's import
+    path or entry-point name, with `args`; see load_custom). The validation split is 10%
+    of the official training set chosen by split_seed (fixed, so runs of one dataset are
+    comparable). `train_subset` keeps that many of the remaining training images (and a
+    validation set of proportionate size), `test_subset` that many test images, all
+    stratified by class (`stratified`) from a permutation seeded by split_seed. test_only
+    leaves the training and validation splits empty (evaluating a model on a GPU needs
+    only the test images there; a user's loader is still called whole)."""
     import torch
-    tx, ty = load_raw(name, "test", data_dir)
-    if test_only:
-        x, y = tx[:0], ty[:0]
+    if is_builtin(name):
+        tx, ty = load_raw(name, "test", data_dir)
+        x, y = (tx[:0], ty[:0]) if test_only else load_raw(name, "train", data_dir)
+        ds = info(name)
     else:
-        x, y = load_raw(name, "train", data_dir)
+        x, y, tx, ty, ds = load_custom(name, args or {}, python_path)
+        if test_only:
+            x, y = x[:0], y[:0]
     tr, va = split_indices(len(y), val_fraction, split_seed)
     if train_subset:
         tr = stratified(tr, y, train_subset)
@@ -318,9 +323,207 @@ def load(name: str, data_dir=None, *, split_seed: int = 0, val_fraction: float =
         tx, ty = tx[keep], ty[keep]
 
     def to(t_x, t_y):
-        return (t_x.to(device).float().div_(255.0), t_y.to(device))
+        t_x = t_x.to(device)
+        return (t_x.float().div_(255.0) if t_x.dtype == torch.uint8 else t_x.float(), t_y.to(device))
 
-    return Splits(info(name), *to(x[tr], y[tr]), *to(x[va], y[va]), *to(tx, ty))
+    return Splits(ds, *to(x[tr], y[tr]), *to(x[va], y[va]), *to(tx, ty))
+
+
+# ---------------------------------------------------------------- a user's data
+
+SOURCES = ("folder:", "npz:")  # built-in readers of a user's files; the rest of the name is a path
+FOLDER_ARGS = {"size", "channels", "test_fraction"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+SPLIT_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def is_builtin(name: str) -> bool:
+    return name in DATASETS
+
+
+def source_path(name: str) -> Optional[Path]:
+    """The path of a `folder:` or `npz:` dataset, else None."""
+    for prefix in SOURCES:
+        if name.startswith(prefix):
+            return Path(name[len(prefix):])
+    return None
+
+
+def _tensor(v, what: str, where: str):
+    import torch
+    if isinstance(v, torch.Tensor):
+        return v.detach().cpu()
+    try:
+        import numpy as np
+        return torch.from_numpy(np.ascontiguousarray(v))
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"{where}: {what} is not an array ({type(v).__name__}: {e})") from None
+
+
+def check_arrays(parts: dict, where: str, classes=None, mean=None, std=None):
+    """(x_train, y_train, x_test, y_test, DatasetInfo) from a user's arrays, checked:
+    images N x C x H x W (N x H x W taken as one channel), uint8 or float in [0, 1];
+    integer labels in [0, classes); mean/std per channel from the training images when
+    not given."""
+    import torch
+    missing = [k for k in SPLIT_KEYS if k not in parts]
+    if missing:
+        raise DataError(f"{where} has no {', '.join(missing)} (it needs {', '.join(SPLIT_KEYS)})")
+    x, y, tx, ty = (_tensor(parts[k], k, where) for k in SPLIT_KEYS)
+    for k, t in (("x_train", x), ("x_test", tx)):
+        if t.ndim not in (3, 4):
+            raise DataError(f"{where}: {k} has shape {tuple(t.shape)}; images must be N x C x H x W "
+                            "(or N x H x W for one channel)")
+        if t.dtype != torch.uint8 and not t.is_floating_point():
+            raise DataError(f"{where}: {k} is {t.dtype}; images must be uint8 (0-255) or float in [0, 1]")
+        if t.is_floating_point() and len(t) and not (t.min() >= 0 and t.max() <= 1):
+            raise DataError(f"{where}: {k} holds values from {float(t.min()):g} to {float(t.max()):g}; "
+                            "float images must be in [0, 1] (noise is given in [0, 1] pixel units)")
+    x, tx = (t.unsqueeze(1) if t.ndim == 3 else t for t in (x, tx))
+    if x.shape[1:] != tx.shape[1:]:
+        raise DataError(f"{where}: training images are {tuple(x.shape[1:])} but test images {tuple(tx.shape[1:])}")
+    for k, t, imgs in (("y_train", y, x), ("y_test", ty, tx)):
+        if t.ndim != 1 or len(t) != len(imgs) or t.is_floating_point() or t.dtype == torch.bool:
+            raise DataError(f"{where}: {k} must be {len(imgs)} integer labels (one per image), "
+                            f"not {t.dtype} of shape {tuple(t.shape)}")
+    if len(y) < 2 or len(ty) < 1:
+        raise DataError(f"{where}: needs at least 2 training and 1 test image (has {len(y)} and {len(ty)})")
+    y, ty = y.long(), ty.long()
+    n_classes = int(classes) if classes is not None else int(max(y.max(), ty.max())) + 1
+    if min(y.min(), ty.min()) < 0 or max(y.max(), ty.max()) >= n_classes:
+        raise DataError(f"{where}: labels must be in [0, {n_classes}) (found {int(min(y.min(), ty.min()))} "
+                        f"to {int(max(y.max(), ty.max()))})")
+    if mean is None or std is None:
+        xf = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+        mean = xf.mean(dim=(0, 2, 3)).tolist() if mean is None else mean
+        std = xf.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist() if std is None else std
+    mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    if len(mean) != x.shape[1] or len(std) != x.shape[1] or min(std) <= 0:
+        raise DataError(f"{where}: mean and std need one value per channel ({x.shape[1]}), std > 0")
+    return x, y, tx, ty, DatasetInfo(where, tuple(x.shape[1:]), n_classes, mean, std)
+
+
+def load_npz(path: Path):
+    import numpy as np
+    try:
+        with np.load(path, allow_pickle=False) as f:  # no pickles: a data file never runs code
+            parts = {k: f[k] for k in f.files}
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path} is not a readable .npz file ({e})") from None
+    return check_arrays(parts, str(path), classes=int(parts["classes"]) if "classes" in parts else None)
+
+
+def _read_images(files, size, channels: int, where: str):
+    try:
+        from PIL import Image
+    except ImportError:
+        raise DataError(f"reading the images of {where} needs Pillow (pip install pillow)") from None
+    import torch
+    out = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im = im.convert("L" if channels == 1 else "RGB")
+                if size is not None:
+                    im = im.resize((size[1], size[0]), Image.BILINEAR)
+                t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+                out.append(t.view(im.size[1], im.size[0], channels).permute(2, 0, 1))
+        except OSError as e:
+            raise DataError(f"{f} is not a readable image ({e})") from None
+    shapes = {tuple(t.shape) for t in out}
+    if len(shapes) > 1:
+        raise DataError(f"the images of {where} have different sizes ({', '.join(map(str, sorted(shapes)[:3]))}); "
+                        "give dataset_args = { size = 32 } (or [[height, width]]) to resize them")
+    return torch.stack(out) if out else torch.zeros(0, channels, 1, 1, dtype=torch.uint8)
+
+
+def _image_folder(root: Path):
+    """[(file, class index)], classes: torchvision's ImageFolder layout, classes sorted."""
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    items = [(f, i) for i, c in enumerate(classes) for f in sorted((root / c).rglob("*"))
+             if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()]
+    return items, classes
+
+
+def load_folder(root: Path, args: dict):
+    """ImageFolder layout: root/<class>/<image>, or root/train/<class>/... and
+    root/test/<class>/... (else a stratified `test_fraction`, default 0.2, is held out
+    as the test split, the same every time)."""
+    import torch
+    for key in args:
+        if key not in FOLDER_ARGS:
+            raise DataError(f"unknown dataset_args key {key!r} for a folder dataset (known: "
+                            f"{', '.join(sorted(FOLDER_ARGS))})")
+    size = args.get("size")
+    if size is not None:
+        if isinstance(size, int) and not isinstance(size, bool):
+            size = (size, size)
+        if not (isinstance(size, (list, tuple)) and len(size) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size)):
+            raise DataError(f"dataset_args.size must be a positive integer or [[height, width]], not {size!r}")
+    channels = args.get("channels", 3)
+    if channels not in (1, 3) or isinstance(channels, bool):
+        raise DataError(f"dataset_args.channels must be 1 (grayscale) or 3 (RGB), not {channels!r}")
+    frac = args.get("test_fraction", 0.2)
+    if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac < 1:
+        raise DataError(f"dataset_args.test_fraction must be in (0, 1), not {frac!r}")
+    if not root.is_dir():
+        raise DataError(f"dataset folder {root} does not exist")
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        train, classes = _image_folder(root / "train")
+        test, test_classes = _image_folder(root / "test")
+        if test_classes != classes:
+            raise DataError(f"{root}: the class folders of train ({', '.join(classes)}) and test "
+                            f"({', '.join(test_classes)}) differ")
+    else:
+        items, classes = _image_folder(root)
+        labels = torch.tensor([c for _, c in items], dtype=torch.int64)
+        perm = torch.randperm(len(items), generator=torch.Generator().manual_seed(0))
+        n_test = max(1, int(round(len(items) * frac))) if len(items) > 1 else 0
+        keep_test = set(stratified(perm, labels, n_test).tolist()) if n_test else set()
+        train = [it for i, it in enumerate(items) if i not in keep_test]
+        test = [it for i, it in enumerate(items) if i in keep_test]
+    if not classes or not train or not test:
+        raise DataError(f"{root} holds no images in the ImageFolder layout (root/<class>/<image>.png, or "
+                        "root/train/<class>/... and root/test/<class>/...)")
+    x = _read_images([f for f, _ in train], size, channels, str(root))
+    tx = _read_images([f for f, _ in test], size, channels, str(root))
+    parts = {"x_train": x, "y_train": torch.tensor([c for _, c in train]),
+             "x_test": tx, "y_test": torch.tensor([c for _, c in test])}
+    return check_arrays(parts, str(root), classes=len(classes))
+
+
+def load_custom(name: str, args: dict, python_path=()):
+    """(x_train, y_train, x_test, y_test, DatasetInfo) of a user's dataset: `folder:ROOT`,
+    `npz:FILE` or a loader (import path or entry-point name in gaussreg.datasets) called
+    with `args`, returning a dict with x_train, y_train, x_test, y_test and optionally
+    classes, mean and std."""
+    path = source_path(name)
+    if name.startswith("npz:"):
+        if args:
+            raise DataError(f"a .npz dataset takes no dataset_args (got {', '.join(args)})")
+        if not path.is_file():
+            raise DataError(f"dataset file {path} does not exist")
+        out = load_npz(path)
+    elif name.startswith("folder:"):
+        out = load_folder(path, args)
+    else:
+        from . import plugins
+        try:
+            loader = plugins.load("dataset", name, python_path)
+        except plugins.PluginError as e:
+            raise DataError(str(e)) from None
+        try:
+            got = loader(**args)
+        except Exception as e:  # noqa: BLE001 - the user's code: name the loader and its last line
+            last = f"{type(e).__name__}: {e}".strip().splitlines()[-1]
+            raise DataError(f"dataset loader {name!r} raised {last}") from e
+        if not isinstance(got, dict):
+            raise DataError(f"dataset loader {name!r} returned a {type(got).__name__}, not a dict with "
+                            f"{', '.join(SPLIT_KEYS)} (and optionally classes, mean, std)")
+        out = check_arrays(got, f"dataset loader {name!r}", got.get("classes"), got.get("mean"), got.get("std"))
+    x, y, tx, ty, ds = out
+    return x, y, tx, ty, DatasetInfo(name, ds.shape, ds.classes, ds.mean, ds.std)
 
 
 # ---------------------------------------------------------------- listing & download

@@ -131,7 +131,7 @@ def plan(req: LaunchRequest, commands: bool = True) -> Plan:
     if store.exists() and not store.is_dir():
         raise LaunchError(f"store {req.store} is a file, not a folder")
     missing = {name: data.missing_message(name, req.data_dir)
-               for name in sorted({r.spec["dataset"] for r in runs} - {"synthetic"})
+               for name in sorted({r.spec["dataset"] for r in runs if data.is_builtin(r.spec["dataset"])} - {"synthetic"})
                if data.find(name, req.data_dir) is None}
     return Plan(req, m, runs, slots, missing, cfg)
 

@@ -14,18 +14,19 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .spec import EXPERIMENT_NAME, PARAMS, SCALARS, TABLES, SpecError, resolve, run_id
+from . import data
+from .spec import ARG_TABLES, EXPERIMENT_NAME, PARAMS, SCALARS, TABLES, SpecError, resolve, run_id
 
-RUN_KEYS = (set(SCALARS) - {"experiment", "data_dir"}) | {"optimizer", "robustness", "certify"}
+RUN_KEYS = (set(SCALARS) - {"experiment", "data_dir"}) | {"optimizer", "robustness", "certify", "preset", *ARG_TABLES}
 EXPERIMENT_KEYS = RUN_KEYS | {"name", "tolerance", "methods", "seeds"}
-TOP_KEYS = {"defaults", "experiment", "slurm"}
+TOP_KEYS = {"defaults", "experiment", "slurm", "python_path"}
 
 
 class ManifestError(Exception):
@@ -66,6 +67,7 @@ class Experiment:
     name: str
     tolerance: float
     runs: List[PlannedRun] = field(default_factory=list)
+    index: int = 0  # its place among the [[experiment]] tables, for error lines
 
 
 @dataclass
@@ -73,6 +75,7 @@ class Manifest:
     path: Path
     experiments: List[Experiment]
     slurm: dict = field(default_factory=dict)  # the optional [slurm] table (gaussreg.slurm.settings)
+    error: Optional[Callable] = None  # (experiment index, key path, message) -> ManifestError with its line
 
     def runs(self) -> List[PlannedRun]:
         return [r for e in self.experiments for r in e.runs]
@@ -148,8 +151,11 @@ def load(path, data_dir: Optional[str] = None) -> Manifest:
     lines = _Lines(text)
     errors: List[ManifestError] = []
 
+    def make(section, keypath: List[str], message: str) -> ManifestError:
+        return ManifestError(path, lines.find(section, keypath), ".".join(keypath), message)
+
     def err(section, keypath: List[str], message: str) -> None:
-        e = ManifestError(path, lines.find(section, keypath), ".".join(keypath), message)
+        e = make(section, keypath, message)
         if str(e) not in {str(x) for x in errors}:  # a grid repeats the same mistake at every point
             errors.append(e)
 
@@ -165,6 +171,16 @@ def load(path, data_dir: Optional[str] = None) -> Manifest:
         settings(slurm_table)
     except SlurmConfigError as e:
         err(None, ["slurm", e.key], str(e).split(": ", 1)[1])
+    python_path = doc.get("python_path", [])
+    if not (isinstance(python_path, list) and all(isinstance(p, str) and p for p in python_path)):
+        err(None, ["python_path"], f"must be a list of folders (relative to the manifest), like [\"src\"], "
+            f"not {python_path!r}")
+        python_path = []
+    base = path.resolve().parent
+    python_path = [str((base / p).resolve()) for p in python_path]
+    for p in python_path:
+        if not Path(p).is_dir():
+            err(None, ["python_path"], f"folder {p} does not exist")
     defaults = doc.get("defaults", {})
     if not isinstance(defaults, dict):
         err(None, ["defaults"], "must be a table")
@@ -220,8 +236,25 @@ def load(path, data_dir: Optional[str] = None) -> Manifest:
                 err(sec, ["seeds"], "must be a non-empty list of integers")
             else:
                 merged["seed"] = seeds
+        ds = merged.get("dataset")
+        for d in (ds if isinstance(ds, list) else [ds]):
+            if isinstance(d, str) and data.source_path(d) is not None and not data.source_path(d).is_absolute():
+                # a user's data file or folder: relative to the manifest, stored absolute
+                kind = d.split(":", 1)[0]
+                fixed = f"{kind}:{(base / data.source_path(d)).resolve()}"
+                merged["dataset"] = [fixed if x == d else x for x in ds] if isinstance(ds, list) else fixed
+                ds = merged["dataset"]
         axes, empty = {}, False
         for key, v in merged.items():
+            if key in ARG_TABLES and isinstance(v, dict):
+                for k2, v2 in v.items():  # each argument is an axis of its own
+                    if isinstance(v2, list) and not v2:
+                        err(sec, [key, k2], "empty grid: a list value needs at least one element")
+                        empty = True
+                    axes[f"{key}.{k2}"] = v2 if isinstance(v2, list) else [v2]
+                if not v:
+                    axes[key] = [{}]
+                continue
             if isinstance(v, list) and key not in TABLES:
                 if not v:
                     err(sec, [key], "empty grid: a list value needs at least one element")
@@ -231,7 +264,7 @@ def load(path, data_dir: Optional[str] = None) -> Manifest:
                 axes[key] = [v]
         if empty:
             continue  # no runs to check: the grid has no points
-        exp_out = Experiment(name, float(tol))
+        exp_out = Experiment(name, float(tol), index=i)
         for method, params in methods.items():
             if method not in PARAMS:
                 err(sec, ["methods", method], f"unknown method {method!r}" + _suggest(method, PARAMS))
@@ -250,8 +283,14 @@ def load(path, data_dir: Optional[str] = None) -> Manifest:
             keys, pkeys = list(axes), list(p_axes)
             for combo in itertools.product(*axes.values()):
                 for pcombo in itertools.product(*p_axes.values()):
-                    partial = {**dict(zip(keys, combo)), "experiment": name, "method": method,
-                               "params": dict(zip(pkeys, pcombo))}
+                    partial = {"experiment": name, "method": method, "params": dict(zip(pkeys, pcombo))}
+                    for k, v in zip(keys, combo):
+                        if "." in k and k.split(".", 1)[0] in ARG_TABLES:
+                            partial.setdefault(k.split(".", 1)[0], {})[k.split(".", 1)[1]] = v
+                        else:
+                            partial.setdefault(k, v)
+                    if python_path:
+                        partial["python_path"] = python_path
                     if data_dir:
                         partial["data_dir"] = str(data_dir)
                     spec = _resolve_all(partial, lambda e: _spec_error(err, sec, exp, method, e))
@@ -266,7 +305,12 @@ def load(path, data_dir: Optional[str] = None) -> Manifest:
         out.append(exp_out)
     if errors:
         raise ManifestError.of(path, sorted(errors[:MAX_ERRORS], key=lambda e: e.line or 0))
-    return Manifest(path, out, slurm_table)
+
+    def located(i: int, keypath: List[str], message: str) -> ManifestError:
+        sec = ("experiment", i) if keypath[0] in exps[i] else ("defaults", 0) if keypath[0] in defaults else None
+        return make(sec, keypath, message)
+
+    return Manifest(path, out, slurm_table, located)
 
 
 def _spec_error(err, sec, exp: dict, method: str, e: SpecError) -> None:
@@ -302,3 +346,47 @@ def _resolve_all(partial: dict, report) -> Optional[dict]:
                 return None  # nothing to drop: the rest cannot be checked without it
             del holder[path[-1]]
     return None
+
+
+def uses_own_code(m: Manifest) -> bool:
+    """Whether a run names a model or dataset that is not built into gaussreg, or gives
+    a factory arguments (which only calling it checks)."""
+    from .spec import ARG_TABLES, MODELS
+    return any(r.spec["model"] not in MODELS or not data.is_builtin(r.spec["dataset"])
+               or any(k in r.spec for k in ARG_TABLES) for r in m.runs())
+
+
+def check_code(m: Manifest, timeout: float = 600) -> List[ManifestError]:
+    """Import every factory and loader the manifest names, in a subprocess (gaussreg.check),
+    build each model, run 2 images through it and check its split; the problems found,
+    as manifest errors naming the file, line and key."""
+    import json
+    import os
+    import subprocess
+    combos, where = [], {}
+    for e in m.experiments:
+        for r in e.runs:
+            s = r.spec
+            item = {k: s.get(k) for k in ("model", "model_args", "dataset", "dataset_args", "python_path")}
+            key = json.dumps(item, sort_keys=True)
+            if key not in where:
+                where[key] = (len(combos), e.index)
+                combos.append({**item, "depths": []})
+            c = combos[where[key][0]]
+            depth = s["params"].get("depth", 1) if s["method"] == "regularizer" else None
+            if depth is not None and depth not in c["depths"]:
+                c["depths"].append(depth)
+    root = str(Path(__file__).resolve().parents[1])  # the child imports this gaussreg
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    try:
+        out = subprocess.run([sys.executable, "-m", "gaussreg.check"], input=json.dumps(combos),
+                             capture_output=True, text=True, env=env, timeout=timeout)
+        found = json.loads(out.stdout)
+    except subprocess.TimeoutExpired:
+        return [ManifestError(m.path, None, "", f"checking the manifest's models and datasets took more than "
+                                                f"{timeout:g} s")]
+    except ValueError:
+        tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        return [ManifestError(m.path, None, "", f"checking the manifest's models and datasets failed ({tail})")]
+    index_of = {i: exp for i, exp in where.values()}
+    return [m.error(index_of[f["index"]], f["key"].split("."), f["message"]) for f in found]

@@ -6,9 +6,11 @@ paper, k splits after the k-th ReLU, "all" propagates the moments to the logits.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import NamedTuple, Union
 
 import torch
+from torch import nn
 import torch.nn.functional as F
 
 from . import adf
@@ -45,7 +47,8 @@ def _first_variance(first, sigma: Sigma, x: torch.Tensor) -> torch.Tensor:
     summed over a receptive field overflows fp16 (max 65504) at large sigma."""
     dtype = torch.promote_types(x.dtype, torch.float32)
     with torch.autocast(x.device.type, enabled=False):
-        return first_variance(first, noise_variance(sigma, x.shape[1:], x.new_empty((), dtype=dtype)))
+        # x: a BatchNorm of the first block in training mode scales by the batch's statistics
+        return first_variance(first, noise_variance(sigma, x.shape[1:], x.new_empty((), dtype=dtype)), x)
 
 
 def _deep_mean(model, mu2: torch.Tensor, x: torch.Tensor, sigma: Sigma, head) -> torch.Tensor:
@@ -69,6 +72,35 @@ def expected_logits(model, x: torch.Tensor, sigma: Sigma, depth: adf.Depth = 1) 
     return out
 
 
+@contextmanager
+def clean_batch_norm(rest: nn.Module, n: int):
+    """While [clean; expected] batches go through `rest` as one, each BatchNorm in
+    training mode normalises both halves with the statistics of the clean half (its
+    first n rows) and updates its running statistics from the clean half alone: the
+    clean pass is the baseline's, and the expected pass sees the same affine maps."""
+    bns = [m for m in rest.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+
+    def make(bn):
+        def forward(z):
+            clean = type(bn).forward(bn, z[:n])
+            dims = [0, *range(2, z.ndim)]
+            mean, var = z[:n].mean(dims), z[:n].var(dims, unbiased=False)
+            shape = (1, -1, *([1] * (z.ndim - 2)))
+            other = (z[n:] - mean.view(shape)) * torch.rsqrt(var + bn.eps).view(shape)
+            if bn.weight is not None:
+                other = other * bn.weight.view(shape) + bn.bias.view(shape)
+            return torch.cat([clean, other])
+        return forward
+
+    for bn in bns:
+        bn.forward = make(bn)  # an instance attribute: nn.Module.__call__ calls it
+    try:
+        yield
+    finally:
+        for bn in bns:
+            del bn.forward
+
+
 class MomentLoss(NamedTuple):
     total: torch.Tensor
     ce: torch.Tensor  # CE(f(x), y)
@@ -84,15 +116,17 @@ def moment_loss(model, x: torch.Tensor, y: torch.Tensor, sigma: Sigma, alpha: fl
     mu_k go through rest_k as one batch (at depth 1 written into one buffer)."""
     mu2 = model.first(x)
     if depth == 1:
-        both = model.rest(relu_and_mean(mu2, sigma2(model.first, sigma, x)))
+        with clean_batch_norm(model.rest, len(x)):
+            both = model.rest(relu_and_mean(mu2, sigma2(model.first, sigma, x)))
     else:
         head, tail = adf.split(model.rest, depth)
         h = torch.relu(mu2)
         for mod in head:
             h = mod(h)
         both = torch.cat([h, _deep_mean(model, mu2, x, sigma, head).to(h.dtype)])
-        for mod in tail:
-            both = mod(both)
+        with clean_batch_norm(nn.Sequential(*tail), len(x)):
+            for mod in tail:
+                both = mod(both)
     logits, expected = both[: len(x)], both[len(x):]
     ce = F.cross_entropy(logits, y)
     reg = F.cross_entropy(expected, y)

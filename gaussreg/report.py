@@ -30,7 +30,8 @@ from .store import RunDir, RunFileError, Store, parse_iso, phase_of
 EPS = 1e-12  # accuracies are ratios of integers; keep "equal to a0 - tol" eligible
 SELECTIONS = ("validation", "test")
 # keys that say where or which repeat a run is, not what it computes
-NOT_CONFIG = {"seed", "device", "data_dir", "certify"}  # certify: a certificate, not a training setting
+# certify: a certificate, not a training setting; python_path: where a user's code is (model_source says what)
+NOT_CONFIG = {"seed", "device", "data_dir", "certify", "python_path"}
 # keys that tell the configurations of one comparison apart (the rest is the comparison's setting)
 CONFIG_ONLY = NOT_CONFIG | {"method", "params", "experiment", "version"}
 

@@ -9,7 +9,7 @@ import json
 import math
 import re
 
-from . import data  # torch is imported lazily there: reading specs and stores needs no torch
+from . import data, plugins  # torch is imported lazily there: reading specs and stores needs no torch
 from .robustness import default_sigmas
 
 SPEC_VERSION = 1
@@ -96,7 +96,9 @@ PRESETS = {
                 "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}},
 }
 PRESETS["mlp"] = PRESETS["lenet"]
-MODELS = tuple(PRESETS)  # the names models.build_model knows (a test keeps the two in step)
+MODELS = tuple(plugins.BUILTIN_MODELS)  # the built-in names (a test keeps them in step with models.py)
+PRESET_NAMES = ("lenet", "alexnet")  # what `preset` may name; a built-in model starts from its own
+PRESET_KEYS = ("batch_size", "lr_patience", "lr_factor", "early_stop")
 
 OPTIMIZER_KEYS = {"adam": {"name", "lr", "betas", "eps", "weight_decay"},
                   "sgd": {"name", "lr", "momentum", "nesterov", "weight_decay"}}
@@ -108,8 +110,13 @@ _opt_pos = (lambda v: v is None or v >= 1, "must be >= 1")
 SCALARS = {
     "experiment": (str, lambda v: v == "" or EXPERIMENT_NAME.fullmatch(v) is not None,
                    "must be 1 to 100 letters, digits, '.', '_' or '-', starting with a letter or digit"),
-    "dataset": (str, lambda v: v in data.DATASETS, "must be one of " + ", ".join(data.DATASETS)),
-    "model": (str, lambda v: v in MODELS, "must be one of " + ", ".join(MODELS)),
+    "dataset": (str, lambda v: data.is_builtin(v) or data.source_path(v) is not None
+                or plugins.target("dataset", v) is not None,
+                "must be one of " + ", ".join(data.DATASETS) + ", folder:PATH, npz:PATH, a loader's import path "
+                "(mypkg.data:load) or a name registered under the entry-point group gaussreg.datasets"),
+    "model": (str, lambda v: plugins.target("model", v) is not None,
+              "must be one of " + ", ".join(MODELS) + ", a factory's import path (mypkg.models:build) or a name "
+              "registered under the entry-point group gaussreg.models"),
     "method": (str, lambda v: v in PARAMS, "must be one of " + ", ".join(PARAMS)),
     "seed": (int, *_nonneg),
     "split_seed": (int, *_nonneg),
@@ -127,11 +134,16 @@ SCALARS = {
     "data_dir": ((str, type(None)), lambda v: True, ""),
 }
 TABLES = {"params", "optimizer", "robustness", "certify"}
-KEYS = set(SCALARS) | TABLES | {"version"}
+# A user's factory: its arguments (grid-expanded by the manifest, key by key), the optimiser
+# preset to start from, where its code is, and the hash of its source (computed here).
+ARG_TABLES = ("model_args", "dataset_args")
+PLUGIN_KEYS = {*ARG_TABLES, "preset", "python_path", "model_source", "dataset_source"}
+KEYS = set(SCALARS) | TABLES | PLUGIN_KEYS | {"version"}
 # Where a run happens, not what it computes: left out of the run id. `certify` only adds
-# a certificate of the trained model (certify-<sigma>.json), so adding it to a manifest
-# does not retrain its runs (certify finished ones with `gaussreg certify`).
-NOT_IN_ID = {"device", "data_dir", "certify"}
+# a certificate of the trained model (certify-<sigma>.json), so adding it to a manifest does
+# not retrain its runs (certify finished ones with `gaussreg certify`). `python_path` says
+# where the code is; what it is, is `model_source` / `dataset_source`.
+NOT_IN_ID = {"device", "data_dir", "certify", "python_path"}
 
 
 def valid_device(name: str) -> bool:
@@ -249,14 +261,32 @@ def resolve(partial: dict) -> dict:
             raise SpecError(key, f"the spec has no {key!r}")
     model = partial["model"]
     _check_type("model", model, str)
-    if model not in MODELS:
-        raise SpecError("model", f"unknown model {model!r}; must be one of {', '.join(MODELS)}")
-    preset = copy.deepcopy(PRESETS[model])
+    if plugins.target("model", model) is None:
+        raise SpecError("model", f"unknown model {model!r}; {SCALARS['model'][2]}")
+    preset_name = partial.get("preset")
+    if preset_name is not None and preset_name not in PRESET_NAMES:
+        raise SpecError("preset", f"'preset' must be {' or '.join(map(repr, PRESET_NAMES))} (the paper's optimiser "
+                        f"settings to start from), not {preset_name!r}")
+    base = preset_name or (model if model in PRESETS else None)
+    if base is None:
+        absent = [k for k in PRESET_KEYS if k not in partial]
+        opt = partial.get("optimizer", {})
+        name = opt.get("name") if isinstance(opt, dict) else None
+        if name in OPTIMIZER_KEYS:
+            absent += [f"optimizer.{k}" for k in sorted(OPTIMIZER_KEYS[name]) if k not in opt]
+        else:
+            absent.append("a complete optimizer (name = \"adam\" or \"sgd\" and every key of it)")
+        if absent:
+            raise SpecError("preset", f"model {model!r} has no optimiser preset: give preset = \"lenet\" or "
+                            f"\"alexnet\" to start from the paper's settings, or set {', '.join(absent)}")
+        preset = {"optimizer": dict(opt)}
+    else:
+        preset = copy.deepcopy(PRESETS[base])
     spec = {"version": SPEC_VERSION, "experiment": "", "seed": 0, "split_seed": 0, "max_epochs": 100,
             "train_subset": None, "test_subset": None, "device": "auto", "data_dir": None,
             **{k: v for k, v in preset.items() if k != "optimizer"}}
     for key, v in partial.items():
-        if key not in TABLES and key != "version":
+        if key not in TABLES and key not in PLUGIN_KEYS and key != "version":
             spec[key] = v
     for key, (types, ok, why) in SCALARS.items():
         spec[key] = v = _check_type(key, spec[key], types)
@@ -266,9 +296,12 @@ def resolve(partial: dict) -> dict:
             raise SpecError(key, f"{key!r} {why} (got {v!r})")
     if partial.get("version", SPEC_VERSION) != SPEC_VERSION:
         raise SpecError("version", f"spec version {partial['version']!r} is not supported (this is {SPEC_VERSION})")
-    ds = data.info(spec["dataset"])
-    if model == "alexnet" and ds.shape[1:] != (32, 32):
-        raise SpecError("model", f"alexnet needs 32x32 images and {spec['dataset']} has {ds.shape[1]}x{ds.shape[2]}")
+    _resolve_plugins(partial, spec)
+    if data.is_builtin(spec["dataset"]) and model == "alexnet":
+        ds = data.info(spec["dataset"])
+        if ds.shape[1:] != (32, 32):
+            raise SpecError("model", f"alexnet needs 32x32 images and {spec['dataset']} has "
+                            f"{ds.shape[1]}x{ds.shape[2]}")
     params = partial.get("params", {})
     if not isinstance(params, dict):
         raise SpecError("params", f"'params' must be a table, not {params!r}")
@@ -284,6 +317,62 @@ def resolve(partial: dict) -> dict:
     if "certify" in partial:
         spec["certify"] = _resolve_certify(partial["certify"], spec)
     return spec
+
+
+def _plain(key: str, v):
+    """A JSON value (TOML dates are not): args go into spec.json and the run id."""
+    if isinstance(v, dict):
+        for k, x in v.items():
+            _plain(f"{key}.{k}", x)
+    elif isinstance(v, list):
+        for x in v:
+            _plain(key, x)
+    elif isinstance(v, float) and not math.isfinite(v):
+        raise SpecError(key, f"{key!r} must be a finite number, not {v!r}")
+    elif not isinstance(v, (str, int, float, bool)):
+        raise SpecError(key, f"{key!r} must be a string, number, boolean, list or table, not {type(v).__name__}")
+
+
+def _resolve_plugins(partial: dict, spec: dict) -> None:
+    """model_args, dataset_args, preset, python_path, and the source hashes of the
+    factories (kept when the partial spec has them: a stored spec says what was run)."""
+    path = partial.get("python_path", [])
+    if not (isinstance(path, list) and all(isinstance(p, str) and p for p in path)):
+        raise SpecError("python_path", f"'python_path' must be a list of folders, not {path!r}")
+    if path:
+        spec["python_path"] = list(path)
+    for key in ARG_TABLES:
+        args = partial.get(key, {})
+        if not isinstance(args, dict):
+            raise SpecError(key, f"{key!r} must be a table of keyword arguments, like {{ width = 32 }}, not {args!r}")
+        _plain(key, args)
+        if args:
+            spec[key] = args
+    if "preset" in partial:
+        spec["preset"] = partial["preset"]
+    ds = spec["dataset"]
+    where = data.source_path(ds)
+    if where is not None:
+        if not where.is_absolute():
+            raise SpecError("dataset", f"the path of dataset {ds!r} must be absolute here (a manifest makes it "
+                            "relative to itself)")
+        if not (where.is_file() if ds.startswith("npz:") else where.is_dir()):
+            raise SpecError("dataset", f"{'file' if ds.startswith('npz:') else 'folder'} {where} of dataset "
+                            f"{ds!r} does not exist")
+    for kind, name, key in (("model", spec["model"], "model_source"), ("dataset", ds, "dataset_source")):
+        if kind == "dataset" and (data.is_builtin(ds) or where is not None):
+            continue
+        if key in partial:
+            spec[key] = _check_type(key, partial[key], str)
+            continue
+        if kind == "model" and name in MODELS:
+            continue
+        h = plugins.source_hash(kind, name, path)
+        if h is None:
+            module = plugins.target(kind, name).split(":")[0]
+            raise SpecError(kind, f"cannot find the source of module {module!r} of {kind} {name!r} (looked in "
+                            f"python_path and sys.path); add the folder holding it to python_path")
+        spec[key] = h
 
 
 def canonical(spec: dict) -> str:

@@ -293,6 +293,19 @@ def make_deterministic() -> None:
     torch.backends.cudnn.benchmark = False
 
 
+def changed_source(spec: dict) -> Optional[str]:
+    """Why a run's model or loader code is not the code it was planned with, or None:
+    its id stands for that code, so other code must make another run."""
+    from . import plugins
+    for kind, key in (("model", "model_source"), ("dataset", "dataset_source")):
+        if key in spec:
+            now = plugins.source_hash(kind, spec[kind], spec.get("python_path", ()))
+            if now != spec[key]:
+                return (f"the source of {kind} {spec[kind]!r} changed since this run was planned (hash {spec[key]}, "
+                        f"now {now}); run the manifest again to plan a run for the new code")
+    return None
+
+
 def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, log) -> dict:
     """The training loop; returns result.json's content."""
     import torch
@@ -310,10 +323,11 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
     if threads:
         torch.set_num_threads(int(threads))
     splits = data.load(spec["dataset"], spec["data_dir"], split_seed=spec["split_seed"],
-                       train_subset=spec["train_subset"], test_subset=spec["test_subset"], device=dev)
+                       train_subset=spec["train_subset"], test_subset=spec["test_subset"], device=dev,
+                       args=spec.get("dataset_args"), python_path=spec.get("python_path", ()))
     log(f"data {spec['dataset']} {splits.sizes()} on {dev}")
     torch.manual_seed(seed)
-    model = build_model(spec["model"], splits.info).to(dev)
+    model = build_model(spec["model"], splits.info, spec.get("model_args"), spec.get("python_path", ())).to(dev)
     method = make_method(spec["method"], spec["params"])
     g = torch.Generator(device=dev).manual_seed(seed)  # shuffling and training noise
     X, Y = splits.train_x, splits.train_y
@@ -593,8 +607,12 @@ def main(argv=None) -> int:
             print(f"error: bad spec {run.file('spec.json')}: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
         from . import data
-        if spec["dataset"] != "synthetic" and data.find(spec["dataset"], spec["data_dir"]) is None:
+        if (data.is_builtin(spec["dataset"]) and spec["dataset"] != "synthetic"
+                and data.find(spec["dataset"], spec["data_dir"]) is None):
             msg = data.missing_message(spec["dataset"], spec["data_dir"])
+        else:
+            msg = changed_source(spec)
+        if msg:
             fail(msg)
             print(f"error: {msg}", file=sys.stderr)
             return EXIT_BAD_INPUT

@@ -183,3 +183,47 @@ def test_first_layer_variance_is_fp32_under_autocast_and_finite_at_large_sigma(h
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     assert torch.allclose(got.double(), exact, rtol=1e-5)
     assert all(torch.isfinite(t).all() for t in loss)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batchnorm_first_block_matches_monte_carlo(training):
+    # conv -> BatchNorm -> ReLU: BN is affine given its statistics, so sigma2 is the conv's
+    # variance map times (gamma / sqrt(var + eps))^2. In training mode the statistics are
+    # those of the clean batch (the noisy copies are normalised with them too); in eval
+    # mode the running ones.
+    from gaussreg.models import FirstBlock
+    from gaussreg.moments import relu_mean
+    torch.manual_seed(3)
+    conv = NormalizedConv2d(2, 3, 3, padding=1, mean=(0.4, 0.6), std=(0.2, 0.5))
+    bn = nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([0.5, 1.5, -2.0]))
+        bn.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+        bn.running_mean.copy_(torch.tensor([0.2, -0.1, 0.4]))
+        bn.running_var.copy_(torch.tensor([0.5, 2.0, 1.2]))
+    first = FirstBlock(conv, bn).double().train(training)
+    x = torch.rand(8, 2, 5, 5, dtype=torch.float64)
+    sigma = 0.15
+    with torch.no_grad():
+        z = conv(x)
+        if training:
+            m, v = z.mean((0, 2, 3)), z.var((0, 2, 3), unbiased=False)
+        else:
+            m, v = bn.running_mean.double(), bn.running_var.double()
+        mu2 = first(x)
+        s2 = sigma2(first, sigma, x)
+        expected = relu_mean(mu2, s2.expand_as(mu2))
+        shape = (1, -1, 1, 1)
+        g = torch.Generator().manual_seed(4)
+        for i in range(2):
+            noisy = x[i] + sigma * torch.randn(200_000, 2, 5, 5, generator=g, dtype=torch.float64)
+            pre = (conv(noisy) - m.view(shape)) / (v + bn.eps).sqrt().view(shape) * bn.weight.view(shape) \
+                + bn.bias.view(shape)
+            assert torch.allclose(pre.mean(0), mu2[i], atol=5e-3)  # the clean batch's BN is the mean's map
+            assert torch.allclose(pre.var(0), s2[0].square(), rtol=0.02)  # Eq. 5 through the BN scale
+            out = torch.relu(pre)
+            se = out.std(0) / math.sqrt(len(out))
+            # + 1e-6: a unit 5 sigma below 0 has E[relu] ~ 1e-8 and no positive draw at all
+            assert ((expected[i] - out.mean(0)).abs() <= 4 * se + 1e-6).all()
+    # and the scale matters: without it the variance would be the conv's alone
+    assert not torch.allclose(s2, sigma2(conv.double(), sigma, x))
