@@ -146,7 +146,7 @@ def test_every_error_is_reported_in_one_pass_with_its_table(tmp_path):
     assert lines[0] == f"{p}: 7 problems, each on its own line:"
     assert [x.strip() for x in lines[1:]] == [
         f"{p}:2: max_epoch: unknown key in [defaults] (did you mean 'max_epochs'?)",
-        f"{p}:7: model: unknown model 'mlpp'; must be one of lenet, alexnet, mlp",
+        f"{p}:7: model: unknown model 'mlpp'; must be one of lenet, alexnet, mlp, a factory's import path (mypkg.models:build) or a name registered under the entry-point group gaussreg.models",
         f"{p}:8: tolerence: unknown key in [[experiment]] 'a' (did you mean 'tolerance'?)",
         f"{p}:10: methods.regularizer.alhpa: unknown parameter 'alhpa' for method 'regularizer' (did you mean 'alpha'?)",
         f"{p}:12: model: [[experiment]] 'a' needs a 'model' (in it or in [defaults])",
