@@ -428,9 +428,10 @@ async def test_detail_shows_batch_progress_and_the_quiet_phases(store):
         status.update(phase="evaluating")
         run.write_status(status)
         await until(pilot, lambda: "running, evaluating R" in _text(side) and "1/5 done" in _text(side))
+        assert "epoch 2 running" not in _text(side)  # evaluating: no epoch is running
         await pilot.press("escape")
         await until(pilot, lambda: isinstance(app.screen, RunsScreen))
-        await until(pilot, lambda: table(app).get_cell(run.id, "state").plain == "running evaluating R")
+        await until(pilot, lambda: table(app).get_cell(run.id, "state").plain == "running eval R")
 
 
 async def test_at_80x24_every_key_is_in_the_footer_and_dialogs_fit(store):
