@@ -184,9 +184,12 @@ def bench_certify(dev, model_name, dataset, images: int, n: int, batch: int) -> 
             "seconds_for_500_x_10k": 500 * (10_000 + 100) / fps}
 
 
-def bench_packing(per_gpu_values, epochs: int) -> list:
-    """Total images/s of one GPU with N LeNet runs packed on it, via the real scheduler."""
-    from .scheduler import Scheduler, make_slots
+def bench_packing(dev, per_gpu_values, epochs: int) -> list:
+    """Total images/s of one GPU (the benchmark's device) with N LeNet runs packed on it, via
+    the real scheduler."""
+    from .scheduler import Scheduler, detect_gpus, make_slots
+    visible = detect_gpus()  # the slot names the GPU as CUDA_VISIBLE_DEVICES does: cuda:1 under "2,3" is "3"
+    gpu = visible[dev.index or 0] if len(visible) > (dev.index or 0) else str(dev.index or 0)
     from .spec import resolve, run_id
     from .store import Store
     rows = []
@@ -201,7 +204,7 @@ def bench_packing(per_gpu_values, epochs: int) -> list:
             ids.append(run_id(spec))
             st.create(spec, ids[-1])
         t0 = time.time()
-        Scheduler(st, ids, make_slots(["0"], per_gpu=n), poll_s=0.2).run()
+        Scheduler(st, ids, make_slots([gpu], per_gpu=n), poll_s=0.2).run()
         wall = time.time() - t0
         ips = []
         for i in ids:
@@ -264,7 +267,7 @@ def main(argv=None) -> int:
         report("certify", bench_certify(dev, a.model, dataset, a.certify_images or (100 if gpu else 10), 10_000,
                                         10_000 if gpu else 1000))
     if "packing" not in skip and gpu and a.packing:
-        report("packing", bench_packing([int(v) for v in a.packing.split(",")], a.packing_epochs))
+        report("packing", bench_packing(dev, [int(v) for v in a.packing.split(",")], a.packing_epochs))
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(res, indent=2) + "\n")

@@ -43,12 +43,19 @@ def writable_store(store: Path) -> None:
     """The store folder exists (made if needed) and this user may write it; else one sentence, exit 2."""
     if store.exists() and not store.is_dir():
         fail(f"--store {store} is a file, not a folder")
+    existed = store.exists()
     try:
         store.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         fail(f"cannot create the store folder {store} ({e.strerror})")
     if not os.access(store, os.W_OK | os.X_OK):
         fail(f"the store folder {store} is not writable by this user")
+    from .store import check_locking
+    no_locks = check_locking(store)
+    if no_locks:
+        if not existed:
+            store.rmdir()  # nothing half-written
+        fail(no_locks)
 
 
 def readable_store(store: Path) -> None:
@@ -131,8 +138,9 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
         experiment: Optional[List[str]] = typer.Option(None, "--experiment",
                                                        help="Only this experiment (exact name; repeat for more)."),
         only: Optional[str] = typer.Option(None, help="Only experiments, run ids or methods matching this glob."),
-        gpus: str = typer.Option("all", help="'all' (every visible GPU; none on a CPU box), 'none', or '0,1' "
-                                              "(indices among the visible GPUs)."),
+        gpus: str = typer.Option("auto", help="'auto' (every visible GPU, else the CPU), 'all' (every visible "
+                                               "GPU; an error without one), 'none' (CPU), or '0,1' (indices "
+                                               "among the visible GPUs)."),
         per_gpu: Optional[int] = typer.Option(None, "--per-gpu", help="Runs sharing one GPU (default 1)."),
         max_parallel: Optional[int] = typer.Option(None, "--max-parallel",
                                                    help="At most this many runs at once (CPU default: 1)."),
@@ -163,25 +171,18 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
         fail(f"--backend must be 'local' or 'slurm', not {backend!r}")
     if backend == "slurm":  # the login node's own GPUs say nothing about the cluster's: no local plan
         import shlex
-        from . import manifest as mf
-        try:
-            m = mf.load(manifest, data_dir=str(data_dir) if data_dir else None)
-        except mf.ManifestError as e:
-            fail(str(e))
-        runs = [r for r in m.select(only) if not experiment or r.spec.get("experiment") in experiment]
-        if not runs:
-            fail(f"the experiments chosen (--experiment/--only) match no run in {manifest}")
         overrides = {"partition": partition, "time": time_limit, "gpus_per_run": gpus_per_run,
                      "cpus_per_run": cpus_per_run, "mem": mem, "array_parallelism": array_parallelism,
                      "per_gpu": per_gpu, "sbatch_args": [a for x in sbatch_arg or [] for a in shlex.split(x)]}
-        return _run_slurm(m, runs, Store(store), manifest, overrides, rerun, bool(follow), dry_run, data_dir)
+        req = LaunchRequest(str(manifest), str(store), tuple(experiment or ()), only, rerun=rerun,
+                            data_dir=str(data_dir) if data_dir else None, backend="slurm", slurm=overrides)
+        return _run_slurm(req, bool(follow), dry_run, yes)
     follow = True if follow is None else follow
     req = LaunchRequest(str(manifest), str(store), tuple(experiment or ()), only, gpus,
                         1 if per_gpu is None else per_gpu, max_parallel, rerun, str(data_dir) if data_dir else None)
     try:
         p = plan(req)
     except LaunchError as e:
-        fail(str(e))
         fail(str(e))
     runs, slots = p.runs, p.slots
     readable_store(store)
@@ -209,18 +210,20 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
             if any(r.spec["experiment"] == e.name for r in runs):
                 st.write_experiment(e.name, {"name": e.name, "tolerance": e.tolerance,
                                              "manifest": str(Path(manifest).resolve())})
-        for r in runs:
-            st.create(r.spec, r.id)
-    except OSError as e:  # a full disk, a file where a run folder should be: nothing launched
-        fail(f"cannot write the run directories in {store} ({e.strerror}{': ' + str(e.filename) if e.filename else ''})")
+    except OSError as e:  # a full disk, a file where a folder should be: nothing launched
+        fail(f"cannot write the experiments of {manifest} in {store} "
+             f"({e.strerror}{': ' + str(e.filename) if e.filename else ''})")
     from .live import LiveView
     survive_closed_output(console.print)(f"{plural(len(runs), 'run')} from {manifest} into {st.root}/ on "
                   f"{', '.join('gpu ' + s.gpu if s.gpu else 'cpu' for s in slots)}"
-                  f" ({slots[0].threads} thread(s) each)", markup=False)
+                  f" ({slots[0].threads} thread(s) each"
+                  + ("; no GPU visible, --gpus none says so, --backend slurm uses a cluster's GPUs"
+                     if gpus.strip() == "auto" and not any(s.gpu for s in slots) else "") + ")", markup=False)
     view = LiveView(len(runs), console)
     survive_closed_output(view.__enter__)()
     try:
-        summary = Scheduler(st, [r.id for r in runs], slots, rerun=rerun,
+        # the scheduler creates the run directories: each at its launch, the rest while the first runs train
+        summary = Scheduler(st, [r.id for r in runs], slots, rerun=rerun, specs={r.id: r.spec for r in runs},
                             on_change=survive_closed_output(view.on_change)).run()
     finally:
         survive_closed_output(view.__exit__)(None, None, None)
@@ -272,44 +275,44 @@ def _dry_run(p, st, manifest) -> None:
         console.print(message, markup=False, highlight=False)
 
 
-def _run_slurm(m, runs, st, manifest, overrides, rerun, follow, dry_run, data_dir):
-    """`gaussreg run --backend slurm`: one sbatch array job for the runs that need training."""
-    from . import data, report, slurm
+def _run_slurm(req, follow, dry_run, yes):
+    """`gaussreg run --backend slurm`: one sbatch array job for the runs that need training
+    (launch.submit_slurm, as the TUI's launch dialog)."""
+    from . import report, slurm
+    from .launch import LaunchError, plan, submit_slurm
+    from .store import Store
+    manifest, st = req.manifest, Store(req.store)
     try:
-        cfg = slurm.settings(m.slurm, overrides)
-    except slurm.SlurmConfigError as e:
-        fail(f"Slurm setting (flag or [slurm] in {manifest}) {e}")
+        p = plan(req, commands=not dry_run)
+    except LaunchError as e:
+        fail(str(e))
+    runs, cfg = p.runs, p.slurm
     if dry_run:
         console.print(" ".join(slurm.sbatch_command(cfg, -(-len(runs) // cfg.per_gpu), Path("JOB.sh"),
                                                     st.root / "_slurm" / "LAUNCH")), highlight=False, markup=False)
         return
+    if p.missing_data:
+        fail(next(iter(p.missing_data.values())))
+    if len(runs) > BIG_GRID and not yes:
+        fail(f"{manifest} expands to {len(runs)} runs (more than {BIG_GRID}); check the grid with --dry-run, "
+             "then add --yes to submit them all")
+    writable_store(st.root)
     try:
-        slurm.require("sbatch", "squeue")
-    except slurm.SlurmError as e:
-        fail(str(e))
-    for name in sorted({r.spec["dataset"] for r in runs} - {"synthetic"}):
-        if data.find(name, data_dir) is None:
-            fail(data.missing_message(name, data_dir))
-    for e in m.experiments:
-        if any(r.spec["experiment"] == e.name for r in runs):
-            st.write_experiment(e.name, {"name": e.name, "tolerance": e.tolerance,
-                                         "manifest": str(Path(manifest).resolve())})
-    for r in runs:
-        st.create(r.spec, r.id)
-    try:
-        sub = slurm.submit(st, [r.id for r in runs], cfg, rerun=rerun)
-    except slurm.SlurmError as e:
+        sub = submit_slurm(p)
+    except LaunchError as e:
         fail(str(e))
     for rid, why in sorted(sub.skipped.items()):
-        console.print(f"[dim]skipped[/] {rid}: {why}", highlight=False)
+        console.print(f"[dim]skipped[/] {escape(rid)}: {escape(why)}", highlight=False)
     if sub.job_id:
         console.print(f"submitted {len(sub.submitted)} run(s) as Slurm array job {sub.job_id} "
-                      f"({-(-len(sub.submitted) // cfg.per_gpu)} task(s)); script {sub.script}", highlight=False)
+                      f"({-(-len(sub.submitted) // cfg.per_gpu)} task(s)); script {escape(str(sub.script))}",
+                      highlight=False)
     else:
         console.print("nothing to submit", highlight=False)
     if not follow:
         console.print(f"watch with `gaussreg tui --store {st.root}`, `gaussreg ls --store {st.root}` or "
-                      f"`gaussreg run {manifest} --store {st.root} --backend slurm --follow`", highlight=False)
+                      f"`gaussreg run {manifest} --store {st.root} --backend slurm --follow`", highlight=False,
+                      markup=False)
         return
     code = slurm.follow(st, [r.id for r in runs], console)
     if code:
@@ -595,7 +598,7 @@ def eval_(target: str = typer.Argument(..., help="A run id, or a checkpoint file
         fail(f"{ckpt} is not a gaussreg checkpoint ({type(e).__name__}: {e})")
     try:
         splits = data.load(spec["dataset"], data_dir or spec["data_dir"], split_seed=spec["split_seed"],
-                           test_subset=spec["test_subset"], device=dev)
+                           test_subset=spec["test_subset"], device=dev, test_only=True)
     except data.DataError as e:
         fail(str(e))
     model = build_model(spec["model"], splits.info).to(dev)
@@ -680,7 +683,7 @@ def certify(run_id: str = typer.Argument(..., help="A run id (or a unique prefix
         fail(f"{ckpt} is not a gaussreg checkpoint ({type(e).__name__}: {e})")
     try:
         splits = data.load(spec["dataset"], data_dir or spec["data_dir"], split_seed=spec["split_seed"],
-                           test_subset=spec["test_subset"], device=dev)
+                           test_subset=spec["test_subset"], device=dev, test_only=True)
     except data.DataError as e:
         fail(str(e))
     model = build_model(spec["model"], splits.info).to(dev)

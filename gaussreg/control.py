@@ -18,11 +18,12 @@ from .store import RunDir, Store, atomic_write_json, now_iso, try_lock
 
 def start_worker(run: RunDir, resume: bool, gpu: Optional[str] = None, threads: Optional[int] = None,
                  lock_fd: Optional[int] = None, argv: Optional[List[str]] = None,
-                 watch_parent: bool = False) -> subprocess.Popen:
+                 watch_parent: bool = False, hold_fds: tuple = ()) -> subprocess.Popen:
     """One worker process for a run, in its own session (so a terminal's Ctrl-C reaches
     only its parent), with its output appended to worker.log. A held lock is passed on.
     With watch_parent the worker stops (saving last.pt, as on SIGTERM) when this process
-    dies: a scheduler that dies must not leave workers training for nobody."""
+    dies: a scheduler that dies must not leave workers training for nobody. hold_fds: more
+    locks the worker holds until it exits (its share of a GPU)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("GAUSSREG_LOCK_FD", None)
     env.pop("GAUSSREG_PARENT_PID", None)
@@ -30,15 +31,22 @@ def start_worker(run: RunDir, resume: bool, gpu: Optional[str] = None, threads: 
         env["GAUSSREG_PARENT_PID"] = str(os.getpid())
     if lock_fd is not None:
         env["GAUSSREG_LOCK_FD"] = str(lock_fd)
+    env.pop("GAUSSREG_GPU", None)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
+        if gpu:  # a GPU slot: the worker must get CUDA or refuse (worker.pick_device)
+            env["GAUSSREG_GPU"] = gpu
+            # GPU indices are nvidia-smi's, which counts by PCI bus; CUDA's default order
+            # (fastest first) could make "1" another GPU (a user's own setting wins)
+            env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     if threads:
         env["GAUSSREG_THREADS"] = env["OMP_NUM_THREADS"] = str(threads)
     cmd = (argv or [sys.executable, "-m", "gaussreg.worker"]) + [str(run.path)] + (["--resume"] if resume else [])
     fd = os.open(run.file("worker.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
     with os.fdopen(fd, "ab") as log:
         return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                pass_fds=(lock_fd,) if lock_fd is not None else (), start_new_session=True)
+                                pass_fds=((lock_fd,) if lock_fd is not None else ()) + tuple(hold_fds),
+                                start_new_session=True)
 
 
 class ControlError(Exception):

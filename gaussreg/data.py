@@ -292,17 +292,21 @@ def stratified(indices, labels, k: int):
 
 def load(name: str, data_dir=None, *, split_seed: int = 0, val_fraction: float = 0.1,
          train_subset: Optional[int] = None, test_subset: Optional[int] = None,
-         device="cpu") -> Splits:
+         device="cpu", test_only: bool = False) -> Splits:
     """Load once, split, subset, and move to `device` as float32 in [0,1].
 
     The validation split is 10% of the official training set chosen by split_seed
     (fixed, so runs of one dataset are comparable). `train_subset` keeps that many of
     the remaining training images (and a validation set of proportionate size),
     `test_subset` that many test images, all stratified by class (`stratified`) from a
-    permutation seeded by split_seed."""
+    permutation seeded by split_seed. test_only leaves the training and validation
+    splits empty (evaluating a model on a GPU needs only the test images there)."""
     import torch
-    x, y = load_raw(name, "train", data_dir)
     tx, ty = load_raw(name, "test", data_dir)
+    if test_only:
+        x, y = tx[:0], ty[:0]
+    else:
+        x, y = load_raw(name, "train", data_dir)
     tr, va = split_indices(len(y), val_fraction, split_seed)
     if train_subset:
         tr = stratified(tr, y, train_subset)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from .control import detach_run
-from .scheduler import Slot, detect_gpus, make_slots, parse_gpus
+from .scheduler import Slot, detect_gpus, exclusive_gpus, make_slots, parse_gpus
 from .store import Store
 
 
@@ -24,11 +24,14 @@ class LaunchRequest:
     store: str = "runs"
     experiments: Tuple[str, ...] = ()  # exact names; empty: every experiment
     only: Optional[str] = None  # a glob over experiment names, run ids and methods
-    gpus: str = "all"
+    gpus: str = "auto"
     per_gpu: int = 1
     max_parallel: Optional[int] = None
     rerun: bool = False
     data_dir: Optional[str] = None
+    backend: str = "local"  # or "slurm": one sbatch array job instead of a local scheduler
+    # Slurm settings over the manifest's [slurm] table (gaussreg.slurm.settings keys; None: the table's)
+    slurm: Dict[str, object] = field(default_factory=dict, hash=False)
 
     def argv(self) -> List[str]:
         """The `gaussreg run` arguments that carry out this request."""
@@ -48,8 +51,9 @@ class Plan:
     request: LaunchRequest
     manifest: object  # manifest.Manifest
     runs: list  # manifest.PlannedRun
-    slots: List[Slot]
+    slots: List[Slot]  # none on Slurm: the login node's GPUs say nothing about the cluster's
     missing_data: Dict[str, str] = field(default_factory=dict)  # dataset -> how to get it, one paragraph
+    slurm: object = None  # slurm.SlurmSettings of a Slurm launch
 
 
 def resolve_gpus(arg: str) -> List[str]:
@@ -59,7 +63,11 @@ def resolve_gpus(arg: str) -> List[str]:
         asked = parse_gpus(arg)
     except ValueError as e:
         raise LaunchError(str(e)) from None
-    if arg.strip() in ("all", "none"):
+    if arg.strip() == "all" and not asked:
+        raise LaunchError("--gpus all asks for every GPU, but this machine shows none (no nvidia-smi GPU and no "
+                          "CUDA_VISIBLE_DEVICES): use --gpus none to train on this machine's CPU, or "
+                          "--backend slurm to train on a cluster's GPUs")
+    if arg.strip() in ("auto", "all", "none"):
         return asked
     visible = detect_gpus()
     if not visible:
@@ -72,9 +80,12 @@ def resolve_gpus(arg: str) -> List[str]:
     return [visible[int(g)] for g in asked]
 
 
-def plan(req: LaunchRequest) -> Plan:
-    """Everything a launch needs, checked: the manifest, the runs chosen, the slots, the data."""
-    from . import data, manifest as mf
+def plan(req: LaunchRequest, commands: bool = True) -> Plan:
+    """Everything a launch needs, checked: the manifest, the runs chosen, the slots (or the
+    Slurm settings, and with `commands` that sbatch and squeue are on PATH), the data."""
+    from . import data, manifest as mf, slurm
+    if req.backend not in ("local", "slurm"):
+        raise LaunchError(f"the backend must be 'local' or 'slurm', not {req.backend!r}")
     if not Path(req.manifest).is_file():
         raise LaunchError(f"manifest {req.manifest} does not exist or is not a file")
     try:
@@ -89,29 +100,79 @@ def plan(req: LaunchRequest) -> Plan:
     if not runs:
         what = f"--only {req.only!r}" if req.only else "the experiments chosen"
         raise LaunchError(f"{what} match no run in {req.manifest}")
-    if not isinstance(req.per_gpu, int) or req.per_gpu < 1:
-        raise LaunchError(f"runs per GPU (--per-gpu) must be a whole number ≥ 1, not {req.per_gpu!r}")
-    if req.max_parallel is not None and (not isinstance(req.max_parallel, int) or req.max_parallel < 1):
-        raise LaunchError(f"parallel runs (--max-parallel) must be a whole number ≥ 1, not {req.max_parallel!r}")
-    try:
-        slots = make_slots(resolve_gpus(req.gpus), req.per_gpu, req.max_parallel)
-    except ValueError as e:
-        raise LaunchError(str(e)) from None
+    cfg, slots = None, []
+    if req.backend == "slurm":
+        try:
+            cfg = slurm.settings(m.slurm, req.slurm)
+        except slurm.SlurmConfigError as e:
+            raise LaunchError(f"Slurm setting (flag or [slurm] in {req.manifest}) {e}") from None
+        if commands:
+            try:
+                slurm.require("sbatch", "squeue")
+            except slurm.SlurmError as e:
+                raise LaunchError(str(e)) from None
+    else:
+        if not isinstance(req.per_gpu, int) or req.per_gpu < 1:
+            raise LaunchError(f"runs per GPU (--per-gpu) must be a whole number ≥ 1, not {req.per_gpu!r}")
+        if req.max_parallel is not None and (not isinstance(req.max_parallel, int) or req.max_parallel < 1):
+            raise LaunchError(f"parallel runs (--max-parallel) must be a whole number ≥ 1, not {req.max_parallel!r}")
+        gpus = resolve_gpus(req.gpus)
+        if req.per_gpu > 1:
+            excl = exclusive_gpus(gpus)
+            if excl:
+                raise LaunchError(f"GPU {excl[0]} is in EXCLUSIVE_PROCESS compute mode (nvidia-smi), which lets one "
+                                  f"process use it: --per-gpu {req.per_gpu} cannot pack runs on it; use --per-gpu 1, "
+                                  "or have an administrator run `nvidia-smi -c DEFAULT`")
+        try:
+            slots = make_slots(gpus, req.per_gpu, req.max_parallel)
+        except ValueError as e:
+            raise LaunchError(str(e)) from None
     store = Path(req.store)
     if store.exists() and not store.is_dir():
         raise LaunchError(f"store {req.store} is a file, not a folder")
     missing = {name: data.missing_message(name, req.data_dir)
                for name in sorted({r.spec["dataset"] for r in runs} - {"synthetic"})
                if data.find(name, req.data_dir) is None}
-    return Plan(req, m, runs, slots, missing)
+    return Plan(req, m, runs, slots, missing, cfg)
+
+
+def write_experiments(p: Plan) -> None:
+    """The experiment records (tolerance, manifest) of the experiments a launch trains."""
+    st = Store(p.request.store)
+    chosen = {r.spec["experiment"] for r in p.runs}
+    for e in p.manifest.experiments:
+        if e.name in chosen:
+            st.write_experiment(e.name, {"name": e.name, "tolerance": e.tolerance,
+                                         "manifest": str(Path(p.request.manifest).resolve())})
+
+
+def submit_slurm(p: Plan):
+    """A checked Slurm plan submitted: the run directories written (the array tasks read
+    them on the shared filesystem), then one sbatch array job. Returns slurm.Submission."""
+    from . import slurm
+    st = Store(p.request.store)
+    try:
+        write_experiments(p)
+        for r in p.runs:
+            st.create(r.spec, r.id)
+    except OSError as e:
+        raise LaunchError(f"cannot write the run directories in {st.root} ({e.strerror})") from None
+    try:
+        return slurm.submit(st, [r.id for r in p.runs], p.slurm, rerun=p.request.rerun)
+    except slurm.SlurmError as e:
+        raise LaunchError(str(e)) from None
 
 
 def launch(req: LaunchRequest) -> dict:
     """Check the request, then start one detached scheduler (`gaussreg run --follow`) for all
-    of it; recorded under STORE/_launches so it can be listed and cancelled. Returns its
-    record (pid, log)."""
+    of it, recorded under STORE/_launches so it can be listed and cancelled, and return its
+    record (pid, log); on Slurm, submit it and return {job_id, submitted, skipped}."""
     p = plan(req)
     if p.missing_data:
         raise LaunchError(next(iter(p.missing_data.values())))
+    if req.backend == "slurm":
+        sub = submit_slurm(p)
+        return {"backend": "slurm", "job_id": sub.job_id, "submitted": sub.submitted, "skipped": sub.skipped,
+                "script": str(sub.script) if sub.script else None}
     label = ", ".join(req.experiments) or req.only or str(req.manifest)
     return detach_run(req.argv(), Store(req.store), label)

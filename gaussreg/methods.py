@@ -5,6 +5,7 @@ generator, so a run is reproducible from its seed and never syncs the host."""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Dict, NamedTuple, Optional
 
@@ -26,6 +27,7 @@ class Method:
 
     name = "baseline"
     copies = 1  # items per clean training image in one epoch
+    term_names = ("ce",)  # the keys of Loss.terms, in the order the worker logs them
 
     def __init__(self, **params):
         self.params = check_params(self.name, params)
@@ -61,6 +63,13 @@ def _int32(v: int) -> int:
     return v - (1 << 32) if v >= 1 << 31 else v
 
 
+@functools.lru_cache(maxsize=64)
+def _seed_key(seed: int) -> int:
+    """The seed's hash as a Python int, made on the CPU: a tensor made on the GPU per batch
+    would be a blocking host-to-device copy."""
+    return int(_hash32(torch.tensor(_int32(seed), dtype=torch.int32)))
+
+
 def bank_noise(seed: int, item: torch.Tensor, shape) -> torch.Tensor:
     """N(0, 1) noise of shape (len(item), *shape) that is a function of (seed, item) alone:
     the fixed noise bank of a once-augmented dataset, computed per batch instead of held
@@ -71,7 +80,7 @@ def bank_noise(seed: int, item: torch.Tensor, shape) -> torch.Tensor:
     for it, and costs no host sync."""
     n = math.prod(shape)
     half = (n + 1) // 2
-    key = _hash32(item.to(torch.int32) ^ _hash32(torch.tensor(_int32(seed), dtype=torch.int32, device=item.device)))
+    key = _hash32(item.to(torch.int32) ^ _seed_key(seed))
     pos = torch.arange(half, dtype=torch.int64, device=item.device) * 0x9E3779B9 & 0xFFFFFFFF  # Weyl sequence
     pos = torch.where(pos >= 1 << 31, pos - (1 << 32), pos).to(torch.int32)
     h1 = _hash32(key[:, None] + pos)
@@ -124,6 +133,7 @@ class Regularizer(Method):
     """CE(f(x), y) + alpha CE(rest_k(mu_k), y) (Eq. 3; depth k = 1 is the paper)."""
 
     name = "regularizer"
+    term_names = ("ce", "reg")
 
     def loss(self, model, x, y, g):
         m = moment_loss(model, x, y, self.params["sigma"], self.params["alpha"], self.params["depth"])
@@ -161,6 +171,7 @@ class FGSM(Method):
     """FGSM adversarial training: 0.5 CE(x) + 0.5 CE(clamp(x + eps sign(grad_x CE), 0, 1))."""
 
     name = "fgsm"
+    term_names = ("ce", "adv")
 
     def loss(self, model, x, y, g):
         with torch.enable_grad():

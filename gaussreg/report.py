@@ -77,6 +77,7 @@ class RunRow:
     error: Optional[str] = None
     slurm_job: Optional[str] = None  # "JOBID_INDEX" for runs submitted with --backend slurm
     phase: Optional[str] = None  # what a running worker does: "validating", "evaluating R", ...
+    slurm_reason: Optional[str] = None  # why Slurm has not started a queued Slurm run (squeue; the TUI asks)
 
 
 def _sig(path) -> Optional[tuple]:

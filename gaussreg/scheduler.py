@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
@@ -29,6 +30,7 @@ class Slot:
     index: int
     gpu: Optional[str]  # CUDA_VISIBLE_DEVICES of the runs in this slot; None on CPU (workers get "")
     threads: Optional[int] = None
+    shares: int = 1  # --per-gpu: runs of all launches of a store that may share this slot's GPU
 
 
 def detect_gpus() -> List[str]:
@@ -46,16 +48,44 @@ def detect_gpus() -> List[str]:
 
 
 def parse_gpus(arg: str) -> List[str]:
-    """'all' (every visible GPU, none on a CPU box), 'none', or a list like '0,1'."""
+    """'auto' and 'all' (every visible GPU; none on a CPU box: launch.resolve_gpus refuses
+    an explicit 'all' there), 'none', or a list like '0,1'."""
     arg = arg.strip()
-    if arg == "all":
+    if arg in ("auto", "all"):
         return detect_gpus()
     if arg == "none":
         return []
     parts = [p.strip() for p in arg.split(",")]
     if not all(p.isdigit() for p in parts):
-        raise ValueError(f"--gpus must be 'all', 'none' or GPU indices like '0,1', not {arg!r}")
+        raise ValueError(f"--gpus must be 'auto', 'all', 'none' or GPU indices like '0,1', not {arg!r}")
     return list(dict.fromkeys(parts))
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on: a Slurm job's or taskset's cpuset, not the
+    machine's (os.cpu_count counts every core of a 128-core login node)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def exclusive_gpus(gpus: List[str]) -> List[str]:
+    """Those of `gpus` (indices or UUIDs as in CUDA_VISIBLE_DEVICES) that nvidia-smi reports
+    in EXCLUSIVE_PROCESS compute mode, where a second process cannot open the GPU."""
+    if not gpus or not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,uuid,compute_mode", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    exclusive = set()
+    for line in out.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 3 and parts[2].replace("_", " ").lower() == "exclusive process":
+            exclusive.update(parts[:2])
+    return [g for g in gpus if g in exclusive]
 
 
 def make_slots(gpus: List[str], per_gpu: int = 1, max_parallel: Optional[int] = None,
@@ -66,7 +96,7 @@ def make_slots(gpus: List[str], per_gpu: int = 1, max_parallel: Optional[int] = 
         raise ValueError("--per-gpu must be >= 1")
     if max_parallel is not None and max_parallel < 1:
         raise ValueError("--max-parallel must be >= 1")
-    cpus = cpus or os.cpu_count() or 1
+    cpus = cpus or usable_cpus()
     if gpus:
         slots = [Slot(i, g) for i, (g, _) in enumerate((g, k) for k in range(per_gpu) for g in gpus)]
         slots = slots[:max_parallel] if max_parallel else slots
@@ -76,7 +106,7 @@ def make_slots(gpus: List[str], per_gpu: int = 1, max_parallel: Optional[int] = 
         slots = [Slot(i, None) for i in range(n)]
         threads = max(1, cpus // n)
     for s in slots:
-        s.threads = threads
+        s.threads, s.shares = threads, per_gpu
     return slots
 
 
@@ -135,9 +165,15 @@ class Snapshot:
 class Scheduler:
     def __init__(self, store: Store, run_ids: List[str], slots: List[Slot], rerun: bool = False,
                  worker_argv: Optional[List[str]] = None, on_change: Optional[Callable] = None,
-                 poll_s: float = 0.5, grace_s: float = GRACE_S):
+                 poll_s: float = 0.5, grace_s: float = GRACE_S, specs: Optional[Dict[str, dict]] = None):
+        """`specs` (run id -> spec) are runs whose directories this scheduler creates: each
+        one when it is launched, and the others by a thread while the first runs train, so
+        the first run of a 10,000-run grid starts at once (a directory costs ~20 ms of fsyncs)."""
         self.store, self.slots, self.rerun = store, slots, rerun
         self.queue = [RunDir(store.root / r) for r in run_ids]
+        self.specs = dict(specs or {})
+        self.all_created = threading.Event()  # every directory of `specs` exists (or the sweep stopped)
+        self._halt_create = threading.Event()
         self.worker_argv = worker_argv  # None: python -m gaussreg.worker
         self.on_change = on_change or (lambda snapshot, what, run: None)  # (Snapshot, what, RunDir)
         self.poll_s, self.grace_s = poll_s, grace_s
@@ -145,6 +181,10 @@ class Scheduler:
         self.summary = Summary()
         self.stopping = False
         self.view_error: Optional[str] = None  # the first error of the view (on_change); it never stops the sweep
+        # GPUs on which a run ran out of memory: nothing more starts there until one of the
+        # runs still on it ends (else the next run would run out of memory too)
+        self.oom_hold: set = set()
+        self.share_error: Optional[str] = None  # why GPU shares could not be locked (then not counted)
 
     def stop(self, *_args) -> None:
         """First Ctrl-C (or SIGTERM): launch nothing more and cancel the running workers."""
@@ -163,18 +203,58 @@ class Scheduler:
             if self.view_error is None:
                 self.view_error = f"{type(e).__name__}: {e}"
 
-    def _launch(self, run: RunDir, slot: Slot) -> bool:
+    def _gpu_share(self, slot: Slot) -> Optional[int]:
+        """For a GPU slot, a lock on one of its GPU's --per-gpu places in this store (see
+        Store.lock_gpu_share); -1 for a CPU slot; None while other launches fill the GPU."""
+        if not slot.gpu:
+            return -1
+        try:
+            return self.store.lock_gpu_share(slot.gpu, slot.shares)
+        except (OSError, RunFileError) as e:  # no flock, an unwritable store: shares cannot be counted
+            if self.share_error is None:
+                self.share_error = str(e)
+            return -1
+
+    def _launch(self, run: RunDir, slot: Slot, share_fd: int = -1) -> bool:
         """Start one run; any problem of that run (a corrupt file, a lock that is a
         directory, a full disk) makes that run failed and the sweep goes on."""
         try:
-            return self._launch_one(run, slot)
+            return self._launch_one(run, slot, share_fd)
         except Exception as e:  # noqa: BLE001
             why = str(e) if isinstance(e, (RunFileError, ControlError)) else f"{type(e).__name__}: {e}"
             self.summary.outcomes[run.id] = Outcome(run.id, "failed", error=f"not started: {why}")
             self._notify("failed", run)
             return False
 
-    def _launch_one(self, run: RunDir, slot: Slot) -> bool:
+    def _create(self, run_id: str) -> None:
+        spec = self.specs.get(run_id)
+        if spec is not None:
+            self.store.create(spec, run_id)
+            self.specs.pop(run_id, None)
+
+    def _create_ahead(self) -> None:
+        """Create the directories of the runs not launched yet, in launch order, so `ls`
+        and the TUI list the pending runs; a problem is left for that run's launch to report."""
+        try:
+            for run in list(self.queue):
+                if self.stopping or self._halt_create.is_set():
+                    return
+                try:
+                    self._create(run.id)
+                except Exception:  # noqa: BLE001 - _launch fails that run with the reason
+                    pass
+        finally:
+            self.all_created.set()
+
+    def _launch_one(self, run: RunDir, slot: Slot, share_fd: int = -1) -> bool:
+        try:
+            return self._launch_locked(run, slot, share_fd)
+        finally:
+            if share_fd >= 0:
+                os.close(share_fd)  # the worker holds its copy; a run not started gives the place back
+
+    def _launch_locked(self, run: RunDir, slot: Slot, share_fd: int) -> bool:
+        self._create(run.id)
         fd = try_lock(run)
         if fd is None:
             self.summary.outcomes[run.id] = Outcome(run.id, "elsewhere", error="being trained by another process")
@@ -193,7 +273,8 @@ class Scheduler:
             # `device = "auto"` worker on GPU 0
             gpu = slot.gpu if slot.gpu is not None else ""
             proc = start_worker(run, resume=run.file("last.pt").exists(), gpu=gpu, threads=slot.threads,
-                                lock_fd=fd, argv=self.worker_argv, watch_parent=True)
+                                lock_fd=fd, argv=self.worker_argv, watch_parent=True,
+                                hold_fds=(share_fd,) if share_fd >= 0 else ())
         finally:
             os.close(fd)  # the worker holds the lock now (same open file description)
         self.active[slot.index] = Active(run, slot, proc, time.time())
@@ -216,6 +297,14 @@ class Scheduler:
                 a.run.write_status(status)
             except OSError as e:  # a full disk: the status stays as the worker left it, reading as interrupted
                 status["error"] += f" (and its status could not be written: {e.strerror})"
+        gpu = a.slot.gpu
+        if gpu:
+            if status.get("out_of_memory"):
+                self.oom_hold.add(gpu)
+            else:
+                self.oom_hold.discard(gpu)
+            if not any(o.slot.gpu == gpu for o in self.active.values()):
+                self.oom_hold.discard(gpu)  # nothing left to wait for: the GPU is free
         self.summary.outcomes[a.run.id] = Outcome(a.run.id, state, rc, status.get("error"),
                                                   a.run.log_tail(15) if state not in ("completed",) else "")
         self._notify(state, a.run)
@@ -255,14 +344,22 @@ class Scheduler:
             # SIGHUP (the terminal or tmux session closed) is handled like Ctrl-C: nobody
             # watches any more, so the workers save last.pt and the sweep resumes later
             old = {s: signal.signal(s, self.stop) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        creator = None
         try:
             while (self.queue and not self.stopping) or self.active:
                 if self.stopping:
                     self._terminate_all()
                     break
                 for slot in self.slots:
-                    while slot.index not in self.active and self.queue and not self.stopping:
-                        self._launch(self.queue.pop(0), slot)
+                    while (slot.index not in self.active and self.queue and not self.stopping
+                           and slot.gpu not in self.oom_hold):
+                        share = self._gpu_share(slot)
+                        if share is None:
+                            break  # other launches of this store fill the GPU: try again next tick
+                        self._launch(self.queue.pop(0), slot, share)
+                if creator is None:  # only once the first runs are off
+                    creator = threading.Thread(target=self._create_ahead, name="create-runs", daemon=True)
+                    creator.start()
                 self._poll()
                 self._notify("tick", None)
                 time.sleep(self.poll_s)
@@ -270,6 +367,10 @@ class Scheduler:
             for run in self.queue:
                 self.summary.outcomes.setdefault(run.id, Outcome(run.id, "queued"))
         finally:
+            self._halt_create.set()  # after the directory it is writing (the queue is empty unless stopped)
+            if creator is not None:
+                creator.join()
+            self.all_created.set()
             for s, h in old.items():
                 signal.signal(s, h)
         return self.summary

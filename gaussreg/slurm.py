@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -203,6 +203,8 @@ def _plan(store: Store, run_ids: List[str], rerun: bool, live: Dict[str, Task]) 
             continue
         if is_slurm(status) and state in ("queued", "running") and status["slurm_job"] in live:
             skipped[rid] = f"already {state} in Slurm job {status['slurm_job']}"
+        elif is_slurm(status) and state == "interrupted" and status["slurm_job"] in live:
+            skipped[rid] = f"interrupted, and Slurm job {status['slurm_job']} requeues it"
         elif state == "running":
             skipped[rid] = f"running on {status.get('host')}"
         elif state in FINISHED and not rerun:
@@ -235,7 +237,7 @@ def submit(store: Store, run_ids: List[str], cfg: SlurmSettings, rerun: bool = F
     atomic_write_bytes(script, (
         "#!/bin/bash\n"
         "# written by gaussreg: array task i trains lines i*P.. of runs.txt (P runs per task)\n"
-        "export GAUSSREG_BACKEND=slurm PYTHONUNBUFFERED=1\n"
+        f"export GAUSSREG_BACKEND=slurm PYTHONUNBUFFERED=1 GAUSSREG_SLURM_LAUNCH={_q(sub.name)}\n"
         f"exec {_q(python)} -m gaussreg.slurm task {_q(str(runs_file.resolve()))} --per-task {k}\n").encode())
     script.chmod(0o755)
     cmd = sbatch_command(cfg, tasks, script.resolve(), sub.resolve())
@@ -250,8 +252,9 @@ def submit(store: Store, run_ids: List[str], cfg: SlurmSettings, rerun: bool = F
     except SlurmError:
         shutil.rmtree(sub, ignore_errors=True)  # nothing was submitted: leave no launch behind
         raise
+    # the settings, so that a run of this launch can be resubmitted the same way (resubmit)
     atomic_write_json(sub / "job.json", {"job_id": jid, "runs": [r.id for r in todo], "per_task": k,
-                                         "command": cmd, "submitted_at": now_iso()})
+                                         "command": cmd, "submitted_at": now_iso(), "settings": asdict(cfg)})
     for i, run in enumerate(todo):
         job = f"{jid}_{i // k}"
         try:
@@ -263,6 +266,7 @@ def submit(store: Store, run_ids: List[str], cfg: SlurmSettings, rerun: bool = F
         keep = {key: old[key] for key in ("epoch", "max_epochs") if key in old}
         run.write_status({**keep, "state": "queued", "backend": "slurm", "slurm_job_id": jid,
                           "slurm_array_index": i // k, "slurm_job": job, "slurm_runs_per_task": k,
+                          "slurm_launch": sub.name,
                           "submitted_at": now_iso(), "updated_at": now_iso(), "error": None})
     return Submission(jid, [r.id for r in todo], skipped, script)
 
@@ -304,6 +308,45 @@ def cancel(run: RunDir) -> str:
     return (f"scancel {job}" if not shared else f"asked the task {job} to stop it") + f" ({state})"
 
 
+def resubmit(run: RunDir) -> Submission:
+    """Train a Slurm run that is not queued or running again, through Slurm, with the
+    settings of the launch that submitted it (alone in its array task): a diverged one from
+    scratch, any other from its last.pt. ControlError says why not."""
+    from .scheduler import ControlError
+    from .store import read_json
+    try:
+        status = run.status()
+        state = run.state(status)
+    except RunFileError as e:
+        raise ControlError(str(e)) from None
+    if state in ("queued", "running"):
+        raise ControlError(f"run {run.id} is {state} in Slurm job {status.get('slurm_job')}; cancel it first")
+    if state == "completed":
+        raise ControlError(f"run {run.id} is completed; use `gaussreg run --rerun --backend slurm` to train it again")
+    launch = status.get("slurm_launch")
+    store = Store(run.path.parent)
+    if not isinstance(launch, str) or not launch or "/" in launch or launch.startswith("."):
+        raise ControlError(f"run {run.id} has no record of its Slurm settings (submitted by an older gaussreg); "
+                           "resubmit it with `gaussreg run MANIFEST --backend slurm`")
+    path = store.root / "_slurm" / launch / "job.json"
+    try:
+        job = read_json(path)
+        recorded = job.get("settings") if isinstance(job, dict) else None
+        cfg = settings({k: v for k, v in recorded.items() if v is not None} if isinstance(recorded, dict) else None)
+    except (RunFileError, SlurmConfigError) as e:
+        raise ControlError(f"the Slurm settings of run {run.id} cannot be read ({e})") from None
+    if not isinstance(job, dict) or not isinstance(job.get("settings"), dict):
+        raise ControlError(f"{path} does not hold the Slurm settings of run {run.id}")
+    cfg.per_gpu, cfg.array_parallelism = 1, None  # one run: one task with one run's resources
+    try:
+        sub = submit(store, [run.id], cfg, rerun=state == "diverged")
+    except SlurmError as e:
+        raise ControlError(str(e)) from None
+    if not sub.job_id:
+        raise ControlError(f"run {run.id} was not resubmitted: {sub.skipped.get(run.id, 'nothing to do')}")
+    return sub
+
+
 def stop_state(run: RunDir, signum: int) -> Tuple[str, str]:
     """How a worker stopped by `signum` ends: under Slurm a SIGTERM nobody asked for
     through `gaussreg cancel` is preemption or the time limit, so the run is
@@ -324,7 +367,8 @@ def worker_fields() -> dict:
     out = {"backend": "slurm", "slurm_job_id": jid or os.environ.get("SLURM_JOB_ID"),
            "slurm_array_index": int(idx) if idx and idx.isdigit() else None,
            "slurm_runs_per_task": int(os.environ.get("GAUSSREG_RUNS_PER_TASK", "1")),
-           "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)}
+           "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+           "slurm_launch": os.environ.get("GAUSSREG_SLURM_LAUNCH")}  # STORE/_slurm/<this>/job.json: its settings
     out["slurm_job"] = f"{jid}_{idx}" if jid and idx else out["slurm_job_id"]
     return out
 

@@ -120,8 +120,10 @@ SCALARS = {
     "early_stop": (int, *_pos),
     "train_subset": ((int, type(None)), *_opt_pos),
     "test_subset": ((int, type(None)), *_opt_pos),
-    "device": (str, lambda v: valid_device(v),
-               "must be auto, cpu, cuda or cuda:N"),
+    # a run sees only its slot's GPU, as cuda:0: cuda:1 would be "invalid device ordinal"
+    "device": (str, lambda v: valid_device(v) and not re.fullmatch(r"cuda:0*[1-9]\d*", v),
+               "must be auto, cpu, cuda or cuda:0 (each run sees only the GPU of its slot, as cuda:0; "
+               "choose GPUs with `gaussreg run --gpus`)"),
     "data_dir": ((str, type(None)), lambda v: True, ""),
 }
 TABLES = {"params", "optimizer", "robustness", "certify"}

@@ -22,7 +22,8 @@ from typing import Iterator, List, Optional, Tuple
 STATES = ("queued", "running", "completed", "failed", "cancelled", "interrupted", "diverged")
 FINISHED = ("completed", "diverged")  # re-running a manifest leaves these alone
 HEARTBEAT_S = 5.0  # the worker refreshes updated_at this often (contract: <= 10 s)
-STALE_S = 30.0  # a running status older than this, with its pid gone, is interrupted
+STALE_S = 30.0  # a running status of another host older than this is interrupted
+LOCK_TRIES = 3
 # what a running worker is doing (status.json's "phase"), as the views name it
 PHASES = {"training": "training", "validating": "validating", "evaluating": "evaluating R",
           "certifying": "certifying"}
@@ -97,6 +98,38 @@ def atomic_write_bytes(path: os.PathLike, payload: bytes) -> None:
             pass
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_create_json(path: os.PathLike, obj) -> bool:
+    """Write a JSON file only if it does not exist, atomically: a complete temp file is
+    hard-linked into place, which fails when the name exists, so a file another process
+    wrote meanwhile (a worker's 'running' status) is never replaced. True if written."""
+    path = Path(path)
+    payload = (to_json(obj, indent=2, sort_keys=True) + "\n").encode()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                raise
+            if os.path.lexists(path):  # a filesystem without hard links: check, then rename
+                return False
+            os.replace(tmp, path)
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+    _fsync_dir(path.parent)
+    return True
 
 
 def finite(obj):
@@ -365,19 +398,29 @@ class RunDir:
         return [by_epoch[k] for k in sorted(by_epoch, key=lambda k: (k is None, k))]
 
     def state(self, status: Optional[dict] = None) -> str:
-        """The state a reader should believe: a 'running' run whose heartbeat is stale
-        and whose process is gone reads as interrupted."""
+        """The state a reader should believe. A 'running' run on this host is running only
+        while some process holds its lock (the worker takes it before it writes 'running'
+        and holds it until it exits, after its last status): a free lock means it died
+        without a word, whatever process has its pid now (pids are reused). On another
+        host (a Slurm node; flock is not trusted across nodes) a stale heartbeat says it."""
         status = self.status() if status is None else status
         state = status.get("state", "queued")
-        if state == "running":
-            age = time.time() - (parse_iso(status.get("updated_at")) or 0)
-            same_host = status.get("host") == socket.gethostname()
-            gone = not pid_alive(status.get("pid")) if same_host else True
-            if age > STALE_S and gone:
+        if state != "running":
+            return state
+        if status.get("host") == socket.gethostname():
+            held = self.lock_held()
+            if held is None:  # the lock cannot be read: the pid and the heartbeat must do
+                age = time.time() - (parse_iso(status.get("updated_at")) or 0)
+                return "interrupted" if age > STALE_S and not pid_alive(status.get("pid")) else state
+            if held:
+                return state
+            try:  # the worker may have written its last status and exited since `status` was read
+                now = self.status()
+            except RunFileError:
                 return "interrupted"
-            if same_host and gone and not self.locked():
-                return "interrupted"  # died without a word; no need to wait for staleness
-        return state
+            return "interrupted" if now.get("state") == "running" else now.get("state", "queued")
+        age = time.time() - (parse_iso(status.get("updated_at")) or 0)
+        return "interrupted" if age > STALE_S else state
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -390,17 +433,25 @@ class RunDir:
             text = f.read().decode(errors="replace")
         return "\n".join(strip_control(line) for line in text.splitlines()[-lines:])
 
-    def locked(self) -> bool:
-        """Whether some process holds this run's lock (it is being trained). When the
-        lock cannot be opened (a read-only shared store, a lock that is not a file) we
-        cannot tell and say yes: the caller then goes by the pid and the heartbeat."""
+    def lock_held(self) -> Optional[bool]:
+        """Whether some process holds this run's lock (it is being trained); None when the
+        lock file cannot be probed (unreadable, a directory, a symbolic link). The probe
+        takes a shared lock for an instant, read-only and without creating the file, so it
+        works on a read-only shared store; try_lock retries past such a probe."""
         try:
-            fd = try_lock(self)
-        except RunFileError:
+            fd = os.open(self.file("lock"), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            return False  # every trainer creates it before it says 'running'
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
             return True
-        if fd is None:
-            return True
-        os.close(fd)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)  # closing releases the probe's lock
         return False
 
     def write_status(self, status: dict) -> None:
@@ -441,12 +492,42 @@ def try_lock(run: RunDir) -> Optional[int]:
         return None
     except OSError as e:  # a directory, a symbolic link, no permission: this run cannot be trained
         raise RunFileError(f"{run.file('lock')} cannot be opened as a lock file ({e.strerror})") from None
+    for attempt in range(LOCK_TRIES):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if attempt + 1 < LOCK_TRIES:
+                time.sleep(0.01)  # a reader's probe (RunDir.lock_held) holds it for microseconds
+        except OSError as e:  # ENOLCK, EOPNOTSUPP, ENOSYS: the filesystem has no flock (Lustre without -o flock)
+            os.close(fd)
+            raise RunFileError(no_locks_message(run.path.parent, e)) from None
+    os.close(fd)
+    return None
+
+
+def no_locks_message(where: Path, e: OSError) -> str:
+    return (f"the store {where} is on a filesystem without file locks (flock: {e.strerror or e}); gaussreg needs "
+            "them so that two processes never train one run: put the store on a local disk, or mount the "
+            "filesystem with the flock option (Lustre: -o flock)")
+
+
+def check_locking(root: Path) -> Optional[str]:
+    """None when flock works in the store folder, else one sentence saying it does not."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return None  # an unreadable folder is reported by whoever reads it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
     except BlockingIOError:
+        pass  # someone holds it exclusively: locks work
+    except OSError as e:
+        return no_locks_message(root, e)
+    finally:
         os.close(fd)
-        return None
-    return fd
+    return None
 
 
 class Store:
@@ -462,6 +543,31 @@ class Store:
             # lexists: a spec.json that is a broken link is a corrupt run, not no run
             if p.is_dir() and not p.name.startswith(("_", ".")) and os.path.lexists(p / "spec.json"):
                 yield RunDir(p)
+
+    def lock_gpu_share(self, gpu: str, shares: int) -> Optional[int]:
+        """One of the `shares` places on `gpu` (as CUDA_VISIBLE_DEVICES names it), locked
+        (flock on STORE/_gpus/<gpu>.<k>.lock) for every scheduler of this store, so --per-gpu
+        K holds across launches: the fd of the first free one, passed to the worker that holds
+        it until it exits; None when all are taken."""
+        d = self.root / "_gpus"
+        d.mkdir(parents=True, exist_ok=True)
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", gpu)
+        for k in range(shares):
+            path = d / f"{name}.{k}.lock"
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+            except OSError as e:
+                raise RunFileError(f"{path} cannot be opened as a lock file ({e.strerror})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            except OSError as e:
+                os.close(fd)
+                raise RunFileError(no_locks_message(self.root, e)) from None
+            return fd
+        return None
 
     def get(self, run_id: str) -> RunDir:
         # a run id is a name inside the store, never a path out of it
@@ -489,11 +595,12 @@ class Store:
                     tmp.unlink()
             except OSError:
                 pass
-        if not run.file("spec.json").exists():
-            atomic_write_json(run.file("spec.json"), spec)
-        if not run.file("status.json").exists():
-            run.write_status({"state": "queued", "updated_at": now_iso(), "epoch": 0,
-                              "max_epochs": spec.get("max_epochs")})
+        # create-if-absent: another scheduler's worker may be writing this run already
+        if not os.path.lexists(run.file("spec.json")):
+            atomic_create_json(run.file("spec.json"), spec)
+        if not os.path.lexists(run.file("status.json")):
+            atomic_create_json(run.file("status.json"), {"state": "queued", "updated_at": now_iso(), "epoch": 0,
+                                                         "max_epochs": spec.get("max_epochs")})
         return run
 
     def write_experiment(self, name: str, info: dict) -> None:

@@ -28,6 +28,7 @@ from .store import HEARTBEAT_S, RunDir, atomic_write_bytes, atomic_write_json, n
 EXIT_BAD_INPUT = 2
 EXIT_LOCKED = 3
 PROGRESS_EVERY_S = 0.5
+CHECKPOINT_EVERY_S = 60.0  # last.pt at most this often (and at every stop), see LastCheckpoint
 # Validation robustness (for selecting on validation): the first images of the validation
 # split (a seeded permutation shared by every run of a dataset), and the same noise for
 # every run, so configurations are compared on identical noisy images.
@@ -106,8 +107,29 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
 
 
-def pick_device(name: str):
+def _cuda_unusable_reason() -> str:
+    """Why this torch cannot use CUDA here, in a few words."""
     import torch
+    if torch.version.cuda is None:
+        return "it is a CPU-only build; install a CUDA build of torch"
+    try:
+        torch.cuda.init()
+    except Exception as e:  # noqa: BLE001 - torch's own words are the most precise reason
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return first.rstrip(".")
+    return f"CUDA {torch.version.cuda} finds {torch.cuda.device_count()} device(s)"
+
+
+def pick_device(name: str, gpu_slot: Optional[str] = None):
+    """The torch device for a spec's `device`. gpu_slot: the GPU the scheduler gave this
+    run (GAUSSREG_GPU); then a GPU it must be, never a silent CPU run (unless the spec
+    says "cpu")."""
+    import torch
+    if gpu_slot and name != "cpu" and not torch.cuda.is_available():
+        raise SpecError("device", f"this run was given GPU {gpu_slot} (CUDA_VISIBLE_DEVICES="
+                        f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}) but torch {torch.__version__} (CUDA "
+                        f"{torch.version.cuda or 'none'}) cannot use it: {_cuda_unusable_reason()}; "
+                        "it does not train on the CPU instead (`--gpus none` runs on the CPU)")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
@@ -173,24 +195,32 @@ def evaluate(method, model, X, Y, batch_size: int, seed: int) -> dict:
     return {"loss": float(obj) / n, "ce": float(ce) / n, "accuracy": float(correct) / n}
 
 
-def _rng_states(g):
-    import torch
-    states = {"generator": g.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of the run's generators at the start of `epoch`: shuffling and noise are a
+    function of (seed, epoch) alone, so a checkpoint carries no generator state and resumes
+    on any device (a CPU generator's state does not fit a CUDA one, nor 8 GPUs' states 1)."""
+    import hashlib
+    return int.from_bytes(hashlib.sha256(f"gaussreg:{seed}:{epoch}".encode()).digest()[:8], "little") >> 1
 
 
-def _save_checkpoint(path: Path, model, opt, sched, g, state: dict) -> None:
+def _training_state(model, opt, sched, state: dict) -> dict:
+    """What resuming needs, as it is now; tensors are cloned on their device (a copy that
+    does not wait for the GPU), so training on does not change it."""
+    import copy
+    return {"model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "optimizer": copy.deepcopy(opt.state_dict()), "scheduler": copy.deepcopy(sched.state_dict()),
+            "state": dict(state)}
+
+
+def _write_checkpoint(path: Path, content: dict) -> None:
     import io
     import torch
     buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "rng": _rng_states(g), "state": dict(state)}, buf)
+    torch.save(content, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _load_checkpoint(path: Path, model, opt, sched, g) -> dict:
+def _load_checkpoint(path: Path, model, opt, sched) -> dict:
     import torch
     # weights_only: a run directory is data, never code
     ck = torch.load(path, map_location="cpu", weights_only=True)
@@ -198,11 +228,58 @@ def _load_checkpoint(path: Path, model, opt, sched, g) -> dict:
     if opt is not None:
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        g.set_state(ck["rng"]["generator"])
-        torch.set_rng_state(ck["rng"]["torch"])
-        if "cuda" in ck["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
-    return ck["state"]
+        # an "rng" entry (checkpoints before epoch seeding) is ignored: the generators are
+        # reseeded from (seed, epoch), whatever device wrote it
+    return ck.get("state", {})
+
+
+def checkpoint_every_s() -> float:
+    """Seconds between last.pt writes (at epoch ends); GAUSSREG_CHECKPOINT_S sets it (tests)."""
+    try:
+        return max(0.0, float(os.environ.get("GAUSSREG_CHECKPOINT_S", CHECKPOINT_EVERY_S)))
+    except ValueError:
+        return CHECKPOINT_EVERY_S
+
+
+class LastCheckpoint:
+    """last.pt, written at an epoch end when `every_s` has passed since the last write, and
+    on `flush` (the end of training, a cancel, preemption, a crash). In between, the state
+    of the last finished epoch is kept in memory (cloned on its device), so whatever stops
+    the run, last.pt holds exactly a finished epoch and resuming equals an uninterrupted run.
+    A checkpoint of AlexNet is ~160 MB and fsync'd: written per short GPU epoch, by 16 runs
+    packed on a cluster filesystem, it would dominate the training."""
+
+    def __init__(self, path: Path, every_s: float):
+        self.path, self.every_s = path, every_s
+        self.pending: Optional[dict] = None
+        self.written_at = time.monotonic()
+
+    def epoch_end(self, model, opt, sched, state: dict) -> None:
+        content = _training_state(model, opt, sched, state)
+        if time.monotonic() - self.written_at >= self.every_s:
+            self.pending = None
+            self.write(content)
+        else:
+            self.pending = content
+
+    def write(self, content: dict) -> None:
+        _write_checkpoint(self.path, content)
+        self.written_at = time.monotonic()
+
+    def flush(self) -> bool:
+        if self.pending is None:
+            return False
+        content, self.pending = self.pending, None
+        self.write(content)
+        return True
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """A CUDA out-of-memory error, or the CPU allocator's."""
+    import torch
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    return isinstance(e, (MemoryError, oom)) or (isinstance(e, RuntimeError) and (
+        "out of memory" in str(e) or "can't allocate memory" in str(e) or "not enough memory" in str(e)))
 
 
 def make_deterministic() -> None:
@@ -227,7 +304,7 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
     t_start = time.time()
     keep_freed_memory()
     make_deterministic()
-    dev = pick_device(spec["device"])
+    dev = pick_device(spec["device"], os.environ.get("GAUSSREG_GPU"))
     seed = spec["seed"]
     threads = os.environ.get("GAUSSREG_THREADS")
     if threads:
@@ -250,7 +327,7 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
     resuming = resume and last.exists()
     if resuming:
         try:
-            state.update(_load_checkpoint(last, model, opt, sched, g))
+            state.update(_load_checkpoint(last, model, opt, sched))
         except Exception as e:  # noqa: BLE001 - truncated, foreign or tampered: all mean the same here
             raise RuntimeError(f"cannot resume from {last} ({type(e).__name__}: {str(e)[:200]}); "
                                "`gaussreg run --rerun` (or deleting last.pt) starts the run over") from None
@@ -266,76 +343,28 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
             run.file(name).unlink(missing_ok=True)
         for f in run.certification_files():  # certificates of a model about to be replaced
             f.unlink(missing_ok=True)
-        _save_checkpoint(last, model, opt, sched, g, state)  # so a cancel always leaves a last.pt
+        _write_checkpoint(last, _training_state(model, opt, sched, state))  # a kill -9 still leaves a last.pt
+    last_ck = LastCheckpoint(last, checkpoint_every_s())
     events = Events(run.file("events.jsonl"), truncate=not resuming)
     try:
         events.emit("resume" if resuming else "start", epoch=state["epoch"], device=str(dev),
                     sizes=splits.sizes(), parameters=parameter_count(model))
-        N, B = len(X) * method.copies, spec["batch_size"]
-        batches = math.ceil(N / B)
-        val_seed = seed + 1_000_003
-        for epoch in range(state["epoch"] + 1, spec["max_epochs"] + 1):
-            if state["bad_epochs"] >= spec["early_stop"]:
-                break
-            status.update(epoch=epoch, phase="training")
-            t0 = time.time()
-            model.train()
-            perm = torch.randperm(N, generator=g, device=dev)
-            sums, first_bad, seen = {}, {}, 0
-            correct = torch.zeros((), dtype=torch.long, device=dev)
-            next_progress = time.monotonic() + PROGRESS_EVERY_S
-            for b in range(batches):
-                if should_stop():
-                    raise Cancelled()
-                idx = perm[b * B:(b + 1) * B]
-                x, y = method.batch(X, Y, idx, g)
-                L = method.loss(model, x, y, g)
-                opt.zero_grad(set_to_none=True)
-                L.total.backward()
-                opt.step()
-                # accumulate on the device: no host sync in the loop; remember the first
-                # batch at which each term went non-finite, to name the culprit
-                for k, v in (*L.terms.items(), ("loss", L.total)):
-                    v = v.detach().double()
-                    sums[k] = sums.get(k, 0) + v * len(y)
-                    fb = first_bad.get(k, torch.full((), batches, device=dev))
-                    first_bad[k] = torch.where(torch.isfinite(v) | (fb < batches), fb, b)
-                if L.logits is not None:
-                    correct += (L.logits.detach().argmax(1) == y).sum()
-                seen += len(y)
-                if time.monotonic() >= next_progress:
-                    next_progress = time.monotonic() + PROGRESS_EVERY_S
-                    events.emit("progress", epoch=epoch, batch=b + 1, batches=batches,
-                                loss=float(sums["loss"]) / seen)
-            train = {k: float(v) / seen for k, v in sums.items()}
-            bad = {k: int(v) for k, v in first_bad.items() if int(v) < batches}
-            if bad or not all(math.isfinite(v) for v in train.values()):
-                raise Diverged(epoch, min(bad, key=lambda k: bad[k]) if bad else "loss")
-            status.update(phase="validating")  # what the views say while no batch progresses
-            val = evaluate(method, model, splits.val_x, splits.val_y, B, val_seed)
-            if not math.isfinite(val["loss"]):
-                raise Diverged(epoch, "val_loss")
-            sched.step(val["loss"])
-            improved = val["loss"] < state["best_val_loss"]
-            dt = time.time() - t0
-            state.update(epoch=epoch, train_time=state["train_time"] + dt)
-            if improved:
-                state.update(best_val_loss=val["loss"], best_epoch=epoch, bad_epochs=0,
-                             best_val_accuracy=val["accuracy"])
-                _save_checkpoint(best, model, opt, sched, g, state)
-            else:
-                state["bad_epochs"] += 1
-            events.emit("epoch", epoch=epoch, train_loss=train.pop("loss"), train_terms=train,
-                        train_accuracy=float(correct) / seen if L.logits is not None else None,
-                        val_loss=val["loss"], val_ce=val["ce"], val_accuracy=val["accuracy"],
-                        lr=opt.param_groups[0]["lr"], epoch_time=dt, images_per_s=seen / dt,
-                        best=improved)
-            _save_checkpoint(last, model, opt, sched, g, state)
-            log(f"epoch {epoch}: train {float(sums['loss']) / seen:.4f} "
-                f"val {val['loss']:.4f} acc {val['accuracy']:.4f} ({dt:.1f}s, {seen / dt:.0f} img/s)")
+        try:
+            _train_epochs(spec, run, state, model, method, opt, sched, g, splits, dev, events, status, last_ck,
+                          should_stop, log)
+        except BaseException:
+            # cancel, preemption, divergence or a crash: last.pt gets the last finished epoch
+            try:
+                if last_ck.flush():
+                    log(f"last.pt written (epoch {state['epoch']})")
+            except Exception as e:  # noqa: BLE001 - the original error matters more
+                log(f"could not write last.pt: {type(e).__name__}: {e}")
+            raise
+        last_ck.flush()
+        B = spec["batch_size"]
 
         # evaluate the model with the best validation objective
-        _load_checkpoint(best, model, None, None, None)
+        _load_checkpoint(best, model, None, None)
         status.update(phase="evaluating")  # test accuracy, then R on test and validation
         test = evaluate(make_method("baseline", {}), model, splits.test_x, splits.test_y, B, seed)
         rcfg = spec["robustness"]
@@ -373,6 +402,93 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
         "versions": {"gaussreg": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "finished_at": now_iso(),
     }
+
+
+def _batch_step(method, model, opt, X, Y, idx, g, sums, first_bad, correct, b: int) -> bool:
+    """One training step and its bookkeeping, all on the device: nothing here may wait for
+    the GPU (no .item(), float() or int() of a tensor; tests/test_worker.py checks). `sums`
+    holds the epoch's sums of [*method.term_names, total] weighted by batch size, `first_bad`
+    the first batch at which each went non-finite (else the batch count), `correct` the right
+    answers; ~8 small kernels per batch whatever the number of terms. Returns whether the
+    method gave clean logits (counted in `correct`)."""
+    import torch
+    x, y = method.batch(X, Y, idx, g)
+    L = method.loss(model, x, y, g)
+    opt.zero_grad(set_to_none=True)
+    L.total.backward()
+    opt.step()
+    v = torch.stack([*(L.terms[k] for k in method.term_names), L.total]).detach().double()
+    sums.add_(v, alpha=len(y))
+    first_bad.copy_(torch.where(torch.isfinite(v), first_bad, first_bad.clamp(max=b)))
+    if L.logits is not None:
+        correct.add_((L.logits.detach().argmax(1) == y).sum())
+    return L.logits is not None
+
+
+def _train_epochs(spec, run, state, model, method, opt, sched, g, splits, dev, events, status, last_ck,
+                  should_stop, log) -> None:
+    """The epochs from state["epoch"] + 1 on; updates `state`, writes best.pt (the model
+    only) when validation improves and hands each finished epoch to last_ck."""
+    import torch
+    X, Y = splits.train_x, splits.train_y
+    N, B = len(X) * method.copies, spec["batch_size"]
+    batches = math.ceil(N / B)
+    seed = spec["seed"]
+    val_seed = seed + 1_000_003
+    terms = list(method.term_names)
+    for epoch in range(state["epoch"] + 1, spec["max_epochs"] + 1):
+        if state["bad_epochs"] >= spec["early_stop"]:
+            break
+        status.update(epoch=epoch, phase="training")
+        t0 = time.time()
+        model.train()
+        s = epoch_seed(seed, epoch)  # the epoch's randomness depends on (seed, epoch) only: see epoch_seed
+        g.manual_seed(s)
+        torch.manual_seed(s)
+        perm = torch.randperm(N, generator=g, device=dev)
+        sums = torch.zeros(len(terms) + 1, dtype=torch.float64, device=dev)
+        first_bad = torch.full((len(terms) + 1,), batches, dtype=torch.long, device=dev)
+        correct = torch.zeros((), dtype=torch.long, device=dev)
+        seen = 0
+        next_progress = time.monotonic() + PROGRESS_EVERY_S
+        for b in range(batches):
+            if should_stop():
+                raise Cancelled()
+            idx = perm[b * B:(b + 1) * B]
+            has_logits = _batch_step(method, model, opt, X, Y, idx, g, sums, first_bad, correct, b)
+            seen += len(idx)
+            if time.monotonic() >= next_progress:  # one host sync per PROGRESS_EVERY_S, not per batch
+                next_progress = time.monotonic() + PROGRESS_EVERY_S
+                events.emit("progress", epoch=epoch, batch=b + 1, batches=batches, loss=float(sums[-1]) / seen)
+        names = terms + ["loss"]
+        train = dict(zip(names, (sums / seen).tolist()))
+        bad = {k: v for k, v in zip(names, first_bad.tolist()) if v < batches}
+        if bad or not all(math.isfinite(v) for v in train.values()):
+            raise Diverged(epoch, min(bad, key=lambda k: bad[k]) if bad else "loss")
+        status.update(phase="validating")  # what the views say while no batch progresses
+        val = evaluate(method, model, splits.val_x, splits.val_y, B, val_seed)
+        if not math.isfinite(val["loss"]):
+            raise Diverged(epoch, "val_loss")
+        sched.step(val["loss"])
+        improved = val["loss"] < state["best_val_loss"]
+        dt = time.time() - t0
+        state.update(epoch=epoch, train_time=state["train_time"] + dt)
+        if improved:
+            state.update(best_val_loss=val["loss"], best_epoch=epoch, bad_epochs=0,
+                         best_val_accuracy=val["accuracy"])
+            # the model alone: what evaluation, `eval` and `certify` read
+            _write_checkpoint(run.file("best.pt"), {"model": model.state_dict(), "state": dict(state)})
+        else:
+            state["bad_epochs"] += 1
+        train_loss = train.pop("loss")
+        events.emit("epoch", epoch=epoch, train_loss=train_loss, train_terms=train,
+                    train_accuracy=float(correct) / seen if has_logits else None,
+                    val_loss=val["loss"], val_ce=val["ce"], val_accuracy=val["accuracy"],
+                    lr=opt.param_groups[0]["lr"], epoch_time=dt, images_per_s=seen / dt,
+                    best=improved)
+        last_ck.epoch_end(model, opt, sched, state)
+        log(f"epoch {epoch}: train {train_loss:.4f} "
+            f"val {val['loss']:.4f} acc {val['accuracy']:.4f} ({dt:.1f}s, {seen / dt:.0f} img/s)")
 
 
 def _certify(spec, model, splits, run, should_stop, events, log) -> None:
@@ -484,7 +600,7 @@ def main(argv=None) -> int:
             return EXIT_BAD_INPUT
         try:
             make_deterministic()
-            dev = pick_device(spec["device"])
+            dev = pick_device(spec["device"], os.environ.get("GAUSSREG_GPU"))
         except SpecError as e:
             fail(str(e))
             print(f"error: {e}", file=sys.stderr)
@@ -513,7 +629,12 @@ def main(argv=None) -> int:
                 return 1
             except Exception as e:
                 logf.write(traceback.format_exc())
-                fail(f"{type(e).__name__}: {e}")
+                if out_of_memory(e):
+                    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+                    fail(f"out of memory on {dev} ({first}); run fewer runs per GPU (--per-gpu), a smaller "
+                         "batch_size or a smaller train_subset", out_of_memory=True)
+                else:
+                    fail(f"{type(e).__name__}: {e}")
                 return 1
         atomic_write_json(run.file("result.json"), result)
         status.update(state="completed", finished_at=now_iso(), error=None)

@@ -143,15 +143,6 @@ def test_corrupt_run_files_are_named(tmp_path):
     assert run("table", "--store", st.root).returncode == 0
 
 
-def test_store_tools_start_without_torch():
-    # ls, table, show, run's scheduler and the TUI read files only: importing torch would
-    # cost them over a second at every start
-    code = ("import sys, gaussreg.cli, gaussreg.report, gaussreg.manifest, gaussreg.scheduler, gaussreg.live, "
-            "tui.app; print('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=python_env())
-    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
-
-
 def test_spec_and_models_know_the_same_models():
     from gaussreg import models, spec
     assert set(spec.MODELS) == set(models.MODELS)

@@ -42,12 +42,14 @@ def test_slots_per_gpu_and_cpu():
 
 
 def test_fake_gpus_each_child_sees_its_gpu_and_at_most_per_gpu_share(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
     st, ids = _store_with(tmp_path, range(10))
     summary = Scheduler(st, ids, make_slots(["0", "1"], per_gpu=2, cpus=8), worker_argv=FAKE, poll_s=0.05).run()
     assert summary.exit_code() == 0 and summary.count("completed") == 10
     recs = [json.loads((st.root / i / "fake.json").read_text()) for i in ids]
     assert {r["cuda"] for r in recs} == {"0", "1"}
     assert all(r["threads"] == "2" and r["lock_fd"] for r in recs)
+    assert all(r["order"] == "PCI_BUS_ID" and r["gpu_slot"] == r["cuda"] for r in recs)  # nvidia-smi's numbering
     for gpu in ("0", "1"):
         spans = [(r["start"], r["end"]) for r in recs if r["cuda"] == gpu]
         for t, _ in spans:  # how many runs of this GPU were alive at each start
@@ -168,7 +170,8 @@ def test_cpu_slots_hide_every_gpu_from_their_workers(tmp_path, monkeypatch, pare
     summary = Scheduler(st, ids, make_slots(parse_gpus("none"), max_parallel=2, cpus=2), worker_argv=FAKE,
                         poll_s=0.05).run()
     assert summary.exit_code() == 0
-    assert [json.loads((st.root / i / "fake.json").read_text())["cuda"] for i in ids] == ["", ""]
+    recs = [json.loads((st.root / i / "fake.json").read_text()) for i in ids]
+    assert [r["cuda"] for r in recs] == ["", ""] and [r["gpu_slot"] for r in recs] == [None, None]
 
 
 def test_children_of_the_suite_see_no_gpu_unless_the_test_is_about_gpus():
@@ -183,6 +186,177 @@ def test_a_gpu_test_sees_the_hosts_devices():
     import os
     from conftest import HOST_CUDA_VISIBLE_DEVICES
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == HOST_CUDA_VISIBLE_DEVICES
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this torch can use the GPU, so it is never refused")
+def test_a_worker_on_a_gpu_slot_that_torch_cannot_use_refuses_instead_of_training_on_the_cpu(tmp_path, monkeypatch):
+    # the real worker, a GPU slot (fake nvidia-smi says GPU 0 exists) and this CPU-only torch
+    _fake_nvidia_smi(tmp_path, monkeypatch, n=1)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
+    st, ids = _store_with(tmp_path, [1])
+    summary = Scheduler(st, ids, make_slots(parse_gpus("all"), cpus=2), poll_s=0.05).run()
+    o = summary.outcomes[ids[0]]
+    assert o.state == "failed" and o.returncode == 2
+    run = st.get(ids[0])
+    assert o.error == run.status()["error"]
+    assert (f"this run was given GPU 0 (CUDA_VISIBLE_DEVICES='0') but torch {torch.__version__} (CUDA none) cannot "
+            "use it: it is a CPU-only build") in o.error and "does not train on the CPU" in o.error
+    assert not run.file("last.pt").exists() and not run.epochs()  # nothing trained anywhere
+
+
+def test_a_cpu_slot_or_a_cpu_spec_on_a_gpu_slot_is_not_refused(tmp_path):
+    from gaussreg.worker import pick_device
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert pick_device("cpu", gpu_slot="0").type == "cpu"  # the spec asked for the CPU itself
+
+
+def test_after_an_out_of_memory_run_nothing_starts_on_its_gpu_until_a_run_there_ends(tmp_path):
+    st, ids = _store_with(tmp_path, [14, 15, 1, 2])  # 14 runs out of memory while 15 (long) shares GPU 0
+    summary = Scheduler(st, ids, make_slots(["0"], per_gpu=2, cpus=2), worker_argv=FAKE, poll_s=0.02).run()
+    assert [summary.outcomes[i].state for i in ids] == ["failed", "completed", "completed", "completed"]
+    assert summary.outcomes[ids[0]].error.startswith("out of memory on cuda")
+    rec = {i: json.loads((st.root / i / "fake.json").read_text()) for i in ids}
+    oom, long_run = rec[ids[0]], rec[ids[1]]
+    assert oom["end"] < long_run["end"] - 1  # the hold was tested: the GPU was busy after the failure
+    assert rec[ids[2]]["start"] >= long_run["end"]  # the next run waited for the long one to end
+    # then both slots are used again
+    assert rec[ids[3]]["start"] < rec[ids[2]]["end"]
+
+
+def test_gpu_shares_are_counted_across_the_schedulers_of_a_store(tmp_path):
+    """--per-gpu K holds across launches: a place on a GPU another launch holds is not used,
+    and two schedulers of one store with --per-gpu 1 never put two runs on one GPU."""
+    import threading
+    st, ids = _store_with(tmp_path, [1, 2, 3, 4])
+    held = st.lock_gpu_share("0", 1)  # another launch's worker on GPU 0
+    assert held is not None and st.lock_gpu_share("0", 1) is None and st.lock_gpu_share("1", 1) is not None
+    ticks, started = threading.Semaphore(0), []
+
+    def on_change(_s, what, run):
+        if what == "tick":
+            ticks.release()
+        elif what == "started":
+            started.append(run.id)
+    sched = Scheduler(st, ids[:2], make_slots(["0"], per_gpu=1, cpus=2), worker_argv=FAKE, poll_s=0.01,
+                      on_change=on_change)
+    t = threading.Thread(target=sched.run)
+    t.start()
+    for _ in range(10):
+        assert ticks.acquire(timeout=30)
+    assert started == []  # ten rounds and the GPU's only place is still taken
+    import os
+    os.close(held)
+    t.join(60)
+    assert not t.is_alive() and sched.summary.count("completed") == 2
+    # two schedulers at once, one place each on GPU 0: their runs never overlap
+    a = Scheduler(st, ids[2:3], make_slots(["0"], per_gpu=1, cpus=2), worker_argv=FAKE, poll_s=0.01)
+    b = Scheduler(st, ids[3:], make_slots(["0"], per_gpu=1, cpus=2), worker_argv=FAKE, poll_s=0.01)
+    threads = [threading.Thread(target=s.run) for s in (a, b)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    recs = sorted((json.loads((st.root / i / "fake.json").read_text()) for i in ids[2:]), key=lambda r: r["start"])
+    assert recs[0]["end"] <= recs[1]["start"] and {r["cuda"] for r in recs} == {"0"}
+
+
+@pytest.mark.parametrize("who", ["this test", "init"])
+def test_a_running_status_whose_lock_is_free_is_interrupted_whoever_has_its_pid_now(tmp_path, who):
+    """The worker died without a word and its pid was reused by a live process that is
+    not its worker: the free lock says it is not running (not `running` forever), so it
+    cannot be cancelled (no stranger gets SIGTERM) and a scheduler resumes it."""
+    import os
+    import socket
+    from gaussreg.scheduler import ControlError, cancel_run
+    from gaussreg.store import now_iso, pid_alive, try_lock
+    st, ids = _store_with(tmp_path, [1])
+    run = RunDir(st.root / ids[0])
+    pid = os.getpid() if who == "this test" else 1
+    assert pid_alive(pid)
+    running = {"state": "running", "pid": pid, "host": socket.gethostname(), "started_at": now_iso(),
+               "updated_at": now_iso(), "epoch": 1, "max_epochs": 3}
+    run.write_status(running)
+    assert run.state() == "interrupted"
+    with pytest.raises(ControlError, match="is interrupted, not running"):
+        cancel_run(run)
+    out = subprocess.run(cli("ls", "--store", st.root, "--format", "json"), env=python_env(),
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and [r["state"] for r in json.loads(out.stdout)] == ["interrupted"], out.stderr
+    fd = try_lock(run)  # someone trains it: running it is
+    try:
+        assert run.state() == "running"
+    finally:
+        os.close(fd)
+    assert run.state() == "interrupted"
+    # a status read just before the worker wrote its last one and exited: the file decides
+    run.write_status({**running, "state": "completed"})
+    assert run.state(running) == "completed"
+    run.write_status(running)
+    summary = Scheduler(st, ids, make_slots([]), worker_argv=FAKE, poll_s=0.05).run()
+    assert summary.count("completed") == 1 and run.status()["state"] == "completed"
+
+
+def _grid(n):
+    specs = {}
+    for i in range(n):
+        spec = resolve({"dataset": "synthetic", "model": "mlp", "method": "baseline", "seed": 100 + i,
+                        "experiment": "big"})
+        specs[run_id(spec)] = spec
+    return specs
+
+
+def test_a_big_grid_starts_its_first_run_before_creating_the_other_directories(tmp_path):
+    """Run directories are created lazily: the first run is launched when only its own
+    directory exists; the others are created while it trains, so `ls` and the TUI list
+    every pending run once they are."""
+    st = Store(tmp_path / "runs")
+    specs = _grid(120)
+    seen = {}
+
+    def on_change(sched, what, run):
+        if what == "started" and "dirs at first start" not in seen:
+            seen["dirs at first start"] = sum(1 for _ in st.runs())
+        if what == "completed" and "states" not in seen:
+            assert sched.all_created.wait(120)
+            seen["states"] = sorted(r.state() for r in st.runs())
+            sched.stop()
+
+    summary = Scheduler(st, list(specs), make_slots([], max_parallel=1), worker_argv=FAKE, on_change=on_change,
+                        poll_s=0.05, specs=specs).run()
+    assert seen["dirs at first start"] == 1
+    assert seen["states"] == ["completed"] + ["queued"] * 119
+    assert summary.interrupted and summary.count("completed") == 1 and summary.count("queued") == 119
+    assert {r.spec()["seed"] for r in st.runs()} == {s["seed"] for s in specs.values()}
+
+
+def test_gaussreg_run_of_a_big_grid_launches_before_writing_its_directories(tmp_path, monkeypatch):
+    """Through the CLI: above the --yes threshold, the first worker starts when one run
+    directory exists (it used to wait for all of them, ~20 ms each)."""
+    import os
+    from typer.testing import CliRunner
+    from gaussreg import scheduler
+    from gaussreg.cli import BIG_GRID, app
+    n = BIG_GRID + 1
+    (tmp_path / "m.toml").write_text(
+        '[defaults]\ndataset = "synthetic"\nmodel = "mlp"\nmax_epochs = 1\n\n[[experiment]]\nname = "big"\n'
+        f'methods.baseline = {{}}\nseeds = {list(range(n))}\n')
+    args = ["run", str(tmp_path / "m.toml"), "--store", str(tmp_path / "runs"), "--max-parallel", "1"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and "add --yes" in r.output and not (tmp_path / "runs").exists()
+    r = CliRunner().invoke(app, args + ["--dry-run"])
+    assert r.exit_code == 0 and f"{n} new" in r.output and not (tmp_path / "runs").exists()
+    real, dirs = scheduler.start_worker, []
+
+    def first_worker_then_ctrl_c(run, resume, **kw):
+        dirs.append(sum(1 for _ in Store(tmp_path / "runs").runs()))
+        proc = real(run, resume, **{**kw, "argv": FAKE})
+        os.kill(os.getpid(), signal.SIGINT)  # the scheduler's handler: stop, cancel the worker
+        return proc
+    monkeypatch.setattr(scheduler, "start_worker", first_worker_then_ctrl_c)
+    r = CliRunner().invoke(app, args + ["--yes"])
+    assert r.exit_code == 130, r.output
+    assert dirs == [1]
 
 
 def test_the_view_gets_typed_snapshots_not_the_scheduler(tmp_path):

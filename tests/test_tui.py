@@ -13,7 +13,7 @@ from textual.css.query import NoMatches
 from conftest import cli, python_env
 from gaussreg.scheduler import launches, start_worker
 from gaussreg.spec import resolve, run_id
-from gaussreg.store import Store, atomic_write_json
+from gaussreg.store import Store, atomic_write_json, try_lock
 from tui.app import GaussregApp
 from tui.messages import RunsChanged
 from tui.screens import CompareScreen, ConfirmScreen, LaunchScreen, OverlayScreen, RunDetailScreen, RunsScreen, SortScreen
@@ -64,6 +64,14 @@ def store(tmp_path, monkeypatch):
     add_run(st, "regularizer", 0.85, 0.95, sigma=2.0, alpha=1.0)
     add_run(st, "regularizer", state="failed", sigma=5.0, alpha=1.0)
     return st
+
+
+def hold_lock(run):
+    """Take the run's lock as its worker would (the TUI believes 'running' only while some
+    process holds it); released by os.close or when the test process ends."""
+    fd = try_lock(run)
+    assert fd is not None
+    return fd
 
 
 def _holds(cond) -> bool:
@@ -306,7 +314,15 @@ async def test_detail_plots_come_from_events_and_follow_new_ones(store):
     status.update(pid=os.getpid(), host=socket.gethostname(), finished_at=None, updated_at=T1, epoch=2,
                   max_epochs=5)
     run.write_status(status)
+    lock = hold_lock(run)
     app = GaussregApp("runs", poll_s=0.05)
+    try:
+        await _follow_a_running_run(app, run, status)
+    finally:
+        os.close(lock)
+
+
+async def _follow_a_running_run(app, run, status):
     async with app.run_test(size=(160, 40)) as pilot:
         await until(pilot, lambda: table(app).row_count == 6)
         t = table(app)
@@ -347,6 +363,7 @@ async def test_a_rerun_replaces_what_detail_and_row_showed(store):
             run.file(name).unlink()
         status = run.status()
         status.update(state="running", pid=os.getpid(), host=socket.gethostname(), finished_at=None, epoch=1)
+        lock = hold_lock(run)
         run.write_status(status)
         run.file("events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in [
             {"type": "start", "time": T1, "padding": "x" * 2000}, _epoch(1, 9.0, 9.5, 0.11)]))
@@ -356,6 +373,8 @@ async def test_a_rerun_replaces_what_detail_and_row_showed(store):
         await until(pilot, lambda: table(app).get_cell(run.id, "best_val_acc") == "11.00")
         assert table(app).get_cell(run.id, "test_acc") == "-"
         assert table(app).get_cell(run.id, "state").plain == "running"
+        os.close(lock)  # the worker is gone (its pid, ours, lives on): the run is not running
+        await until(pilot, lambda: table(app).get_cell(run.id, "state").plain == "interrupted")
 
 
 async def test_robustness_curve_once_evaluated(store):
@@ -596,8 +615,9 @@ def test_quits_with_q(store):
             await until(pilot, lambda: app.loaded)
             await pilot.press("q")
             await pilot.pause()
-        return app.return_code
-    assert asyncio.run(go()) in (0, None)
+            return app.is_running, app.return_code
+    # exit() was asked for with code 0: a q that did nothing leaves the app running
+    assert asyncio.run(go()) == (False, 0)
 
 
 # ---------------------------------------------------------------- snapshots

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -63,8 +64,11 @@ def test_two_epoch_run_writes_the_documented_files(tmp_path):
     # validation robustness for selecting on validation: every validation image here (44 <= 1000), same sigmas
     assert res["val_robustness_images"] == 44 and len(res["val_per_sigma"]) == 3 and res["val_per_sigma"][0] == 1.0
     assert 0 <= res["val_robustness"] <= 1 and len(res["val_accuracy_per_sigma"]) == 3
+    # last.pt holds no generator state (epochs are seeded from (seed, epoch)), so it resumes on any device
     ck = torch.load(run.file("last.pt"), weights_only=True)
-    assert set(ck) == {"model", "optimizer", "scheduler", "rng", "state"} and ck["state"]["epoch"] == 2
+    assert set(ck) == {"model", "optimizer", "scheduler", "state"} and ck["state"]["epoch"] == 2
+    best = torch.load(run.file("best.pt"), weights_only=True)  # the model only: what evaluation reads
+    assert set(best) == {"model", "state"} and best["state"]["epoch"] == res["best_epoch"]
     assert json.loads(run.file("spec.json").read_text())["model"] == "lenet"  # never rewritten
 
 
@@ -74,14 +78,16 @@ def _compare_results(a, b):
         assert a[k] == b[k], k
 
 
-@pytest.mark.parametrize("fresh", [True, False])
-def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, fresh):
+@pytest.mark.parametrize("fresh,every", [(True, "0"), (False, "0"), (True, "3600")])
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, fresh, every):
+    """every: GAUSSREG_CHECKPOINT_S; with 0 last.pt is written at every epoch end, with an
+    hour only at the start, so the resume replays every epoch: both end equal."""
     spec = dict(method="augment", params={"sigma": 0.3, "folds": 1, "fresh_noise": fresh}, max_epochs=12,
                 train_subset=600)
     ref = make_run(tmp_path, "ref", **spec)
     assert finish(worker(ref))[0] == 0
     run = make_run(tmp_path, "killed", **spec)
-    p = worker(run)
+    p = worker(run, GAUSSREG_CHECKPOINT_S=every)
     deadline = time.time() + 120
     while time.time() < deadline:
         if sum(e["type"] == "epoch" for e in run.events()[0]) >= 3:
@@ -93,6 +99,8 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, fresh):
     assert run.state() == "interrupted"  # but a reader can tell: pid gone, lock free
     done = sum(e["type"] == "epoch" for e in run.events()[0])
     assert 3 <= done < 12
+    saved = torch.load(run.file("last.pt"), weights_only=True)["state"]["epoch"]
+    assert saved in ((done, done - 1) if every == "0" else (0,))  # the kill may fall between event and write
     rc, _, err = finish(worker(run, "--resume"))
     assert rc == 0, err
     _compare_results(ref.result(), run.result())
@@ -196,7 +204,7 @@ def test_the_worker_asks_for_deterministic_gpu_kernels_before_it_picks_the_devic
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
     seen = {}
 
-    def pick(name):  # the device is picked before CUDA starts: the settings must be in place by then
+    def pick(name, gpu_slot=None):  # the device is picked before CUDA starts: the settings must be in place by then
         seen.update(cublas=os.environ.get("CUBLAS_WORKSPACE_CONFIG"), det=torch.backends.cudnn.deterministic,
                     bench=torch.backends.cudnn.benchmark)
         raise SpecError("device", "stop here")
@@ -206,3 +214,186 @@ def test_the_worker_asks_for_deterministic_gpu_kernels_before_it_picks_the_devic
     st.create(spec, run_id(spec))
     assert worker.main([str(st.root / run_id(spec))]) == 2
     assert seen == {"cublas": ":4096:8", "det": True, "bench": False}
+
+
+def test_sigterm_writes_the_last_finished_epoch_and_the_resume_is_exact(tmp_path):
+    """last.pt is written on a timer (an hour here), and at a cancel: then it holds the last
+    finished epoch, kept in memory since, and resuming from it equals an uninterrupted run."""
+    spec = dict(method="regularizer", params={"sigma": 0.3, "alpha": 1.0}, max_epochs=10, train_subset=600)
+    ref = make_run(tmp_path, "ref", **spec)
+    assert finish(worker(ref))[0] == 0
+    run = make_run(tmp_path, "stopped", **spec)
+    p = worker(run, GAUSSREG_CHECKPOINT_S="3600")
+    deadline = time.time() + 120
+    while time.time() < deadline and sum(e["type"] == "epoch" for e in run.events()[0]) < 3:
+        time.sleep(0.01)
+    assert torch.load(run.file("last.pt"), weights_only=True)["state"]["epoch"] == 0  # the timer has not fired
+    p.send_signal(signal.SIGTERM)
+    rc, _, err = finish(p, 60)
+    assert rc == 128 + signal.SIGTERM, err
+    done = sum(e["type"] == "epoch" for e in run.events()[0])
+    assert 3 <= done < 10 and run.status()["state"] == "cancelled"
+    # the stop is noticed at the next batch, so the epoch under way is dropped, never half-saved
+    assert torch.load(run.file("last.pt"), weights_only=True)["state"]["epoch"] == done
+    assert f"last.pt written (epoch {done})" in run.file("worker.log").read_text()
+    rc, _, err = finish(worker(run, "--resume"))
+    assert rc == 0, err
+    _compare_results(ref.result(), run.result())
+    assert [e["val_loss"] for e in run.epochs()] == [e["val_loss"] for e in ref.epochs()]
+
+
+def test_a_checkpoint_with_a_foreign_generator_state_resumes_exactly(tmp_path):
+    """A last.pt from before epoch seeding, written on an 8-GPU box (a 16-byte CUDA generator
+    state and eight CUDA states), resumes on this CPU and ends equal to an uninterrupted run:
+    the generator state is never read, each epoch is seeded from (seed, epoch)."""
+    spec = dict(method="augment", params={"sigma": 0.3, "folds": 1}, max_epochs=4, train_subset=400)
+    ref = make_run(tmp_path, "ref", **spec)
+    assert finish(worker(ref))[0] == 0
+    run = make_run(tmp_path, "gpu-box", **{**spec, "max_epochs": 2})
+    assert finish(worker(run))[0] == 0
+    ck = torch.load(run.file("last.pt"), weights_only=True)
+    cuda_state = torch.tensor([7, 0, 0, 0, 0, 0, 0, 0, 128, 1, 0, 0, 0, 0, 0, 0], dtype=torch.uint8)  # seed, offset
+    ck["rng"] = {"generator": cuda_state, "torch": torch.get_rng_state(), "cuda": [cuda_state.clone()] * 8}
+    with pytest.raises(RuntimeError):  # what the old code did with it here
+        torch.Generator().set_state(cuda_state)
+    torch.save(ck, run.file("last.pt"))
+    run.file("spec.json").write_text(json.dumps({**json.loads(run.file("spec.json").read_text()), "max_epochs": 4}))
+    rc, _, err = finish(worker(run, "--resume"))
+    assert rc == 0, err
+    _compare_results(ref.result(), run.result())
+
+
+def test_epoch_randomness_depends_on_seed_and_epoch_only():
+    from gaussreg.worker import epoch_seed
+    a, b = torch.Generator(), torch.Generator()
+    b.manual_seed(123)
+    torch.randn(1000, generator=b)  # whatever state a resumed (or foreign) generator had
+    for g in (a, b):
+        g.manual_seed(epoch_seed(5, 3))
+    assert torch.equal(torch.randperm(100, generator=a), torch.randperm(100, generator=b))
+    assert len({epoch_seed(s, e) for s in range(20) for e in range(1, 50)}) == 20 * 49
+    assert all(0 <= epoch_seed(s, e) < 2 ** 63 for s in (-1, 0, 2 ** 40) for e in (1, 1000))
+
+
+def test_a_resume_that_cannot_read_last_pt_says_how_to_start_over(tmp_path):
+    run = make_run(tmp_path, max_epochs=1)
+    run.file("last.pt").write_bytes(b"not a checkpoint")
+    rc, _, _ = finish(worker(run, "--resume"))
+    st = run.status()
+    assert rc == 1 and st["state"] == "failed"
+    assert "cannot resume from" in st["error"] and "--rerun" in st["error"] and "deleting last.pt" in st["error"]
+
+
+def _forbid_host_syncs(monkeypatch):
+    """Every way a tensor's value reaches Python raises: on a GPU each one blocks the host."""
+    def sync(*_a, **_k):
+        raise AssertionError("host sync in the per-batch path")
+    for name in ("__bool__", "__float__", "__int__", "__index__", "item", "tolist", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    monkeypatch.setattr(torch, "as_tensor", sync)
+
+
+@pytest.mark.parametrize("method,params", [
+    ("baseline", {}), ("augment", {"sigma": 0.3, "folds": 2, "fresh_noise": True}),
+    ("augment", {"sigma": 0.3, "folds": 2, "fresh_noise": False}), ("regularizer", {"sigma": 0.3, "alpha": 1.0}),
+    ("regularizer", {"sigma": 0.3, "alpha": 1.0, "depth": "all"}), ("randsign", {"eps": 0.1}),
+    ("fgsm", {"eps": 0.1})])
+def test_a_training_step_and_its_bookkeeping_read_nothing_back_from_the_device(monkeypatch, method, params):
+    from gaussreg import data
+    from gaussreg.methods import make_method
+    from gaussreg.models import build_model
+    from gaussreg.worker import _batch_step
+    torch.manual_seed(0)
+    info = data.DatasetInfo("tiny", (1, 28, 28), 10, (0.3,), (0.2,))
+    model = build_model("lenet", info)
+    m = make_method(method, params)
+    X, Y = torch.rand(20, 1, 28, 28), torch.arange(20) % 10
+    g = torch.Generator().manual_seed(1)
+    m.prepare(len(X), (1, 28, 28), g)
+    m.batch(X, Y, torch.arange(2), g)  # a fixed bank's seed key is made once per run, not per batch
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    real_step = opt.step
+
+    def step(*a, **k):  # torch's Adam keeps its step counters on the CPU and reads them; not ours to check
+        monkeypatch.undo()
+        r = real_step(*a, **k)
+        _forbid_host_syncs(monkeypatch)
+        return r
+    opt.step = step
+    k = len(m.term_names) + 1
+    sums, first_bad = torch.zeros(k, dtype=torch.float64), torch.full((k,), 9, dtype=torch.long)
+    correct = torch.zeros((), dtype=torch.long)
+    perm = torch.randperm(len(X) * m.copies, generator=g)
+    _forbid_host_syncs(monkeypatch)
+    for b in range(3):
+        assert _batch_step(m, model, opt, X, Y, perm[b * 8:(b + 1) * 8], g, sums, first_bad, correct, b) is True
+    with pytest.raises(AssertionError, match="host sync"):  # the trap was armed all along
+        float(sums[0])
+    monkeypatch.undo()
+    assert torch.isfinite(sums).all() and (sums > 0).all() and first_bad.tolist() == [9] * k
+    assert 0 <= int(correct) <= 24
+
+
+def test_the_first_batch_a_term_went_non_finite_is_kept():
+    from gaussreg.methods import Method
+    from gaussreg.worker import _batch_step
+
+    class Bad(Method):
+        term_names = ("ce", "reg")
+
+        def loss(self, model, x, y, g):
+            L = super().loss(model, x, y, g)
+            reg = torch.tensor(float("nan") if self.calls in (2, 4) else 1.0)
+            self.calls += 1
+            return L._replace(total=L.total + 0 * reg.nan_to_num(), terms={"ce": L.terms["ce"], "reg": reg})
+    m = Bad()
+    m.calls = 0
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    X, Y = torch.rand(10, 4), torch.arange(10) % 3
+    sums, first_bad, correct = torch.zeros(3, dtype=torch.float64), torch.full((3,), 5), torch.zeros((), dtype=torch.long)
+    for b in range(5):
+        _batch_step(m, model, opt, X, Y, torch.arange(2 * b, 2 * b + 2), None, sums, first_bad, correct, b)
+    assert first_bad.tolist() == [5, 2, 5]  # reg first failed at batch 2 (and again at 4); ce and the total never
+    assert math.isfinite(sums[0]) and math.isnan(sums[1])
+
+
+@pytest.mark.parametrize("error", [
+    lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                                   "7.79 GiB of which 1.06 GiB is free."),
+    lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                         "you tried to allocate 9000000000 bytes.")])
+def test_an_out_of_memory_run_says_so_in_its_error(tmp_path, monkeypatch, error):
+    from gaussreg import worker as w
+    from gaussreg.spec import resolve, run_id
+    from gaussreg.store import Store
+
+    def train(*_a, **_k):
+        raise error()
+    monkeypatch.setattr(w, "train", train)
+    spec = resolve({"dataset": "synthetic", "model": "mlp", "method": "baseline", "experiment": "t"})
+    st = Store(tmp_path / "runs")
+    st.create(spec, run_id(spec))
+    assert w.main([str(st.root / run_id(spec))]) == 1
+    status = st.get(run_id(spec)).status()
+    assert status["state"] == "failed" and status["out_of_memory"] is True
+    assert status["error"].startswith("out of memory on cpu (") and "--per-gpu" in status["error"]
+
+
+def test_the_per_batch_code_has_no_host_sync_by_construction():
+    """Static companion of the test above: the step and the loop around it read no tensor
+    value into Python (the loop's only read is the progress event, at most every 0.5 s)."""
+    import ast
+    import inspect
+    from gaussreg import worker as w
+    step = ast.parse(inspect.getsource(w._batch_step))
+    calls = {(n.func.attr if isinstance(n.func, ast.Attribute) else getattr(n.func, "id", None))
+             for n in ast.walk(step) if isinstance(n, ast.Call)}
+    assert not calls & {"item", "tolist", "cpu", "numpy", "float", "int", "bool", "as_tensor", "tensor"}, calls
+    loop = next(n for n in ast.walk(ast.parse(inspect.getsource(w._train_epochs)))
+                if isinstance(n, ast.For) and ast.unparse(n.iter) == "range(batches)")
+    reads = [ast.unparse(n) for n in ast.walk(loop) if isinstance(n, ast.Call)
+             and getattr(n.func, "id", getattr(n.func, "attr", None)) in ("float", "int", "item", "tolist")]
+    assert reads == ["float(sums[-1])"]  # the progress event's loss
+    progress = next(n for n in ast.walk(loop) if isinstance(n, ast.If) and "next_progress" in ast.unparse(n.test))
+    assert "float(sums[-1])" in ast.unparse(progress)

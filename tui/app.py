@@ -44,8 +44,11 @@ class GaussregApp(App):
     #sort-columns { height: auto; max-height: 16; }
     #experiments { height: 6; }
     #overlay Horizontal { height: 1fr; }
+    #dialog.launch { overflow-y: auto; }  /* a two-line error at 80x24 scrolls instead of hiding the buttons */
     #dialog.launch .row Input { width: 1fr; }
     #dialog.launch .row Input.short { width: 10; }
+    #dialog.launch .row Input.time { width: 14; }
+    #dialog.launch .row Select { width: 14; margin-right: 2; }
     #dialog.launch .row Button { width: auto; min-width: 10; margin-right: 2; }
     #dialog.launch .row Label { width: auto; padding: 1 1 0 1; }
     #plan-error { height: auto; }
@@ -122,6 +125,12 @@ class GaussregApp(App):
         except LaunchError as e:
             self.call_from_thread(self.notify, str(e), severity="error", markup=False)
             return
+        if info.get("backend") == "slurm":
+            skipped = f"; {len(info['skipped'])} skipped (queued, running or finished)" if info["skipped"] else ""
+            text = (f"submitted {len(info['submitted'])} run(s) as Slurm array job {info['job_id']}{skipped}"
+                    if info["job_id"] else f"nothing to submit{skipped}")
+            self.call_from_thread(self.notify, text, markup=False)
+            return
         self.call_from_thread(self.notify, f"launched {', '.join(request.experiments)} (pid {info['pid']}); "
                                            f"log {info['log']}", markup=False)
 
@@ -155,7 +164,10 @@ class GaussregApp(App):
         def answer(yes: bool) -> None:
             if yes:
                 self._control("rerun", run_id)
-        self.push_screen(ConfirmScreen(f"Train run {run_id} again (from its last.pt when it has one)?"), answer)
+        row = self._rows.get(run_id)
+        where = (" through Slurm, with the settings it was submitted with" if row and row.slurm_job else "")
+        self.push_screen(ConfirmScreen(f"Train run {run_id} again{where} (from its last.pt when it has one)?"),
+                         answer)
 
     @work(thread=True, group="control")
     def _control(self, what: str, run_id: str) -> None:
@@ -168,6 +180,10 @@ class GaussregApp(App):
             elif what == "cancel":
                 pid = cancel_run(run)
                 self.call_from_thread(self.notify, f"sent SIGTERM to {run_id} (pid {pid})", markup=False)
+            elif _on_slurm(run):  # a cluster run trains on the cluster again, never on this login node
+                sub = slurm.resubmit(run)
+                self.call_from_thread(self.notify, f"resubmitted {run_id} as Slurm array job {sub.job_id}",
+                                      markup=False)
             else:
                 p = rerun(run)
                 self.call_from_thread(self.notify, f"training {run_id} again (pid {p.pid})", markup=False)

@@ -28,9 +28,11 @@ class CompareReady(Message):
 
 
 class PlanReady(Message):
-    def __init__(self, manifest: str, experiments: List[dict], error: Optional[str] = None):
+    def __init__(self, manifest: str, experiments: List[dict], error: Optional[str] = None,
+                 slurm: Optional[dict] = None):
         super().__init__()
         self.manifest, self.experiments, self.error = manifest, experiments, error
+        self.slurm = slurm  # the manifest's [slurm] table
 
 
 class OverlayReady(Message):

@@ -88,18 +88,20 @@ Runs screen
   s       sort by any column (a menu; the same column again reverses)
   space   mark a run;  o  overlay the curves of the marked runs
   c       compare: the fair table and accuracy vs robustness
-  l       launch experiments of a manifest (they go on after quit)
-  x       cancel the selected run
-  r       train the selected failed or cancelled run again
+  l       launch experiments of a manifest, locally (they go on after
+          quit) or on Slurm (one sbatch array job)
+  x       cancel the selected run (scancel for a Slurm run)
+  r       train the selected failed or cancelled run again (a Slurm
+          run is resubmitted to Slurm with its launch's settings)
   X       cancel a whole launch (every run it trains)
   ?       this help      ctrl+p  command palette      q  quit
 
 Detail, overlay and compare screens: escape goes back; in the
 detail, p shows the next plot when they do not fit one above another.
 States: queued, running, completed, failed, cancelled, diverged; a run
-whose worker died without a word (stale heartbeat, pid gone) shows as
-interrupted. A running run says when it validates, evaluates R or
-certifies."""
+whose worker died without a word (its lock is free; on another host, a
+stale heartbeat) shows as interrupted. A running run says when it
+validates, evaluates R or certifies."""
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="dialog"):  # scrolls where the screen is lower than the text
@@ -543,9 +545,10 @@ class CompareScreen(Screen):
 
 
 class LaunchScreen(ModalScreen[Optional[LaunchRequest]]):
-    """Pick a manifest and experiments, GPUs, runs per GPU and parallel CPU runs; the request
-    is checked by gaussreg (`launch.plan`) before the dialog closes, so a bad value is an
-    error here, not a line in a log. Usable at 80x24."""
+    """Pick a manifest and experiments, and the backend: local (GPUs, runs per GPU, parallel
+    CPU runs) or Slurm (partition, time, GPUs per run; one sbatch array job, as `gaussreg run
+    --backend slurm`). The request is checked by gaussreg (`launch.plan`) before the dialog
+    closes, so a bad value is an error here, not a line in a log. Usable at 80x24."""
     BINDINGS = [Binding("escape", "dismiss_none", "cancel")]
 
     def __init__(self, manifest: str, store: str):
@@ -560,19 +563,38 @@ class LaunchScreen(ModalScreen[Optional[LaunchRequest]]):
                 yield Button("Load", id="load")
             yield Static(id="plan-error")
             yield SelectionList(id="experiments")
-            with Horizontal(classes="row"):
+            with Horizontal(classes="row", id="local-row"):
                 yield Label("GPUs")
-                yield Input("all", id="gpus", classes="short")
+                yield Input("auto", id="gpus", classes="short")
                 yield Label("per GPU")
                 yield Input("1", id="per-gpu", type="integer", classes="short")
                 yield Label("CPU runs")
                 yield Input("1", id="max-parallel", type="integer", classes="short")
+            # shown instead of the local row when the backend is slurm; empty: the manifest's [slurm] value
+            with Horizontal(classes="row", id="slurm-row"):
+                yield Label("partition")
+                yield Input(id="partition", placeholder="default")
+                yield Label("time")
+                yield Input(id="time", placeholder="04:00:00", classes="time")
+                yield Label("GPUs/run")
+                yield Input(id="gpus-per-run", placeholder="0", classes="short")
             with Horizontal(classes="row"):
+                yield Label("backend")
+                yield Select([("local", "local"), ("slurm", "slurm")], value="local", allow_blank=False,
+                             id="backend")
                 yield Button("Launch", id="launch", variant="success")
                 yield Button("Cancel", id="cancel")
 
     def on_mount(self) -> None:
+        self.query_one("#slurm-row").display = False
         self.plan(self.manifest)
+
+    @on(Select.Changed, "#backend")
+    def backend_changed(self, event: Select.Changed) -> None:
+        slurm = event.value == "slurm"
+        self.query_one("#slurm-row").display = slurm
+        self.query_one("#local-row").display = not slurm
+        self.error("")
 
     @on(Button.Pressed, "#load")
     @on(Input.Submitted, "#manifest")
@@ -591,7 +613,7 @@ class LaunchScreen(ModalScreen[Optional[LaunchRequest]]):
         for e in m.experiments:
             done = sum(1 for r in e.runs if RunDir(self.app.store_root / r.id).file("result.json").exists())
             exps.append({"name": e.name, "runs": len(e.runs), "completed": done})
-        self.post_message(PlanReady(path, exps))
+        self.post_message(PlanReady(path, exps, slurm=m.slurm))
 
     @on(PlanReady)
     def show_plan(self, message: PlanReady) -> None:
@@ -599,6 +621,10 @@ class LaunchScreen(ModalScreen[Optional[LaunchRequest]]):
         sel.clear_options()
         self.query_one("#plan-error", Static).update(Text(message.error or "", style="red"))
         self.manifest = message.manifest
+        table = message.slurm or {}  # what an empty Slurm field means: the manifest's value
+        for field_id, key, default in (("partition", "partition", "default"), ("time", "time", "default"),
+                                       ("gpus-per-run", "gpus_per_run", "0")):
+            self.query_one(f"#{field_id}", Input).placeholder = str(table.get(key, default))
         for e in message.experiments:
             pending = e["runs"] - e["completed"]
             sel.add_option((Text(f"{e['name']}  ({pending} pending, {e['completed']} completed)"), e["name"],
@@ -610,6 +636,8 @@ class LaunchScreen(ModalScreen[Optional[LaunchRequest]]):
         if not chosen:
             self.error("choose at least one experiment")
             return None
+        if self.query_one("#backend", Select).value == "slurm":
+            return self._slurm_request(tuple(chosen))
         numbers = {}
         for field_id, name in (("per-gpu", "runs per GPU"), ("max-parallel", "CPU runs")):
             text = self.query_one(f"#{field_id}", Input).value.strip() or "1"
@@ -618,8 +646,20 @@ class LaunchScreen(ModalScreen[Optional[LaunchRequest]]):
                 return None
             numbers[field_id] = int(text)
         return LaunchRequest(self.manifest, str(self.store), tuple(chosen),
-                             gpus=self.query_one("#gpus", Input).value.strip() or "all",
+                             gpus=self.query_one("#gpus", Input).value.strip() or "auto",
                              per_gpu=numbers["per-gpu"], max_parallel=numbers["max-parallel"])
+
+    def _slurm_request(self, chosen: tuple) -> Optional[LaunchRequest]:
+        """A Slurm request: empty fields keep the manifest's [slurm] values; gaussreg.slurm
+        checks the rest (time format, ...) in launch.plan, whose message is shown here."""
+        value = lambda field_id: self.query_one(f"#{field_id}", Input).value.strip() or None  # noqa: E731
+        gpus = value("gpus-per-run")
+        if gpus is not None and not gpus.isdigit():
+            self.error(f"GPUs per run must be a whole number ≥ 0, not {gpus!r}")
+            return None
+        overrides = {"partition": value("partition"), "time": value("time"),
+                     "gpus_per_run": int(gpus) if gpus is not None else None}
+        return LaunchRequest(self.manifest, str(self.store), chosen, backend="slurm", slurm=overrides)
 
     def error(self, text: str) -> None:
         self.query_one("#plan-error", Static).update(Text(text, style="red"))

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from gaussreg.report import RunReader, RunRow, run_certified
-from gaussreg.store import RunDir, RunFileError
+from gaussreg import slurm
+from gaussreg.report import LIVE, RunReader, RunRow, run_certified
+from gaussreg.store import RunDir, RunFileError, parse_iso
 
 
 def _sig(path: Path):
@@ -28,16 +29,52 @@ def _sig(path: Path):
 
 class StoreWatcher:
     """Every run of the store, each followed by gaussreg's RunReader (the builder `ls` and
-    the report use too)."""
+    the report use too), plus Slurm's pending reasons for queued Slurm runs."""
 
-    def __init__(self, root):
+    def __init__(self, root, squeue_s: float = slurm.SQUEUE_MIN_S):
         self.root = Path(root)
         self.tracked: Dict[str, RunReader] = {}
+        self.shown: Dict[str, RunRow] = {}  # the rows as last returned (with Slurm's reasons)
+        # Slurm's pending reasons: one squeue for all runs, at most every SQUEUE_MIN_S (it
+        # loads the controller), and only while some Slurm run is queued or running
+        self.squeue_s = max(slurm.SQUEUE_MIN_S, squeue_s)
+        self.tasks: Dict[str, slurm.Task] = {}
+        self.squeue_at: Optional[float] = None  # when the last squeue answered
+        self.squeue_calls = 0
+        self.squeue_error: Optional[str] = None
+        self._next_squeue = 0.0
+        self.scans = 0
+
+    def _poll_squeue(self) -> None:
+        if time.monotonic() < self._next_squeue:
+            return
+        if not any(t.row and t.row.slurm_job and t.row.state in LIVE for t in self.tracked.values()):
+            return
+        self._next_squeue = time.monotonic() + self.squeue_s
+        self.squeue_calls += 1
+        try:
+            self.tasks, self.squeue_at, self.squeue_error = slurm.squeue(), time.time(), None
+        except slurm.SlurmError as e:  # no reasons then; the runs' files still say the rest
+            self.tasks, self.squeue_at, self.squeue_error = {}, None, str(e)
+
+    def _reason(self, status: dict, state: str) -> Optional[str]:
+        job = status.get("slurm_job")
+        if state != "queued" or not job or self.squeue_at is None:
+            return None
+        task = self.tasks.get(job)
+        if task is None:  # asked after it was submitted, and Slurm no longer has it: it will not start
+            submitted = parse_iso(status.get("submitted_at"))
+            return "not in squeue" if submitted and submitted < self.squeue_at else None
+        if task.state == "PENDING" and task.reason and task.reason != "None":
+            return task.reason
+        return None
 
     def scan(self) -> List[RunRow]:
         """Rows that are new or changed since the previous scan."""
         now = time.time()
         changed = []
+        self.scans += 1
+        self._poll_squeue()
         try:
             entries = [e for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith(("_", "."))]
         except FileNotFoundError:
@@ -48,14 +85,17 @@ class StoreWatcher:
                 if not os.path.lexists(os.path.join(entry.path, "spec.json")):
                     continue
                 reader = self.tracked[entry.name] = RunReader(RunDir(entry.path))
-            old = reader.row
             row = reader.update(now)
-            if row != old:
+            reason = self._reason(reader.status, row.state)
+            if reason:
+                row = replace(row, slurm_reason=reason)
+            if row != self.shown.get(entry.name):
+                self.shown[entry.name] = row
                 changed.append(row)
         return changed
 
     def rows(self) -> List[RunRow]:
-        return [t.row for t in self.tracked.values() if t.row is not None]
+        return list(self.shown.values())
 
 
 @dataclass

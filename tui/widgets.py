@@ -10,6 +10,7 @@ from rich.text import Text
 from textual.widgets import DataTable, Static
 from textual_plotext import PlotextPlot
 
+from gaussreg.slurm import fatal
 from gaussreg.store import STATES
 
 from .watcher import RunRow
@@ -55,7 +56,10 @@ def cells(row: RunRow) -> Dict[str, object]:
         # a running run says what it does when that is not training (the quiet phases)
         + (Text(f" {PHASE_SHORT.get(row.phase, row.phase)}", style="cyan")
            if row.phase and row.phase != "training" else "")
-        + (Text(f" {row.slurm_job}", style="dim") if row.slurm_job else ""),  # Slurm runs: their array task
+        + (Text(f" {row.slurm_job}", style="dim") if row.slurm_job else "")  # Slurm runs: their array task
+        + (Text(f" ({row.slurm_reason})", style="bold red" if fatal(row.slurm_reason) or row.slurm_reason == "not in squeue"
+                                                     else "yellow")
+           if row.slurm_reason else ""),  # and why Slurm has not started it
         "epoch": f"{row.epoch}/{row.max_epochs}" if row.max_epochs else str(row.epoch),
         "best_val_acc": pct(row.best_val_acc), "test_acc": pct(row.test_acc), "robustness": pct(row.robustness),
         "duration": duration(row.duration)}

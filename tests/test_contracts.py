@@ -1,0 +1,43 @@
+"""The import contracts, enforced rather than remembered.
+
+The core (gaussreg) must run without the TUI, and the file-reading tools (ls, table, show, the
+scheduler, the TUI) must start without torch, which costs over a second at every start."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Modules that read run files or manifests only: torch must not be imported at module level.
+TORCH_FREE = ["gaussreg.store", "gaussreg.spec", "gaussreg.manifest", "gaussreg.report", "gaussreg.scheduler",
+              "gaussreg.cli", "gaussreg.launch", "gaussreg.live", "gaussreg.slurm", "tui.app"]
+CORE = ["gaussreg.cli", "gaussreg.worker", "gaussreg.report", "gaussreg.scheduler", "gaussreg.bench"]
+
+
+def _imported(module):
+    code = f"import sys, {module}; print(' '.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    return set(out.stdout.split())
+
+
+@pytest.mark.parametrize("module", TORCH_FREE)
+def test_file_readers_do_not_import_torch(module):
+    assert "torch" not in _imported(module)
+
+
+@pytest.mark.parametrize("module", CORE)
+def test_core_does_not_import_textual(module):
+    mods = _imported(module)
+    assert not {m for m in mods if m == "textual" or m.startswith(("textual.", "tui"))}
+
+
+def test_import_linter_contracts_hold():
+    exe = shutil.which("lint-imports")
+    assert exe, "import-linter is a dev dependency: pip install -e '.[dev]'"
+    out = subprocess.run([exe, "--config", str(ROOT / "pyproject.toml")], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "2 kept, 0 broken" in out.stdout
