@@ -641,8 +641,9 @@ def eval_(target: str = typer.Argument(..., help="A run id, or a checkpoint file
     # said first: the evaluation takes a while; on stderr when stdout is JSON
     (err_console if format == ListFormat.json else console).print(escape(used), highlight=False, soft_wrap=True)
     with Progress(TextColumn(f"evaluating at {len(sig)} sigmas"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("test images"), TimeRemainingColumn(), console=err_console, transient=True) as bar:
-        task = bar.add_task("eval", total=len(splits.test_x))
+                  TextColumn("test images x samples"), TimeRemainingColumn(), console=err_console,
+                  transient=True) as bar:
+        task = bar.add_task("eval", total=len(splits.test_x) * samples)
         r = robustness(model, splits.test_x, splits.test_y, sigmas=sig, samples=samples, seed=seed, clip=clip,
                        progress=lambda done, total: bar.update(task, completed=done))
     if format == ListFormat.json:

@@ -48,8 +48,8 @@ def robustness(model, images, labels=None, sigmas=None, samples: int = 1, seed: 
     sigmas of a chunk of images go through the model as one batch, on the model's
     device; results are deterministic for a seed (and batch_size). `should_stop` is
     asked before every forward pass: when it says yes, EvaluationStopped is raised (a
-    cancel must not wait for the whole evaluation). `progress(done, total)` is told the
-    images done (at every sigma) after each chunk."""
+    cancel must not wait for the whole evaluation). `progress(done, total)` is told
+    the noisy draws done (images x samples, each at every sigma) after each forward pass."""
     import torch  # here, so that reading results and specs never needs torch
     with torch.no_grad():
         return _robustness(model, images, labels, sigmas, samples, seed, clip, batch_size, should_stop, progress)
@@ -78,6 +78,7 @@ def _robustness(model, images, labels, sigmas, samples, seed, clip, batch_size, 
     correct = torch.zeros(S, dtype=torch.long, device=dev)
     clean_correct = torch.zeros((), dtype=torch.long, device=dev)
     chunk = max(1, batch_size // S)
+    done = 0  # noisy draws of an image (at every sigma) so far, for `progress`
     was_training = model.training
     model.eval()
     try:
@@ -100,9 +101,10 @@ def _robustness(model, images, labels, sigmas, samples, seed, clip, batch_size, 
                 agree &= pred == clean
                 if y is not None:
                     correct += (pred == y).sum(1)
+                done += len(x)
+                if progress is not None:
+                    progress(done, len(images) * samples)
             robust += agree.sum(1)
-            if progress is not None:
-                progress(min(i + chunk, len(images)), len(images))
     finally:
         model.train(was_training)
     N = len(images)

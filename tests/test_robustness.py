@@ -97,3 +97,16 @@ def test_noise_has_exact_norm_and_clip_option():
     seen.clear()
     robustness(Spy(), x, sigmas=[2.0], clip=True)
     assert seen[1].min() >= 0 and seen[1].max() <= 1
+
+
+def test_progress_counts_noisy_draws_and_changes_nothing():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    x, y = torch.rand(10, 1, 4, 4), torch.randint(0, 3, (10,))
+    calls = []
+    with_bar = robustness(model, x, y, sigmas=[0.0, 0.3], samples=3, seed=1, batch_size=8,
+                          progress=lambda done, total: calls.append((done, total)))
+    plain = robustness(model, x, y, sigmas=[0.0, 0.3], samples=3, seed=1, batch_size=8)
+    assert with_bar.per_sigma == plain.per_sigma and with_bar.accuracy_per_sigma == plain.accuracy_per_sigma
+    # chunks of 8 // 2 sigmas = 4 images, 3 draws each: one call per forward pass, ending at 10 x 3
+    assert calls == [(4, 30), (8, 30), (12, 30), (16, 30), (20, 30), (24, 30), (26, 30), (28, 30), (30, 30)]

@@ -359,3 +359,21 @@ def test_gaussreg_run_of_a_big_grid_launches_before_writing_its_directories(tmp_
     r = CliRunner().invoke(app, args + ["--yes"])
     assert r.exit_code == 130, r.output
     assert dirs == [1]
+
+
+def test_the_view_gets_typed_snapshots_not_the_scheduler(tmp_path):
+    from gaussreg.scheduler import ActiveRun, Snapshot
+    st, ids = _store_with(tmp_path, [1, 13, 2])
+    seen = []
+
+    def view(snap, what, run):
+        assert isinstance(snap, Snapshot) and all(isinstance(a, ActiveRun) for a in snap.active)
+        seen.append((what, run.id if run else None, snap.queued, len(snap.active), snap.count("completed"),
+                     snap.count("failed")))
+    summary = Scheduler(st, ids, make_slots([], max_parallel=1), worker_argv=FAKE, on_change=view, poll_s=0.05).run()
+    events = [(w, r) for w, r, *_ in seen if w != "tick"]
+    assert events == [("started", ids[0]), ("completed", ids[0]), ("started", ids[1]), ("failed", ids[1]),
+                      ("started", ids[2]), ("completed", ids[2])]
+    started = [s for s in seen if s[0] == "started"]
+    assert [(q, a) for _, _, q, a, _, _ in started] == [(2, 1), (1, 1), (0, 1)]  # one slot: one active at a time
+    assert seen[-1][4:] == (2, 1) and summary.count("completed") == 2

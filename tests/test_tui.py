@@ -426,34 +426,39 @@ async def test_detail_shows_batch_progress_and_the_quiet_phases(store):
     status.update(pid=os.getpid(), host=socket.gethostname(), finished_at=None, epoch=1, phase="training")
     run.write_status(status)
     run.file("events.jsonl").write_text(json.dumps({"type": "start", "time": T0, "epoch": 0}) + "\n")
-    lock = hold_lock(run)  # as its worker would: running means the lock is held
+    lock = hold_lock(run)  # running: its lock is held, as by its worker
     try:
-        app = GaussregApp("runs", poll_s=0.05)
-        async with app.run_test(size=(160, 40)) as pilot:
-            await until(pilot, lambda: table(app).row_count == 6)
-            assert table(app).get_cell(run.id, "state").plain == "running"  # training: nothing more to say
-            app.push_screen(RunDetailScreen(run.id))
-            side = await widget(pilot, RunDetailScreen, "#status")
-            await until(pilot, lambda: "0/5 done, epoch 1 running" in _text(side))
-            assert "batch" not in _text(side)
-            with open(run.file("events.jsonl"), "a") as f:
-                f.write(json.dumps({"type": "progress", "time": T0, "epoch": 1, "batch": 3, "batches": 10,
-                                    "loss": 1.23456}) + "\n")
-            await until(pilot, lambda: "epoch 1 running: batch 3/10, loss 1.2346" in _text(side))
-            status.update(phase="validating")
-            run.write_status(status)
-            await until(pilot, lambda: "running, validating" in _text(side))
-            assert "batch 3/10" not in _text(side)
-            with open(run.file("events.jsonl"), "a") as f:
-                f.write(json.dumps(_epoch(1, 0.9, 1.0, 0.4)) + "\n")
-            status.update(phase="evaluating")
-            run.write_status(status)
-            await until(pilot, lambda: "running, evaluating R" in _text(side) and "1/5 done" in _text(side))
-            await pilot.press("escape")
-            await until(pilot, lambda: isinstance(app.screen, RunsScreen))
-            await until(pilot, lambda: table(app).get_cell(run.id, "state").plain == "running evaluating R")
+        await _batches_and_phases(run, status)
     finally:
         os.close(lock)
+
+
+async def _batches_and_phases(run, status):
+    app = GaussregApp("runs", poll_s=0.05)
+    async with app.run_test(size=(160, 40)) as pilot:
+        await until(pilot, lambda: table(app).row_count == 6)
+        assert table(app).get_cell(run.id, "state").plain == "running"  # training: nothing more to say
+        app.push_screen(RunDetailScreen(run.id))
+        side = await widget(pilot, RunDetailScreen, "#status")
+        await until(pilot, lambda: "0/5 done, epoch 1 running" in _text(side))
+        assert "batch" not in _text(side)
+        with open(run.file("events.jsonl"), "a") as f:
+            f.write(json.dumps({"type": "progress", "time": T0, "epoch": 1, "batch": 3, "batches": 10,
+                                "loss": 1.23456}) + "\n")
+        await until(pilot, lambda: "epoch 1 running: batch 3/10, loss 1.2346" in _text(side))
+        status.update(phase="validating")
+        run.write_status(status)
+        await until(pilot, lambda: "running, validating" in _text(side))
+        assert "batch 3/10" not in _text(side)
+        with open(run.file("events.jsonl"), "a") as f:
+            f.write(json.dumps(_epoch(1, 0.9, 1.0, 0.4)) + "\n")
+        status.update(phase="evaluating")
+        run.write_status(status)
+        await until(pilot, lambda: "running, evaluating R" in _text(side) and "1/5 done" in _text(side))
+        assert "epoch 2 running" not in _text(side)  # evaluating: no epoch is running
+        await pilot.press("escape")
+        await until(pilot, lambda: isinstance(app.screen, RunsScreen))
+        await until(pilot, lambda: table(app).get_cell(run.id, "state").plain == "running eval R")
 
 
 async def test_at_80x24_every_key_is_in_the_footer_and_dialogs_fit(store):
@@ -494,7 +499,7 @@ def test_ls_report_and_tui_rows_come_from_one_builder(store):
     run.file("events.jsonl").write_text("".join(json.dumps(_epoch(e, 1.0, 1.0, 0.5 + 0.1 * e)) + "\n"
                                                 for e in (1, 2)))
     from dataclasses import replace
-    lock = hold_lock(run)  # as its worker would: running means the lock is held
+    lock = hold_lock(run)  # running: its lock is held, as by its worker
     try:
         rows = {r["id"]: r["row"] for r in report.collect(store)}
         watched = {r.id: r for r in StoreWatcher(store.root).scan()}

@@ -332,9 +332,10 @@ class RunDetailScreen(Screen):
         state = st.get("state", "?")
         done, total = (d.epochs[-1]["epoch"] if d.epochs else 0), st.get("max_epochs") or "?"
         # one meaning everywhere: epochs done; a running run also names the epoch in progress
-        epochs = (f"{done}/{total} done, epoch {done + 1} running" if state == "running"
-                  else f"{done}/{total} done")
         phase = phase_of(st)
+        # after the last epoch (evaluating R, certifying) no epoch is running
+        epochs = (f"{done}/{total} done, epoch {done + 1} running"
+                  if state == "running" and phase in (None, "training", "validating") else f"{done}/{total} done")
         if state == "running" and phase in (None, "training") and d.progress:  # within an epoch: how far its batches are
             p = d.progress
             batches = f"batch {p['batch']}/{p['batches']}, " if "batch" in p and "batches" in p else ""

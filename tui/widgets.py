@@ -24,6 +24,8 @@ COLUMNS: List[Tuple[str, str]] = [
     ("state", "state"), ("test_acc", "test acc"), ("robustness", "R"), ("epoch", "epochs"),
     ("best_val_acc", "val acc"), ("duration", "time"), ("dataset", "dataset"), ("model", "model")]
 DEFAULT_ORDER = ("experiment", "method", "params", "seed")  # until the user sorts
+# a running run's phase in the state cell, short: the columns right of it stay on an 80-column screen
+PHASE_SHORT = {"validating": "val", "evaluating R": "eval R", "certifying": "certify"}
 
 
 def short_id(run_id: str) -> str:
@@ -52,7 +54,8 @@ def cells(row: RunRow) -> Dict[str, object]:
         "method": escape(row.method), "params": escape(row.params),
         "state": Text(row.state, style=STATE_STYLE.get(row.state, ""))
         # a running run says what it does when that is not training (the quiet phases)
-        + (Text(f" {row.phase}", style="cyan") if row.phase and row.phase != "training" else "")
+        + (Text(f" {PHASE_SHORT.get(row.phase, row.phase)}", style="cyan")
+           if row.phase and row.phase != "training" else "")
         + (Text(f" {row.slurm_job}", style="dim") if row.slurm_job else "")  # Slurm runs: their array task
         + (Text(f" ({row.slurm_reason})", style="bold red" if fatal(row.slurm_reason) or row.slurm_reason == "not in squeue"
                                                      else "yellow")
