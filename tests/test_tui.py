@@ -426,6 +426,14 @@ async def test_detail_shows_batch_progress_and_the_quiet_phases(store):
     status.update(pid=os.getpid(), host=socket.gethostname(), finished_at=None, epoch=1, phase="training")
     run.write_status(status)
     run.file("events.jsonl").write_text(json.dumps({"type": "start", "time": T0, "epoch": 0}) + "\n")
+    lock = hold_lock(run)  # what makes it running: its (here pretended) worker holds the lock
+    try:
+        await _batch_progress_and_phases(run, status)
+    finally:
+        os.close(lock)
+
+
+async def _batch_progress_and_phases(run, status):
     app = GaussregApp("runs", poll_s=0.05)
     async with app.run_test(size=(160, 40)) as pilot:
         await until(pilot, lambda: table(app).row_count == 6)
@@ -490,8 +498,12 @@ def test_ls_report_and_tui_rows_come_from_one_builder(store):
     run.file("events.jsonl").write_text("".join(json.dumps(_epoch(e, 1.0, 1.0, 0.5 + 0.1 * e)) + "\n"
                                                 for e in (1, 2)))
     from dataclasses import replace
-    rows = {r["id"]: r["row"] for r in report.collect(store)}
-    watched = {r.id: r for r in StoreWatcher(store.root).scan()}
+    lock = hold_lock(run)
+    try:
+        rows = {r["id"]: r["row"] for r in report.collect(store)}
+        watched = {r.id: r for r in StoreWatcher(store.root).scan()}
+    finally:
+        os.close(lock)
     assert set(rows) == set(watched) and len(rows) == 6
     for rid, row in rows.items():  # a running run's duration grows between the two reads
         assert replace(row, duration=None) == replace(watched[rid], duration=None)
