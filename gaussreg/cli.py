@@ -721,7 +721,28 @@ def train(run_dir: Path = typer.Argument(..., help="A run directory holding spec
     if state in ("completed", "diverged") and not force:
         fail(f"run {run.id} is {state}; training it again replaces its result.json and best.pt "
              "(add --force to do that)")
-    raise typer.Exit(worker_main([str(run_dir)] + (["--resume"] if resume else [])))
+    from .control import ControlError, take_gpu_place, wants_gpu
+    from .store import Store
+    place = None
+    if wants_gpu(run):
+        # on a GPU box, one of the store's GPU places (the ones `--per-gpu` counts) and that GPU,
+        # held until this process exits, so launches of the store count this run
+        try:
+            place = take_gpu_place(Store(run.path.parent))
+        except ControlError as e:
+            fail(str(e), 1)
+    if place is not None:
+        gpu = place[0]
+        os.environ["CUDA_VISIBLE_DEVICES"] = os.environ["GAUSSREG_GPU"] = gpu  # as a scheduler's worker gets
+        os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+        err_console.print(f"training {escape(run.id)} on GPU {escape(gpu)} (a place of store "
+                      f"{escape(str(run.path.parent))})", highlight=False)
+    try:
+        code = worker_main([str(run_dir)] + (["--resume"] if resume else []))
+    finally:
+        if place is not None:
+            os.close(place[1])
+    raise typer.Exit(code)
 
 
 @app.command()
