@@ -103,14 +103,15 @@ def detect_gpus(table: Optional[List[NvidiaGpu]] = None) -> List[str]:
     """The GPUs (or MIG devices) this process may use, as CUDA_VISIBLE_DEVICES names them:
     $CUDA_VISIBLE_DEVICES when set, else every GPU nvidia-smi lists. A GPU split into MIG
     devices counts as its MIG devices, one run each."""
-    table = nvidia_gpus() if table is None else table
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is None:
+    names = [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"] if env is not None else None
+    if names == []:
+        return []  # "" hides every GPU: no need to ask nvidia-smi
+    table = nvidia_gpus() if table is None else table
+    if names is None:
         return [u for g in table for u in _units(g)]
     out = []
-    for name in (g.strip() for g in env.split(",")):
-        if not name or name == "-1":
-            continue
+    for name in names:
         whole = next((g for g in table if g.migs and canonical_gpu(name, table) == g.uuid), None)
         out += whole.migs if whole else [name]
     return list(dict.fromkeys(out))

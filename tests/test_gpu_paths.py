@@ -44,7 +44,8 @@ def fake_nvidia_smi(tmp_path, monkeypatch, modes=("Default", "Default"), migs=No
     query = "".join(f"{i}, GPU-{i:08d}, {m}\\n" for i, m in enumerate(modes))
     (bin_dir / "nvidia-smi").write_text(
         "#!/bin/sh\n"
-        f'case "$*" in *compute_mode*) printf "{query}";; *--query-gpu*) printf "{uuids}";; *) printf "{listing}";; esac\n')
+        f'case "$*" in *compute_mode*) printf "{query}";; *--query-gpu*) printf "{uuids}";;'
+        f' *) printf "{listing}";; esac\n')
     (bin_dir / "nvidia-smi").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)

@@ -238,7 +238,8 @@ def test_the_job_script_tells_the_task_how_many_gpus_it_has(fake_slurm):
     assert "GAUSSREG_SLURM_GPUS=1" in script  # gpus_per_run = 1 in MANIFEST
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this torch can use the GPU, so it is never refused")
+@pytest.mark.skipif(__import__("torch").cuda.is_available(),
+                    reason="this torch can use the GPU, so it is never refused")
 def test_a_gpu_task_with_a_cpu_torch_refuses_instead_of_training_on_the_cpu(tmp_path):
     run, p = _task_env(tmp_path, {}, gpus=1, cuda="1")
     assert p.returncode == 2, p.stdout + p.stderr
