@@ -139,8 +139,8 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
                                                        help="Only this experiment (exact name; repeat for more)."),
         only: Optional[str] = typer.Option(None, help="Only experiments, run ids or methods matching this glob."),
         gpus: str = typer.Option("auto", help="'auto' (every visible GPU, else the CPU), 'all' (every visible "
-                                               "GPU; an error without one), 'none' (CPU), or '0,1' (indices "
-                                               "among the visible GPUs)."),
+                                               "GPU; an error without one), 'none' (CPU), or a list of indices "
+                                               "among the visible GPUs ('0,1'), GPU UUIDs and MIG ids."),
         per_gpu: Optional[int] = typer.Option(None, "--per-gpu", help="Runs sharing one GPU (default 1)."),
         max_parallel: Optional[int] = typer.Option(None, "--max-parallel",
                                                    help="At most this many runs at once (CPU default: 1)."),
