@@ -139,8 +139,8 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
                                                        help="Only this experiment (exact name; repeat for more)."),
         only: Optional[str] = typer.Option(None, help="Only experiments, run ids or methods matching this glob."),
         gpus: str = typer.Option("auto", help="'auto' (every visible GPU, else the CPU), 'all' (every visible "
-                                               "GPU; an error without one), 'none' (CPU), or '0,1' (indices "
-                                               "among the visible GPUs)."),
+                                               "GPU; an error without one), 'none' (CPU), or a list of indices "
+                                               "among the visible GPUs ('0,1'), GPU UUIDs and MIG ids."),
         per_gpu: Optional[int] = typer.Option(None, "--per-gpu", help="Runs sharing one GPU (default 1)."),
         max_parallel: Optional[int] = typer.Option(None, "--max-parallel",
                                                    help="At most this many runs at once (CPU default: 1)."),
@@ -750,7 +750,28 @@ def train(run_dir: Path = typer.Argument(..., help="A run directory holding spec
     if state in ("completed", "diverged") and not force:
         fail(f"run {run.id} is {state}; training it again replaces its result.json and best.pt "
              "(add --force to do that)")
-    raise typer.Exit(worker_main([str(run_dir)] + (["--resume"] if resume else [])))
+    from .control import ControlError, take_gpu_place, wants_gpu
+    from .store import Store
+    place = None
+    if wants_gpu(run):
+        # on a GPU box, one of the store's GPU places (the ones `--per-gpu` counts) and that GPU,
+        # held until this process exits, so launches of the store count this run
+        try:
+            place = take_gpu_place(Store(run.path.parent))
+        except ControlError as e:
+            fail(str(e), 1)
+    if place is not None:
+        gpu = place[0]
+        os.environ["CUDA_VISIBLE_DEVICES"] = os.environ["GAUSSREG_GPU"] = gpu  # as a scheduler's worker gets
+        os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+        err_console.print(f"training {escape(run.id)} on GPU {escape(gpu)} (a place of store "
+                      f"{escape(str(run.path.parent))})", highlight=False)
+    try:
+        code = worker_main([str(run_dir)] + (["--resume"] if resume else []))
+    finally:
+        if place is not None:
+            os.close(place[1])
+    raise typer.Exit(code)
 
 
 @app.command()

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from .store import RunDir, Store, atomic_write_json, now_iso, try_lock
 
@@ -77,21 +77,64 @@ def cancel_run(run: RunDir) -> int:
     return pid
 
 
+def wants_gpu(run: RunDir) -> bool:
+    """Whether the run's spec may train on a GPU (not `device = "cpu"`); a spec that cannot be
+    read counts as yes (the worker refuses it with its own message)."""
+    try:
+        spec = json.loads(run.file("spec.json").read_bytes().decode())
+    except (OSError, ValueError):
+        return True
+    return not (isinstance(spec, dict) and spec.get("device") == "cpu")
+
+
+def take_gpu_place(store: Store) -> Optional[Tuple[str, int]]:
+    """For a run started outside a scheduler (`gaussreg train`, the TUI's rerun): the first GPU
+    this process sees with a free place in the store (STORE/_gpus, the places `--per-gpu`
+    counts), as (its CUDA_VISIBLE_DEVICES name, the locked place's fd). A GPU no launch has
+    made places for has one. None when no GPU is visible; ControlError when all are taken."""
+    from .scheduler import canonical_gpu, detect_gpus, nvidia_gpus
+    from .store import RunFileError
+    table = nvidia_gpus()
+    visible = detect_gpus(table)
+    if not visible:
+        return None
+    for gpu in visible:
+        name = canonical_gpu(gpu, table)
+        try:
+            fd = store.lock_gpu_share(name, max(1, store.gpu_places_made(name)))
+        except (OSError, RunFileError):  # no flock or an unwritable store: places cannot be counted
+            return None
+        if fd is not None:
+            return gpu, fd
+    raise ControlError(f"every place on the GPUs this process sees ({', '.join(visible)}) is taken by runs of "
+                       f"store {store.root} ({store.root / '_gpus'}, --per-gpu of their launches); try again when "
+                       "one ends, or train it on the CPU with `device = \"cpu\"` in its spec")
+
+
 def rerun(run: RunDir, gpu: Optional[str] = None) -> subprocess.Popen:
     """Train a run that is not running again, detached: a diverged one from scratch
-    (it would diverge again from its checkpoint), any other from its last.pt."""
+    (it would diverge again from its checkpoint), any other from its last.pt. Without `gpu`,
+    on a GPU box it takes a free GPU place of its store (take_gpu_place) and that GPU."""
     fd = try_lock(run)
     if fd is None:
         raise ControlError(f"run {run.id} is being trained by another process")
+    place = None
     try:
         state = run.state()
         if state == "completed":
             raise ControlError(f"run {run.id} is completed; use `gaussreg run --rerun` to train it again")
+        if gpu is None and wants_gpu(run):
+            place = take_gpu_place(Store(run.path.parent))
+            if place is not None:
+                gpu = place[0]
         if state == "diverged":
             _reset(run)
-        return start_worker(run, resume=run.file("last.pt").exists(), gpu=gpu, lock_fd=fd)
+        return start_worker(run, resume=run.file("last.pt").exists(), gpu=gpu, lock_fd=fd,
+                            hold_fds=(place[1],) if place else ())
     finally:
         os.close(fd)
+        if place is not None:
+            os.close(place[1])  # the worker holds its own copy until it exits
 
 
 def _is_our_launch(info: dict) -> bool:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from .control import detach_run
-from .scheduler import Slot, detect_gpus, exclusive_gpus, make_slots, parse_gpus
+from .scheduler import Slot, canonical_gpu, detect_gpus, exclusive_gpus, make_slots, nvidia_gpus, parse_gpus
 from .store import Store
 
 
@@ -57,8 +57,10 @@ class Plan:
 
 
 def resolve_gpus(arg: str) -> List[str]:
-    """The CUDA_VISIBLE_DEVICES value of each GPU asked for. Indices count the GPUs this
-    process sees; asking for a GPU that is not there is an error, never a silent CPU run."""
+    """The CUDA_VISIBLE_DEVICES value of each GPU asked for. Indices count the GPUs (or MIG
+    devices) this process sees, so under CUDA_VISIBLE_DEVICES=2,3 `0` is GPU 2; a UUID or
+    MIG id must be one of them too. Asking for a GPU that is not there is an error, never a
+    silent CPU run; two names of one GPU give one GPU."""
     try:
         asked = parse_gpus(arg)
     except ValueError as e:
@@ -69,15 +71,35 @@ def resolve_gpus(arg: str) -> List[str]:
                           "--backend slurm to train on a cluster's GPUs")
     if arg.strip() in ("auto", "all", "none"):
         return asked
-    visible = detect_gpus()
+    table = nvidia_gpus()
+    visible = detect_gpus(table)
     if not visible:
         raise LaunchError(f"--gpus {arg} asks for GPUs, but this machine shows none (no nvidia-smi GPU and no "
                           f"CUDA_VISIBLE_DEVICES): use --gpus none to train on the CPU")
-    beyond = [g for g in asked if int(g) >= len(visible)]
-    if beyond:
-        raise LaunchError(f"--gpus {arg}: GPU {beyond[0]} does not exist; this machine shows {len(visible)} "
-                          f"GPU(s), numbered 0 to {len(visible) - 1}")
-    return [visible[int(g)] for g in asked]
+    names = [canonical_gpu(v, table) for v in visible]
+    out: List[str] = []
+    for g in asked:
+        if g.isdigit():
+            if int(g) >= len(visible):
+                raise LaunchError(f"--gpus {arg}: GPU {g} does not exist; this process sees {len(visible)} "
+                                  f"GPU(s), numbered 0 to {len(visible) - 1} ({', '.join(visible)})")
+            out.append(visible[int(g)])
+            continue
+        c = canonical_gpu(g, table)
+        split = next((t for t in table if t.uuid == c and t.migs), None)  # a GPU split into MIG devices
+        found = [v for v, n in zip(visible, names) if n == c or (split and n in split.migs)]
+        if not found:
+            raise LaunchError(f"--gpus {arg}: {g} is not among the GPUs this process may use "
+                              f"({', '.join(visible)}; see nvidia-smi -L and CUDA_VISIBLE_DEVICES)")
+        out += found
+    # one GPU named twice (an index and its UUID) is one GPU: its places would be counted twice
+    seen, unique = set(), []
+    for v in out:
+        n = canonical_gpu(v, table)
+        if n not in seen:
+            seen.add(n)
+            unique.append(v)
+    return unique
 
 
 def plan(req: LaunchRequest, commands: bool = True) -> Plan:

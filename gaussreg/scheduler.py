@@ -9,6 +9,7 @@ two schedulers on one store never train the same run twice."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -31,33 +32,108 @@ class Slot:
     gpu: Optional[str]  # CUDA_VISIBLE_DEVICES of the runs in this slot; None on CPU (workers get "")
     threads: Optional[int] = None
     shares: int = 1  # --per-gpu: runs of all launches of a store that may share this slot's GPU
+    place: Optional[str] = None  # the GPU's canonical name (canonical_gpu), which names its places in the store
 
 
-def detect_gpus() -> List[str]:
-    """The GPUs this process may use: $CUDA_VISIBLE_DEVICES when set, else every GPU."""
+_GPU_UUID = re.compile(r"GPU-[0-9a-fA-F-]+")
+# a MIG device: `MIG-<uuid>` (drivers >= R470) or `MIG-GPU-<gpu uuid>/<gi>/<ci>` (R450/R460)
+_MIG_ID = re.compile(r"MIG-(GPU-[0-9a-fA-F-]+/\d+/\d+|[0-9a-fA-F-]+)")
+_L_GPU = re.compile(r"^GPU (\d+):.*\(UUID: (GPU-[^)\s]+)\)")
+_L_MIG = re.compile(r"^\s+MIG .*\(UUID: (MIG-[^)\s]+)\)")
+
+
+@dataclass
+class NvidiaGpu:
+    index: str  # nvidia-smi's index (PCI bus order)
+    uuid: str
+    migs: List[str] = field(default_factory=list)  # its MIG devices' ids; then these are what runs use
+
+
+def _nvidia_smi(*args: str) -> str:
+    if not shutil.which("nvidia-smi"):
+        return ""
+    try:
+        return subprocess.run(["nvidia-smi", *args], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def nvidia_gpus() -> List[NvidiaGpu]:
+    """Every GPU nvidia-smi reports, with its UUID (`--query-gpu=index,uuid`, a stable format)
+    and its MIG devices (`-L`, whose MIG lines are indented under their GPU)."""
+    gpus: Dict[str, NvidiaGpu] = {}
+    for line in _nvidia_smi("--query-gpu=index,uuid", "--format=csv,noheader").splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 2 and parts[0].isdigit() and _GPU_UUID.fullmatch(parts[1]):
+            gpus[parts[0]] = NvidiaGpu(parts[0], parts[1])
+    current = None
+    for line in _nvidia_smi("-L").splitlines():
+        m = _L_GPU.match(line)
+        if m:
+            current = gpus.setdefault(m.group(1), NvidiaGpu(m.group(1), m.group(2)))
+            continue
+        m = _L_MIG.match(line)
+        if m and current is not None:
+            current.migs.append(m.group(1))
+    return [gpus[i] for i in sorted(gpus, key=int)]
+
+
+def _units(gpu: NvidiaGpu) -> List[str]:
+    """What CUDA_VISIBLE_DEVICES names for runs on this GPU: its MIG devices when it is
+    partitioned (a CUDA process uses one MIG device, never the whole GPU), else its index."""
+    return list(gpu.migs) or [gpu.index]
+
+
+def canonical_gpu(name: str, table: Optional[List[NvidiaGpu]] = None) -> str:
+    """One name per GPU, whatever CUDA_VISIBLE_DEVICES or --gpus calls it: the UUID for an
+    index, a UUID prefix (CUDA accepts one) or a UUID; a MIG id as it is. Without nvidia-smi,
+    the name itself."""
+    table = nvidia_gpus() if table is None else table
+    for g in table:
+        if name == g.index or name == g.uuid:
+            return g.uuid
+    if _GPU_UUID.fullmatch(name):
+        found = [g.uuid for g in table if g.uuid.lower().startswith(name.lower())]
+        if len(found) == 1:
+            return found[0]
+    return name
+
+
+def detect_gpus(table: Optional[List[NvidiaGpu]] = None) -> List[str]:
+    """The GPUs (or MIG devices) this process may use, as CUDA_VISIBLE_DEVICES names them:
+    $CUDA_VISIBLE_DEVICES when set, else every GPU nvidia-smi lists. A GPU split into MIG
+    devices counts as its MIG devices, one run each."""
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
-    if shutil.which("nvidia-smi"):
-        try:
-            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
-            return [str(i) for i, line in enumerate(l for l in out.splitlines() if l.startswith("GPU "))]
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return []
+    names = [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"] if env is not None else None
+    if names == []:
+        return []  # "" hides every GPU: no need to ask nvidia-smi
+    table = nvidia_gpus() if table is None else table
+    if names is None:
+        return [u for g in table for u in _units(g)]
+    out = []
+    for name in names:
+        whole = next((g for g in table if g.migs and canonical_gpu(name, table) == g.uuid), None)
+        out += whole.migs if whole else [name]
+    return list(dict.fromkeys(out))
+
+
+def _gpu_name_ok(part: str) -> bool:
+    return part.isdigit() or bool(_GPU_UUID.fullmatch(part) or _MIG_ID.fullmatch(part))
 
 
 def parse_gpus(arg: str) -> List[str]:
     """'auto' and 'all' (every visible GPU; none on a CPU box: launch.resolve_gpus refuses
-    an explicit 'all' there), 'none', or a list like '0,1'."""
+    an explicit 'all' there), 'none', or a list of indices into the visible GPUs ('0,1'),
+    GPU UUIDs ('GPU-8f3c...') and MIG ids ('MIG-...', 'MIG-GPU-<uuid>/<gi>/<ci>')."""
     arg = arg.strip()
     if arg in ("auto", "all"):
         return detect_gpus()
     if arg == "none":
         return []
     parts = [p.strip() for p in arg.split(",")]
-    if not all(p.isdigit() for p in parts):
-        raise ValueError(f"--gpus must be 'auto', 'all', 'none' or GPU indices like '0,1', not {arg!r}")
+    if not all(_gpu_name_ok(p) for p in parts):
+        raise ValueError(f"--gpus must be 'auto', 'all', 'none' or a list of GPU indices ('0,1'), UUIDs "
+                         f"('GPU-...') or MIG ids ('MIG-...'), not {arg!r}")
     return list(dict.fromkeys(parts))
 
 
@@ -105,8 +181,10 @@ def make_slots(gpus: List[str], per_gpu: int = 1, max_parallel: Optional[int] = 
         n = max_parallel or 1
         slots = [Slot(i, None) for i in range(n)]
         threads = max(1, cpus // n)
+    table = nvidia_gpus() if gpus else []
     for s in slots:
         s.threads, s.shares = threads, per_gpu
+        s.place = canonical_gpu(s.gpu, table) if s.gpu else None
     return slots
 
 
@@ -209,7 +287,7 @@ class Scheduler:
         if not slot.gpu:
             return -1
         try:
-            return self.store.lock_gpu_share(slot.gpu, slot.shares)
+            return self.store.lock_gpu_share(slot.place or slot.gpu, slot.shares)
         except (OSError, RunFileError) as e:  # no flock, an unwritable store: shares cannot be counted
             if self.share_error is None:
                 self.share_error = str(e)

@@ -237,7 +237,8 @@ def submit(store: Store, run_ids: List[str], cfg: SlurmSettings, rerun: bool = F
     atomic_write_bytes(script, (
         "#!/bin/bash\n"
         "# written by gaussreg: array task i trains lines i*P.. of runs.txt (P runs per task)\n"
-        f"export GAUSSREG_BACKEND=slurm PYTHONUNBUFFERED=1 GAUSSREG_SLURM_LAUNCH={_q(sub.name)}\n"
+        f"export GAUSSREG_BACKEND=slurm PYTHONUNBUFFERED=1 GAUSSREG_SLURM_LAUNCH={_q(sub.name)} "
+        f"GAUSSREG_SLURM_GPUS={cfg.gpus_per_run}\n"
         f"exec {_q(python)} -m gaussreg.slurm task {_q(str(runs_file.resolve()))} --per-task {k}\n").encode())
     script.chmod(0o755)
     cmd = sbatch_command(cfg, tasks, script.resolve(), sub.resolve())
@@ -375,6 +376,11 @@ def worker_fields() -> dict:
 
 # ---------------------------------------------------------------- the array task
 
+def gpu_task() -> bool:
+    """Whether this array task was given GPUs (`gpus_per_run` > 0, written into the job script)."""
+    n = os.environ.get("GAUSSREG_SLURM_GPUS", "0")
+    return n.isdigit() and int(n) > 0
+
 def _task(runs_file: Path, per_task: int) -> int:
     idx = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
     lines = [l for l in runs_file.read_text().splitlines() if l.strip()]
@@ -396,6 +402,11 @@ def _task(runs_file: Path, per_task: int) -> int:
     if not todo:
         return 0
     env = dict(os.environ, GAUSSREG_BACKEND="slurm", GAUSSREG_RUNS_PER_TASK=str(per_task))
+    env.pop("GAUSSREG_GPU", None)
+    if gpu_task():
+        # the workers are on GPU slots: they get CUDA or refuse, never train on the CPU
+        # while the task holds a GPU (a spec with device = "cpu" is still allowed)
+        env["GAUSSREG_GPU"] = os.environ.get("CUDA_VISIBLE_DEVICES") or "allocated by Slurm"
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
     if cpus and cpus.isdigit() and "GAUSSREG_THREADS" not in os.environ:
         env["GAUSSREG_THREADS"] = env["OMP_NUM_THREADS"] = str(max(1, int(cpus) // len(todo)))

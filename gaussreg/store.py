@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import glob
 import json
 import math
 import os
@@ -544,14 +545,25 @@ class Store:
             if p.is_dir() and not p.name.startswith(("_", ".")) and os.path.lexists(p / "spec.json"):
                 yield RunDir(p)
 
+    @staticmethod
+    def _gpu_place_name(gpu: str) -> str:
+        return re.sub(r"[^A-Za-z0-9._-]", "_", gpu)
+
+    def gpu_places_made(self, gpu: str) -> int:
+        """How many places on `gpu` the launches of this store have made (the largest
+        --per-gpu used with it); 0 when none has."""
+        name = self._gpu_place_name(gpu)
+        ks = [p.name[len(name) + 1:-len(".lock")] for p in (self.root / "_gpus").glob(f"{glob.escape(name)}.*.lock")]
+        return max((int(k) + 1 for k in ks if k.isdigit()), default=0)
+
     def lock_gpu_share(self, gpu: str, shares: int) -> Optional[int]:
-        """One of the `shares` places on `gpu` (as CUDA_VISIBLE_DEVICES names it), locked
-        (flock on STORE/_gpus/<gpu>.<k>.lock) for every scheduler of this store, so --per-gpu
+        """One of the `shares` places on `gpu` (its canonical name, scheduler.canonical_gpu),
+        locked (flock on STORE/_gpus/<gpu>.<k>.lock) for every scheduler of this store, so --per-gpu
         K holds across launches: the fd of the first free one, passed to the worker that holds
         it until it exits; None when all are taken."""
         d = self.root / "_gpus"
         d.mkdir(parents=True, exist_ok=True)
-        name = re.sub(r"[^A-Za-z0-9._-]", "_", gpu)
+        name = self._gpu_place_name(gpu)
         for k in range(shares):
             path = d / f"{name}.{k}.lock"
             try:

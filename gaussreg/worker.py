@@ -589,7 +589,8 @@ def main(argv=None) -> int:
         return EXIT_LOCKED
     status = Status(run, state="running", pid=os.getpid(), host=socket.gethostname(), device=None,
                     started_at=now_iso(), finished_at=None, epoch=0, max_epochs=None, error=None, phase="training",
-                    cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"), **slurm.worker_fields())
+                    cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+                    gpu_slot=os.environ.get("GAUSSREG_GPU"), **slurm.worker_fields())
 
     def fail(message: str, state: str = "failed", **extra) -> None:
         log(f"{state}: {message}")

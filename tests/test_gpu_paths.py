@@ -29,15 +29,23 @@ methods.baseline = {}
 """
 
 
-def fake_nvidia_smi(tmp_path, monkeypatch, modes=("Default", "Default")):
-    """`nvidia-smi -L` lists one GPU per mode; `--query-gpu=index,uuid,compute_mode` reports the modes."""
+def fake_nvidia_smi(tmp_path, monkeypatch, modes=("Default", "Default"), migs=None):
+    """`nvidia-smi -L` lists one GPU per mode (UUID GPU-0000000i), with the MIG devices of
+    `migs` (GPU index -> MIG ids) on indented lines as real drivers print them;
+    `--query-gpu=index,uuid[,compute_mode]` reports the UUIDs and modes."""
+    migs = migs or {}
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    listing = "".join(f"GPU {i}: NVIDIA Fake (UUID: GPU-{i:08d})\\n" for i in range(len(modes)))
+    listing = ""
+    for i in range(len(modes)):
+        listing += f"GPU {i}: NVIDIA Fake (UUID: GPU-{i:08d})\\n"
+        listing += "".join(f"  MIG 1g.5gb     Device  {j}: (UUID: {m})\\n" for j, m in enumerate(migs.get(i, ())))
+    uuids = "".join(f"{i}, GPU-{i:08d}\\n" for i in range(len(modes)))
     query = "".join(f"{i}, GPU-{i:08d}, {m}\\n" for i, m in enumerate(modes))
     (bin_dir / "nvidia-smi").write_text(
         "#!/bin/sh\n"
-        f'case "$*" in *--query-gpu*) printf "{query}";; *) printf "{listing}";; esac\n')
+        f'case "$*" in *compute_mode*) printf "{query}";; *--query-gpu*) printf "{uuids}";;'
+        f' *) printf "{listing}";; esac\n')
     (bin_dir / "nvidia-smi").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
@@ -193,3 +201,226 @@ def test_eval_reads_only_the_test_split(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     assert asked == ["test"]
     assert json.loads(r.stdout)["clean_accuracy"] == RunDir(d).result()["test_accuracy"]
+
+
+# ------------------------------------------------------------ UUIDs, MIG devices, one name per GPU
+
+MIG_NEW = ["MIG-c6d4f1ef-42e4-5de3-91c7-45d71c87eb3f", "MIG-cba663e8-9bed-5b26-b243-5acad7e3d9c1"]
+MIG_OLD = ["MIG-GPU-00000002/1/0", "MIG-GPU-00000002/2/0"]  # the R450/R460 form
+
+
+@pytest.mark.gpu
+def test_indented_mig_lines_are_parsed_and_a_split_gpu_counts_as_its_mig_devices(tmp_path, monkeypatch):
+    fake_nvidia_smi(tmp_path, monkeypatch, modes=("Default",) * 4, migs={1: MIG_NEW, 2: MIG_OLD})
+    table = scheduler.nvidia_gpus()
+    assert [(g.index, g.uuid, g.migs) for g in table] == [
+        ("0", "GPU-00000000", []), ("1", "GPU-00000001", MIG_NEW), ("2", "GPU-00000002", MIG_OLD),
+        ("3", "GPU-00000003", [])]
+    assert scheduler.detect_gpus() == ["0", *MIG_NEW, *MIG_OLD, "3"]
+    assert [s.gpu for s in plan_slots(tmp_path, "all")] == ["0", *MIG_NEW, *MIG_OLD, "3"]
+    # a whole split GPU in CUDA_VISIBLE_DEVICES, by index or UUID, is its MIG devices
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,GPU-00000003,GPU-00000002")
+    assert scheduler.detect_gpus() == [*MIG_NEW, "GPU-00000003", *MIG_OLD]
+
+
+def plan_slots(tmp_path, gpus, per_gpu=1):
+    m = tmp_path / "m.toml"
+    if not m.exists():
+        m.write_text(MANIFEST)
+    return plan(LaunchRequest(str(m), str(tmp_path / "runs"), gpus=gpus, per_gpu=per_gpu)).slots
+
+
+@pytest.mark.parametrize("arg,ok", [("GPU-8f3c1a2b-1111-2222-3333-444455556666", True), ("GPU-8f3c", True),
+                                    (MIG_NEW[0], True), (MIG_OLD[0], True), ("0, GPU-00000001", True),
+                                    ("gpu0", False), ("GPU-xyz", False), ("MIG-GPU-00000002/1", False),
+                                    ("MIG-c6d4;rm", False), ("-1", False)])
+def test_gpus_accepts_indices_uuids_and_mig_ids(arg, ok):
+    if ok:
+        assert scheduler.parse_gpus(arg) == [p.strip() for p in arg.split(",")]
+    else:
+        with pytest.raises(ValueError, match=r"--gpus must be .*UUIDs \('GPU-\.\.\.'\) or MIG ids"):
+            scheduler.parse_gpus(arg)
+
+
+@pytest.mark.gpu
+def test_under_a_slurm_allocation_indices_and_uuids_name_gpus_inside_it(tmp_path, monkeypatch):
+    fake_nvidia_smi(tmp_path, monkeypatch, modes=("Default",) * 4)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")  # what Slurm gives a job on a 4-GPU node
+    assert launch.resolve_gpus("0") == ["2"] and launch.resolve_gpus("1,0") == ["3", "2"]
+    assert launch.resolve_gpus("auto") == ["2", "3"]
+    with pytest.raises(LaunchError, match=r"--gpus 2: GPU 2 does not exist; this process sees 2 GPU\(s\), "
+                                          r"numbered 0 to 1 \(2, 3\)"):
+        launch.resolve_gpus("2")
+    assert launch.resolve_gpus("GPU-00000003") == ["3"]  # the allocation's own GPU, by UUID
+    with pytest.raises(LaunchError, match=r"--gpus GPU-00000000: GPU-00000000 is not among the GPUs this process "
+                                          r"may use \(2, 3;"):
+        launch.resolve_gpus("GPU-00000000")  # on the node, outside the allocation
+    # an index and the UUID of one GPU are one GPU (one set of places), whatever the order
+    assert launch.resolve_gpus("0,GPU-00000002,1") == ["2", "3"]
+    slots = plan_slots(tmp_path, "GPU-00000002,1")
+    assert [(s.gpu, s.place) for s in slots] == [("2", "GPU-00000002"), ("3", "GPU-00000003")]
+    # and a worker on a slot gets what the allocation calls the GPU
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-00000002,GPU-00000003")  # a site that allocates by UUID
+    assert launch.resolve_gpus("1") == ["GPU-00000003"]
+    assert [s.place for s in plan_slots(tmp_path, "1")] == ["GPU-00000003"]
+
+
+@pytest.mark.gpu
+def test_mig_devices_are_named_and_checked_like_gpus(tmp_path, monkeypatch):
+    fake_nvidia_smi(tmp_path, monkeypatch, modes=("Default",) * 3, migs={1: MIG_NEW, 2: MIG_OLD})
+    assert launch.resolve_gpus(MIG_NEW[1]) == [MIG_NEW[1]]
+    assert launch.resolve_gpus(MIG_OLD[1]) == [MIG_OLD[1]]
+    assert launch.resolve_gpus("GPU-00000001") == MIG_NEW  # a split GPU by its UUID: its MIG devices
+    assert launch.resolve_gpus("1,0") == [MIG_NEW[0], "0"]  # indices count the visible units
+    with pytest.raises(LaunchError, match="MIG-00000000-0000-0000-0000-000000000000 is not among the GPUs"):
+        launch.resolve_gpus("MIG-00000000-0000-0000-0000-000000000000")
+    assert [s.place for s in plan_slots(tmp_path, f"{MIG_OLD[0]},0")] == [MIG_OLD[0], "GPU-00000000"]
+
+
+@pytest.mark.gpu
+def test_a_uuid_prefix_names_its_gpu_when_it_is_unique(tmp_path, monkeypatch):
+    fake_nvidia_smi(tmp_path, monkeypatch, modes=("Default",) * 2)
+    table = scheduler.nvidia_gpus()
+    assert scheduler.canonical_gpu("GPU-00000001", table) == "GPU-00000001"
+    assert scheduler.canonical_gpu("GPU-0000000", table) == "GPU-0000000"  # both GPUs start so: kept as written
+    assert scheduler.canonical_gpu("1", table) == "GPU-00000001"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-00000001")
+    assert [s.place for s in plan_slots(tmp_path, "0")] == ["GPU-00000001"]
+
+
+@pytest.mark.gpu
+def test_two_launches_naming_one_gpu_differently_count_the_same_places(tmp_path, monkeypatch):
+    """One launch says `--gpus 1`, the other the UUID of GPU 1: with --per-gpu 1 the second
+    finds GPU 1's place taken instead of putting a second run on the GPU."""
+    fake_nvidia_smi(tmp_path, monkeypatch, modes=("Default",) * 2)
+    by_index, by_uuid = plan_slots(tmp_path, "1"), plan_slots(tmp_path, "GPU-00000001")
+    assert (by_index[0].gpu, by_uuid[0].gpu) == ("1", "1")
+    assert by_index[0].place == by_uuid[0].place == "GPU-00000001"
+    st = Store(tmp_path / "runs")
+    first = scheduler.Scheduler(st, [], by_index)
+    second = scheduler.Scheduler(st, [], by_uuid)
+    held = first._gpu_share(by_index[0])
+    assert held is not None and held >= 0
+    assert second._gpu_share(by_uuid[0]) is None  # the same place: taken
+    assert [p.name for p in (st.root / "_gpus").iterdir()] == ["GPU-00000001.0.lock"]
+    __import__("os").close(held)
+    again = second._gpu_share(by_uuid[0])
+    assert again is not None and again >= 0
+    __import__("os").close(again)
+
+
+# ------------------------------------------------------------ gaussreg train and the TUI's rerun take a place
+
+def _one_run(tmp_path, device="auto", seed=0):
+    st = Store(tmp_path / "runs")
+    spec = resolve({"dataset": "synthetic", "model": "mlp", "method": "baseline", "experiment": "g", "seed": seed,
+                    "max_epochs": 1, "train_subset": 200, "test_subset": 50, "device": device,
+                    "robustness": {"sigmas": [0.0]}})
+    return st, st.create(spec, run_id(spec))
+
+
+@pytest.mark.gpu
+def test_gaussreg_train_takes_a_free_gpu_place_and_that_gpu(tmp_path, monkeypatch):
+    fake_nvidia_smi(tmp_path, monkeypatch, modes=("Default",) * 2)
+    st, run = _one_run(tmp_path)
+    seen = {}
+
+    def worker_main(argv):  # what the in-process worker sees, and whether its place is held meanwhile
+        import os
+        seen.update(cuda=os.environ.get("CUDA_VISIBLE_DEVICES"), slot=os.environ.get("GAUSSREG_GPU"),
+                    order=os.environ.get("CUDA_DEVICE_ORDER"), argv=argv)
+        other = st.lock_gpu_share("GPU-00000001", 1)
+        seen["taken"] = other is None
+        if other is not None:
+            os.close(other)
+        return 0
+    import gaussreg.worker
+    monkeypatch.setattr(gaussreg.worker, "main", worker_main)
+    for k in ("GAUSSREG_GPU", "CUDA_DEVICE_ORDER"):
+        monkeypatch.setenv(k, "restored after the test")
+        monkeypatch.delenv(k)
+    gpu0 = st.lock_gpu_share("GPU-00000000", 1)  # a launch's run holds GPU 0's only place
+    try:
+        r = CliRunner().invoke(cli_app, ["train", str(run.path)])
+    finally:
+        __import__("os").close(gpu0)
+    assert r.exit_code == 0, r.output
+    assert seen == {"cuda": "1", "slot": "1", "order": "PCI_BUS_ID", "argv": [str(run.path)], "taken": True}
+    assert "on GPU 1 (a place of store" in r.output
+    fd = st.lock_gpu_share("GPU-00000001", 1)  # released when train ends
+    assert fd is not None
+    __import__("os").close(fd)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this torch can use the GPU, so it is never refused")
+def test_gaussreg_train_on_a_full_store_or_a_cpu_torch_says_so(tmp_path, monkeypatch):
+    import os
+    fake_nvidia_smi(tmp_path, monkeypatch, modes=("Default",) * 2)
+    st, run = _one_run(tmp_path)
+    env = python_env()
+    env.pop("CUDA_VISIBLE_DEVICES", None)  # the fake nvidia-smi is what this process sees
+    held = [st.lock_gpu_share("GPU-00000000", 1), st.lock_gpu_share("GPU-00000001", 1)]
+    try:
+        p = subprocess.run([sys.executable, "-m", "gaussreg", "train", str(run.path)], env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == 1 and "every place on the GPUs this process sees (0, 1) is taken" in p.stderr, p.stderr
+        assert run.state() == "queued" and not run.file("worker.log").exists()  # nothing started
+        os.close(held.pop())  # GPU 1 frees up: train takes it, and this CPU-only torch refuses it
+        p = subprocess.run([sys.executable, "-m", "gaussreg", "train", str(run.path)], env=env, capture_output=True,
+                           text=True, timeout=300)
+    finally:
+        for fd in held:
+            os.close(fd)
+    assert p.returncode == 2, p.stderr
+    st_ = run.status()
+    assert (st_["state"], st_["cuda_visible_devices"], st_["gpu_slot"]) == ("failed", "1", "1")
+    assert "this run was given GPU 1 (CUDA_VISIBLE_DEVICES='1')" in st_["error"]
+
+
+@pytest.mark.gpu
+def test_a_cpu_spec_takes_no_gpu_place(tmp_path, monkeypatch):
+    fake_nvidia_smi(tmp_path, monkeypatch, modes=("Default",))
+    st, run = _one_run(tmp_path, device="cpu")
+    env = python_env()
+    env.pop("CUDA_VISIBLE_DEVICES", None)  # the fake nvidia-smi is what this process sees
+    held = st.lock_gpu_share("GPU-00000000", 1)
+    try:
+        p = subprocess.run([sys.executable, "-m", "gaussreg", "train", str(run.path)], env=env, capture_output=True,
+                           text=True, timeout=300)
+    finally:
+        __import__("os").close(held)
+    assert p.returncode == 0, p.stderr
+    assert run.state() == "completed" and run.status()["gpu_slot"] is None
+
+
+@pytest.mark.gpu
+def test_the_tuis_rerun_takes_a_free_gpu_place_held_by_its_worker(tmp_path, monkeypatch):
+    import os
+    from test_scheduler import FAKE
+    from gaussreg import control
+    fake_nvidia_smi(tmp_path, monkeypatch, modes=("Default",) * 2)
+    st, run = _one_run(tmp_path, seed=15)  # 15: the fake worker's long run
+    run.write_status({"state": "cancelled"})
+    real = control.start_worker
+    monkeypatch.setattr(control, "start_worker", lambda *a, **k: real(*a, argv=FAKE, **k))
+    gpu0 = st.lock_gpu_share("GPU-00000000", 1)
+    try:
+        p = control.rerun(run)
+        other = st.lock_gpu_share("GPU-00000001", 1)
+        assert p.poll() is None, "the fake worker (2 s) ended before its place could be checked"
+        assert other is None  # the worker holds GPU 1's place
+        # every place taken: refused in one sentence, nothing started
+        run2 = _one_run(tmp_path, seed=16)[1]
+        run2.write_status({"state": "failed"})
+        with pytest.raises(control.ControlError, match=r"every place on the GPUs this process sees \(0, 1\) is taken"):
+            control.rerun(run2)
+        assert not run2.file("worker.log").exists()
+        p.wait(60)
+    finally:
+        os.close(gpu0)
+    rec = json.loads(run.file("fake.json").read_text())
+    assert (rec["cuda"], rec["gpu_slot"], rec["order"]) == ("1", "1", "PCI_BUS_ID")
+    fd = st.lock_gpu_share("GPU-00000001", 1)  # free again once the worker ended
+    assert fd is not None
+    os.close(fd)

@@ -213,3 +213,45 @@ def test_tui_runs_table_shows_the_array_task_of_slurm_runs(fake_slurm):
     rows = StoreWatcher(fake_slurm["dir"] / "runs").scan()
     assert sorted(r.slurm_job for r in rows) == ["4242_0", "4242_1", "4242_2"]
     assert sorted(cells(r)["state"].plain for r in rows) == ["queued 4242_0", "queued 4242_1", "queued 4242_2"]
+
+
+def _task_env(tmp_path, spec_extra, gpus, cuda="0"):
+    """An array task of a launch with `gpus_per_run = gpus`, run here as Slurm would run it."""
+    st = Store(tmp_path / "runs")
+    from gaussreg.spec import resolve, run_id
+    spec = resolve({"dataset": "synthetic", "model": "mlp", "method": "baseline", "experiment": "sl",
+                    "max_epochs": 1, "train_subset": 200, "test_subset": 50, "robustness": {"sigmas": [0.0]},
+                    **spec_extra})
+    run = st.create(spec, run_id(spec))
+    runs_file = tmp_path / "runs.txt"
+    runs_file.write_text(f"{run.path}\n")
+    env = python_env(GAUSSREG_SLURM_GPUS=str(gpus), SLURM_ARRAY_JOB_ID="9", SLURM_ARRAY_TASK_ID="0",
+                     CUDA_VISIBLE_DEVICES=cuda)
+    p = subprocess.run([sys.executable, "-m", "gaussreg.slurm", "task", str(runs_file)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    return run, p
+
+
+def test_the_job_script_tells_the_task_how_many_gpus_it_has(fake_slurm):
+    assert gr(fake_slurm, "run", "m.toml", "--backend", "slurm").returncode == 0
+    script = Path(fake_slurm["calls"]("sbatch")[0][-1]).read_text()
+    assert "GAUSSREG_SLURM_GPUS=1" in script  # gpus_per_run = 1 in MANIFEST
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(),
+                    reason="this torch can use the GPU, so it is never refused")
+def test_a_gpu_task_with_a_cpu_torch_refuses_instead_of_training_on_the_cpu(tmp_path):
+    run, p = _task_env(tmp_path, {}, gpus=1, cuda="1")
+    assert p.returncode == 2, p.stdout + p.stderr
+    st = run.status()
+    assert (st["state"], st["gpu_slot"], st["slurm_job"]) == ("failed", "1", "9_0")
+    assert "this run was given GPU 1 (CUDA_VISIBLE_DEVICES='1')" in st["error"] and "CPU-only build" in st["error"]
+    assert not run.epochs()
+
+
+@pytest.mark.parametrize("spec_extra,gpus", [({"device": "cpu"}, 1), ({}, 0)])
+def test_a_cpu_spec_on_a_gpu_task_or_a_cpu_task_trains(tmp_path, spec_extra, gpus):
+    run, p = _task_env(tmp_path, spec_extra, gpus=gpus, cuda="0" if gpus else "")
+    assert p.returncode == 0, p.stdout + p.stderr
+    st = run.status()
+    assert st["state"] == "completed" and st["gpu_slot"] == ("0" if gpus else None)

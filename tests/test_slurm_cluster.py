@@ -129,6 +129,7 @@ dataset = "synthetic"
 model = "mlp"
 max_epochs = 30
 early_stop = 100
+device = "cpu"  # the two GPUs are ttys: a worker on a GPU task with device auto would refuse them
 train_subset = 2000
 test_subset = 400
 optimizer = { lr = 3e-4 }
@@ -161,6 +162,7 @@ def test_sweep_cancel_resume_on_a_real_slurm_gives_the_local_table(slurm_conf, t
     await_(lambda: other.status().get("cuda_visible_devices") is not None, 60, "run 0 to start")
     seen = {other.status()["cuda_visible_devices"], victim.status()["cuda_visible_devices"]}
     assert seen == {"0", "1"}, seen  # each worker got its own GPU
+    assert all(run.status()["gpu_slot"] == run.status()["cuda_visible_devices"] for run in (other, victim))
     r = gr("cancel", victim.id)
     assert r.returncode == 0 and f"scancel {job}_1" in r.stdout, r.stdout + r.stderr
     await_(lambda: victim.status().get("state") == "cancelled", 60, "the cancelled run to say so")
