@@ -157,8 +157,8 @@ def test_depth_in_the_spec_default_keeps_run_ids():
     assert run_id(resolve({**base, "params": {**base["params"], "depth": 1}})) == run_id(plain)
     deep = resolve({**base, "params": {**base["params"], "depth": "all"}})
     assert deep["params"]["depth"] == "all" and run_id(deep) != run_id(plain)
-    assert describe_params(deep) == "sigma=0.5 alpha=1 depth=all"
-    assert describe_params(resolve({**base, "params": {**base["params"], "depth": 2}})) == "sigma=0.5 alpha=1 depth=2"
+    assert describe_params(deep) == "alpha=1 depth=all sigma=0.5"  # by name, as everywhere
+    assert describe_params(resolve({**base, "params": {**base["params"], "depth": 2}})) == "alpha=1 depth=2 sigma=0.5"
     for bad, needle in [("ALL", "integer >= 1 or 'all'"), (0, "integer >= 1 or 'all'"), (True, "int or str"),
                         (2.5, "int or str")]:
         with pytest.raises(SpecError, match=needle):

@@ -84,7 +84,7 @@ def test_gpus_asked_on_a_machine_without_them_is_an_error(tmp_path):
         assert out.returncode == 2 and "--gpus 0 asks for GPUs, but this machine shows none" in out.stderr
     out = run("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--gpus", "1", "--dry-run",
               CUDA_VISIBLE_DEVICES="5")  # one GPU visible, numbered 0
-    assert out.returncode == 2 and "GPU 1 does not exist; this machine shows 1 GPU(s)" in out.stderr
+    assert out.returncode == 2 and "GPU 1 does not exist; this process sees 1 GPU(s)" in out.stderr
     assert not (tmp_path / "runs").exists()
 
 
