@@ -81,7 +81,7 @@ class RunRow:
     slurm_reason: Optional[str] = None  # why Slurm has not started a queued Slurm run (squeue; the TUI asks)
 
 
-def _sig(path) -> Optional[tuple]:
+def stat_signature(path) -> Optional[tuple]:
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -131,7 +131,7 @@ class RunReader:
         if self.spec is None:
             self.row = RunRow(run.id, state="corrupt", error=self.status.get("error"))
             return self.row
-        sig = _sig(run.file("status.json"))
+        sig = stat_signature(run.file("status.json"))
         if sig == self._status_sig and self.row is not None and self.row.state not in LIVE:
             return self.row  # a finished run whose status has not changed: nothing to redo
         if sig != self._status_sig:

@@ -79,11 +79,10 @@ def _umask() -> int:
     return old
 
 
-def atomic_write_bytes(path: os.PathLike, payload: bytes) -> None:
-    """Temp file in the same directory, fsync, rename: readers see old or new, never half.
-    The file gets the permissions a plain open() would (0666 less the umask), not
-    mkstemp's 0600: colleagues reading a shared store must see the runs."""
-    path = Path(path)
+def _complete_temp(path: Path, payload: bytes) -> str:
+    """A temp file beside `path` holding `payload`, fsynced, with the permissions a plain
+    open() would give (0666 less the umask), not mkstemp's 0600: colleagues reading a
+    shared store must see the runs. Removed again if writing fails (a full disk)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())
@@ -91,6 +90,20 @@ def atomic_write_bytes(path: os.PathLike, payload: bytes) -> None:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return tmp
+
+
+def atomic_write_bytes(path: os.PathLike, payload: bytes) -> None:
+    """Temp file in the same directory, fsync, rename: readers see old or new, never half."""
+    path = Path(path)
+    tmp = _complete_temp(path, payload)
+    try:
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -107,13 +120,8 @@ def atomic_create_json(path: os.PathLike, obj) -> bool:
     wrote meanwhile (a worker's 'running' status) is never replaced. True if written."""
     path = Path(path)
     payload = (to_json(obj, indent=2, sort_keys=True) + "\n").encode()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = _complete_temp(path, payload)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
         try:
             os.link(tmp, path)
         except FileExistsError:

@@ -15,16 +15,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from gaussreg import slurm
-from gaussreg.report import LIVE, RunReader, RunRow, run_certified
+from gaussreg.report import LIVE, RunReader, RunRow, run_certified, stat_signature
 from gaussreg.store import RunDir, RunFileError, parse_iso
-
-
-def _sig(path: Path):
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return (st.st_mtime_ns, st.st_size)
 
 
 class StoreWatcher:
@@ -125,8 +117,9 @@ class RunTail:
 
     def poll(self) -> Optional[Detail]:
         """A Detail when anything changed since the last poll, else None."""
-        sigs = tuple(_sig(self.run.file(f)) for f in ("status.json", "events.jsonl", "result.json", "worker.log"))
-        sigs += tuple(_sig(f) for f in self.run.certification_files())
+        sigs = tuple(stat_signature(self.run.file(f))
+                     for f in ("status.json", "events.jsonl", "result.json", "worker.log"))
+        sigs += tuple(stat_signature(f) for f in self.run.certification_files())
         if sigs == self._sigs:
             return None
         self._sigs = sigs
