@@ -35,7 +35,6 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .models import first_variance
 from .moments import _reduce_to
 
 Depth = Union[int, str]
@@ -223,6 +222,7 @@ def maxpool_moments(pool: nn.MaxPool2d, mu: torch.Tensor, var: torch.Tensor):
 def layer_moments(mod: nn.Module, mu: torch.Tensor, var: torch.Tensor):
     """One module's output mean and variance for a diagonal Gaussian input."""
     if isinstance(mod, (nn.Conv2d, nn.Linear)):
+        from .regularizer import first_variance  # here: regularizer imports adf at module level
         return mod(mu), first_variance(mod, var)  # Eq. 5 with a per-unit variance map
     if isinstance(mod, nn.ReLU):
         return relu_moments(mu, var)

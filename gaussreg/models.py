@@ -1,8 +1,8 @@
 """The paper's networks, split as f(x) = rest(relu(first(x))) (Sec. 3.3, l = 1).
 
 `first` is the first affine layer with the dataset's input normalisation folded in:
-it takes [0,1] pixels, so noise is always specified in pixel units, and its
-`variance` method pushes a pixel-space noise variance through it (Eq. 5)."""
+it takes [0,1] pixels, so noise is always specified in pixel units; pushing a
+pixel-space noise variance through it (Eq. 5) is gaussreg.regularizer.first_variance."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from typing import Optional
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from . import data, plugins
 
@@ -84,33 +83,6 @@ class FirstBlock(nn.Module):
 
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
-
-
-def first_variance(first: nn.Module, var: torch.Tensor, x: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """sigma2^2 = (A . A) sigma_x^2 (Eq. 5): the variance map through `first` with squared
-    weights, no bias, same stride/padding; a folded normalisation divides by std^2, a
-    BatchNorm multiplies by (gamma / sqrt(var + eps))^2 (its statistics from the batch x
-    in training mode)."""
-    if isinstance(first, FirstBlock):
-        out = first_variance(first.affine, var)
-        scale = first.bn_scale(x)
-        if scale is None:
-            return out
-        scale = scale.to(out.dtype).square()
-        return out * scale.view(1, -1, *([1] * (out.ndim - 2)))
-    std = getattr(first, "input_std", None)
-    if isinstance(first, nn.Conv2d):
-        if std is not None:
-            var = var / std.square()
-        if first.padding_mode != "zeros":
-            raise ValueError("only zero padding keeps the border noise-free")
-        return F.conv2d(var, first.weight.to(var.dtype).square(), None, first.stride, first.padding,
-                        first.dilation, first.groups)
-    if isinstance(first, nn.Linear):
-        if std is not None:
-            var = var / (std.view(1, -1, *([1] * (var.ndim - 2))) if var.ndim > 2 else std).square()
-        return F.linear(var.flatten(1), first.weight.to(var.dtype).square())
-    raise TypeError(f"the first layer must be Conv2d or Linear, not {type(first).__name__}")
 
 
 class GaussNet(nn.Module):

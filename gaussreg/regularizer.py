@@ -7,7 +7,7 @@ paper, k splits after the k-th ReLU, "all" propagates the moments to the logits.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import NamedTuple, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import nn
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import adf
 from .moments import relu_and_mean, relu_mean, safe_sqrt
-from .models import first_variance
+from .models import FirstBlock
 
 Sigma = Union[float, torch.Tensor]
 
@@ -34,6 +34,33 @@ def noise_variance(sigma: Sigma, image_shape, like: torch.Tensor) -> torch.Tenso
     if (s < 0).any():
         raise ValueError("sigma must be non-negative")
     return s.square().expand(image_shape).unsqueeze(0)
+
+
+def first_variance(first: nn.Module, var: torch.Tensor, x: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """sigma2^2 = (A . A) sigma_x^2 (Eq. 5): the variance map through `first` with squared
+    weights, no bias, same stride/padding; a folded normalisation divides by std^2, a
+    BatchNorm multiplies by (gamma / sqrt(var + eps))^2 (its statistics from the batch x
+    in training mode)."""
+    if isinstance(first, FirstBlock):
+        out = first_variance(first.affine, var)
+        scale = first.bn_scale(x)
+        if scale is None:
+            return out
+        scale = scale.to(out.dtype).square()
+        return out * scale.view(1, -1, *([1] * (out.ndim - 2)))
+    std = getattr(first, "input_std", None)
+    if isinstance(first, nn.Conv2d):
+        if std is not None:
+            var = var / std.square()
+        if first.padding_mode != "zeros":
+            raise ValueError("only zero padding keeps the border noise-free")
+        return F.conv2d(var, first.weight.to(var.dtype).square(), None, first.stride, first.padding,
+                        first.dilation, first.groups)
+    if isinstance(first, nn.Linear):
+        if std is not None:
+            var = var / (std.view(1, -1, *([1] * (var.ndim - 2))) if var.ndim > 2 else std).square()
+        return F.linear(var.flatten(1), first.weight.to(var.dtype).square())
+    raise TypeError(f"the first layer must be Conv2d or Linear, not {type(first).__name__}")
 
 
 def sigma2(first, sigma: Sigma, x: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,11 @@
 """The run store: one directory per run, the contract between processes.
 
-The worker writes a run directory; the scheduler, the CLI and the TUI only read it
-(plus the scheduler's initial spec.json/status.json). Files others read are
-replaced atomically; events.jsonl is append-only and may end in a partial line."""
+Writers: the worker writes a run's progress, checkpoints and result; the scheduler and
+gaussreg.control create the run (spec.json, status.json), write its status around the
+worker's life and delete its outputs before a retrain; gaussreg.slurm writes status and
+a cancel request; `gaussreg certify` adds certificate files. The CLI's views and the TUI
+only read. Files others read are replaced atomically; events.jsonl is append-only and
+may end in a partial line."""
 
 from __future__ import annotations
 

@@ -5,9 +5,8 @@ import torch
 from torch import nn
 
 from gaussreg import data
-from gaussreg.models import (GaussNet, NormalizedConv2d, build_model, first_variance, from_sequential,
-                             parameter_count)
-from gaussreg.regularizer import expected_logits, moment_loss, sigma2
+from gaussreg.models import GaussNet, NormalizedConv2d, build_model, from_sequential, parameter_count
+from gaussreg.regularizer import expected_logits, first_variance, moment_loss, sigma2
 
 TINY = data.DatasetInfo("tiny", (1, 4, 4), 3, (0.3,), (0.2,))
 
