@@ -233,7 +233,7 @@ def main(argv=None) -> int:
                     "baseline,regularizer); baseline is always timed")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     a = ap.parse_args(argv)
-    from .worker import keep_freed_memory
+    from .device import keep_freed_memory
     keep_freed_memory()  # as the worker does
     dev = torch.device(a.device)
     if dev.type == "cuda" and not torch.cuda.is_available():

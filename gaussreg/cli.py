@@ -614,7 +614,7 @@ def eval_(target: str = typer.Argument(..., help="A run id, or a checkpoint file
     from . import data
     from .models import build_model
     from .robustness import robustness
-    from .worker import pick_device
+    from .device import pick_device
     try:
         dev = pick_device(device)
     except SpecError as e:
@@ -700,7 +700,7 @@ def certify(run_id: str = typer.Argument(..., help="A run id (or a unique prefix
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from . import data
     from .smoothing import certify_run
-    from .worker import pick_device
+    from .device import pick_device
     try:
         dev = pick_device(device)
         state = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]

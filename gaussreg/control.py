@@ -34,7 +34,7 @@ def start_worker(run: RunDir, resume: bool, gpu: Optional[str] = None, threads: 
     env.pop("GAUSSREG_GPU", None)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
-        if gpu:  # a GPU slot: the worker must get CUDA or refuse (worker.pick_device)
+        if gpu:  # a GPU slot: the worker must get CUDA or refuse (device.pick_device)
             env["GAUSSREG_GPU"] = gpu
             # GPU indices are nvidia-smi's, which counts by PCI bus; CUDA's default order
             # (fastest first) could make "1" another GPU (a user's own setting wins)

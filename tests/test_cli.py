@@ -224,7 +224,7 @@ def test_small_ones_store_missing_plural_param_order_eval_target(tmp_path):
 def test_show_names_the_processor(tmp_path):
     import torch
     from gaussreg.store import atomic_write_json
-    from gaussreg.worker import device_name
+    from gaussreg.device import device_name
     name = device_name(torch.device("cpu"))
     assert name.startswith("cpu (") and name not in ("cpu (x86_64)", "cpu (aarch64)")
     st = Store(tmp_path / "runs")

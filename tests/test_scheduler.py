@@ -206,7 +206,7 @@ def test_a_worker_on_a_gpu_slot_that_torch_cannot_use_refuses_instead_of_trainin
 
 
 def test_a_cpu_slot_or_a_cpu_spec_on_a_gpu_slot_is_not_refused(tmp_path):
-    from gaussreg.worker import pick_device
+    from gaussreg.device import pick_device
     assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert pick_device("cpu", gpu_slot="0").type == "cpu"  # the spec asked for the CPU itself
 

@@ -1,0 +1,106 @@
+"""Where and how a process computes: the torch device of a spec, CPU threads, the
+allocator, determinism, and telling out-of-memory apart. The worker, the CLI's
+evaluation commands and the benchmark share these; torch is imported on call."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from typing import Optional
+
+from .spec import SpecError
+
+
+def keep_freed_memory() -> bool:
+    """Stop glibc from handing freed blocks over 32 MB back to the OS. Otherwise every
+    training step gets fresh pages for its activations, which the kernel faults in and
+    zeroes: measured at ~35% of a LeNet step on CPU, and twice that for the regularizer,
+    whose steps allocate twice as much."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
+
+
+def _cuda_unusable_reason() -> str:
+    """Why this torch cannot use CUDA here, in a few words."""
+    import torch
+    if torch.version.cuda is None:
+        return "it is a CPU-only build; install a CUDA build of torch"
+    try:
+        torch.cuda.init()
+    except Exception as e:  # noqa: BLE001 - torch's own words are the most precise reason
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return first.rstrip(".")
+    return f"CUDA {torch.version.cuda} finds {torch.cuda.device_count()} device(s)"
+
+
+def pick_device(name: str, gpu_slot: Optional[str] = None):
+    """The torch device for a spec's `device`. gpu_slot: the GPU the scheduler gave this
+    run (GAUSSREG_GPU); then a GPU it must be, never a silent CPU run (unless the spec
+    says "cpu")."""
+    import torch
+    if gpu_slot and name != "cpu" and not torch.cuda.is_available():
+        raise SpecError("device", f"this run was given GPU {gpu_slot} (CUDA_VISIBLE_DEVICES="
+                        f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}) but torch {torch.__version__} (CUDA "
+                        f"{torch.version.cuda or 'none'}) cannot use it: {_cuda_unusable_reason()}; "
+                        "it does not train on the CPU instead (`--gpus none` runs on the CPU)")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SpecError("device", f"device {name!r} was asked for but CUDA is not available here")
+    return dev
+
+
+def device_name(dev) -> str:
+    import torch
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"cpu ({cpu_model()})"
+
+
+def cpu_model() -> str:
+    """The processor's name ("Intel(R) Xeon(R) Processor"); platform.processor() says only
+    "x86_64" on Linux."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "Model", "Hardware")) and ":" in line:
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown processor"
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """A CUDA out-of-memory error, or the CPU allocator's."""
+    import torch
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    return isinstance(e, (MemoryError, oom)) or (isinstance(e, RuntimeError) and (
+        "out of memory" in str(e) or "can't allocate memory" in str(e) or "not enough memory" in str(e)))
+
+
+def make_deterministic() -> None:
+    """GPU runs repeat only with cuDNN's deterministic kernels, no autotuning (it may pick
+    another algorithm each run) and a fixed cuBLAS workspace; the variable must be set
+    before cuBLAS starts, so this runs before the device is picked. Strict
+    `use_deterministic_algorithms` is left off: CUDA NLLLoss has no deterministic kernel."""
+    import torch
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def threads_from_env() -> None:
+    """The CPU thread count the scheduler gave this worker (GAUSSREG_THREADS), if any."""
+    threads = os.environ.get("GAUSSREG_THREADS")
+    if threads:
+        import torch
+        torch.set_num_threads(int(threads))
