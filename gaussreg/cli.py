@@ -346,7 +346,7 @@ def _run_slurm(req, follow, dry_run, yes):
         raise typer.Exit(code)
     for e in sorted({r.spec["experiment"] for r in runs}):
         console.print(report.render_rich(report.fair_table(st, e)))
-    states = [row["state"] for row in report.collect(st) if row["id"] in {r.id for r in runs}]
+    states = [row["state"] for row in report.list_runs(st) if row["id"] in {r.id for r in runs}]
     raise typer.Exit(0 if all(s == "completed" for s in states) else 1)
 
 
@@ -460,7 +460,7 @@ def ls(store: Path = StoreOpt,
     existing_store(store)
     if state and state not in STATES + ("corrupt",):
         fail(f"--state must be one of {', '.join(STATES)}, not {state!r}")
-    rows = [r for r in report.collect(Store(store)) if not state or r["state"] == state]
+    rows = [r for r in report.list_runs(Store(store)) if not state or r["state"] == state]
     if format == ListFormat.json:
         print(json.dumps([{"id": r["id"], "state": r["state"], "spec": r["spec"], "result": r["result"],
                            "error": r["error"]} for r in rows], indent=2))
@@ -475,7 +475,7 @@ def ls(store: Path = StoreOpt,
     jobs = any(r.get("slurm_job") for r in rows)
     if jobs:
         t.add_column("slurm job", no_wrap=True)
-    from .live import STATE_STYLE
+    from .store import STATE_STYLE
     for r in rows:
         row = r["row"]  # the same row the TUI shows (report.RunReader)
         params = " ".join(p for p in (row.params, f"seed={row.seed}" if row.seed else "") if p)

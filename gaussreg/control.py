@@ -111,9 +111,10 @@ def take_gpu_place(store: Store) -> Optional[Tuple[str, int]]:
                        "one ends, or train it on the CPU with `device = \"cpu\"` in its spec")
 
 
-def rerun(run: RunDir, gpu: Optional[str] = None) -> subprocess.Popen:
-    """Train a run that is not running again, detached: a diverged one from scratch
-    (it would diverge again from its checkpoint), any other from its last.pt. Without `gpu`,
+def restart(run: RunDir, gpu: Optional[str] = None) -> subprocess.Popen:
+    """Train a run that is not running and not completed again, detached (the TUI's
+    rerun key; retraining completed runs is `gaussreg run --rerun`): a diverged one from
+    scratch (it would diverge again from its checkpoint), any other from its last.pt. Without `gpu`,
     on a GPU box it takes a free GPU place of its store (take_gpu_place) and that GPU."""
     fd = try_lock(run)
     if fd is None:

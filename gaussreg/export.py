@@ -9,7 +9,7 @@ import io
 import json
 from typing import Iterable, List
 
-from .report import collect, config_key, run_metrics
+from .report import config_key, list_runs, run_metrics
 from .store import RunFileError, Store
 
 WHATS = ("runs", "epochs", "sigmas")
@@ -32,7 +32,7 @@ def _ident(row: dict) -> dict:
 
 
 def run_rows(store: Store, experiment=None) -> Iterable[dict]:
-    for r in collect(store, experiment):
+    for r in list_runs(store, experiment):
         if r["spec"] is None:
             continue
         row = _ident(r)
@@ -46,7 +46,7 @@ def run_rows(store: Store, experiment=None) -> Iterable[dict]:
 
 
 def epoch_rows(store: Store, experiment=None) -> Iterable[dict]:
-    for r in collect(store, experiment):
+    for r in list_runs(store, experiment):
         if r["spec"] is None:
             continue
         ident = {k: v for k, v in _ident(r).items() if k in ("run_id", "experiment", "method", "seed", "config")}
@@ -62,7 +62,7 @@ def epoch_rows(store: Store, experiment=None) -> Iterable[dict]:
 
 
 def sigma_rows(store: Store, experiment=None) -> Iterable[dict]:
-    for r in collect(store, experiment):
+    for r in list_runs(store, experiment):
         res = r["result"]
         if not res or r["spec"] is None:
             continue

@@ -16,13 +16,9 @@ from rich.table import Table
 from rich.text import Text
 
 from .spec import describe_params
-from .store import RunDir, RunFileError, phase_of
+from .store import STATE_STYLE, RunDir, RunFileError, phase_of
 
-STATE_STYLE = {"completed": "green", "failed": "red", "diverged": "magenta", "cancelled": "yellow",
-               "interrupted": "yellow", "running": "cyan", "queued": "dim", "elsewhere": "dim", "skipped": "dim"}
-
-
-class RunTail:
+class RunProgress:
     """The newest epoch and progress events of one run, and its phase, read incrementally."""
 
     def __init__(self, run: RunDir):
@@ -59,7 +55,7 @@ class LiveView:
         self.total = total
         # a line per epoch instead of a live table: where nobody watches a terminal
         self.lines = not self.console.is_terminal if lines is None else lines
-        self.tails: Dict[str, RunTail] = {}
+        self.tails: Dict[str, RunProgress] = {}
         self.phases: Dict[str, Optional[str]] = {}
         self.live = Live(self.render(None), console=self.console, refresh_per_second=2, transient=True)
         self.t0 = time.time()
@@ -93,7 +89,7 @@ class LiveView:
         """Told by the scheduler (`snap` is its Snapshot) that `run` changed (`what`)."""
         self._follow()
         if what == "started":
-            self.tails[run.id] = RunTail(run)
+            self.tails[run.id] = RunProgress(run)
             spec = self.tails[run.id].spec
             self.console.print(f"[cyan]started[/]   {escape(run.id)}  {escape(describe_params(spec) if spec else '')}")
         elif what in ("skipped", "elsewhere"):

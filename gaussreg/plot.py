@@ -55,7 +55,7 @@ def plot(store: Store, out_dir, experiment: Optional[str] = None, fmt: str = "pn
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = report.fair_table(store, experiment, select=select)
-    results = {r["id"]: r for r in report.collect(store, experiment) if r["result"]}
+    results = {r["id"]: r for r in report.list_runs(store, experiment) if r["result"]}
     written = []
     for rec in table["experiments"]:
         setting = report._setting_text(rec)

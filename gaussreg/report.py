@@ -170,7 +170,7 @@ class RunReader:
         return self.row
 
 
-def collect(store: Store, experiment: Optional[str] = None) -> List[dict]:
+def list_runs(store: Store, experiment: Optional[str] = None) -> List[dict]:
     """One record per run: id, spec, state, result (None unless completed), error, slurm_job
     and its `row` (RunRow, the same builder as the TUI's); unreadable runs are reported with
     state 'corrupt'."""
@@ -369,7 +369,7 @@ def fair_table(store: Store, experiment: Optional[str] = None, tolerance: Option
                select: str = "validation") -> dict:
     """The JSON form of `gaussreg table`: one record per comparison (experiment and
     setting: every run key but method, params and seed)."""
-    rows = [r for r in collect(store, experiment) if r["spec"] is not None]
+    rows = [r for r in list_runs(store, experiment) if r["spec"] is not None]
     groups = defaultdict(list)
     for r in rows:
         s = r["spec"]

@@ -1,6 +1,6 @@
 """The local scheduler: one worker process per run, GPU slots handed out by the parent.
 This is the scheduling loop (slots, queue, reaping, a Snapshot per change for the view);
-starting a worker, cancel, rerun and detached launches are in gaussreg.control.
+starting a worker, cancel, restart and detached launches are in gaussreg.control.
 
 Each worker runs in its own process group with CUDA_VISIBLE_DEVICES set to its GPU;
 the parent holds each run's OS lock while launching and passes it to the worker, so
@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from .store import FINISHED, RunDir, RunFileError, Store, now_iso, try_lock
 # run control lives in gaussreg.control; these names stay importable from here
 from .control import (ControlError, _is_our_launch, _reset, cancel_launch, cancel_run,  # noqa: F401
-                      detach_run, launches, rerun, start_worker)
+                      detach_run, launches, restart, start_worker)
 
 GRACE_S = 30.0  # how long a SIGTERMed worker gets to write last.pt before SIGKILL
 

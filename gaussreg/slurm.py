@@ -470,7 +470,7 @@ def follow(store: Store, run_ids: List[str], console, poll_s: float = 1.0, squeu
     from rich.live import Live
     from rich.markup import escape
     from rich.table import Table
-    from .live import STATE_STYLE
+    from .store import STATE_STYLE
     squeue_s = max(SQUEUE_MIN_S, squeue_s)
     runs = [RunDir(store.root / r) for r in run_ids]
     live_tasks: Dict[str, Task] = {}

@@ -22,7 +22,7 @@ from gaussreg.store import Store
 from test_tui import add_run, table, until
 from tui.app import GaussregApp
 from tui.screens import CompareScreen, RunDetailScreen, RunsScreen
-from tui.watcher import RunTail, StoreWatcher
+from tui.watcher import RunDetailWatcher, StoreWatcher
 
 HERE = Path(__file__).parent
 CASES = tomllib.loads((HERE / "adversarial" / "store_corruptions.toml").read_text())["case"]
@@ -86,7 +86,7 @@ def _expect_row(row, case):
 
 def test_collect_and_fair_table(bad_store):
     st, healthy, target, queued, case = bad_store
-    rows = {r["id"]: r for r in report.collect(st)}
+    rows = {r["id"]: r for r in report.list_runs(st)}
     assert rows[healthy.id]["state"] == "completed" and rows[healthy.id]["result"]["test_accuracy"] == 0.90
     _expect_row(rows[target.id], case)
     recs = report.fair_table(st, select="test")["experiments"]  # the fixtures have no validation R
@@ -136,7 +136,7 @@ def test_watcher_and_detail_tail(bad_store):
     rows = {r.id: r for r in StoreWatcher(st.root).scan()}
     assert rows[healthy.id].state == "completed" and rows[healthy.id].test_acc == 0.90
     assert (rows[target.id].state == "corrupt") == case["corrupt"]
-    d = RunTail(target).poll()
+    d = RunDetailWatcher(target).poll()
     assert (d.status["state"] == "corrupt") == case["corrupt"]
     assert all(isinstance(e["epoch"], int) and isinstance(e["train_loss"], float) for e in d.epochs)
     if not case["corrupt"] and "events" not in case["file"]:

@@ -406,7 +406,7 @@ def test_the_tuis_rerun_takes_a_free_gpu_place_held_by_its_worker(tmp_path, monk
     monkeypatch.setattr(control, "start_worker", lambda *a, **k: real(*a, argv=FAKE, **k))
     gpu0 = st.lock_gpu_share("GPU-00000000", 1)
     try:
-        p = control.rerun(run)
+        p = control.restart(run)
         other = st.lock_gpu_share("GPU-00000001", 1)
         assert p.poll() is None, "the fake worker (2 s) ended before its place could be checked"
         assert other is None  # the worker holds GPU 1's place
@@ -414,7 +414,7 @@ def test_the_tuis_rerun_takes_a_free_gpu_place_held_by_its_worker(tmp_path, monk
         run2 = _one_run(tmp_path, seed=16)[1]
         run2.write_status({"state": "failed"})
         with pytest.raises(control.ControlError, match=r"every place on the GPUs this process sees \(0, 1\) is taken"):
-            control.rerun(run2)
+            control.restart(run2)
         assert not run2.file("worker.log").exists()
         p.wait(60)
     finally:

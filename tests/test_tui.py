@@ -487,7 +487,7 @@ async def test_at_80x24_every_key_is_in_the_footer_and_dialogs_fit(store):
 
 
 def test_ls_report_and_tui_rows_come_from_one_builder(store):
-    """report.collect (ls, table, export) and the TUI's watcher build a run's row with the same
+    """report.list_runs (ls, table, export) and the TUI's watcher build a run's row with the same
     RunReader: the same numbers, states and epochs, including a running run's."""
     from gaussreg import report
     from tui.watcher import StoreWatcher
@@ -501,7 +501,7 @@ def test_ls_report_and_tui_rows_come_from_one_builder(store):
     from dataclasses import replace
     lock = hold_lock(run)  # running: its lock is held, as by its worker
     try:
-        rows = {r["id"]: r["row"] for r in report.collect(store)}
+        rows = {r["id"]: r["row"] for r in report.list_runs(store)}
         watched = {r.id: r for r in StoreWatcher(store.root).scan()}
     finally:
         os.close(lock)

@@ -172,7 +172,7 @@ class GaussregApp(App):
     @work(thread=True, group="control")
     def _control(self, what: str, run_id: str) -> None:
         from gaussreg import slurm
-        from gaussreg.control import ControlError, cancel_run, rerun
+        from gaussreg.control import ControlError, cancel_run, restart
         run = RunDir(self.store_root / run_id)
         try:
             if what == "cancel" and _on_slurm(run):  # scancel its array task
@@ -185,7 +185,7 @@ class GaussregApp(App):
                 self.call_from_thread(self.notify, f"resubmitted {run_id} as Slurm array job {sub.job_id}",
                                       markup=False)
             else:
-                p = rerun(run)
+                p = restart(run)
                 self.call_from_thread(self.notify, f"training {run_id} again (pid {p.pid})", markup=False)
         except ControlError as e:
             self.call_from_thread(self.notify, str(e), severity="error", markup=False)

@@ -17,11 +17,11 @@ from textual.widgets import (Button, DataTable, Footer, Header, Input, Label, Op
 
 from gaussreg.launch import LaunchRequest
 from gaussreg.spec import describe_params
-from gaussreg.store import STATES, RunDir, phase_of
+from gaussreg.store import STATE_STYLE, STATES, RunDir, phase_of
 
 from .messages import CompareReady, DetailChanged, OverlayReady, PlanReady
-from .watcher import RunTail
-from .widgets import COLUMNS, STATE_STYLE, RunsTable, SeriesPlot, SummaryBar, pct
+from .watcher import RunDetailWatcher
+from .widgets import COLUMNS, RunsTable, SeriesPlot, SummaryBar, pct
 
 METHOD_COLORS = {"baseline": "white", "augment": "orange", "regularizer": "cyan", "randsign": "magenta",
                  "fgsm": "red"}
@@ -296,7 +296,7 @@ class RunDetailScreen(Screen):
 
     @work(thread=True, exclusive=True, group="detail")
     def follow(self) -> None:
-        tail = RunTail(RunDir(self.app.store_root / self.run_id))
+        tail = RunDetailWatcher(RunDir(self.app.store_root / self.run_id))
         while not self._stop.is_set():
             detail = tail.poll()
             if detail is not None:
@@ -487,7 +487,7 @@ class CompareScreen(Screen):
         table = report.fair_table(store, experiment)
         points = [{"id": r["id"], "method": r["spec"]["method"], "accuracy": r["result"]["test_accuracy"],
                    "robustness": r["result"]["robustness"]}
-                  for r in report.collect(store, experiment) if r["result"]]
+                  for r in report.list_runs(store, experiment) if r["result"]]
         self.post_message(CompareReady(experiment, table, points))
 
     @on(CompareReady)

@@ -2,7 +2,7 @@
 
 `StoreWatcher.scan()` returns the rows that changed since the last scan, each built by
 gaussreg.report.RunReader (status.json when it changed, events.jsonl of live runs from
-the last byte offset, result.json once). `RunTail` follows one run for the detail
+the last byte offset, result.json once). `RunDetailWatcher` follows one run for the detail
 screen. Neither imports textual: the app runs them in thread workers and posts what
 they return."""
 
@@ -104,7 +104,7 @@ class Detail:
     progress: Optional[dict] = None  # the latest progress event of the epoch in progress (batch, batches, loss)
 
 
-class RunTail:
+class RunDetailWatcher:
     """Follows one run for the detail screen: new events from the last offset."""
 
     def __init__(self, run: RunDir):

@@ -11,12 +11,9 @@ from textual.widgets import DataTable, Static
 from textual_plotext import PlotextPlot
 
 from gaussreg.slurm import fatal
-from gaussreg.store import STATES
+from gaussreg.store import STATE_STYLE, STATES
 
 from .watcher import RunRow
-
-STATE_STYLE = {"completed": "green", "failed": "bold red", "diverged": "magenta", "cancelled": "yellow",
-               "interrupted": "dark_orange", "running": "bold cyan", "queued": "dim", "corrupt": "reverse red"}
 
 # (key, label) of the runs table, in order: what tells runs apart and what matters first fit 80 columns
 COLUMNS: List[Tuple[str, str]] = [
