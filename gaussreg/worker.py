@@ -19,7 +19,7 @@ import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from . import __version__, slurm
 from .device import device_name, keep_freed_memory, make_deterministic, out_of_memory, pick_device, threads_from_env
@@ -223,13 +223,53 @@ def changed_source(spec: dict) -> Optional[str]:
 
 def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, log) -> dict:
     """The training loop; returns result.json's content."""
+    t_start = time.time()
+    s = _setup(spec, log)
+    state, resuming = _start_or_resume(run, resume, s, log)
+    last_ck = LastCheckpoint(run.file("last.pt"), checkpoint_every_s())
+    events = Events(run.file("events.jsonl"), truncate=not resuming)
+    try:
+        events.emit("resume" if resuming else "start", epoch=state["epoch"], device=str(s.dev),
+                    sizes=s.splits.sizes(), parameters=s.parameters)
+        try:
+            _train_epochs(spec, run, state, s.model, s.method, s.opt, s.sched, s.g, s.splits, s.dev, events, status,
+                          last_ck, should_stop, log)
+        except BaseException:
+            # cancel, preemption, divergence or a crash: last.pt gets the last finished epoch
+            try:
+                if last_ck.flush():
+                    log(f"last.pt written (epoch {state['epoch']})")
+            except Exception as e:  # noqa: BLE001 - the original error matters more
+                log(f"could not write last.pt: {type(e).__name__}: {e}")
+            raise
+        last_ck.flush()
+        ev = _final_evaluation(spec, run, s, status, should_stop, events)
+        if spec.get("certify"):
+            status.update(phase="certifying")
+            _certify(spec, s.model, s.splits, run, should_stop, events, log)
+    finally:
+        events.close()
+    return _result_record(spec, run, s, state, ev, t_start)
+
+
+class _Setup(NamedTuple):
+    dev: object
+    splits: object
+    model: object
+    method: object
+    g: object  # shuffling and training noise
+    opt: object
+    sched: object
+    parameters: int
+
+
+def _setup(spec: dict, log) -> _Setup:
+    """The process, the data, the model, the method and the optimizer of a run, seeded."""
     import torch
     from . import data
     from .methods import make_method
     from .models import build_model, parameter_count
-    from .robustness import EvaluationStopped, robustness
 
-    t_start = time.time()
     keep_freed_memory()
     make_deterministic()
     dev = pick_device(spec["device"], os.environ.get("GAUSSREG_GPU"))
@@ -242,19 +282,26 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
     torch.manual_seed(seed)
     model = build_model(spec["model"], splits.info, spec.get("model_args"), spec.get("python_path", ())).to(dev)
     method = make_method(spec["method"], spec["params"])
-    g = torch.Generator(device=dev).manual_seed(seed)  # shuffling and training noise
-    X, Y = splits.train_x, splits.train_y
+    g = torch.Generator(device=dev).manual_seed(seed)
+    X = splits.train_x
     method.prepare(len(X), tuple(X.shape[1:]), g)
     opt = make_optimizer(spec, model.parameters())
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", patience=spec["lr_patience"],
                                                        factor=spec["lr_factor"])
+    return _Setup(dev, splits, model, method, g, opt, sched, parameter_count(model))
+
+
+def _start_or_resume(run: RunDir, resume: bool, s: _Setup, log):
+    """The training state to start from, and whether it comes from last.pt; a fresh start
+    removes the previous model's outputs and writes a last.pt at once."""
+    import torch
     state = {"epoch": 0, "best_val_loss": math.inf, "best_epoch": 0, "bad_epochs": 0, "train_time": 0.0,
              "threads": torch.get_num_threads()}
-    last, best = run.file("last.pt"), run.file("best.pt")
+    last = run.file("last.pt")
     resuming = resume and last.exists()
     if resuming:
         try:
-            state.update(_load_checkpoint(last, model, opt, sched))
+            state.update(_load_checkpoint(last, s.model, s.opt, s.sched))
         except Exception as e:  # noqa: BLE001 - truncated, foreign or tampered: all mean the same here
             raise RuntimeError(f"cannot resume from {last} ({type(e).__name__}: {str(e)[:200]}); "
                                "`gaussreg run --rerun` (or deleting last.pt) starts the run over") from None
@@ -270,62 +317,60 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
             run.file(name).unlink(missing_ok=True)
         for f in run.certification_files():  # certificates of a model about to be replaced
             f.unlink(missing_ok=True)
-        _write_checkpoint(last, _training_state(model, opt, sched, state))  # a kill -9 still leaves a last.pt
-    last_ck = LastCheckpoint(last, checkpoint_every_s())
-    events = Events(run.file("events.jsonl"), truncate=not resuming)
-    try:
-        events.emit("resume" if resuming else "start", epoch=state["epoch"], device=str(dev),
-                    sizes=splits.sizes(), parameters=parameter_count(model))
-        try:
-            _train_epochs(spec, run, state, model, method, opt, sched, g, splits, dev, events, status, last_ck,
-                          should_stop, log)
-        except BaseException:
-            # cancel, preemption, divergence or a crash: last.pt gets the last finished epoch
-            try:
-                if last_ck.flush():
-                    log(f"last.pt written (epoch {state['epoch']})")
-            except Exception as e:  # noqa: BLE001 - the original error matters more
-                log(f"could not write last.pt: {type(e).__name__}: {e}")
-            raise
-        last_ck.flush()
-        B = spec["batch_size"]
+        _write_checkpoint(last, _training_state(s.model, s.opt, s.sched, state))  # a kill -9 still leaves a last.pt
+    return state, resuming
 
-        # evaluate the model with the best validation objective
-        _load_checkpoint(best, model, None, None)
-        status.update(phase="evaluating")  # test accuracy, then R on test and validation
-        test = evaluate(make_method("baseline", {}), model, splits.test_x, splits.test_y, B, seed)
-        rcfg = spec["robustness"]
-        t0 = time.time()
-        try:
-            rob = robustness(model, splits.test_x, splits.test_y, sigmas=rcfg["sigmas"], samples=rcfg["samples"],
-                             seed=seed, clip=rcfg["clip"], should_stop=should_stop)
-        except EvaluationStopped:
-            raise Cancelled() from None
-        rob_time = time.time() - t0
-        nv = min(VAL_ROBUSTNESS_IMAGES, len(splits.val_y))
-        vrob = robustness(model, splits.val_x[:nv], splits.val_y[:nv], sigmas=rcfg["sigmas"], samples=rcfg["samples"],
-                          seed=VAL_ROBUSTNESS_SEED, clip=rcfg["clip"])
-        events.emit("test", test_accuracy=test["accuracy"], test_loss=test["ce"], robustness=rob.score,
-                    sigmas=rob.sigmas, per_sigma=rob.per_sigma, accuracy_per_sigma=rob.accuracy_per_sigma,
-                    eval_time=rob_time)
-        if spec.get("certify"):
-            status.update(phase="certifying")
-            _certify(spec, model, splits, run, should_stop, events, log)
-    finally:
-        events.close()
+
+class _Evaluation(NamedTuple):
+    test: dict
+    rob: object
+    rob_time: float
+    vrob: object
+    val_images: int
+
+
+def _final_evaluation(spec: dict, run: RunDir, s: _Setup, status: Status, should_stop, events) -> _Evaluation:
+    """The model with the best validation objective: test accuracy, then R on test and validation."""
+    from .methods import make_method
+    from .robustness import EvaluationStopped, robustness
+    seed, splits, model = spec["seed"], s.splits, s.model
+    _load_checkpoint(run.file("best.pt"), model, None, None)
+    status.update(phase="evaluating")
+    test = evaluate(make_method("baseline", {}), model, splits.test_x, splits.test_y, spec["batch_size"], seed)
+    rcfg = spec["robustness"]
+    t0 = time.time()
+    try:
+        rob = robustness(model, splits.test_x, splits.test_y, sigmas=rcfg["sigmas"], samples=rcfg["samples"],
+                         seed=seed, clip=rcfg["clip"], should_stop=should_stop)
+    except EvaluationStopped:
+        raise Cancelled() from None
+    rob_time = time.time() - t0
+    nv = min(VAL_ROBUSTNESS_IMAGES, len(splits.val_y))
+    vrob = robustness(model, splits.val_x[:nv], splits.val_y[:nv], sigmas=rcfg["sigmas"], samples=rcfg["samples"],
+                      seed=VAL_ROBUSTNESS_SEED, clip=rcfg["clip"])
+    events.emit("test", test_accuracy=test["accuracy"], test_loss=test["ce"], robustness=rob.score,
+                sigmas=rob.sigmas, per_sigma=rob.per_sigma, accuracy_per_sigma=rob.accuracy_per_sigma,
+                eval_time=rob_time)
+    return _Evaluation(test, rob, rob_time, vrob, nv)
+
+
+def _result_record(spec: dict, run: RunDir, s: _Setup, state: dict, ev: _Evaluation, t_start: float) -> dict:
+    """result.json's content."""
+    import torch
+    test, rob, vrob = ev.test, ev.rob, ev.vrob
     return {
         "run_id": run.id, "experiment": spec["experiment"], "dataset": spec["dataset"], "model": spec["model"],
-        "method": spec["method"], "params": spec["params"], "seed": seed,
+        "method": spec["method"], "params": spec["params"], "seed": spec["seed"],
         "test_accuracy": test["accuracy"], "test_loss": test["ce"],
         "robustness": rob.score, "sigmas": rob.sigmas, "per_sigma": rob.per_sigma,
         "accuracy_per_sigma": rob.accuracy_per_sigma, "robustness_samples": rob.samples,
         "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
         "best_val_loss": state["best_val_loss"], "best_val_accuracy": state.get("best_val_accuracy"),
         "val_robustness": vrob.score, "val_per_sigma": vrob.per_sigma,
-        "val_accuracy_per_sigma": vrob.accuracy_per_sigma, "val_robustness_images": nv,
-        "train_time_s": state["train_time"], "robustness_time_s": rob_time, "wall_time_s": time.time() - t_start,
-        "parameters": parameter_count(model), "device": str(dev), "device_name": device_name(dev),
-        "sizes": splits.sizes(), "host": socket.gethostname(),
+        "val_accuracy_per_sigma": vrob.accuracy_per_sigma, "val_robustness_images": ev.val_images,
+        "train_time_s": state["train_time"], "robustness_time_s": ev.rob_time, "wall_time_s": time.time() - t_start,
+        "parameters": s.parameters, "device": str(s.dev), "device_name": device_name(s.dev),
+        "sizes": s.splits.sizes(), "host": socket.gethostname(),
         "versions": {"gaussreg": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "finished_at": now_iso(),
     }
@@ -510,71 +555,85 @@ def main(argv=None) -> int:
         status.update(state=state, error=message, finished_at=now_iso(), **extra)
 
     try:
-        from .store import RunFileError, read_json
-        try:
-            raw = read_json(run.file("spec.json"))  # resolve() checks it key by key, with its own messages
-            if raw is None:
-                raise RunFileError(f"{run.file('spec.json')} is missing")
-            spec = resolve(raw)
-        except (SpecError, RunFileError) as e:
-            fail(f"bad spec {run.file('spec.json')}: {e}")
-            print(f"error: bad spec {run.file('spec.json')}: {e}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        from . import data
-        if (data.is_builtin(spec["dataset"]) and spec["dataset"] != "synthetic"
-                and data.find(spec["dataset"], spec["data_dir"]) is None):
-            msg = data.missing_message(spec["dataset"], spec["data_dir"])
-        else:
-            msg = changed_source(spec)
-        if msg:
-            fail(msg)
-            print(f"error: {msg}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        try:
-            make_deterministic()
-            dev = pick_device(spec["device"], os.environ.get("GAUSSREG_GPU"))
-        except SpecError as e:
-            fail(str(e))
-            print(f"error: {e}", file=sys.stderr)
-            return EXIT_BAD_INPUT
+        checked = _check_run(run, fail)
+        if isinstance(checked, int):
+            return checked
+        spec, dev = checked
         status.fields.update(device=str(dev), max_epochs=spec["max_epochs"])
         status.update()
         status.start_heartbeat()
-        flag = {}
         log(f"start {run.id} pid {os.getpid()} device {dev} resume={args.resume}")
-        with _signals(flag):
-            if orphaned(parent):
-                flag["signal"] = signal.SIGTERM  # the scheduler died before we could ask to follow it
-            try:
-                result = train(spec, run, args.resume, lambda: "signal" in flag or orphaned(parent), status, log)
-            except Cancelled:
-                sig = flag.get("signal", signal.SIGTERM)
-                if orphaned(parent):
-                    fail(f"its scheduler (pid {parent}) died; last.pt holds the last finished epoch "
-                         "(run it again to resume)", "cancelled")
-                else:
-                    state, message = slurm.stop_state(run, sig)  # under Slurm, SIGTERM may be preemption
-                    fail(message, state)
-                return 128 + sig
-            except Diverged as e:
-                fail(str(e), "diverged", diverged_epoch=e.epoch, diverged_term=e.term)
-                return 1
-            except Exception as e:
-                logf.write(traceback.format_exc())
-                if out_of_memory(e):
-                    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-                    fail(f"out of memory on {dev} ({first}); run fewer runs per GPU (--per-gpu), a smaller "
-                         "batch_size or a smaller train_subset", out_of_memory=True)
-                else:
-                    fail(f"{type(e).__name__}: {e}")
-                return 1
-        atomic_write_json(run.file("result.json"), result)
-        status.update(state="completed", finished_at=now_iso(), error=None)
-        log(f"completed: test accuracy {result['test_accuracy']:.4f}, robustness {result['robustness']:.4f}")
-        return 0
+        return _train_to_the_end(spec, run, dev, args.resume, parent, status, log, logf, fail)
     finally:
         status.stop_heartbeat()
         logf.close()
+
+
+def _check_run(run: RunDir, fail):
+    """(spec, device) when the run can start, else its exit code after saying why."""
+    from .store import RunFileError, read_json
+    try:
+        raw = read_json(run.file("spec.json"))  # resolve() checks it key by key, with its own messages
+        if raw is None:
+            raise RunFileError(f"{run.file('spec.json')} is missing")
+        spec = resolve(raw)
+    except (SpecError, RunFileError) as e:
+        fail(f"bad spec {run.file('spec.json')}: {e}")
+        print(f"error: bad spec {run.file('spec.json')}: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from . import data
+    if (data.is_builtin(spec["dataset"]) and spec["dataset"] != "synthetic"
+            and data.find(spec["dataset"], spec["data_dir"]) is None):
+        msg = data.missing_message(spec["dataset"], spec["data_dir"])
+    else:
+        msg = changed_source(spec)
+    if msg:
+        fail(msg)
+        print(f"error: {msg}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        make_deterministic()
+        dev = pick_device(spec["device"], os.environ.get("GAUSSREG_GPU"))
+    except SpecError as e:
+        fail(str(e))
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return spec, dev
+
+
+def _train_to_the_end(spec, run: RunDir, dev, resume: bool, parent, status: Status, log, logf, fail) -> int:
+    """Train under the stop signals; record the result or how the run ended. The exit code."""
+    flag = {}
+    with _signals(flag):
+        if orphaned(parent):
+            flag["signal"] = signal.SIGTERM  # the scheduler died before we could ask to follow it
+        try:
+            result = train(spec, run, resume, lambda: "signal" in flag or orphaned(parent), status, log)
+        except Cancelled:
+            sig = flag.get("signal", signal.SIGTERM)
+            if orphaned(parent):
+                fail(f"its scheduler (pid {parent}) died; last.pt holds the last finished epoch "
+                     "(run it again to resume)", "cancelled")
+            else:
+                state, message = slurm.stop_state(run, sig)  # under Slurm, SIGTERM may be preemption
+                fail(message, state)
+            return 128 + sig
+        except Diverged as e:
+            fail(str(e), "diverged", diverged_epoch=e.epoch, diverged_term=e.term)
+            return 1
+        except Exception as e:
+            logf.write(traceback.format_exc())
+            if out_of_memory(e):
+                first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+                fail(f"out of memory on {dev} ({first}); run fewer runs per GPU (--per-gpu), a smaller "
+                     "batch_size or a smaller train_subset", out_of_memory=True)
+            else:
+                fail(f"{type(e).__name__}: {e}")
+            return 1
+    atomic_write_json(run.file("result.json"), result)
+    status.update(state="completed", finished_at=now_iso(), error=None)
+    log(f"completed: test accuracy {result['test_accuracy']:.4f}, robustness {result['robustness']:.4f}")
+    return 0
 
 
 if __name__ == "__main__":
