@@ -132,6 +132,53 @@ def _suggest(key: str, known) -> str:
 def load(path, data_dir: Optional[str] = None) -> Manifest:
     """Parse, validate and expand a manifest. Raises ManifestError; launches nothing."""
     path = Path(path)
+    text, doc = _read(path)
+    lines = _Lines(text)
+    errors: List[ManifestError] = []
+
+    def make(section, keypath: List[str], message: str) -> ManifestError:
+        return ManifestError(path, lines.find(section, keypath), ".".join(keypath), message)
+
+    def err(section, keypath: List[str], message: str) -> None:
+        e = make(section, keypath, message)
+        if str(e) not in {str(x) for x in errors}:  # a grid repeats the same mistake at every point
+            errors.append(e)
+
+    slurm_table, python_path, defaults, exps = _top_level(doc, path, err)
+    base = path.resolve().parent
+    out, names = [], set()
+    for i, exp in enumerate(exps):
+        if len(errors) >= MAX_ERRORS:
+            break
+        sec = ("experiment", i)
+        if not isinstance(exp, dict):
+            err(sec, ["experiment"], "each [[experiment]] must be a table")
+            continue
+        name, exp, merged, tol, methods = _merge_experiment(i, exp, defaults, names, base, err)
+        axes = _axes(merged, sec, err)
+        if axes is None:
+            continue  # no runs to check: the grid has no points
+        exp_out = Experiment(name, float(tol), index=i)
+        extra = {**({"python_path": python_path} if python_path else {}),
+                 **({"data_dir": str(data_dir)} if data_dir else {})}
+        _expand_methods(exp_out, exp, methods, axes, extra, sec, err, errors)
+        ids = [r.id for r in exp_out.runs]
+        if len(set(ids)) != len(ids):
+            dup = next(x for x in ids if ids.count(x) > 1)
+            err(sec, ["methods"], f"two grid points give the same run ({dup}): a grid repeats a value")
+        out.append(exp_out)
+    if errors:
+        raise ManifestError.of(path, sorted(errors[:MAX_ERRORS], key=lambda e: e.line or 0))
+
+    def located(i: int, keypath: List[str], message: str) -> ManifestError:
+        sec = ("experiment", i) if keypath[0] in exps[i] else ("defaults", 0) if keypath[0] in defaults else None
+        return make(sec, keypath, message)
+
+    return Manifest(path, out, slurm_table, located)
+
+
+def _read(path: Path):
+    """The manifest's text and its TOML document, or the ManifestError saying why not."""
     try:
         text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
@@ -148,17 +195,11 @@ def load(path, data_dir: Optional[str] = None) -> Manifest:
     except tomllib.TOMLDecodeError as e:
         m = re.search(r"line (\d+)", str(e))
         raise ManifestError(path, int(m.group(1)) if m else None, "", f"not valid TOML ({e})") from None
-    lines = _Lines(text)
-    errors: List[ManifestError] = []
+    return text, doc
 
-    def make(section, keypath: List[str], message: str) -> ManifestError:
-        return ManifestError(path, lines.find(section, keypath), ".".join(keypath), message)
 
-    def err(section, keypath: List[str], message: str) -> None:
-        e = make(section, keypath, message)
-        if str(e) not in {str(x) for x in errors}:  # a grid repeats the same mistake at every point
-            errors.append(e)
-
+def _top_level(doc: dict, path: Path, err):
+    """The checked top-level tables: [slurm], python_path (absolute), [defaults], [[experiment]]."""
     for key in doc:
         if key not in TOP_KEYS:
             err(None, [key], "unknown top-level key" + _suggest(key, TOP_KEYS))
@@ -193,124 +234,117 @@ def load(path, data_dir: Optional[str] = None) -> Manifest:
     if not isinstance(exps, list) or not exps:
         err(None, ["experiment"], "the manifest has no [[experiment]]")
         exps = []
-    out, names = [], set()
-    for i, exp in enumerate(exps):
-        if len(errors) >= MAX_ERRORS:
-            break
-        sec = ("experiment", i)
-        if not isinstance(exp, dict):
-            err(sec, ["experiment"], "each [[experiment]] must be a table")
-            continue
-        name = exp.get("name")
-        table = f"[[experiment]] {name!r}" if isinstance(name, str) else f"[[experiment]] number {i + 1}"
-        for key in exp:
-            if key not in EXPERIMENT_KEYS:
-                err(sec, [key], f"unknown key in {table}" + _suggest(key, EXPERIMENT_KEYS))
-        exp = {k: v for k, v in exp.items() if k in EXPERIMENT_KEYS}
-        if not isinstance(name, str) or not EXPERIMENT_NAME.fullmatch(name):
-            err(sec, ["name"], "every experiment needs a name of 1 to 100 letters, digits, '.', '_' or '-', "
-                "starting with a letter or digit" + (f" (got {name!r:.120})" if name is not None else ""))
-            name = f"experiment{i + 1}"
-        elif name in names:
-            err(sec, ["name"], f"duplicate experiment name {name!r}")
-        names.add(name)
-        merged = {k: v for k, v in {**defaults, **exp}.items() if k != "name"}
-        tol = merged.pop("tolerance", 0.0)
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol <= 1:  # NaN fails too
-            err(sec if "tolerance" in exp else ("defaults", 0), ["tolerance"],
-                f"must be a fraction in [0, 1] (0.0039 means 0.39%), not {tol!r}")
-            tol = 0.0
-        methods = merged.pop("methods", None)
-        if not isinstance(methods, dict) or not methods:
-            err(sec, ["methods"], f"{table} needs a non-empty 'methods' table, e.g. methods.baseline = {{}}")
-            methods = {}
-        for key in ("dataset", "model"):
-            if key not in merged:
-                err(sec, [key], f"{table} needs a {key!r} (in it or in [defaults])")
-                merged[key] = STAND_IN[key]  # to check the rest of the experiment; reported, so never run
-        seeds = merged.pop("seeds", None)
-        if seeds is not None:
-            if "seed" in exp:
-                err(sec, ["seeds"], "give either 'seed' or 'seeds', not both")
-            elif not isinstance(seeds, list) or not seeds:
-                err(sec, ["seeds"], "must be a non-empty list of integers")
-            else:
-                merged["seed"] = seeds
-        ds = merged.get("dataset")
-        for d in (ds if isinstance(ds, list) else [ds]):
-            if isinstance(d, str) and data.source_path(d) is not None and not data.source_path(d).is_absolute():
-                # a user's data file or folder: relative to the manifest, stored absolute
-                kind = d.split(":", 1)[0]
-                fixed = f"{kind}:{(base / data.source_path(d)).resolve()}"
-                merged["dataset"] = [fixed if x == d else x for x in ds] if isinstance(ds, list) else fixed
-                ds = merged["dataset"]
-        axes, empty = {}, False
-        for key, v in merged.items():
-            if key in ARG_TABLES and isinstance(v, dict):
-                for k2, v2 in v.items():  # each argument is an axis of its own
-                    if isinstance(v2, list) and not v2:
-                        err(sec, [key, k2], "empty grid: a list value needs at least one element")
-                        empty = True
-                    axes[f"{key}.{k2}"] = v2 if isinstance(v2, list) else [v2]
-                if not v:
-                    axes[key] = [{}]
-                continue
-            if isinstance(v, list) and key not in TABLES:
-                if not v:
-                    err(sec, [key], "empty grid: a list value needs at least one element")
+    return slurm_table, python_path, defaults, exps
+
+
+def _merge_experiment(i: int, exp: dict, defaults: dict, names: set, base: Path, err):
+    """One [[experiment]] over [defaults], checked: its name, its known keys, its tolerance,
+    its methods table and its values (seeds as the seed axis, data paths made absolute)."""
+    sec = ("experiment", i)
+    name = exp.get("name")
+    table = f"[[experiment]] {name!r}" if isinstance(name, str) else f"[[experiment]] number {i + 1}"
+    for key in exp:
+        if key not in EXPERIMENT_KEYS:
+            err(sec, [key], f"unknown key in {table}" + _suggest(key, EXPERIMENT_KEYS))
+    exp = {k: v for k, v in exp.items() if k in EXPERIMENT_KEYS}
+    if not isinstance(name, str) or not EXPERIMENT_NAME.fullmatch(name):
+        err(sec, ["name"], "every experiment needs a name of 1 to 100 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit" + (f" (got {name!r:.120})" if name is not None else ""))
+        name = f"experiment{i + 1}"
+    elif name in names:
+        err(sec, ["name"], f"duplicate experiment name {name!r}")
+    names.add(name)
+    merged = {k: v for k, v in {**defaults, **exp}.items() if k != "name"}
+    tol = merged.pop("tolerance", 0.0)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol <= 1:  # NaN fails too
+        err(sec if "tolerance" in exp else ("defaults", 0), ["tolerance"],
+            f"must be a fraction in [0, 1] (0.0039 means 0.39%), not {tol!r}")
+        tol = 0.0
+    methods = merged.pop("methods", None)
+    if not isinstance(methods, dict) or not methods:
+        err(sec, ["methods"], f"{table} needs a non-empty 'methods' table, e.g. methods.baseline = {{}}")
+        methods = {}
+    for key in ("dataset", "model"):
+        if key not in merged:
+            err(sec, [key], f"{table} needs a {key!r} (in it or in [defaults])")
+            merged[key] = STAND_IN[key]  # to check the rest of the experiment; reported, so never run
+    seeds = merged.pop("seeds", None)
+    if seeds is not None:
+        if "seed" in exp:
+            err(sec, ["seeds"], "give either 'seed' or 'seeds', not both")
+        elif not isinstance(seeds, list) or not seeds:
+            err(sec, ["seeds"], "must be a non-empty list of integers")
+        else:
+            merged["seed"] = seeds
+    ds = merged.get("dataset")
+    for d in (ds if isinstance(ds, list) else [ds]):
+        if isinstance(d, str) and data.source_path(d) is not None and not data.source_path(d).is_absolute():
+            # a user's data file or folder: relative to the manifest, stored absolute
+            kind = d.split(":", 1)[0]
+            fixed = f"{kind}:{(base / data.source_path(d)).resolve()}"
+            merged["dataset"] = [fixed if x == d else x for x in ds] if isinstance(ds, list) else fixed
+            ds = merged["dataset"]
+    return name, exp, merged, tol, methods
+
+
+def _axes(merged: dict, sec, err) -> Optional[dict]:
+    """The grid's axes: a list value is an axis, each argument of an argument table its own;
+    None when an axis is empty (the grid has no points)."""
+    axes, empty = {}, False
+    for key, v in merged.items():
+        if key in ARG_TABLES and isinstance(v, dict):
+            for k2, v2 in v.items():  # each argument is an axis of its own
+                if isinstance(v2, list) and not v2:
+                    err(sec, [key, k2], "empty grid: a list value needs at least one element")
                     empty = True
-                axes[key] = v
+                axes[f"{key}.{k2}"] = v2 if isinstance(v2, list) else [v2]
+            if not v:
+                axes[key] = [{}]
+            continue
+        if isinstance(v, list) and key not in TABLES:
+            if not v:
+                err(sec, [key], "empty grid: a list value needs at least one element")
+                empty = True
+            axes[key] = v
+        else:
+            axes[key] = [v]
+    return None if empty else axes
+
+
+def _expand_methods(exp_out: Experiment, exp: dict, methods: dict, axes: dict, extra: dict, sec, err,
+                    errors: list) -> None:
+    """Every grid point of every method, resolved into exp_out.runs (none once there are errors)."""
+    name = exp_out.name
+    for method, params in methods.items():
+        if method not in PARAMS:
+            err(sec, ["methods", method], f"unknown method {method!r}" + _suggest(method, PARAMS))
+            continue
+        if not isinstance(params, dict):
+            err(sec, ["methods", method], "must be a table of parameters, e.g. {} or { sigma = 0.25 }")
+            continue
+        p_axes = {}
+        for k, v in params.items():
+            if isinstance(v, list):
+                if not v:
+                    err(sec, ["methods", method, k], "empty grid: a list value needs at least one element")
+                p_axes[k] = v
             else:
-                axes[key] = [v]
-        if empty:
-            continue  # no runs to check: the grid has no points
-        exp_out = Experiment(name, float(tol), index=i)
-        for method, params in methods.items():
-            if method not in PARAMS:
-                err(sec, ["methods", method], f"unknown method {method!r}" + _suggest(method, PARAMS))
-                continue
-            if not isinstance(params, dict):
-                err(sec, ["methods", method], "must be a table of parameters, e.g. {} or { sigma = 0.25 }")
-                continue
-            p_axes = {}
-            for k, v in params.items():
-                if isinstance(v, list):
-                    if not v:
-                        err(sec, ["methods", method, k], "empty grid: a list value needs at least one element")
-                    p_axes[k] = v
-                else:
-                    p_axes[k] = [v]
-            keys, pkeys = list(axes), list(p_axes)
-            for combo in itertools.product(*axes.values()):
-                for pcombo in itertools.product(*p_axes.values()):
-                    partial = {"experiment": name, "method": method, "params": dict(zip(pkeys, pcombo))}
-                    for k, v in zip(keys, combo):
-                        if "." in k and k.split(".", 1)[0] in ARG_TABLES:
-                            partial.setdefault(k.split(".", 1)[0], {})[k.split(".", 1)[1]] = v
-                        else:
-                            partial.setdefault(k, v)
-                    if python_path:
-                        partial["python_path"] = python_path
-                    if data_dir:
-                        partial["data_dir"] = str(data_dir)
-                    spec = _resolve_all(partial, lambda e: _spec_error(err, sec, exp, method, e))
-                    if spec is not None and not errors:
-                        exp_out.runs.append(PlannedRun(run_id(spec), spec))
-                    if len(errors) >= MAX_ERRORS:
-                        break
-        ids = [r.id for r in exp_out.runs]
-        if len(set(ids)) != len(ids):
-            dup = next(x for x in ids if ids.count(x) > 1)
-            err(sec, ["methods"], f"two grid points give the same run ({dup}): a grid repeats a value")
-        out.append(exp_out)
-    if errors:
-        raise ManifestError.of(path, sorted(errors[:MAX_ERRORS], key=lambda e: e.line or 0))
-
-    def located(i: int, keypath: List[str], message: str) -> ManifestError:
-        sec = ("experiment", i) if keypath[0] in exps[i] else ("defaults", 0) if keypath[0] in defaults else None
-        return make(sec, keypath, message)
-
-    return Manifest(path, out, slurm_table, located)
+                p_axes[k] = [v]
+        keys, pkeys = list(axes), list(p_axes)
+        for combo in itertools.product(*axes.values()):
+            for pcombo in itertools.product(*p_axes.values()):
+                partial = {"experiment": name, "method": method, "params": dict(zip(pkeys, pcombo))}
+                for k, v in zip(keys, combo):
+                    if "." in k and k.split(".", 1)[0] in ARG_TABLES:
+                        partial.setdefault(k.split(".", 1)[0], {})[k.split(".", 1)[1]] = v
+                    else:
+                        partial.setdefault(k, v)
+                partial.update(extra)
+                spec = _resolve_all(partial, lambda e: _spec_error(err, sec, exp, method, e))
+                if spec is not None and not errors:
+                    exp_out.runs.append(PlannedRun(run_id(spec), spec))
+                if len(errors) >= MAX_ERRORS:
+                    break
 
 
 def _spec_error(err, sec, exp: dict, method: str, e: SpecError) -> None:
