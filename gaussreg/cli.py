@@ -164,7 +164,6 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
     """Run every configuration of a manifest, one worker process per run, then print the fair table."""
     from . import report
     from .launch import LaunchError, LaunchRequest, launch, plan
-    from .scheduler import Scheduler
     from .store import Store
 
     if backend not in ("local", "slurm"):
@@ -184,7 +183,7 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
         p = plan(req)
     except LaunchError as e:
         fail(str(e))
-    runs, slots = p.runs, p.slots
+    runs = p.runs
     readable_store(store)
     st = Store(store)
     if dry_run:
@@ -206,6 +205,14 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
                       f"watch with `gaussreg tui --store {store}`, `gaussreg ls --store {store}` or "
                       f"`gaussreg table --store {store}`", highlight=False, markup=False)
         return
+    _run_here(p, st, manifest, store, gpus, rerun)
+
+
+def _run_here(p, st, manifest: Path, store: Path, gpus: str, rerun: bool):
+    """`gaussreg run` in the foreground: record the experiments, schedule the runs on this
+    box under a live view, print the outcome and exit with the summary's code."""
+    from .scheduler import Scheduler
+    runs, slots = p.runs, p.slots
     try:
         for e in p.manifest.experiments:
             if any(r.spec["experiment"] == e.name for r in runs):
@@ -570,6 +577,36 @@ def _parse_sigmas(text: Optional[str]) -> Optional[List[float]]:
     return vals
 
 
+def _model_from_checkpoint(ckpt: Path, spec: dict, device: str, data_dir: Optional[Path]):
+    """The run's model with the checkpoint's weights on the picked device, and the run's
+    test split there; fails with one sentence naming what does not fit."""
+    import torch
+    from . import data
+    from .device import pick_device
+    from .spec import SpecError
+    try:
+        dev = pick_device(device)
+    except SpecError as e:
+        fail(str(e))
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
+    except Exception as e:
+        fail(f"{ckpt} is not a gaussreg checkpoint ({type(e).__name__}: {e})")
+    try:
+        splits = data.load(spec["dataset"], data_dir or spec["data_dir"], split_seed=spec["split_seed"],
+                           test_subset=spec["test_subset"], device=dev, test_only=True,
+                           args=spec.get("dataset_args"), python_path=spec.get("python_path", ()))
+    except data.DataError as e:
+        fail(str(e))
+    model = _build_or_fail(spec, splits.info).to(dev)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fail(f"{ckpt} does not fit the run's model {spec['model']} on {spec['dataset']} ({first})")
+    return model, splits
+
+
 @app.command("eval")
 def eval_(target: str = typer.Argument(..., help="A run id, or a checkpoint file inside a run directory."),
           store: Path = StoreOpt,
@@ -609,32 +646,9 @@ def eval_(target: str = typer.Argument(..., help="A run id, or a checkpoint file
     clip = own["clip"] if clip is None else clip
     if not ckpt.is_file():
         fail(f"{ckpt} does not exist (has the run finished an epoch?)")
-    import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-    from . import data
-    from .models import build_model
     from .robustness import robustness
-    from .device import pick_device
-    try:
-        dev = pick_device(device)
-    except SpecError as e:
-        fail(str(e))
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
-    except Exception as e:
-        fail(f"{ckpt} is not a gaussreg checkpoint ({type(e).__name__}: {e})")
-    try:
-        splits = data.load(spec["dataset"], data_dir or spec["data_dir"], split_seed=spec["split_seed"],
-                           test_subset=spec["test_subset"], device=dev, test_only=True,
-                           args=spec.get("dataset_args"), python_path=spec.get("python_path", ()))
-    except data.DataError as e:
-        fail(str(e))
-    model = _build_or_fail(spec, splits.info).to(dev)
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        fail(f"{ckpt} does not fit the run's model {spec['model']} on {spec['dataset']} ({first})")
+    model, splits = _model_from_checkpoint(ckpt, spec, device, data_dir)
     which = "given by --sigmas" if sigmas else "the run's own"
     used = (f"{run.id}: checkpoint {ckpt}, {len(sig)} sigmas {min(sig):g} to {max(sig):g} ({which}), "
             f"{samples} sample(s){', clipped' if clip else ''}")
@@ -695,27 +709,10 @@ def certify(run_id: str = typer.Argument(..., help="A run id (or a unique prefix
     if not ckpt.is_file():
         fail(f"{ckpt} does not exist: run {run.id} has not finished an epoch, so there is no model to certify")
     sigma = default_certify_sigma(spec) if sigma is None else sigma
-    import torch
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-    from . import data
     from .smoothing import certify_run
-    from .device import pick_device
-    try:
-        dev = pick_device(device)
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
-    except SpecError as e:
-        fail(str(e))
-    except Exception as e:
-        fail(f"{ckpt} is not a gaussreg checkpoint ({type(e).__name__}: {e})")
-    try:
-        splits = data.load(spec["dataset"], data_dir or spec["data_dir"], split_seed=spec["split_seed"],
-                           test_subset=spec["test_subset"], device=dev, test_only=True,
-                           args=spec.get("dataset_args"), python_path=spec.get("python_path", ()))
-    except data.DataError as e:
-        fail(str(e))
-    model = _build_or_fail(spec, splits.info).to(dev)
-    model.load_state_dict(state)
+    model, splits = _model_from_checkpoint(ckpt, spec, device, data_dir)
     with Progress(TextColumn(f"certifying at sigma {sigma:g}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=err_console, transient=True) as bar:
         task = bar.add_task("certify", total=min(images, len(splits.test_x)))

@@ -2,6 +2,7 @@
 
 The core (gaussreg) must run without the TUI, and the file-reading tools (ls, table, show, the
 scheduler, the TUI) must start without torch, which costs over a second at every start."""
+import ast
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Modules that read run files or manifests only: torch must not be imported at module level.
 TORCH_FREE = ["gaussreg.store", "gaussreg.spec", "gaussreg.manifest", "gaussreg.report", "gaussreg.scheduler",
-              "gaussreg.cli", "gaussreg.launch", "gaussreg.live", "gaussreg.slurm", "tui.app"]
+              "gaussreg.cli", "gaussreg.launch", "gaussreg.live", "gaussreg.slurm", "gaussreg.device", "tui.app"]
 CORE = ["gaussreg.cli", "gaussreg.worker", "gaussreg.report", "gaussreg.scheduler", "gaussreg.bench"]
 
 
@@ -41,3 +42,17 @@ def test_import_linter_contracts_hold():
     out = subprocess.run([exe, "--config", str(ROOT / "pyproject.toml")], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "2 kept, 0 broken" in out.stdout
+
+
+MAX_FUNCTION_LINES = 80  # a function longer than a screen gets split into named steps
+
+
+def test_no_function_is_longer_than_a_screen():
+    long = []
+    for path in sorted([*(ROOT / "gaussreg").glob("*.py"), *(ROOT / "tui").glob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: " + "; ".join(long)
