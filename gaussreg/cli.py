@@ -607,8 +607,21 @@ def _model_from_checkpoint(ckpt: Path, spec: dict, device: str, data_dir: Option
     return model, splits
 
 
+def _spec_in_checkpoint(path: Path) -> dict:
+    """The resolved spec a checkpoint carries (written since gaussreg stores it there), or exit 2."""
+    import torch
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - any file that is not a checkpoint
+        ck = None
+    if not isinstance(ck, dict) or not isinstance(ck.get("spec"), dict):
+        fail(f"{path} is not a run id or a checkpoint inside a run directory (no spec.json next to it, "
+             "and no spec inside it)")
+    return ck["spec"]
+
+
 @app.command("eval")
-def eval_(target: str = typer.Argument(..., help="A run id, or a checkpoint file inside a run directory."),
+def eval_(target: str = typer.Argument(..., help="A run id, or a checkpoint file (its run's spec is inside it)."),
           store: Path = StoreOpt,
           sigmas: Optional[str] = typer.Option(None, help="'0,0.1,0.2' or START:STOP:COUNT (default: the run's "
                                                           "own robustness sigmas)."),
@@ -624,10 +637,11 @@ def eval_(target: str = typer.Argument(..., help="A run id, or a checkpoint file
     from .spec import MAX_SAMPLES, SpecError, resolve, valid_device
     from .store import RunDir, RunFileError
     p = Path(target)
+    inner = None  # the spec a checkpoint carries, for one copied away from its run directory
     if p.is_file():
         run, ckpt = RunDir(p.parent), p
         if not os.path.lexists(run.file("spec.json")):
-            fail(f"{target} is not a run id or a checkpoint inside a run directory (no spec.json next to it)")
+            inner = _spec_in_checkpoint(p)
     else:
         run = _get_run(store, target)
         ckpt = run.file("best.pt")
@@ -637,7 +651,7 @@ def eval_(target: str = typer.Argument(..., help="A run id, or a checkpoint file
         fail(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
     sig = _parse_sigmas(sigmas)
     try:
-        spec = resolve(run.spec())
+        spec = resolve(inner if inner is not None else run.spec())
     except (SpecError, RunFileError) as e:
         fail(str(e))
     own = spec["robustness"]
@@ -650,7 +664,8 @@ def eval_(target: str = typer.Argument(..., help="A run id, or a checkpoint file
     from .robustness import robustness
     model, splits = _model_from_checkpoint(ckpt, spec, device, data_dir)
     which = "given by --sigmas" if sigmas else "the run's own"
-    used = (f"{run.id}: checkpoint {ckpt}, {len(sig)} sigmas {min(sig):g} to {max(sig):g} ({which}), "
+    name = run.id if inner is None else f"{spec.get('experiment', '?')} (spec from the checkpoint)"
+    used = (f"{name}: checkpoint {ckpt}, {len(sig)} sigmas {min(sig):g} to {max(sig):g} ({which}), "
             f"{samples} sample(s){', clipped' if clip else ''}")
     # said first: the evaluation takes a while; on stderr when stdout is JSON
     (err_console if format == ListFormat.json else console).print(escape(used), highlight=False, soft_wrap=True)
@@ -661,7 +676,8 @@ def eval_(target: str = typer.Argument(..., help="A run id, or a checkpoint file
         r = robustness(model, splits.test_x, splits.test_y, sigmas=sig, samples=samples, seed=seed, clip=clip,
                        progress=lambda done, total: bar.update(task, completed=done))
     if format == ListFormat.json:
-        print(json.dumps({"run_id": run.id, "checkpoint": str(ckpt), "sigmas_from": "option" if sigmas else "run",
+        print(json.dumps({"run_id": run.id if inner is None else None, "checkpoint": str(ckpt),
+                          "sigmas_from": "option" if sigmas else "run",
                           **r.to_dict(), "clip": clip}, indent=2))
         return
     t = Table()
@@ -671,7 +687,7 @@ def eval_(target: str = typer.Argument(..., help="A run id, or a checkpoint file
         t.add_row(f"{s:.4f}", f"{c * 100:.2f}", f"{a * 100:.2f}")
     console.print(t)
     # a line of its own: as the table's title it would wrap at the table's width
-    console.print(escape(f"{run.id}: clean acc {r.clean_accuracy * 100:.2f}%, robustness R {r.score * 100:.2f}%"),
+    console.print(escape(f"{name}: clean acc {r.clean_accuracy * 100:.2f}%, robustness R {r.score * 100:.2f}%"),
                   highlight=False, soft_wrap=True)
 
 

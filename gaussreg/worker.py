@@ -146,11 +146,13 @@ def _training_state(model, opt, sched, state: dict) -> dict:
             "state": dict(state)}
 
 
-def _write_checkpoint(path: Path, content: dict) -> None:
+def _write_checkpoint(path: Path, content: dict, spec: dict) -> None:
+    """content plus the run's resolved spec, so a checkpoint copied away from its run
+    directory still says what it is (`gaussreg eval FILE`)."""
     import io
     import torch
     buf = io.BytesIO()
-    torch.save(content, buf)
+    torch.save({**content, "spec": spec}, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -183,8 +185,8 @@ class LastCheckpoint:
     A checkpoint of AlexNet is ~160 MB and fsync'd: written per short GPU epoch, by 16 runs
     packed on a cluster filesystem, it would dominate the training."""
 
-    def __init__(self, path: Path, every_s: float):
-        self.path, self.every_s = path, every_s
+    def __init__(self, path: Path, every_s: float, spec: dict):
+        self.path, self.every_s, self.spec = path, every_s, spec
         self.pending: Optional[dict] = None
         self.written_at = time.monotonic()
 
@@ -197,7 +199,7 @@ class LastCheckpoint:
             self.pending = content
 
     def write(self, content: dict) -> None:
-        _write_checkpoint(self.path, content)
+        _write_checkpoint(self.path, content, self.spec)
         self.written_at = time.monotonic()
 
     def flush(self) -> bool:
@@ -225,8 +227,8 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
     """The training loop; returns result.json's content."""
     t_start = time.time()
     s = _setup(spec, log)
-    state, resuming = _start_or_resume(run, resume, s, log)
-    last_ck = LastCheckpoint(run.file("last.pt"), checkpoint_every_s())
+    state, resuming = _start_or_resume(run, resume, s, log, spec)
+    last_ck = LastCheckpoint(run.file("last.pt"), checkpoint_every_s(), spec)
     events = Events(run.file("events.jsonl"), truncate=not resuming)
     try:
         events.emit("resume" if resuming else "start", epoch=state["epoch"], device=str(s.dev),
@@ -291,7 +293,7 @@ def _setup(spec: dict, log) -> _Setup:
     return _Setup(dev, splits, model, method, g, opt, sched, parameter_count(model))
 
 
-def _start_or_resume(run: RunDir, resume: bool, s: _Setup, log):
+def _start_or_resume(run: RunDir, resume: bool, s: _Setup, log, spec: dict):
     """The training state to start from, and whether it comes from last.pt; a fresh start
     removes the previous model's outputs and writes a last.pt at once."""
     import torch
@@ -317,7 +319,7 @@ def _start_or_resume(run: RunDir, resume: bool, s: _Setup, log):
             run.file(name).unlink(missing_ok=True)
         for f in run.certification_files():  # certificates of a model about to be replaced
             f.unlink(missing_ok=True)
-        _write_checkpoint(last, _training_state(s.model, s.opt, s.sched, state))  # a kill -9 still leaves a last.pt
+        _write_checkpoint(last, _training_state(s.model, s.opt, s.sched, state), spec)  # kill -9 leaves a last.pt
     return state, resuming
 
 
@@ -449,7 +451,7 @@ def _train_epochs(spec, run, state, model, method, opt, sched, g, splits, dev, e
             state.update(best_val_loss=val["loss"], best_epoch=epoch, bad_epochs=0,
                          best_val_accuracy=val["accuracy"])
             # the model alone: what evaluation, `eval` and `certify` read
-            _write_checkpoint(run.file("best.pt"), {"model": model.state_dict(), "state": dict(state)})
+            _write_checkpoint(run.file("best.pt"), {"model": model.state_dict(), "state": dict(state)}, spec)
         else:
             state["bad_epochs"] += 1
         train_loss = train.pop("loss")

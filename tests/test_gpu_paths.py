@@ -424,3 +424,28 @@ def test_the_tuis_rerun_takes_a_free_gpu_place_held_by_its_worker(tmp_path, monk
     fd = st.lock_gpu_share("GPU-00000001", 1)  # free again once the worker ended
     assert fd is not None
     os.close(fd)
+
+
+def test_a_checkpoint_copied_away_from_its_run_evaluates_alone(tmp_path):
+    """Each checkpoint carries its resolved spec, so `gaussreg eval FILE` needs no run directory."""
+    import shutil
+    d = tmp_path / "r"
+    d.mkdir()
+    (d / "spec.json").write_text(json.dumps(resolve({"dataset": "synthetic", "model": "mlp", "method": "baseline",
+                                                     "max_epochs": 1, "train_subset": 200, "test_subset": 50,
+                                                     "robustness": {"sigmas": [0.0, 0.1]}, "experiment": "e"})))
+    p = subprocess.run([sys.executable, "-m", "gaussreg.worker", str(d)], env=python_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    away = tmp_path / "elsewhere" / "model.pt"
+    away.parent.mkdir()
+    shutil.copy(d / "best.pt", away)
+    r = CliRunner().invoke(cli_app, ["eval", str(away), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    res = RunDir(d).result()
+    assert out["run_id"] is None and out["sigmas"] == [0.0, 0.1]  # the run's own sigmas, from the checkpoint
+    assert out["clean_accuracy"] == res["test_accuracy"] and out["per_sigma"] == res["per_sigma"]
+    (tmp_path / "elsewhere" / "junk.pt").write_bytes(b"not a checkpoint")
+    r = CliRunner().invoke(cli_app, ["eval", str(tmp_path / "elsewhere" / "junk.pt")])
+    assert r.exit_code == 2 and "no spec inside it" in " ".join(r.stderr.split())

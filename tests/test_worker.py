@@ -12,6 +12,7 @@ import torch
 from conftest import python_env
 from gaussreg import data
 from gaussreg.store import RunDir
+from gaussreg.spec import resolve
 
 FAST = {"dataset": "synthetic", "model": "mlp", "method": "baseline", "batch_size": 100,
         "optimizer": {"lr": 1e-3}, "robustness": {"sigmas": [0.0, 0.2, 0.4]}}
@@ -71,9 +72,10 @@ def test_two_epoch_run_writes_the_documented_files(tmp_path):
     assert len(res["val_accuracy_per_sigma"]) == 3
     # last.pt holds no generator state (epochs are seeded from (seed, epoch)), so it resumes on any device
     ck = torch.load(run.file("last.pt"), weights_only=True)
-    assert set(ck) == {"model", "optimizer", "scheduler", "state"} and ck["state"]["epoch"] == 2
+    assert set(ck) == {"model", "optimizer", "scheduler", "state", "spec"} and ck["state"]["epoch"] == 2
+    assert ck["spec"] == resolve(json.loads(run.file("spec.json").read_text()))  # a checkpoint says what it is
     best = torch.load(run.file("best.pt"), weights_only=True)  # the model only: what evaluation reads
-    assert set(best) == {"model", "state"} and best["state"]["epoch"] == res["best_epoch"]
+    assert set(best) == {"model", "state", "spec"} and best["state"]["epoch"] == res["best_epoch"]
     assert json.loads(run.file("spec.json").read_text())["model"] == "lenet"  # never rewritten
 
 
