@@ -9,6 +9,7 @@ may end in a partial line."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import glob
@@ -87,6 +88,12 @@ def _umask() -> int:
     return old
 
 
+def _remove_quietly(tmp: str) -> None:
+    """Remove a temp file; one already gone (or unremovable) must not hide the error at hand."""
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
+
+
 def _complete_temp(path: Path, payload: bytes) -> str:
     """A temp file beside `path` holding `payload`, fsynced, with the permissions a plain
     open() would give (0666 less the umask), not mkstemp's 0600: colleagues reading a
@@ -99,10 +106,7 @@ def _complete_temp(path: Path, payload: bytes) -> str:
             f.flush()
             os.fsync(f.fileno())
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _remove_quietly(tmp)
         raise
     return tmp
 
@@ -114,10 +118,7 @@ def atomic_write_bytes(path: os.PathLike, payload: bytes) -> None:
     try:
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _remove_quietly(tmp)
         raise
     _fsync_dir(path.parent)
 
@@ -141,10 +142,7 @@ def atomic_create_json(path: os.PathLike, obj) -> bool:
                 return False
             os.replace(tmp, path)
     finally:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _remove_quietly(tmp)
     _fsync_dir(path.parent)
     return True
 
