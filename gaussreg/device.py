@@ -104,3 +104,42 @@ def threads_from_env() -> None:
     if threads:
         import torch
         torch.set_num_threads(int(threads))
+
+
+def bf16_native(dev) -> bool:
+    """Whether the device does bf16 matrix work in hardware: a CUDA GPU that supports bf16
+    (Ampere on), a CPU with AVX512-BF16 or AMX (as torch's own CPU dispatch detects them).
+    Elsewhere bf16 autocast is emulated and slower than fp32."""
+    import torch
+    if dev.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if dev.type != "cpu":
+        return False
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(cpu, c, lambda: False)()) for c in checks)
+
+
+def resolve_precision(requested: str, dev) -> str:
+    """The precision a run computes in on `dev`: "auto" is bf16 where the device does bf16
+    natively (bench/README.md: parity with fp32 measured), else fp32."""
+    if requested == "auto":
+        return "bf16" if bf16_native(dev) else "fp32"
+    return requested
+
+
+def autocast(dev, precision: str):
+    """The forward passes of a run (training, validation, R, certification) under bf16
+    autocast, or plain fp32. Backward passes run outside it, as torch recommends."""
+    import torch
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def prefer_channels_last(model, precision: str):
+    """Conv models in bf16 train faster in channels_last (NHWC) memory format: oneDNN's
+    and cuDNN's bf16 convolutions work in it, and NCHW costs a reorder per layer
+    (bench/README.md). fp32 keeps NCHW so that fp32 results stay bitwise as before."""
+    import torch
+    if precision == "bf16" and any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
+        return model.to(memory_format=torch.channels_last), True
+    return model, False

@@ -132,6 +132,9 @@ SCALARS = {
                "must be auto, cpu, cuda or cuda:0 (each run sees only the GPU of its slot, as cuda:0; "
                "choose GPUs with `gaussreg run --gpus`)"),
     "data_dir": ((str, type(None)), lambda v: True, ""),
+    # bf16 autocast where the device does it natively ("auto"), or fp32 / bf16 everywhere
+    "precision": (str, lambda v: v in PRECISIONS, "must be auto, fp32 or bf16"),
+    "compile": (bool, lambda v: True, ""),  # torch.compile the model (bench/README.md: not worth it on CPU)
 }
 TABLES = {"params", "optimizer", "robustness", "certify"}
 # A user's factory: its arguments (grid-expanded by the manifest, key by key), the optimiser
@@ -144,6 +147,11 @@ KEYS = set(SCALARS) | TABLES | PLUGIN_KEYS | {"version"}
 # not retrain its runs (certify finished ones with `gaussreg certify`). `python_path` says
 # where the code is; what it is, is `model_source` / `dataset_source`.
 NOT_IN_ID = {"device", "data_dir", "certify", "python_path"}
+# Keys added after run ids existed: left out of the id at their default, so earlier runs
+# keep their ids. "auto" precision, like "auto" device, is where a run happens: the
+# precision it used is in its status.json and result.json.
+PRECISIONS = ("auto", "fp32", "bf16")
+ID_DEFAULTS = {"precision": "auto", "compile": False}
 
 
 def valid_device(name: str) -> bool:
@@ -284,6 +292,7 @@ def resolve(partial: dict) -> dict:
         preset = copy.deepcopy(PRESETS[base])
     spec = {"version": SPEC_VERSION, "experiment": "", "seed": 0, "split_seed": 0, "max_epochs": 100,
             "train_subset": None, "test_subset": None, "device": "auto", "data_dir": None,
+            **ID_DEFAULTS,
             **{k: v for k, v in preset.items() if k != "optimizer"}}
     for key, v in partial.items():
         if key not in TABLES and key not in PLUGIN_KEYS and key != "version":
@@ -376,7 +385,8 @@ def _resolve_plugins(partial: dict, spec: dict) -> None:
 
 
 def canonical(spec: dict) -> str:
-    return json.dumps({k: v for k, v in spec.items() if k not in NOT_IN_ID}, sort_keys=True, separators=(",", ":"))
+    return json.dumps({k: v for k, v in spec.items() if k not in NOT_IN_ID and not (
+        k in ID_DEFAULTS and v == ID_DEFAULTS[k])}, sort_keys=True, separators=(",", ":"))
 
 
 def run_id(spec: dict) -> str:

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 from . import __version__, slurm
-from .device import device_name, keep_freed_memory, make_deterministic, out_of_memory, pick_device, threads_from_env
+from .device import (autocast, device_name, keep_freed_memory, make_deterministic, out_of_memory, pick_device,
+                     prefer_channels_last, resolve_precision, threads_from_env)
 from .spec import SpecError, resolve
 from .store import HEARTBEAT_S, RunDir, atomic_write_bytes, atomic_write_json, now_iso, to_json, try_lock
 
@@ -103,9 +104,9 @@ def make_optimizer(spec, params):
                            weight_decay=o["weight_decay"])
 
 
-def evaluate(method, model, X, Y, batch_size: int, seed: int) -> dict:
-    """The method's objective, clean CE and clean accuracy over (X, Y); noise (for
-    augment) comes from a generator reseeded per call, so epochs compare."""
+def evaluate(method, model, X, Y, batch_size: int, seed: int, precision: str = "fp32") -> dict:
+    """The method's objective, clean CE and clean accuracy over (X, Y), in the run's
+    precision; noise (for augment) comes from a generator reseeded per call, so epochs compare."""
     import torch
     import torch.nn.functional as F
     g = torch.Generator(device=X.device).manual_seed(seed)
@@ -115,7 +116,7 @@ def evaluate(method, model, X, Y, batch_size: int, seed: int) -> dict:
     correct = torch.zeros((), dtype=torch.long, device=X.device)
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), autocast(X.device, precision):
             for i in range(0, len(X), chunk):
                 x, y = X[i:i + chunk], Y[i:i + chunk]
                 L = method.objective(model, x, y, g)
@@ -234,8 +235,7 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
         events.emit("resume" if resuming else "start", epoch=state["epoch"], device=str(s.dev),
                     sizes=s.splits.sizes(), parameters=s.parameters)
         try:
-            _train_epochs(spec, run, state, s.model, s.method, s.opt, s.sched, s.g, s.splits, s.dev, events, status,
-                          last_ck, should_stop, log)
+            _train_epochs(spec, run, state, s, events, status, last_ck, should_stop, log)
         except BaseException:
             # cancel, preemption, divergence or a crash: last.pt gets the last finished epoch
             try:
@@ -263,6 +263,7 @@ class _Setup(NamedTuple):
     opt: object
     sched: object
     parameters: int
+    precision: str  # "fp32" or "bf16": what "auto" became on this device
 
 
 def _setup(spec: dict, log) -> _Setup:
@@ -283,6 +284,12 @@ def _setup(spec: dict, log) -> _Setup:
     log(f"data {spec['dataset']} {splits.sizes()} on {dev}")
     torch.manual_seed(seed)
     model = build_model(spec["model"], splits.info, spec.get("model_args"), spec.get("python_path", ())).to(dev)
+    precision = resolve_precision(spec["precision"], dev)
+    model, channels_last = prefer_channels_last(model, precision)
+    if spec["compile"]:
+        for part in (model.first, model.rest):  # in place: state_dict keys and model.first stay as they are
+            part.compile()
+    log(f"precision {precision}{', channels_last' if channels_last else ''}{', compiled' if spec['compile'] else ''}")
     method = make_method(spec["method"], spec["params"])
     g = torch.Generator(device=dev).manual_seed(seed)
     X = splits.train_x
@@ -290,7 +297,7 @@ def _setup(spec: dict, log) -> _Setup:
     opt = make_optimizer(spec, model.parameters())
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", patience=spec["lr_patience"],
                                                        factor=spec["lr_factor"])
-    return _Setup(dev, splits, model, method, g, opt, sched, parameter_count(model))
+    return _Setup(dev, splits, model, method, g, opt, sched, parameter_count(model), precision)
 
 
 def _start_or_resume(run: RunDir, resume: bool, s: _Setup, log, spec: dict):
@@ -338,18 +345,20 @@ def _final_evaluation(spec: dict, run: RunDir, s: _Setup, status: Status, should
     seed, splits, model = spec["seed"], s.splits, s.model
     _load_checkpoint(run.file("best.pt"), model, None, None)
     status.update(phase="evaluating")
-    test = evaluate(make_method("baseline", {}), model, splits.test_x, splits.test_y, spec["batch_size"], seed)
+    test = evaluate(make_method("baseline", {}), model, splits.test_x, splits.test_y, spec["batch_size"], seed,
+                    s.precision)
     rcfg = spec["robustness"]
     t0 = time.time()
-    try:
-        rob = robustness(model, splits.test_x, splits.test_y, sigmas=rcfg["sigmas"], samples=rcfg["samples"],
-                         seed=seed, clip=rcfg["clip"], should_stop=should_stop)
-    except EvaluationStopped:
-        raise Cancelled() from None
-    rob_time = time.time() - t0
-    nv = min(VAL_ROBUSTNESS_IMAGES, len(splits.val_y))
-    vrob = robustness(model, splits.val_x[:nv], splits.val_y[:nv], sigmas=rcfg["sigmas"], samples=rcfg["samples"],
-                      seed=VAL_ROBUSTNESS_SEED, clip=rcfg["clip"])
+    with autocast(s.dev, s.precision):  # R in the precision the model trained in (inference only)
+        try:
+            rob = robustness(model, splits.test_x, splits.test_y, sigmas=rcfg["sigmas"], samples=rcfg["samples"],
+                             seed=seed, clip=rcfg["clip"], should_stop=should_stop)
+        except EvaluationStopped:
+            raise Cancelled() from None
+        rob_time = time.time() - t0
+        nv = min(VAL_ROBUSTNESS_IMAGES, len(splits.val_y))
+        vrob = robustness(model, splits.val_x[:nv], splits.val_y[:nv], sigmas=rcfg["sigmas"],
+                          samples=rcfg["samples"], seed=VAL_ROBUSTNESS_SEED, clip=rcfg["clip"])
     events.emit("test", test_accuracy=test["accuracy"], test_loss=test["ce"], robustness=rob.score,
                 sigmas=rob.sigmas, per_sigma=rob.per_sigma, accuracy_per_sigma=rob.accuracy_per_sigma,
                 eval_time=rob_time)
@@ -372,22 +381,24 @@ def _result_record(spec: dict, run: RunDir, s: _Setup, state: dict, ev: _Evaluat
         "val_accuracy_per_sigma": vrob.accuracy_per_sigma, "val_robustness_images": ev.val_images,
         "train_time_s": state["train_time"], "robustness_time_s": ev.rob_time, "wall_time_s": time.time() - t_start,
         "parameters": s.parameters, "device": str(s.dev), "device_name": device_name(s.dev),
+        "precision": s.precision, "compile": spec["compile"],
         "sizes": s.splits.sizes(), "host": socket.gethostname(),
         "versions": {"gaussreg": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "finished_at": now_iso(),
     }
 
 
-def _batch_step(method, model, opt, X, Y, idx, g, sums, first_bad, correct, b: int) -> bool:
+def _batch_step(method, model, opt, X, Y, idx, g, sums, first_bad, correct, b: int, precision: str) -> bool:
     """One training step and its bookkeeping, all on the device: nothing here may wait for
     the GPU (no .item(), float() or int() of a tensor; tests/test_worker.py checks). `sums`
     holds the epoch's sums of [*method.term_names, total] weighted by batch size, `first_bad`
     the first batch at which each went non-finite (else the batch count), `correct` the right
     answers; ~8 small kernels per batch whatever the number of terms. Returns whether the
-    method gave clean logits (counted in `correct`)."""
+    method gave clean logits (counted in `correct`). The forward pass runs in `precision`."""
     import torch
-    x, y = method.batch(X, Y, idx, g)
-    L = method.loss(model, x, y, g)
+    with autocast(X.device, precision):
+        x, y = method.batch(X, Y, idx, g)
+        L = method.loss(model, x, y, g)
     opt.zero_grad(set_to_none=True)
     L.total.backward()
     opt.step()
@@ -399,11 +410,11 @@ def _batch_step(method, model, opt, X, Y, idx, g, sums, first_bad, correct, b: i
     return L.logits is not None
 
 
-def _train_epochs(spec, run, state, model, method, opt, sched, g, splits, dev, events, status, last_ck,
-                  should_stop, log) -> None:
+def _train_epochs(spec, run, state, s: _Setup, events, status, last_ck, should_stop, log) -> None:
     """The epochs from state["epoch"] + 1 on; updates `state`, writes best.pt (the model
     only) when validation improves and hands each finished epoch to last_ck."""
     import torch
+    model, method, opt, sched, g, splits, dev = s.model, s.method, s.opt, s.sched, s.g, s.splits, s.dev
     X, Y = splits.train_x, splits.train_y
     N, B = len(X) * method.copies, spec["batch_size"]
     batches = math.ceil(N / B)
@@ -416,9 +427,9 @@ def _train_epochs(spec, run, state, model, method, opt, sched, g, splits, dev, e
         status.update(epoch=epoch, phase="training")
         t0 = time.time()
         model.train()
-        s = epoch_seed(seed, epoch)  # the epoch's randomness depends on (seed, epoch) only: see epoch_seed
-        g.manual_seed(s)
-        torch.manual_seed(s)
+        es = epoch_seed(seed, epoch)  # the epoch's randomness depends on (seed, epoch) only: see epoch_seed
+        g.manual_seed(es)
+        torch.manual_seed(es)
         perm = torch.randperm(N, generator=g, device=dev)
         sums = torch.zeros(len(terms) + 1, dtype=torch.float64, device=dev)
         first_bad = torch.full((len(terms) + 1,), batches, dtype=torch.long, device=dev)
@@ -429,7 +440,7 @@ def _train_epochs(spec, run, state, model, method, opt, sched, g, splits, dev, e
             if should_stop():
                 raise Cancelled()
             idx = perm[b * B:(b + 1) * B]
-            has_logits = _batch_step(method, model, opt, X, Y, idx, g, sums, first_bad, correct, b)
+            has_logits = _batch_step(method, model, opt, X, Y, idx, g, sums, first_bad, correct, b, s.precision)
             seen += len(idx)
             if time.monotonic() >= next_progress:  # one host sync per PROGRESS_EVERY_S, not per batch
                 next_progress = time.monotonic() + PROGRESS_EVERY_S
@@ -440,7 +451,7 @@ def _train_epochs(spec, run, state, model, method, opt, sched, g, splits, dev, e
         if bad or not all(math.isfinite(v) for v in train.values()):
             raise Diverged(epoch, min(bad, key=lambda k: bad[k]) if bad else "loss")
         status.update(phase="validating")  # what the views say while no batch progresses
-        val = evaluate(method, model, splits.val_x, splits.val_y, B, val_seed)
+        val = evaluate(method, model, splits.val_x, splits.val_y, B, val_seed, s.precision)
         if not math.isfinite(val["loss"]):
             raise Diverged(epoch, "val_loss")
         sched.step(val["loss"])
@@ -561,7 +572,8 @@ def main(argv=None) -> int:
         if isinstance(checked, int):
             return checked
         spec, dev = checked
-        status.fields.update(device=str(dev), max_epochs=spec["max_epochs"])
+        status.fields.update(device=str(dev), max_epochs=spec["max_epochs"],
+                             precision=resolve_precision(spec["precision"], dev))
         status.update()
         status.start_heartbeat()
         log(f"start {run.id} pid {os.getpid()} device {dev} resume={args.resume}")

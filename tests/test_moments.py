@@ -116,3 +116,55 @@ def test_relu_branch_gradient_is_one_for_tiny_positive_mu():
     out = relu_and_mean(mu, sigma)
     out[:1].sum().backward()  # the relu branch only
     assert mu.grad.tolist() == [[1.0, 1.0, 0.0, 0.0, 1.0]]
+
+
+def _exact_both(mu, sigma):
+    from gaussreg.moments import relu_and_mean
+    return relu_and_mean(mu.double(), sigma.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_fused_half_precision_kernel_is_exact_to_its_rounding(dtype):
+    """Half-precision activations take the fused kernel (an erfc approximation with
+    |error| < 1.5e-7): every value within one rounding of the exact T (float64) plus 1e-6
+    of the activation's scale, the gradients too; sigma = 0 and mu = 0 included."""
+    from gaussreg.moments import relu_and_mean
+    g = torch.Generator().manual_seed(0)
+    mu = (torch.randn(64, 4, 6, 6, generator=g) * 3).to(dtype)
+    mu[:, 0, 0, 0] = 0
+    sigma = torch.rand(1, 4, 6, 6, generator=g) * 2
+    sigma[0, 1, :2] = 0
+    m, s = mu.clone().requires_grad_(), sigma.clone().requires_grad_()
+    out = relu_and_mean(m, s)
+    assert out.dtype == dtype and out.shape == (128, 4, 6, 6)
+    md, sd = mu.double().requires_grad_(), sigma.double().requires_grad_()
+    exact = _exact_both(md, sd)
+    scale = (mu.double().abs() + sigma.double()).repeat(2, 1, 1, 1)
+    rounding = exact.abs() * torch.finfo(dtype).eps
+    assert ((out.double() - exact).abs() <= rounding + 1e-6 * scale).all()
+    grad = torch.randn(out.shape, generator=g)
+    out.backward(grad.to(dtype))
+    exact.backward(grad.to(dtype).double())
+    assert m.grad.dtype == dtype and s.grad.dtype == torch.float32
+    assert ((m.grad.double() - md.grad).abs() <= md.grad.abs() * torch.finfo(dtype).eps + 1e-6).all()
+    assert torch.allclose(s.grad.double(), sd.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_the_fused_kernel_compiled_equals_it_uncompiled():
+    """Large tensors run the fused kernel through torch.compile (what GPUs and big CPU
+    batches use), small ones eagerly: the same numbers either way."""
+    from gaussreg import moments
+    g = torch.Generator().manual_seed(1)
+    mu = (torch.randn(200, 32, 14, 14, generator=g) * 2).bfloat16().contiguous(memory_format=torch.channels_last)
+    sigma = torch.rand(1, 32, 14, 14, generator=g).contiguous(memory_format=torch.channels_last)
+    assert mu.numel() >= moments._COMPILE_FROM
+    grad = torch.randn(400, 32, 14, 14, generator=g).bfloat16().contiguous(memory_format=torch.channels_last)
+    compiled = moments._kernel(moments._fused_forward, mu, sigma), moments._kernel(moments._fused_backward, grad, mu, sigma)
+    assert moments._compiled.get(moments._fused_forward) not in (None, False)  # it did compile
+    eager = moments._fused_forward(mu, sigma), moments._fused_backward(grad, mu, sigma)
+    # inductor's exp and fused multiply-adds round differently in the last fp32 bits: at most
+    # one bf16 rounding apart, and equal almost everywhere
+    for c, e in ((compiled[0], eager[0]), (compiled[1][0], eager[1][0])):
+        c, e = c.double(), e.double()
+        assert ((c - e).abs() <= e.abs() * 2 ** -7 + 1e-30).all() and (c == e).double().mean() > 0.99
+    assert torch.allclose(compiled[1][1], eager[1][1], rtol=1e-4, atol=1e-4)  # a sum over 200 rows, another order

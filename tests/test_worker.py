@@ -85,12 +85,18 @@ def _compare_results(a, b):
         assert a[k] == b[k], k
 
 
-@pytest.mark.parametrize("fresh,every", [(True, "0"), (False, "0"), (True, "3600")])
-def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, fresh, every):
+BF16_REGULARIZER = dict(model="lenet", method="regularizer", params={"sigma": 0.3, "alpha": 1.0}, batch_size=50,
+                        train_subset=300, test_subset=100, precision="bf16")
+
+
+@pytest.mark.parametrize("fresh,every,more", [(True, "0", {"precision": "fp32"}), (False, "0", {"precision": "bf16"}),
+                                              (True, "3600", {"precision": "fp32"}), (True, "0", BF16_REGULARIZER)])
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, fresh, every, more):
     """every: GAUSSREG_CHECKPOINT_S; with 0 last.pt is written at every epoch end, with an
-    hour only at the start, so the resume replays every epoch: both end equal."""
-    spec = dict(method="augment", params={"sigma": 0.3, "folds": 1, "fresh_noise": fresh}, max_epochs=12,
-                train_subset=600)
+    hour only at the start, so the resume replays every epoch: both end equal. In fp32 and
+    bf16, and for the regularizer's fused bf16 kernel in a channels_last LeNet."""
+    spec = {**dict(method="augment", params={"sigma": 0.3, "folds": 1, "fresh_noise": fresh}, max_epochs=12,
+                   train_subset=600), **more}
     ref = make_run(tmp_path, "ref", **spec)
     assert finish(worker(ref))[0] == 0
     run = make_run(tmp_path, "killed", **spec)
@@ -113,6 +119,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, fresh, every):
     _compare_results(ref.result(), run.result())
     assert [e["val_loss"] for e in run.epochs()] == [e["val_loss"] for e in ref.epochs()]
     assert any(e["type"] == "resume" for e in run.events()[0])
+    assert run.result()["precision"] == run.status()["precision"] == spec["precision"]
 
 
 def test_sigterm_cancels_with_a_usable_last_checkpoint(tmp_path):
@@ -306,7 +313,8 @@ def _forbid_host_syncs(monkeypatch):
     ("augment", {"sigma": 0.3, "folds": 2, "fresh_noise": False}), ("regularizer", {"sigma": 0.3, "alpha": 1.0}),
     ("regularizer", {"sigma": 0.3, "alpha": 1.0, "depth": "all"}), ("randsign", {"eps": 0.1}),
     ("fgsm", {"eps": 0.1})])
-def test_a_training_step_and_its_bookkeeping_read_nothing_back_from_the_device(monkeypatch, method, params):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_training_step_and_its_bookkeeping_read_nothing_back_from_the_device(monkeypatch, method, params, precision):
     from gaussreg import data
     from gaussreg.methods import make_method
     from gaussreg.models import build_model
@@ -334,7 +342,8 @@ def test_a_training_step_and_its_bookkeeping_read_nothing_back_from_the_device(m
     perm = torch.randperm(len(X) * m.copies, generator=g)
     _forbid_host_syncs(monkeypatch)
     for b in range(3):
-        assert _batch_step(m, model, opt, X, Y, perm[b * 8:(b + 1) * 8], g, sums, first_bad, correct, b) is True
+        assert _batch_step(m, model, opt, X, Y, perm[b * 8:(b + 1) * 8], g, sums, first_bad, correct, b,
+                           precision) is True
     with pytest.raises(AssertionError, match="host sync"):  # the trap was armed all along
         float(sums[0])
     monkeypatch.undo()
@@ -361,7 +370,7 @@ def test_the_first_batch_a_term_went_non_finite_is_kept():
     X, Y = torch.rand(10, 4), torch.arange(10) % 3
     sums, first_bad, correct = torch.zeros(3, dtype=torch.float64), torch.full((3,), 5), torch.zeros((), dtype=torch.long)
     for b in range(5):
-        _batch_step(m, model, opt, X, Y, torch.arange(2 * b, 2 * b + 2), None, sums, first_bad, correct, b)
+        _batch_step(m, model, opt, X, Y, torch.arange(2 * b, 2 * b + 2), None, sums, first_bad, correct, b, "fp32")
     assert first_bad.tolist() == [5, 2, 5]  # reg first failed at batch 2 (and again at 4); ce and the total never
     assert math.isfinite(sums[0]) and math.isnan(sums[1])
 
