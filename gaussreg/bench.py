@@ -1,8 +1,9 @@
 """Benchmarks: `python -m gaussreg.bench [--device cpu|cuda] [--model lenet] [--out FILE]`.
 
-1. training step time of every method, as a ratio to `baseline` in the same process;
-2. one LeNet epoch on the device-resident path against a torch DataLoader;
-3. robustness evaluation throughput (images x sigmas per second);
+1. training step time of every method in fp32 and bf16, as ratios to the fp32 and to the
+   same-precision `baseline` in the same process, and what torch.compile gains;
+2. one LeNet epoch on the device-resident path against a torch DataLoader, and in bf16;
+3. robustness evaluation throughput (images x sigmas per second) in fp32 and bf16;
 4. randomized-smoothing certification throughput (forward passes per second);
 5. on a GPU, total images/s of the box with --per-gpu 1, 2, 4, 8 through the real scheduler.
 Warm-up first, then the median of repeats; the device is synchronised before every clock read."""
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from . import __version__, data
+from .device import autocast, prefer_channels_last
 from .methods import make_method
 from .models import build_model
 from .robustness import robustness
@@ -56,32 +58,45 @@ def timed(fn, dev, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_steps(dev, model_name, dataset, batch, warmup, repeats, methods=METHODS) -> list:
-    """Seconds per optimizer step of each method on one batch of `batch` items. The
-    methods are timed round-robin, so drift of the machine hits them all alike."""
+def make_step(dev, model_name, info, X, Y, g, batch, name, params, precision, compiled=False):
+    """(method, step): one optimizer step of a fresh model as the worker takes it (the
+    forward pass under the precision's autocast, channels_last for conv models in bf16)."""
+    torch.manual_seed(0)
+    model, _ = prefer_channels_last(build_model(model_name, info).to(dev), precision)
+    if compiled:
+        for part in (model.first, model.rest):
+            part.compile()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    method = make_method(name, params)
+    method.prepare(len(X), tuple(X.shape[1:]), g)
+    n_items = len(X) * method.copies
+
+    def step():
+        idx = torch.randint(0, n_items, (batch,), generator=g, device=dev)
+        with autocast(dev, precision):
+            x, y = method.batch(X, Y, idx, g)
+            loss = method.loss(model, x, y, g)
+        opt.zero_grad(set_to_none=True)
+        loss.total.backward()
+        opt.step()
+    return method, step
+
+
+def _random_batches(dev, dataset, batch):
     info = data.info(dataset)
     g = torch.Generator(device=dev).manual_seed(0)
     X = torch.rand((batch * 4, *info.shape), generator=g, device=dev)
     Y = torch.randint(0, info.classes, (batch * 4,), generator=g, device=dev)
+    return info, X, Y, g
 
-    def make_step(name, params):
-        torch.manual_seed(0)
-        model = build_model(model_name, info).to(dev)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-        method = make_method(name, params)
-        method.prepare(len(X), tuple(X.shape[1:]), g)
-        n_items = len(X) * method.copies
 
-        def step():
-            idx = torch.randint(0, n_items, (batch,), generator=g, device=dev)
-            x, y = method.batch(X, Y, idx, g)
-            loss = method.loss(model, x, y, g)
-            opt.zero_grad(set_to_none=True)
-            loss.total.backward()
-            opt.step()
-        return method, step
-
-    steps = [make_step(name, params) for name, params in methods]  # baseline first: the ratios' reference
+def bench_steps(dev, model_name, dataset, batch, warmup, repeats, methods=METHODS,
+                precisions=("fp32", "bf16")) -> list:
+    """Seconds per optimizer step of each method in each precision on one batch of `batch`
+    items. All are timed round-robin, so drift of the machine hits them all alike."""
+    info, X, Y, g = _random_batches(dev, dataset, batch)
+    configs = [(name, params, p) for p in precisions for name, params in methods]  # fp32 baseline first
+    steps = [make_step(dev, model_name, info, X, Y, g, batch, *c) for c in configs]
     times = [[] for _ in steps]
     for _ in range(warmup):
         for _, step in steps:
@@ -90,15 +105,45 @@ def bench_steps(dev, model_name, dataset, batch, warmup, repeats, methods=METHOD
         for i, (_, step) in enumerate(steps):
             times[i].append(timed(step, dev, 0, 1))
     rows = []
-    for (name, params), (method, _), ts in zip(methods, steps, times):
+    for (name, params, precision), (method, _), ts in zip(configs, steps, times):
         t = statistics.median(ts)
-        rows.append({"method": name, "params": params, "step_s": t, "images_per_s": batch / t,
-                     "copies": method.copies})
+        rows.append({"method": name, "params": params, "precision": precision, "step_s": t,
+                     "images_per_s": batch / t, "copies": method.copies})
     base = rows[0]["step_s"]
+    same = {r["precision"]: r["step_s"] for r in rows if r["method"] == "baseline"}
     for r in rows:
-        r["step_ratio"] = r["step_s"] / base
+        r["step_ratio"] = r["step_s"] / base  # to the fp32 baseline
+        r["ratio_to_own_baseline"] = r["step_s"] / same[r["precision"]]
         # an epoch of augment holds (folds + 1) items per clean image
         r["epoch_ratio"] = r["step_s"] * r["copies"] / base
+    return rows
+
+
+def bench_compile(dev, model_name, dataset, batch, repeats, precision="bf16") -> list:
+    """torch.compile of the model (the `compile` key): seconds its first steps take (the
+    compilation, with whatever inductor cache this machine has), step time against eager,
+    and the steps it needs to repay itself, for the baseline and the regularizer."""
+    info, X, Y, g = _random_batches(dev, dataset, batch)
+    rows = []
+    for name, params in METHODS[:2]:
+        eager = make_step(dev, model_name, info, X, Y, g, batch, name, params, precision)[1]
+        comp = make_step(dev, model_name, info, X, Y, g, batch, name, params, precision, compiled=True)[1]
+        sync(dev)
+        t0 = time.perf_counter()
+        comp()
+        comp()
+        sync(dev)
+        first = time.perf_counter() - t0
+        eager()
+        te, tc = [], []
+        for _ in range(repeats):
+            te.append(timed(eager, dev, 0, 1))
+            tc.append(timed(comp, dev, 0, 1))
+        e, c = statistics.median(te), statistics.median(tc)
+        gain = e - c
+        rows.append({"method": name, "params": params, "precision": precision, "eager_step_s": e,
+                     "compiled_step_s": c, "first_two_steps_s": first,
+                     "steps_to_repay": (first - 2 * c) / gain if gain > 0 else None})
     return rows
 
 
@@ -112,27 +157,31 @@ def bench_epoch(dev, dataset, batch, repeats) -> dict:
         X = torch.rand(54_000, *info.shape)
         Y = torch.randint(0, info.classes, (54_000,))
         source = f"random tensors shaped like {dataset} (dataset not installed)"
-    torch.manual_seed(0)
-    model = build_model("lenet", dataset).to(dev)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    loss_fn = torch.nn.functional.cross_entropy
+    def trainer(precision):
+        torch.manual_seed(0)
+        model, _ = prefer_channels_last(build_model("lenet", dataset).to(dev), precision)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
 
-    def train_step(x, y):
-        loss = loss_fn(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        def train_step(x, y):
+            with autocast(dev, precision):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return train_step
 
     Xd, Yd = X.to(dev), Y.to(dev)
     g = torch.Generator(device=dev).manual_seed(0)
 
-    def resident():
+    def resident(step):
         perm = torch.randperm(len(Xd), generator=g, device=dev)
         for i in range(0, len(perm), batch):
             idx = perm[i:i + batch]
-            train_step(Xd[idx], Yd[idx])
+            step(Xd[idx], Yd[idx])
 
-    out = {"images": len(X), "source": source, "resident_s": timed(resident, dev, 1, repeats)}
+    train_step, bf16_step = trainer("fp32"), trainer("bf16")
+    out = {"images": len(X), "source": source, "resident_s": timed(lambda: resident(train_step), dev, 1, repeats),
+           "resident_bf16_s": timed(lambda: resident(bf16_step), dev, 1, repeats)}
     ds = torch.utils.data.TensorDataset(X, Y)
     choices = [{"num_workers": 0, "pin_memory": dev.type == "cuda"},
                {"num_workers": 2, "pin_memory": dev.type == "cuda", "persistent_workers": True}]
@@ -150,16 +199,24 @@ def bench_epoch(dev, dataset, batch, repeats) -> dict:
     return out
 
 
-def bench_robustness(dev, dataset, images: int, repeats: int) -> dict:
+def bench_robustness(dev, dataset, images: int, repeats: int) -> list:
+    """R's evaluation (30 sigmas) of a LeNet in each precision, as the worker runs it."""
     info = data.info(dataset)
-    torch.manual_seed(0)
-    model = build_model("lenet", info).to(dev)
     x = torch.rand((images, *info.shape), device=dev)
     y = torch.randint(0, info.classes, (images,), device=dev)
     batch = 16384 if dev.type == "cuda" else 4096
-    t = timed(lambda: robustness(model, x, y, batch_size=batch), dev, 1, repeats)
-    return {"images": images, "sigmas": 30, "seconds": t, "image_sigmas_per_s": images * 30 / t,
-            "seconds_for_10k_x_30": 10_000 * 30 / (images * 30 / t)}
+    rows = []
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model, _ = prefer_channels_last(build_model("lenet", info).to(dev), precision)
+
+        def evaluate():
+            with autocast(dev, precision):
+                robustness(model, x, y, batch_size=batch)
+        t = timed(evaluate, dev, 1, repeats)
+        rows.append({"precision": precision, "images": images, "sigmas": 30, "seconds": t,
+                     "image_sigmas_per_s": images * 30 / t, "seconds_for_10k_x_30": 10_000 * 30 / (images * 30 / t)})
+    return rows
 
 
 def bench_certify(dev, model_name, dataset, images: int, n: int, batch: int) -> dict:
@@ -228,10 +285,11 @@ def main(argv=None) -> int:
     ap.add_argument("--packing", default="1,2,4,8", help="--per-gpu values to try (GPU only); '' to skip")
     ap.add_argument("--packing-epochs", type=int, default=3)
     ap.add_argument("--certify-images", type=int, default=None, help="default: 100 on cuda, 10 on cpu")
-    ap.add_argument("--skip", default="", help="comma list of: steps,epoch,robustness,certify,packing")
+    ap.add_argument("--skip", default="", help="comma list of: steps,compile,epoch,robustness,certify,packing")
     ap.add_argument("--methods", default="", help="time only these methods' steps (comma list, e.g. "
                     "baseline,regularizer); baseline is always timed")
-    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--out", default=None, help="write the results as JSON here (default: "
+                    "bench/results/<machine>.json, e.g. cpu-2core-avx512bf16.json; '-' for none)")
     a = ap.parse_args(argv)
     from .device import keep_freed_memory
     keep_freed_memory()  # as the worker does
@@ -258,6 +316,9 @@ def main(argv=None) -> int:
         only = set(filter(None, a.methods.split(","))) | {"baseline"}
         chosen = [m for m in METHODS if not a.methods or m[0] in only]
         report("steps", bench_steps(dev, a.model, dataset, batch, 3 if gpu else 2, repeats, chosen))
+        print(summary(res["steps"]), flush=True)
+    if "compile" not in skip:
+        report("compile", bench_compile(dev, a.model, dataset, batch, repeats))
     if "epoch" not in skip and a.model == "lenet":
         report("epoch", bench_epoch(dev, dataset, batch, a.epoch_repeats or (5 if gpu else 1)))
     if "robustness" not in skip and a.model == "lenet":
@@ -268,10 +329,36 @@ def main(argv=None) -> int:
                                         10_000 if gpu else 1000))
     if "packing" not in skip and gpu and a.packing:
         report("packing", bench_packing(dev, [int(v) for v in a.packing.split(",")], a.packing_epochs))
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
+    out = a.out or f"bench/results/{machine(dev)}.json"
+    if out != "-":
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(res, indent=2) + "\n")
+        print(f"wrote {out}")
     return 0
+
+
+def machine(dev) -> str:
+    """A file name for this machine's results: cuda-<gpu name>, or cpu-<cores>core-<what it
+    computes bf16 with>."""
+    from .device import bf16_native
+    if dev.type == "cuda":
+        return "cuda-" + "".join(c if c.isalnum() else "-" for c in torch.cuda.get_device_name(dev).lower())
+    return f"cpu-{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}core-" + (
+        torch.backends.cpu.get_cpu_capability().lower() + ("-bf16" if bf16_native(dev) else ""))
+
+
+def summary(rows: list) -> str:
+    """The speed issue's two ratios, as plain lines under the JSON."""
+    def step(method, precision):
+        return next((r["step_s"] for r in rows if r["method"] == method and r["precision"] == precision
+                     and (method != "regularizer" or "depth" not in r["params"])), None)
+    b32, b16, r16 = step("baseline", "fp32"), step("baseline", "bf16"), step("regularizer", "bf16")
+    lines = []
+    if b32 and b16:
+        lines.append(f"bf16 baseline step / fp32 baseline step: {b16 / b32:.2f} (target <= 0.40)")
+    if b16 and r16:
+        lines.append(f"bf16 regularizer step / bf16 baseline step: {r16 / b16:.2f} (target <= 2.50)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -526,7 +526,8 @@ def show(run_id: str = typer.Argument(..., help="A run id (or a unique prefix)."
         console.print(f"test accuracy {result['test_accuracy'] * 100:.2f}%, robustness {result['robustness'] * 100:.2f}%"
                       f", best epoch {result.get('best_epoch', '?')} of {result.get('epochs_run', '?')}, "
                       + (f"{wall:.1f}s " if wall is not None else "")
-                      + f"on {_device(result)}", highlight=False, markup=False)
+                      + f"on {_device(result)} in {result.get('precision', 'fp32')}"
+                      + (", compiled" if result.get("compile") else ""), highlight=False, markup=False)
     tail = run.log_tail(15)
     if tail:
         console.rule("worker.log")
@@ -578,11 +579,12 @@ def _parse_sigmas(text: Optional[str]) -> Optional[List[float]]:
 
 
 def _model_from_checkpoint(ckpt: Path, spec: dict, device: str, data_dir: Optional[Path]):
-    """The run's model with the checkpoint's weights on the picked device, and the run's
-    test split there; fails with one sentence naming what does not fit."""
+    """The run's model with the checkpoint's weights on the picked device, the run's test
+    split there, and the precision the run's spec computes in on that device (R is evaluated
+    as training did); fails with one sentence naming what does not fit."""
     import torch
     from . import data
-    from .device import pick_device
+    from .device import pick_device, prefer_channels_last, resolve_precision
     from .spec import SpecError
     try:
         dev = pick_device(device)
@@ -604,7 +606,8 @@ def _model_from_checkpoint(ckpt: Path, spec: dict, device: str, data_dir: Option
     except (RuntimeError, TypeError, AttributeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         fail(f"{ckpt} does not fit the run's model {spec['model']} on {spec['dataset']} ({first})")
-    return model, splits
+    precision = resolve_precision(spec["precision"], dev)
+    return prefer_channels_last(model, precision)[0], splits, precision
 
 
 def _spec_in_checkpoint(path: Path) -> dict:
@@ -661,20 +664,22 @@ def eval_(target: str = typer.Argument(..., help="A run id, or a checkpoint file
     if not ckpt.is_file():
         fail(f"{ckpt} does not exist (has the run finished an epoch?)")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from .device import autocast
     from .robustness import robustness
-    model, splits = _model_from_checkpoint(ckpt, spec, device, data_dir)
+    model, splits, precision = _model_from_checkpoint(ckpt, spec, device, data_dir)
     which = "given by --sigmas" if sigmas else "the run's own"
     name = run.id if inner is None else f"{spec.get('experiment', '?')} (spec from the checkpoint)"
     used = (f"{name}: checkpoint {ckpt}, {len(sig)} sigmas {min(sig):g} to {max(sig):g} ({which}), "
-            f"{samples} sample(s){', clipped' if clip else ''}")
+            f"{samples} sample(s){', clipped' if clip else ''}, {precision}")
     # said first: the evaluation takes a while; on stderr when stdout is JSON
     (err_console if format == ListFormat.json else console).print(escape(used), highlight=False, soft_wrap=True)
     with Progress(TextColumn(f"evaluating at {len(sig)} sigmas"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("test images x samples"), TimeRemainingColumn(), console=err_console,
                   transient=True) as bar:
         task = bar.add_task("eval", total=len(splits.test_x) * samples)
-        r = robustness(model, splits.test_x, splits.test_y, sigmas=sig, samples=samples, seed=seed, clip=clip,
-                       progress=lambda done, total: bar.update(task, completed=done))
+        with autocast(splits.test_x.device, precision):
+            r = robustness(model, splits.test_x, splits.test_y, sigmas=sig, samples=samples, seed=seed, clip=clip,
+                           progress=lambda done, total: bar.update(task, completed=done))
     if format == ListFormat.json:
         print(json.dumps({"run_id": run.id if inner is None else None, "checkpoint": str(ckpt),
                           "sigmas_from": "option" if sigmas else "run",
@@ -727,14 +732,16 @@ def certify(run_id: str = typer.Argument(..., help="A run id (or a unique prefix
     sigma = default_certify_sigma(spec) if sigma is None else sigma
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from .device import autocast
     from .smoothing import certify_run
-    model, splits = _model_from_checkpoint(ckpt, spec, device, data_dir)
+    model, splits, precision = _model_from_checkpoint(ckpt, spec, device, data_dir)
     with Progress(TextColumn(f"certifying at sigma {sigma:g}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=err_console, transient=True) as bar:
         task = bar.add_task("certify", total=min(images, len(splits.test_x)))
-        cert = certify_run(run, model, splits.test_x, splits.test_y, sigma, n0, n, alpha, images, batch,
-                           spec["seed"] if seed is None else seed,
-                           progress=lambda done, total: bar.update(task, completed=done))
+        with autocast(splits.test_x.device, precision):  # the classifier the run trained and evaluated
+            cert = certify_run(run, model, splits.test_x, splits.test_y, sigma, n0, n, alpha, images, batch,
+                               spec["seed"] if seed is None else seed,
+                               progress=lambda done, total: bar.update(task, completed=done))
     acc = cert["certified_accuracy"]
     console.print(f"{escape(run.id)}: {cert['images']} images at sigma {sigma:g}, n {n}, alpha {alpha:g}: "
                   f"certified accuracy {acc['0'] * 100:.1f}% at radius 0, {acc['0.25'] * 100:.1f}% at 0.25, "

@@ -248,7 +248,8 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
         ev = _final_evaluation(spec, run, s, status, should_stop, events)
         if spec.get("certify"):
             status.update(phase="certifying")
-            _certify(spec, s.model, s.splits, run, should_stop, events, log)
+            with autocast(s.dev, s.precision):  # the classifier that was trained and evaluated
+                _certify(spec, s.model, s.splits, run, should_stop, events, log)
     finally:
         events.close()
     return _result_record(spec, run, s, state, ev, t_start)

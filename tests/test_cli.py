@@ -233,7 +233,10 @@ def test_show_names_the_processor(tmp_path):
     r.write_status({"state": "completed"})
     atomic_write_json(r.file("result.json"), {"test_accuracy": 0.5, "robustness": 0.7, "device": "cpu",
                                               "device_name": "x86_64"})  # what older workers wrote
-    assert "on cpu (x86_64)" in run("show", r.id, "--store", st.root).stdout
+    assert "on cpu (x86_64) in fp32" in run("show", r.id, "--store", st.root).stdout  # older workers: fp32
+    atomic_write_json(r.file("result.json"), {"test_accuracy": 0.5, "robustness": 0.7, "device": "cpu",
+                                              "device_name": name, "precision": "bf16", "compile": True})
+    assert f"on {name} in bf16, compiled" in run("show", r.id, "--store", st.root).stdout
 
 
 def test_a_failed_download_does_not_send_you_to_the_same_command(tmp_path, monkeypatch):

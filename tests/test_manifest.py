@@ -49,6 +49,29 @@ def test_expansion_and_stable_ids(tmp_path):
     assert len(m.select("other")) == 2 and len(m.select("*augment*")) == 16 and len(m.select("baseline")) == 4
 
 
+
+def test_precision_and_compile_are_run_keys_that_keep_old_ids(tmp_path):
+    """`precision` (auto, fp32, bf16) and `compile` are grid-able run keys; at their
+    defaults they are left out of the id, so runs planned before they existed keep theirs."""
+    from gaussreg.spec import SpecError, canonical, resolve, run_id
+    base = {"dataset": "synthetic", "model": "mlp", "method": "baseline"}
+    spec = resolve(base)
+    assert spec["precision"] == "auto" and spec["compile"] is False
+    old = {k: v for k, v in spec.items() if k not in ("precision", "compile")}  # a spec.json from before
+    assert run_id(resolve(old)) == run_id(spec) and "precision" not in canonical(spec)
+    ids = {run_id(resolve({**base, "precision": p})) for p in ("auto", "fp32", "bf16")}
+    assert len(ids) == 3 and run_id(resolve({**base, "compile": True})) != run_id(spec)
+    for key, bad, words in (("precision", "fp16", "'precision' must be auto, fp32 or bf16"),
+                            ("compile", "yes", "'compile' must be bool")):
+        with pytest.raises(SpecError, match=words):
+            resolve({**base, key: bad})
+    p = tmp_path / "m.toml"
+    p.write_text(GOOD.replace('name = "other"', 'name = "other"\nprecision = ["fp32", "bf16"]\ncompile = true'))
+    other = manifest.load(p).experiments[1]
+    assert sorted((r.spec["precision"], r.spec["params"]["alpha"]) for r in other.runs) == [
+        ("bf16", 1.0), ("bf16", 2.0), ("fp32", 1.0), ("fp32", 2.0)] and all(r.spec["compile"] for r in other.runs)
+
+
 BAD = [
     ('methods.augment = { sigmas = [0.1], folds = 2 }', 6, "methods.augment.sigmas", "did you mean 'sigma'"),
     ('methods.regularizer = { sigma = [], alpha = 1 }', 6, "methods.regularizer.sigma", "empty grid"),

@@ -423,7 +423,8 @@ async def test_detail_shows_batch_progress_and_the_quiet_phases(store):
     the worker validates or evaluates R, the row and the detail say so."""
     run = add_run(store, "regularizer", state="running", epochs=5, sigma=0.3, alpha=1.0)
     status = run.status()
-    status.update(pid=os.getpid(), host=socket.gethostname(), finished_at=None, epoch=1, phase="training")
+    status.update(pid=os.getpid(), host=socket.gethostname(), finished_at=None, epoch=1, phase="training",
+                  precision="bf16")
     run.write_status(status)
     run.file("events.jsonl").write_text(json.dumps({"type": "start", "time": T0, "epoch": 0}) + "\n")
     lock = hold_lock(run)  # running: its lock is held, as by its worker
@@ -442,6 +443,7 @@ async def _batches_and_phases(run, status):
         side = await widget(pilot, RunDetailScreen, "#status")
         await until(pilot, lambda: "0/5 done, epoch 1 running" in _text(side))
         assert "batch" not in _text(side)
+        assert "cpu in bf16" in _text(side)  # the precision the worker resolved "auto" to
         with open(run.file("events.jsonl"), "a") as f:
             f.write(json.dumps({"type": "progress", "time": T0, "epoch": 1, "batch": 3, "batches": 10,
                                 "loss": 1.23456}) + "\n")

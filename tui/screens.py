@@ -344,7 +344,7 @@ class RunDetailScreen(Screen):
         if phase and phase != "training":
             shown += Text(f", {phase}", style="cyan")
         rows = [("state", shown), ("epochs", epochs),
-                ("device", str(st.get("device") or "-"))]
+                ("device", str(st.get("device") or "-") + (f" in {st['precision']}" if st.get("precision") else ""))]
         if d.epochs:
             e = d.epochs[-1]
             rows.append(("last epoch", f"loss {e['train_loss']:.4f} train, {e['val_loss']:.4f} val; "
