@@ -139,9 +139,11 @@ def relu_and_mean(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """cat([relu(mu), T(mu, sigma)]) along dim 0, computed as one: the input of the
     clean and the expected pass through `rest` in a single buffer (Eq. 1, 3).
 
-    fp32/fp64 activations take the exact kernel; bf16/fp16 ones (autocast) the fused one
-    below, whose erfc error (< 1.5e-7) is far under half precision's rounding (> 1e-3)."""
-    if mu.dtype in (torch.float16, torch.bfloat16):
+    fp32/fp64 activations take the exact kernel; large bf16/fp16 ones (autocast) the fused,
+    compiled one below, whose erfc error (< 1.5e-7) is far under half precision's rounding
+    (> 1e-3)."""
+    if mu.dtype in (torch.float16, torch.bfloat16) and mu.numel() >= _COMPILE_FROM and _compiled.get(
+            _fused_forward) is not False:
         return _FusedReluMean.apply(mu, sigma.float())
     out_dtype, dt = _compute_dtype(mu, sigma)
     return _ReluMean.apply(mu.to(dt), sigma.to(dt), True).to(out_dtype)
@@ -155,7 +157,10 @@ def relu_and_mean(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 # than writing and reading two fp32 maps of the activations' size.
 
 _AS = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
-_COMPILE_FROM = 1 << 20  # elements: below this, compiling (seconds) costs more than it saves
+# elements: below, the exact kernel (uncompiled, the fused maths is 3x slower than it) costs
+# less than compiling (~3 s a process with a warm inductor cache, ~25 s cold): the quickstart
+# demo's 2.5M-element batches stay exact, the paper's 25M ones are fused
+_COMPILE_FROM = 1 << 22
 _compiled: dict = {}
 
 
@@ -195,10 +200,9 @@ def _fused_backward(grad, mu, sigma):
 
 
 def _kernel(fn, *args):
-    """fn compiled (once per process) when the tensors are large enough to repay it, else
-    fn itself: the same code either way, so small CPU tests run what GPUs compile. If
-    compiling fails (no C++ compiler, say), fn runs eagerly from then on."""
-    if args[0].numel() < _COMPILE_FROM or _compiled.get(fn) is False:
+    """fn compiled (once per process). If compiling fails (no C++ compiler, say), fn runs
+    eagerly this once (the same maths) and relu_and_mean takes the exact kernel from then on."""
+    if _compiled.get(fn) is False:
         return fn(*args)
     if fn not in _compiled:
         _compiled[fn] = torch.compile(fn, dynamic=True)
@@ -208,7 +212,7 @@ def _kernel(fn, *args):
         import warnings
         warnings.warn(f"torch.compile failed ({type(e).__name__}); the regularizer's half-precision kernel "
                       "runs uncompiled (slower, same results)")
-        _compiled[fn] = False
+        _compiled[fn] = _compiled[_fused_forward] = False
         return fn(*args)
 
 

@@ -85,7 +85,7 @@ def _compare_results(a, b):
         assert a[k] == b[k], k
 
 
-BF16_REGULARIZER = dict(model="lenet", method="regularizer", params={"sigma": 0.3, "alpha": 1.0}, batch_size=50,
+BF16_REGULARIZER = dict(model="lenet", method="regularizer", params={"sigma": 0.3, "alpha": 1.0}, batch_size=200,
                         train_subset=300, test_subset=100, precision="bf16")
 
 
@@ -94,7 +94,8 @@ BF16_REGULARIZER = dict(model="lenet", method="regularizer", params={"sigma": 0.
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, fresh, every, more):
     """every: GAUSSREG_CHECKPOINT_S; with 0 last.pt is written at every epoch end, with an
     hour only at the start, so the resume replays every epoch: both end equal. In fp32 and
-    bf16, and for the regularizer's fused bf16 kernel in a channels_last LeNet."""
+    bf16, and for the regularizer's fused, compiled bf16 kernel in a channels_last LeNet
+    (batches of 200 are over moments._COMPILE_FROM)."""
     spec = {**dict(method="augment", params={"sigma": 0.3, "folds": 1, "fresh_noise": fresh}, max_epochs=12,
                    train_subset=600), **more}
     ref = make_run(tmp_path, "ref", **spec)
