@@ -9,7 +9,7 @@ import platform
 import sys
 from typing import Optional
 
-from .spec import SpecError
+from .schema import SpecError
 
 
 def keep_freed_memory() -> bool:

@@ -22,7 +22,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from . import data
-from .spec import ARG_TABLES, EXPERIMENT_NAME, PARAMS, SCALARS, TABLES, SpecError, resolve, run_id
+from . import plugins
+from .methods import METHODS
+from .spec import ARG_TABLES, EXPERIMENT_NAME, SCALARS, TABLES, SpecError, resolve, run_id
 
 RUN_KEYS = (set(SCALARS) - {"experiment", "data_dir"}) | {"optimizer", "robustness", "certify", "preset", *ARG_TABLES}
 EXPERIMENT_KEYS = RUN_KEYS | {"name", "tolerance", "methods", "seeds"}
@@ -316,8 +318,8 @@ def _expand_methods(exp_out: Experiment, exp: dict, methods: dict, axes: dict, e
     """Every grid point of every method, resolved into exp_out.runs (none once there are errors)."""
     name = exp_out.name
     for method, params in methods.items():
-        if method not in PARAMS:
-            err(sec, ["methods", method], f"unknown method {method!r}" + _suggest(method, PARAMS))
+        if method not in METHODS:
+            err(sec, ["methods", method], f"unknown method {method!r}" + _suggest(method, METHODS))
             continue
         if not isinstance(params, dict):
             err(sec, ["methods", method], "must be a table of parameters, e.g. {} or { sigma = 0.25 }")
@@ -385,8 +387,7 @@ def _resolve_all(partial: dict, report) -> Optional[dict]:
 def uses_own_code(m: Manifest) -> bool:
     """Whether a run names a model or dataset that is not built into gaussreg, or gives
     a factory arguments (which only calling it checks)."""
-    from .spec import ARG_TABLES, MODELS
-    return any(r.spec["model"] not in MODELS or not data.is_builtin(r.spec["dataset"])
+    return any(r.spec["model"] not in plugins.BUILTIN_MODELS or not data.is_builtin(r.spec["dataset"])
                or any(k in r.spec for k in ARG_TABLES) for r in m.runs())
 
 

@@ -1,4 +1,9 @@
-"""Training methods, each a loss on a batch: baseline, augment, regularizer, randsign, fgsm.
+"""Training methods, each its parameters (names, types, ranges, defaults) and a loss on a
+batch: baseline, augment, regularizer, randsign, fgsm. Adding a method is adding a class
+here and listing it in METHODS.
+
+torch is imported inside the functions: specs and manifests check a method's parameters
+through the classes here, and reading them must start without torch.
 
 Noise is in [0,1] pixel units and drawn on the batch's device from the run's
 generator, so a run is reproducible from its seed and never syncs the host."""
@@ -7,13 +12,12 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Dict, NamedTuple, Optional
+from typing import TYPE_CHECKING, Dict, NamedTuple, Optional
 
-import torch
-import torch.nn.functional as F
+from .schema import Param, SpecError, check_params as _check, nonneg
 
-from .regularizer import moment_loss
-from .spec import ParamError, check_params  # the methods' parameter schema lives in the spec
+if TYPE_CHECKING:
+    import torch
 
 
 class Loss(NamedTuple):
@@ -22,15 +26,27 @@ class Loss(NamedTuple):
     logits: Optional[torch.Tensor]  # clean logits when the method computes them
 
 
+def _cross_entropy(logits, y):
+    import torch.nn.functional as F
+    return F.cross_entropy(logits, y)
+
+
 class Method:
     """Clean training. Subclasses change the epoch's items (`copies`, `batch`) or the loss."""
 
     name = "baseline"
+    schema: Dict[str, Param] = {}  # the parameters a spec gives this method
     copies = 1  # items per clean training image in one epoch
     term_names = ("ce",)  # the keys of Loss.terms, in the order the worker logs them
 
     def __init__(self, **params):
-        self.params = check_params(self.name, params)
+        self.params = _check(self.name, self.schema, params)
+
+    @classmethod
+    def spec_params(cls, given: dict) -> dict:
+        """The parameters as a resolved spec stores them (see Param.omitted_at_default)."""
+        out = _check(cls.name, cls.schema, given)
+        return {k: v for k, v in out.items() if not (cls.schema[k].omitted_at_default and v == cls.schema[k].default)}
 
     def prepare(self, n: int, image_shape, g: torch.Generator) -> None:
         """Called once per run with the training set size."""
@@ -40,7 +56,7 @@ class Method:
 
     def loss(self, model, x, y, g: torch.Generator) -> Loss:
         logits = model(x)
-        ce = F.cross_entropy(logits, y)
+        ce = _cross_entropy(logits, y)
         return Loss(ce, {"ce": ce}, logits)
 
     def objective(self, model, x, y, g: torch.Generator) -> Loss:
@@ -67,6 +83,7 @@ def _int32(v: int) -> int:
 def _seed_key(seed: int) -> int:
     """The seed's hash as a Python int, made on the CPU: a tensor made on the GPU per batch
     would be a blocking host-to-device copy."""
+    import torch
     return int(_hash32(torch.tensor(_int32(seed), dtype=torch.int32)))
 
 
@@ -78,6 +95,7 @@ def bank_noise(seed: int, item: torch.Tensor, shape) -> torch.Tensor:
     A counter-based generator: each value is Box-Muller of two hashes of (seed, item,
     position), so it is the same whatever batch, order, device or resume point asks
     for it, and costs no host sync."""
+    import torch
     n = math.prod(shape)
     half = (n + 1) // 2
     key = _hash32(item.to(torch.int32) ^ _seed_key(seed))
@@ -103,6 +121,8 @@ class Augment(Method):
     checkpoint follow clean validation loss for every method but the regularizer."""
 
     name = "augment"
+    schema = {"sigma": nonneg(float), "folds": Param(int, ok=lambda v: v >= 1, why="must be >= 1"),
+              "fresh_noise": Param(bool, True)}
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -122,6 +142,7 @@ class Augment(Method):
             # item (copy - 1) * n + i: one noise vector per noisy copy of each image
             z = bank_noise(self.bank_seed, (copy - 1).clamp_min(0) * len(X) + example, x.shape[1:]).to(x.dtype)
         else:
+            import torch
             z = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
         return x + self.params["sigma"] * noisy * z, Y[example]
 
@@ -133,15 +154,21 @@ class Regularizer(Method):
     """CE(f(x), y) + alpha CE(rest_k(mu_k), y) (Eq. 3; depth k = 1 is the paper)."""
 
     name = "regularizer"
+    schema = {"sigma": nonneg(float), "alpha": nonneg(float),
+              # where the moments stop being propagated (gaussreg.adf): 1 = the paper
+              "depth": Param((int, str), 1, lambda v: v == "all" or (isinstance(v, int) and v >= 1),
+                             "must be an integer >= 1 or 'all'", omitted_at_default=True)}
     term_names = ("ce", "reg")
 
     def loss(self, model, x, y, g):
+        from .regularizer import moment_loss
         m = moment_loss(model, x, y, self.params["sigma"], self.params["alpha"], self.params["depth"])
         return Loss(m.total, {"ce": m.ce, "reg": m.reg}, m.logits)
 
 
 def random_sign(x, eps: float, p: float, g) -> torch.Tensor:
     """g(x) = x + eps x l(x), l(x) = sign(x) w.p. p, else -sign(x); x l(x) = +-|x|."""
+    import torch
     s = torch.where(torch.rand(x.shape, generator=g, device=x.device) < p, 1.0, -1.0).to(x.dtype)
     return x + eps * x.abs() * s
 
@@ -151,8 +178,12 @@ class RandSign(Method):
     layer, or both; training only (validation and test see the clean network)."""
 
     name = "randsign"
+    schema = {"eps": nonneg(float), "p": Param(float, 0.5, lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+              "where": Param(str, "input", lambda v: v in ("input", "hidden", "both"),
+                             "must be 'input', 'hidden' or 'both'")}
 
     def loss(self, model, x, y, g):
+        import torch
         eps, p, where = self.params["eps"], self.params["p"], self.params["where"]
         if where in ("input", "both"):
             x = random_sign(x, eps, p, g)
@@ -160,7 +191,7 @@ class RandSign(Method):
         if where in ("hidden", "both"):
             h = random_sign(h, eps, p, g)
         logits = model.rest(h)
-        ce = F.cross_entropy(logits, y)
+        ce = _cross_entropy(logits, y)
         return Loss(ce, {"ce": ce}, logits)
 
     def objective(self, model, x, y, g):
@@ -171,24 +202,37 @@ class FGSM(Method):
     """FGSM adversarial training: 0.5 CE(x) + 0.5 CE(clamp(x + eps sign(grad_x CE), 0, 1))."""
 
     name = "fgsm"
+    schema = {"eps": nonneg(float)}
     term_names = ("ce", "adv")
 
     def loss(self, model, x, y, g):
+        import torch
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             logits = model(x)
-            ce = F.cross_entropy(logits, y)
+            ce = _cross_entropy(logits, y)
             # the clean graph is reused for the training step, so keep it
             (grad,) = torch.autograd.grad(ce, x, retain_graph=True)
             x_adv = (x + self.params["eps"] * grad.sign()).clamp(0, 1).detach()
-            adv = F.cross_entropy(model(x_adv), y)
+            adv = _cross_entropy(model(x_adv), y)
         return Loss(0.5 * ce + 0.5 * adv, {"ce": ce, "adv": adv}, logits)
 
 
 METHODS = {cls.name: cls for cls in (Method, Augment, Regularizer, RandSign, FGSM)}
 
 
-def make_method(name: str, params: dict) -> Method:
+def method_class(name: str) -> type:
+    """The class of a method name; SpecError (key `method`) for an unknown one."""
     if name not in METHODS:
-        raise ParamError("method", f"unknown method {name!r}; known: {', '.join(METHODS)}")
-    return METHODS[name](**params)
+        raise SpecError("method", f"unknown method {name!r}; known: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def check_params(name: str, params: dict) -> dict:
+    """The method's parameters with defaults filled in; SpecError names the bad key."""
+    cls = method_class(name)
+    return _check(cls.name, cls.schema, params)
+
+
+def make_method(name: str, params: dict) -> Method:
+    return method_class(name)(**params)

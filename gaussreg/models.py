@@ -239,9 +239,6 @@ def mlp(ds: data.DatasetInfo, hidden: int = 256) -> GaussNet:
     return GaussNet(first, nn.Linear(hidden, ds.classes), "mlp")
 
 
-MODELS = tuple(plugins.BUILTIN_MODELS)
-
-
 def build_model(name, dataset, args: Optional[dict] = None, python_path=()) -> GaussNet:
     """The model a name stands for (built-in, entry point or `module:attr`), built by its
     factory for a dataset (name or DatasetInfo) with `args`, and split (as_gaussnet).

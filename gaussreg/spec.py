@@ -3,89 +3,19 @@
 from __future__ import annotations
 
 import copy
-import difflib
 import hashlib
 import json
 import math
 import re
 
 from . import data, plugins  # torch is imported lazily there: reading specs and stores needs no torch
+from .methods import METHODS  # a method's parameters are declared on its class
 from .robustness import default_sigmas
+from .schema import REQUIRED, SpecError
 
 SPEC_VERSION = 1
 MAX_SAMPLES = 1000  # robustness draws per image and sigma: each is a pass over the test set per sigma
 EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a folder-safe prefix of run ids
-
-
-class ParamError(ValueError):
-    """A method parameter is missing, unknown, of the wrong type or out of range."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(message)
-        self.key = key
-
-
-# The parameters of each training method (gaussreg.methods):
-# name -> (type, default (None = required), check, what the check means)
-_nonneg = (lambda v: v >= 0, "must be >= 0")
-PARAMS = {
-    "baseline": {},
-    "augment": {"sigma": (float, None, *_nonneg), "folds": (int, None, lambda v: v >= 1, "must be >= 1"),
-                "fresh_noise": (bool, True, lambda v: True, "")},
-    "regularizer": {"sigma": (float, None, *_nonneg), "alpha": (float, None, *_nonneg),
-                    # where the moments stop being propagated (gaussreg.adf): 1 = the paper
-                    "depth": ((int, str), 1, lambda v: v == "all" or (isinstance(v, int) and v >= 1),
-                              "must be an integer >= 1 or 'all'")},
-    "randsign": {"eps": (float, None, *_nonneg), "p": (float, 0.5, lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-                 "where": (str, "input", lambda v: v in ("input", "hidden", "both"),
-                           "must be 'input', 'hidden' or 'both'")},
-    "fgsm": {"eps": (float, None, *_nonneg)},
-}
-# Parameters added after run ids existed: left out of a resolved spec at their default,
-# so the ids of earlier runs (and of manifests that do not use them) stay the same.
-OMITTED_AT_DEFAULT = {("regularizer", "depth")}
-
-
-def _type_name(typ) -> str:
-    return " or ".join(t.__name__ for t in typ) if isinstance(typ, tuple) else typ.__name__
-
-
-def check_params(method: str, params: dict) -> dict:
-    """The method's parameters with defaults filled in; ParamError names the bad key."""
-    if method not in PARAMS:
-        raise ParamError("method", f"unknown method {method!r}; known: {', '.join(PARAMS)}")
-    schema = PARAMS[method]
-    for key in params:
-        if key not in schema:
-            close = difflib.get_close_matches(key, list(schema), n=1)
-            hint = f"did you mean {close[0]!r}?" if close else "known: " + (", ".join(schema) or "none")
-            raise ParamError(key, f"unknown parameter {key!r} for method {method!r} ({hint})")
-    out = {}
-    for key, (typ, default, ok, why) in schema.items():
-        if key not in params:
-            if default is None:
-                raise ParamError(key, f"method {method!r} needs parameter {key!r}")
-            out[key] = default
-            continue
-        v = params[key]
-        if typ is float and isinstance(v, int) and not isinstance(v, bool):
-            v = float(v)
-        if not isinstance(v, typ) or (typ is not bool and isinstance(v, bool)):
-            raise ParamError(key, f"parameter {key!r} of method {method!r} must be {_type_name(typ)}, not {v!r}")
-        if typ is float and not math.isfinite(v):
-            raise ParamError(key, f"parameter {key!r} of method {method!r} must be a finite number, not {v!r}")
-        if not ok(v):
-            raise ParamError(key, f"parameter {key!r} of method {method!r} {why} (got {v!r})")
-        out[key] = v
-    return out
-
-
-class SpecError(ValueError):
-    """One clear sentence about one key of a spec."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(message)
-        self.key = key
 
 
 # The paper's Table 1, selected by model and overridable key by key.
@@ -96,7 +26,6 @@ PRESETS = {
                 "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}},
 }
 PRESETS["mlp"] = PRESETS["lenet"]
-MODELS = tuple(plugins.BUILTIN_MODELS)  # the built-in names (a test keeps them in step with models.py)
 PRESET_NAMES = ("lenet", "alexnet")  # what `preset` may name; a built-in model starts from its own
 PRESET_KEYS = ("batch_size", "lr_patience", "lr_factor", "early_stop")
 
@@ -105,6 +34,7 @@ OPTIMIZER_KEYS = {"adam": {"name", "lr", "betas", "eps", "weight_decay"},
 ROBUSTNESS_KEYS = {"sigmas", "samples", "clip"}
 
 # key -> (types, check, meaning); the optimizer, robustness and params tables are checked apart
+_nonneg = (lambda v: v >= 0, "must be >= 0")
 _pos = (lambda v: v >= 1, "must be >= 1")
 _opt_pos = (lambda v: v is None or v >= 1, "must be >= 1")
 SCALARS = {
@@ -115,9 +45,9 @@ SCALARS = {
                 "must be one of " + ", ".join(data.DATASETS) + ", folder:PATH, npz:PATH, a loader's import path "
                 "(mypkg.data:load) or a name registered under the entry-point group gaussreg.datasets"),
     "model": (str, lambda v: plugins.target("model", v) is not None,
-              "must be one of " + ", ".join(MODELS) + ", a factory's import path (mypkg.models:build) or a name "
+              "must be one of " + ", ".join(plugins.BUILTIN_MODELS) + ", a factory's import path (mypkg.models:build) or a name "
               "registered under the entry-point group gaussreg.models"),
-    "method": (str, lambda v: v in PARAMS, "must be one of " + ", ".join(PARAMS)),
+    "method": (str, lambda v: v in METHODS, "must be one of " + ", ".join(METHODS)),
     "seed": (int, *_nonneg),
     "split_seed": (int, *_nonneg),
     "max_epochs": (int, *_pos),
@@ -314,13 +244,7 @@ def resolve(partial: dict) -> dict:
     params = partial.get("params", {})
     if not isinstance(params, dict):
         raise SpecError("params", f"'params' must be a table, not {params!r}")
-    try:
-        spec["params"] = check_params(spec["method"], params)
-    except ParamError as e:
-        raise SpecError(f"params.{e.key}" if e.key != "method" else "method", str(e)) from None
-    for key, (_, default, _, _) in PARAMS[spec["method"]].items():
-        if (spec["method"], key) in OMITTED_AT_DEFAULT and spec["params"][key] == default:
-            del spec["params"][key]
+    spec["params"] = METHODS[spec["method"]].spec_params(params)
     spec["optimizer"] = _resolve_optimizer(partial.get("optimizer", {}), preset["optimizer"])
     spec["robustness"] = _resolve_robustness(partial.get("robustness", {}))
     if "certify" in partial:
@@ -374,7 +298,7 @@ def _resolve_plugins(partial: dict, spec: dict) -> None:
         if key in partial:
             spec[key] = _check_type(key, partial[key], str)
             continue
-        if kind == "model" and name in MODELS:
+        if kind == "model" and name in plugins.BUILTIN_MODELS:
             continue
         h = plugins.source_hash(kind, name, path)
         if h is None:
@@ -398,10 +322,10 @@ def run_id(spec: dict) -> str:
 def describe_params(spec: dict, with_seed: bool = True) -> str:
     """`sigma=0.25 alpha=1` for tables and live views; parameters left at their
     default are not shown (nor the seed where a view has a column for it)."""
-    schema = PARAMS.get(spec.get("method"), {})
+    schema = METHODS[spec["method"]].schema if spec.get("method") in METHODS else {}
     # by name: a spec read back from spec.json (sorted keys) reads the same as one just resolved
     items = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(spec.get("params", {}).items())
-             if k not in schema or schema[k][1] is None or schema[k][1] != v]
+             if k not in schema or schema[k].default is REQUIRED or schema[k].default != v]
     if with_seed and spec.get("seed"):
         items.append(f"seed={spec['seed']}")
     return " ".join(items)

@@ -24,6 +24,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
+from .methods import METHODS  # the parameter types a spec.json is checked against
+
 STATES = ("queued", "running", "completed", "failed", "cancelled", "interrupted", "diverged")
 # One palette for a state wherever it is shown (CLI tables and live view, the TUI), as Rich
 # styles; "elsewhere"/"skipped" are the CLI's words for runs it does not start, "corrupt" the TUI's.
@@ -274,12 +276,11 @@ def shape_error(obj, fields: dict) -> Optional[str]:
 
 
 def _params_error(spec: dict) -> Optional[str]:
-    from .spec import PARAMS  # here: spec imports data, which must not load at store import
-    schema = PARAMS.get(spec["method"])
-    if schema is None:
+    if spec["method"] not in METHODS:
         return f"has an unknown method {spec['method']!r}"
+    schema = METHODS[spec["method"]].schema
     for k, v in spec["params"].items():
-        typ = schema[k][0] if k in schema else None
+        typ = schema[k].type if k in schema else None
         ok = {float: _is_num, int: _is_int, bool: lambda x: isinstance(x, bool), str: _is_str}.get(typ)
         if ok is None:  # a parameter this version does not know: at least a plain value
             ok = lambda x: isinstance(x, (bool, str)) or _is_num(x)  # noqa: E731

@@ -143,11 +143,6 @@ def test_corrupt_run_files_are_named(tmp_path):
     assert run("table", "--store", st.root).returncode == 0
 
 
-def test_spec_and_models_know_the_same_models():
-    from gaussreg import models, spec
-    assert set(spec.MODELS) == set(models.MODELS)
-
-
 def _running(tmp_path, phase, epochs=()):
     import time
     st = Store(tmp_path / "runs")

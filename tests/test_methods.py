@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from gaussreg.methods import ParamError, check_params, make_method, random_sign
+from gaussreg.methods import check_params, make_method, random_sign
+from gaussreg.spec import SpecError
 from gaussreg.models import build_model
 
 
@@ -124,9 +125,10 @@ def test_fgsm_adversarial_term():
     ("nope", {}, "method"),
 ])
 def test_bad_params_name_the_key(method, params, key):
-    with pytest.raises(ParamError) as e:
+    """As a spec reports them: params.<key>, or method for an unknown method."""
+    with pytest.raises(SpecError) as e:
         check_params(method, params)
-    assert e.value.key == key and key in str(e.value)
+    assert e.value.key == (key if key == "method" else f"params.{key}") and key in str(e.value)
 
 
 def test_params_get_defaults_and_ints_become_floats():
