@@ -810,12 +810,12 @@ def tui(store: Path = StoreOpt,
 @data_app.command("list")
 def data_list(data_dir: Optional[Path] = DataDirOpt):
     """Each dataset, where it was found, and its sizes."""
-    from . import data
-    t = Table(title=f"datasets (data root: {data.data_root(data_dir)})", title_justify="left")
+    from . import data, datasets
+    t = Table(title=f"datasets (data root: {datasets.data_root(data_dir)})", title_justify="left")
     for h in ("name", "shape", "classes", "found in", "train", "test"):
         t.add_column(h, overflow="fold")
     missing = []
-    for name in data.DATASETS:
+    for name in datasets.DATASETS:
         d = data.describe(name, data_dir)
         t.add_row(name, d["shape"], str(d["classes"]), escape(str(d["where"])) if d["found"] else "[red]missing[/]",
                   str(d["train"] or "-"), str(d["test"] or "-"))
@@ -830,12 +830,12 @@ def data_list(data_dir: Optional[Path] = DataDirOpt):
 def data_download(name: str = typer.Argument(..., help="mnist, fashion-mnist, cifar10 or cifar100."),
                   data_dir: Optional[Path] = DataDirOpt):
     """Make a dataset available (Debian package, torchvision, or the official files)."""
-    from . import data
-    if name not in data.DATASETS:
-        fail(f"unknown dataset {name!r}; known: {', '.join(data.DATASETS)}")
+    from . import datasets, download
+    if name not in datasets.DATASETS:
+        fail(f"unknown dataset {name!r}; known: {', '.join(datasets.DATASETS)}")
     try:
-        where = data.download(name, data_dir, log=lambda m: console.print(m, highlight=False, markup=False))
-    except data.DataError as e:
+        where = download.download(name, data_dir, log=lambda m: console.print(m, highlight=False, markup=False))
+    except datasets.DataError as e:
         fail(str(e), 1)
     console.print(f"{name} is available in {where}", markup=False)
 

@@ -2,94 +2,31 @@
 
 Reads the standard on-disk formats directly (IDX for the MNIST family, the python
 pickle batches for CIFAR) from the folder layout torchvision uses under a data root,
-plus the Debian package `dataset-fashion-mnist`. No torchvision needed to read.
+plus the Debian package `dataset-fashion-mnist`, and a user's files or loader. No
+torchvision needed to read. What datasets there are is gaussreg.datasets.
 """
 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import os
 import pickle
-import shutil
-import subprocess
-import tarfile
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Optional
+
+from .datasets import DATASETS, SYNTHETIC_SIZES, DataError, DatasetInfo, data_root, info, is_builtin, source_path
 
 if TYPE_CHECKING:
     import torch
 
-# torch is imported inside the functions that load data: the dataset registry below is
-# read by specs, manifests and the store tools, which must start without torch.
+# torch is imported inside the functions: `gaussreg data list` and the dry-run's data check
+# import this module without loading any tensors.
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-
-
-class DataError(Exception):
-    """A dataset cannot be found or read; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    name: str
-    shape: tuple  # (C, H, W)
-    classes: int
-    mean: tuple  # per channel, in [0,1] pixel units: the model normalises, not the data
-    std: tuple
-    folder: str = ""  # torchvision's folder under the data root
-    files: tuple = ()  # (file name, md5 of the official download)
-    url: str = ""
-
-
 _IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-
-DATASETS = {
-    "mnist": DatasetInfo(
-        "mnist", (1, 28, 28), 10, (0.1307,), (0.3081,), "MNIST/raw",
-        (("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
-         ("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432"),
-         ("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
-         ("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c")),
-        "https://ossci-datasets.s3.amazonaws.com/mnist/"),
-    "fashion-mnist": DatasetInfo(
-        "fashion-mnist", (1, 28, 28), 10, (0.2860,), (0.3530,), "FashionMNIST/raw",
-        (("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
-         ("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe"),
-         ("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79"),
-         ("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310")),
-        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"),
-    "cifar10": DatasetInfo(
-        "cifar10", (3, 32, 32), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
-        "cifar-10-batches-py",
-        (("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),),
-        "https://www.cs.toronto.edu/~kriz/"),
-    "cifar100": DatasetInfo(
-        "cifar100", (3, 32, 32), 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
-        "cifar-100-python",
-        (("cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85"),),
-        "https://www.cs.toronto.edu/~kriz/"),
-    # Generated, deterministic by seed: for tests and smoke runs.
-    "synthetic": DatasetInfo("synthetic", (1, 28, 28), 10, (0.5,), (0.25,)),
-}
-
-SYNTHETIC_SIZES = {"train": 2000, "test": 500}
-
-
-def info(name: str) -> DatasetInfo:
-    try:
-        return DATASETS[name]
-    except KeyError:
-        raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}") from None
-
-
-def data_root(data_dir: Optional[os.PathLike] = None) -> Path:
-    """--data-dir, else $GAUSSREG_DATA, else ./data."""
-    return Path(data_dir or os.environ.get("GAUSSREG_DATA") or "data")
 
 
 # ---------------------------------------------------------------- formats
@@ -331,22 +268,9 @@ def load(name: str, data_dir=None, *, split_seed: int = 0, val_fraction: float =
 
 # ---------------------------------------------------------------- a user's data
 
-SOURCES = ("folder:", "npz:")  # built-in readers of a user's files; the rest of the name is a path
 FOLDER_ARGS = {"size", "channels", "test_fraction"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 SPLIT_KEYS = ("x_train", "y_train", "x_test", "y_test")
-
-
-def is_builtin(name: str) -> bool:
-    return name in DATASETS
-
-
-def source_path(name: str) -> Optional[Path]:
-    """The path of a `folder:` or `npz:` dataset, else None."""
-    for prefix in SOURCES:
-        if name.startswith(prefix):
-            return Path(name[len(prefix):])
-    return None
 
 
 def _tensor(v, what: str, where: str):
@@ -526,7 +450,7 @@ def load_custom(name: str, args: dict, python_path=()):
     return x, y, tx, ty, DatasetInfo(name, ds.shape, ds.classes, ds.mean, ds.std)
 
 
-# ---------------------------------------------------------------- listing & download
+# ---------------------------------------------------------------- listing
 
 def describe(name: str, data_dir=None) -> dict:
     """Where a dataset is and how big, for `gaussreg data list`."""
@@ -549,83 +473,6 @@ def describe(name: str, data_dir=None) -> dict:
     except DataError as e:
         return {**row, "found": False, "where": str(folder), "train": None, "test": None, "note": str(e)}
     return {**row, "found": True, "where": str(folder), "train": n_train, "test": n_test, "note": ""}
-
-
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fetch(url: str, dest: Path, md5: str, log: Callable) -> None:
-    log(f"downloading {url}")
-    tmp = dest.with_name(dest.name + ".part")
-    with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-        shutil.copyfileobj(r, f)
-    got = _md5(tmp)
-    if got != md5:
-        tmp.unlink()
-        raise DataError(f"checksum mismatch for {url}: got md5 {got}, expected {md5}; nothing was kept")
-    os.replace(tmp, dest)
-
-
-def _apt_install_fashion_mnist(log: Callable) -> bool:
-    """The Debian package is the offline source; use it where we are allowed to."""
-    if not shutil.which("apt-get") or os.geteuid() != 0:
-        return False
-    for cmd in (["apt-get", "install", "-y", "-q", "dataset-fashion-mnist"],
-                ["apt-get", "update", "-q"],
-                ["apt-get", "install", "-y", "-q", "dataset-fashion-mnist"]):
-        log("running " + " ".join(cmd))
-        ok = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
-        if cmd[1] == "install" and ok:
-            return True
-    return False
-
-
-def download(name: str, data_dir=None, log: Callable = print) -> Path:
-    """Make the dataset available: Debian package, then torchvision, then a plain
-    HTTP fetch of the official files with an md5 check. Returns where it is."""
-    ds = info(name)
-    if name == "synthetic":
-        raise DataError("'synthetic' is generated on the fly; there is nothing to download")
-    found = find(name, data_dir)
-    if found:
-        log(f"{name} is already available in {found}")
-        return found
-    if name == "fashion-mnist" and _apt_install_fashion_mnist(log) and find(name, data_dir):
-        return find(name, data_dir)
-    root = data_root(data_dir)
-    try:
-        import torchvision.datasets as tvd  # optional extra `vision`
-    except Exception:
-        tvd = None
-    try:
-        if tvd is not None:
-            cls = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100"}[name]
-            log(f"downloading {name} with torchvision into {root}")
-            getattr(tvd, cls)(str(root), train=True, download=True)
-        else:
-            folder = root / ds.folder if name in ("mnist", "fashion-mnist") else root
-            folder.mkdir(parents=True, exist_ok=True)
-            for fname, md5 in ds.files:
-                dest = folder / fname
-                if not (dest.is_file() and _md5(dest) == md5):
-                    _fetch(ds.url + fname, dest, md5, log)
-                if fname.endswith(".tar.gz"):
-                    with tarfile.open(dest) as tar:
-                        tar.extractall(root, filter="data")
-    except DataError:
-        raise
-    except Exception as e:  # network down, DNS, HTTP errors: say so in one paragraph
-        raise DataError(f"Could not download {name!r} ({type(e).__name__}: {e}). "
-                        + missing_message(name, data_dir, downloading=True)) from None
-    found = find(name, data_dir)
-    if not found:
-        raise DataError(missing_message(name, data_dir, downloading=True))
-    return found
 
 
 def encode_idx(arr: torch.Tensor) -> bytes:

@@ -21,8 +21,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from . import data
-from . import plugins
+from . import datasets, plugins
 from .methods import METHODS
 from .spec import ARG_TABLES, EXPERIMENT_NAME, SCALARS, TABLES, SpecError, resolve, run_id
 
@@ -280,10 +279,10 @@ def _merge_experiment(i: int, exp: dict, defaults: dict, names: set, base: Path,
             merged["seed"] = seeds
     ds = merged.get("dataset")
     for d in (ds if isinstance(ds, list) else [ds]):
-        if isinstance(d, str) and data.source_path(d) is not None and not data.source_path(d).is_absolute():
+        if isinstance(d, str) and datasets.source_path(d) is not None and not datasets.source_path(d).is_absolute():
             # a user's data file or folder: relative to the manifest, stored absolute
             kind = d.split(":", 1)[0]
-            fixed = f"{kind}:{(base / data.source_path(d)).resolve()}"
+            fixed = f"{kind}:{(base / datasets.source_path(d)).resolve()}"
             merged["dataset"] = [fixed if x == d else x for x in ds] if isinstance(ds, list) else fixed
             ds = merged["dataset"]
     return name, exp, merged, tol, methods
@@ -387,7 +386,7 @@ def _resolve_all(partial: dict, report) -> Optional[dict]:
 def uses_own_code(m: Manifest) -> bool:
     """Whether a run names a model or dataset that is not built into gaussreg, or gives
     a factory arguments (which only calling it checks)."""
-    return any(r.spec["model"] not in plugins.BUILTIN_MODELS or not data.is_builtin(r.spec["dataset"])
+    return any(r.spec["model"] not in plugins.BUILTIN_MODELS or not datasets.is_builtin(r.spec["dataset"])
                or any(k in r.spec for k in ARG_TABLES) for r in m.runs())
 
 

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import data, plugins
+from . import datasets, plugins
 
 
 class NormalizedConv2d(nn.Conv2d):
@@ -208,7 +208,7 @@ def as_gaussnet(obj, name: str = "custom", shape=None) -> GaussNet:
 # ---------------------------------------------------------------- built-in factories
 # Registered as gaussreg.models:lenet etc. (gaussreg.plugins.BUILTIN_MODELS): built like any user's.
 
-def lenet(ds: data.DatasetInfo) -> GaussNet:
+def lenet(ds: datasets.DatasetInfo) -> GaussNet:
     c, h, w = ds.shape
     flat = 64 * (h // 4) * (w // 4)  # 3136 on 28x28, 4096 on 32x32
     first = NormalizedConv2d(c, 32, 5, padding=2, mean=ds.mean, std=ds.std)
@@ -218,7 +218,7 @@ def lenet(ds: data.DatasetInfo) -> GaussNet:
     return GaussNet(first, rest, "lenet")
 
 
-def alexnet(ds: data.DatasetInfo) -> GaussNet:
+def alexnet(ds: datasets.DatasetInfo) -> GaussNet:
     c, h, w = ds.shape
     if (h, w) != (32, 32):
         raise ValueError(f"alexnet is built for 32x32 inputs, and {ds.name} is {h}x{w}")
@@ -233,7 +233,7 @@ def alexnet(ds: data.DatasetInfo) -> GaussNet:
     return GaussNet(first, rest, "alexnet")
 
 
-def mlp(ds: data.DatasetInfo, hidden: int = 256) -> GaussNet:
+def mlp(ds: datasets.DatasetInfo, hidden: int = 256) -> GaussNet:
     n = math.prod(ds.shape)
     first = NormalizedLinear(n, hidden, mean=ds.mean, std=ds.std)
     return GaussNet(first, nn.Linear(hidden, ds.classes), "mlp")
@@ -246,7 +246,7 @@ def build_model(name, dataset, args: Optional[dict] = None, python_path=()) -> G
     SplitError (a factory's own exception is reported as PluginError naming it)."""
     if isinstance(name, nn.Module):
         return as_gaussnet(name)
-    ds = dataset if isinstance(dataset, data.DatasetInfo) else data.info(dataset)
+    ds = dataset if isinstance(dataset, datasets.DatasetInfo) else datasets.info(dataset)
     factory = plugins.load("model", name, python_path)
     try:
         out = factory(ds, **(args or {}))

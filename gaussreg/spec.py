@@ -8,7 +8,7 @@ import json
 import math
 import re
 
-from . import data, plugins  # torch is imported lazily there: reading specs and stores needs no torch
+from . import datasets, plugins
 from .methods import METHODS  # a method's parameters are declared on its class
 from .robustness import default_sigmas
 from .schema import REQUIRED, SpecError
@@ -40,9 +40,9 @@ _opt_pos = (lambda v: v is None or v >= 1, "must be >= 1")
 SCALARS = {
     "experiment": (str, lambda v: v == "" or EXPERIMENT_NAME.fullmatch(v) is not None,
                    "must be 1 to 100 letters, digits, '.', '_' or '-', starting with a letter or digit"),
-    "dataset": (str, lambda v: data.is_builtin(v) or data.source_path(v) is not None
+    "dataset": (str, lambda v: datasets.is_builtin(v) or datasets.source_path(v) is not None
                 or plugins.target("dataset", v) is not None,
-                "must be one of " + ", ".join(data.DATASETS) + ", folder:PATH, npz:PATH, a loader's import path "
+                "must be one of " + ", ".join(datasets.DATASETS) + ", folder:PATH, npz:PATH, a loader's import path "
                 "(mypkg.data:load) or a name registered under the entry-point group gaussreg.datasets"),
     "model": (str, lambda v: plugins.target("model", v) is not None,
               "must be one of " + ", ".join(plugins.BUILTIN_MODELS) + ", a factory's import path (mypkg.models:build) or a name "
@@ -236,8 +236,8 @@ def resolve(partial: dict) -> dict:
     if partial.get("version", SPEC_VERSION) != SPEC_VERSION:
         raise SpecError("version", f"spec version {partial['version']!r} is not supported (this is {SPEC_VERSION})")
     _resolve_plugins(partial, spec)
-    if data.is_builtin(spec["dataset"]) and model == "alexnet":
-        ds = data.info(spec["dataset"])
+    if datasets.is_builtin(spec["dataset"]) and model == "alexnet":
+        ds = datasets.info(spec["dataset"])
         if ds.shape[1:] != (32, 32):
             raise SpecError("model", f"alexnet needs 32x32 images and {spec['dataset']} has "
                             f"{ds.shape[1]}x{ds.shape[2]}")
@@ -284,7 +284,7 @@ def _resolve_plugins(partial: dict, spec: dict) -> None:
     if "preset" in partial:
         spec["preset"] = partial["preset"]
     ds = spec["dataset"]
-    where = data.source_path(ds)
+    where = datasets.source_path(ds)
     if where is not None:
         if not where.is_absolute():
             raise SpecError("dataset", f"the path of dataset {ds!r} must be absolute here (a manifest makes it "
@@ -293,7 +293,7 @@ def _resolve_plugins(partial: dict, spec: dict) -> None:
             raise SpecError("dataset", f"{'file' if ds.startswith('npz:') else 'folder'} {where} of dataset "
                             f"{ds!r} does not exist")
     for kind, name, key in (("model", spec["model"], "model_source"), ("dataset", ds, "dataset_source")):
-        if kind == "dataset" and (data.is_builtin(ds) or where is not None):
+        if kind == "dataset" and (datasets.is_builtin(ds) or where is not None):
             continue
         if key in partial:
             spec[key] = _check_type(key, partial[key], str)

@@ -238,14 +238,14 @@ def test_a_failed_download_does_not_send_you_to_the_same_command(tmp_path, monke
     import sys as _sys
     import urllib.error
     import pytest
-    from gaussreg import data
+    from gaussreg import data, download
 
     def offline(*a, **k):
         raise urllib.error.URLError("Name or service not known")
     monkeypatch.setitem(_sys.modules, "torchvision.datasets", None)  # the plain HTTP path
-    monkeypatch.setattr(data, "_fetch", offline)
+    monkeypatch.setattr(download, "_fetch", offline)
     with pytest.raises(data.DataError) as e:
-        data.download("mnist", tmp_path)
+        download.download("mnist", tmp_path)
     msg = str(e.value)
     assert msg.startswith("Could not download 'mnist'") and "gaussreg data download" not in msg
     assert "run it again where the dataset's site can be reached" in msg

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from conftest import cli, python_env
-from gaussreg import data, manifest, models, plugins
+from gaussreg import data, datasets, manifest, models, plugins
 from gaussreg.models import SplitError, build_model
 from gaussreg.regularizer import moment_loss
 
@@ -238,7 +238,7 @@ def test_a_changed_source_is_refused_by_the_worker(project):
 
 
 def test_split_of_a_torchvision_style_module_and_of_a_sequential(project):
-    info = data.DatasetInfo("t", (3, 16, 16), 4, (0.5,) * 3, (0.25,) * 3)
+    info = datasets.DatasetInfo("t", (3, 16, 16), 4, (0.5,) * 3, (0.25,) * 3)
     torch.manual_seed(0)
     net = build_model("mypkg.models:resnet", info, {"width": 4}, [str(project / "src")])
     assert isinstance(net.first, models.FirstBlock) and isinstance(net.first.bn, nn.BatchNorm2d)
@@ -271,7 +271,7 @@ def test_split_of_a_torchvision_style_module_and_of_a_sequential(project):
 
 
 def test_refusals_each_with_its_sentence(project):
-    info = data.DatasetInfo("t", (3, 16, 16), 4, (0.5,) * 3, (0.25,) * 3)
+    info = datasets.DatasetInfo("t", (3, 16, 16), 4, (0.5,) * 3, (0.25,) * 3)
     path = [str(project / "src")]
     with pytest.raises(SplitError, match=r"its first layers are Conv2d \(stem.0\), GroupNorm \(stem.1\), SiLU "
                                          r"\(stem.2\); recognised are a GaussNet"):
@@ -416,7 +416,7 @@ def test_entry_point_names_for_models_and_datasets(project, monkeypatch):
 
 
 def test_a_sequential_with_batchnorm_first_supports_depth(project):
-    info = data.DatasetInfo("t", (3, 8, 8), 4, (0.5,) * 3, (0.25,) * 3)
+    info = datasets.DatasetInfo("t", (3, 8, 8), 4, (0.5,) * 3, (0.25,) * 3)
     torch.manual_seed(0)
     net = build_model("mypkg.models:seq", info, None, [str(project / "src")]).double()
     from gaussreg.regularizer import expected_logits

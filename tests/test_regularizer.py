@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from gaussreg import data
+from gaussreg import datasets
 from gaussreg.models import GaussNet, NormalizedConv2d, build_model, from_sequential, parameter_count
 from gaussreg.regularizer import expected_logits, first_variance, moment_loss, sigma2
 
-TINY = data.DatasetInfo("tiny", (1, 4, 4), 3, (0.3,), (0.2,))
+TINY = datasets.DatasetInfo("tiny", (1, 4, 4), 3, (0.3,), (0.2,))
 
 
 def test_mlp_expected_logits_equal_monte_carlo_mean():
@@ -73,7 +73,7 @@ def test_folded_normalisation_matches_prenormalised_network():
     torch.manual_seed(0)
     model = build_model("lenet", "cifar10").double()
     mean, std = model.first.input_mean, model.first.input_std
-    assert torch.allclose(std.flatten(), torch.tensor(data.DATASETS["cifar10"].std, dtype=torch.float64))
+    assert torch.allclose(std.flatten(), torch.tensor(datasets.DATASETS["cifar10"].std, dtype=torch.float64))
     plain = nn.Conv2d(3, 32, 5, padding=2).double()
     plain.load_state_dict({k: v for k, v in model.first.state_dict().items() if not k.startswith("input_")})
     net = GaussNet(plain, model.rest)
@@ -124,7 +124,7 @@ def test_model_is_rest_of_relu_of_first_and_shapes():
         m = build_model(name, ds)
         x = torch.rand(2, *shape)
         assert torch.equal(m(x), m.rest(torch.relu(m.first(x))))
-        assert m(x).shape == (2, data.DATASETS[ds].classes)
+        assert m(x).shape == (2, datasets.DATASETS[ds].classes)
     with pytest.raises(ValueError, match="32x32"):
         build_model("alexnet", "mnist")
 
@@ -151,7 +151,7 @@ def _forbid_host_syncs(monkeypatch):
 @pytest.mark.parametrize("depth", [1, "all"])
 def test_a_float_sigma_batch_reads_nothing_back_from_the_device(monkeypatch, depth):
     torch.manual_seed(0)
-    model = build_model("lenet", data.DatasetInfo("tiny", (1, 28, 28), 10, (0.3,), (0.2,)))
+    model = build_model("lenet", datasets.DatasetInfo("tiny", (1, 28, 28), 10, (0.3,), (0.2,)))
     x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
     want = moment_loss(model, x, y, 0.4, 0.5, depth=depth)
     _forbid_host_syncs(monkeypatch)
@@ -169,7 +169,7 @@ def test_a_float_sigma_batch_reads_nothing_back_from_the_device(monkeypatch, dep
 @pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
 def test_first_layer_variance_is_fp32_under_autocast_and_finite_at_large_sigma(half):
     torch.manual_seed(0)
-    model = build_model("lenet", data.DatasetInfo("tiny", (1, 28, 28), 10, (0.3,), (0.2,)))
+    model = build_model("lenet", datasets.DatasetInfo("tiny", (1, 28, 28), 10, (0.3,), (0.2,)))
     x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
     sigma = 200.0  # sigma2^2 ~ 1e6 here: past fp16's 65504
     with torch.no_grad():

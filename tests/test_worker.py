@@ -316,12 +316,12 @@ def _forbid_host_syncs(monkeypatch):
     ("fgsm", {"eps": 0.1})])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_a_training_step_and_its_bookkeeping_read_nothing_back_from_the_device(monkeypatch, method, params, precision):
-    from gaussreg import data
+    from gaussreg import datasets
     from gaussreg.methods import make_method
     from gaussreg.models import build_model
     from gaussreg.worker import _batch_step
     torch.manual_seed(0)
-    info = data.DatasetInfo("tiny", (1, 28, 28), 10, (0.3,), (0.2,))
+    info = datasets.DatasetInfo("tiny", (1, 28, 28), 10, (0.3,), (0.2,))
     model = build_model("lenet", info)
     m = make_method(method, params)
     X, Y = torch.rand(20, 1, 28, 28), torch.arange(20) % 10
