@@ -221,7 +221,7 @@ def _run_here(p, st, manifest: Path, store: Path, gpus: str, rerun: bool):
     except OSError as e:  # a full disk, a file where a folder should be: nothing launched
         fail(f"cannot write the experiments of {manifest} in {store} "
              f"({e.strerror}{': ' + str(e.filename) if e.filename else ''})")
-    from .live import LiveView
+    from .live_view import LiveView
     survive_closed_output(console.print)(f"{plural(len(runs), 'run')} from {manifest} into {st.root}/ on "
                   f"{', '.join('gpu ' + s.gpu if s.gpu else 'cpu' for s in slots)}"
                   f" ({slots[0].threads} thread(s) each"

@@ -22,7 +22,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from . import datasets, plugins
-from .methods import METHODS
+from .methods import METHOD_CLASSES
 from .spec import ARG_TABLES, EXPERIMENT_NAME, SCALARS, TABLES, SpecError, resolve, run_id
 
 RUN_KEYS = (set(SCALARS) - {"experiment", "data_dir"}) | {"optimizer", "robustness", "certify", "preset", *ARG_TABLES}
@@ -317,8 +317,8 @@ def _expand_methods(exp_out: Experiment, exp: dict, methods: dict, axes: dict, e
     """Every grid point of every method, resolved into exp_out.runs (none once there are errors)."""
     name = exp_out.name
     for method, params in methods.items():
-        if method not in METHODS:
-            err(sec, ["methods", method], f"unknown method {method!r}" + _suggest(method, METHODS))
+        if method not in METHOD_CLASSES:
+            err(sec, ["methods", method], f"unknown method {method!r}" + _suggest(method, METHOD_CLASSES))
             continue
         if not isinstance(params, dict):
             err(sec, ["methods", method], "must be a table of parameters, e.g. {} or { sigma = 0.25 }")

@@ -1,6 +1,6 @@
 """Training methods, each its parameters (names, types, ranges, defaults) and a loss on a
 batch: baseline, augment, regularizer, randsign, fgsm. Adding a method is adding a class
-here and listing it in METHODS.
+here and listing it in METHOD_CLASSES.
 
 torch is imported inside the functions: specs and manifests check a method's parameters
 through the classes here, and reading them must start without torch.
@@ -32,9 +32,10 @@ def _cross_entropy(logits, y):
 
 
 class Method:
-    """Clean training. Subclasses change the epoch's items (`copies`, `batch`) or the loss."""
+    """What a training method is: its parameters (`schema`), the epoch's items (`copies`,
+    `batch`) and its loss. The defaults are clean training; each method changes some."""
 
-    name = "baseline"
+    name = ""  # as a spec names it
     schema: Dict[str, Param] = {}  # the parameters a spec gives this method
     copies = 1  # items per clean training image in one epoch
     term_names = ("ce",)  # the keys of Loss.terms, in the order the worker logs them
@@ -54,14 +55,23 @@ class Method:
     def batch(self, X, Y, idx, g: torch.Generator):
         return X[idx], Y[idx]
 
-    def loss(self, model, x, y, g: torch.Generator) -> Loss:
+    def clean_loss(self, model, x, y) -> Loss:
         logits = model(x)
         ce = _cross_entropy(logits, y)
         return Loss(ce, {"ce": ce}, logits)
 
+    def loss(self, model, x, y, g: torch.Generator) -> Loss:
+        return self.clean_loss(model, x, y)
+
     def objective(self, model, x, y, g: torch.Generator) -> Loss:
         """The validation objective: the training loss, minus training-only randomness."""
         return self.loss(model, x, y, g)
+
+
+class Baseline(Method):
+    """Clean training: the cross-entropy of the clean images."""
+
+    name = "baseline"
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
@@ -147,7 +157,7 @@ class Augment(Method):
         return x + self.params["sigma"] * noisy * z, Y[example]
 
     def objective(self, model, x, y, g):
-        return Method.loss(self, model, x, y, g)
+        return self.clean_loss(model, x, y)
 
 
 class Regularizer(Method):
@@ -195,7 +205,7 @@ class RandSign(Method):
         return Loss(ce, {"ce": ce}, logits)
 
     def objective(self, model, x, y, g):
-        return Method.loss(self, model, x, y, g)
+        return self.clean_loss(model, x, y)
 
 
 class FGSM(Method):
@@ -218,14 +228,14 @@ class FGSM(Method):
         return Loss(0.5 * ce + 0.5 * adv, {"ce": ce, "adv": adv}, logits)
 
 
-METHODS = {cls.name: cls for cls in (Method, Augment, Regularizer, RandSign, FGSM)}
+METHOD_CLASSES = {cls.name: cls for cls in (Baseline, Augment, Regularizer, RandSign, FGSM)}
 
 
 def method_class(name: str) -> type:
     """The class of a method name; SpecError (key `method`) for an unknown one."""
-    if name not in METHODS:
-        raise SpecError("method", f"unknown method {name!r}; known: {', '.join(METHODS)}")
-    return METHODS[name]
+    if name not in METHOD_CLASSES:
+        raise SpecError("method", f"unknown method {name!r}; known: {', '.join(METHOD_CLASSES)}")
+    return METHOD_CLASSES[name]
 
 
 def check_params(name: str, params: dict) -> dict:

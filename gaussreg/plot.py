@@ -83,12 +83,12 @@ def _legend(ax):
 
 def _fig_scatter(plt, rec, runs, results, title):
     """Figure 3: clean test accuracy against R, one point per run, with the tolerance band."""
-    from .methods import METHODS
+    from .methods import METHOD_CLASSES
     fig, ax = plt.subplots(figsize=(7, 4.5))
     by_method = {}
     for r in runs:
         by_method.setdefault(r["spec"]["method"], []).append(r["result"])
-    for m, rs in sorted(by_method.items(), key=lambda kv: list(METHODS).index(kv[0]) if kv[0] in METHODS else 99):
+    for m, rs in sorted(by_method.items(), key=lambda kv: list(METHOD_CLASSES).index(kv[0]) if kv[0] in METHOD_CLASSES else 99):
         ax.scatter([x["test_accuracy"] * 100 for x in rs], [x["robustness"] * 100 for x in rs], s=28,
                    color=COLORS.get(m, "grey"), marker=MARKERS.get(m, "o"), label=f"{m} ({len(rs)})",
                    alpha=0.85, edgecolors="none")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from .robustness import score_of
-from .methods import METHODS
+from .methods import METHOD_CLASSES
 from .spec import describe_params
 from .store import RunDir, RunFileError, Store, parse_iso, phase_of
 
@@ -277,7 +277,7 @@ def compare(rows: List[dict], experiment: str, dataset: str, model: str, toleran
            "tolerance": tolerance, "selection": select, "baseline": None, "best": [], "best_per_sigma": [],
            "equivalent_folds": None, "counts": {}, "warnings": [], "configurations": []}
     present = {r["spec"]["method"] for r in rows}
-    methods = [m for m in METHODS if m in present]
+    methods = [m for m in METHOD_CLASSES if m in present]
     base = next((c for c in cfgs if c["method"] == "baseline" and c["n"]), None)
     threshold = None
     eligible = []

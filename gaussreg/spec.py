@@ -9,7 +9,7 @@ import math
 import re
 
 from . import datasets, plugins
-from .methods import METHODS  # a method's parameters are declared on its class
+from .methods import METHOD_CLASSES  # a method's parameters are declared on its class
 from .robustness import default_sigmas
 from .schema import REQUIRED, SpecError
 
@@ -47,7 +47,7 @@ SCALARS = {
     "model": (str, lambda v: plugins.target("model", v) is not None,
               "must be one of " + ", ".join(plugins.BUILTIN_MODELS) + ", a factory's import path (mypkg.models:build) or a name "
               "registered under the entry-point group gaussreg.models"),
-    "method": (str, lambda v: v in METHODS, "must be one of " + ", ".join(METHODS)),
+    "method": (str, lambda v: v in METHOD_CLASSES, "must be one of " + ", ".join(METHOD_CLASSES)),
     "seed": (int, *_nonneg),
     "split_seed": (int, *_nonneg),
     "max_epochs": (int, *_pos),
@@ -244,7 +244,7 @@ def resolve(partial: dict) -> dict:
     params = partial.get("params", {})
     if not isinstance(params, dict):
         raise SpecError("params", f"'params' must be a table, not {params!r}")
-    spec["params"] = METHODS[spec["method"]].spec_params(params)
+    spec["params"] = METHOD_CLASSES[spec["method"]].spec_params(params)
     spec["optimizer"] = _resolve_optimizer(partial.get("optimizer", {}), preset["optimizer"])
     spec["robustness"] = _resolve_robustness(partial.get("robustness", {}))
     if "certify" in partial:
@@ -322,7 +322,7 @@ def run_id(spec: dict) -> str:
 def describe_params(spec: dict, with_seed: bool = True) -> str:
     """`sigma=0.25 alpha=1` for tables and live views; parameters left at their
     default are not shown (nor the seed where a view has a column for it)."""
-    schema = METHODS[spec["method"]].schema if spec.get("method") in METHODS else {}
+    schema = METHOD_CLASSES[spec["method"]].schema if spec.get("method") in METHOD_CLASSES else {}
     # by name: a spec read back from spec.json (sorted keys) reads the same as one just resolved
     items = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(spec.get("params", {}).items())
              if k not in schema or schema[k].default is REQUIRED or schema[k].default != v]

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
-from .methods import METHODS  # the parameter types a spec.json is checked against
+from .methods import METHOD_CLASSES  # the parameter types a spec.json is checked against
 
 STATES = ("queued", "running", "completed", "failed", "cancelled", "interrupted", "diverged")
 # One palette for a state wherever it is shown (CLI tables and live view, the TUI), as Rich
@@ -276,9 +276,9 @@ def shape_error(obj, fields: dict) -> Optional[str]:
 
 
 def _params_error(spec: dict) -> Optional[str]:
-    if spec["method"] not in METHODS:
+    if spec["method"] not in METHOD_CLASSES:
         return f"has an unknown method {spec['method']!r}"
-    schema = METHODS[spec["method"]].schema
+    schema = METHOD_CLASSES[spec["method"]].schema
     for k, v in spec["params"].items():
         typ = schema[k].type if k in schema else None
         ok = {float: _is_num, int: _is_int, bool: lambda x: isinstance(x, bool), str: _is_str}.get(typ)

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from gaussreg import report
 from gaussreg.cli import app as cli_app
-from gaussreg.live import LiveView
+from gaussreg.live_view import LiveView
 from gaussreg.manifest import tomllib
 from gaussreg.scheduler import Scheduler, make_slots
 from gaussreg.spec import resolve, run_id

@@ -159,7 +159,7 @@ def _running(tmp_path, phase, epochs=()):
 def _view(lines):
     import io
     from rich.console import Console
-    from gaussreg.live import LiveView
+    from gaussreg.live_view import LiveView
     out = io.StringIO()
     return LiveView(1, Console(file=out, width=200), lines=lines), out
 

@@ -353,10 +353,10 @@ def test_a_training_step_and_its_bookkeeping_read_nothing_back_from_the_device(m
 
 
 def test_the_first_batch_a_term_went_non_finite_is_kept():
-    from gaussreg.methods import Method
+    from gaussreg.methods import Baseline
     from gaussreg.worker import _batch_step
 
-    class Bad(Method):
+    class Bad(Baseline):
         term_names = ("ce", "reg")
 
         def loss(self, model, x, y, g):
