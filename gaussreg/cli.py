@@ -290,7 +290,7 @@ def _dry_run(p, st, manifest) -> None:
     for r in runs:
         rd = RunDir(st.root / r.id)
         try:
-            state = rd.state() if rd.file("spec.json").exists() else "new"
+            state = rd.state() if rd.spec_file.exists() else "new"
         except RunFileError as e:
             state = f"corrupt: {e}"
         args = " ".join(f"{k}={v}" for k, v in {**r.spec.get("dataset_args", {}), **r.spec.get("model_args", {})}.items())
@@ -530,7 +530,7 @@ def show(run_id: str = typer.Argument(..., help="A run id (or a unique prefix)."
                       + (", compiled" if result.get("compile") else ""), highlight=False, markup=False)
     tail = run.log_tail(15)
     if tail:
-        console.rule("worker.log")
+        console.rule(run.log_file.name)
         console.print(tail, highlight=False, markup=False)
 
 
@@ -643,11 +643,11 @@ def eval_(target: str = typer.Argument(..., help="A run id, or a checkpoint file
     inner = None  # the spec a checkpoint carries, for one copied away from its run directory
     if p.is_file():
         run, ckpt = RunDir(p.parent), p
-        if not os.path.lexists(run.file("spec.json")):
+        if not os.path.lexists(run.spec_file):
             inner = _spec_in_checkpoint(p)
     else:
         run = _get_run(store, target)
-        ckpt = run.file("best.pt")
+        ckpt = run.best_checkpoint
     if samples is not None and not 1 <= samples <= MAX_SAMPLES:
         fail(f"--samples must be from 1 to {MAX_SAMPLES}, not {samples}")
     if not valid_device(device):
@@ -725,8 +725,8 @@ def certify(run_id: str = typer.Argument(..., help="A run id (or a unique prefix
     try:
         spec = resolve(run.spec())
     except (SpecError, RunFileError) as e:
-        fail(f"bad spec {run.file('spec.json')}: {e}")
-    ckpt = run.file("best.pt")
+        fail(f"bad spec {run.spec_file}: {e}")
+    ckpt = run.best_checkpoint
     if not ckpt.is_file():
         fail(f"{ckpt} does not exist: run {run.id} has not finished an epoch, so there is no model to certify")
     sigma = default_certify_sigma(spec) if sigma is None else sigma

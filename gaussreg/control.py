@@ -42,7 +42,7 @@ def start_worker(run: RunDir, resume: bool, gpu: Optional[str] = None, threads: 
     if threads:
         env["GAUSSREG_THREADS"] = env["OMP_NUM_THREADS"] = str(threads)
     cmd = (argv or [sys.executable, "-m", "gaussreg.worker"]) + [str(run.path)] + (["--resume"] if resume else [])
-    fd = os.open(run.file("worker.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    fd = os.open(run.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
     with os.fdopen(fd, "ab") as log:
         return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 pass_fds=((lock_fd,) if lock_fd is not None else ()) + tuple(hold_fds),
@@ -81,7 +81,7 @@ def wants_gpu(run: RunDir) -> bool:
     """Whether the run's spec may train on a GPU (not `device = "cpu"`); a spec that cannot be
     read counts as yes (the worker refuses it with its own message)."""
     try:
-        spec = json.loads(run.file("spec.json").read_bytes().decode())
+        spec = json.loads(run.spec_file.read_bytes().decode())
     except (OSError, ValueError):
         return True
     return not (isinstance(spec, dict) and spec.get("device") == "cpu")
@@ -130,7 +130,7 @@ def restart(run: RunDir, gpu: Optional[str] = None) -> subprocess.Popen:
                 gpu = place[0]
         if state == "diverged":
             _reset(run)
-        return start_worker(run, resume=run.file("last.pt").exists(), gpu=gpu, lock_fd=fd,
+        return start_worker(run, resume=run.last_checkpoint.exists(), gpu=gpu, lock_fd=fd,
                             hold_fds=(place[1],) if place else ())
     finally:
         os.close(fd)
@@ -204,5 +204,5 @@ def detach_run(argv_tail: List[str], store: Store, label: str) -> dict:
 
 def _reset(run: RunDir) -> None:
     """Forget a finished run's results (keep its spec) so it trains afresh."""
-    for name in ("result.json", "events.jsonl", "best.pt", "last.pt"):
-        run.file(name).unlink(missing_ok=True)
+    for f in (run.result_file, run.events_file, run.best_checkpoint, run.last_checkpoint):
+        f.unlink(missing_ok=True)

@@ -132,7 +132,7 @@ class RunReader:
         if self.spec is None:
             self.row = RunRow(run.id, state="corrupt", error=self.status.get("error"))
             return self.row
-        sig = stat_signature(run.file("status.json"))
+        sig = stat_signature(run.status_file)
         if sig == self._status_sig and self.row is not None and self.row.state not in LIVE:
             return self.row  # a finished run whose status has not changed: nothing to redo
         if sig != self._status_sig:

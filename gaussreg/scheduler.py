@@ -350,7 +350,7 @@ class Scheduler:
             # a CPU slot hides every GPU: inheriting the parent's devices would put each
             # `device = "auto"` worker on GPU 0
             gpu = slot.gpu if slot.gpu is not None else ""
-            proc = start_worker(run, resume=run.file("last.pt").exists(), gpu=gpu, threads=slot.threads,
+            proc = start_worker(run, resume=run.last_checkpoint.exists(), gpu=gpu, threads=slot.threads,
                                 lock_fd=fd, argv=self.worker_argv, watch_parent=True,
                                 hold_fds=(share_fd,) if share_fd >= 0 else ())
         finally:

@@ -29,7 +29,6 @@ from typing import Dict, List, Optional, Tuple
 
 from .store import FINISHED, RunDir, RunFileError, Store, atomic_write_bytes, atomic_write_json, now_iso
 
-CANCEL_FILE = "cancel_requested"
 SQUEUE_MIN_S = 10.0  # never poll squeue more often than this (it loads the controller)
 JOB_NAME = "gaussreg"
 # pending reasons that will not resolve by waiting
@@ -226,7 +225,7 @@ def submit(store: Store, run_ids: List[str], cfg: SlurmSettings, rerun: bool = F
     for run in todo:
         if rerun and run.state() in FINISHED:
             _reset(run)
-        run.file(CANCEL_FILE).unlink(missing_ok=True)
+        run.cancel_request.unlink(missing_ok=True)
     k = cfg.per_gpu
     tasks = math.ceil(len(todo) / k)
     sub = store.root / "_slurm" / (time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}")
@@ -291,7 +290,7 @@ def cancel(run: RunDir) -> str:
     if state not in ("queued", "running"):
         raise ControlError(f"run {run.id} is {state}, neither queued nor running")
     job = status["slurm_job"]
-    atomic_write_json(run.file(CANCEL_FILE), {"requested_at": now_iso()})
+    atomic_write_json(run.cancel_request, {"requested_at": now_iso()})
     shared = status.get("slurm_runs_per_task", 1) > 1
     if not shared:
         try:
@@ -354,7 +353,7 @@ def stop_state(run: RunDir, signum: int) -> Tuple[str, str]:
     `interrupted` (Slurm requeues it; it resumes from last.pt)."""
     name = signal.Signals(signum).name
     if (os.environ.get("GAUSSREG_BACKEND") == "slurm" and signum == signal.SIGTERM
-            and not run.file(CANCEL_FILE).exists()):
+            and not run.cancel_request.exists()):
         return "interrupted", (f"stopped by Slurm ({name}: preemption or time limit); "
                                "last.pt holds the last finished epoch and a requeue resumes from it")
     return "cancelled", f"cancelled by {name}; last.pt holds the last finished epoch"
@@ -395,7 +394,7 @@ def _task(runs_file: Path, per_task: int) -> int:
             continue
         if state in FINISHED:
             print(f"skipping {run.id}: {state}", flush=True)
-        elif run.file(CANCEL_FILE).exists():
+        elif run.cancel_request.exists():
             print(f"skipping {run.id}: cancel requested", flush=True)
         else:
             todo.append(run)
@@ -414,13 +413,13 @@ def _task(runs_file: Path, per_task: int) -> int:
     print(f"{now_iso()} task {idx} on {os.uname().nodename}: {' '.join(r.id for r in todo)}", flush=True)
     if len(todo) == 1:
         # exec: the worker is the batch step's process, so B:TERM reaches it directly
-        fd = os.open(todo[0].file("worker.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(todo[0].log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.execve(sys.executable, argv(todo[0]), env)
     procs = {}
     for run in todo:
-        with open(run.file("worker.log"), "ab") as log:
+        with open(run.log_file, "ab") as log:
             procs[run.id] = (run, subprocess.Popen(argv(run), env=env, stdout=log, stderr=subprocess.STDOUT,
                                                    stdin=subprocess.DEVNULL))
 
@@ -433,7 +432,7 @@ def _task(runs_file: Path, per_task: int) -> int:
     stopped = set()
     while any(p.poll() is None for _, p in procs.values()):
         for rid, (run, p) in procs.items():  # gaussreg cancel of one packed run
-            if rid not in stopped and p.poll() is None and run.file(CANCEL_FILE).exists():
+            if rid not in stopped and p.poll() is None and run.cancel_request.exists():
                 p.send_signal(signal.SIGTERM)
                 stopped.add(rid)
         time.sleep(1.0)

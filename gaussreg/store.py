@@ -357,6 +357,19 @@ def pid_alive(pid) -> bool:
         return True
 
 
+# The files of a run directory, named here only (tests/test_contracts.py greps for them elsewhere)
+SPEC_FILE = "spec.json"  # the resolved spec (gaussreg.spec), written once
+STATUS_FILE = "status.json"  # state, epoch, heartbeat; replaced atomically
+EVENTS_FILE = "events.jsonl"  # one JSON object per line, appended by the worker
+RESULT_FILE = "result.json"  # the trained run's test accuracy and robustness
+LAST_CHECKPOINT = "last.pt"  # where an interrupted run resumes from
+BEST_CHECKPOINT = "best.pt"  # the model of the best validation epoch, which is evaluated
+WORKER_LOG = "worker.log"  # the worker's stdout and stderr
+LOCK_FILE = "lock"  # flock'd by whoever trains the run (try_lock)
+CANCEL_REQUEST = "cancel_requested"  # a Slurm run's cancel asked for before its worker started (gaussreg.slurm)
+CERTIFICATE_GLOB = "certify-*.json"
+
+
 class RunDir:
     """One run's directory."""
 
@@ -370,8 +383,18 @@ class RunDir:
     def file(self, name: str) -> Path:
         return self.path / name
 
+    spec_file = property(lambda self: self.path / SPEC_FILE)
+    status_file = property(lambda self: self.path / STATUS_FILE)
+    events_file = property(lambda self: self.path / EVENTS_FILE)
+    result_file = property(lambda self: self.path / RESULT_FILE)
+    last_checkpoint = property(lambda self: self.path / LAST_CHECKPOINT)
+    best_checkpoint = property(lambda self: self.path / BEST_CHECKPOINT)
+    log_file = property(lambda self: self.path / WORKER_LOG)
+    lock_file = property(lambda self: self.path / LOCK_FILE)
+    cancel_request = property(lambda self: self.path / CANCEL_REQUEST)
+
     def spec(self) -> dict:
-        path = self.file("spec.json")
+        path = self.spec_file
         s = read_json(path)
         if s is None:
             raise RunFileError(f"{path} is missing")
@@ -381,7 +404,7 @@ class RunDir:
         return s
 
     def status(self) -> dict:
-        path = self.file("status.json")
+        path = self.status_file
         s = read_json(path)
         if s is None:
             return {"state": "queued"}
@@ -391,7 +414,7 @@ class RunDir:
         return s
 
     def result(self) -> Optional[dict]:
-        path = self.file("result.json")
+        path = self.result_file
         r = read_json(path)
         why = None if r is None else shape_error(r, RESULT_FIELDS)
         if why:
@@ -399,7 +422,7 @@ class RunDir:
         return r
 
     def events(self, offset: int = 0) -> Tuple[List[dict], int]:
-        return read_events(self.file("events.jsonl"), offset)
+        return read_events(self.events_file, offset)
 
     def tail(self) -> "EventTail":
         """A reader of this run's events that follows appends and notices a new file."""
@@ -440,7 +463,7 @@ class RunDir:
 
     def log_tail(self, lines: int = 20) -> str:
         try:
-            fd = os.open(self.file("worker.log"), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            fd = os.open(self.log_file, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
         except OSError:
             return ""  # none yet, or a symbolic link: nothing we should show
         with os.fdopen(fd, "rb") as f:
@@ -455,7 +478,7 @@ class RunDir:
         takes a shared lock for an instant, read-only and without creating the file, so it
         works on a read-only shared store; try_lock retries past such a probe."""
         try:
-            fd = os.open(self.file("lock"), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+            fd = os.open(self.lock_file, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
             return False  # every trainer creates it before it says 'running'
         except OSError:
@@ -471,7 +494,7 @@ class RunDir:
         return False
 
     def write_status(self, status: dict) -> None:
-        atomic_write_json(self.file("status.json"), status)
+        atomic_write_json(self.status_file, status)
 
     # certify-<sigma>.json: randomized-smoothing certificates (gaussreg.smoothing), one
     # file per noise level, written atomically by `gaussreg certify` or the worker
@@ -481,7 +504,7 @@ class RunDir:
         return f"certify-{float(sigma):g}.json"
 
     def certification_files(self) -> List[Path]:
-        return sorted(self.path.glob("certify-*.json"))
+        return sorted(self.path.glob(CERTIFICATE_GLOB))
 
     def certifications(self) -> List[dict]:
         """Every certification of the run, by increasing sigma; RunFileError names a corrupt file."""
@@ -503,11 +526,11 @@ def try_lock(run: RunDir) -> Optional[int]:
     """An exclusive OS lock on the run (flock): held by whoever trains it, released by
     the kernel when that process dies, so a dead holder's lock is simply free."""
     try:
-        fd = os.open(run.file("lock"), os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        fd = os.open(run.lock_file, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
     except FileNotFoundError:
         return None
     except OSError as e:  # a directory, a symbolic link, no permission: this run cannot be trained
-        raise RunFileError(f"{run.file('lock')} cannot be opened as a lock file ({e.strerror})") from None
+        raise RunFileError(f"{run.lock_file} cannot be opened as a lock file ({e.strerror})") from None
     for attempt in range(LOCK_TRIES):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -557,7 +580,7 @@ class Store:
             return
         for p in sorted(self.root.iterdir()):
             # lexists: a spec.json that is a broken link is a corrupt run, not no run
-            if p.is_dir() and not p.name.startswith(("_", ".")) and os.path.lexists(p / "spec.json"):
+            if p.is_dir() and not p.name.startswith(("_", ".")) and os.path.lexists(p / SPEC_FILE):
                 yield RunDir(p)
 
     @staticmethod
@@ -600,7 +623,7 @@ class Store:
         # a run id is a name inside the store, never a path out of it
         plain = run_id and "/" not in run_id and "\0" not in run_id and not run_id.startswith((".", "_"))
         run = RunDir(self.root / run_id) if plain else None
-        if run is None or not os.path.lexists(run.path / "spec.json"):
+        if run is None or not os.path.lexists(run.spec_file):
             matches = [r for r in self.runs() if r.id.startswith(run_id)] if plain else []
             if len(matches) == 1:
                 return matches[0]
@@ -623,10 +646,10 @@ class Store:
             except OSError:
                 pass
         # create-if-absent: another scheduler's worker may be writing this run already
-        if not os.path.lexists(run.file("spec.json")):
-            atomic_create_json(run.file("spec.json"), spec)
-        if not os.path.lexists(run.file("status.json")):
-            atomic_create_json(run.file("status.json"), {"state": "queued", "updated_at": now_iso(), "epoch": 0,
+        if not os.path.lexists(run.spec_file):
+            atomic_create_json(run.spec_file, spec)
+        if not os.path.lexists(run.status_file):
+            atomic_create_json(run.status_file, {"state": "queued", "updated_at": now_iso(), "epoch": 0,
                                                          "max_epochs": spec.get("max_epochs")})
         return run
 
@@ -664,7 +687,7 @@ class EventTail:
     HEAD = 4096  # the first line (the start event) is far shorter
 
     def __init__(self, run: RunDir):
-        self.path = run.file("events.jsonl")
+        self.path = run.events_file
         self.offset = 0
         self._ident = None
 

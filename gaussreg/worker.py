@@ -229,8 +229,8 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, lo
     t_start = time.time()
     s = _setup(spec, log)
     state, resuming = _start_or_resume(run, resume, s, log, spec)
-    last_ck = LastCheckpoint(run.file("last.pt"), checkpoint_every_s(), spec)
-    events = Events(run.file("events.jsonl"), truncate=not resuming)
+    last_ck = LastCheckpoint(run.last_checkpoint, checkpoint_every_s(), spec)
+    events = Events(run.events_file, truncate=not resuming)
     try:
         events.emit("resume" if resuming else "start", epoch=state["epoch"], device=str(s.dev),
                     sizes=s.splits.sizes(), parameters=s.parameters)
@@ -307,7 +307,7 @@ def _start_or_resume(run: RunDir, resume: bool, s: _Setup, log, spec: dict):
     import torch
     state = {"epoch": 0, "best_val_loss": math.inf, "best_epoch": 0, "bad_epochs": 0, "train_time": 0.0,
              "threads": torch.get_num_threads()}
-    last = run.file("last.pt")
+    last = run.last_checkpoint
     resuming = resume and last.exists()
     if resuming:
         try:
@@ -323,8 +323,8 @@ def _start_or_resume(run: RunDir, resume: bool, s: _Setup, log, spec: dict):
                 "so the result equals an uninterrupted run")
             torch.set_num_threads(state["threads"])
     else:
-        for name in ("result.json", "best.pt"):
-            run.file(name).unlink(missing_ok=True)
+        for f in (run.result_file, run.best_checkpoint):
+            f.unlink(missing_ok=True)
         for f in run.certification_files():  # certificates of a model about to be replaced
             f.unlink(missing_ok=True)
         _write_checkpoint(last, _training_state(s.model, s.opt, s.sched, state), spec)  # kill -9 leaves a last.pt
@@ -344,7 +344,7 @@ def _final_evaluation(spec: dict, run: RunDir, s: _Setup, status: Status, should
     from .methods import make_method
     from .robustness import EvaluationStopped, robustness
     seed, splits, model = spec["seed"], s.splits, s.model
-    _load_checkpoint(run.file("best.pt"), model, None, None)
+    _load_checkpoint(run.best_checkpoint, model, None, None)
     status.update(phase="evaluating")
     test = evaluate(make_method("baseline", {}), model, splits.test_x, splits.test_y, spec["batch_size"], seed,
                     s.precision)
@@ -463,7 +463,7 @@ def _train_epochs(spec, run, state, s: _Setup, events, status, last_ck, should_s
             state.update(best_val_loss=val["loss"], best_epoch=epoch, bad_epochs=0,
                          best_val_accuracy=val["accuracy"])
             # the model alone: what evaluation, `eval` and `certify` read
-            _write_checkpoint(run.file("best.pt"), {"model": model.state_dict(), "state": dict(state)}, spec)
+            _write_checkpoint(run.best_checkpoint, {"model": model.state_dict(), "state": dict(state)}, spec)
         else:
             state["bad_epochs"] += 1
         train_loss = train.pop("loss")
@@ -538,10 +538,10 @@ def main(argv=None) -> int:
         print(f"error: run directory {run.path} does not exist", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        fd = os.open(run.file("worker.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0),
+        fd = os.open(run.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0),
                      0o666)
     except OSError as e:
-        print(f"error: cannot write {run.file('worker.log')} ({e.strerror}); is the run directory writable "
+        print(f"error: cannot write {run.log_file} ({e.strerror}); is the run directory writable "
               "and worker.log a plain file?", file=sys.stderr)
         return EXIT_BAD_INPUT
     logf = os.fdopen(fd, "a", buffering=1)
@@ -588,13 +588,13 @@ def _check_run(run: RunDir, fail):
     """(spec, device) when the run can start, else its exit code after saying why."""
     from .store import RunFileError, read_json
     try:
-        raw = read_json(run.file("spec.json"))  # resolve() checks it key by key, with its own messages
+        raw = read_json(run.spec_file)  # resolve() checks it key by key, with its own messages
         if raw is None:
-            raise RunFileError(f"{run.file('spec.json')} is missing")
+            raise RunFileError(f"{run.spec_file} is missing")
         spec = resolve(raw)
     except (SpecError, RunFileError) as e:
-        fail(f"bad spec {run.file('spec.json')}: {e}")
-        print(f"error: bad spec {run.file('spec.json')}: {e}", file=sys.stderr)
+        fail(f"bad spec {run.spec_file}: {e}")
+        print(f"error: bad spec {run.spec_file}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     from . import data
     if (data.is_builtin(spec["dataset"]) and spec["dataset"] != "synthetic"
@@ -645,7 +645,7 @@ def _train_to_the_end(spec, run: RunDir, dev, resume: bool, parent, status: Stat
             else:
                 fail(f"{type(e).__name__}: {e}")
             return 1
-    atomic_write_json(run.file("result.json"), result)
+    atomic_write_json(run.result_file, result)
     status.update(state="completed", finished_at=now_iso(), error=None)
     log(f"completed: test accuracy {result['test_accuracy']:.4f}, robustness {result['robustness']:.4f}")
     return 0

@@ -57,3 +57,24 @@ def test_no_function_is_longer_than_a_screen():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines: " + "; ".join(long)
+
+
+def _run_file_names_spelled(source: str) -> list:
+    """The string literals in `source` that name a file of a run directory."""
+    from gaussreg import store
+    names = {store.SPEC_FILE, store.STATUS_FILE, store.EVENTS_FILE, store.RESULT_FILE, store.LAST_CHECKPOINT,
+             store.BEST_CHECKPOINT, store.WORKER_LOG, store.LOCK_FILE, store.CANCEL_REQUEST, store.CERTIFICATE_GLOB}
+    return [(node.lineno, node.value) for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and (node.value in names or node.value.startswith("certify-"))]
+
+
+def test_run_directory_files_are_named_only_in_the_store():
+    """The run directory's layout is store.py's: elsewhere a file is reached through RunDir
+    (run.spec_file, run.best_checkpoint, ...), never by spelling its name (prose may)."""
+    assert _run_file_names_spelled('p = run.path / "best.pt"\nq = f"certify-{s}.json"') == [
+        (1, "best.pt"), (2, "certify-")]
+    spelled = [f"{path.relative_to(ROOT)}:{line} {name!r}"
+               for path in sorted([*(ROOT / "gaussreg").glob("*.py"), *(ROOT / "tui").glob("*.py")])
+               if path.name != "store.py" for line, name in _run_file_names_spelled(path.read_text())]
+    assert not spelled, "run-directory file names outside gaussreg/store.py: " + "; ".join(spelled)

@@ -159,7 +159,7 @@ def test_cancel_of_a_slurm_run_calls_scancel_on_its_array_task(fake_slurm):
     r = gr(fake_slurm, "cancel", run.id[:-3])
     assert r.returncode == 0, r.stderr
     assert fake_slurm["calls"]("scancel") == [["4242_2"]]
-    assert run.status()["state"] == "cancelled" and run.file(slurm.CANCEL_FILE).exists()
+    assert run.status()["state"] == "cancelled" and run.cancel_request.exists()
     r = gr(fake_slurm, "cancel", run.id)
     assert r.returncode == 2 and "is cancelled, neither queued nor running" in r.stderr
 
@@ -197,7 +197,7 @@ def test_slurm_sigterm_is_interrupted_unless_cancel_was_asked(tmp_path, asked):
     st = run.status()
     assert (st["backend"], st["slurm_job"], st["slurm_array_index"]) == ("slurm", "77_3", 3)
     if asked:
-        run.file(slurm.CANCEL_FILE).write_text("{}")
+        run.cancel_request.write_text("{}")
     p.send_signal(signal.SIGTERM)
     p.wait(60)
     st = run.status()

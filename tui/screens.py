@@ -611,7 +611,7 @@ class LaunchScreen(ModalScreen[Optional[LaunchRequest]]):
             return
         exps = []
         for e in m.experiments:
-            done = sum(1 for r in e.runs if RunDir(self.app.store_root / r.id).file("result.json").exists())
+            done = sum(1 for r in e.runs if RunDir(self.app.store_root / r.id).result_file.exists())
             exps.append({"name": e.name, "runs": len(e.runs), "completed": done})
         self.post_message(PlanReady(path, exps, slurm=m.slurm))
 

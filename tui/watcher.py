@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 
 from gaussreg import slurm
 from gaussreg.report import LIVE, RunReader, RunRow, run_certified, stat_signature
-from gaussreg.store import RunDir, RunFileError, parse_iso
+from gaussreg.store import SPEC_FILE, RunDir, RunFileError, parse_iso
 
 
 class StoreWatcher:
@@ -74,7 +74,7 @@ class StoreWatcher:
         for entry in entries:
             reader = self.tracked.get(entry.name)
             if reader is None:
-                if not os.path.lexists(os.path.join(entry.path, "spec.json")):
+                if not os.path.lexists(os.path.join(entry.path, SPEC_FILE)):
                     continue
                 reader = self.tracked[entry.name] = RunReader(RunDir(entry.path))
             row = reader.update(now)
@@ -117,9 +117,9 @@ class RunDetailWatcher:
 
     def poll(self) -> Optional[Detail]:
         """A Detail when anything changed since the last poll, else None."""
-        sigs = tuple(stat_signature(self.run.file(f))
-                     for f in ("status.json", "events.jsonl", "result.json", "worker.log"))
-        sigs += tuple(stat_signature(f) for f in self.run.certification_files())
+        run = self.run
+        sigs = tuple(stat_signature(f) for f in (run.status_file, run.events_file, run.result_file, run.log_file))
+        sigs += tuple(stat_signature(f) for f in run.certification_files())
         if sigs == self._sigs:
             return None
         self._sigs = sigs
