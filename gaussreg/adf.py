@@ -33,7 +33,6 @@ from typing import List, Tuple, Union
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from .moments import _reduce_to
 

@@ -162,7 +162,6 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
                                                        help="Slurm: extra sbatch arguments (repeatable)."),
         yes: bool = typer.Option(False, "--yes", help=f"Launch a grid of more than {BIG_GRID} runs.")):
     """Run every configuration of a manifest, one worker process per run, then print the fair table."""
-    from . import report
     from .launch import LaunchError, LaunchRequest, launch, plan
     from .store import Store
 

@@ -19,9 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 from .store import FINISHED, RunDir, RunFileError, Store, now_iso, try_lock
-# run control lives in gaussreg.control; these names stay importable from here
-from .control import (ControlError, _is_our_launch, _reset, cancel_launch, cancel_run,  # noqa: F401
-                      detach_run, launches, restart, start_worker)
+from .control import ControlError, _reset, start_worker
 
 GRACE_S = 30.0  # how long a SIGTERMed worker gets to write last.pt before SIGKILL
 

@@ -312,7 +312,7 @@ def resubmit(run: RunDir) -> Submission:
     """Train a Slurm run that is not queued or running again, through Slurm, with the
     settings of the launch that submitted it (alone in its array task): a diverged one from
     scratch, any other from its last.pt. ControlError says why not."""
-    from .scheduler import ControlError
+    from .control import ControlError
     from .store import read_json
     try:
         status = run.status()

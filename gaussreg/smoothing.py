@@ -19,7 +19,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from .spec import CERTIFY_DEFAULTS, default_certify_sigma as default_sigma  # noqa: F401 (API)
+from .spec import CERTIFY_DEFAULTS
 
 ABSTAIN = -1
 DEFAULT_N, DEFAULT_N0 = CERTIFY_DEFAULTS["n"], CERTIFY_DEFAULTS["n0"]

@@ -490,7 +490,7 @@ def _certify(spec, model, splits, run, should_stop, events, log) -> None:
         raise Cancelled()
     events.emit("certify", sigma=cert["sigma"], images=cert["images"], n=cert["n"],
                 certified_accuracy=cert["certified_accuracy"], time_s=cert["time_s"])
-    log(f"certified accuracy at radius 0/0.25/0.5: "
+    log("certified accuracy at radius 0/0.25/0.5: "
         + "/".join(f"{v:.4f}" for v in cert["certified_accuracy"].values()) + f" ({cert['time_s']:.1f}s)")
 
 

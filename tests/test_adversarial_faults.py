@@ -156,7 +156,7 @@ def test_workers_stop_when_their_scheduler_is_killed(tmp_path):
 
 
 def test_cancel_is_honoured_during_the_final_evaluation(tmp_path):
-    from gaussreg.scheduler import cancel_run, start_worker
+    from gaussreg.control import cancel_run, start_worker
     st = Store(tmp_path / "runs")
     spec = resolve({"dataset": "synthetic", "model": "lenet", "method": "baseline", "experiment": "f",
                     "max_epochs": 1, "train_subset": 200, "test_subset": 1000,
@@ -176,7 +176,7 @@ def test_cancel_is_honoured_during_the_final_evaluation(tmp_path):
 
 
 def test_cancel_launch_never_signals_a_reused_pid(tmp_path):
-    from gaussreg.scheduler import ControlError, cancel_launch, launches
+    from gaussreg.control import ControlError, cancel_launch, launches
     from gaussreg.store import atomic_write_json
     st = Store(tmp_path / "runs")
     (st.root / "_launches").mkdir(parents=True)

@@ -268,7 +268,7 @@ def test_a_running_status_whose_lock_is_free_is_interrupted_whoever_has_its_pid_
     cannot be cancelled (no stranger gets SIGTERM) and a scheduler resumes it."""
     import os
     import socket
-    from gaussreg.scheduler import ControlError, cancel_run
+    from gaussreg.control import ControlError, cancel_run
     from gaussreg.store import now_iso, pid_alive, try_lock
     st, ids = _store_with(tmp_path, [1])
     run = RunDir(st.root / ids[0])

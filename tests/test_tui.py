@@ -11,7 +11,7 @@ import pytest
 from textual.css.query import NoMatches
 
 from conftest import cli, python_env
-from gaussreg.scheduler import launches, start_worker
+from gaussreg.control import launches, start_worker
 from gaussreg.spec import resolve, run_id
 from gaussreg.store import Store, atomic_write_json, try_lock
 from tui.app import GaussregApp
@@ -98,6 +98,16 @@ async def widget(pilot, screen_type, selector):
 
 def table(app) -> RunsTable:
     return app.screen.query_one(RunsTable)
+
+
+async def _open_compare(pilot, rows: int = 3):
+    """The compare screen's table of best configurations, opened from the runs table of the
+    store fixture's five runs, once it shows `rows` rows."""
+    await until(pilot, lambda: table(pilot.app).row_count == 5)
+    await pilot.press("c")
+    best = await widget(pilot, CompareScreen, "#best")
+    await until(pilot, lambda: best.row_count == rows)
+    return best
 
 
 async def test_table_contents(store):
@@ -226,10 +236,7 @@ async def test_cancel_and_rerun_refuse_first_with_the_reason(store):
 async def test_compare_screen_follows_the_store(store):
     app = GaussregApp("runs", poll_s=0.05)
     async with app.run_test(size=(160, 48)) as pilot:
-        await until(pilot, lambda: table(app).row_count == 5)
-        await pilot.press("c")
-        best = await widget(pilot, CompareScreen, "#best")
-        await until(pilot, lambda: best.row_count == 3)
+        best = await _open_compare(pilot)
         assert "randsign" not in [str(best.get_row_at(i)[0]) for i in range(best.row_count)]
         add_run(store, "randsign", 0.91, 0.66, eps=0.1, p=0.5, where="input")
         await until(pilot, lambda: best.row_count == 4)
@@ -243,10 +250,7 @@ async def test_compare_screen_picks_among_the_settings_of_an_experiment(store):
     from textual.widgets import Select
     app = GaussregApp("runs", poll_s=0.05)
     async with app.run_test(size=(160, 48)) as pilot:
-        await until(pilot, lambda: table(app).row_count == 5)
-        await pilot.press("c")
-        best = await widget(pilot, CompareScreen, "#best")
-        await until(pilot, lambda: best.row_count == 3)
+        best = await _open_compare(pilot)
         chooser = app.screen.query_one("#setting", Select)
         assert not chooser.display
         add_run(store, "baseline", 0.60, 0.40, epochs=5)
@@ -523,10 +527,7 @@ async def test_compare_screen_matches_table_json(store):
                          env=python_env())
     rec = json.loads(out.stdout)["experiments"][0]
     async with app.run_test(size=(160, 48)) as pilot:
-        await until(pilot, lambda: table(app).row_count == 5)
-        await pilot.press("c")
-        best = await widget(pilot, CompareScreen, "#best")
-        await until(pilot, lambda: best.row_count == len(rec["best"]))
+        best = await _open_compare(pilot, rows=len(rec["best"]))
         for e in rec["best"]:
             row = best.get_row(e["method"])
             assert row[2] == f"{e['accuracy'] * 100:.2f}" and row[4] == f"{e['robustness'] * 100:.2f}"
@@ -667,9 +668,7 @@ def test_snapshot_detail_screen(store, snap_compare):
 def test_snapshot_compare_screen(store, snap_compare):
     async def before(pilot):
         await _loaded(5)(pilot)
-        await pilot.press("c")
-        best = await widget(pilot, CompareScreen, "#best")
-        await until(pilot, lambda: best.row_count == 3)
+        await _open_compare(pilot)
         await pilot.pause(0.2)
     assert snap_compare(GaussregApp("runs", poll_s=0.05), terminal_size=(120, 40), run_before=before)
 

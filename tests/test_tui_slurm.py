@@ -171,7 +171,7 @@ async def test_r_on_a_slurm_run_without_recorded_settings_is_refused_with_the_re
 
 def test_resubmit_leaves_a_run_slurm_requeues_and_restarts_a_diverged_one(on_path):
     from gaussreg import slurm
-    from gaussreg.scheduler import ControlError
+    from gaussreg.control import ControlError
     assert gr(on_path, "run", "m.toml", "--backend", "slurm").returncode == 0
     runs = {x.status()["slurm_job"]: x for x in Store("runs").runs()}
     pre = runs["4242_0"]
