@@ -1,6 +1,6 @@
 """How close is the analytic E[f(x + n)] to Monte Carlo, by regularizer depth?
 
-    python bench/moment_depth.py --out bench/results/moment-depth.json --figure docs/moment-depth.png
+    python -m gaussreg.bench.depth --out bench/results/moment-depth.json --figure docs/moment-depth.png
 
 Trains small models on a Fashion-MNIST subset (LeNet baseline, LeNet with the paper's
 regularizer, the built-in one-hidden-layer MLP and a two-hidden-layer MLP; `--epochs`

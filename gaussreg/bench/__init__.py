@@ -6,6 +6,9 @@
 3. robustness evaluation throughput (images x sigmas per second) in fp32 and bf16;
 4. randomized-smoothing certification throughput (forward passes per second);
 5. on a GPU, total images/s of the box with --per-gpu 1, 2, 4, 8 through the real scheduler.
+The package is the one home of gaussreg's benchmarks: also `python -m gaussreg.bench.depth`
+(analytic moments against Monte Carlo, by depth) and `python -m gaussreg.bench.tui_scale`
+(the TUI on a store of thousands of runs); results and their tables are in bench/.
 Warm-up first, then the median of repeats; the device is synchronised before every clock read."""
 
 from __future__ import annotations
@@ -24,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, data
-from .device import autocast, prefer_channels_last
-from .methods import make_method
-from .models import build_model
-from .robustness import robustness
+from .. import __version__, data
+from ..device import autocast, prefer_channels_last
+from ..methods import make_method
+from ..models import build_model
+from ..robustness import robustness
 
 METHODS = [("baseline", {}), ("regularizer", {"sigma": 0.5, "alpha": 1.0}),
            ("regularizer", {"sigma": 0.5, "alpha": 1.0, "depth": 2}),
@@ -223,7 +226,7 @@ def bench_certify(dev, model_name, dataset, images: int, n: int, batch: int) -> 
     """Randomized-smoothing certification (gaussreg.smoothing.certify, n0 = 100) of an
     untrained model: forward passes per second, and what 500 images x 10,000 draws cost.
     The cost does not depend on the weights: every draw is one forward pass."""
-    from .smoothing import certify_dataset
+    from ..smoothing import certify_dataset
     info = data.info(dataset)
     torch.manual_seed(0)
     model = build_model(model_name, info).to(dev)
@@ -244,11 +247,11 @@ def bench_certify(dev, model_name, dataset, images: int, n: int, batch: int) -> 
 def bench_packing(dev, per_gpu_values, epochs: int) -> list:
     """Total images/s of one GPU (the benchmark's device) with N LeNet runs packed on it, via
     the real scheduler."""
-    from .scheduler import Scheduler, detect_gpus, make_slots
+    from ..scheduler import Scheduler, detect_gpus, make_slots
     visible = detect_gpus()  # the slot names the GPU as CUDA_VISIBLE_DEVICES does: cuda:1 under "2,3" is "3"
     gpu = visible[dev.index or 0] if len(visible) > (dev.index or 0) else str(dev.index or 0)
-    from .spec import resolve, run_id
-    from .store import Store
+    from ..spec import resolve, run_id
+    from ..store import Store
     rows = []
     for n in per_gpu_values:
         root = Path(tempfile.mkdtemp(prefix=f"gaussreg-pack{n}-"))
@@ -291,7 +294,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="write the results as JSON here (default: "
                     "bench/results/<machine>.json, e.g. cpu-2core-avx512bf16.json; '-' for none)")
     a = ap.parse_args(argv)
-    from .device import keep_freed_memory
+    from ..device import keep_freed_memory
     keep_freed_memory()  # as the worker does
     dev = torch.device(a.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -340,7 +343,7 @@ def main(argv=None) -> int:
 def machine(dev) -> str:
     """A file name for this machine's results: cuda-<gpu name>, or cpu-<cores>core-<what it
     computes bf16 with>."""
-    from .device import bf16_native
+    from ..device import bf16_native
     if dev.type == "cuda":
         return "cuda-" + "".join(c if c.isalnum() else "-" for c in torch.cuda.get_device_name(dev).lower())
     return f"cpu-{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}core-" + (
@@ -359,7 +362,3 @@ def summary(rows: list) -> str:
     if b16 and r16:
         lines.append(f"bf16 regularizer step / bf16 baseline step: {r16 / b16:.2f} (target <= 2.50)")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

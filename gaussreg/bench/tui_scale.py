@@ -1,6 +1,6 @@
 """TUI at scale: a store of 2,000 runs, 16 of them writing an epoch every second.
 
-    python bench/tui_scale.py [--runs 2000] [--live 16] [--minutes 10] [--out bench/results/tui-scale.json]
+    python -m gaussreg.bench.tui_scale [--runs 2000] [--live 16] [--minutes 10] [--out bench/results/tui-scale.json]
 
 Measures, headless (App.run_test): the time from start until the runs table holds every
 run; input latency (a key press until the app has handled it and is idle again) while
@@ -39,7 +39,7 @@ def make_store(root: Path, runs: int, live: int) -> list:
         events = [{"type": "epoch", "epoch": e, "train_loss": 1.0 / e, "train_terms": {}, "val_loss": 1.2 / e,
                    "val_ce": 1.2 / e, "val_accuracy": 0.8, "lr": 1e-3, "epoch_time": 1.0, "images_per_s": 1e4,
                    "best": True} for e in range(1, 21)]
-        run.file("events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+        run.events_file.write_text("".join(json.dumps(e) + "\n" for e in events))
         if i < live:
             run.write_status({"state": "running", "pid": os.getpid(), "host": socket.gethostname(),
                               "started_at": now_iso(), "updated_at": now_iso(), "epoch": 20, "max_epochs": 100})
@@ -47,7 +47,7 @@ def make_store(root: Path, runs: int, live: int) -> list:
         else:
             run.write_status({"state": "completed", "pid": 1, "host": "x", "started_at": now_iso(),
                               "finished_at": now_iso(), "updated_at": now_iso(), "epoch": 20, "max_epochs": 100})
-            atomic_write_json(run.file("result.json"), {"test_accuracy": 0.8 + (i % 100) / 1000, "robustness": 0.6,
+            atomic_write_json(run.result_file, {"test_accuracy": 0.8 + (i % 100) / 1000, "robustness": 0.6,
                                                         "epochs_run": 20, "best_val_accuracy": 0.8})
     return live_runs
 
@@ -58,7 +58,7 @@ def writer(live_runs, stop: threading.Event) -> None:
     while not stop.wait(1.0):
         epoch += 1
         for run in live_runs:
-            with open(run.file("events.jsonl"), "a") as f:
+            with open(run.events_file, "a") as f:
                 f.write(json.dumps({"type": "epoch", "epoch": epoch, "train_loss": 1.0 / epoch, "train_terms": {},
                                     "val_loss": 1.2 / epoch, "val_ce": 1.2 / epoch, "val_accuracy": 0.9,
                                     "lr": 1e-3, "epoch_time": 1.0, "images_per_s": 1e4, "best": True}) + "\n")
