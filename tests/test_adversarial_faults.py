@@ -112,14 +112,15 @@ def test_gaussreg_run_into_a_closed_pipe_finishes_the_sweep(tmp_path):
 
 
 def _start_long_run(tmp_path):
-    (tmp_path / "m.toml").write_text(TINY.format(model="lenet", epochs=50, subset="5000", more=""))
+    # early_stop past max_epochs: a plateau on synthetic data must not end the run before the signal
+    (tmp_path / "m.toml").write_text(TINY.format(model="lenet", epochs=50, subset="5000", more="early_stop = 100"))
     p = subprocess.Popen(cli("run", tmp_path / "m.toml", "--store", tmp_path / "runs"), env=python_env(),
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     st = Store(tmp_path / "runs")
     deadline = time.time() + 120
-    while time.time() < deadline:  # await the first progress event: the worker is training
+    while time.time() < deadline:  # await the first progress or epoch event: the worker is training
         runs = list(st.runs())
-        if runs and any(e["type"] == "progress" for e in runs[0].events()[0]):
+        if runs and any(e["type"] in ("progress", "epoch") for e in runs[0].events()[0]):
             return p, runs[0]
         assert p.poll() is None, p.stderr.read()
         time.sleep(0.1)
