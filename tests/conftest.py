@@ -26,7 +26,8 @@ def _deterministic_threads(monkeypatch, request):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     # results compared bitwise must come from the same thread count
     monkeypatch.setenv("GAUSSREG_THREADS", "1")
-    torch.set_num_threads(2)
+    # under pytest-xdist every core already runs a test: one thread each, not cores x cores
+    torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 def python_env(**extra):

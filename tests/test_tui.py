@@ -474,10 +474,12 @@ async def test_at_80x24_every_key_is_in_the_footer_and_dialogs_fit(store):
     app = GaussregApp("runs", poll_s=0.05)
     async with app.run_test(size=(80, 24)) as pilot:
         await until(pilot, lambda: table(app).row_count == 5)
-        await until(pilot, lambda: len(app.screen.query_one(Footer).query(FooterKey)) > 0)
-        keys = {k.key: k for k in app.screen.query_one(Footer).query(FooterKey)}
+        footer_keys = lambda: list(app.screen.query_one(Footer).query(FooterKey))  # noqa: E731
+        # await the footer's layout, not just its children: a key mounted but not yet placed has no region
+        await until(pilot, lambda: footer_keys() and all(k.region.width > 0 for k in footer_keys()))
+        keys = {k.key: k for k in footer_keys()}
         assert {"s", "o", "c", "l", "x", "r", "X", "question_mark", "q"} <= set(keys)
-        assert all(k.region.right <= 80 and k.region.width > 0 for k in keys.values())  # none cut off
+        assert all(k.region.right <= 80 for k in keys.values())  # none cut off
         rid = next(r.id for r in store.runs() if r.status()["state"] == "failed")
         app.confirm_rerun(rid)
         dialog = await widget(pilot, ConfirmScreen, "#dialog")
