@@ -39,6 +39,7 @@ class Method:
     schema: Dict[str, Param] = {}  # the parameters a spec gives this method
     copies = 1  # items per clean training image in one epoch
     term_names = ("ce",)  # the keys of Loss.terms, in the order the worker logs them
+    noise_param = None  # the parameter that is a Gaussian training noise level, if any (certify's default sigma)
 
     def __init__(self, **params):
         self.params = _check(self.name, self.schema, params)
@@ -131,6 +132,7 @@ class Augment(Method):
     checkpoint follow clean validation loss for every method but the regularizer."""
 
     name = "augment"
+    noise_param = "sigma"
     schema = {"sigma": nonneg(float), "folds": Param(int, ok=lambda v: v >= 1, why="must be >= 1"),
               "fresh_noise": Param(bool, True)}
 
@@ -164,6 +166,7 @@ class Regularizer(Method):
     """CE(f(x), y) + alpha CE(rest_k(mu_k), y) (Eq. 3; depth k = 1 is the paper)."""
 
     name = "regularizer"
+    noise_param = "sigma"
     schema = {"sigma": nonneg(float), "alpha": nonneg(float),
               # where the moments stop being propagated (gaussreg.adf): 1 = the paper
               "depth": Param((int, str), 1, lambda v: v == "all" or (isinstance(v, int) and v >= 1),

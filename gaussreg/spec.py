@@ -158,8 +158,9 @@ CERTIFY_SIGMA = 0.25  # for methods trained without a noise level
 
 
 def default_certify_sigma(spec: dict) -> float:
-    """The run's training sigma for augment and regularizer runs, else 0.25."""
-    s = spec.get("params", {}).get("sigma") if spec.get("method") in ("augment", "regularizer") else None
+    """The run's Gaussian training noise level (its method's `noise_param`), else 0.25."""
+    cls = METHOD_CLASSES.get(spec.get("method"))
+    s = spec.get("params", {}).get(cls.noise_param) if cls is not None and cls.noise_param else None
     return float(s) if s else CERTIFY_SIGMA
 
 

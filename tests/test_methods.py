@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from gaussreg.methods import check_params, make_method, random_sign
+from gaussreg.methods import METHOD_CLASSES, check_params, make_method, random_sign
 from gaussreg.spec import SpecError
 from gaussreg.models import build_model
 
@@ -134,3 +134,15 @@ def test_bad_params_name_the_key(method, params, key):
 def test_params_get_defaults_and_ints_become_floats():
     assert check_params("regularizer", {"sigma": 1, "alpha": 2}) == {"sigma": 1.0, "alpha": 2.0, "depth": 1}
     assert check_params("randsign", {"eps": 0.1}) == {"eps": 0.1, "p": 0.5, "where": "input"}
+
+
+def test_certify_defaults_to_the_methods_own_training_noise_level():
+    """A method declares which parameter is its Gaussian training noise (noise_param);
+    certification defaults to that sigma, else to 0.25 (randsign's eps is not a sigma)."""
+    from gaussreg.spec import CERTIFY_SIGMA, default_certify_sigma
+    assert {n for n, c in METHOD_CLASSES.items() if c.noise_param} == {"augment", "regularizer"}
+    assert default_certify_sigma({"method": "regularizer", "params": {"sigma": 0.5, "alpha": 1.0}}) == 0.5
+    assert default_certify_sigma({"method": "augment", "params": {"sigma": 0.1, "folds": 2}}) == 0.1
+    assert default_certify_sigma({"method": "randsign", "params": {"eps": 0.3}}) == CERTIFY_SIGMA == 0.25
+    assert default_certify_sigma({"method": "baseline", "params": {}}) == 0.25
+    assert default_certify_sigma({"method": "regularizer", "params": {"sigma": 0.0}}) == 0.25  # no noise: no sigma
