@@ -422,6 +422,8 @@ def _train_epochs(spec, run, state, s: _Setup, events, status, last_ck, should_s
     seed = spec["seed"]
     val_seed = seed + 1_000_003
     terms = list(method.term_names)
+    # the progress clock runs across epochs: short epochs still give a progress event every PROGRESS_EVERY_S
+    next_progress = time.monotonic() + PROGRESS_EVERY_S
     for epoch in range(state["epoch"] + 1, spec["max_epochs"] + 1):
         if state["bad_epochs"] >= spec["early_stop"]:
             break
@@ -436,7 +438,6 @@ def _train_epochs(spec, run, state, s: _Setup, events, status, last_ck, should_s
         first_bad = torch.full((len(terms) + 1,), batches, dtype=torch.long, device=dev)
         correct = torch.zeros((), dtype=torch.long, device=dev)
         seen = 0
-        next_progress = time.monotonic() + PROGRESS_EVERY_S
         for b in range(batches):
             if should_stop():
                 raise Cancelled()

@@ -190,7 +190,7 @@ def test_slurm_sigterm_is_interrupted_unless_cancel_was_asked(tmp_path, asked):
     d = tmp_path / "run"
     d.mkdir()
     (d / "spec.json").write_text(json.dumps({"dataset": "synthetic", "model": "lenet", "method": "baseline",
-                                             "max_epochs": 50, "batch_size": 100}))
+                                             "max_epochs": 50, "batch_size": 100, "early_stop": 1000}))
     run = RunDir(d)
     p = _worker_until_training(run, {"GAUSSREG_BACKEND": "slurm", "SLURM_ARRAY_JOB_ID": "77",
                                      "SLURM_ARRAY_TASK_ID": "3", "SLURM_JOB_ID": "80"})

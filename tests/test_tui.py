@@ -608,6 +608,7 @@ async def test_cancel_a_running_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     st = Store("runs")
     spec = resolve({"dataset": "synthetic", "model": "lenet", "method": "baseline", "max_epochs": 50,
+                    "early_stop": 1000,  # no plateau may end it before the cancel
                     "experiment": "c"})
     run = st.create(spec, run_id(spec))
     proc = start_worker(run, resume=False, threads=1)

@@ -99,8 +99,8 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, fresh, every, 
     spec = {**dict(method="augment", params={"sigma": 0.3, "folds": 1, "fresh_noise": fresh}, max_epochs=12,
                    train_subset=600), **more}
     ref = make_run(tmp_path, "ref", **spec)
-    assert finish(worker(ref))[0] == 0
     run = make_run(tmp_path, "killed", **spec)
+    pref = worker(ref)  # alongside the run it is compared with: one thread each, so the same numbers
     p = worker(run, GAUSSREG_CHECKPOINT_S=every)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -109,6 +109,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, fresh, every, 
         time.sleep(0.01)
     p.send_signal(signal.SIGKILL)
     p.wait()
+    assert finish(pref)[0] == 0
     assert run.status()["state"] == "running"  # no chance to say anything
     assert run.state() == "interrupted"  # but a reader can tell: pid gone, lock free
     done = sum(e["type"] == "epoch" for e in run.events()[0])
@@ -124,7 +125,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, fresh, every, 
 
 
 def test_sigterm_cancels_with_a_usable_last_checkpoint(tmp_path):
-    run = make_run(tmp_path, model="lenet", max_epochs=50)
+    run = make_run(tmp_path, model="lenet", max_epochs=50, early_stop=1000)  # no plateau ends it first
     p = worker(run)
     deadline = time.time() + 120
     while time.time() < deadline and not any(e["type"] == "progress" for e in run.events()[0]):
@@ -183,7 +184,7 @@ def test_corrupt_spec_is_failed_with_exit_2(tmp_path):
 
 
 def test_second_worker_on_a_locked_run_refuses(tmp_path):
-    run = make_run(tmp_path, model="lenet", max_epochs=50)
+    run = make_run(tmp_path, model="lenet", max_epochs=50, early_stop=1000)  # no plateau ends it first
     p = worker(run)
     while not run.file("events.jsonl").exists():
         time.sleep(0.05)
