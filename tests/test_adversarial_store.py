@@ -4,7 +4,6 @@ every other run, every command and the TUI keep working."""
 
 import io
 import json
-import os
 import sys
 from pathlib import Path
 

@@ -1,6 +1,5 @@
 import json
 import subprocess
-import sys
 
 from conftest import cli, python_env
 from gaussreg.spec import resolve, run_id

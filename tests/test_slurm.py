@@ -2,7 +2,6 @@
 building, parsing, status files, error paths). The real-Slurm test is test_slurm_cluster.py."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

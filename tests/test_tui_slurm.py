@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gaussreg.store import Store
-from test_slurm import MANIFEST, fake_slurm, gr  # noqa: F401 - the fixture
+from test_slurm import fake_slurm, gr  # noqa: F401 - the fixture
 from test_tui import table, until, widget
 from tui.app import GaussregApp
 from tui.screens import LaunchScreen, RunsScreen
