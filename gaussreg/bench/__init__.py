@@ -342,11 +342,11 @@ def main(argv=None) -> int:
 
 def machine(dev) -> str:
     """A file name for this machine's results: cuda-<gpu name>, or cpu-<cores>core-<what it
-    computes bf16 with> (AMX tiles and avx512_bf16 alone differ: ~0.40 vs ~0.46 of fp32)."""
-    from ..device import bf16_native
+    computes bf16 with> (AMX and avx512_bf16 alone differ in speed, so they get different files)."""
+    from ..device import bf16_native, cpu_bf16_units
     if dev.type == "cuda":
         return "cuda-" + "".join(c if c.isalnum() else "-" for c in torch.cuda.get_device_name(dev).lower())
-    amx = "-amx" if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() else ""
+    amx = "-amx" if "amx" in cpu_bf16_units() else ""
     return f"cpu-{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}core-" + (
         torch.backends.cpu.get_cpu_capability().lower() + amx + ("-bf16" if bf16_native(dev) else ""))
 
