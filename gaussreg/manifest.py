@@ -166,7 +166,7 @@ def load(path, data_dir: Optional[str] = None) -> Manifest:
         ids = [r.id for r in exp_out.runs]
         if len(set(ids)) != len(ids):
             dup = next(x for x in ids if ids.count(x) > 1)
-            err(sec, ["methods"], f"two grid points give the same run ({dup}): a grid repeats a value")
+            err(sec, ["methods"], f"two grid points give the same run ({dup}): a grid repeats a value or two tables of a method overlap")
         out.append(exp_out)
     if errors:
         raise ManifestError.of(path, sorted(errors[:MAX_ERRORS], key=lambda e: e.line or 0))
@@ -315,37 +315,57 @@ def _axes(merged: dict, sec, err) -> Optional[dict]:
 def _expand_methods(exp_out: Experiment, exp: dict, methods: dict, axes: dict, extra: dict, sec, err,
                     errors: list) -> None:
     """Every grid point of every method, resolved into exp_out.runs (none once there are errors)."""
-    name = exp_out.name
-    for method, params in methods.items():
+    for method, entries in methods.items():
         if method not in METHOD_CLASSES:
             err(sec, ["methods", method], f"unknown method {method!r}" + _suggest(method, METHOD_CLASSES))
             continue
-        if not isinstance(params, dict):
-            err(sec, ["methods", method], "must be a table of parameters, e.g. {} or { sigma = 0.25 }")
-            continue
-        p_axes = {}
-        for k, v in params.items():
-            if isinstance(v, list):
-                if not v:
-                    err(sec, ["methods", method, k], "empty grid: a list value needs at least one element")
-                p_axes[k] = v
-            else:
-                p_axes[k] = [v]
-        keys, pkeys = list(axes), list(p_axes)
-        for combo in itertools.product(*axes.values()):
-            for pcombo in itertools.product(*p_axes.values()):
-                partial = {"experiment": name, "method": method, "params": dict(zip(pkeys, pcombo))}
-                for k, v in zip(keys, combo):
-                    if "." in k and k.split(".", 1)[0] in ARG_TABLES:
-                        partial.setdefault(k.split(".", 1)[0], {})[k.split(".", 1)[1]] = v
-                    else:
-                        partial.setdefault(k, v)
-                partial.update(extra)
-                spec = _resolve_all(partial, lambda e: _spec_error(err, sec, exp, method, e))
-                if spec is not None and not errors:
-                    exp_out.runs.append(PlannedRun(run_id(spec), spec))
-                if len(errors) >= MAX_ERRORS:
-                    break
+        # several grids of one method: an array of tables, e.g. a wide grid at one seed and
+        # its winner at more seeds
+        entries = entries if isinstance(entries, list) and entries else [entries]
+        for params in entries:
+            if not isinstance(params, dict):
+                err(sec, ["methods", method], "must be a table of parameters, e.g. {} or { sigma = 0.25 }, "
+                    "or an array of such tables")
+                continue
+            entry_axes = axes
+            if "seeds" in params:  # this entry's own seeds instead of the experiment's
+                params = dict(params)
+                seeds = params.pop("seeds")
+                if not isinstance(seeds, list) or not seeds or not all(
+                        isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds):
+                    err(sec, ["methods", method, "seeds"], "must be a non-empty list of integers >= 0")
+                    continue
+                entry_axes = {**axes, "seed": seeds}
+            _expand_entry(exp_out, exp, method, params, entry_axes, extra, sec, err, errors)
+
+
+def _expand_entry(exp_out: Experiment, exp: dict, method: str, params: dict, axes: dict, extra: dict, sec,
+                  err, errors: list) -> None:
+    """The grid points of one table of a method's parameters, resolved into exp_out.runs."""
+    name = exp_out.name
+    p_axes = {}
+    for k, v in params.items():
+        if isinstance(v, list):
+            if not v:
+                err(sec, ["methods", method, k], "empty grid: a list value needs at least one element")
+            p_axes[k] = v
+        else:
+            p_axes[k] = [v]
+    keys, pkeys = list(axes), list(p_axes)
+    for combo in itertools.product(*axes.values()):
+        for pcombo in itertools.product(*p_axes.values()):
+            partial = {"experiment": name, "method": method, "params": dict(zip(pkeys, pcombo))}
+            for k, v in zip(keys, combo):
+                if "." in k and k.split(".", 1)[0] in ARG_TABLES:
+                    partial.setdefault(k.split(".", 1)[0], {})[k.split(".", 1)[1]] = v
+                else:
+                    partial.setdefault(k, v)
+            partial.update(extra)
+            spec = _resolve_all(partial, lambda e: _spec_error(err, sec, exp, method, e))
+            if spec is not None and not errors:
+                exp_out.runs.append(PlannedRun(run_id(spec), spec))
+            if len(errors) >= MAX_ERRORS:
+                break
 
 
 def _spec_error(err, sec, exp: dict, method: str, e: SpecError) -> None:

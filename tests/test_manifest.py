@@ -72,6 +72,30 @@ def test_precision_and_compile_are_run_keys_that_keep_old_ids(tmp_path):
         ("bf16", 1.0), ("bf16", 2.0), ("fp32", 1.0), ("fp32", 2.0)] and all(r.spec["compile"] for r in other.runs)
 
 
+def test_a_method_may_have_several_tables_each_with_its_own_seeds(tmp_path):
+    """A wide grid at one seed and its chosen configuration at more seeds, in one experiment
+    (what a study does): `methods.X` may be an array of tables, and a table's `seeds`
+    replaces the experiment's seed axis for its grid points only."""
+    p = tmp_path / "m.toml"
+    p.write_text('[defaults]\ndataset = "synthetic"\nmodel = "mlp"\n[[experiment]]\nname = "study"\nseed = 0\n'
+                 'methods.baseline = { seeds = [0, 1, 2] }\n'
+                 'methods.regularizer = [{ sigma = [0.5, 1], alpha = [1, 2] }, { sigma = 1, alpha = 2, seeds = [1, 2] }]\n')
+    e = manifest.load(p).experiments[0]
+    got = sorted((r.spec["method"], r.spec["params"].get("sigma"), r.spec["params"].get("alpha"), r.spec["seed"])
+                 for r in e.runs)
+    assert got == [("baseline", None, None, 0), ("baseline", None, None, 1), ("baseline", None, None, 2),
+                   ("regularizer", 0.5, 1.0, 0), ("regularizer", 0.5, 2.0, 0), ("regularizer", 1.0, 1.0, 0),
+                   ("regularizer", 1.0, 2.0, 0), ("regularizer", 1.0, 2.0, 1), ("regularizer", 1.0, 2.0, 2)]
+    # the seeds of one configuration are runs of one configuration (the fair table's seeds)
+    from gaussreg.report import config_key
+    win = [r.spec for r in e.runs if r.spec["params"] == {"sigma": 1.0, "alpha": 2.0}]
+    assert len(win) == 3 and len({config_key(s) for s in win}) == 1
+    # overlapping tables repeat a run: refused, like a grid repeating a value
+    p.write_text(p.read_text().replace("seeds = [1, 2] }]", "seeds = [0, 1] }]"))
+    with pytest.raises(manifest.ManifestError, match="two tables of a method overlap"):
+        manifest.load(p)
+
+
 BAD = [
     ('methods.augment = { sigmas = [0.1], folds = 2 }', 6, "methods.augment.sigmas", "did you mean 'sigma'"),
     ('methods.regularizer = { sigma = [], alpha = 1 }', 6, "methods.regularizer.sigma", "empty grid"),
@@ -88,6 +112,8 @@ BAD = [
     ('methods.baseline = {}\noptimizer = { lr = 0 }', 7, "optimizer.lr", "must be > 0"),
     ('methods.baseline = {}\nrobustness = { sigma = [0.1] }', 7, "robustness.sigma", "unknown key"),
     ('methods = {}', 6, "methods", "non-empty 'methods'"),
+    ('methods.baseline = { seeds = [-1] }', 6, "methods.baseline.seeds", "non-empty list of integers >= 0"),
+    ('methods.baseline = [{}, 3]', 6, "methods.baseline", "or an array of such tables"),
 ]
 
 
