@@ -367,13 +367,27 @@ def table(store: Path = StoreOpt,
                                            help="Decide eligibility and the best on validation (default) or test "
                                                 "numbers (the paper's procedure)."),
           show_all: bool = typer.Option(False, "--all", help="Also list every configuration with its eligibility "
-                                                             "and the reason, by robustness.")):
+                                                             "and the reason, by robustness."),
+          from_export: Optional[Path] = typer.Option(None, "--from", metavar="<runs.jsonl>",
+                                                     help="Recompute the table from a `gaussreg export --what runs "
+                                                          "--format jsonl` file instead of a store.")):
     """The fair comparison: among configurations within `tolerance` of the baseline's accuracy, the most robust
     per method; test numbers, mean ± std over seeds."""
     from . import report
     from .store import Store
     if tolerance is not None and not 0 <= tolerance <= 1:
         fail(f"--tolerance must be a fraction in [0, 1], not {tolerance}")
+    if from_export is not None:
+        from .export import read_runs
+        try:
+            records = read_runs(from_export)
+        except ValueError as e:
+            fail(str(e))
+        t = report.table_of_export([r for r in records if not experiment or r["spec"].get("experiment") == experiment],
+                                   tolerance, select.value)
+        if experiment and not t["experiments"]:
+            fail(f"no runs of experiment {experiment!r} in {from_export}")
+        return _print_table(t, format, show_all)
     readable_store(store)
     if not store.is_dir():
         fail(f"the store {store} does not exist")
@@ -386,6 +400,11 @@ def table(store: Path = StoreOpt,
                                   highlight=False, soft_wrap=True)
     if experiment and not t["experiments"]:
         fail(f"no runs of experiment {experiment!r} in {store}")
+    _print_table(t, format, show_all)
+
+
+def _print_table(t: dict, format: "TableFormat", show_all: bool) -> None:
+    from . import report
     if format == TableFormat.json:
         print(json.dumps(t, indent=2))
     elif format == TableFormat.markdown:

@@ -9,7 +9,7 @@ import io
 import json
 from typing import Iterable, List
 
-from .report import config_key, list_runs, run_metrics
+from .report import config_key, list_runs, run_certified, run_metrics
 from .store import RunFileError, Store
 
 WHATS = ("runs", "epochs", "sigmas")
@@ -31,7 +31,10 @@ def _ident(row: dict) -> dict:
     return out
 
 
-def run_rows(store: Store, experiment=None) -> Iterable[dict]:
+def run_rows(store: Store, experiment=None, whole: bool = False) -> Iterable[dict]:
+    """One flat row per run; `whole` adds the run's spec, result (with its per-sigma
+    curves) and certificates, from which report.table_of_export recomputes the fair table."""
+    tolerances = {}
     for r in list_runs(store, experiment):
         if r["spec"] is None:
             continue
@@ -42,6 +45,13 @@ def run_rows(store: Store, experiment=None) -> Iterable[dict]:
                                            "val_robustness", "val_noisy_accuracy")})
         row.update({k: res.get(k) for k in RESULT_KEYS})
         row["error"] = r["error"]
+        exp = row["experiment"]
+        if exp not in tolerances:
+            tolerances[exp] = float(store.experiment(exp).get("tolerance", 0.0))
+        row["tolerance"] = tolerances[exp]
+        if whole:
+            row.update(spec=r["spec"], result=r["result"],
+                       certified=run_certified(store.get(r["id"])) if r["result"] else None)
         yield row
 
 
@@ -104,5 +114,32 @@ def export(store: Store, what: str = "runs", fmt: str = "csv", experiment=None) 
         raise ValueError(f"what must be one of {', '.join(WHATS)}, not {what!r}")
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    rows = {"runs": run_rows, "epochs": epoch_rows, "sigmas": sigma_rows}[what](store, experiment)
+    if what == "runs":  # JSON lines carry whole runs: the fair table can be recomputed from them
+        rows = run_rows(store, experiment, whole=fmt == "jsonl")
+    else:
+        rows = {"epochs": epoch_rows, "sigmas": sigma_rows}[what](store, experiment)
     return render(rows, fmt)
+
+
+def read_runs(path) -> List[dict]:
+    """The records of a `gaussreg export --what runs --format jsonl` file; ValueError naming
+    the file and line when it is not one."""
+    out = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    raise ValueError(f"{path}:{n}: not a JSON line") from None
+                if not isinstance(rec, dict) or not isinstance(rec.get("spec"), dict) or "run_id" not in rec:
+                    raise ValueError(f"{path}:{n}: not a run of `gaussreg export --what runs --format jsonl` "
+                                     "(it needs run_id and spec)")
+                out.append(rec)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: is not UTF-8 text") from None
+    return out

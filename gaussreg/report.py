@@ -21,7 +21,7 @@ import os
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 from .robustness import score_of
 from .methods import METHOD_CLASSES
@@ -371,6 +371,15 @@ def fair_table(store: Store, experiment: Optional[str] = None, tolerance: Option
     """The JSON form of `gaussreg table`: one record per comparison (experiment and
     setting: every run key but method, params and seed)."""
     rows = [r for r in list_runs(store, experiment) if r["spec"] is not None]
+    certified = {r["id"]: run_certified(RunDir(store.root / r["id"])) for r in rows if r["result"]}
+    return table_of(rows, lambda exp: tolerance if tolerance is not None
+                    else float(store.experiment(exp).get("tolerance", 0.0)), select, certified)
+
+
+def table_of(rows: List[dict], tolerance_of: Callable[[str], float], select: str = "validation",
+             certified: Optional[Dict[str, Optional[dict]]] = None) -> dict:
+    """The fair table of run records (as list_runs gives them): `tolerance_of(experiment)`
+    is the tolerance of each experiment; `certified` maps run ids to run_certified()."""
     groups = defaultdict(list)
     for r in rows:
         s = r["spec"]
@@ -383,13 +392,26 @@ def fair_table(store: Store, experiment: Optional[str] = None, tolerance: Option
                for exp, settings in by_exp.items()}
     out = []
     for (exp, key), rs in sorted(groups.items()):
-        tol = tolerance if tolerance is not None else float(store.experiment(exp).get("tolerance", 0.0))
         flat = _flat(json.loads(key))
         s = rs[0]["spec"]
-        out.append(compare(rs, exp, s["dataset"], s["model"], tol, select,
+        out.append(compare(rs, exp, s["dataset"], s["model"], tolerance_of(exp), select,
                            {k: flat.get(k) for k in varying[exp]}))
-    _add_certified(store, rows, out)
+    _add_certified(certified or {}, out)
     return {"selection": select, "experiments": out}
+
+
+def table_of_export(records: Iterable[dict], tolerance: Optional[float] = None, select: str = "validation") -> dict:
+    """The fair table recomputed from `gaussreg export --what runs --format jsonl` records
+    (each carries its run's spec, result, certificates and its experiment's tolerance):
+    the same table as `gaussreg table` on the store they came from, without the store."""
+    rows, tolerances, certified = [], {}, {}
+    for rec in records:
+        if not isinstance(rec.get("spec"), dict):
+            continue
+        rows.append({"id": rec["run_id"], "spec": rec["spec"], "state": rec["state"], "result": rec.get("result")})
+        tolerances.setdefault(rec["spec"].get("experiment", ""), rec.get("tolerance") or 0.0)
+        certified[rec["run_id"]] = rec.get("certified")
+    return table_of(rows, lambda exp: tolerance if tolerance is not None else tolerances[exp], select, certified)
 
 
 # ---------------------------------------------------------------- certified accuracy
@@ -414,10 +436,9 @@ def run_certified(run) -> Optional[dict]:
     return {"sigmas": [c["sigma"] for c in certs], "accuracy": acc}
 
 
-def _add_certified(store: Store, rows: List[dict], records: List[dict]) -> None:
+def _add_certified(by_id: Dict[str, Optional[dict]], records: List[dict]) -> None:
     """`certified` of every table entry: the mean over its certified runs (None when
-    none of its runs has a certificate)."""
-    by_id = {r["id"]: run_certified(RunDir(store.root / r["id"])) for r in rows if r["result"]}
+    none of its runs has a certificate); `by_id` maps run ids to run_certified()."""
     for rec in records:
         for e in rec["best"] + rec["best_per_sigma"] + rec.get("configurations", []):
             certs = [by_id[i] for i in e["run_ids"] if by_id.get(i)]

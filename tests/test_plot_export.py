@@ -106,3 +106,37 @@ def test_export_long_formats_read_back(store):
     pd = pytest.importorskip("pandas")
     frame = pd.read_csv(io.StringIO(export()))
     assert len(frame) == 8 and frame["test_accuracy"].max() == pytest.approx(0.91)
+
+
+def test_the_fair_table_is_recomputed_from_the_exported_runs(store, tmp_path):
+    """`export --what runs --format jsonl` carries whole runs (spec, result with its
+    per-sigma curves, certificates, the experiment's tolerance): report.table_of_export
+    and `gaussreg table --from` give the store's table from that file alone."""
+    from gaussreg import report
+    from gaussreg.export import export
+    reg = next(r for r in store.runs() if json.loads(r.spec_file.read_text())["params"].get("sigma") == 1.0)
+    reg.write_certification({"sigma": 0.5, "per_image": [{"correct": True, "radius": 0.6},
+                                                          {"correct": True, "radius": 0.3}, {"correct": False}]})
+    f = tmp_path / "runs.jsonl"
+    f.write_text(export(store, "runs", "jsonl"))
+    lines = [json.loads(x) for x in f.read_text().splitlines()]
+    assert len(lines) == 8 and all(x["tolerance"] == 0.02 for x in lines)
+    one = next(x for x in lines if x["run_id"] == reg.id)
+    assert one["result"]["per_sigma"] == [1.0, 0.85, pytest.approx(0.75)] and one["spec"]["params"]["alpha"] == 1.0
+    assert one["certified"]["accuracy"] == {"0": pytest.approx(2 / 3), "0.25": pytest.approx(2 / 3),
+                                            "0.5": pytest.approx(1 / 3)}
+    for tol, select in ((None, "validation"), (0.0, "test"), (0.05, "validation")):
+        want = report.fair_table(store, None, tol, select)
+        got = report.table_of_export(lines, tol, select)
+        assert got == want, (tol, select)
+        assert report.render_markdown(got, True) == report.render_markdown(want, True)
+    best = {e["method"]: e for e in want["experiments"][0]["best"]}
+    assert best["regularizer"]["params"]["sigma"] == 1.0  # the certified run
+    assert best["regularizer"]["certified"]["accuracy"]["0.5"] == pytest.approx(1 / 3)
+    out = subprocess.run(cli("table", "--from", f, "--format", "markdown", "--all", "--tolerance", "0.05"),
+                         capture_output=True, text=True, env=python_env())
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == report.render_markdown(want, True) + "\n" and "cert@0.5 %" in out.stdout
+    f.write_text(f.read_text() + "not json\n")
+    out = subprocess.run(cli("table", "--from", f), capture_output=True, text=True, env=python_env())
+    assert out.returncode == 2 and f"{f}:9: not a JSON line" in " ".join(out.stderr.split())
