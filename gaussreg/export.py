@@ -9,7 +9,7 @@ import io
 import json
 from typing import Iterable, List
 
-from .report import config_key, list_runs, run_certified, run_metrics
+from .report import certified_runs, config_key, list_runs, run_metrics
 from .store import RunFileError, Store
 
 WHATS = ("runs", "epochs", "sigmas")
@@ -35,9 +35,9 @@ def run_rows(store: Store, experiment=None, whole: bool = False) -> Iterable[dic
     """One flat row per run; `whole` adds the run's spec, result (with its per-sigma
     curves) and certificates, from which report.table_of_export recomputes the fair table."""
     tolerances = {}
-    for r in list_runs(store, experiment):
-        if r["spec"] is None:
-            continue
+    rows = [r for r in list_runs(store, experiment) if r["spec"] is not None]
+    certified = certified_runs(store, rows) if whole else {}
+    for r in rows:
         row = _ident(r)
         res = r["result"] or {}
         m = run_metrics(res) if res else {}
@@ -50,8 +50,7 @@ def run_rows(store: Store, experiment=None, whole: bool = False) -> Iterable[dic
             tolerances[exp] = float(store.experiment(exp).get("tolerance", 0.0))
         row["tolerance"] = tolerances[exp]
         if whole:
-            row.update(spec=r["spec"], result=r["result"],
-                       certified=run_certified(store.get(r["id"])) if r["result"] else None)
+            row.update(spec=r["spec"], result=r["result"], certified=certified.get(r["id"]))
         yield row
 
 

@@ -166,7 +166,8 @@ def load(path, data_dir: Optional[str] = None) -> Manifest:
         ids = [r.id for r in exp_out.runs]
         if len(set(ids)) != len(ids):
             dup = next(x for x in ids if ids.count(x) > 1)
-            err(sec, ["methods"], f"two grid points give the same run ({dup}): a grid repeats a value or two tables of a method overlap")
+            err(sec, ["methods"], f"two grid points give the same run ({dup}): a grid repeats a value "
+                "or two tables of a method overlap")
         out.append(exp_out)
     if errors:
         raise ManifestError.of(path, sorted(errors[:MAX_ERRORS], key=lambda e: e.line or 0))
@@ -238,6 +239,15 @@ def _top_level(doc: dict, path: Path, err):
     return slurm_table, python_path, defaults, exps
 
 
+SEEDS_MESSAGE = "must be a non-empty list of integers >= 0"
+
+
+def _is_seed_list(v) -> bool:
+    """An experiment's or a method table's `seeds`: the seed axis of its runs."""
+    return isinstance(v, list) and bool(v) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                                   for x in v)
+
+
 def _merge_experiment(i: int, exp: dict, defaults: dict, names: set, base: Path, err):
     """One [[experiment]] over [defaults], checked: its name, its known keys, its tolerance,
     its methods table and its values (seeds as the seed axis, data paths made absolute)."""
@@ -273,8 +283,8 @@ def _merge_experiment(i: int, exp: dict, defaults: dict, names: set, base: Path,
     if seeds is not None:
         if "seed" in exp:
             err(sec, ["seeds"], "give either 'seed' or 'seeds', not both")
-        elif not isinstance(seeds, list) or not seeds:
-            err(sec, ["seeds"], "must be a non-empty list of integers")
+        elif not _is_seed_list(seeds):
+            err(sec, ["seeds"], SEEDS_MESSAGE)
         else:
             merged["seed"] = seeds
     ds = merged.get("dataset")
@@ -331,9 +341,8 @@ def _expand_methods(exp_out: Experiment, exp: dict, methods: dict, axes: dict, e
             if "seeds" in params:  # this entry's own seeds instead of the experiment's
                 params = dict(params)
                 seeds = params.pop("seeds")
-                if not isinstance(seeds, list) or not seeds or not all(
-                        isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds):
-                    err(sec, ["methods", method, "seeds"], "must be a non-empty list of integers >= 0")
+                if not _is_seed_list(seeds):
+                    err(sec, ["methods", method, "seeds"], SEEDS_MESSAGE)
                     continue
                 entry_axes = {**axes, "seed": seeds}
             _expand_entry(exp_out, exp, method, params, entry_axes, extra, sec, err, errors)

@@ -371,9 +371,8 @@ def fair_table(store: Store, experiment: Optional[str] = None, tolerance: Option
     """The JSON form of `gaussreg table`: one record per comparison (experiment and
     setting: every run key but method, params and seed)."""
     rows = [r for r in list_runs(store, experiment) if r["spec"] is not None]
-    certified = {r["id"]: run_certified(RunDir(store.root / r["id"])) for r in rows if r["result"]}
     return table_of(rows, lambda exp: tolerance if tolerance is not None
-                    else float(store.experiment(exp).get("tolerance", 0.0)), select, certified)
+                    else float(store.experiment(exp).get("tolerance", 0.0)), select, certified_runs(store, rows))
 
 
 def table_of(rows: List[dict], tolerance_of: Callable[[str], float], select: str = "validation",
@@ -434,6 +433,11 @@ def run_certified(run) -> Optional[dict]:
         acc[f"{r:g}"] = max(sum(1 for i in c["per_image"] if i.get("correct") and i.get("radius", 0) >= r)
                             / max(1, len(c["per_image"])) for c in certs)
     return {"sigmas": [c["sigma"] for c in certs], "accuracy": acc}
+
+
+def certified_runs(store: Store, rows: List[dict]) -> Dict[str, Optional[dict]]:
+    """run_certified() of every completed run among `rows` (list_runs records), by run id."""
+    return {r["id"]: run_certified(RunDir(store.root / r["id"])) for r in rows if r["result"]}
 
 
 def _add_certified(by_id: Dict[str, Optional[dict]], records: List[dict]) -> None:

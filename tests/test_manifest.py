@@ -109,6 +109,7 @@ BAD = [
     ('methods.baseline = {}\ntolerence = 0.1', 7, "tolerence", "did you mean 'tolerance'"),
     ('methods.baseline = {}\ntolerance = 5', 7, "tolerance", "fraction"),
     ('methods.baseline = {}\nseeds = []', 7, "seeds", "non-empty list"),
+    ('methods.baseline = {}\nseeds = [0, -1]', 7, "seeds", "non-empty list of integers >= 0"),
     ('methods.baseline = {}\noptimizer = { lr = 0 }', 7, "optimizer.lr", "must be > 0"),
     ('methods.baseline = {}\nrobustness = { sigma = [0.1] }', 7, "robustness.sigma", "unknown key"),
     ('methods = {}', 6, "methods", "non-empty 'methods'"),
