@@ -161,7 +161,6 @@ robustness = { sigmas = [0.0, 0.1, 0.2] }
 name = "own"
 tolerance = 1.0
 methods.baseline = {}
-methods.augment = { sigma = 0.1, folds = 1 }
 methods.regularizer = { sigma = 0.1, alpha = 1.0 }
 '''
 
@@ -184,16 +183,16 @@ def test_own_resnet_and_npz_through_the_scheduler_to_a_fair_table(project):
     m = write(project, MANIFEST)
     dry = run("run", m, "--store", project / "runs", "--dry-run")
     assert dry.returncode == 0, dry.stderr
-    assert "3 runs" in dry.stdout
+    assert "2 runs" in dry.stdout
     out = run("run", m, "--store", project / "runs", "--gpus", "none")
     assert out.returncode == 0, out.stdout + out.stderr
     table = json.loads(run("table", "--store", project / "runs", "--format", "json").stdout)
     comp = table[0] if isinstance(table, list) else table
     text = json.dumps(comp)
-    for method in ("baseline", "augment", "regularizer"):
+    for method in ("baseline", "regularizer"):
         assert f'"{method}"' in text
     ls = json.loads(run("ls", "--store", project / "runs", "--format", "json").stdout)
-    assert len(ls) == 3 and {r["state"] for r in ls} == {"completed"}
+    assert len(ls) == 2 and {r["state"] for r in ls} == {"completed"}
     accs = [r["result"]["test_accuracy"] for r in ls]
     assert all(a > 0.5 for a in accs), accs  # 4 classes: chance is 0.25
     spec = json.loads((project / "runs" / ls[0]["id"] / "spec.json").read_text())
@@ -208,9 +207,9 @@ def test_own_resnet_and_npz_through_the_scheduler_to_a_fair_table(project):
 def test_model_args_are_grid_axes_and_changed_code_makes_new_runs(project):
     m = write(project, MANIFEST.replace("width = 8", "width = [4, 8]"))
     ids = [r.id for r in manifest.load(m).runs()]
-    assert len(ids) == 6 and len(set(ids)) == 6
+    assert len(ids) == 4 and len(set(ids)) == 4
     widths = sorted(r.spec["model_args"]["width"] for r in manifest.load(m).runs())
-    assert widths == [4, 4, 4, 8, 8, 8]
+    assert widths == [4, 4, 8, 8]
     src = project / "src" / "mypkg" / "models.py"
     src.write_text(src.read_text() + "\n# a comment changes the code\n")
     assert not set(ids) & {r.id for r in manifest.load(m).runs()}
@@ -405,7 +404,7 @@ def test_entry_point_names_for_models_and_datasets(project, monkeypatch):
         m = write(project, MANIFEST.replace("mypkg.models:resnet", "tinyres")
                   .replace('"npz:data/tiny.npz"', '"blobs"\ndataset_args = { n = [30, 40] }'))
         runs = manifest.load(m).runs()
-        assert len(runs) == 6 and {r.spec["dataset_args"]["n"] for r in runs} == {30, 40}
+        assert len(runs) == 4 and {r.spec["dataset_args"]["n"] for r in runs} == {30, 40}
         spec = runs[0].spec
         assert spec["model"] == "tinyres" and len(spec["model_source"]) == 12 and len(spec["dataset_source"]) == 12
         splits = data.load("blobs", args={"n": 30})
