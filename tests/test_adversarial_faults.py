@@ -113,7 +113,7 @@ def test_gaussreg_run_into_a_closed_pipe_finishes_the_sweep(tmp_path):
 
 def _start_long_run(tmp_path):
     # early_stop past max_epochs: a plateau on synthetic data must not end the run before the signal
-    (tmp_path / "m.toml").write_text(TINY.format(model="lenet", epochs=50, subset="5000", more="early_stop = 100"))
+    (tmp_path / "m.toml").write_text(TINY.format(model="mlp", epochs=1000, subset="1000", more="early_stop = 2000"))
     p = subprocess.Popen(cli("run", tmp_path / "m.toml", "--store", tmp_path / "runs"), env=python_env(),
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     st = Store(tmp_path / "runs")

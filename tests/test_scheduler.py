@@ -100,7 +100,8 @@ def _descendants_alive(pids):
 
 
 def test_ctrl_c_cancels_every_running_worker_and_leaves_no_orphan(tmp_path):
-    (tmp_path / "m.toml").write_text(MANIFEST.format(model="lenet", epochs=50))
+    # neither max_epochs nor a plateau ends a run before the Ctrl-C
+    (tmp_path / "m.toml").write_text(MANIFEST.format(model="mlp", epochs="1000\nearly_stop = 2000"))
     p = subprocess.Popen(cli("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--max-parallel", "2"),
                          env=python_env(COLUMNS="120"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     st = Store(tmp_path / "runs")
@@ -128,7 +129,7 @@ def test_ctrl_c_cancels_every_running_worker_and_leaves_no_orphan(tmp_path):
 
 
 def test_two_concurrent_runs_on_one_store_train_each_run_once(tmp_path):
-    (tmp_path / "m.toml").write_text(MANIFEST.format(model="mlp", epochs=2))
+    (tmp_path / "m.toml").write_text(MANIFEST.format(model="mlp", epochs=1))
     cmd = cli("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--max-parallel", "2")
     procs = [subprocess.Popen(cmd, env=python_env(COLUMNS="120"), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]
