@@ -21,6 +21,7 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -228,8 +229,11 @@ def submit(store: Store, run_ids: List[str], cfg: SlurmSettings, rerun: bool = F
         run.cancel_request.unlink(missing_ok=True)
     k = cfg.per_gpu
     tasks = math.ceil(len(todo) / k)
-    sub = store.root / "_slurm" / (time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}")
-    sub.mkdir(parents=True, exist_ok=True)
+    # its own directory even for two submissions of one process in one second (the TUI's
+    # `r` on two runs): a shared one would make the first job train the second's runs
+    (store.root / "_slurm").mkdir(parents=True, exist_ok=True)
+    sub = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}-",
+                                dir=store.root / "_slurm"))
     runs_file = sub / "runs.txt"
     atomic_write_bytes(runs_file, "".join(f"{r.path.resolve()}\n" for r in todo).encode())
     script = sub / "job.sh"

@@ -2,6 +2,7 @@
 building, parsing, status files, error paths). The real-Slurm test is test_slurm_cluster.py."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -35,9 +36,10 @@ methods.regularizer = { sigma = [0.25, 0.5], alpha = 1 }
 
 
 @pytest.fixture
-def fake_slurm(tmp_path):
+def fake_slurm(tmp_path, monkeypatch):
     """bin/ with sbatch (prints JOB;cluster and records its argv), squeue (prints the
-    file squeue.txt) and scancel (records its argv)."""
+    file squeue.txt) and scancel (records its argv); "submit" submits m.toml from this
+    process (a test's setup, without the cost of a `gaussreg run` process)."""
     b = tmp_path / "bin"
     b.mkdir()
     calls = tmp_path / "calls.jsonl"
@@ -55,7 +57,17 @@ def fake_slurm(tmp_path):
         if not calls.exists():
             return []
         return [c[1:] for c in map(json.loads, calls.read_text().splitlines()) if c[0] == name]
-    return {"bin": b, "calls": calls_of, "dir": tmp_path,
+    def submit(**flags):
+        """`gaussreg run m.toml --backend slurm` (flags: its Slurm flags) as the CLI and the TUI's
+        launch dialog do it (launch.plan, launch.submit_slurm), in tmp_path with the fakes first
+        on PATH."""
+        from gaussreg.launch import LaunchRequest, plan, submit_slurm
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("PATH", f"{b}:{os.environ['PATH']}")
+        sub = submit_slurm(plan(LaunchRequest("m.toml", "runs", backend="slurm", slurm=flags)))
+        assert sub.job_id == "4242", sub
+        return sub
+    return {"bin": b, "calls": calls_of, "dir": tmp_path, "submit": submit,
             "env": {"PATH": str(b), "COLUMNS": "200"}}  # only the fakes: a real Slurm may be installed
 
 
@@ -108,6 +120,7 @@ def test_submission_writes_queued_status_with_job_ids(fake_slurm):
     assert [s["slurm_array_index"] for s in statuses] == [0, 0, 1]
     script = Path(args[-1]).read_text()
     assert "GAUSSREG_BACKEND=slurm" in script and "gaussreg.slurm task" in script and "--per-task 2" in script
+    assert "GAUSSREG_SLURM_GPUS=1" in script  # the task is told how many GPUs it has (gpus_per_run in MANIFEST)
     listed = (Path(args[-1]).parent / "runs.txt").read_text().split()
     assert sorted(Path(p).name for p in listed) == sorted(r.id for r in st.runs())
     ls = gr(fake_slurm, "ls")
@@ -115,7 +128,7 @@ def test_submission_writes_queued_status_with_job_ids(fake_slurm):
 
 
 def test_runs_still_in_slurm_are_not_submitted_twice(fake_slurm):
-    assert gr(fake_slurm, "run", "m.toml", "--backend", "slurm").returncode == 0
+    fake_slurm["submit"]()
     (fake_slurm["dir"] / "squeue.txt").write_text("4242_0|RUNNING|None\n4242_2|PENDING|Resources\n")
     st = Store(fake_slurm["dir"] / "runs")
     by_job = {r.status()["slurm_job"]: r for r in st.runs()}
@@ -153,7 +166,7 @@ def test_bad_slurm_table_names_file_line_and_key(fake_slurm):
 
 
 def test_cancel_of_a_slurm_run_calls_scancel_on_its_array_task(fake_slurm):
-    assert gr(fake_slurm, "run", "m.toml", "--backend", "slurm").returncode == 0
+    fake_slurm["submit"]()
     run = next(r for r in Store(fake_slurm["dir"] / "runs").runs() if r.status()["slurm_job"] == "4242_2")
     r = gr(fake_slurm, "cancel", run.id[:-3])
     assert r.returncode == 0, r.stderr
@@ -161,6 +174,25 @@ def test_cancel_of_a_slurm_run_calls_scancel_on_its_array_task(fake_slurm):
     assert run.status()["state"] == "cancelled" and run.cancel_request.exists()
     r = gr(fake_slurm, "cancel", run.id)
     assert r.returncode == 2 and "is cancelled, neither queued nor running" in r.stderr
+
+
+def test_two_submissions_of_one_process_in_one_second_each_train_their_own_runs(fake_slurm, monkeypatch):
+    """A launch directory holds its job's runs.txt and job.sh: two resubmissions from one
+    process (the TUI's `r` on two runs) in the same second once shared one, so the first
+    job trained the second's run and its own run never."""
+    from gaussreg import slurm
+    fake_slurm["submit"]()
+    # the fake sbatch always says job 4242: runs not in its task 0, whose status a resubmission writes
+    runs = [r for r in Store(fake_slurm["dir"] / "runs").runs() if r.status()["slurm_job"] != "4242_0"]
+    monkeypatch.setattr(slurm.time, "strftime", lambda fmt, *a: "20261206-120000")  # the same second
+    for run in runs:
+        run.write_status({**run.status(), "state": "cancelled"})
+        slurm.resubmit(run)
+    launches = [run.status()["slurm_launch"] for run in runs]
+    assert len(set(launches)) == 2
+    for run, launch in zip(runs, launches):
+        listed = (fake_slurm["dir"] / "runs" / "_slurm" / launch / "runs.txt").read_text().split()
+        assert listed == [str(run.path.resolve())]
 
 
 def test_follow_reports_a_pending_reason_that_never_resolves(fake_slurm):
@@ -175,12 +207,13 @@ def test_follow_reports_a_pending_reason_that_never_resolves(fake_slurm):
 
 
 def _worker_until_training(run, env):
+    """A worker of `run`, once it is in its training loop (it says so as an epoch starts)."""
     p = subprocess.Popen([sys.executable, "-m", "gaussreg.worker", str(run.path), "--resume"],
                          env=python_env(**env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not any(e["type"] == "progress" for e in run.events()[0]):
+    while time.time() < deadline and (run.status().get("epoch") or 0) < 1:
         assert p.poll() is None, p.stderr.read()
-        time.sleep(0.05)
+        time.sleep(0.02)
     return p
 
 
@@ -208,7 +241,7 @@ def test_slurm_sigterm_is_interrupted_unless_cancel_was_asked(tmp_path, asked):
 def test_tui_runs_table_shows_the_array_task_of_slurm_runs(fake_slurm):
     from tui.watcher import StoreWatcher
     from tui.widgets import cells
-    assert gr(fake_slurm, "run", "m.toml", "--backend", "slurm").returncode == 0
+    fake_slurm["submit"]()
     rows = StoreWatcher(fake_slurm["dir"] / "runs").scan()
     assert sorted(r.slurm_job for r in rows) == ["4242_0", "4242_1", "4242_2"]
     assert sorted(cells(r)["state"].plain for r in rows) == ["queued 4242_0", "queued 4242_1", "queued 4242_2"]
@@ -229,12 +262,6 @@ def _task_env(tmp_path, spec_extra, gpus, cuda="0"):
     p = subprocess.run([sys.executable, "-m", "gaussreg.slurm", "task", str(runs_file)], env=env,
                        capture_output=True, text=True, timeout=300)
     return run, p
-
-
-def test_the_job_script_tells_the_task_how_many_gpus_it_has(fake_slurm):
-    assert gr(fake_slurm, "run", "m.toml", "--backend", "slurm").returncode == 0
-    script = Path(fake_slurm["calls"]("sbatch")[0][-1]).read_text()
-    assert "GAUSSREG_SLURM_GPUS=1" in script  # gpus_per_run = 1 in MANIFEST
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(),

@@ -4,9 +4,11 @@ The fixture installs Slurm with apt when it is missing (root only), writes a slu
 for this host into a temp dir (auth/none, two fake GPUs backed by /dev/tty0-1, free
 ports), runs `slurmctld -D` and `slurmd -D` in the foreground and kills them by pid."""
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -23,6 +25,18 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _listens(port: int) -> bool:
+    """Whether some socket of this host listens on TCP `port` (read, not connected to)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = [line.split() for line in open(table).read().splitlines()[1:]]
+        except OSError:
+            continue
+        if any(r[1].endswith(f":{port:04X}") and r[3] == "0A" for r in rows):  # 0A: LISTEN
+            return True
+    return False
 
 
 def await_(cond, timeout: float, what: str, every: float = 0.1):
@@ -62,9 +76,10 @@ def slurm_conf(tmp_path_factory):
     host = socket.gethostname().split(".")[0]
     cpus = os.cpu_count() or 1
     conf = d / "slurm.conf"
+    ctld_port = _free_port()
     conf.write_text(f"""ClusterName=gaussregtest
 SlurmctldHost={host}
-SlurmctldPort={_free_port()}
+SlurmctldPort={ctld_port}
 SlurmdPort={_free_port()}
 SlurmUser=root
 SlurmdUser=root
@@ -84,6 +99,8 @@ SchedulerType=sched/backfill
 ReturnToService=2
 InactiveLimit=0
 MinJobAge=300
+# schedule a submitted batch job at once (by default up to 3 s later)
+SchedulerParameters=batch_sched_delay=0
 StateSaveLocation={d}/state
 SlurmdSpoolDir={d}/spool
 SlurmctldPidFile={d}/slurmctld.pid
@@ -102,12 +119,21 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
                 procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
                                               stdin=subprocess.DEVNULL))
 
-        def idle():
+        def alive():
             for p in procs:
                 assert p.poll() is None, (d / "slurmctld.out").read_text() + (d / "slurmd.out").read_text()
+            return True
+
+        def listening():  # a Slurm client that finds no slurmctld sleeps a second before it retries
+            alive()
+            return _listens(ctld_port)
+
+        def idle():
+            alive()
             r = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True)
             return r.returncode == 0 and r.stdout.strip() == "idle"
-        await_(idle, 90, "the Slurm node to be idle", every=0.3)
+        await_(listening, 90, "slurmctld to listen", every=0.02)
+        await_(idle, 90, "the Slurm node to be idle", every=0.05)
         yield str(conf)
     finally:
         for p in procs:
@@ -120,20 +146,21 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
                 p.wait()
 
 
-MANIFEST = """
+MAX_EPOCHS = 12
+MANIFEST = f"""
 [[experiment]]
 name = "cluster"
 dataset = "synthetic"
 model = "mlp"
-max_epochs = 30
+max_epochs = {MAX_EPOCHS}
 early_stop = 100
 device = "cpu"  # the two GPUs are ttys: a worker on a GPU task with device auto would refuse them
-train_subset = 2000
-test_subset = 400
-optimizer = { lr = 3e-4 }
-robustness = { sigmas = [0.0, 0.2, 0.4] }
-methods.baseline = {}
-methods.regularizer = { sigma = [0.25, 0.5], alpha = 1 }
+train_subset = 1000
+test_subset = 200
+optimizer = {{ lr = 3e-4 }}
+robustness = {{ sigmas = [0.0, 0.3] }}
+methods.baseline = {{}}
+methods.regularizer = {{ sigma = [0.25, 0.5], alpha = 1 }}
 """
 
 
@@ -144,42 +171,68 @@ def test_sweep_cancel_resume_on_a_real_slurm_gives_the_local_table(slurm_conf, t
     def gr(*args, timeout=300):
         return subprocess.run(cli(*args), capture_output=True, text=True, cwd=tmp_path, env=env, timeout=timeout)
 
-    r = gr("run", "m.toml", "--backend", "slurm", "--gpus-per-run", "1", "--cpus-per-run", "1")
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "submitted 3 run(s) as Slurm array job" in r.stdout
-    st = Store(tmp_path / "runs")
-    runs = sorted(st.runs(), key=lambda run: run.status()["slurm_array_index"])
-    assert [run.status()["slurm_array_index"] for run in runs] == [0, 1, 2]
-    job = runs[0].status()["slurm_job_id"]
-    assert all(run.status()["slurm_job"] == f"{job}_{i}" for i, run in enumerate(runs))
+    # the same manifest trained locally with the same thread count (1 each), meanwhile: its table
+    # is compared with Slurm's at the end
+    with open(tmp_path / "local.out", "wb") as out:
+        local = subprocess.Popen(cli("run", "m.toml", "--store", "local", "--max-parallel", str(os.cpu_count() or 1)),
+                                 stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
+    stopped = None
+    try:
+        r = gr("run", "m.toml", "--backend", "slurm", "--gpus-per-run", "1", "--cpus-per-run", "1")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "submitted 3 run(s) as Slurm array job" in r.stdout
+        st = Store(tmp_path / "runs")
+        runs = sorted(st.runs(), key=lambda run: run.status()["slurm_array_index"])
+        assert [run.status()["slurm_array_index"] for run in runs] == [0, 1, 2]
+        job = runs[0].status()["slurm_job_id"]
+        assert all(run.status()["slurm_job"] == f"{job}_{i}" for i, run in enumerate(runs))
 
-    # tasks 0 and 1 start together, one per fake GPU; cancel task 1 while it trains
-    other, victim, last = runs
-    await_(lambda: victim.status().get("state") == "running" and (victim.status().get("epoch") or 0) >= 2,
-           180, "run 1 to train its second epoch")
-    await_(lambda: other.status().get("cuda_visible_devices") is not None, 60, "run 0 to start")
-    seen = {other.status()["cuda_visible_devices"], victim.status()["cuda_visible_devices"]}
-    assert seen == {"0", "1"}, seen  # each worker got its own GPU
-    assert all(run.status()["gpu_slot"] == run.status()["cuda_visible_devices"] for run in (other, victim))
-    r = gr("cancel", victim.id)
-    assert r.returncode == 0 and f"scancel {job}_1" in r.stdout, r.stdout + r.stderr
-    await_(lambda: victim.status().get("state") == "cancelled", 60, "the cancelled run to say so")
-    assert victim.file("last.pt").exists() and not victim.file("result.json").exists()
-    assert victim.status()["epoch"] < 30
-    await_(lambda: all(run.state() == "completed" for run in (other, last)), 300, "runs 0 and 2 to complete")
-    assert last.status()["cuda_visible_devices"] in {"0", "1"}
-    assert other.status()["slurm_job"] == f"{job}_0" and last.status()["slurm_array_index"] == 2
+        # tasks 0 and 1 start together, one per fake GPU; task 1 is cancelled in its second epoch:
+        # its worker is stopped there (SIGSTOP), so it is still training when `gaussreg cancel`
+        # acts, whatever the machine's speed (scancel sends SIGCONT before SIGTERM)
+        other, victim, last = runs
 
-    # running the manifest again resubmits only the cancelled run, which resumes from last.pt
-    r = gr("run", "m.toml", "--backend", "slurm", "--gpus-per-run", "1", "--cpus-per-run", "1", "--follow")
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "submitted 1 run(s)" in r.stdout and r.stdout.count("skipped") == 2
-    assert victim.state() == "completed" and victim.status()["slurm_job_id"] != job
-    assert any(e["type"] == "resume" for e in victim.events()[0])
+        def training_epoch_2():
+            s = victim.status()
+            return s if s.get("state") == "running" and (s.get("epoch") or 0) >= 2 else None
+        stopped = await_(training_epoch_2, 180, "run 1 to train its second epoch", every=0.02)["pid"]
+        os.kill(stopped, signal.SIGSTOP)
+        assert victim.state() == "running" and victim.status()["epoch"] < MAX_EPOCHS, victim.status()
+        await_(lambda: other.status().get("cuda_visible_devices") is not None, 60, "run 0 to start")
+        seen = {other.status()["cuda_visible_devices"], victim.status()["cuda_visible_devices"]}
+        assert seen == {"0", "1"}, seen  # each worker got its own GPU
+        assert all(run.status()["gpu_slot"] == run.status()["cuda_visible_devices"] for run in (other, victim))
+        r = gr("cancel", victim.id)
+        assert r.returncode == 0 and f"scancel {job}_1" in r.stdout, r.stdout + r.stderr
+        await_(lambda: victim.status().get("state") == "cancelled", 60, "the cancelled run to say so")
+        stopped = None
+        assert victim.file("last.pt").exists() and not victim.file("result.json").exists()
+        assert victim.status()["epoch"] < MAX_EPOCHS
 
-    # the same manifest trained locally, with the same thread count, gives the same table
-    r = gr("run", "m.toml", "--store", "local", "--max-parallel", str(os.cpu_count() or 1))  # 1 thread each
-    assert r.returncode == 0, r.stdout + r.stderr
-    tables = [json.loads(gr("table", "--store", s, "--format", "json").stdout) for s in ("runs", "local")]
+        # running the manifest again resubmits only the cancelled run, which resumes from last.pt;
+        # run 0 and 2 (completed, or still in Slurm) are skipped, and --follow waits for all three
+        r = gr("run", "m.toml", "--backend", "slurm", "--gpus-per-run", "1", "--cpus-per-run", "1", "--follow")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "submitted 1 run(s)" in r.stdout and r.stdout.count("skipped") == 2, r.stdout
+        assert [run.state() for run in runs] == ["completed"] * 3
+        assert victim.status()["slurm_job_id"] != job
+        resumed = [e["epoch"] for e in victim.events()[0] if e["type"] == "resume"]
+        assert resumed and resumed[0] >= 1, resumed  # from a finished epoch, not from scratch
+        # task 2 waited for a GPU that another task gave back
+        assert last.status()["cuda_visible_devices"] in {"0", "1"}
+        assert other.status()["slurm_job"] == f"{job}_0" and last.status()["slurm_array_index"] == 2
+        assert last.status()["slurm_job"] == f"{job}_2"
+
+        assert local.wait(300) == 0, (tmp_path / "local.out").read_text()
+    finally:
+        if stopped is not None:  # the test failed before Slurm woke it: let it end
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stopped, signal.SIGCONT)
+        if local.poll() is None:
+            local.terminate()
+            local.wait(60)
+    tables = [subprocess.Popen(cli("table", "--store", s, "--format", "json"), stdout=subprocess.PIPE, text=True,
+                               cwd=tmp_path, env=env) for s in ("runs", "local")]  # both at once
+    tables = [json.loads(t.communicate(timeout=300)[0]) for t in tables]
     assert tables[0] == tables[1]
     assert len(tables[0]["experiments"][0]["best"]) == 2

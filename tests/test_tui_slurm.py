@@ -85,7 +85,7 @@ def _cell(app, i):
 
 async def test_runs_table_shows_job_ids_and_pending_reasons_polling_squeue_at_most_every_10s(on_path):
     import time
-    assert gr(on_path, "run", "m.toml", "--backend", "slurm").returncode == 0
+    on_path["submit"]()
     jobs = {r.id: r.status()["slurm_job"] for r in Store("runs").runs()}
     (on_path["dir"] / "squeue.txt").write_text("4242_0|PENDING|Resources\n4242_1|PENDING|PartitionConfig\n"
                                                "4242_2|RUNNING|None\n")
@@ -100,7 +100,7 @@ async def test_runs_table_shows_job_ids_and_pending_reasons_polling_squeue_at_mo
         fatal = next(i for i in range(3) if "PartitionConfig" in _cell(app, i).plain)
         assert any("red" in str(span.style) for span in _cell(app, fatal).spans)
         scans = app.watcher.scans
-        await until(pilot, lambda: app.watcher.scans >= scans + 50)  # 50 more scans of the store
+        await until(pilot, lambda: app.watcher.scans >= scans + 10)  # 10 more scans of the store
         elapsed = time.monotonic() - t0
     calls = len(on_path["calls"]("squeue")) - before
     assert 1 <= calls <= 1 + elapsed // 10 and calls == app.watcher.squeue_calls, (calls, elapsed)
@@ -109,7 +109,7 @@ async def test_runs_table_shows_job_ids_and_pending_reasons_polling_squeue_at_mo
 
 def test_a_queued_slurm_run_that_squeue_no_longer_lists_says_so(on_path):
     from tui.watcher import StoreWatcher
-    assert gr(on_path, "run", "m.toml", "--backend", "slurm").returncode == 0
+    on_path["submit"]()
     (on_path["dir"] / "squeue.txt").write_text("4242_0|PENDING|Priority\n")  # 4242_1 and 4242_2 vanished
     w = StoreWatcher("runs")
     w.scan()  # the first scan finds the runs; squeue is asked once Slurm runs are known
@@ -152,7 +152,7 @@ async def test_r_on_a_slurm_run_resubmits_it_through_slurm_with_its_settings(on_
 
 
 async def test_r_on_a_slurm_run_without_recorded_settings_is_refused_with_the_reason(on_path):
-    assert gr(on_path, "run", "m.toml", "--backend", "slurm").returncode == 0
+    on_path["submit"]()
     run = next(x for x in Store("runs").runs() if x.status()["slurm_job"] == "4242_2")
     old = {k: v for k, v in run.status().items() if k != "slurm_launch"}  # as an older gaussreg wrote it
     run.write_status({**old, "state": "failed", "error": "boom"})
