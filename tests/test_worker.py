@@ -216,7 +216,7 @@ def test_real_lenet_fashion_mnist_two_epochs(tmp_path):
     print(f"LeNet Fashion-MNIST 2 epochs: test acc {res['test_accuracy']:.4f}, "
           f"{res['train_time_s'] / 2:.1f}s/epoch")
     assert res["sizes"] == {"train": 2000, "val": 222, "test": 1000}  # validation shrinks with the subset (1/9)
-    assert res["test_accuracy"] >= 0.70 and res["per_sigma"][1] > 0.8
+    assert res["test_accuracy"] >= 0.72 and res["per_sigma"][1] > 0.8
 
 
 @pytest.mark.gpu
