@@ -375,8 +375,7 @@ def table(store: Path = StoreOpt,
     per method; test numbers, mean ± std over seeds."""
     from . import report
     from .store import Store
-    if tolerance is not None and not 0 <= tolerance <= 1:
-        fail(f"--tolerance must be a fraction in [0, 1], not {tolerance}")
+    _check_tolerance(tolerance)
     if from_export is not None:
         from .export import read_runs
         try:
@@ -403,6 +402,11 @@ def table(store: Path = StoreOpt,
     _print_table(t, format, show_all)
 
 
+def _check_tolerance(tolerance: Optional[float]) -> None:
+    if tolerance is not None and not 0 <= tolerance <= 1:
+        fail(f"--tolerance must be a fraction in [0, 1], not {tolerance}")
+
+
 def _print_table(t: dict, format: "TableFormat", show_all: bool) -> None:
     from . import report
     if format == TableFormat.json:
@@ -426,14 +430,17 @@ def plot(store: Path = StoreOpt,
          experiment: Optional[str] = typer.Option(None, help="Only this experiment."),
          out: Path = typer.Option(Path("figures"), "--out", help="Folder for the figures."),
          format: PlotFormat = typer.Option(PlotFormat.png, "--format", help="png, svg or pdf."),
-         select: Selection = typer.Option(Selection.validation, "--select", help="validation or test selection.")):
+         select: Selection = typer.Option(Selection.validation, "--select", help="validation or test selection."),
+         tolerance: Optional[float] = typer.Option(None, help="Override the manifest's tolerance (a fraction), "
+                                                              "as `gaussreg table --tolerance` does.")):
     """Figures of the fair comparison: accuracy vs R per run, best per training sigma, robustness curves."""
     from . import plot as plots
     from .store import Store
+    _check_tolerance(tolerance)
     if not store.is_dir():
         fail(f"the store {store} does not exist")
     try:
-        paths = plots.plot(Store(store), out, experiment, format.value, select.value)
+        paths = plots.plot(Store(store), out, experiment, format.value, select.value, tolerance)
     except plots.PlotsUnavailable as e:
         fail(str(e))  # fail() escapes
     except OSError as e:

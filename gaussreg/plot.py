@@ -46,15 +46,16 @@ def _mean_curve(results: List[dict], key: str) -> Optional[tuple]:
 
 
 def plot(store: Store, out_dir, experiment: Optional[str] = None, fmt: str = "png",
-         select: str = "validation") -> List[Path]:
-    """Write three figures per comparison into out_dir; returns their paths."""
+         select: str = "validation", tolerance: Optional[float] = None) -> List[Path]:
+    """Write three figures per comparison into out_dir; returns their paths. `tolerance`
+    overrides the experiments' own, as in report.fair_table, so figures can match a table."""
     from . import report
     plt = _pyplot()
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = report.fair_table(store, experiment, select=select)
+    table = report.fair_table(store, experiment, tolerance, select)
     results = {r["id"]: r for r in report.list_runs(store, experiment) if r["result"]}
     written = []
     for rec in table["experiments"]:

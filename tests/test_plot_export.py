@@ -68,6 +68,28 @@ def test_plot_writes_three_valid_figures(store, tmp_path, fmt):
                 assert im.size[0] > 600 and im.size[1] > 400
 
 
+def test_plot_tolerance_overrides_the_manifests_as_the_table_does(store, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from gaussreg import plot as plots
+    drawn = []
+    real = plots._fig_scatter
+
+    def spy(plt, rec, *rest):
+        drawn.append(rec)
+        return real(plt, rec, *rest)
+    monkeypatch.setattr(plots, "_fig_scatter", spy)
+    for tolerance in (None, 0.2):
+        plots.plot(store, tmp_path / "fig", fmt="svg", tolerance=tolerance)
+    best = [{b["method"]: b["params"].get("sigma") for b in rec["best"]} for rec in drawn]
+    # 0.02 (the experiment's) keeps the sigma-5 regularizer (76.6 %) out; 0.2 lets it win on R
+    assert [rec["tolerance"] for rec in drawn] == [0.02, 0.2]
+    assert [b["regularizer"] for b in best] == [0.25, 5.0]
+    bad = subprocess.run(cli("plot", "--store", store.root, "--out", tmp_path / "bad", "--tolerance", "2"),
+                         capture_output=True, text=True, env=python_env())
+    assert bad.returncode == 2 and "--tolerance must be a fraction in [0, 1], not 2.0" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+
+
 def test_plot_without_matplotlib_says_how_to_get_it(store, tmp_path):
     fake = tmp_path / "nompl"
     (fake / "matplotlib").mkdir(parents=True)
