@@ -470,9 +470,11 @@ def export(store: Path = StoreOpt,
            experiment: Optional[str] = typer.Option(None, help="Only this experiment.")):
     """The store in long format on stdout, for pandas (pd.read_csv / pd.read_json(lines=True))."""
     from . import export as ex
+    from . import report
     from .store import Store
-    if not store.is_dir():
-        fail(f"the store {store} does not exist")
+    existing_store(store)
+    if experiment and not report.list_runs(Store(store), experiment):
+        fail(f"no runs of experiment {experiment!r} in {store}")
     import sys
     try:
         sys.stdout.write(ex.export(Store(store), what.value, format.value, experiment))
@@ -491,7 +493,7 @@ def ls(store: Path = StoreOpt,
     from .store import STATES, Store
     existing_store(store)
     if state and state not in STATES + ("corrupt",):
-        fail(f"--state must be one of {', '.join(STATES)}, not {state!r}")
+        fail(f"--state must be one of {', '.join(STATES + ('corrupt',))}, not {state!r}")
     rows = [r for r in report.list_runs(Store(store)) if not state or r["state"] == state]
     if format == ListFormat.json:
         print(json.dumps([{"id": r["id"], "state": r["state"], "spec": r["spec"], "result": r["result"],
@@ -584,7 +586,7 @@ def cancel(run_id: str = typer.Argument(..., help="A run id (or a unique prefix)
 
 
 def _parse_sigmas(text: Optional[str]) -> Optional[List[float]]:
-    if not text:
+    if text is None:
         return None
     try:
         if ":" in text:
@@ -618,7 +620,8 @@ def _model_from_checkpoint(ckpt: Path, spec: dict, device: str, data_dir: Option
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
     except Exception as e:
-        fail(f"{ckpt} is not a gaussreg checkpoint ({type(e).__name__}: {e})")
+        # torch's own message is many lines, and advises loading with weights_only=False: not for a data file
+        fail(f"{ckpt} is not a gaussreg checkpoint (torch.load cannot read it as one: {type(e).__name__})")
     try:
         splits = data.load(spec["dataset"], data_dir or spec["data_dir"], split_seed=spec["split_seed"],
                            test_subset=spec["test_subset"], device=dev, test_only=True,
@@ -823,6 +826,7 @@ def train(run_dir: Path = typer.Argument(..., help="A run directory holding spec
 def tui(store: Path = StoreOpt,
         manifest: Path = typer.Option(Path("experiments.toml"), help="The manifest the launch dialog opens.")):
     """The Textual dashboard: watch, launch, cancel, compare and browse runs."""
+    readable_store(store)  # a store that does not exist yet is fine: the launch dialog makes it
     try:
         from tui.app import run_app  # the only place gaussreg touches textual
     except ImportError as e:

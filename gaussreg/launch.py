@@ -120,8 +120,8 @@ def plan(req: LaunchRequest, commands: bool = True) -> Plan:
         raise LaunchError(f"experiment {unknown[0]!r} is not in {req.manifest} (it has: {', '.join(names)})")
     runs = [r for r in m.select(req.only) if not req.experiments or r.spec.get("experiment") in req.experiments]
     if not runs:
-        what = f"--only {req.only!r}" if req.only else "the experiments chosen"
-        raise LaunchError(f"{what} match no run in {req.manifest}")
+        what = f"--only {req.only!r} matches" if req.only else "the experiments chosen match"
+        raise LaunchError(f"{what} no run in {req.manifest}")
     cfg, slots = None, []
     if req.backend == "slurm":
         try:

@@ -53,9 +53,11 @@ def plot(store: Store, out_dir, experiment: Optional[str] = None, fmt: str = "pn
     plt = _pyplot()
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    table = report.fair_table(store, experiment, tolerance, select)
+    if not table["experiments"]:
+        return []  # nothing to draw: no empty folder left behind
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = report.fair_table(store, experiment, tolerance, select)
     results = {r["id"]: r for r in report.list_runs(store, experiment) if r["result"]}
     written = []
     for rec in table["experiments"]:

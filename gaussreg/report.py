@@ -579,8 +579,9 @@ def render_rich(table: dict, show_all: bool = False):
 
 
 def _md_table(header, rows) -> List[str]:
-    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            + ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows])
+    def cells(r):  # a "|" inside a cell (the "|ΔR|" header, a param value) would start a new cell
+        return "| " + " | ".join(c.replace("|", "\\|") for c in r) + " |"
+    return [cells(header), "|" + "---|" * len(header)] + [cells(r) for r in rows]
 
 
 def render_markdown(table: dict, show_all: bool = False) -> str:

@@ -30,8 +30,10 @@ class Robustness:
 
 
 def score_of(sigmas, per_sigma) -> float:
-    """Trapezoidal average of a per-sigma curve (its mean for a single sigma)."""
-    s, p = [float(v) for v in sigmas], [float(v) for v in per_sigma]
+    """Trapezoidal average of a per-sigma curve (its mean for a single sigma), over the
+    sigmas in increasing order whatever order they were given in (`--sigmas 0.25,0,0.5`)."""
+    pairs = sorted(zip((float(v) for v in sigmas), (float(v) for v in per_sigma)), key=lambda sp: sp[0])
+    s, p = [sp[0] for sp in pairs], [sp[1] for sp in pairs]
     if len(s) == 1 or s[-1] == s[0]:
         return sum(p) / len(p)
     area = sum((s[i + 1] - s[i]) * (p[i] + p[i + 1]) / 2 for i in range(len(s) - 1))

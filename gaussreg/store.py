@@ -624,7 +624,9 @@ class Store:
         plain = run_id and "/" not in run_id and "\0" not in run_id and not run_id.startswith((".", "_"))
         run = RunDir(self.root / run_id) if plain else None
         if run is None or not os.path.lexists(run.spec_file):
-            matches = [r for r in self.runs() if r.id.startswith(run_id)] if plain else []
+            # a unique prefix of the id, or of its hash part (the short id the TUI shows)
+            matches = [r for r in self.runs() if r.id.startswith(run_id)
+                       or r.id.rsplit("-", 1)[-1].startswith(run_id)] if plain else []
             if len(matches) == 1:
                 return matches[0]
             if len(matches) > 1:

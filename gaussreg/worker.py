@@ -647,7 +647,8 @@ def _train_to_the_end(spec, run: RunDir, dev, resume: bool, parent, status: Stat
                 fail(f"{type(e).__name__}: {e}")
             return 1
     atomic_write_json(run.result_file, result)
-    status.update(state="completed", finished_at=now_iso(), error=None)
+    # phase: what a running worker does; a failed run keeps the one it failed in
+    status.update(state="completed", finished_at=now_iso(), error=None, phase=None)
     log(f"completed: test accuracy {result['test_accuracy']:.4f}, robustness {result['robustness']:.4f}")
     return 0
 

@@ -1,9 +1,11 @@
 import json
 import subprocess
 
+import pytest
+
 from conftest import cli, python_env
 from gaussreg.spec import resolve, run_id
-from gaussreg.store import Store
+from gaussreg.store import RunFileError, Store
 
 DEMO = """
 [[experiment]]
@@ -37,7 +39,7 @@ def test_bad_flags_exit_2_with_one_sentence(tmp_path):
     m = tmp_path / "m.toml"
     for args, needle in [(("--gpus", "first"), "--gpus must be"), (("--per-gpu", "0"), "(--per-gpu) must be a whole number ≥ 1"),
                          (("--max-parallel", "0"), "(--max-parallel) must be a whole number ≥ 1"),
-                         (("--only", "nomatch*"), "match no run")]:
+                         (("--only", "nomatch*"), "matches no run")]:
         out = run("run", m, "--store", tmp_path / "runs", *args)
         assert out.returncode == 2 and needle in out.stderr, out.stderr
         assert "Traceback" not in out.stderr
@@ -111,6 +113,14 @@ def test_run_then_read_the_store(tmp_path):
     rid = ls[0]["id"]
     show = run("show", rid[:-3], "--store", tmp_path / "runs")  # a unique prefix is enough
     assert show.returncode == 0 and "test accuracy" in show.stdout and "completed" in show.stdout
+    # so is the TUI's short id (a prefix of the hash part)
+    assert rid in run("show", rid.rsplit("-", 1)[-1][:6], "--store", tmp_path / "runs").stdout
+    log = tmp_path / "runs" / rid / "worker.log"  # a file in a run directory that is no checkpoint
+    bad = run("eval", log)
+    assert bad.returncode == 2 and f"{log} is not a gaussreg checkpoint" in bad.stderr, bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and "weights_only" not in bad.stderr
+    # a completed run is in no phase (phases are what a running worker does)
+    assert json.loads((tmp_path / "runs" / rid / "status.json").read_text())["phase"] is None
     ev = run("eval", rid, "--store", tmp_path / "runs", "--sigmas", "0,0.1,0.2", "--format", "json")
     assert ev.returncode == 0, ev.stderr
     res = json.loads(ev.stdout)
@@ -213,6 +223,29 @@ def test_small_ones_store_missing_plural_param_order_eval_target(tmp_path):
         assert words in dry.stdout and words in ls.stdout
     out = run("eval", "README.md", "--store", tmp_path / "runs")
     assert out.returncode == 2 and "README.md is not a run id or a checkpoint inside a run directory" in out.stderr
+    # a store that is a file, an experiment with no runs, an empty --sigmas: one sentence, exit 2,
+    # and nothing written
+    (tmp_path / "afile").write_text("")
+    for cmd in ("tui", "export"):
+        out = run(cmd, "--store", tmp_path / "afile")
+        assert out.returncode == 2 and out.stderr.strip() == f"error: --store {tmp_path / 'afile'} is a file, not a folder"
+    for cmd in (("export",), ("plot", "--out", tmp_path / "figs")):
+        out = run(*cmd, "--store", tmp_path / "runs", "--experiment", "nope")
+        assert out.returncode == 2 and "no runs of experiment 'nope' in" in out.stderr, (cmd, out.stderr)
+    assert not (tmp_path / "figs").exists()
+    out = run("eval", ls_ids(st)[0], "--store", tmp_path / "runs", "--sigmas", "")
+    assert out.returncode == 2 and "--sigmas must be a list like" in out.stderr
+    out = run("ls", "--store", tmp_path / "runs", "--state", "sleeping")
+    assert out.returncode == 2 and "corrupt" in out.stderr
+    # a run by a prefix of its id or of its hash part; ambiguous says which
+    a, b = sorted(ls_ids(st))[:2]
+    assert st.get(a.rsplit("-", 1)[-1][:6]).id == a and st.get(a[:-2]).id == a
+    with pytest.raises(RunFileError, match="is ambiguous"):
+        st.get("cli-")
+
+
+def ls_ids(st):
+    return [r.id for r in st.runs()]
 
 
 def test_show_names_the_processor(tmp_path):

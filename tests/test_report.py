@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 
 import pytest
@@ -225,6 +226,10 @@ def test_seed_spread_standard_errors_and_noisy_accuracy_by_hand(tmp_path):
     assert rec["warnings"] == ["the compared configurations have different seed counts "
                                "(baseline 2, augment 1, regularizer 3)"]
     md = report.render_markdown({"experiments": [rec]})
+    # every row of a markdown table has its header's cells: the "|ΔR|" header's pipes are escaped
+    # (unescaped, they made 11 header cells over 9 columns and no renderer showed the table)
+    blocks = re.findall(r"(?:^\|.*\|$\n?)+", md, flags=re.M)
+    assert blocks and all(len({len(re.split(r"(?<!\\)\|", ln)) for ln in b.splitlines()}) == 1 for b in blocks)
     assert "| regularizer | alpha=1 sigma=0.5 | 3 | 90.00 ± 0.00 | -1.00 | 80.00 ± 10.00 | +25.00 | yes | 60.00 |" in md
     assert "regularizer: ΔR +25.00 exceeds two standard errors (2 SE = 15.28)" in md
     assert "warning: the compared configurations have different seed counts" in md

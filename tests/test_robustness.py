@@ -74,6 +74,9 @@ def test_score_is_trapezoidal_average():
     assert score_of([0, 0.5], [1.0, 0.0]) == pytest.approx(0.5)
     assert score_of([0, 0.1, 0.5], [1.0, 1.0, 0.0]) == pytest.approx((0.1 + 0.4 * 0.5) / 0.5)
     assert score_of([0.2], [0.7]) == pytest.approx(0.7)
+    # the order the sigmas were given in does not matter (it gave 0.95 instead of 0.6 here)
+    assert score_of([0.1, 0, 0.5], [1.0, 1.0, 0.0]) == score_of([0, 0.1, 0.5], [1.0, 1.0, 0.0])
+    assert score_of([0.5, 0.1, 0], [0.0, 1.0, 1.0]) == score_of([0, 0.1, 0.5], [1.0, 1.0, 0.0])
 
 
 def test_noise_has_exact_norm_and_clip_option():

@@ -154,6 +154,10 @@ async def test_filter_and_sort(store):
         await until(pilot, lambda: table(app).row_count == 3)
         await pilot.press(*" sigma=2")
         await until(pilot, lambda: table(app).row_count == 1)
+        # escape leaves the filter box for the table, keeping the filter: keys are commands again
+        await pilot.press("escape")
+        await until(pilot, lambda: app.focused is table(app))
+        assert app.screen.query_one("#filter").value == "regularizer sigma=2" and table(app).row_count == 1
         app.screen.query_one("#filter").value = ""
         app.screen.query_one("#state").value = "failed"
         await until(pilot, lambda: table(app).row_count == 1)
@@ -519,6 +523,9 @@ def test_ls_report_and_tui_rows_come_from_one_builder(store):
         assert abs((row.duration or 0) - (watched[rid].duration or 0)) < 60
     live = rows[run.id]
     assert (live.state, live.epoch, live.best_val_acc, live.phase) == ("running", 2, 0.7, "validating")
+    # a store that is not there yet, or a file where it should be: nothing to show, no crash
+    (store.root.parent / "afile").write_text("")
+    assert StoreWatcher(store.root.parent / "none").scan() == StoreWatcher(store.root.parent / "afile").scan() == []
     done = next(r for r in rows.values() if r.method == "augment")
     assert (done.test_acc, done.robustness, done.epoch, done.params) == (0.905, 0.70, 3, "folds=2 sigma=0.25")
 

@@ -47,6 +47,7 @@ class GaussregApp(App):
     #dialog.launch { overflow-y: auto; }  /* a two-line error at 80x24 scrolls instead of hiding the buttons */
     #dialog.launch .row Input { width: 1fr; }
     #dialog.launch .row Input.short { width: 10; }
+    #dialog.launch .row Input#gpus { width: 12; }  /* "auto" and a cursor, or "0,1,2" */
     #dialog.launch .row Input.time { width: 14; }
     #dialog.launch .row Select { width: 14; margin-right: 2; }
     #dialog.launch .row Button { width: auto; min-width: 10; margin-right: 2; }

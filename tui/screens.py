@@ -59,7 +59,7 @@ class SortScreen(ModalScreen[Optional[str]]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog", classes="menu"):
-            yield Label("Sort runs by (enter; the current column again reverses)")
+            yield Label("Sort runs by (the current column again: reversed)")
             yield OptionList(*[label + ("  (current, reversed)" if key == self.current and self.reverse
                                         else "  (current)" if key == self.current else "")
                                for key, label in COLUMNS], id="sort-columns")
@@ -91,8 +91,9 @@ Runs screen
   l       launch experiments of a manifest, locally (they go on after
           quit) or on Slurm (one sbatch array job)
   x       cancel the selected run (scancel for a Slurm run)
-  r       train the selected failed or cancelled run again (a Slurm
-          run is resubmitted to Slurm with its launch's settings)
+  r       train the selected run again if it is failed, cancelled,
+          interrupted, diverged or queued (a Slurm run is resubmitted
+          to Slurm with its launch's settings)
   X       cancel a whole launch (every run it trains)
   ?       this help      ctrl+p  command palette      q  quit
 
@@ -115,6 +116,7 @@ class RunsScreen(Screen):
         Binding("enter", "open", "detail", show=False),
         # "/" and space are in the filter's placeholder and the help; the other keys fit 80 columns
         Binding("slash", "focus_filter", "filter", show=False),
+        Binding("escape", "leave_filter", "back to the runs", show=False),
         Binding("s", "sort", "sort"),
         Binding("space", "mark", "mark", show=False),
         Binding("o", "overlay", "overlay"),
@@ -207,6 +209,10 @@ class RunsScreen(Screen):
 
     def action_focus_filter(self) -> None:
         self.query_one("#filter", Input).focus()
+
+    def action_leave_filter(self) -> None:
+        """escape in the filter box: back to the table, the filter kept (as enter does)."""
+        self.table.focus()
 
     def action_sort(self) -> None:
         def chosen(column: Optional[str]) -> None:
@@ -698,7 +704,7 @@ class LaunchesScreen(ModalScreen[Optional[int]]):
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
             yield Label("Running launches: enter cancels one (after confirmation)" if self.launches
-                        else "No running launches in this store.")
+                        else "No running launches in this store (escape closes this).")
             yield OptionList(*[Text(f"pid {x['pid']}  {x['label']}  since {str(x.get('started_at'))[:19]}")
                                for x in self.launches],
                              id="launches")

@@ -69,7 +69,7 @@ class StoreWatcher:
         self._poll_squeue()
         try:
             entries = [e for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith(("_", "."))]
-        except FileNotFoundError:
+        except OSError:  # no store yet, or one that became a file or unreadable: nothing to show
             return []
         for entry in entries:
             reader = self.tracked.get(entry.name)
