@@ -90,6 +90,28 @@ def _console_lost_its_reader() -> None:
 console.on_broken_pipe = _console_lost_its_reader
 
 
+def print_whole(renderable) -> None:
+    """Print a table without cut cells. Rich fits a table to the console, wrapping text at
+    spaces and, below its minimum width, cutting cells ("85.…"); and it sizes a file or pipe
+    as 80 columns. There the table gets the width it needs (up to 160 columns, then its
+    text wraps); a terminal narrower than the minimum still cuts, and says so."""
+    from rich.measure import Measurement
+    m = Measurement.get(console, console.options.update_width(10_000), renderable)
+    wide = min(m.maximum, max(m.minimum, 160))
+    if not console.is_terminal and wide > console.width:
+        fits = console.width
+        console.width = wide  # print(width=) cannot widen past the console's width
+        try:
+            console.print(renderable, crop=False)
+        finally:
+            console.width = fits
+        return
+    console.print(renderable)
+    if console.is_terminal and console.width < m.minimum:
+        console.print(f"[dim]cells are cut to fit {console.width} columns (the table needs {m.minimum}): widen "
+                      "the terminal, or use --format markdown or csv[/]", highlight=False)
+
+
 def survive_closed_output(fn):
     def call(*args, **kw):
         try:
@@ -249,7 +271,7 @@ def _print_outcome(summary, st, runs):
                       "run the same command again to resume them.")
     exps = sorted({r.spec["experiment"] for r in runs})
     for e in exps:
-        console.print(report.render_rich(report.fair_table(st, e)))
+        print_whole(report.render_rich(report.fair_table(st, e)))
 
 
 def _build_or_fail(spec: dict, info):
@@ -351,7 +373,7 @@ def _run_slurm(req, follow, dry_run, yes):
     if code:
         raise typer.Exit(code)
     for e in sorted({r.spec["experiment"] for r in runs}):
-        console.print(report.render_rich(report.fair_table(st, e)))
+        print_whole(report.render_rich(report.fair_table(st, e)))
     states = [row["state"] for row in report.list_runs(st) if row["id"] in {r.id for r in runs}]
     raise typer.Exit(0 if all(s == "completed" for s in states) else 1)
 
@@ -416,7 +438,7 @@ def _print_table(t: dict, format: "TableFormat", show_all: bool) -> None:
     elif format == TableFormat.csv:
         print(report.render_csv(t, show_all), end="")
     else:
-        console.print(report.render_rich(t, show_all))
+        print_whole(report.render_rich(t, show_all))
 
 
 class PlotFormat(str, Enum):

@@ -117,6 +117,16 @@ def test_cli_json_matches_and_other_formats(store):
     bad = subprocess.run(cli("table", "--store", store.root, "--tolerance", "3"), capture_output=True, text=True,
                          env=python_env())
     assert bad.returncode == 2 and "--tolerance" in bad.stderr
+    # into a pipe (Rich sizes it as 80 columns unless COLUMNS says otherwise) the table gets its
+    # width: no number cut to "92.…"
+    env = python_env()
+    env.pop("COLUMNS", None)
+    piped = subprocess.run(cli("table", "--store", store.root, "--experiment", "A"), capture_output=True,
+                           text=True, env=env).stdout
+    row = next(ln for ln in piped.splitlines() if "│ regularizer" in ln)
+    assert "…" not in piped and len(row) > 80
+    assert [c.strip() for c in row.split("│")[1:-1]][:8] == ["regularizer", "alpha=1 sigma=0.5", "1", "92.00",
+                                                           "+1.00", "78.00", "+23.00", "-"]
 
 
 def test_grid_axes_other_than_seed_are_never_averaged(tmp_path):
