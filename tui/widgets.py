@@ -16,10 +16,12 @@ from gaussreg.store import STATE_STYLE, STATES
 from .watcher import RunRow
 
 # (key, label) of the runs table, in order: what tells runs apart and what matters first fit 80 columns
+# what tells runs apart and their results first: at 80 columns the table shows up to R
+# (the experiment, often the same for every row, comes after the numbers)
 COLUMNS: List[Tuple[str, str]] = [
-    ("id", "id"), ("experiment", "experiment"), ("method", "method"), ("params", "params"), ("seed", "seed"),
-    ("state", "state"), ("test_acc", "test acc"), ("robustness", "R"), ("epoch", "epochs"),
-    ("best_val_acc", "val acc"), ("duration", "time"), ("dataset", "dataset"), ("model", "model")]
+    ("id", "id"), ("method", "method"), ("params", "params"), ("seed", "seed"), ("state", "state"),
+    ("test_acc", "test acc"), ("robustness", "R"), ("epoch", "epochs"), ("best_val_acc", "val acc"),
+    ("duration", "time"), ("experiment", "experiment"), ("dataset", "dataset"), ("model", "model")]
 DEFAULT_ORDER = ("experiment", "method", "params", "seed")  # until the user sorts
 # a running run's phase in the state cell, short: the columns right of it stay on an 80-column screen
 PHASE_SHORT = {"validating": "val", "evaluating R": "eval R", "certifying": "certify"}
