@@ -224,7 +224,8 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
             fail(str(e))
         console.print(f"started in the background (pid {info['pid']}); log: {info['log']}\n"
                       f"watch with `gaussreg tui --store {store}`, `gaussreg ls --store {store}` or "
-                      f"`gaussreg table --store {store}`", highlight=False, markup=False)
+                      f"`gaussreg table --store {store}`; stop it with `kill {info['pid']}` (its workers keep "
+                      "their last.pt, and the same command resumes them)", highlight=False, markup=False)
         return
     _run_here(p, st, manifest, store, gpus, rerun)
 
@@ -320,7 +321,7 @@ def _dry_run(p, st, manifest) -> None:
         counts = per_exp.setdefault(r.spec["experiment"], {"new": 0, "done": 0, "other": 0, "datasets": set()})
         counts["new" if state == "new" else "done" if state in ("completed", "diverged") else "other"] += 1
         counts["datasets"].add(r.spec["dataset"])
-    console.print(t)
+    print_whole(t)
     for name, c in per_exp.items():
         gone = sorted(c["datasets"] & set(p.missing_data))
         console.print(f"{name}: {c['new']} new, {c['done']} done, {c['other']} to resume or retry; data "
@@ -541,7 +542,7 @@ def ls(store: Path = StoreOpt,
                   f"{row.test_acc * 100:.2f}" if row.test_acc is not None else "-",
                   f"{row.robustness * 100:.2f}" if row.robustness is not None else "-",
                   *([row.slurm_job or "-"] if jobs else []))
-    console.print(t)
+    print_whole(t)
 
 
 def _get_run(store: Path, run_id: str):
@@ -631,6 +632,10 @@ def _model_from_checkpoint(ckpt: Path, spec: dict, device: str, data_dir: Option
     """The run's model with the checkpoint's weights on the picked device, the run's test
     split there, and the precision the run's spec computes in on that device (R is evaluated
     as training did); fails with one sentence naming what does not fit."""
+    from .worker import changed_source
+    why = changed_source(spec)  # other code with these weights would not be this run's model
+    if why:
+        fail(why)
     import torch
     from . import data
     from .device import pick_device, prefer_channels_last, resolve_precision
@@ -654,8 +659,9 @@ def _model_from_checkpoint(ckpt: Path, spec: dict, device: str, data_dir: Option
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        fail(f"{ckpt} does not fit the run's model {spec['model']} on {spec['dataset']} ({first})")
+        # torch's first line is only "Error(s) in loading state_dict for X:"; the next says what
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
+        fail(f"{ckpt} does not fit the run's model {spec['model']} on {spec['dataset']} ({' '.join(lines[:2])[:300]})")
     precision = resolve_precision(spec["precision"], dev)
     return prefer_channels_last(model, precision)[0], splits, precision
 
@@ -836,6 +842,9 @@ def train(run_dir: Path = typer.Argument(..., help="A run directory holding spec
         os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
         err_console.print(f"training {escape(run.id)} on GPU {escape(gpu)} (a place of store "
                       f"{escape(str(run.path.parent))})", highlight=False)
+    if not resume and run.last_checkpoint.exists() and state not in ("completed", "diverged"):
+        err_console.print(f"starting {escape(run.id)} over from epoch 1 (--resume continues from its last.pt)",
+                          highlight=False)
     try:
         code = worker_main([str(run_dir)] + (["--resume"] if resume else []))
     finally:

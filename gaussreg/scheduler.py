@@ -368,7 +368,7 @@ class Scheduler:
             # the worker died without saying so (crash, SIGKILL, OOM)
             state = "cancelled" if self.stopping else "failed"
             status.update(state=state, finished_at=now_iso(), updated_at=now_iso(),
-                          error=f"worker exited with code {rc} without finishing; see worker.log")
+                          error=_died(rc, a.run))
             try:
                 a.run.write_status(status)
             except OSError as e:  # a full disk: the status stays as the worker left it, reading as interrupted
@@ -450,6 +450,20 @@ class Scheduler:
             for s, h in old.items():
                 signal.signal(s, h)
         return self.summary
+
+
+def _died(rc: Optional[int], run: RunDir) -> str:
+    """Why a worker that never said how it ended is not running: a signal (kill -9, the
+    kernel's OOM killer) leaves nothing in worker.log, so say which, and what is kept."""
+    kept = (" (its last.pt holds the last finished epoch: run it again to resume)"
+            if run.last_checkpoint.exists() else "")
+    if rc is not None and rc < 0:
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:
+            name = f"signal {-rc}"
+        return f"worker was killed by {name} without finishing{kept}"
+    return f"worker exited with code {rc} without finishing; see worker.log{kept}"
 
 
 def _main_thread() -> bool:

@@ -569,8 +569,20 @@ def main(argv=None) -> int:
         log(f"{state}: {message}")
         status.update(state=state, error=message, finished_at=now_iso(), **extra)
 
+    def refuse(message: str) -> None:
+        """A run that cannot start says why in its status, unless it is completed: then
+        only this attempt (`gaussreg train --force`) is refused, and its result stands."""
+        try:
+            completed = run.state() == "completed"
+        except Exception:  # noqa: BLE001 - a corrupt status: nothing to keep
+            completed = False
+        if completed:
+            log(f"refused to train again: {message}")
+        else:
+            fail(message)
+
     try:
-        checked = _check_run(run, fail)
+        checked = _check_run(run, refuse)
         if isinstance(checked, int):
             return checked
         spec, dev = checked

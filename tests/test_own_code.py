@@ -236,6 +236,27 @@ def test_a_changed_source_is_refused_by_the_worker(project):
     assert "changed since this run was planned" in changed_source(spec)
 
 
+def test_train_force_on_changed_code_is_refused_and_the_completed_run_stands(project):
+    from gaussreg.store import Store, atomic_write_json
+    spec = manifest.load(write(project, MANIFEST)).runs()[0].spec
+    st = Store(project / "runs")
+    r = st.create(spec, "own-run")
+    r.write_status({"state": "completed", "finished_at": "2026-12-06T10:00:00Z"})
+    atomic_write_json(r.result_file, {"test_accuracy": 0.9, "robustness": 0.8})
+    src = project / "src" / "mypkg" / "models.py"
+    src.write_text(src.read_text() + "\n# edited after training\n")
+    out = run("train", r.path, "--force")
+    assert out.returncode == 2 and "changed since this run was planned" in out.stderr, out.stderr
+    # the refusal is this attempt's, not the run's: it stays completed with its result
+    assert r.status()["state"] == "completed" and r.result()["test_accuracy"] == 0.9
+    assert "refused to train again" in r.file("worker.log").read_text()
+    # nor do eval and certify put other code around its weights
+    r.best_checkpoint.write_bytes(b"weights")
+    for cmd in ("eval", "certify"):
+        out = run(cmd, r.id, "--store", st.root)
+        assert out.returncode == 2 and "changed since this run was planned" in out.stderr, (cmd, out.stderr)
+
+
 def test_split_of_a_torchvision_style_module_and_of_a_sequential(project):
     info = datasets.DatasetInfo("t", (3, 16, 16), 4, (0.5,) * 3, (0.25,) * 3)
     torch.manual_seed(0)

@@ -58,13 +58,15 @@ def test_fake_gpus_each_child_sees_its_gpu_and_at_most_per_gpu_share(tmp_path, m
 
 
 def test_a_crashed_worker_is_failed_and_the_others_go_on(tmp_path):
-    st, ids = _store_with(tmp_path, [1, 13, 2, 3])
+    st, ids = _store_with(tmp_path, [1, 13, 2, 3, 16])
     summary = Scheduler(st, ids, make_slots([], max_parallel=2), worker_argv=FAKE, poll_s=0.05).run()
-    crashed = ids[1]
+    crashed, killed = ids[1], ids[4]
     assert summary.outcomes[crashed].state == "failed"
     assert "boom: simulated crash" in summary.outcomes[crashed].log_tail
     assert RunDir(st.root / crashed).status()["state"] == "failed"
     assert "exited with code 3" in RunDir(st.root / crashed).status()["error"]
+    # a signal leaves nothing in worker.log: the status names it instead of sending you there
+    assert RunDir(st.root / killed).status()["error"] == "worker was killed by SIGKILL without finishing"
     assert summary.count("completed") == 3 and summary.exit_code() == 1
 
 
