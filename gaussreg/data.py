@@ -284,6 +284,18 @@ def _tensor(v, what: str, where: str):
         raise DataError(f"{where}: {what} is not an array ({type(v).__name__}: {e})") from None
 
 
+def _class_count(classes, where: str) -> int:
+    """`classes` of a user's dataset: the number of classes (an int, or a 0-d integer array
+    as np.savez stores one); class names are not taken (labels are integers)."""
+    import numpy as np
+    value = np.asarray(classes)
+    if value.ndim != 0 or not np.issubdtype(value.dtype, np.integer) or int(value) < 1:
+        shown = repr(classes if value.ndim == 0 else value.tolist())
+        raise DataError(f"{where}: classes must be the number of classes (an integer >= 1), not "
+                        f"{shown if len(shown) <= 60 else shown[:57] + '...'}")
+    return int(value)
+
+
 def check_arrays(parts: dict, where: str, classes=None, mean=None, std=None):
     """(x_train, y_train, x_test, y_test, DatasetInfo) from a user's arrays, checked:
     images N x C x H x W (N x H x W taken as one channel), uint8 or float in [0, 1];
@@ -313,7 +325,7 @@ def check_arrays(parts: dict, where: str, classes=None, mean=None, std=None):
     if len(y) < 2 or len(ty) < 1:
         raise DataError(f"{where}: needs at least 2 training and 1 test image (has {len(y)} and {len(ty)})")
     y, ty = y.long(), ty.long()
-    n_classes = int(classes) if classes is not None else int(max(y.max(), ty.max())) + 1
+    n_classes = _class_count(classes, where) if classes is not None else int(max(y.max(), ty.max())) + 1
     if min(y.min(), ty.min()) < 0 or max(y.max(), ty.max()) >= n_classes:
         raise DataError(f"{where}: labels must be in [0, {n_classes}) (found {int(min(y.min(), ty.min()))} "
                         f"to {int(max(y.max(), ty.max()))})")
@@ -334,7 +346,7 @@ def load_npz(path: Path):
             parts = {k: f[k] for k in f.files}
     except (OSError, ValueError) as e:
         raise DataError(f"{path} is not a readable .npz file ({e})") from None
-    return check_arrays(parts, str(path), classes=int(parts["classes"]) if "classes" in parts else None)
+    return check_arrays(parts, str(path), classes=parts.get("classes"))
 
 
 def _read_images(files, size, channels: int, where: str):

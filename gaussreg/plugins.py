@@ -80,7 +80,7 @@ def load(kind: str, name: str, python_path: Sequence[str] = ()):
             raise PluginError(f"module {module!r} has no attribute {attr!r} ({kind} factory {name!r})")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise PluginError(f"{kind} factory {name!r} is a {type(obj).__name__}, not a callable")
+        raise PluginError(f"{kind} factory {name!r} is a value of type {type(obj).__name__}, not a callable")
     return obj
 
 

@@ -387,6 +387,15 @@ def test_npz_refusals(tmp_path):
              x_test=np.zeros((1, 3, 2, 2), np.uint8), y_test=np.zeros(1, int))
     with pytest.raises(data.DataError, match="y_train must be 4 integer labels"):
         data.load_custom(f"npz:{bad}", {}, ())
+    # classes is a count: class names (a TypeError blamed on the model before) are refused by name
+    ok = dict(x_train=np.zeros((4, 3, 2, 2), np.uint8), y_train=np.array([0, 1, 2, 1]),
+              x_test=np.zeros((1, 3, 2, 2), np.uint8), y_test=np.zeros(1, int))
+    np.savez(bad, **ok, classes=np.array(["a", "b", "c"]))
+    with pytest.raises(data.DataError, match=r"classes must be the number of classes \(an integer >= 1\), "
+                                             r"not \['a', 'b', 'c'\]"):
+        data.load_custom(f"npz:{bad}", {}, ())
+    np.savez(bad, **ok, classes=5)
+    assert data.load_custom(f"npz:{bad}", {}, ())[-1].classes == 5
 
 
 def test_image_folder_of_pngs(tmp_path):
