@@ -702,6 +702,8 @@ def eval_(target: str = typer.Argument(..., help="A run id, or a checkpoint file
         if not os.path.lexists(run.spec_file):
             inner = _spec_in_checkpoint(p)
     else:
+        if not p.exists() and ("/" in target or p.suffix == ".pt"):  # meant as a file: say that, not "no run"
+            fail(f"{target} does not exist (and is no run id of store {store})")
         run = _get_run(store, target)
         ckpt = run.best_checkpoint
     if samples is not None and not 1 <= samples <= MAX_SAMPLES:
