@@ -496,7 +496,7 @@ def export(store: Path = StoreOpt,
     from . import report
     from .store import Store
     existing_store(store)
-    if experiment and not report.list_runs(Store(store), experiment):
+    if experiment and not report.has_runs(Store(store), experiment):
         fail(f"no runs of experiment {experiment!r} in {store}")
     import sys
     try:

@@ -187,6 +187,18 @@ def list_runs(store: Store, experiment: Optional[str] = None) -> List[dict]:
     return rows
 
 
+def has_runs(store: Store, experiment: str) -> bool:
+    """Whether list_runs(store, experiment) lists anything, reading spec.json files only up
+    to the first run it would list (an unreadable spec counts, as there)."""
+    for run in store.runs():
+        try:
+            if run.spec().get("experiment") == experiment:
+                return True
+        except RunFileError:
+            return True
+    return False
+
+
 def _num(v) -> Optional[float]:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 

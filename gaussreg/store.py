@@ -53,6 +53,12 @@ class RunFileError(Exception):
     """A run file is missing or corrupt; the message names the file."""
 
 
+def hash_part(run_id: str) -> str:
+    """The hash at the end of a run id (`exp-method-3fa2c1d9e0` -> `3fa2c1d9e0`, spec.run_id):
+    the TUI's short id is its start, so Store.get takes a prefix of it too."""
+    return run_id.rsplit("-", 1)[-1]
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
@@ -626,7 +632,7 @@ class Store:
         if run is None or not os.path.lexists(run.spec_file):
             # a unique prefix of the id, or of its hash part (the short id the TUI shows)
             matches = [r for r in self.runs() if r.id.startswith(run_id)
-                       or r.id.rsplit("-", 1)[-1].startswith(run_id)] if plain else []
+                       or hash_part(r.id).startswith(run_id)] if plain else []
             if len(matches) == 1:
                 return matches[0]
             if len(matches) > 1:

@@ -233,6 +233,10 @@ def test_small_ones_store_missing_plural_param_order_eval_target(tmp_path):
         out = run(*cmd, "--store", tmp_path / "runs", "--experiment", "nope")
         assert out.returncode == 2 and "no runs of experiment 'nope' in" in out.stderr, (cmd, out.stderr)
     assert not (tmp_path / "figs").exists()
+    from gaussreg import report
+    for name in ("cli", "nope"):  # the cheap check export makes agrees with listing the runs
+        assert report.has_runs(st, name) == bool(report.list_runs(st, name)) == (name == "cli")
+    assert run("export", "--store", tmp_path / "runs", "--experiment", "cli").stdout.count("\n") == 4  # header + 3
     out = run("eval", tmp_path / "gone.pt", "--store", tmp_path / "runs")
     assert out.returncode == 2 and f"{tmp_path / 'gone.pt'} does not exist (and is no run id of store" in out.stderr
     out = run("eval", ls_ids(st)[0], "--store", tmp_path / "runs", "--sigmas", "")

@@ -11,13 +11,12 @@ from textual.widgets import DataTable, Static
 from textual_plotext import PlotextPlot
 
 from gaussreg.slurm import fatal
-from gaussreg.store import STATE_STYLE, STATES
+from gaussreg.store import STATE_STYLE, STATES, hash_part
 
 from .watcher import RunRow
 
-# (key, label) of the runs table, in order: what tells runs apart and what matters first fit 80 columns
-# what tells runs apart and their results first: at 80 columns the table shows up to R
-# (the experiment, often the same for every row, comes after the numbers)
+# (key, label) of the runs table, in order: what tells runs apart and their results first, so
+# an 80-column screen shows up to R (the experiment, often one value for every row, comes after)
 COLUMNS: List[Tuple[str, str]] = [
     ("id", "id"), ("method", "method"), ("params", "params"), ("seed", "seed"), ("state", "state"),
     ("test_acc", "test acc"), ("robustness", "R"), ("epoch", "epochs"), ("best_val_acc", "val acc"),
@@ -30,7 +29,7 @@ PHASE_SHORT = {"validating": "val", "evaluating R": "eval R", "certifying": "cer
 def short_id(run_id: str) -> str:
     """The hash part of a run id (`exp-method-3fa2c1d9e0` -> `3fa2c1`): unique enough to tell
     rows apart and to type as a prefix (`gaussreg show` takes the full id or a unique prefix)."""
-    tail = run_id.rsplit("-", 1)[-1]
+    tail = hash_part(run_id)
     return tail[:6] if len(tail) >= 6 else run_id
 
 
