@@ -1,0 +1,1 @@
+"""What is shown of runs: the fair table (report), figures (plot), exports and the live view."""
