@@ -6,6 +6,8 @@ import errno
 import json
 import math
 import os
+import shlex
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
@@ -13,9 +15,32 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import __version__
+from gaussreg import __version__
+from gaussreg.core.plugins import PluginError
+from gaussreg.data import datasets, download
+from gaussreg.data import loading as data
+from gaussreg.launch import slurm
+from gaussreg.launch.control import ControlError, cancel_run
+from gaussreg.launch.gpus import GpuPlaceError, take_gpu_place, wants_gpu
+from gaussreg.launch.request import LaunchError, LaunchRequest, launch, plan, submit_slurm
+from gaussreg.launch.scheduler import Scheduler
+from gaussreg.runs import manifest as mf
+from gaussreg.runs import reader
+from gaussreg.runs.device import autocast, pick_device, prefer_channels_last, resolve_precision
+from gaussreg.runs.spec import MAX_SAMPLES, SpecError, default_certify_sigma, describe_params, resolve, valid_device
+from gaussreg.runs.store import STATE_STYLE, STATES, RunDir, RunFileError, Store, check_locking
+from gaussreg.runs.worker import changed_source
+from gaussreg.runs.worker import main as worker_main
+from gaussreg.science.robustness import robustness
+from gaussreg.views import export as ex
+from gaussreg.views import plot as plots
+from gaussreg.views import report
+from gaussreg.views.export import read_runs
+from gaussreg.views.live_view import LiveView
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Train networks robust to Gaussian input noise and compare them fairly.")
@@ -50,7 +75,6 @@ def writable_store(store: Path) -> None:
         fail(f"cannot create the store folder {store} ({e.strerror})")
     if not os.access(store, os.W_OK | os.X_OK):
         fail(f"the store folder {store} is not writable by this user")
-    from .store import check_locking
     no_locks = check_locking(store)
     if no_locks:
         if not existed:
@@ -95,7 +119,6 @@ def print_whole(renderable) -> None:
     spaces and, below its minimum width, cutting cells ("85.…"); and it sizes a file or pipe
     as 80 columns. There the table gets the width it needs (up to 160 columns, then its
     text wraps); a terminal narrower than the minimum still cuts, and says so."""
-    from rich.measure import Measurement
     m = Measurement.get(console, console.options.update_width(10_000), renderable)
     wide = min(m.maximum, max(m.minimum, 160))
     if not console.is_terminal and wide > console.width:
@@ -184,13 +207,10 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
                                                        help="Slurm: extra sbatch arguments (repeatable)."),
         yes: bool = typer.Option(False, "--yes", help=f"Launch a grid of more than {BIG_GRID} runs.")):
     """Run every configuration of a manifest, one worker process per run, then print the fair table."""
-    from .launch import LaunchError, LaunchRequest, launch, plan
-    from .store import Store
 
     if backend not in ("local", "slurm"):
         fail(f"--backend must be 'local' or 'slurm', not {backend!r}")
     if backend == "slurm":  # the login node's own GPUs say nothing about the cluster's: no local plan
-        import shlex
         overrides = {"partition": partition, "time": time_limit, "gpus_per_run": gpus_per_run,
                      "cpus_per_run": cpus_per_run, "mem": mem, "array_parallelism": array_parallelism,
                      "per_gpu": per_gpu, "sbatch_args": [a for x in sbatch_arg or [] for a in shlex.split(x)]}
@@ -233,7 +253,6 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
 def _run_here(p, st, manifest: Path, store: Path, gpus: str, rerun: bool):
     """`gaussreg run` in the foreground: record the experiments, schedule the runs on this
     box under a live view, print the outcome and exit with the summary's code."""
-    from .scheduler import Scheduler
     runs, slots = p.runs, p.slots
     try:
         for e in p.manifest.experiments:
@@ -243,7 +262,6 @@ def _run_here(p, st, manifest: Path, store: Path, gpus: str, rerun: bool):
     except OSError as e:  # a full disk, a file where a folder should be: nothing launched
         fail(f"cannot write the experiments of {manifest} in {store} "
              f"({e.strerror}{': ' + str(e.filename) if e.filename else ''})")
-    from .live_view import LiveView
     survive_closed_output(console.print)(f"{plural(len(runs), 'run')} from {manifest} into {st.root}/ on "
                   f"{', '.join('gpu ' + s.gpu if s.gpu else 'cpu' for s in slots)}"
                   f" ({slots[0].threads} thread(s) each"
@@ -262,7 +280,6 @@ def _run_here(p, st, manifest: Path, store: Path, gpus: str, rerun: bool):
 
 
 def _print_outcome(summary, st, runs):
-    from . import report
     for o in summary.outcomes.values():
         if o.state in ("failed", "diverged") and o.log_tail:
             console.print(f"[red]{o.state}[/] {escape(o.run_id)}: {escape(o.error or '')}\n[dim]{escape(o.log_tail)}[/]",
@@ -278,8 +295,7 @@ def _print_outcome(summary, st, runs):
 def _build_or_fail(spec: dict, info):
     """The run's model, built by its factory; a factory that cannot be imported, raises or
     returns a model gaussreg cannot split: one sentence, exit 2."""
-    from .models import SplitError, build_model
-    from .plugins import PluginError
+    from gaussreg.science.models import SplitError, build_model
     try:
         return build_model(spec["model"], info, spec.get("model_args"), spec.get("python_path", ()))
     except (PluginError, SplitError) as e:
@@ -288,8 +304,7 @@ def _build_or_fail(spec: dict, info):
 
 def _check_own_code(m) -> None:
     """--dry-run: import the manifest's own model factories and data loaders in a subprocess
-    and try them (gaussreg.check); every problem as a manifest error, then exit 2."""
-    from . import manifest as mf
+    and try them (gaussreg.runs.check); every problem as a manifest error, then exit 2."""
     if not mf.uses_own_code(m):
         return
     errors = mf.check_code(m)
@@ -301,8 +316,6 @@ def _check_own_code(m) -> None:
 
 def _dry_run(p, st, manifest) -> None:
     """What a launch would do, per experiment: runs new/done, and whether its data is there."""
-    from .spec import describe_params
-    from .store import RunDir, RunFileError
     runs, slots = p.runs, p.slots
     t = Table(title=escape(f"{plural(len(runs), 'run')} from {manifest} on {plural(len(slots), 'slot')}"),
               title_justify="left")
@@ -333,9 +346,6 @@ def _dry_run(p, st, manifest) -> None:
 def _run_slurm(req, follow, dry_run, yes):
     """`gaussreg run --backend slurm`: one sbatch array job for the runs that need training
     (launch.submit_slurm, as the TUI's launch dialog)."""
-    from . import report, slurm
-    from .launch import LaunchError, plan, submit_slurm
-    from .store import Store
     manifest, st = req.manifest, Store(req.store)
     try:
         p = plan(req, commands=not dry_run)
@@ -375,7 +385,7 @@ def _run_slurm(req, follow, dry_run, yes):
         raise typer.Exit(code)
     for e in sorted({r.spec["experiment"] for r in runs}):
         print_whole(report.render_rich(report.fair_table(st, e)))
-    states = [row["state"] for row in report.list_runs(st) if row["id"] in {r.id for r in runs}]
+    states = [row["state"] for row in reader.list_runs(st) if row["id"] in {r.id for r in runs}]
     raise typer.Exit(0 if all(s == "completed" for s in states) else 1)
 
 
@@ -396,11 +406,8 @@ def table(store: Path = StoreOpt,
                                                           "--format jsonl` file instead of a store.")):
     """The fair comparison: among configurations within `tolerance` of the baseline's accuracy, the most robust
     per method; test numbers, mean ± std over seeds."""
-    from . import report
-    from .store import Store
     _check_tolerance(tolerance)
     if from_export is not None:
-        from .export import read_runs
         try:
             records = read_runs(from_export)
         except ValueError as e:
@@ -431,7 +438,6 @@ def _check_tolerance(tolerance: Optional[float]) -> None:
 
 
 def _print_table(t: dict, format: "TableFormat", show_all: bool) -> None:
-    from . import report
     if format == TableFormat.json:
         print(json.dumps(t, indent=2))
     elif format == TableFormat.markdown:
@@ -457,8 +463,6 @@ def plot(store: Path = StoreOpt,
          tolerance: Optional[float] = typer.Option(None, help="Override the manifest's tolerance (a fraction), "
                                                               "as `gaussreg table --tolerance` does.")):
     """Figures of the fair comparison: accuracy vs R per run, best per training sigma, robustness curves."""
-    from . import plot as plots
-    from .store import Store
     _check_tolerance(tolerance)
     if not store.is_dir():
         fail(f"the store {store} does not exist")
@@ -492,18 +496,13 @@ def export(store: Path = StoreOpt,
            format: ExportFormat = typer.Option(ExportFormat.csv, "--format", help="csv or jsonl."),
            experiment: Optional[str] = typer.Option(None, help="Only this experiment.")):
     """The store in long format on stdout, for pandas (pd.read_csv / pd.read_json(lines=True))."""
-    from . import export as ex
-    from . import report
-    from .store import Store
     existing_store(store)
-    if experiment and not report.has_runs(Store(store), experiment):
+    if experiment and not reader.has_runs(Store(store), experiment):
         fail(f"no runs of experiment {experiment!r} in {store}")
-    import sys
     try:
         sys.stdout.write(ex.export(Store(store), what.value, format.value, experiment))
         sys.stdout.flush()
     except BrokenPipeError:  # `gaussreg export | head` is fine
-        import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
@@ -512,12 +511,10 @@ def ls(store: Path = StoreOpt,
        state: Optional[str] = typer.Option(None, help="Only runs in this state."),
        format: ListFormat = typer.Option(ListFormat.table, "--format", help="table or json.")):
     """List the runs of a store."""
-    from . import report
-    from .store import STATES, Store
     existing_store(store)
     if state and state not in STATES + ("corrupt",):
         fail(f"--state must be one of {', '.join(STATES + ('corrupt',))}, not {state!r}")
-    rows = [r for r in report.list_runs(Store(store)) if not state or r["state"] == state]
+    rows = [r for r in reader.list_runs(Store(store)) if not state or r["state"] == state]
     if format == ListFormat.json:
         print(json.dumps([{"id": r["id"], "state": r["state"], "spec": r["spec"], "result": r["result"],
                            "error": r["error"]} for r in rows], indent=2))
@@ -532,7 +529,6 @@ def ls(store: Path = StoreOpt,
     jobs = any(r.get("slurm_job") for r in rows)
     if jobs:
         t.add_column("slurm job", no_wrap=True)
-    from .store import STATE_STYLE
     for r in rows:
         row = r["row"]  # the same row the TUI shows (report.RunReader)
         params = " ".join(p for p in (row.params, f"seed={row.seed}" if row.seed else "") if p)
@@ -546,7 +542,6 @@ def ls(store: Path = StoreOpt,
 
 
 def _get_run(store: Path, run_id: str):
-    from .store import RunFileError, Store
     existing_store(store)
     try:
         return Store(store).get(run_id)
@@ -557,7 +552,6 @@ def _get_run(store: Path, run_id: str):
 @app.command()
 def show(run_id: str = typer.Argument(..., help="A run id (or a unique prefix)."), store: Path = StoreOpt):
     """A run's spec, status, last epoch, result and log tail."""
-    from .store import RunFileError
     run = _get_run(store, run_id)
     try:
         spec, status, result = run.spec(), run.status(), run.result()
@@ -594,9 +588,6 @@ def _device(result: dict) -> str:
 @app.command()
 def cancel(run_id: str = typer.Argument(..., help="A run id (or a unique prefix)."), store: Path = StoreOpt):
     """Ask a running run's worker to stop (SIGTERM; scancel for Slurm runs): it saves last.pt and becomes cancelled."""
-    from . import slurm
-    from .control import ControlError, cancel_run
-    from .store import RunFileError
     run = _get_run(store, run_id)
     try:
         if slurm.is_slurm(run.status()):  # on a cluster: scancel, not a local signal
@@ -632,14 +623,10 @@ def _model_from_checkpoint(ckpt: Path, spec: dict, device: str, data_dir: Option
     """The run's model with the checkpoint's weights on the picked device, the run's test
     split there, and the precision the run's spec computes in on that device (R is evaluated
     as training did); fails with one sentence naming what does not fit."""
-    from .worker import changed_source
     why = changed_source(spec)  # other code with these weights would not be this run's model
     if why:
         fail(why)
     import torch
-    from . import data
-    from .device import pick_device, prefer_channels_last, resolve_precision
-    from .spec import SpecError
     try:
         dev = pick_device(device)
     except SpecError as e:
@@ -693,8 +680,6 @@ def eval_(target: str = typer.Argument(..., help="A run id, or a checkpoint file
           data_dir: Optional[Path] = DataDirOpt,
           format: ListFormat = typer.Option(ListFormat.table, "--format")):
     """Re-evaluate robustness of a trained run (best.pt) or checkpoint on its test set, at the run's own sigmas."""
-    from .spec import MAX_SAMPLES, SpecError, resolve, valid_device
-    from .store import RunDir, RunFileError
     p = Path(target)
     inner = None  # the spec a checkpoint carries, for one copied away from its run directory
     if p.is_file():
@@ -721,9 +706,6 @@ def eval_(target: str = typer.Argument(..., help="A run id, or a checkpoint file
     clip = own["clip"] if clip is None else clip
     if not ckpt.is_file():
         fail(f"{ckpt} does not exist (has the run finished an epoch?)")
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-    from .device import autocast
-    from .robustness import robustness
     model, splits, precision = _model_from_checkpoint(ckpt, spec, device, data_dir)
     which = "given by --sigmas" if sigmas else "the run's own"
     name = run.id if inner is None else f"{spec.get('experiment', '?')} (spec from the checkpoint)"
@@ -778,8 +760,6 @@ def certify(run_id: str = typer.Argument(..., help="A run id (or a unique prefix
     if not 0 < alpha < 1:
         fail(f"--alpha must be in (0, 1), not {alpha}")
     run = _get_run(store, run_id)
-    from .spec import SpecError, default_certify_sigma, resolve
-    from .store import RunFileError
     try:
         spec = resolve(run.spec())
     except (SpecError, RunFileError) as e:
@@ -788,10 +768,7 @@ def certify(run_id: str = typer.Argument(..., help="A run id (or a unique prefix
     if not ckpt.is_file():
         fail(f"{ckpt} does not exist: run {run.id} has not finished an epoch, so there is no model to certify")
     sigma = default_certify_sigma(spec) if sigma is None else sigma
-    from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-    from .device import autocast
-    from .smoothing import certify_run
+    from gaussreg.runs.certificate import certify_run
     model, splits, precision = _model_from_checkpoint(ckpt, spec, device, data_dir)
     with Progress(TextColumn(f"certifying at sigma {sigma:g}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=err_console, transient=True) as bar:
@@ -814,8 +791,6 @@ def train(run_dir: Path = typer.Argument(..., help="A run directory holding spec
           force: bool = typer.Option(False, "--force", "--rerun",
                                      help="Train a completed run again (its result.json and best.pt are replaced).")):
     """Train one run directory in this process (what `gaussreg run` starts per run)."""
-    from .store import RunDir, RunFileError
-    from .worker import main as worker_main
     if not run_dir.is_dir():
         fail(f"{run_dir} is not a run directory")
     if not os.access(run_dir, os.W_OK | os.X_OK):
@@ -828,15 +803,13 @@ def train(run_dir: Path = typer.Argument(..., help="A run directory holding spec
     if state in ("completed", "diverged") and not force:
         fail(f"run {run.id} is {state}; training it again replaces its result.json and best.pt "
              "(add --force to do that)")
-    from .control import ControlError, take_gpu_place, wants_gpu
-    from .store import Store
     place = None
     if wants_gpu(run):
         # on a GPU box, one of the store's GPU places (the ones `--per-gpu` counts) and that GPU,
         # held until this process exits, so launches of the store count this run
         try:
             place = take_gpu_place(Store(run.path.parent))
-        except ControlError as e:
+        except GpuPlaceError as e:
             fail(str(e), 1)
     if place is not None:
         gpu = place[0]
@@ -872,7 +845,6 @@ def tui(store: Path = StoreOpt,
 @data_app.command("list")
 def data_list(data_dir: Optional[Path] = DataDirOpt):
     """Each dataset, where it was found, and its sizes."""
-    from . import data, datasets
     t = Table(title=f"datasets (data root: {datasets.data_root(data_dir)})", title_justify="left")
     for h in ("name", "shape", "classes", "found in", "train", "test"):
         t.add_column(h, overflow="fold")
@@ -892,7 +864,6 @@ def data_list(data_dir: Optional[Path] = DataDirOpt):
 def data_download(name: str = typer.Argument(..., help="mnist, fashion-mnist, cifar10 or cifar100."),
                   data_dir: Optional[Path] = DataDirOpt):
     """Make a dataset available (Debian package, torchvision, or the official files)."""
-    from . import datasets, download
     if name not in datasets.DATASETS:
         fail(f"unknown dataset {name!r}; known: {', '.join(datasets.DATASETS)}")
     try:

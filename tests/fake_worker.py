@@ -1,11 +1,11 @@
-"""A stand-in for gaussreg.worker in scheduler tests: records its environment and
+"""A stand-in for gaussreg.runs.worker in scheduler tests: records its environment and
 timing, then completes (or crashes when the spec's seed is 13, runs out of memory at 14,
 takes longer at 15, is killed by SIGKILL at 16)."""
 import os
 import sys
 import time
 
-from gaussreg.store import RunDir, atomic_write_json, now_iso
+from gaussreg.runs.store import RunDir, atomic_write_json, now_iso
 
 run = RunDir(sys.argv[1])
 spec = run.spec()

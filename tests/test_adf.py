@@ -1,4 +1,4 @@
-"""Moment propagation past the first ReLU (gaussreg.adf) against Monte Carlo."""
+"""Moment propagation past the first ReLU (gaussreg.science.adf) against Monte Carlo."""
 
 import math
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from gaussreg import adf
-from gaussreg.models import GaussNet, NormalizedLinear, build_model
-from gaussreg.moments import relu_variance as relu_variance_f64_form
-from gaussreg.regularizer import expected_logits, moment_loss
-from gaussreg.spec import SpecError, describe_params, resolve, run_id
+from gaussreg.runs.spec import SpecError, describe_params, resolve, run_id
+from gaussreg.science import adf
+from gaussreg.science.models import GaussNet, NormalizedLinear, build_model
+from gaussreg.science.moments import relu_variance as relu_variance_f64_form
+from gaussreg.science.regularizer import expected_logits, moment_loss
 
 F64 = torch.float64
 
@@ -186,7 +186,8 @@ def test_a_manifest_with_a_depth_grid_runs_and_shows_depth(tmp_path):
     import subprocess
 
     from conftest import cli, python_env
-    from gaussreg import manifest
+
+    from gaussreg.runs import manifest
 
     m = tmp_path / "m.toml"
     m.write_text(DEPTH_MANIFEST)

@@ -12,11 +12,11 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-
 from conftest import cli, python_env
-from gaussreg.scheduler import Scheduler, make_slots
-from gaussreg.spec import resolve, run_id
-from gaussreg.store import RunDir, Store
+
+from gaussreg.launch.scheduler import Scheduler, make_slots
+from gaussreg.runs.spec import resolve, run_id
+from gaussreg.runs.store import RunDir, Store
 
 FAKE = [sys.executable, str(Path(__file__).with_name("fake_worker.py"))]
 
@@ -157,7 +157,7 @@ def test_workers_stop_when_their_scheduler_is_killed(tmp_path):
 
 
 def test_cancel_is_honoured_during_the_final_evaluation(tmp_path):
-    from gaussreg.control import cancel_run, start_worker
+    from gaussreg.launch.control import cancel_run, start_worker
     st = Store(tmp_path / "runs")
     spec = resolve({"dataset": "synthetic", "model": "lenet", "method": "baseline", "experiment": "f",
                     "max_epochs": 1, "train_subset": 200, "test_subset": 1000,
@@ -177,8 +177,8 @@ def test_cancel_is_honoured_during_the_final_evaluation(tmp_path):
 
 
 def test_cancel_launch_never_signals_a_reused_pid(tmp_path):
-    from gaussreg.control import ControlError, cancel_launch, launches
-    from gaussreg.store import atomic_write_json
+    from gaussreg.launch.control import ControlError, cancel_launch, launches
+    from gaussreg.runs.store import atomic_write_json
     st = Store(tmp_path / "runs")
     (st.root / "_launches").mkdir(parents=True)
     stranger = subprocess.Popen(["sleep", "60"])  # a process that took over a finished launch's pid

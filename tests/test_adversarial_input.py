@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_tui import until
 from typer.testing import CliRunner
 
-from gaussreg import manifest as mf
 from gaussreg.cli import app as cli_app
-from gaussreg.models import build_model
-from gaussreg.spec import resolve, run_id
-from gaussreg.store import Store, atomic_write_json, read_json
-from test_tui import until
+from gaussreg.runs import manifest as mf
+from gaussreg.runs.spec import resolve, run_id
+from gaussreg.runs.store import Store, atomic_write_json, read_json
+from gaussreg.science.models import build_model
 from tui.app import GaussregApp
 from tui.screens import LaunchScreen
 

@@ -25,16 +25,17 @@ from typing import List, Tuple
 
 import pytest
 from rich.console import Console
+from test_tui import add_run, table, until, widget
 from typer.testing import CliRunner
 
-from gaussreg import report
 from gaussreg.cli import app as cli_app
-from gaussreg.live_view import LiveView
-from gaussreg.manifest import tomllib
-from gaussreg.scheduler import Scheduler, make_slots
-from gaussreg.spec import resolve, run_id
-from gaussreg.store import RunDir, Store
-from test_tui import add_run, table, until, widget
+from gaussreg.launch.scheduler import Scheduler, make_slots
+from gaussreg.runs import reader
+from gaussreg.runs.manifest import tomllib
+from gaussreg.runs.spec import resolve, run_id
+from gaussreg.runs.store import RunDir, Store
+from gaussreg.views import report
+from gaussreg.views.live_view import LiveView
 from tui.app import GaussregApp
 from tui.screens import CompareScreen, RunDetailScreen, RunsScreen
 from tui.watcher import RunDetailWatcher, StoreWatcher
@@ -161,7 +162,7 @@ def _expect_row(p: Problems, row, case):
 
 def test_collect_and_fair_table(bad_store):
     b, p = bad_store, Problems()
-    rows = {r["id"]: r for r in report.list_runs(b.st)}
+    rows = {r["id"]: r for r in reader.list_runs(b.st)}
     assert rows[b.healthy.id]["state"] == "completed" and rows[b.healthy.id]["result"]["test_accuracy"] == 0.90
     for case, t in b.targets:
         _expect_row(p, rows.get(t.id), case)

@@ -7,9 +7,10 @@ import sys
 import time
 
 from conftest import cli, python_env
-from gaussreg import manifest
-from gaussreg.spec import resolve, run_id
-from gaussreg.store import RunDir, Store
+
+from gaussreg.runs import manifest
+from gaussreg.runs.spec import resolve, run_id
+from gaussreg.runs.store import RunDir, Store
 
 MANIFEST = """
 [[experiment]]

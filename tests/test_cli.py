@@ -2,10 +2,10 @@ import json
 import subprocess
 
 import pytest
-
 from conftest import cli, python_env
-from gaussreg.spec import resolve, run_id
-from gaussreg.store import RunFileError, Store
+
+from gaussreg.runs.spec import resolve, run_id
+from gaussreg.runs.store import RunFileError, Store
 
 DEMO = """
 [[experiment]]
@@ -60,7 +60,7 @@ def test_dry_run_lists_ids_and_launches_nothing(tmp_path):
     (tmp_path / "m.toml").write_text(DEMO)
     out = run("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--dry-run")
     assert out.returncode == 0
-    from gaussreg import manifest
+    from gaussreg.runs import manifest
     for r in manifest.load(tmp_path / "m.toml").runs():
         assert r.id in out.stdout
     assert not (tmp_path / "runs").exists()
@@ -161,14 +161,16 @@ def _running(tmp_path, phase, epochs=()):
     r.file("events.jsonl").write_text("".join(json.dumps(
         {"type": "epoch", "epoch": e, "train_loss": 0.5 / e, "val_loss": 0.6, "val_accuracy": 0.8, "lr": 1e-3,
          "images_per_s": 100.0}) + "\n" for e in epochs))
-    from gaussreg.scheduler import ActiveRun, Snapshot
+    from gaussreg.launch.scheduler import ActiveRun, Snapshot
     return r, Snapshot((ActiveRun(r, None, time.time() - 10),), 0, {}, False)
 
 
 def _view(lines):
     import io
+
     from rich.console import Console
-    from gaussreg.live_view import LiveView
+
+    from gaussreg.views.live_view import LiveView
     out = io.StringIO()
     return LiveView(1, Console(file=out, width=200), lines=lines), out
 
@@ -214,7 +216,7 @@ def test_small_ones_store_missing_plural_param_order_eval_target(tmp_path):
     assert dry.returncode == 0 and "1 run from" in dry.stdout and "1 runs" not in dry.stdout
     dry = run("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--dry-run")
     st = Store(tmp_path / "runs")
-    from gaussreg import manifest
+    from gaussreg.runs import manifest
     for r in manifest.load(tmp_path / "m.toml").runs():
         st.create(r.spec, r.id)  # spec.json has sorted keys: ls must read the same as the dry run
     ls = run("ls", "--store", tmp_path / "runs")
@@ -233,9 +235,9 @@ def test_small_ones_store_missing_plural_param_order_eval_target(tmp_path):
         out = run(*cmd, "--store", tmp_path / "runs", "--experiment", "nope")
         assert out.returncode == 2 and "no runs of experiment 'nope' in" in out.stderr, (cmd, out.stderr)
     assert not (tmp_path / "figs").exists()
-    from gaussreg import report
+    from gaussreg.runs import reader
     for name in ("cli", "nope"):  # the cheap check export makes agrees with listing the runs
-        assert report.has_runs(st, name) == bool(report.list_runs(st, name)) == (name == "cli")
+        assert reader.has_runs(st, name) == bool(reader.list_runs(st, name)) == (name == "cli")
     assert run("export", "--store", tmp_path / "runs", "--experiment", "cli").stdout.count("\n") == 4  # header + 3
     out = run("eval", tmp_path / "gone.pt", "--store", tmp_path / "runs")
     assert out.returncode == 2 and f"{tmp_path / 'gone.pt'} does not exist (and is no run id of store" in out.stderr
@@ -256,8 +258,9 @@ def ls_ids(st):
 
 def test_show_names_the_processor(tmp_path):
     import torch
-    from gaussreg.store import atomic_write_json
-    from gaussreg.device import device_name
+
+    from gaussreg.runs.device import device_name
+    from gaussreg.runs.store import atomic_write_json
     name = device_name(torch.device("cpu"))
     assert name.startswith("cpu (") and name not in ("cpu (x86_64)", "cpu (aarch64)")
     st = Store(tmp_path / "runs")
@@ -275,8 +278,11 @@ def test_show_names_the_processor(tmp_path):
 def test_a_failed_download_does_not_send_you_to_the_same_command(tmp_path, monkeypatch):
     import sys as _sys
     import urllib.error
+
     import pytest
-    from gaussreg import data, download
+
+    from gaussreg.data import download
+    from gaussreg.data import loading as data
 
     def offline(*a, **k):
         raise urllib.error.URLError("Name or service not known")

@@ -5,9 +5,9 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-
 from conftest import cli, python_env
-from gaussreg import data
+
+from gaussreg.data import loading as data
 
 
 def _write_idx(path, arr, gz=True):

@@ -3,7 +3,7 @@
 import json
 import os
 
-from gaussreg.store import EventTail, RunDir
+from gaussreg.runs.store import EventTail, RunDir
 
 
 def _write(path, events, mode="w"):

@@ -8,14 +8,18 @@ import sys
 
 import pytest
 import torch
+from conftest import python_env
 from typer.testing import CliRunner
 
-from conftest import python_env
-from gaussreg import data, launch, scheduler, store
 from gaussreg.cli import app as cli_app
-from gaussreg.launch import LaunchError, LaunchRequest, plan
-from gaussreg.spec import SpecError, resolve, run_id
-from gaussreg.store import RunDir, RunFileError, Store
+from gaussreg.data import loading as data
+from gaussreg.launch import gpus as inventory
+from gaussreg.launch import request as launch
+from gaussreg.launch import scheduler
+from gaussreg.launch.request import LaunchError, LaunchRequest, plan
+from gaussreg.runs import store
+from gaussreg.runs.spec import SpecError, resolve, run_id
+from gaussreg.runs.store import RunDir, RunFileError, Store
 
 MANIFEST = """
 [[experiment]]
@@ -92,7 +96,7 @@ def test_auto_and_all_use_every_gpu_nvidia_smi_lists(manifest, tmp_path, monkeyp
 @pytest.mark.gpu
 def test_packing_runs_on_an_exclusive_process_gpu_is_refused(manifest, tmp_path, monkeypatch):
     fake_nvidia_smi(tmp_path, monkeypatch, modes=("Default", "Exclusive_Process"))
-    assert scheduler.exclusive_gpus(["0", "1"]) == ["1"]
+    assert inventory.exclusive_gpus(["0", "1"]) == ["1"]
     req = dict(manifest=manifest, store=str(tmp_path / "runs"))
     with pytest.raises(LaunchError, match=r"GPU 1 is in EXCLUSIVE_PROCESS compute mode .* --per-gpu 2 cannot pack"):
         plan(LaunchRequest(**req, per_gpu=2))
@@ -106,9 +110,9 @@ def test_packing_runs_on_an_exclusive_process_gpu_is_refused(manifest, tmp_path,
 # ------------------------------------------------------------ CPU counting
 
 def test_cpu_slots_count_the_cores_this_process_may_use_not_the_machines(monkeypatch):
-    monkeypatch.setattr(scheduler.os, "sched_getaffinity", lambda pid: {4, 5, 6}, raising=False)
-    monkeypatch.setattr(scheduler.os, "cpu_count", lambda: 128)
-    assert scheduler.usable_cpus() == 3
+    monkeypatch.setattr(inventory.os, "sched_getaffinity", lambda pid: {4, 5, 6}, raising=False)
+    monkeypatch.setattr(inventory.os, "cpu_count", lambda: 128)
+    assert inventory.usable_cpus() == 3
     assert [s.threads for s in scheduler.make_slots([], max_parallel=1)] == [3]
     assert [s.threads for s in scheduler.make_slots([], max_parallel=2)] == [1, 1]
 
@@ -117,7 +121,7 @@ def test_a_real_cpuset_is_seen_by_a_child():
     if not hasattr(__import__("os"), "sched_getaffinity") or not subprocess.run(["which", "taskset"]).returncode == 0:
         pytest.skip("needs Linux taskset")
     out = subprocess.run(["taskset", "-c", "0", sys.executable, "-c",
-                          "from gaussreg.scheduler import usable_cpus; print(usable_cpus())"],
+                          "from gaussreg.launch.gpus import usable_cpus; print(usable_cpus())"],
                          capture_output=True, text=True, env=python_env())
     assert out.stdout.strip() == "1", out.stderr
 
@@ -211,15 +215,15 @@ MIG_OLD = ["MIG-GPU-00000002/1/0", "MIG-GPU-00000002/2/0"]  # the R450/R460 form
 @pytest.mark.gpu
 def test_indented_mig_lines_are_parsed_and_a_split_gpu_counts_as_its_mig_devices(tmp_path, monkeypatch):
     fake_nvidia_smi(tmp_path, monkeypatch, modes=("Default",) * 4, migs={1: MIG_NEW, 2: MIG_OLD})
-    table = scheduler.nvidia_gpus()
+    table = inventory.nvidia_gpus()
     assert [(g.index, g.uuid, g.migs) for g in table] == [
         ("0", "GPU-00000000", []), ("1", "GPU-00000001", MIG_NEW), ("2", "GPU-00000002", MIG_OLD),
         ("3", "GPU-00000003", [])]
-    assert scheduler.detect_gpus() == ["0", *MIG_NEW, *MIG_OLD, "3"]
+    assert inventory.detect_gpus() == ["0", *MIG_NEW, *MIG_OLD, "3"]
     assert [s.gpu for s in plan_slots(tmp_path, "all")] == ["0", *MIG_NEW, *MIG_OLD, "3"]
     # a whole split GPU in CUDA_VISIBLE_DEVICES, by index or UUID, is its MIG devices
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,GPU-00000003,GPU-00000002")
-    assert scheduler.detect_gpus() == [*MIG_NEW, "GPU-00000003", *MIG_OLD]
+    assert inventory.detect_gpus() == [*MIG_NEW, "GPU-00000003", *MIG_OLD]
 
 
 def plan_slots(tmp_path, gpus, per_gpu=1):
@@ -235,10 +239,10 @@ def plan_slots(tmp_path, gpus, per_gpu=1):
                                     ("MIG-c6d4;rm", False), ("-1", False)])
 def test_gpus_accepts_indices_uuids_and_mig_ids(arg, ok):
     if ok:
-        assert scheduler.parse_gpus(arg) == [p.strip() for p in arg.split(",")]
+        assert inventory.parse_gpus(arg) == [p.strip() for p in arg.split(",")]
     else:
         with pytest.raises(ValueError, match=r"--gpus must be .*UUIDs \('GPU-\.\.\.'\) or MIG ids"):
-            scheduler.parse_gpus(arg)
+            inventory.parse_gpus(arg)
 
 
 @pytest.mark.gpu
@@ -279,10 +283,10 @@ def test_mig_devices_are_named_and_checked_like_gpus(tmp_path, monkeypatch):
 @pytest.mark.gpu
 def test_a_uuid_prefix_names_its_gpu_when_it_is_unique(tmp_path, monkeypatch):
     fake_nvidia_smi(tmp_path, monkeypatch, modes=("Default",) * 2)
-    table = scheduler.nvidia_gpus()
-    assert scheduler.canonical_gpu("GPU-00000001", table) == "GPU-00000001"
-    assert scheduler.canonical_gpu("GPU-0000000", table) == "GPU-0000000"  # both GPUs start so: kept as written
-    assert scheduler.canonical_gpu("1", table) == "GPU-00000001"
+    table = inventory.nvidia_gpus()
+    assert inventory.canonical_gpu("GPU-00000001", table) == "GPU-00000001"
+    assert inventory.canonical_gpu("GPU-0000000", table) == "GPU-0000000"  # both GPUs start so: kept as written
+    assert inventory.canonical_gpu("1", table) == "GPU-00000001"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-00000001")
     assert [s.place for s in plan_slots(tmp_path, "0")] == ["GPU-00000001"]
 
@@ -333,8 +337,8 @@ def test_gaussreg_train_takes_a_free_gpu_place_and_that_gpu(tmp_path, monkeypatc
         if other is not None:
             os.close(other)
         return 0
-    import gaussreg.worker
-    monkeypatch.setattr(gaussreg.worker, "main", worker_main)
+    import gaussreg.runs.worker
+    monkeypatch.setattr(gaussreg.runs.worker, "main", worker_main)
     for k in ("GAUSSREG_GPU", "CUDA_DEVICE_ORDER"):
         monkeypatch.setenv(k, "restored after the test")
         monkeypatch.delenv(k)
@@ -396,8 +400,10 @@ def test_a_cpu_spec_takes_no_gpu_place(tmp_path, monkeypatch):
 @pytest.mark.gpu
 def test_the_tuis_rerun_takes_a_free_gpu_place_held_by_its_worker(tmp_path, monkeypatch):
     import os
+
     from test_scheduler import FAKE
-    from gaussreg import control
+
+    from gaussreg.launch import control
     fake_nvidia_smi(tmp_path, monkeypatch, modes=("Default",) * 2)
     st, run = _one_run(tmp_path, seed=15)  # 15: the fake worker's long run
     run.write_status({"state": "cancelled"})

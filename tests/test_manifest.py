@@ -1,9 +1,9 @@
 import subprocess
 
 import pytest
-
 from conftest import cli, python_env
-from gaussreg import manifest
+
+from gaussreg.runs import manifest
 
 GOOD = """\
 [defaults]
@@ -53,7 +53,7 @@ def test_expansion_and_stable_ids(tmp_path):
 def test_precision_and_compile_are_run_keys_that_keep_old_ids(tmp_path):
     """`precision` (auto, fp32, bf16) and `compile` are grid-able run keys; at their
     defaults they are left out of the id, so runs planned before they existed keep theirs."""
-    from gaussreg.spec import SpecError, canonical, resolve, run_id
+    from gaussreg.runs.spec import SpecError, canonical, resolve, run_id
     base = {"dataset": "synthetic", "model": "mlp", "method": "baseline"}
     spec = resolve(base)
     assert spec["precision"] == "auto" and spec["compile"] is False
@@ -87,7 +87,7 @@ def test_a_method_may_have_several_tables_each_with_its_own_seeds(tmp_path):
                    ("regularizer", 0.5, 1.0, 0), ("regularizer", 0.5, 2.0, 0), ("regularizer", 1.0, 1.0, 0),
                    ("regularizer", 1.0, 2.0, 0), ("regularizer", 1.0, 2.0, 1), ("regularizer", 1.0, 2.0, 2)]
     # the seeds of one configuration are runs of one configuration (the fair table's seeds)
-    from gaussreg.report import config_key
+    from gaussreg.views.report import config_key
     win = [r.spec for r in e.runs if r.spec["params"] == {"sigma": 1.0, "alpha": 2.0}]
     assert len(win) == 3 and len({config_key(s) for s in win}) == 1
     # overlapping tables repeat a run: refused, like a grid repeating a value

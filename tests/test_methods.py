@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from gaussreg.methods import METHOD_CLASSES, check_params, make_method, random_sign
-from gaussreg.spec import SpecError
-from gaussreg.models import build_model
+from gaussreg.runs.spec import SpecError
+from gaussreg.science.methods import METHOD_CLASSES, check_params, make_method, random_sign
+from gaussreg.science.models import build_model
 
 
 def _gen(seed=0):
@@ -46,7 +46,7 @@ def test_augment_fixed_noise_repeats_across_epochs():
 
 
 def test_fixed_noise_bank_is_a_function_of_seed_copy_and_image_only():
-    from gaussreg.methods import bank_noise
+    from gaussreg.science.methods import bank_noise
     m = make_method("augment", {"sigma": 1.0, "folds": 3, "fresh_noise": False})
     X, Y = torch.zeros(500, 3, 8, 8), torch.arange(500) % 10
     m.prepare(len(X), X.shape[1:], _gen(7))
@@ -139,7 +139,7 @@ def test_params_get_defaults_and_ints_become_floats():
 def test_certify_defaults_to_the_methods_own_training_noise_level():
     """A method declares which parameter is its Gaussian training noise (noise_param);
     certification defaults to that sigma, else to 0.25 (randsign's eps is not a sigma)."""
-    from gaussreg.spec import CERTIFY_SIGMA, default_certify_sigma
+    from gaussreg.runs.spec import CERTIFY_SIGMA, default_certify_sigma
     assert {n for n, c in METHOD_CLASSES.items() if c.noise_param} == {"augment", "regularizer"}
     assert default_certify_sigma({"method": "regularizer", "params": {"sigma": 0.5, "alpha": 1.0}}) == 0.5
     assert default_certify_sigma({"method": "augment", "params": {"sigma": 0.1, "folds": 2}}) == 0.1

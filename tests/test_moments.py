@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from gaussreg.moments import relu_mean, relu_variance, shallow_mean
+from gaussreg.science.moments import relu_mean, relu_variance, shallow_mean
 
 GRID = [(0.0, 1.0), (1.0, 1.0), (-1.0, 1.0), (2.5, 0.7), (-0.3, 2.0), (0.5, 1e-8), (0.0, 1e-8),
         (-0.5, 1e-8), (40.0, 1.0), (-40.0, 1.0), (4e-7, 1e-8), (-4e-7, 1e-8), (3.0, 0.075)]
@@ -110,7 +110,7 @@ def test_shallow_mean_diagonal_equals_full_with_that_diagonal():
 
 def test_relu_branch_gradient_is_one_for_tiny_positive_mu():
     # float32 Phi(1e-8 / 1) rounds to exactly 0.5: a [Phi > 1/2] mask would zero these gradients
-    from gaussreg.moments import relu_and_mean
+    from gaussreg.science.moments import relu_and_mean
     mu = torch.tensor([[1e-8, 5e-8, -1e-8, 0.0, 2.0]], requires_grad=True)
     sigma = torch.ones(1, 5)
     out = relu_and_mean(mu, sigma)
@@ -127,7 +127,7 @@ def _counted(fn):
 
 
 def _exact_both(mu, sigma):
-    from gaussreg.moments import relu_and_mean
+    from gaussreg.science.moments import relu_and_mean
     return relu_and_mean(mu.double(), sigma.double())
 
 
@@ -138,8 +138,8 @@ def test_the_fused_half_precision_kernel_is_exact_to_its_rounding(dtype, monkeyp
     of the activation's scale, the gradients too; sigma = 0 and mu = 0 included. Its maths
     run uncompiled here (compiling costs ~10 s a dtype on a cold cache); the test below
     compares it compiled with it uncompiled."""
-    from gaussreg import moments
-    from gaussreg.moments import relu_and_mean
+    from gaussreg.science import moments
+    from gaussreg.science.moments import relu_and_mean
     monkeypatch.setattr(moments, "_COMPILE_FROM", 0)  # this small tensor through the fused path
     monkeypatch.setattr(moments, "_kernel", lambda fn, *args: fn(*args))
     monkeypatch.setattr(moments, "_fused_forward", _counted(moments._fused_forward))
@@ -167,7 +167,7 @@ def test_the_fused_half_precision_kernel_is_exact_to_its_rounding(dtype, monkeyp
 def test_the_fused_kernel_compiled_equals_it_uncompiled():
     """The fused kernel runs compiled (inductor here, Triton on a GPU); its maths run
     eagerly gives the same numbers."""
-    from gaussreg import moments
+    from gaussreg.science import moments
     g = torch.Generator().manual_seed(1)
     mu = (torch.randn(200, 32, 14, 14, generator=g) * 2).bfloat16().contiguous(memory_format=torch.channels_last)
     sigma = torch.rand(1, 32, 14, 14, generator=g).contiguous(memory_format=torch.channels_last)

@@ -8,17 +8,21 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from conftest import cli, python_env
 from torch import nn
 
-from conftest import cli, python_env
-from gaussreg import data, datasets, manifest, models, plugins
-from gaussreg.models import SplitError, build_model
-from gaussreg.regularizer import moment_loss
+from gaussreg.core import plugins
+from gaussreg.data import datasets
+from gaussreg.data import loading as data
+from gaussreg.runs import manifest
+from gaussreg.science import models
+from gaussreg.science.models import SplitError, build_model
+from gaussreg.science.regularizer import moment_loss
 
 MODELS_PY = '''
 import torch
 from torch import nn
-from gaussreg.models import NormalizedConv2d
+from gaussreg.science.models import NormalizedConv2d
 
 
 class Block(nn.Module):
@@ -215,7 +219,7 @@ def test_model_args_are_grid_axes_and_changed_code_makes_new_runs(project):
     assert not set(ids) & {r.id for r in manifest.load(m).runs()}
     # python_path is where the code is, not what it is: not in the id
     spec = manifest.load(m).runs()[0].spec
-    from gaussreg.spec import run_id
+    from gaussreg.runs.spec import run_id
     assert run_id({**spec, "python_path": ["/elsewhere"]}) == run_id(spec)
 
 
@@ -228,7 +232,7 @@ def test_reading_a_manifest_with_own_code_imports_neither_it_nor_torch(project):
 
 
 def test_a_changed_source_is_refused_by_the_worker(project):
-    from gaussreg.worker import changed_source
+    from gaussreg.runs.worker import changed_source
     spec = manifest.load(write(project, MANIFEST)).runs()[0].spec
     assert changed_source(spec) is None
     src = project / "src" / "mypkg" / "models.py"
@@ -237,7 +241,7 @@ def test_a_changed_source_is_refused_by_the_worker(project):
 
 
 def test_train_force_on_changed_code_is_refused_and_the_completed_run_stands(project):
-    from gaussreg.store import Store, atomic_write_json
+    from gaussreg.runs.store import Store, atomic_write_json
     spec = manifest.load(write(project, MANIFEST)).runs()[0].spec
     st = Store(project / "runs")
     r = st.create(spec, "own-run")
@@ -313,7 +317,7 @@ def test_refusals_each_with_its_sentence(project):
         models.as_gaussnet(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten()))
     # depth > 1 through a module ADF does not know: refused with a sentence
     net = build_model("mypkg.models:resnet", info, None, path)
-    from gaussreg import adf
+    from gaussreg.science import adf
     with pytest.raises(TypeError, match="propagates moments through TinyResNet, which is not supported"):
         adf.split(net.rest, 2)
 
@@ -448,7 +452,7 @@ def test_a_sequential_with_batchnorm_first_supports_depth(project):
     info = datasets.DatasetInfo("t", (3, 8, 8), 4, (0.5,) * 3, (0.25,) * 3)
     torch.manual_seed(0)
     net = build_model("mypkg.models:seq", info, None, [str(project / "src")]).double()
-    from gaussreg.regularizer import expected_logits
+    from gaussreg.science.regularizer import expected_logits
     x, y = torch.rand(5, 3, 8, 8, dtype=torch.float64), torch.randint(0, 4, (5,))
     net.train()
     moment_loss(net, x, y, 0.2, 1.0, depth="all").total.backward()  # BN statistics of the batch

@@ -4,10 +4,10 @@ import json
 import subprocess
 
 import pytest
-
 from conftest import cli, python_env
-from gaussreg.spec import resolve, run_id
-from gaussreg.store import Store, atomic_write_json
+
+from gaussreg.runs.spec import resolve, run_id
+from gaussreg.runs.store import Store, atomic_write_json
 
 SIGMAS = [0.0, 0.25, 0.5]
 
@@ -70,7 +70,7 @@ def test_plot_writes_three_valid_figures(store, tmp_path, fmt):
 
 def test_plot_tolerance_overrides_the_manifests_as_the_table_does(store, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
-    from gaussreg import plot as plots
+    from gaussreg.views import plot as plots
     drawn = []
     real = plots._fig_scatter
 
@@ -134,8 +134,8 @@ def test_the_fair_table_is_recomputed_from_the_exported_runs(store, tmp_path):
     """`export --what runs --format jsonl` carries whole runs (spec, result with its
     per-sigma curves, certificates, the experiment's tolerance): report.table_of_export
     and `gaussreg table --from` give the store's table from that file alone."""
-    from gaussreg import report
-    from gaussreg.export import export
+    from gaussreg.views import report
+    from gaussreg.views.export import export
     reg = next(r for r in store.runs() if json.loads(r.spec_file.read_text())["params"].get("sigma") == 1.0)
     reg.write_certification({"sigma": 0.5, "per_image": [{"correct": True, "radius": 0.6},
                                                           {"correct": True, "radius": 0.3}, {"correct": False}]})

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from gaussreg import datasets
-from gaussreg.models import GaussNet, NormalizedConv2d, build_model, from_sequential, parameter_count
-from gaussreg.regularizer import expected_logits, first_variance, moment_loss, sigma2
+from gaussreg.data import datasets
+from gaussreg.science.models import GaussNet, NormalizedConv2d, build_model, from_sequential, parameter_count
+from gaussreg.science.regularizer import expected_logits, first_variance, moment_loss, sigma2
 
 TINY = datasets.DatasetInfo("tiny", (1, 4, 4), 3, (0.3,), (0.2,))
 
@@ -190,8 +190,8 @@ def test_batchnorm_first_block_matches_monte_carlo(training):
     # variance map times (gamma / sqrt(var + eps))^2. In training mode the statistics are
     # those of the clean batch (the noisy copies are normalised with them too); in eval
     # mode the running ones.
-    from gaussreg.models import FirstBlock
-    from gaussreg.moments import relu_mean
+    from gaussreg.science.models import FirstBlock
+    from gaussreg.science.moments import relu_mean
     torch.manual_seed(3)
     conv = NormalizedConv2d(2, 3, 3, padding=1, mean=(0.4, 0.6), std=(0.2, 0.5))
     bn = nn.BatchNorm2d(3)

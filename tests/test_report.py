@@ -3,11 +3,11 @@ import re
 import subprocess
 
 import pytest
-
 from conftest import cli, python_env
-from gaussreg import report
-from gaussreg.spec import resolve, run_id
-from gaussreg.store import Store, atomic_write_json
+
+from gaussreg.runs.spec import resolve, run_id
+from gaussreg.runs.store import Store, atomic_write_json
+from gaussreg.views import report
 
 
 def add(st, exp, method, acc=None, rob=None, seed=0, state="completed", val=None, keys=None, noisy=None, **params):

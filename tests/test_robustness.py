@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from gaussreg.robustness import default_sigmas, robustness, score_of
+from gaussreg.science.robustness import default_sigmas, robustness, score_of
 
 
 class Constant(nn.Module):

@@ -8,11 +8,12 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-
 from conftest import cli, python_env
-from gaussreg.scheduler import Scheduler, make_slots, parse_gpus
-from gaussreg.spec import resolve, run_id
-from gaussreg.store import RunDir, Store
+
+from gaussreg.launch.gpus import parse_gpus
+from gaussreg.launch.scheduler import Scheduler, make_slots
+from gaussreg.runs.spec import resolve, run_id
+from gaussreg.runs.store import RunDir, Store
 
 FAKE = [sys.executable, str(Path(__file__).with_name("fake_worker.py"))]
 
@@ -187,6 +188,7 @@ def test_children_of_the_suite_see_no_gpu_unless_the_test_is_about_gpus():
 @pytest.mark.gpu
 def test_a_gpu_test_sees_the_hosts_devices():
     import os
+
     from conftest import HOST_CUDA_VISIBLE_DEVICES
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == HOST_CUDA_VISIBLE_DEVICES
 
@@ -209,7 +211,7 @@ def test_a_worker_on_a_gpu_slot_that_torch_cannot_use_refuses_instead_of_trainin
 
 
 def test_a_cpu_slot_or_a_cpu_spec_on_a_gpu_slot_is_not_refused(tmp_path):
-    from gaussreg.device import pick_device
+    from gaussreg.runs.device import pick_device
     assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert pick_device("cpu", gpu_slot="0").type == "cpu"  # the spec asked for the CPU itself
 
@@ -271,8 +273,9 @@ def test_a_running_status_whose_lock_is_free_is_interrupted_whoever_has_its_pid_
     cannot be cancelled (no stranger gets SIGTERM) and a scheduler resumes it."""
     import os
     import socket
-    from gaussreg.control import ControlError, cancel_run
-    from gaussreg.store import now_iso, pid_alive, try_lock
+
+    from gaussreg.launch.control import ControlError, cancel_run
+    from gaussreg.runs.store import now_iso, pid_alive, try_lock
     st, ids = _store_with(tmp_path, [1])
     run = RunDir(st.root / ids[0])
     pid = os.getpid() if who == "this test" else 1
@@ -339,9 +342,11 @@ def test_gaussreg_run_of_a_big_grid_launches_before_writing_its_directories(tmp_
     """Through the CLI: above the --yes threshold, the first worker starts when one run
     directory exists (it used to wait for all of them, ~20 ms each)."""
     import os
+
     from typer.testing import CliRunner
-    from gaussreg import scheduler
+
     from gaussreg.cli import BIG_GRID, app
+    from gaussreg.launch import scheduler
     n = BIG_GRID + 1
     (tmp_path / "m.toml").write_text(
         '[defaults]\ndataset = "synthetic"\nmodel = "mlp"\nmax_epochs = 1\n\n[[experiment]]\nname = "big"\n'
@@ -365,7 +370,7 @@ def test_gaussreg_run_of_a_big_grid_launches_before_writing_its_directories(tmp_
 
 
 def test_the_view_gets_typed_snapshots_not_the_scheduler(tmp_path):
-    from gaussreg.scheduler import ActiveRun, Snapshot
+    from gaussreg.launch.scheduler import ActiveRun, Snapshot
     st, ids = _store_with(tmp_path, [1, 13, 2])
     seen = []
 

@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import cli, python_env
-from gaussreg import slurm
-from gaussreg.store import RunDir, Store
+
+from gaussreg.launch import slurm
+from gaussreg.runs.store import RunDir, Store
 
 MANIFEST = """
 [slurm]
@@ -61,7 +61,7 @@ def fake_slurm(tmp_path, monkeypatch):
         """`gaussreg run m.toml --backend slurm` (flags: its Slurm flags) as the CLI and the TUI's
         launch dialog do it (launch.plan, launch.submit_slurm), in tmp_path with the fakes first
         on PATH."""
-        from gaussreg.launch import LaunchRequest, plan, submit_slurm
+        from gaussreg.launch.request import LaunchRequest, plan, submit_slurm
         monkeypatch.chdir(tmp_path)
         monkeypatch.setenv("PATH", f"{b}:{os.environ['PATH']}")
         sub = submit_slurm(plan(LaunchRequest("m.toml", "runs", backend="slurm", slurm=flags)))
@@ -119,7 +119,7 @@ def test_submission_writes_queued_status_with_job_ids(fake_slurm):
     assert all(s["state"] == "queued" and s["backend"] == "slurm" and s["slurm_job_id"] == "4242" for s in statuses)
     assert [s["slurm_array_index"] for s in statuses] == [0, 0, 1]
     script = Path(args[-1]).read_text()
-    assert "GAUSSREG_BACKEND=slurm" in script and "gaussreg.slurm task" in script and "--per-task 2" in script
+    assert "GAUSSREG_BACKEND=slurm" in script and "gaussreg.launch.slurm task" in script and "--per-task 2" in script
     assert "GAUSSREG_SLURM_GPUS=1" in script  # the task is told how many GPUs it has (gpus_per_run in MANIFEST)
     listed = (Path(args[-1]).parent / "runs.txt").read_text().split()
     assert sorted(Path(p).name for p in listed) == sorted(r.id for r in st.runs())
@@ -180,7 +180,7 @@ def test_two_submissions_of_one_process_in_one_second_each_train_their_own_runs(
     """A launch directory holds its job's runs.txt and job.sh: two resubmissions from one
     process (the TUI's `r` on two runs) in the same second once shared one, so the first
     job trained the second's run and its own run never."""
-    from gaussreg import slurm
+    from gaussreg.launch import slurm
     fake_slurm["submit"]()
     # the fake sbatch always says job 4242: runs not in its task 0, whose status a resubmission writes
     runs = [r for r in Store(fake_slurm["dir"] / "runs").runs() if r.status()["slurm_job"] != "4242_0"]
@@ -250,7 +250,7 @@ def test_tui_runs_table_shows_the_array_task_of_slurm_runs(fake_slurm):
 def _task_env(tmp_path, spec_extra, gpus, cuda="0"):
     """An array task of a launch with `gpus_per_run = gpus`, run here as Slurm would run it."""
     st = Store(tmp_path / "runs")
-    from gaussreg.spec import resolve, run_id
+    from gaussreg.runs.spec import resolve, run_id
     spec = resolve({"dataset": "synthetic", "model": "mlp", "method": "baseline", "experiment": "sl",
                     "max_epochs": 1, "train_subset": 200, "test_subset": 50, "robustness": {"sigmas": [0.0]},
                     **spec_extra})

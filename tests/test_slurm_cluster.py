@@ -14,9 +14,9 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import cli, python_env
-from gaussreg.store import Store
+
+from gaussreg.runs.store import Store
 
 DAEMONS = ("slurmctld", "slurmd", "sbatch", "squeue", "scancel", "sinfo")
 

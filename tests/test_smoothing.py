@@ -6,8 +6,8 @@ import pytest
 import torch
 from scipy.stats import binom, binomtest, norm
 
-from gaussreg import smoothing
-from gaussreg.smoothing import ABSTAIN
+from gaussreg.science import smoothing
+from gaussreg.science.smoothing import ABSTAIN
 
 D = 16  # input dimension of the oracle classifiers
 SIGMA = 0.25

@@ -1,13 +1,15 @@
 """The Fashion-MNIST study (docs/study-fmnist.md) is recomputable: every fair table in the
-doc is what gaussreg.report computes from the committed runs (docs/study-fmnist/runs.jsonl),
+doc is what gaussreg.views.report computes from the committed runs (docs/study-fmnist/runs.jsonl),
 and those runs are the study manifest's runs."""
 
 import re
 import shlex
 
 from conftest import ROOT
-from gaussreg import manifest, report
-from gaussreg.export import read_runs
+
+from gaussreg.runs import manifest
+from gaussreg.views import report
+from gaussreg.views.export import read_runs
 
 DOC = ROOT / "docs" / "study-fmnist.md"
 RUNS = ROOT / "docs" / "study-fmnist" / "runs.jsonl"

@@ -8,15 +8,16 @@ import subprocess
 import time
 
 import pytest
+from conftest import cli, python_env
 from textual.css.query import NoMatches
 
-from conftest import cli, python_env
-from gaussreg.control import launches, start_worker
-from gaussreg.spec import resolve, run_id
-from gaussreg.store import Store, atomic_write_json, try_lock
+from gaussreg.launch.control import launches, start_worker
+from gaussreg.runs.spec import resolve, run_id
+from gaussreg.runs.store import Store, atomic_write_json, try_lock
 from tui.app import GaussregApp
 from tui.messages import RunsChanged
-from tui.screens import CompareScreen, ConfirmScreen, LaunchScreen, OverlayScreen, RunDetailScreen, RunsScreen, SortScreen
+from tui.screens import (CompareScreen, ConfirmScreen, LaunchScreen, OverlayScreen, RunDetailScreen, RunsScreen,
+                         SortScreen)
 from tui.widgets import COLUMNS, RunsTable, SeriesPlot
 
 T0 = "2026-01-01T10:00:00.000+00:00"
@@ -401,6 +402,7 @@ async def test_robustness_curve_once_evaluated(store):
 def _text(static) -> str:
     """What a Static shows, as plain text."""
     import io
+
     from rich.console import Console
     c = Console(width=200, file=io.StringIO(), record=True)
     c.print(static.content if hasattr(static, "content") else static.renderable)
@@ -474,6 +476,7 @@ async def _batches_and_phases(run, status):
 async def test_at_80x24_every_key_is_in_the_footer_and_dialogs_fit(store):
     from textual.widgets import Footer
     from textual.widgets._footer import FooterKey
+
     from tui.screens import HelpScreen
     app = GaussregApp("runs", poll_s=0.05)
     async with app.run_test(size=(80, 24)) as pilot:
@@ -499,9 +502,9 @@ async def test_at_80x24_every_key_is_in_the_footer_and_dialogs_fit(store):
 
 
 def test_ls_report_and_tui_rows_come_from_one_builder(store):
-    """report.list_runs (ls, table, export) and the TUI's watcher build a run's row with the same
+    """reader.list_runs (ls, table, export) and the TUI's watcher build a run's row with the same
     RunReader: the same numbers, states and epochs, including a running run's."""
-    from gaussreg import report
+    from gaussreg.runs import reader
     from tui.watcher import StoreWatcher
     run = add_run(store, "regularizer", state="running", epochs=5, sigma=0.3, alpha=1.0)
     status = run.status()
@@ -513,7 +516,7 @@ def test_ls_report_and_tui_rows_come_from_one_builder(store):
     from dataclasses import replace
     lock = hold_lock(run)  # running: its lock is held, as by its worker
     try:
-        rows = {r["id"]: r["row"] for r in report.list_runs(store)}
+        rows = {r["id"]: r["row"] for r in reader.list_runs(store)}
         watched = {r.id: r for r in StoreWatcher(store.root).scan()}
     finally:
         os.close(lock)

@@ -1,15 +1,15 @@
 """The dashboard with the Slurm backend, against the fake sbatch/squeue/scancel of
-test_slurm.py: the launch dialog submits through gaussreg.launch (as `gaussreg run
+test_slurm.py: the launch dialog submits through gaussreg.launch.request (as `gaussreg run
 --backend slurm`), the runs table shows job ids and pending reasons, `r` resubmits."""
 
 import os
 from pathlib import Path
 
 import pytest
-
-from gaussreg.store import Store
 from test_slurm import fake_slurm  # noqa: F401 - the fixture
 from test_tui import table, until, widget
+
+from gaussreg.runs.store import Store
 from tui.app import GaussregApp
 from tui.screens import LaunchScreen, RunsScreen
 
@@ -169,8 +169,8 @@ async def test_r_on_a_slurm_run_without_recorded_settings_is_refused_with_the_re
 
 
 def test_resubmit_leaves_a_run_slurm_requeues_and_restarts_a_diverged_one(on_path):
-    from gaussreg import slurm
-    from gaussreg.control import ControlError
+    from gaussreg.launch import slurm
+    from gaussreg.launch.control import ControlError
     on_path["submit"]()
     runs = {x.status()["slurm_job"]: x for x in Store("runs").runs()}
     pre = runs["4242_0"]

@@ -8,11 +8,11 @@ import time
 
 import pytest
 import torch
-
 from conftest import python_env
-from gaussreg import data
-from gaussreg.store import RunDir
-from gaussreg.spec import resolve
+
+from gaussreg.data import loading as data
+from gaussreg.runs.spec import resolve
+from gaussreg.runs.store import RunDir
 
 FAST = {"dataset": "synthetic", "model": "mlp", "method": "baseline", "batch_size": 100,
         "optimizer": {"lr": 1e-3}, "robustness": {"sigmas": [0.0, 0.2, 0.4]}}
@@ -221,9 +221,9 @@ def test_real_lenet_fashion_mnist_two_epochs(tmp_path):
 
 @pytest.mark.gpu
 def test_the_worker_asks_for_deterministic_gpu_kernels_before_it_picks_the_device(tmp_path, monkeypatch):
-    from gaussreg import worker
-    from gaussreg.spec import SpecError, resolve, run_id
-    from gaussreg.store import Store
+    from gaussreg.runs import worker
+    from gaussreg.runs.spec import SpecError, resolve, run_id
+    from gaussreg.runs.store import Store
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
@@ -289,7 +289,7 @@ def test_a_checkpoint_with_a_foreign_generator_state_resumes_exactly(tmp_path):
 
 
 def test_epoch_randomness_depends_on_seed_and_epoch_only():
-    from gaussreg.worker import epoch_seed
+    from gaussreg.runs.worker import epoch_seed
     a, b = torch.Generator(), torch.Generator()
     b.manual_seed(123)
     torch.randn(1000, generator=b)  # whatever state a resumed (or foreign) generator had
@@ -325,10 +325,10 @@ def _forbid_host_syncs(monkeypatch):
     ("fgsm", {"eps": 0.1})])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_a_training_step_and_its_bookkeeping_read_nothing_back_from_the_device(monkeypatch, method, params, precision):
-    from gaussreg import datasets
-    from gaussreg.methods import make_method
-    from gaussreg.models import build_model
-    from gaussreg.worker import _batch_step
+    from gaussreg.data import datasets
+    from gaussreg.runs.worker import _batch_step
+    from gaussreg.science.methods import make_method
+    from gaussreg.science.models import build_model
     torch.manual_seed(0)
     info = datasets.DatasetInfo("tiny", (1, 28, 28), 10, (0.3,), (0.2,))
     model = build_model("lenet", info)
@@ -362,8 +362,8 @@ def test_a_training_step_and_its_bookkeeping_read_nothing_back_from_the_device(m
 
 
 def test_the_first_batch_a_term_went_non_finite_is_kept():
-    from gaussreg.methods import Baseline
-    from gaussreg.worker import _batch_step
+    from gaussreg.runs.worker import _batch_step
+    from gaussreg.science.methods import Baseline
 
     class Bad(Baseline):
         term_names = ("ce", "reg")
@@ -391,9 +391,9 @@ def test_the_first_batch_a_term_went_non_finite_is_kept():
     lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
                          "you tried to allocate 9000000000 bytes.")])
 def test_an_out_of_memory_run_says_so_in_its_error(tmp_path, monkeypatch, error):
-    from gaussreg import worker as w
-    from gaussreg.spec import resolve, run_id
-    from gaussreg.store import Store
+    from gaussreg.runs import worker as w
+    from gaussreg.runs.spec import resolve, run_id
+    from gaussreg.runs.store import Store
 
     def train(*_a, **_k):
         raise error()
@@ -412,7 +412,8 @@ def test_the_per_batch_code_has_no_host_sync_by_construction():
     value into Python (the loop's only read is the progress event, at most every 0.5 s)."""
     import ast
     import inspect
-    from gaussreg import worker as w
+
+    from gaussreg.runs import worker as w
     step = ast.parse(inspect.getsource(w._batch_step))
     calls = {(n.func.attr if isinstance(n.func, ast.Attribute) else getattr(n.func, "id", None))
              for n in ast.walk(step) if isinstance(n, ast.Call)}

@@ -10,10 +10,13 @@ from textual import on, work
 from textual.app import App, SystemCommand
 from textual.screen import Screen
 
-from gaussreg.store import RunDir, Store
+from gaussreg.launch import slurm
+from gaussreg.launch.control import ControlError, cancel_launch, cancel_run, launches, restart
+from gaussreg.launch.request import LaunchError, launch
+from gaussreg.runs.store import RunDir, RunFileError, Store
 
 from .messages import RunsChanged
-from .screens import (CompareScreen, ConfirmScreen, HelpScreen, LaunchesScreen, LaunchScreen, RunsScreen)
+from .screens import CompareScreen, ConfirmScreen, HelpScreen, LaunchesScreen, LaunchScreen, RunsScreen
 from .watcher import RunRow, StoreWatcher
 
 
@@ -120,7 +123,6 @@ class GaussregApp(App):
         """One scheduler process for the whole request (it owns the GPUs and cores it was given)."""
         if not request:
             return
-        from gaussreg.launch import LaunchError, launch
         try:
             info = launch(request)
         except LaunchError as e:
@@ -172,8 +174,6 @@ class GaussregApp(App):
 
     @work(thread=True, group="control")
     def _control(self, what: str, run_id: str) -> None:
-        from gaussreg import slurm
-        from gaussreg.control import ControlError, cancel_run, restart
         run = RunDir(self.store_root / run_id)
         try:
             if what == "cancel" and _on_slurm(run):  # scancel its array task
@@ -193,7 +193,6 @@ class GaussregApp(App):
 
     @work(thread=True, group="control")
     def action_cancel_launch(self) -> None:
-        from gaussreg.control import launches
         found = launches(Store(self.store_root))
         self.call_from_thread(self.push_screen, LaunchesScreen(found), self._confirm_cancel_launch)
 
@@ -208,7 +207,6 @@ class GaussregApp(App):
 
     @work(thread=True, group="control")
     def _cancel_launch(self, pid: int) -> None:
-        from gaussreg.control import ControlError, cancel_launch
         try:
             cancel_launch(Store(self.store_root), pid)
             self.call_from_thread(self.notify, f"cancelling launch {pid}", markup=False)
@@ -228,8 +226,6 @@ def run_app(store: str = "runs", manifest: str = "experiments.toml") -> None:
 
 
 def _on_slurm(run: RunDir) -> bool:
-    from gaussreg import slurm
-    from gaussreg.store import RunFileError
     try:
         return slurm.is_slurm(run.status())
     except RunFileError:

@@ -15,9 +15,11 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import (Button, DataTable, Footer, Header, Input, Label, OptionList, RichLog, Select,
                              SelectionList, Static)
 
-from gaussreg.launch import LaunchRequest
-from gaussreg.spec import describe_params
-from gaussreg.store import STATE_STYLE, STATES, RunDir, phase_of
+from gaussreg.launch.request import LaunchError, LaunchRequest, plan
+from gaussreg.runs import manifest, reader
+from gaussreg.runs.spec import describe_params
+from gaussreg.runs.store import STATE_STYLE, STATES, RunDir, Store, phase_of, short_id
+from gaussreg.views import report
 
 from .messages import CompareReady, DetailChanged, OverlayReady, PlanReady
 from .watcher import RunDetailWatcher
@@ -402,7 +404,7 @@ class OverlayScreen(Screen):
         self.title = f"overlay of {len(run_ids)} run(s)"
 
     def compose(self) -> ComposeResult:
-        from .widgets import SERIES_COLORS, short_id
+        from .widgets import SERIES_COLORS
         colors = {short_id(r): SERIES_COLORS[i % len(SERIES_COLORS)] for i, r in enumerate(self.run_ids)}
         yield Header()
         with Vertical(id="overlay"):
@@ -487,13 +489,11 @@ class CompareScreen(Screen):
 
     @work(thread=True, exclusive=True, group="compare")
     def load(self, experiment: str) -> None:
-        from gaussreg import report
-        from gaussreg.store import Store
         store = Store(self.app.store_root)
         table = report.fair_table(store, experiment)
         points = [{"id": r["id"], "method": r["spec"]["method"], "accuracy": r["result"]["test_accuracy"],
                    "robustness": r["result"]["robustness"]}
-                  for r in report.list_runs(store, experiment) if r["result"]]
+                  for r in reader.list_runs(store, experiment) if r["result"]]
         self.post_message(CompareReady(experiment, table, points))
 
     @on(CompareReady)
@@ -609,7 +609,6 @@ class LaunchScreen(ModalScreen[Optional[LaunchRequest]]):
 
     @work(thread=True, exclusive=True, group="plan")
     def plan(self, path: str) -> None:
-        from gaussreg import manifest
         try:
             m = manifest.load(path)
         except manifest.ManifestError as e:
@@ -656,7 +655,7 @@ class LaunchScreen(ModalScreen[Optional[LaunchRequest]]):
                              per_gpu=numbers["per-gpu"], max_parallel=numbers["max-parallel"])
 
     def _slurm_request(self, chosen: tuple) -> Optional[LaunchRequest]:
-        """A Slurm request: empty fields keep the manifest's [slurm] values; gaussreg.slurm
+        """A Slurm request: empty fields keep the manifest's [slurm] values; gaussreg.launch.slurm
         checks the rest (time format, ...) in launch.plan, whose message is shown here."""
         value = lambda field_id: self.query_one(f"#{field_id}", Input).value.strip() or None  # noqa: E731
         gpus = value("gpus-per-run")
@@ -678,7 +677,6 @@ class LaunchScreen(ModalScreen[Optional[LaunchRequest]]):
 
     @work(thread=True, exclusive=True, group="plan")
     def check(self, req: LaunchRequest) -> None:
-        from gaussreg.launch import LaunchError, plan
         try:
             p = plan(req)
             if p.missing_data:

@@ -1,7 +1,7 @@
 """Reading the run store incrementally, off the UI thread.
 
 `StoreWatcher.scan()` returns the rows that changed since the last scan, each built by
-gaussreg.report.RunReader (status.json when it changed, events.jsonl of live runs from
+gaussreg.runs.reader.RunReader (status.json when it changed, events.jsonl of live runs from
 the last byte offset, result.json once). `RunDetailWatcher` follows one run for the detail
 screen. Neither imports textual: the app runs them in thread workers and posts what
 they return."""
@@ -14,9 +14,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from gaussreg import slurm
-from gaussreg.report import LIVE, RunReader, RunRow, run_certified, stat_signature
-from gaussreg.store import SPEC_FILE, RunDir, RunFileError, parse_iso
+from gaussreg.launch import slurm
+from gaussreg.runs.reader import LIVE, RunReader, RunRow, stat_signature
+from gaussreg.runs.store import SPEC_FILE, RunDir, RunFileError, parse_iso, short_id
+from gaussreg.views.report import run_certified
 
 
 class StoreWatcher:
@@ -150,7 +151,6 @@ def overlay_series(root, run_ids: List[str]) -> Dict[str, Dict[str, tuple]]:
     """Curves of several runs for the overlay, keyed by plot then by short run id: train loss
     and validation accuracy (%) per epoch, consistency and accuracy under noise (%) per sigma.
     A run whose files cannot be read contributes nothing."""
-    from .widgets import short_id
     out: Dict[str, Dict[str, tuple]] = {"loss": {}, "acc": {}, "consistency": {}, "noisy": {}}
     for rid in run_ids:
         run, name = RunDir(Path(root) / rid), short_id(rid)

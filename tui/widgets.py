@@ -10,8 +10,8 @@ from rich.text import Text
 from textual.widgets import DataTable, Static
 from textual_plotext import PlotextPlot
 
-from gaussreg.slurm import fatal
-from gaussreg.store import STATE_STYLE, STATES, hash_part
+from gaussreg.launch.slurm import fatal
+from gaussreg.runs.store import STATE_STYLE, STATES, short_id
 
 from .watcher import RunRow
 
@@ -24,13 +24,6 @@ COLUMNS: List[Tuple[str, str]] = [
 DEFAULT_ORDER = ("experiment", "method", "params", "seed")  # until the user sorts
 # a running run's phase in the state cell, short: the columns right of it stay on an 80-column screen
 PHASE_SHORT = {"validating": "val", "evaluating R": "eval R", "certifying": "certify"}
-
-
-def short_id(run_id: str) -> str:
-    """The hash part of a run id (`exp-method-3fa2c1d9e0` -> `3fa2c1`): unique enough to tell
-    rows apart and to type as a prefix (`gaussreg show` takes the full id or a unique prefix)."""
-    tail = hash_part(run_id)
-    return tail[:6] if len(tail) >= 6 else run_id
 
 
 def pct(v: Optional[float]) -> str:

@@ -27,11 +27,17 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__, data
-from ..device import autocast, prefer_channels_last
-from ..methods import make_method
-from ..models import build_model
-from ..robustness import robustness
+from gaussreg import __version__
+from gaussreg.data import loading as data
+from gaussreg.launch.gpus import detect_gpus
+from gaussreg.launch.scheduler import Scheduler, make_slots
+from gaussreg.runs.device import autocast, bf16_native, cpu_bf16_units, keep_freed_memory, prefer_channels_last
+from gaussreg.runs.spec import resolve, run_id
+from gaussreg.runs.store import Store
+from gaussreg.science.methods import make_method
+from gaussreg.science.models import build_model
+from gaussreg.science.robustness import robustness
+from gaussreg.science.smoothing import certify_dataset
 
 METHODS = [("baseline", {}), ("regularizer", {"sigma": 0.5, "alpha": 1.0}),
            ("regularizer", {"sigma": 0.5, "alpha": 1.0, "depth": 2}),
@@ -223,10 +229,9 @@ def bench_robustness(dev, dataset, images: int, repeats: int) -> list:
 
 
 def bench_certify(dev, model_name, dataset, images: int, n: int, batch: int) -> dict:
-    """Randomized-smoothing certification (gaussreg.smoothing.certify, n0 = 100) of an
+    """Randomized-smoothing certification (gaussreg.science.smoothing.certify, n0 = 100) of an
     untrained model: forward passes per second, and what 500 images x 10,000 draws cost.
     The cost does not depend on the weights: every draw is one forward pass."""
-    from ..smoothing import certify_dataset
     info = data.info(dataset)
     torch.manual_seed(0)
     model = build_model(model_name, info).to(dev)
@@ -247,11 +252,8 @@ def bench_certify(dev, model_name, dataset, images: int, n: int, batch: int) -> 
 def bench_packing(dev, per_gpu_values, epochs: int) -> list:
     """Total images/s of one GPU (the benchmark's device) with N LeNet runs packed on it, via
     the real scheduler."""
-    from ..scheduler import Scheduler, detect_gpus, make_slots
     visible = detect_gpus()  # the slot names the GPU as CUDA_VISIBLE_DEVICES does: cuda:1 under "2,3" is "3"
     gpu = visible[dev.index or 0] if len(visible) > (dev.index or 0) else str(dev.index or 0)
-    from ..spec import resolve, run_id
-    from ..store import Store
     rows = []
     for n in per_gpu_values:
         root = Path(tempfile.mkdtemp(prefix=f"gaussreg-pack{n}-"))
@@ -294,7 +296,6 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="write the results as JSON here (default: "
                     "bench/results/<machine>.json, e.g. cpu-2core-avx512-amx-bf16.json; '-' for none)")
     a = ap.parse_args(argv)
-    from ..device import keep_freed_memory
     keep_freed_memory()  # as the worker does
     dev = torch.device(a.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -343,7 +344,6 @@ def main(argv=None) -> int:
 def machine(dev) -> str:
     """A file name for this machine's results: cuda-<gpu name>, or cpu-<cores>core-<what it
     computes bf16 with> (AMX and avx512_bf16 alone differ in speed, so they get different files)."""
-    from ..device import bf16_native, cpu_bf16_units
     if dev.type == "cuda":
         return "cuda-" + "".join(c if c.isalnum() else "-" for c in torch.cuda.get_device_name(dev).lower())
     amx = "-amx" if "amx" in cpu_bf16_units() else ""

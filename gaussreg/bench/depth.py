@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gaussreg import __version__, data
-from gaussreg.methods import make_method
-from gaussreg.models import GaussNet, NormalizedLinear, build_model
-from gaussreg.regularizer import expected_logits
+from gaussreg import __version__
+from gaussreg.data import loading as data
+from gaussreg.science.methods import make_method
+from gaussreg.science.models import GaussNet, NormalizedLinear, build_model
+from gaussreg.science.regularizer import expected_logits
 
 SIGMAS = [0.05, 0.1, 0.25, 0.5, 1.0]
 DEPTHS = [1, 2, 3, "all"]

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import psutil
 
-from gaussreg.spec import resolve, run_id
-from gaussreg.store import Store, atomic_write_json, now_iso
+from gaussreg.runs.spec import resolve, run_id
+from gaussreg.runs.store import Store, atomic_write_json, now_iso
 
 
 def make_store(root: Path, runs: int, live: int) -> list:

@@ -3,7 +3,7 @@
 A factory is named by an import path `module:attr` (`mypkg.models:resnet18`), by a
 name an installed package registers under the entry-point group `gaussreg.models`
 (`gaussreg.datasets` for loaders), or, for models, by a built-in name: the built-in
-models are registered here as `gaussreg.models:lenet` etc. and go through the same
+models are registered here as `gaussreg.science.models:lenet` etc. and go through the same
 import-and-call path as everybody's.
 
 This module is torch-free: specs and manifests name factories and hash their source
@@ -18,11 +18,12 @@ import hashlib
 import importlib
 import re
 import sys
+from importlib import metadata
 from pathlib import Path
 from typing import Dict, Iterable, Optional, Sequence
 
-BUILTIN_MODELS = {"lenet": "gaussreg.models:lenet", "alexnet": "gaussreg.models:alexnet",
-                  "mlp": "gaussreg.models:mlp"}
+BUILTIN_MODELS = {"lenet": "gaussreg.science.models:lenet", "alexnet": "gaussreg.science.models:alexnet",
+                  "mlp": "gaussreg.science.models:mlp"}
 GROUPS = {"model": "gaussreg.models", "dataset": "gaussreg.datasets"}
 IMPORT_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
@@ -34,7 +35,6 @@ class PluginError(ValueError):
 @functools.lru_cache(maxsize=None)  # installed packages do not change under a running process
 def entry_points(kind: str) -> Dict[str, str]:
     """name -> `module:attr` of the installed packages' entry points for models or datasets."""
-    from importlib import metadata
     group = GROUPS[kind]
     try:
         eps = metadata.entry_points(group=group)

@@ -1,6 +1,6 @@
 """The built-in datasets (names, image shapes, classes, normalisation, where they come
 from) and how a spec names a user's dataset. Torch-free: specs, manifests and models read
-it; gaussreg.data loads the tensors and gaussreg.download fetches the files."""
+it; gaussreg.data.loading loads the tensors and gaussreg.data.download fetches the files."""
 
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
-from .data import find, missing_message
-from .datasets import DataError, data_root, info
+from gaussreg.data.datasets import DataError, data_root, info
+from gaussreg.data.loading import find, missing_message
 
 
 def _md5(path: Path) -> str:

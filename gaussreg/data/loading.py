@@ -3,7 +3,7 @@
 Reads the standard on-disk formats directly (IDX for the MNIST family, the python
 pickle batches for CIFAR) from the folder layout torchvision uses under a data root,
 plus the Debian package `dataset-fashion-mnist`, and a user's files or loader. No
-torchvision needed to read. What datasets there are is gaussreg.datasets.
+torchvision needed to read. What datasets there are is gaussreg.data.datasets.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from .datasets import DATASETS, SYNTHETIC_SIZES, DataError, DatasetInfo, data_root, info, is_builtin, source_path
+from gaussreg.core import plugins
+from gaussreg.data.datasets import (DATASETS, SYNTHETIC_SIZES, DataError, DatasetInfo, data_root, info, is_builtin,
+                                    source_path)
 
 if TYPE_CHECKING:
     import torch
@@ -431,7 +433,7 @@ def load_folder(root: Path, args: dict):
 
 def load_custom(name: str, args: dict, python_path=()):
     """(x_train, y_train, x_test, y_test, DatasetInfo) of a user's dataset: `folder:ROOT`,
-    `npz:FILE` or a loader (import path or entry-point name in gaussreg.datasets) called
+    `npz:FILE` or a loader (import path or entry-point name in gaussreg.data.datasets) called
     with `args`, returning a dict with x_train, y_train, x_test, y_test and optionally
     classes, mean and std."""
     path = source_path(name)
@@ -444,7 +446,6 @@ def load_custom(name: str, args: dict, python_path=()):
     elif name.startswith("folder:"):
         out = load_folder(path, args)
     else:
-        from . import plugins
         try:
             loader = plugins.load("dataset", name, python_path)
         except plugins.PluginError as e:

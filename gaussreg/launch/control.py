@@ -1,4 +1,4 @@
-"""Run control, apart from the scheduling loop (gaussreg.scheduler): starting one worker,
+"""Run control, apart from the scheduling loop (gaussreg.launch.scheduler): starting one worker,
 cancelling or rerunning a run, and the detached launches of a store (list, cancel, start).
 The CLI, the TUI and the scheduler's loop all go through here."""
 
@@ -7,13 +7,17 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
-from .store import RunDir, Store, atomic_write_json, now_iso, try_lock
+import psutil
+
+from gaussreg.launch.gpus import GpuPlaceError, take_gpu_place, wants_gpu
+from gaussreg.runs.store import RunDir, RunFileError, Store, atomic_write_json, now_iso, pid_alive, try_lock
 
 
 def start_worker(run: RunDir, resume: bool, gpu: Optional[str] = None, threads: Optional[int] = None,
@@ -41,7 +45,7 @@ def start_worker(run: RunDir, resume: bool, gpu: Optional[str] = None, threads: 
             env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     if threads:
         env["GAUSSREG_THREADS"] = env["OMP_NUM_THREADS"] = str(threads)
-    cmd = (argv or [sys.executable, "-m", "gaussreg.worker"]) + [str(run.path)] + (["--resume"] if resume else [])
+    cmd = (argv or [sys.executable, "-m", "gaussreg.runs.worker"]) + [str(run.path)] + (["--resume"] if resume else [])
     fd = os.open(run.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
     with os.fdopen(fd, "ab") as log:
         return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -56,8 +60,6 @@ class ControlError(Exception):
 def cancel_run(run: RunDir) -> int:
     """SIGTERM a running run's worker (it saves last.pt and becomes cancelled). Checks
     that the pid really is this run's worker on this host. Returns the pid."""
-    import socket
-    from .store import RunFileError, pid_alive
     try:
         status = run.status()
     except RunFileError as e:
@@ -77,40 +79,6 @@ def cancel_run(run: RunDir) -> int:
     return pid
 
 
-def wants_gpu(run: RunDir) -> bool:
-    """Whether the run's spec may train on a GPU (not `device = "cpu"`); a spec that cannot be
-    read counts as yes (the worker refuses it with its own message)."""
-    try:
-        spec = json.loads(run.spec_file.read_bytes().decode())
-    except (OSError, ValueError):
-        return True
-    return not (isinstance(spec, dict) and spec.get("device") == "cpu")
-
-
-def take_gpu_place(store: Store) -> Optional[Tuple[str, int]]:
-    """For a run started outside a scheduler (`gaussreg train`, the TUI's rerun): the first GPU
-    this process sees with a free place in the store (STORE/_gpus, the places `--per-gpu`
-    counts), as (its CUDA_VISIBLE_DEVICES name, the locked place's fd). A GPU no launch has
-    made places for has one. None when no GPU is visible; ControlError when all are taken."""
-    from .scheduler import canonical_gpu, detect_gpus, nvidia_gpus
-    from .store import RunFileError
-    table = nvidia_gpus()
-    visible = detect_gpus(table)
-    if not visible:
-        return None
-    for gpu in visible:
-        name = canonical_gpu(gpu, table)
-        try:
-            fd = store.lock_gpu_share(name, max(1, store.gpu_places_made(name)))
-        except (OSError, RunFileError):  # no flock or an unwritable store: places cannot be counted
-            return None
-        if fd is not None:
-            return gpu, fd
-    raise ControlError(f"every place on the GPUs this process sees ({', '.join(visible)}) is taken by runs of "
-                       f"store {store.root} ({store.root / '_gpus'}, --per-gpu of their launches); try again when "
-                       "one ends, or train it on the CPU with `device = \"cpu\"` in its spec")
-
-
 def restart(run: RunDir, gpu: Optional[str] = None) -> subprocess.Popen:
     """Train a run that is not running and not completed again, detached (the TUI's
     rerun key; retraining completed runs is `gaussreg run --rerun`): a diverged one from
@@ -125,11 +93,14 @@ def restart(run: RunDir, gpu: Optional[str] = None) -> subprocess.Popen:
         if state == "completed":
             raise ControlError(f"run {run.id} is completed; use `gaussreg run --rerun` to train it again")
         if gpu is None and wants_gpu(run):
-            place = take_gpu_place(Store(run.path.parent))
+            try:
+                place = take_gpu_place(Store(run.path.parent))
+            except GpuPlaceError as e:
+                raise ControlError(str(e)) from None
             if place is not None:
                 gpu = place[0]
         if state == "diverged":
-            _reset(run)
+            run.forget_results()
         return start_worker(run, resume=run.last_checkpoint.exists(), gpu=gpu, lock_fd=fd,
                             hold_fds=(place[1],) if place else ())
     finally:
@@ -142,7 +113,6 @@ def _is_our_launch(info: dict) -> bool:
     """Whether the recorded pid is still that launch: a pid is reused once its process
     is gone, and signalling a stranger's process must never happen. The process must
     have the recorded start time and run `gaussreg run`."""
-    import psutil
     pid = info.get("pid")
     if not isinstance(pid, int) or pid <= 0:
         return False
@@ -195,14 +165,7 @@ def detach_run(argv_tail: List[str], store: Store, label: str) -> dict:
         p = subprocess.Popen([sys.executable, "-m", "gaussreg", "run", *argv_tail, "--follow"], stdout=f,
                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                              env=dict(os.environ, COLUMNS="120"))
-    import psutil
     info = {"pid": p.pid, "label": label, "log": str(log), "started_at": now_iso(), "argv": argv_tail,
             "create_time": psutil.Process(p.pid).create_time()}
     atomic_write_json(logs / f"{p.pid}.pid", info)
     return info
-
-
-def _reset(run: RunDir) -> None:
-    """Forget a finished run's results (keep its spec) so it trains afresh."""
-    for f in (run.result_file, run.events_file, run.best_checkpoint, run.last_checkpoint):
-        f.unlink(missing_ok=True)

@@ -9,9 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .control import detach_run
-from .scheduler import Slot, canonical_gpu, detect_gpus, exclusive_gpus, make_slots, nvidia_gpus, parse_gpus
-from .store import Store
+from gaussreg.data import loading as data
+from gaussreg.launch import slurm
+from gaussreg.launch.control import detach_run
+from gaussreg.launch.gpus import canonical_gpu, detect_gpus, exclusive_gpus, nvidia_gpus, parse_gpus
+from gaussreg.launch.scheduler import Slot, make_slots
+from gaussreg.runs import manifest as mf
+from gaussreg.runs.store import Store
 
 
 class LaunchError(Exception):
@@ -30,7 +34,7 @@ class LaunchRequest:
     rerun: bool = False
     data_dir: Optional[str] = None
     backend: str = "local"  # or "slurm": one sbatch array job instead of a local scheduler
-    # Slurm settings over the manifest's [slurm] table (gaussreg.slurm.settings keys; None: the table's)
+    # Slurm settings over the manifest's [slurm] table (gaussreg.launch.slurm.settings keys; None: the table's)
     slurm: Dict[str, object] = field(default_factory=dict, hash=False)
 
     def argv(self) -> List[str]:
@@ -105,7 +109,6 @@ def resolve_gpus(arg: str) -> List[str]:
 def plan(req: LaunchRequest, commands: bool = True) -> Plan:
     """Everything a launch needs, checked: the manifest, the runs chosen, the slots (or the
     Slurm settings, and with `commands` that sbatch and squeue are on PATH), the data."""
-    from . import data, manifest as mf, slurm
     if req.backend not in ("local", "slurm"):
         raise LaunchError(f"the backend must be 'local' or 'slurm', not {req.backend!r}")
     if not Path(req.manifest).is_file():
@@ -171,7 +174,6 @@ def write_experiments(p: Plan) -> None:
 def submit_slurm(p: Plan):
     """A checked Slurm plan submitted: the run directories written (the array tasks read
     them on the shared filesystem), then one sbatch array job. Returns slurm.Submission."""
-    from . import slurm
     st = Store(p.request.store)
     try:
         write_experiments(p)

@@ -1,6 +1,6 @@
 """The local scheduler: one worker process per run, GPU slots handed out by the parent.
 This is the scheduling loop (slots, queue, reaping, a Snapshot per change for the view);
-starting a worker, cancel, restart and detached launches are in gaussreg.control.
+starting a worker, cancel, restart and detached launches are in gaussreg.launch.control.
 
 Each worker runs in its own process group with CUDA_VISIBLE_DEVICES set to its GPU;
 the parent holds each run's OS lock while launching and passes it to the worker, so
@@ -9,8 +9,6 @@ two schedulers on one store never train the same run twice."""
 from __future__ import annotations
 
 import os
-import re
-import shutil
 import signal
 import subprocess
 import threading
@@ -18,8 +16,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
-from .store import FINISHED, RunDir, RunFileError, Store, now_iso, try_lock
-from .control import ControlError, _reset, start_worker
+from gaussreg.launch.control import ControlError, start_worker
+from gaussreg.launch.gpus import canonical_gpu, nvidia_gpus, usable_cpus
+from gaussreg.runs.store import FINISHED, RunDir, RunFileError, Store, now_iso, try_lock
 
 GRACE_S = 30.0  # how long a SIGTERMed worker gets to write last.pt before SIGKILL
 
@@ -31,135 +30,6 @@ class Slot:
     threads: Optional[int] = None
     shares: int = 1  # --per-gpu: runs of all launches of a store that may share this slot's GPU
     place: Optional[str] = None  # the GPU's canonical name (canonical_gpu), which names its places in the store
-
-
-_GPU_UUID = re.compile(r"GPU-[0-9a-fA-F-]+")
-# a MIG device: `MIG-<uuid>` (drivers >= R470) or `MIG-GPU-<gpu uuid>/<gi>/<ci>` (R450/R460)
-_MIG_ID = re.compile(r"MIG-(GPU-[0-9a-fA-F-]+/\d+/\d+|[0-9a-fA-F-]+)")
-_L_GPU = re.compile(r"^GPU (\d+):.*\(UUID: (GPU-[^)\s]+)\)")
-_L_MIG = re.compile(r"^\s+MIG .*\(UUID: (MIG-[^)\s]+)\)")
-
-
-@dataclass
-class NvidiaGpu:
-    index: str  # nvidia-smi's index (PCI bus order)
-    uuid: str
-    migs: List[str] = field(default_factory=list)  # its MIG devices' ids; then these are what runs use
-
-
-def _nvidia_smi(*args: str) -> str:
-    if not shutil.which("nvidia-smi"):
-        return ""
-    try:
-        return subprocess.run(["nvidia-smi", *args], capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def nvidia_gpus() -> List[NvidiaGpu]:
-    """Every GPU nvidia-smi reports, with its UUID (`--query-gpu=index,uuid`, a stable format)
-    and its MIG devices (`-L`, whose MIG lines are indented under their GPU)."""
-    gpus: Dict[str, NvidiaGpu] = {}
-    for line in _nvidia_smi("--query-gpu=index,uuid", "--format=csv,noheader").splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) == 2 and parts[0].isdigit() and _GPU_UUID.fullmatch(parts[1]):
-            gpus[parts[0]] = NvidiaGpu(parts[0], parts[1])
-    current = None
-    for line in _nvidia_smi("-L").splitlines():
-        m = _L_GPU.match(line)
-        if m:
-            current = gpus.setdefault(m.group(1), NvidiaGpu(m.group(1), m.group(2)))
-            continue
-        m = _L_MIG.match(line)
-        if m and current is not None:
-            current.migs.append(m.group(1))
-    return [gpus[i] for i in sorted(gpus, key=int)]
-
-
-def _units(gpu: NvidiaGpu) -> List[str]:
-    """What CUDA_VISIBLE_DEVICES names for runs on this GPU: its MIG devices when it is
-    partitioned (a CUDA process uses one MIG device, never the whole GPU), else its index."""
-    return list(gpu.migs) or [gpu.index]
-
-
-def canonical_gpu(name: str, table: Optional[List[NvidiaGpu]] = None) -> str:
-    """One name per GPU, whatever CUDA_VISIBLE_DEVICES or --gpus calls it: the UUID for an
-    index, a UUID prefix (CUDA accepts one) or a UUID; a MIG id as it is. Without nvidia-smi,
-    the name itself."""
-    table = nvidia_gpus() if table is None else table
-    for g in table:
-        if name == g.index or name == g.uuid:
-            return g.uuid
-    if _GPU_UUID.fullmatch(name):
-        found = [g.uuid for g in table if g.uuid.lower().startswith(name.lower())]
-        if len(found) == 1:
-            return found[0]
-    return name
-
-
-def detect_gpus(table: Optional[List[NvidiaGpu]] = None) -> List[str]:
-    """The GPUs (or MIG devices) this process may use, as CUDA_VISIBLE_DEVICES names them:
-    $CUDA_VISIBLE_DEVICES when set, else every GPU nvidia-smi lists. A GPU split into MIG
-    devices counts as its MIG devices, one run each."""
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    names = [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"] if env is not None else None
-    if names == []:
-        return []  # "" hides every GPU: no need to ask nvidia-smi
-    table = nvidia_gpus() if table is None else table
-    if names is None:
-        return [u for g in table for u in _units(g)]
-    out = []
-    for name in names:
-        whole = next((g for g in table if g.migs and canonical_gpu(name, table) == g.uuid), None)
-        out += whole.migs if whole else [name]
-    return list(dict.fromkeys(out))
-
-
-def _gpu_name_ok(part: str) -> bool:
-    return part.isdigit() or bool(_GPU_UUID.fullmatch(part) or _MIG_ID.fullmatch(part))
-
-
-def parse_gpus(arg: str) -> List[str]:
-    """'auto' and 'all' (every visible GPU; none on a CPU box: launch.resolve_gpus refuses
-    an explicit 'all' there), 'none', or a list of indices into the visible GPUs ('0,1'),
-    GPU UUIDs ('GPU-8f3c...') and MIG ids ('MIG-...', 'MIG-GPU-<uuid>/<gi>/<ci>')."""
-    arg = arg.strip()
-    if arg in ("auto", "all"):
-        return detect_gpus()
-    if arg == "none":
-        return []
-    parts = [p.strip() for p in arg.split(",")]
-    if not all(_gpu_name_ok(p) for p in parts):
-        raise ValueError(f"--gpus must be 'auto', 'all', 'none' or a list of GPU indices ('0,1'), UUIDs "
-                         f"('GPU-...') or MIG ids ('MIG-...'), not {arg!r}")
-    return list(dict.fromkeys(parts))
-
-
-def usable_cpus() -> int:
-    """The cores this process may run on: a Slurm job's or taskset's cpuset, not the
-    machine's (os.cpu_count counts every core of a 128-core login node)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # not on Linux
-        return os.cpu_count() or 1
-
-
-def exclusive_gpus(gpus: List[str]) -> List[str]:
-    """Those of `gpus` (indices or UUIDs as in CUDA_VISIBLE_DEVICES) that nvidia-smi reports
-    in EXCLUSIVE_PROCESS compute mode, where a second process cannot open the GPU."""
-    if not gpus or not shutil.which("nvidia-smi"):
-        return []
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=index,uuid,compute_mode", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    exclusive = set()
-    for line in out.splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) == 3 and parts[2].replace("_", " ").lower() == "exclusive process":
-            exclusive.update(parts[:2])
-    return [g for g in gpus if g in exclusive]
 
 
 def make_slots(gpus: List[str], per_gpu: int = 1, max_parallel: Optional[int] = None,
@@ -250,7 +120,7 @@ class Scheduler:
         self.specs = dict(specs or {})
         self.all_created = threading.Event()  # every directory of `specs` exists (or the sweep stopped)
         self._halt_create = threading.Event()
-        self.worker_argv = worker_argv  # None: python -m gaussreg.worker
+        self.worker_argv = worker_argv  # None: python -m gaussreg.runs.worker
         self.on_change = on_change or (lambda snapshot, what, run: None)  # (Snapshot, what, RunDir)
         self.poll_s, self.grace_s = poll_s, grace_s
         self.active: Dict[int, Active] = {}  # slot index -> active run
@@ -344,7 +214,7 @@ class Scheduler:
                 self._notify("skipped", run)
                 return False
             if self.rerun:  # from scratch: a corrupt last.pt must not fail every rerun
-                _reset(run)
+                run.forget_results()
             # a CPU slot hides every GPU: inheriting the parent's devices would put each
             # `device = "auto"` worker on GPU 0
             gpu = slot.gpu if slot.gpu is not None else ""
@@ -467,5 +337,4 @@ def _died(rc: Optional[int], run: RunDir) -> str:
 
 
 def _main_thread() -> bool:
-    import threading
     return threading.current_thread() is threading.main_thread()

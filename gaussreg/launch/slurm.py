@@ -2,7 +2,7 @@
 
 One launch is one `sbatch --parsable --array=0-N%K` job; array task i trains the runs
 on line i*P .. i*P+P-1 of the launch's run list (P = `per_gpu`, the runs packed on one
-task's GPU) through `python -m gaussreg.slurm task`, which `exec`s the worker (P = 1) or
+task's GPU) through `python -m gaussreg.launch.slurm task`, which `exec`s the worker (P = 1) or
 starts P workers and waits. The run directory stays the only contract, so the store must
 be on a filesystem shared by the login node and the compute nodes. Only the portable
 commands are used: `sbatch --parsable`, `squeue -h -o`, `scancel` (no sacct, no flock
@@ -15,20 +15,31 @@ that is SIGTERMed without it ends `interrupted` (resumable, requeued by Slurm), 
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .store import FINISHED, RunDir, RunFileError, Store, atomic_write_bytes, atomic_write_json, now_iso
+from rich.live import Live
+from rich.markup import escape
+from rich.table import Table
+
+from gaussreg.launch.control import ControlError
+from gaussreg.runs.environment import gpu_task
+from gaussreg.runs.slurm_settings import (SlurmConfigError, SlurmSettings,  # noqa: F401 - settings: slurm.settings
+                                          settings, times_mem)
+from gaussreg.runs.store import (FINISHED, STATE_STYLE, RunDir, RunFileError, Store, atomic_write_bytes,
+                                 atomic_write_json, now_iso, read_json)
 
 SQUEUE_MIN_S = 10.0  # never poll squeue more often than this (it loads the controller)
 JOB_NAME = "gaussreg"
@@ -39,70 +50,6 @@ FATAL_REASONS = ("PartitionConfig", "ReqNodeNotAvail", "InvalidQOS", "InvalidAcc
 
 class SlurmError(Exception):
     """Slurm cannot be used as asked; the message says why in one sentence."""
-
-
-class SlurmConfigError(ValueError):
-    def __init__(self, key: str, message: str):
-        super().__init__(f"{key}: {message}")
-        self.key = key
-
-
-@dataclass
-class SlurmSettings:
-    """The `[slurm]` manifest table and the `gaussreg run --backend slurm` flags (flags win)."""
-    partition: Optional[str] = None
-    time: Optional[str] = None  # Slurm's time format, e.g. 04:00:00 or 1-00:00:00
-    gpus_per_run: int = 0
-    cpus_per_run: int = 1
-    mem: Optional[str] = None  # per run, e.g. 16G; a task packing P runs asks for P times this
-    array_parallelism: Optional[int] = None
-    per_gpu: int = 1
-    sbatch_args: List[str] = field(default_factory=list)
-    signal: str = "B:TERM@120"  # the worker saves and stops on SIGTERM, 120 s before the time limit
-    requeue: bool = True
-
-
-_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")
-_MEM = re.compile(r"^(\d+)([KMGT]?)$", re.I)
-
-
-def settings(table: Optional[dict] = None, overrides: Optional[dict] = None) -> SlurmSettings:
-    """Validated settings from a `[slurm]` table, with non-None overrides on top.
-    Raises SlurmConfigError naming the key."""
-    merged = dict(table or {})
-    merged.update({k: v for k, v in (overrides or {}).items() if v is not None and v != []})
-    names = {f.name: f for f in fields(SlurmSettings)}
-    out = SlurmSettings()
-    for key, v in merged.items():
-        if key not in names:
-            raise SlurmConfigError(key, f"unknown Slurm setting (known: {', '.join(names)})")
-        if key in ("gpus_per_run", "cpus_per_run", "array_parallelism", "per_gpu"):
-            lo = 0 if key == "gpus_per_run" else 1
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise SlurmConfigError(key, f"must be an integer >= {lo}, not {v!r}")
-        elif key == "requeue":
-            if not isinstance(v, bool):
-                raise SlurmConfigError(key, f"must be true or false, not {v!r}")
-        elif key == "sbatch_args":
-            if isinstance(v, str):
-                import shlex
-                v = shlex.split(v)
-            if not isinstance(v, list) or not all(isinstance(a, str) for a in v):
-                raise SlurmConfigError(key, "must be a list of strings, e.g. [\"--qos=long\"]")
-        else:
-            if not isinstance(v, str) or not v.strip():
-                raise SlurmConfigError(key, f"must be a non-empty string, not {v!r}")
-            if key == "time" and not _TIME.match(v):
-                raise SlurmConfigError(key, f"must be a Slurm time like 04:00:00 or 1-00:00:00, not {v!r}")
-            if key == "mem" and not _MEM.match(v):
-                raise SlurmConfigError(key, f"must be a size like 16G or 4000M, not {v!r}")
-        setattr(out, key, v)
-    return out
-
-
-def _times(mem: str, k: int) -> str:
-    n, unit = _MEM.match(mem).groups()
-    return f"{int(n) * k}{unit.upper()}"
 
 
 def require(*commands: str) -> None:
@@ -128,7 +75,7 @@ def sbatch_command(cfg: SlurmSettings, tasks: int, script: Path, out_dir: Path) 
     if cfg.gpus_per_run:
         cmd.append(f"--gres=gpu:{cfg.gpus_per_run}")
     if cfg.mem:
-        cmd.append(f"--mem={_times(cfg.mem, k)}")
+        cmd.append(f"--mem={times_mem(cfg.mem, k)}")
     return cmd + list(cfg.sbatch_args) + [str(script)]
 
 
@@ -222,10 +169,9 @@ def submit(store: Store, run_ids: List[str], cfg: SlurmSettings, rerun: bool = F
     todo, skipped = _plan(store, run_ids, rerun, squeue())
     if not todo:
         return Submission(None, [], skipped)
-    from .control import _reset
     for run in todo:
         if rerun and run.state() in FINISHED:
-            _reset(run)
+            run.forget_results()
         run.cancel_request.unlink(missing_ok=True)
     k = cfg.per_gpu
     tasks = math.ceil(len(todo) / k)
@@ -242,7 +188,7 @@ def submit(store: Store, run_ids: List[str], cfg: SlurmSettings, rerun: bool = F
         "# written by gaussreg: array task i trains lines i*P.. of runs.txt (P runs per task)\n"
         f"export GAUSSREG_BACKEND=slurm PYTHONUNBUFFERED=1 GAUSSREG_SLURM_LAUNCH={_q(sub.name)} "
         f"GAUSSREG_SLURM_GPUS={cfg.gpus_per_run}\n"
-        f"exec {_q(python)} -m gaussreg.slurm task {_q(str(runs_file.resolve()))} --per-task {k}\n").encode())
+        f"exec {_q(python)} -m gaussreg.launch.slurm task {_q(str(runs_file.resolve()))} --per-task {k}\n").encode())
     script.chmod(0o755)
     cmd = sbatch_command(cfg, tasks, script.resolve(), sub.resolve())
     try:
@@ -276,7 +222,6 @@ def submit(store: Store, run_ids: List[str], cfg: SlurmSettings, rerun: bool = F
 
 
 def _q(s: str) -> str:
-    import shlex
     return shlex.quote(s)
 
 
@@ -285,7 +230,6 @@ def _q(s: str) -> str:
 def cancel(run: RunDir) -> str:
     """Cancel a Slurm run: mark it, then scancel its array task (when the task trains only
     this run; a task packing several runs stops just this worker). Returns what was done."""
-    from .control import ControlError
     try:
         status = run.status()
         state = run.state(status)
@@ -316,8 +260,6 @@ def resubmit(run: RunDir) -> Submission:
     """Train a Slurm run that is not queued or running again, through Slurm, with the
     settings of the launch that submitted it (alone in its array task): a diverged one from
     scratch, any other from its last.pt. ControlError says why not."""
-    from .control import ControlError
-    from .store import read_json
     try:
         status = run.status()
         state = run.state(status)
@@ -351,38 +293,7 @@ def resubmit(run: RunDir) -> Submission:
     return sub
 
 
-def stop_state(run: RunDir, signum: int) -> Tuple[str, str]:
-    """How a worker stopped by `signum` ends: under Slurm a SIGTERM nobody asked for
-    through `gaussreg cancel` is preemption or the time limit, so the run is
-    `interrupted` (Slurm requeues it; it resumes from last.pt)."""
-    name = signal.Signals(signum).name
-    if (os.environ.get("GAUSSREG_BACKEND") == "slurm" and signum == signal.SIGTERM
-            and not run.cancel_request.exists()):
-        return "interrupted", (f"stopped by Slurm ({name}: preemption or time limit); "
-                               "last.pt holds the last finished epoch and a requeue resumes from it")
-    return "cancelled", f"cancelled by {name}; last.pt holds the last finished epoch"
-
-
-def worker_fields() -> dict:
-    """What a worker started by an array task records in status.json."""
-    if os.environ.get("GAUSSREG_BACKEND") != "slurm":
-        return {}
-    jid, idx = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    out = {"backend": "slurm", "slurm_job_id": jid or os.environ.get("SLURM_JOB_ID"),
-           "slurm_array_index": int(idx) if idx and idx.isdigit() else None,
-           "slurm_runs_per_task": int(os.environ.get("GAUSSREG_RUNS_PER_TASK", "1")),
-           "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
-           "slurm_launch": os.environ.get("GAUSSREG_SLURM_LAUNCH")}  # STORE/_slurm/<this>/job.json: its settings
-    out["slurm_job"] = f"{jid}_{idx}" if jid and idx else out["slurm_job_id"]
-    return out
-
-
 # ---------------------------------------------------------------- the array task
-
-def gpu_task() -> bool:
-    """Whether this array task was given GPUs (`gpus_per_run` > 0, written into the job script)."""
-    n = os.environ.get("GAUSSREG_SLURM_GPUS", "0")
-    return n.isdigit() and int(n) > 0
 
 def _task(runs_file: Path, per_task: int) -> int:
     idx = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
@@ -413,7 +324,7 @@ def _task(runs_file: Path, per_task: int) -> int:
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
     if cpus and cpus.isdigit() and "GAUSSREG_THREADS" not in os.environ:
         env["GAUSSREG_THREADS"] = env["OMP_NUM_THREADS"] = str(max(1, int(cpus) // len(todo)))
-    argv = lambda r: [sys.executable, "-m", "gaussreg.worker", str(r.path), "--resume"]
+    argv = lambda r: [sys.executable, "-m", "gaussreg.runs.worker", str(r.path), "--resume"]
     print(f"{now_iso()} task {idx} on {os.uname().nodename}: {' '.join(r.id for r in todo)}", flush=True)
     if len(todo) == 1:
         # exec: the worker is the batch step's process, so B:TERM reaches it directly
@@ -470,10 +381,6 @@ def follow(store: Store, run_ids: List[str], console, poll_s: float = 1.0, squeu
     """The live view of a Slurm launch: reads the run directories every `poll_s` and
     squeue every `squeue_s` (>= 10 s). Returns when no run can change any more (0), or
     when a run waits for a reason that will not resolve (1, after saying which runs)."""
-    from rich.live import Live
-    from rich.markup import escape
-    from rich.table import Table
-    from .store import STATE_STYLE
     squeue_s = max(SQUEUE_MIN_S, squeue_s)
     runs = [RunDir(store.root / r) for r in run_ids]
     live_tasks: Dict[str, Task] = {}
@@ -544,8 +451,7 @@ def follow(store: Store, run_ids: List[str], console, poll_s: float = 1.0, squeu
 
 
 def main(argv=None) -> int:
-    import argparse
-    ap = argparse.ArgumentParser(prog="python -m gaussreg.slurm")
+    ap = argparse.ArgumentParser(prog="python -m gaussreg.launch.slurm")
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("task", help="run this array task's runs (called by the job script)")
     t.add_argument("runs_file")

@@ -1,17 +1,22 @@
 """`gaussreg run --dry-run`'s check of a manifest's own code, run as a subprocess
-(`python -m gaussreg.check`) so the manifest reader stays torch-free and a user's
+(`python -m gaussreg.runs.check`) so the manifest reader stays torch-free and a user's
 import cannot disturb the CLI: reads a JSON list of model/dataset combinations on
 stdin, writes a JSON list of problems `{"index", "key", "message"}` on stdout.
 
 Per combination: load the dataset (a user's; a built-in one is only described), build
 the model with its factory, split it (models.as_gaussnet), run 2 training images
 through it, check the output shape, run one regularizer loss at each depth the
-manifest asks for, and check those depths can be propagated (gaussreg.adf)."""
+manifest asks for, and check those depths can be propagated (gaussreg.science.adf)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+
+from gaussreg.core import plugins
+from gaussreg.data import loading as data
+from gaussreg.science import adf, models
 
 
 def _last_line(e: BaseException) -> str:
@@ -21,8 +26,8 @@ def _last_line(e: BaseException) -> str:
 
 def check(item: dict) -> list:
     import torch
-    from . import adf, data, models, plugins
-    from .regularizer import moment_loss
+
+    from gaussreg.science.regularizer import moment_loss
     ds_name, path = item["dataset"], item.get("python_path", [])
     try:
         if data.is_builtin(ds_name):
@@ -67,7 +72,6 @@ def check(item: dict) -> list:
 
 
 def main() -> int:
-    import contextlib
     items = json.load(sys.stdin)
     out = []
     with contextlib.redirect_stdout(sys.stderr):  # the user's prints must not corrupt the answer

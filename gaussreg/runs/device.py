@@ -9,7 +9,7 @@ import platform
 import sys
 from typing import Optional
 
-from .schema import SpecError
+from gaussreg.core.schema import SpecError
 
 
 def keep_freed_memory() -> bool:

@@ -7,10 +7,14 @@ ManifestError lists every problem found in one pass."""
 
 from __future__ import annotations
 
+import copy
 import difflib
 import fnmatch
 import itertools
+import json
+import os
 import re
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +25,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from . import datasets, plugins
-from .methods import METHOD_CLASSES
-from .spec import ARG_TABLES, EXPERIMENT_NAME, SCALARS, TABLES, SpecError, resolve, run_id
+from gaussreg.core import plugins
+from gaussreg.data import datasets
+from gaussreg.runs.slurm_settings import SlurmConfigError, settings
+from gaussreg.runs.spec import ARG_TABLES, EXPERIMENT_NAME, SCALARS, TABLES, SpecError, resolve, run_id
+from gaussreg.science.methods import METHOD_CLASSES
 
 RUN_KEYS = (set(SCALARS) - {"experiment", "data_dir"}) | {"optimizer", "robustness", "certify", "preset", *ARG_TABLES}
 EXPERIMENT_KEYS = RUN_KEYS | {"name", "tolerance", "methods", "seeds"}
@@ -75,7 +81,7 @@ class Experiment:
 class Manifest:
     path: Path
     experiments: List[Experiment]
-    slurm: dict = field(default_factory=dict)  # the optional [slurm] table (gaussreg.slurm.settings)
+    slurm: dict = field(default_factory=dict)  # the optional [slurm] table (gaussreg.runs.slurm_settings)
     error: Optional[Callable] = None  # (experiment index, key path, message) -> ManifestError with its line
 
     def runs(self) -> List[PlannedRun]:
@@ -209,7 +215,6 @@ def _top_level(doc: dict, path: Path, err):
     if not isinstance(slurm_table, dict):
         err(None, ["slurm"], "must be a table")
         slurm_table = {}
-    from .slurm import SlurmConfigError, settings
     try:
         settings(slurm_table)
     except SlurmConfigError as e:
@@ -387,7 +392,6 @@ def _spec_error(err, sec, exp: dict, method: str, e: SpecError) -> None:
 def _resolve_all(partial: dict, report) -> Optional[dict]:
     """The resolved spec, or None after reporting every bad key of it: resolve() stops at the
     first, so the bad key is dropped (its default taken) and the rest checked again."""
-    import copy
     partial, dropped = copy.deepcopy(partial), set()
     for _ in range(20):
         try:
@@ -420,12 +424,9 @@ def uses_own_code(m: Manifest) -> bool:
 
 
 def check_code(m: Manifest, timeout: float = 600) -> List[ManifestError]:
-    """Import every factory and loader the manifest names, in a subprocess (gaussreg.check),
+    """Import every factory and loader the manifest names, in a subprocess (gaussreg.runs.check),
     build each model, run 2 images through it and check its split; the problems found,
     as manifest errors naming the file, line and key."""
-    import json
-    import os
-    import subprocess
     combos, where = [], {}
     for e in m.experiments:
         for r in e.runs:
@@ -442,7 +443,7 @@ def check_code(m: Manifest, timeout: float = 600) -> List[ManifestError]:
     root = str(Path(__file__).resolve().parents[1])  # the child imports this gaussreg
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     try:
-        out = subprocess.run([sys.executable, "-m", "gaussreg.check"], input=json.dumps(combos),
+        out = subprocess.run([sys.executable, "-m", "gaussreg.runs.check"], input=json.dumps(combos),
                              capture_output=True, text=True, env=env, timeout=timeout)
         found = json.loads(out.stdout)
     except subprocess.TimeoutExpired:

@@ -8,10 +8,11 @@ import json
 import math
 import re
 
-from . import datasets, plugins
-from .methods import METHOD_CLASSES  # a method's parameters are declared on its class
-from .robustness import default_sigmas
-from .schema import REQUIRED, SpecError
+from gaussreg.core import plugins
+from gaussreg.core.schema import REQUIRED, SpecError
+from gaussreg.data import datasets
+from gaussreg.science.methods import METHOD_CLASSES  # a method's parameters are declared on its class
+from gaussreg.science.robustness import CERTIFY_DEFAULTS, CERTIFY_SIGMA, default_sigmas
 
 SPEC_VERSION = 1
 MAX_SAMPLES = 1000  # robustness draws per image and sigma: each is a pass over the test set per sigma
@@ -151,10 +152,8 @@ def _resolve_robustness(given: dict) -> dict:
     return out
 
 
-# randomized-smoothing certification after training (gaussreg.smoothing); present in a
+# randomized-smoothing certification after training (gaussreg.science.smoothing); present in a
 # spec only when asked for, so other specs (and their ids) are unchanged
-CERTIFY_DEFAULTS = {"n": 10_000, "n0": 100, "alpha": 0.001, "images": 500}
-CERTIFY_SIGMA = 0.25  # for methods trained without a noise level
 
 
 def default_certify_sigma(spec: dict) -> float:

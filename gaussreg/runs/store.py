@@ -1,8 +1,8 @@
 """The run store: one directory per run, the contract between processes.
 
 Writers: the worker writes a run's progress, checkpoints and result; the scheduler and
-gaussreg.control create the run (spec.json, status.json), write its status around the
-worker's life and delete its outputs before a retrain; gaussreg.slurm writes status and
+gaussreg.launch.control create the run (spec.json, status.json), write its status around the
+worker's life and delete its outputs before a retrain; gaussreg.launch.slurm writes status and
 a cancel request; `gaussreg certify` adds certificate files. The CLI's views and the TUI
 only read. Files others read are replaced atomically; events.jsonl is append-only and
 may end in a partial line."""
@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
-from .methods import METHOD_CLASSES  # the parameter types a spec.json is checked against
+from gaussreg.science.methods import METHOD_CLASSES  # the parameter types a spec.json is checked against
 
 STATES = ("queued", "running", "completed", "failed", "cancelled", "interrupted", "diverged")
 # One palette for a state wherever it is shown (CLI tables and live view, the TUI), as Rich
@@ -57,6 +57,13 @@ def hash_part(run_id: str) -> str:
     """The hash at the end of a run id (`exp-method-3fa2c1d9e0` -> `3fa2c1d9e0`, spec.run_id):
     the TUI's short id is its start, so Store.get takes a prefix of it too."""
     return run_id.rsplit("-", 1)[-1]
+
+
+def short_id(run_id: str) -> str:
+    """The hash part of a run id (`exp-method-3fa2c1d9e0` -> `3fa2c1`): unique enough to tell
+    rows apart and to type as a prefix (`gaussreg show` takes the full id or a unique prefix)."""
+    tail = hash_part(run_id)
+    return tail[:6] if len(tail) >= 6 else run_id
 
 
 def now_iso() -> str:
@@ -364,7 +371,7 @@ def pid_alive(pid) -> bool:
 
 
 # The files of a run directory, named here only (tests/test_contracts.py greps for them elsewhere)
-SPEC_FILE = "spec.json"  # the resolved spec (gaussreg.spec), written once
+SPEC_FILE = "spec.json"  # the resolved spec (gaussreg.runs.spec), written once
 STATUS_FILE = "status.json"  # state, epoch, heartbeat; replaced atomically
 EVENTS_FILE = "events.jsonl"  # one JSON object per line, appended by the worker
 RESULT_FILE = "result.json"  # the trained run's test accuracy and robustness
@@ -372,7 +379,7 @@ LAST_CHECKPOINT = "last.pt"  # where an interrupted run resumes from
 BEST_CHECKPOINT = "best.pt"  # the model of the best validation epoch, which is evaluated
 WORKER_LOG = "worker.log"  # the worker's stdout and stderr
 LOCK_FILE = "lock"  # flock'd by whoever trains the run (try_lock)
-CANCEL_REQUEST = "cancel_requested"  # a Slurm run's cancel asked for before its worker started (gaussreg.slurm)
+CANCEL_REQUEST = "cancel_requested"  # a Slurm run's cancel asked for before its worker started (gaussreg.launch.slurm)
 CERTIFICATE_GLOB = "certify-*.json"
 
 
@@ -502,7 +509,7 @@ class RunDir:
     def write_status(self, status: dict) -> None:
         atomic_write_json(self.status_file, status)
 
-    # certify-<sigma>.json: randomized-smoothing certificates (gaussreg.smoothing), one
+    # certify-<sigma>.json: randomized-smoothing certificates (gaussreg.science.smoothing), one
     # file per noise level, written atomically by `gaussreg certify` or the worker
 
     @staticmethod
@@ -526,6 +533,11 @@ class RunDir:
         path = self.file(self.certification_name(cert["sigma"]))
         atomic_write_json(path, cert)
         return path
+
+    def forget_results(self) -> None:
+        """Forget a finished run's results (keep its spec) so that it trains afresh."""
+        for f in (self.result_file, self.events_file, self.best_checkpoint, self.last_checkpoint):
+            f.unlink(missing_ok=True)
 
 
 def try_lock(run: RunDir) -> Optional[int]:

@@ -1,4 +1,4 @@
-"""Train one run: `python -m gaussreg.worker RUN_DIR [--resume]`.
+"""Train one run: `python -m gaussreg.runs.worker RUN_DIR [--resume]`.
 
 Reads RUN_DIR/spec.json, trains with the paper's protocol (presets by model, Adam/SGD,
 ReduceLROnPlateau on the validation objective, early stopping, best-validation model),
@@ -8,6 +8,9 @@ directory"). The whole dataset lives on the training device; batches are index s
 from __future__ import annotations
 
 import argparse
+import copy
+import hashlib
+import io
 import math
 import os
 import platform
@@ -21,11 +24,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-from . import __version__, slurm
-from .device import (autocast, device_name, keep_freed_memory, make_deterministic, out_of_memory, pick_device,
-                     prefer_channels_last, resolve_precision, threads_from_env)
-from .spec import SpecError, resolve
-from .store import HEARTBEAT_S, RunDir, atomic_write_bytes, atomic_write_json, now_iso, to_json, try_lock
+from gaussreg import __version__
+from gaussreg.core import plugins
+from gaussreg.data import loading as data
+from gaussreg.runs import environment
+from gaussreg.runs.device import (autocast, device_name, keep_freed_memory, make_deterministic, out_of_memory,
+                                  pick_device, prefer_channels_last, resolve_precision, threads_from_env)
+from gaussreg.runs.spec import SpecError, resolve
+from gaussreg.runs.store import (HEARTBEAT_S, RunDir, RunFileError, atomic_write_bytes, atomic_write_json, now_iso,
+                                 read_json, to_json, try_lock)
+from gaussreg.science.methods import make_method
+from gaussreg.science.robustness import EvaluationStopped, robustness
 
 EXIT_BAD_INPUT = 2
 EXIT_LOCKED = 3
@@ -134,14 +143,12 @@ def epoch_seed(seed: int, epoch: int) -> int:
     """The seed of the run's generators at the start of `epoch`: shuffling and noise are a
     function of (seed, epoch) alone, so a checkpoint carries no generator state and resumes
     on any device (a CPU generator's state does not fit a CUDA one, nor 8 GPUs' states 1)."""
-    import hashlib
     return int.from_bytes(hashlib.sha256(f"gaussreg:{seed}:{epoch}".encode()).digest()[:8], "little") >> 1
 
 
 def _training_state(model, opt, sched, state: dict) -> dict:
     """What resuming needs, as it is now; tensors are cloned on their device (a copy that
     does not wait for the GPU), so training on does not change it."""
-    import copy
     return {"model": {k: v.detach().clone() for k, v in model.state_dict().items()},
             "optimizer": copy.deepcopy(opt.state_dict()), "scheduler": copy.deepcopy(sched.state_dict()),
             "state": dict(state)}
@@ -150,7 +157,6 @@ def _training_state(model, opt, sched, state: dict) -> dict:
 def _write_checkpoint(path: Path, content: dict, spec: dict) -> None:
     """content plus the run's resolved spec, so a checkpoint copied away from its run
     directory still says what it is (`gaussreg eval FILE`)."""
-    import io
     import torch
     buf = io.BytesIO()
     torch.save({**content, "spec": spec}, buf)
@@ -159,6 +165,7 @@ def _write_checkpoint(path: Path, content: dict, spec: dict) -> None:
 
 def _load_checkpoint(path: Path, model, opt, sched) -> dict:
     import torch
+
     # weights_only: a run directory is data, never code
     ck = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(ck["model"])
@@ -214,7 +221,6 @@ class LastCheckpoint:
 def changed_source(spec: dict) -> Optional[str]:
     """Why a run's model or loader code is not the code it was planned with, or None:
     its id stands for that code, so other code must make another run."""
-    from . import plugins
     for kind, key in (("model", "model_source"), ("dataset", "dataset_source")):
         if key in spec:
             now = plugins.source_hash(kind, spec[kind], spec.get("python_path", ()))
@@ -270,9 +276,8 @@ class _Setup(NamedTuple):
 def _setup(spec: dict, log) -> _Setup:
     """The process, the data, the model, the method and the optimizer of a run, seeded."""
     import torch
-    from . import data
-    from .methods import make_method
-    from .models import build_model, parameter_count
+
+    from gaussreg.science.models import build_model, parameter_count
 
     keep_freed_memory()
     make_deterministic()
@@ -341,8 +346,6 @@ class _Evaluation(NamedTuple):
 
 def _final_evaluation(spec: dict, run: RunDir, s: _Setup, status: Status, should_stop, events) -> _Evaluation:
     """The model with the best validation objective: test accuracy, then R on test and validation."""
-    from .methods import make_method
-    from .robustness import EvaluationStopped, robustness
     seed, splits, model = spec["seed"], s.splits, s.model
     _load_checkpoint(run.best_checkpoint, model, None, None)
     status.update(phase="evaluating")
@@ -481,7 +484,7 @@ def _train_epochs(spec, run, state, s: _Setup, events, status, last_ck, should_s
 def _certify(spec, model, splits, run, should_stop, events, log) -> None:
     """The manifest's `certify` table: randomized-smoothing certificates of the best
     model after R; a stop request (SIGTERM) is honoured between images."""
-    from .smoothing import certify_run
+    from gaussreg.runs.certificate import certify_run
     c = spec["certify"]
     log(f"certifying {c['images']} test images at sigma {c['sigma']:g} (n0 {c['n0']}, n {c['n']}, "
         f"alpha {c['alpha']:g})")
@@ -530,7 +533,7 @@ def _signals(flag: dict):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m gaussreg.worker", description="Train one run directory.")
+    ap = argparse.ArgumentParser(prog="python -m gaussreg.runs.worker", description="Train one run directory.")
     ap.add_argument("run_dir")
     ap.add_argument("--resume", action="store_true", help="continue from last.pt when it exists")
     args = ap.parse_args(argv)
@@ -563,7 +566,7 @@ def main(argv=None) -> int:
     status = Status(run, state="running", pid=os.getpid(), host=socket.gethostname(), device=None,
                     started_at=now_iso(), finished_at=None, epoch=0, max_epochs=None, error=None, phase="training",
                     cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
-                    gpu_slot=os.environ.get("GAUSSREG_GPU"), **slurm.worker_fields())
+                    gpu_slot=os.environ.get("GAUSSREG_GPU"), **environment.worker_fields())
 
     def fail(message: str, state: str = "failed", **extra) -> None:
         log(f"{state}: {message}")
@@ -599,7 +602,6 @@ def main(argv=None) -> int:
 
 def _check_run(run: RunDir, fail):
     """(spec, device) when the run can start, else its exit code after saying why."""
-    from .store import RunFileError, read_json
     try:
         raw = read_json(run.spec_file)  # resolve() checks it key by key, with its own messages
         if raw is None:
@@ -609,7 +611,6 @@ def _check_run(run: RunDir, fail):
         fail(f"bad spec {run.spec_file}: {e}")
         print(f"error: bad spec {run.spec_file}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    from . import data
     if (data.is_builtin(spec["dataset"]) and spec["dataset"] != "synthetic"
             and data.find(spec["dataset"], spec["data_dir"]) is None):
         msg = data.missing_message(spec["dataset"], spec["data_dir"])
@@ -643,7 +644,7 @@ def _train_to_the_end(spec, run: RunDir, dev, resume: bool, parent, status: Stat
                 fail(f"its scheduler (pid {parent}) died; last.pt holds the last finished epoch "
                      "(run it again to resume)", "cancelled")
             else:
-                state, message = slurm.stop_state(run, sig)  # under Slurm, SIGTERM may be preemption
+                state, message = environment.stop_state(run, sig)  # under Slurm, SIGTERM may be preemption
                 fail(message, state)
             return 128 + sig
         except Diverged as e:
@@ -665,10 +666,15 @@ def _train_to_the_end(spec, run: RunDir, dev, resume: bool, parent, status: Stat
     return 0
 
 
-if __name__ == "__main__":
+def run_as_script() -> None:
+    """`python -m gaussreg.runs.worker` (and the README's `python -m gaussreg.worker`)."""
     code = main()
     # Every file the run writes is closed by now: skip tearing down torch's module graph,
     # which costs about a second per run (a sweep of small runs, the test suite).
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+if __name__ == "__main__":
+    run_as_script()

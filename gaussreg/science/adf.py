@@ -32,9 +32,10 @@ import math
 from typing import List, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .moments import _reduce_to
+from gaussreg.science.moments import _reduce_to
 
 Depth = Union[int, str]
 
@@ -218,11 +219,29 @@ def maxpool_moments(pool: nn.MaxPool2d, mu: torch.Tensor, var: torch.Tensor):
     return m, v
 
 
+def affine_variance(layer: nn.Module, var: torch.Tensor) -> torch.Tensor:
+    """(A . A) var (Eq. 5): a diagonal input variance through a Conv2d or Linear layer with
+    squared weights and no bias (same stride and padding); a folded input normalisation
+    (`input_std`, gaussreg.science.models) divides by std^2 first."""
+    std = getattr(layer, "input_std", None)
+    if isinstance(layer, nn.Conv2d):
+        if std is not None:
+            var = var / std.square()
+        if layer.padding_mode != "zeros":
+            raise ValueError("only zero padding keeps the border noise-free")
+        return F.conv2d(var, layer.weight.to(var.dtype).square(), None, layer.stride, layer.padding,
+                        layer.dilation, layer.groups)
+    if isinstance(layer, nn.Linear):
+        if std is not None:
+            var = var / (std.view(1, -1, *([1] * (var.ndim - 2))) if var.ndim > 2 else std).square()
+        return F.linear(var.flatten(1), layer.weight.to(var.dtype).square())
+    raise TypeError(f"the first layer must be Conv2d or Linear, not {type(layer).__name__}")
+
+
 def layer_moments(mod: nn.Module, mu: torch.Tensor, var: torch.Tensor):
     """One module's output mean and variance for a diagonal Gaussian input."""
     if isinstance(mod, (nn.Conv2d, nn.Linear)):
-        from .regularizer import first_variance  # here: regularizer imports adf at module level
-        return mod(mu), first_variance(mod, var)  # Eq. 5 with a per-unit variance map
+        return mod(mu), affine_variance(mod, var)  # Eq. 5 with a per-unit variance map
     if isinstance(mod, nn.ReLU):
         return relu_moments(mu, var)
     if isinstance(mod, nn.MaxPool2d):

@@ -14,7 +14,9 @@ import functools
 import math
 from typing import TYPE_CHECKING, Dict, NamedTuple, Optional
 
-from .schema import Param, SpecError, check_params as _check, nonneg
+from gaussreg.core.schema import Param, SpecError
+from gaussreg.core.schema import check_params as _check
+from gaussreg.core.schema import nonneg
 
 if TYPE_CHECKING:
     import torch
@@ -168,13 +170,13 @@ class Regularizer(Method):
     name = "regularizer"
     noise_param = "sigma"
     schema = {"sigma": nonneg(float), "alpha": nonneg(float),
-              # where the moments stop being propagated (gaussreg.adf): 1 = the paper
+              # where the moments stop being propagated (gaussreg.science.adf): 1 = the paper
               "depth": Param((int, str), 1, lambda v: v == "all" or (isinstance(v, int) and v >= 1),
                              "must be an integer >= 1 or 'all'", omitted_at_default=True)}
     term_names = ("ce", "reg")
 
     def loss(self, model, x, y, g):
-        from .regularizer import moment_loss
+        from gaussreg.science.regularizer import moment_loss
         m = moment_loss(model, x, y, self.params["sigma"], self.params["alpha"], self.params["depth"])
         return Loss(m.total, {"ce": m.ce, "reg": m.reg}, m.logits)
 

@@ -2,7 +2,7 @@
 
 `first` is the first affine layer with the dataset's input normalisation folded in:
 it takes [0,1] pixels, so noise is always specified in pixel units; pushing a
-pixel-space noise variance through it (Eq. 5) is gaussreg.regularizer.first_variance."""
+pixel-space noise variance through it (Eq. 5) is gaussreg.science.regularizer.first_variance."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import datasets, plugins
+from gaussreg.core import plugins
+from gaussreg.data import datasets
 
 
 class NormalizedConv2d(nn.Conv2d):
@@ -182,7 +183,7 @@ def _from_stem(model: nn.Module, name: str, shape) -> GaussNet:
         raise SplitError(f"model {name!r} has conv1{', bn1' if bn is not None else ''} and relu, but its forward "
                          f"does not start with relu({'bn1(' if bn is not None else ''}conv1(x))"
                          f"{')' if bn is not None else ''} (its output changed when gaussreg split it there: "
-                         f"normalise inside conv1, e.g. with gaussreg.models.NormalizedConv2d); recognised are "
+                         f"normalise inside conv1, e.g. with gaussreg.science.models.NormalizedConv2d); recognised are "
                          f"{RECOGNISED}")
     return net
 
@@ -206,7 +207,7 @@ def as_gaussnet(obj, name: str = "custom", shape=None) -> GaussNet:
 
 
 # ---------------------------------------------------------------- built-in factories
-# Registered as gaussreg.models:lenet etc. (gaussreg.plugins.BUILTIN_MODELS): built like any user's.
+# Registered as gaussreg.science.models:lenet etc. (gaussreg.core.plugins.BUILTIN_MODELS): built like any user's.
 
 def lenet(ds: datasets.DatasetInfo) -> GaussNet:
     c, h, w = ds.shape

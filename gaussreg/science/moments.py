@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -209,7 +210,6 @@ def _kernel(fn, *args):
     try:
         return _compiled[fn](*args)
     except Exception as e:  # noqa: BLE001 - any compiler failure: the eager path is the same maths
-        import warnings
         warnings.warn(f"torch.compile failed ({type(e).__name__}); the regularizer's half-precision kernel "
                       "runs uncompiled (slower, same results)")
         _compiled[fn] = _compiled[_fused_forward] = False

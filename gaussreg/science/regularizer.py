@@ -1,7 +1,7 @@
 """The analytic moment regularizer: the loss of the network's expected output under
 Gaussian input noise, computed with one extra pass through `rest` (Eq. 3-5).
 
-`depth` moves the split deeper than the paper's first ReLU (gaussreg.adf): 1 is the
+`depth` moves the split deeper than the paper's first ReLU (gaussreg.science.adf): 1 is the
 paper, k splits after the k-th ReLU, "all" propagates the moments to the logits."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ from contextlib import contextmanager
 from typing import NamedTuple, Optional, Union
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
-from . import adf
-from .moments import relu_and_mean, relu_mean, safe_sqrt
-from .models import FirstBlock
+from gaussreg.science import adf
+from gaussreg.science.models import FirstBlock
+from gaussreg.science.moments import relu_and_mean, relu_mean, safe_sqrt
 
 Sigma = Union[float, torch.Tensor]
 
@@ -48,19 +48,7 @@ def first_variance(first: nn.Module, var: torch.Tensor, x: Optional[torch.Tensor
             return out
         scale = scale.to(out.dtype).square()
         return out * scale.view(1, -1, *([1] * (out.ndim - 2)))
-    std = getattr(first, "input_std", None)
-    if isinstance(first, nn.Conv2d):
-        if std is not None:
-            var = var / std.square()
-        if first.padding_mode != "zeros":
-            raise ValueError("only zero padding keeps the border noise-free")
-        return F.conv2d(var, first.weight.to(var.dtype).square(), None, first.stride, first.padding,
-                        first.dilation, first.groups)
-    if isinstance(first, nn.Linear):
-        if std is not None:
-            var = var / (std.view(1, -1, *([1] * (var.ndim - 2))) if var.ndim > 2 else std).square()
-        return F.linear(var.flatten(1), first.weight.to(var.dtype).square())
-    raise TypeError(f"the first layer must be Conv2d or Linear, not {type(first).__name__}")
+    return adf.affine_variance(first, var)
 
 
 def sigma2(first, sigma: Sigma, x: torch.Tensor) -> torch.Tensor:
@@ -88,7 +76,7 @@ def _deep_mean(model, mu2: torch.Tensor, x: torch.Tensor, sigma: Sigma, head) ->
 def expected_logits(model, x: torch.Tensor, sigma: Sigma, depth: adf.Depth = 1) -> torch.Tensor:
     """The analytic estimate of E[f(x + n)]: rest_k(mu_k). depth 1 is the paper's
     rest(mu3), mu3 = T(mu2, sigma2), mu2 = first(x) (Eq. 1, 4, 5); deeper splits
-    propagate mean and variance through the layers before the k-th ReLU (gaussreg.adf)."""
+    propagate mean and variance through the layers before the k-th ReLU (gaussreg.science.adf)."""
     mu2 = model.first(x)
     if depth == 1:
         return model.rest(relu_mean(mu2, sigma2(model.first, sigma, x)))

@@ -6,6 +6,11 @@ import math
 from dataclasses import asdict, dataclass
 from typing import List, Optional
 
+# Randomized-smoothing certification (gaussreg.science.smoothing; Cohen et al.'s n, n0 and alpha)
+# after training: torch-free here so that specs can name the defaults without torch.
+CERTIFY_DEFAULTS = {"n": 10_000, "n0": 100, "alpha": 0.001, "images": 500}
+CERTIFY_SIGMA = 0.25  # for methods trained without a noise level
+
 
 def default_sigmas(count: int = 30, top: float = 0.5) -> List[float]:
     """The paper's set A: `count` evenly spaced noise levels in [0, top] (the values of

@@ -19,7 +19,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from .spec import CERTIFY_DEFAULTS
+from gaussreg.science.robustness import CERTIFY_DEFAULTS
 
 ABSTAIN = -1
 DEFAULT_N, DEFAULT_N0 = CERTIFY_DEFAULTS["n"], CERTIFY_DEFAULTS["n0"]
@@ -180,22 +180,3 @@ def certify_dataset(model, images, labels, sigma: float, n0: int = DEFAULT_N0, n
         "curve": curve(records), "per_image": records, "time_s": elapsed,
         "forward_passes_per_s": forwards / elapsed if elapsed > 0 else None,
     }
-
-
-def certify_run(run, model, test_x, test_y, sigma: float, n0: int = DEFAULT_N0, n: int = DEFAULT_N,
-                alpha: float = DEFAULT_ALPHA, images: Optional[int] = DEFAULT_IMAGES, batch: int = 1000,
-                seed: int = 0, checkpoint: Optional[str] = None, should_stop=None, progress=None) -> Optional[dict]:
-    """Certify `images` test images spread over the test set with the trained model and
-    write run/certify-<sigma>.json atomically (through gaussreg.store); returns its
-    content, or None (nothing written) when should_stop() turned true. `checkpoint`
-    names the certified model's file (default the run's best checkpoint)."""
-    from .store import BEST_CHECKPOINT, now_iso
-    indices = pick_images(len(test_x), images)
-    cert = certify_dataset(model, test_x, test_y, sigma, n0, n, alpha, batch, seed, indices, should_stop, progress)
-    if cert is None:
-        return None
-    p = next(model.parameters(), None)
-    cert.update(run_id=run.id, checkpoint=checkpoint or BEST_CHECKPOINT, test_images=len(test_x), created_at=now_iso(),
-                device=str(p.device if p is not None else "cpu"), torch=torch.__version__)
-    run.write_certification(cert)
-    return cert

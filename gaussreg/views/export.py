@@ -9,8 +9,9 @@ import io
 import json
 from typing import Iterable, List
 
-from .report import certified_runs, config_key, list_runs, run_metrics
-from .store import RunFileError, Store
+from gaussreg.runs.reader import list_runs
+from gaussreg.runs.store import RunFileError, Store
+from gaussreg.views.report import certified_runs, config_key, run_metrics
 
 WHATS = ("runs", "epochs", "sigmas")
 FORMATS = ("csv", "jsonl")

@@ -15,8 +15,9 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from .spec import describe_params
-from .store import STATE_STYLE, RunDir, RunFileError, phase_of
+from gaussreg.runs.spec import describe_params
+from gaussreg.runs.store import STATE_STYLE, RunDir, RunFileError, phase_of
+
 
 class RunProgress:
     """The newest epoch and progress events of one run, and its phase, read incrementally."""

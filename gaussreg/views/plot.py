@@ -10,7 +10,11 @@ import re
 from pathlib import Path
 from typing import List, Optional
 
-from .store import Store
+from gaussreg.runs import reader
+from gaussreg.runs.spec import describe_params
+from gaussreg.runs.store import Store
+from gaussreg.science.methods import METHOD_CLASSES
+from gaussreg.views import report
 
 FORMATS = ("png", "svg", "pdf")
 # the TUI's hues (tui/screens.py METHOD_COLORS); the TUI's white baseline is black on paper
@@ -49,7 +53,6 @@ def plot(store: Store, out_dir, experiment: Optional[str] = None, fmt: str = "pn
          select: str = "validation", tolerance: Optional[float] = None) -> List[Path]:
     """Write three figures per comparison into out_dir; returns their paths. `tolerance`
     overrides the experiments' own, as in report.fair_table, so figures can match a table."""
-    from . import report
     plt = _pyplot()
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
@@ -58,7 +61,7 @@ def plot(store: Store, out_dir, experiment: Optional[str] = None, fmt: str = "pn
         return []  # nothing to draw: no empty folder left behind
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = {r["id"]: r for r in report.list_runs(store, experiment) if r["result"]}
+    results = {r["id"]: r for r in reader.list_runs(store, experiment) if r["result"]}
     written = []
     for rec in table["experiments"]:
         setting = report._setting_text(rec)
@@ -86,7 +89,6 @@ def _legend(ax):
 
 def _fig_scatter(plt, rec, runs, results, title):
     """Figure 3: clean test accuracy against R, one point per run, with the tolerance band."""
-    from .methods import METHOD_CLASSES
     fig, ax = plt.subplots(figsize=(7, 4.5))
     by_method = {}
     for r in runs:
@@ -170,5 +172,4 @@ def _fig_curves(plt, rec, runs, results, title):
 
 
 def report_params(e: dict) -> str:
-    from .spec import describe_params
     return describe_params(e)

@@ -17,16 +17,19 @@ import csv
 import io
 import json
 import math
-import os
-import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional
 
-from .robustness import score_of
-from .methods import METHOD_CLASSES
-from .spec import describe_params
-from .store import RunDir, RunFileError, Store, parse_iso, phase_of
+from rich.console import Group
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from gaussreg.runs.reader import list_runs
+from gaussreg.runs.spec import describe_params
+from gaussreg.runs.store import RunDir, RunFileError, Store
+from gaussreg.science.methods import METHOD_CLASSES
+from gaussreg.science.robustness import score_of
 
 EPS = 1e-12  # accuracies are ratios of integers; keep "equal to a0 - tol" eligible
 SELECTIONS = ("validation", "test")
@@ -54,149 +57,6 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[prefix + k] = v
     return out
-
-
-LIVE = ("running", "queued")  # states whose rows change without their status file changing
-
-
-@dataclass(frozen=True)
-class RunRow:
-    """One run as every list of runs shows it (`gaussreg ls`, the TUI's runs table)."""
-    id: str
-    experiment: str = ""
-    dataset: str = ""
-    model: str = ""
-    method: str = ""
-    params: str = ""  # describe_params without the seed (it has its own field)
-    seed: Optional[int] = None
-    state: str = "queued"
-    epoch: int = 0  # epochs done (never the one in progress), as everywhere
-    max_epochs: Optional[int] = None
-    best_val_acc: Optional[float] = None
-    test_acc: Optional[float] = None
-    robustness: Optional[float] = None
-    duration: Optional[float] = None
-    error: Optional[str] = None
-    slurm_job: Optional[str] = None  # "JOBID_INDEX" for runs submitted with --backend slurm
-    phase: Optional[str] = None  # what a running worker does: "validating", "evaluating R", ...
-    slurm_reason: Optional[str] = None  # why Slurm has not started a queued Slurm run (squeue; the TUI asks)
-
-
-def stat_signature(path) -> Optional[tuple]:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return (st.st_mtime_ns, st.st_size)
-
-
-class RunReader:
-    """The one builder of a run's row, for the report, `ls` and the TUI. Called again, it reads
-    only what changed: status.json when its stat changed, result.json once per completion,
-    events.jsonl from the last offset (a rerun's new file is noticed and what the old one
-    said is dropped). spec, status and result hold what was read last."""
-
-    def __init__(self, run: RunDir):
-        self.run = run
-        self.status: dict = {}
-        self.result: Optional[dict] = None
-        self.row: Optional[RunRow] = None
-        self._status_sig = None
-        self._tail = None
-        self._epoch, self._best_val_acc, self._events_read = 0, None, False
-        try:
-            self.spec: Optional[dict] = run.spec()
-        except RunFileError as e:
-            self.spec, self.status = None, {"state": "corrupt", "error": str(e)}
-
-    def _read_events(self) -> None:
-        if self._tail is None:
-            self._tail = self.run.tail()
-        events, restarted = self._tail.read()
-        if restarted:  # a rerun began a new events file: what the old one said is gone
-            self._epoch, self._best_val_acc = 0, None
-        for e in events:
-            kind = e.get("type")
-            if kind == "epoch":  # a resume may redo an epoch: the count never goes back
-                self._epoch = max(self._epoch, e["epoch"])
-                if e.get("best"):
-                    self._best_val_acc = e.get("val_accuracy")
-            elif kind == "start":  # a fresh start forgets what an earlier attempt wrote
-                self._epoch, self._best_val_acc = 0, None
-        self._events_read = True
-
-    def update(self, now: Optional[float] = None) -> RunRow:
-        """The run's row as of now (the previous one when nothing it shows can have changed)."""
-        now = time.time() if now is None else now
-        run = self.run
-        if self.spec is None:
-            self.row = RunRow(run.id, state="corrupt", error=self.status.get("error"))
-            return self.row
-        sig = stat_signature(run.status_file)
-        if sig == self._status_sig and self.row is not None and self.row.state not in LIVE:
-            return self.row  # a finished run whose status has not changed: nothing to redo
-        if sig != self._status_sig:
-            self._status_sig = sig
-            try:
-                self.status = run.status()
-            except RunFileError as e:
-                self.status = {"state": "corrupt", "error": str(e)}
-        state = self.status.get("state", "queued")
-        if state != "corrupt":
-            state = run.state(self.status)
-        if state != "completed":
-            self.result = None  # a rerun of a completed run: its old result no longer holds
-        elif self.result is None:
-            try:
-                self.result = run.result() or {}
-            except RunFileError as e:
-                self.result, state = {}, "corrupt"
-                self.status = {**self.status, "error": str(e)}
-        res = self.result if state == "completed" else None
-        if res:
-            epoch, best = res.get("epochs_run", 0), res.get("best_val_accuracy")
-        else:
-            if state in LIVE or not self._events_read:
-                self._read_events()
-            epoch, best = self._epoch, self._best_val_acc
-        started = parse_iso(self.status.get("started_at"))
-        ended = parse_iso(self.status.get("finished_at"))
-        duration = (ended or now) - started if started and (ended or state == "running") else None
-        s = self.spec
-        self.row = RunRow(run.id, s.get("experiment", ""), s.get("dataset", ""), s.get("model", ""),
-                          s.get("method", ""), describe_params(s, with_seed=False), s.get("seed"), state, epoch,
-                          s.get("max_epochs"), best, res.get("test_accuracy") if res else None,
-                          res.get("robustness") if res else None, duration, self.status.get("error"),
-                          self.status.get("slurm_job"), phase_of({**self.status, "state": state}))
-        return self.row
-
-
-def list_runs(store: Store, experiment: Optional[str] = None) -> List[dict]:
-    """One record per run: id, spec, state, result (None unless completed), error, slurm_job
-    and its `row` (RunRow, the same builder as the TUI's); unreadable runs are reported with
-    state 'corrupt'."""
-    rows = []
-    for run in store.runs():
-        reader = RunReader(run)
-        if reader.spec is not None and experiment and reader.spec.get("experiment") != experiment:
-            continue
-        row = reader.update()
-        rows.append({"id": run.id, "spec": reader.spec, "state": row.state,
-                     "result": (reader.result or None) if row.state == "completed" else None, "error": row.error,
-                     "slurm_job": row.slurm_job, "row": row})
-    return rows
-
-
-def has_runs(store: Store, experiment: str) -> bool:
-    """Whether list_runs(store, experiment) lists anything, reading spec.json files only up
-    to the first run it would list (an unreadable spec counts, as there)."""
-    for run in store.runs():
-        try:
-            if run.spec().get("experiment") == experiment:
-                return True
-        except RunFileError:
-            return True
-    return False
 
 
 def _num(v) -> Optional[float]:
@@ -427,7 +287,7 @@ def table_of_export(records: Iterable[dict], tolerance: Optional[float] = None, 
 
 # ---------------------------------------------------------------- certified accuracy
 
-CERT_RADII = (0.0, 0.25, 0.5)  # pixel L2 radii shown next to R (gaussreg.smoothing.TABLE_RADII)
+CERT_RADII = (0.0, 0.25, 0.5)  # pixel L2 radii shown next to R (gaussreg.science.smoothing.TABLE_RADII)
 
 
 def run_certified(run) -> Optional[dict]:
@@ -558,10 +418,6 @@ def _footer(rec) -> List[str]:
 
 def render_rich(table: dict, show_all: bool = False):
     """Rich renderables, one table per comparison (user strings escaped)."""
-    from rich.console import Group
-    from rich.markup import escape
-    from rich.table import Table
-    from rich.text import Text
     parts = []
     if not table["experiments"]:
         return Text("no runs in the store")
