@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Modules that read run files or manifests only: torch must not be imported at module level.
 TORCH_FREE = ["gaussreg.store", "gaussreg.spec", "gaussreg.manifest", "gaussreg.report", "gaussreg.scheduler",
               "gaussreg.cli", "gaussreg.launch", "gaussreg.live_view", "gaussreg.slurm", "gaussreg.device", "gaussreg.methods",
-              "gaussreg.schema", "gaussreg.datasets", "tui.app"]
+              "gaussreg.schema", "gaussreg.datasets", "gaussreg.units", "tui.app"]
 CORE = ["gaussreg.cli", "gaussreg.worker", "gaussreg.report", "gaussreg.scheduler", "gaussreg.bench"]
 
 
