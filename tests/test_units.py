@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from conftest import python_env
-from gaussreg import datasets
+from conftest import ROOT, cli, python_env
+from gaussreg import datasets, manifest
 from gaussreg.methods import make_method
 from gaussreg.models import NormalizedConv2d, build_model
 from gaussreg.regularizer import moment_loss, sigma2
@@ -167,3 +167,30 @@ def test_a_reference_unit_run_on_three_channel_data_through_the_worker(tmp_path,
     assert math.isfinite(result["test_accuracy"]) and result["epochs_run"] == 1
     assert "in the reference's units: per channel" in (run / "worker.log").read_text()
     assert "pixel_sigma" not in json.loads((run / "spec.json").read_text())  # the spec is never rewritten
+
+
+def test_the_paper_manifests_train_cifar_at_the_reference_levels_beside_pixel_units(tmp_path):
+    for name in ("paper-lenet", "paper-alexnet"):
+        m = manifest.load(ROOT / "experiments" / f"{name}.toml")
+        exps = {e.name: e for e in m.experiments}
+        for e in m.experiments:
+            noisy = [r.spec for r in e.runs if "sigma" in r.spec["params"]]
+            if e.name.endswith("-reference-units"):
+                assert e.name[:-len("-reference-units")] in exps  # the pixel-unit experiment beside it
+                assert noisy and all(s["params"]["sigma_units"] == "reference" for s in noisy), e.name
+                for s in noisy:
+                    ds = datasets.info(s["dataset"])
+                    reg, aug, _ = reference_port(s["params"]["sigma"], ds.mean, ds.std)
+                    want = aug if s["method"] == "augment" else reg
+                    assert s["dataset"].startswith("cifar") and s["pixel_sigma"] == pytest.approx(want, rel=1e-12)
+            else:
+                assert all("pixel_sigma" not in s and "sigma_units" not in s["params"] for s in noisy), e.name
+                if noisy and e.name.split("-")[1].startswith("cifar"):
+                    assert f"{e.name}-reference-units" in exps
+    bad = tmp_path / "m.toml"
+    bad.write_text('[[experiment]]\nname = "a"\ndataset = "synthetic"\nmodel = "mlp"\n'
+                   'methods.regularizer = { sigma = 1, alpha = 1, sigma_units = "pixels" }\n')
+    out = subprocess.run(cli("run", bad, "--dry-run"), capture_output=True, text=True, env=python_env())
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert (f"{bad}:5: methods.regularizer.sigma_units: parameter 'sigma_units' of method 'regularizer' must be "
+            "'pixel' or 'reference' (got 'pixels')") in " ".join(out.stderr.split())
