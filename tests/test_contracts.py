@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TORCH_FREE = ["gaussreg.runs.store", "gaussreg.runs.spec", "gaussreg.runs.manifest", "gaussreg.runs.reader",
               "gaussreg.views.report", "gaussreg.launch.scheduler", "gaussreg.cli", "gaussreg.launch.request",
               "gaussreg.views.live_view", "gaussreg.launch.slurm", "gaussreg.runs.device", "gaussreg.science.methods",
-              "gaussreg.science.robustness", "gaussreg.core.schema", "gaussreg.data.datasets", "tui.app"]
+              "gaussreg.science.robustness", "gaussreg.core.schema", "gaussreg.data.datasets", "gaussreg.science.units",
+              "tui.app"]
 CORE = ["gaussreg.cli", "gaussreg.runs.worker", "gaussreg.views.report", "gaussreg.launch.scheduler", "gaussreg.bench"]
 
 

@@ -169,7 +169,9 @@ def test_shipped_manifests_are_valid():
     tol = {e.name: e.tolerance for e in lenet.experiments + alex.experiments}
     assert tol == {"lenet-mnist": 0.0, "lenet-cifar10": 0.0039, "lenet-cifar100": 0.0075,
                    "lenet-mnist-seed-methods": 0.0, "alexnet-cifar10": 0.0168, "alexnet-cifar100": 0.0483,
-                   "alexnet-cifar10-seed-methods": 0.0168}
+                   "alexnet-cifar10-seed-methods": 0.0168, "lenet-cifar10-reference-units": 0.0039,
+                   "lenet-cifar100-reference-units": 0.0075, "alexnet-cifar10-reference-units": 0.0168,
+                   "alexnet-cifar100-reference-units": 0.0483}
     mnist = lenet.experiments[0]
     counts = {m: sum(r.spec["method"] == m for r in mnist.runs) for m in ("baseline", "augment", "regularizer")}
     assert counts == {"baseline": 1, "augment": 20, "regularizer": 63}

@@ -132,7 +132,8 @@ def test_bad_params_name_the_key(method, params, key):
 
 
 def test_params_get_defaults_and_ints_become_floats():
-    assert check_params("regularizer", {"sigma": 1, "alpha": 2}) == {"sigma": 1.0, "alpha": 2.0, "depth": 1}
+    assert check_params("regularizer", {"sigma": 1, "alpha": 2}) == {"sigma": 1.0, "alpha": 2.0, "depth": 1,
+                                                                      "sigma_units": "pixel"}
     assert check_params("randsign", {"eps": 0.1}) == {"eps": 0.1, "p": 0.5, "where": "input"}
 
 

@@ -322,7 +322,8 @@ def _forbid_host_syncs(monkeypatch):
     ("baseline", {}), ("augment", {"sigma": 0.3, "folds": 2, "fresh_noise": True}),
     ("augment", {"sigma": 0.3, "folds": 2, "fresh_noise": False}), ("regularizer", {"sigma": 0.3, "alpha": 1.0}),
     ("regularizer", {"sigma": 0.3, "alpha": 1.0, "depth": "all"}), ("randsign", {"eps": 0.1}),
-    ("fgsm", {"eps": 0.1})])
+    ("fgsm", {"eps": 0.1}), ("regularizer", {"sigma": 0.3, "alpha": 1.0, "sigma_units": "reference"}),
+    ("augment", {"sigma": 0.3, "folds": 2, "sigma_units": "reference"})])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_a_training_step_and_its_bookkeeping_read_nothing_back_from_the_device(monkeypatch, method, params, precision):
     from gaussreg.data import datasets
@@ -333,6 +334,8 @@ def test_a_training_step_and_its_bookkeeping_read_nothing_back_from_the_device(m
     info = datasets.DatasetInfo("tiny", (1, 28, 28), 10, (0.3,), (0.2,))
     model = build_model("lenet", info)
     m = make_method(method, params)
+    if params.get("sigma_units") == "reference":  # per channel, as the worker sets it
+        m.pixel_sigma = tuple(m.reference_sigma(params, "tiny", info.mean, info.std))
     X, Y = torch.rand(20, 1, 28, 28), torch.arange(20) % 10
     g = torch.Generator().manual_seed(1)
     m.prepare(len(X), (1, 28, 28), g)

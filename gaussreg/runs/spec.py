@@ -72,7 +72,9 @@ TABLES = {"params", "optimizer", "robustness", "certify"}
 # preset to start from, where its code is, and the hash of its source (computed here).
 ARG_TABLES = ("model_args", "dataset_args")
 PLUGIN_KEYS = {*ARG_TABLES, "preset", "python_path", "model_source", "dataset_source"}
-KEYS = set(SCALARS) | TABLES | PLUGIN_KEYS | {"version"}
+# Computed by resolve() from other keys, and kept from a stored spec: it says what was trained.
+DERIVED_KEYS = {"pixel_sigma"}
+KEYS = set(SCALARS) | TABLES | PLUGIN_KEYS | DERIVED_KEYS | {"version"}
 # Where a run happens, not what it computes: left out of the run id. `certify` only adds
 # a certificate of the trained model (certify-<sigma>.json), so adding it to a manifest does
 # not retrain its runs (certify finished ones with `gaussreg certify`). `python_path` says
@@ -160,6 +162,8 @@ def default_certify_sigma(spec: dict) -> float:
     """The run's Gaussian training noise level (its method's `noise_param`), else 0.25."""
     cls = METHOD_CLASSES.get(spec.get("method"))
     s = spec.get("params", {}).get(cls.noise_param) if cls is not None and cls.noise_param else None
+    if spec.get("pixel_sigma"):  # per channel: the isotropic noise of the same expected energy
+        s = math.sqrt(sum(v * v for v in spec["pixel_sigma"]) / len(spec["pixel_sigma"]))
     return float(s) if s else CERTIFY_SIGMA
 
 
@@ -225,7 +229,7 @@ def resolve(partial: dict) -> dict:
             **ID_DEFAULTS,
             **{k: v for k, v in preset.items() if k != "optimizer"}}
     for key, v in partial.items():
-        if key not in TABLES and key not in PLUGIN_KEYS and key != "version":
+        if key not in TABLES and key not in PLUGIN_KEYS and key not in DERIVED_KEYS and key != "version":
             spec[key] = v
     for key, (types, ok, why) in SCALARS.items():
         spec[key] = v = _check_type(key, spec[key], types)
@@ -245,11 +249,37 @@ def resolve(partial: dict) -> dict:
     if not isinstance(params, dict):
         raise SpecError("params", f"'params' must be a table, not {params!r}")
     spec["params"] = METHOD_CLASSES[spec["method"]].spec_params(params)
+    _resolve_pixel_sigma(partial.get("pixel_sigma"), spec)
     spec["optimizer"] = _resolve_optimizer(partial.get("optimizer", {}), preset["optimizer"])
     spec["robustness"] = _resolve_robustness(partial.get("robustness", {}))
     if "certify" in partial:
         spec["certify"] = _resolve_certify(partial["certify"], spec)
     return spec
+
+
+def _resolve_pixel_sigma(given, spec: dict) -> None:
+    """spec["pixel_sigma"]: the per-channel training noise in [0,1] pixel units that
+    params.sigma stands for with params.sigma_units = "reference" (gaussreg.science.units), from the
+    built-in dataset's mean and std, or as a stored spec gives it. Absent in pixel units, so
+    those specs and ids are unchanged, and on a user's dataset, whose mean and std are known
+    only once it is loaded (the worker computes it then and writes it to result.json)."""
+    cls = METHOD_CLASSES[spec["method"]]
+    if spec["params"].get("sigma_units", "pixel") != "reference":
+        if given is not None:
+            raise SpecError("pixel_sigma", "'pixel_sigma' is derived from params.sigma with params.sigma_units = "
+                            "\"reference\"; leave it out (this run's sigma is in pixel units)")
+        return
+    ds = datasets.info(spec["dataset"]) if datasets.is_builtin(spec["dataset"]) else None
+    if given is None:
+        if ds is not None:
+            spec["pixel_sigma"] = cls.reference_sigma(spec["params"], ds.name, ds.mean, ds.std)
+        return
+    if not (isinstance(given, list) and given and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                      and math.isfinite(v) and v >= 0 for v in given)
+            and (ds is None or len(given) == ds.shape[0])):
+        raise SpecError("pixel_sigma", f"'pixel_sigma' must be one finite number >= 0 per channel of the images, "
+                        f"not {given!r:.80}")
+    spec["pixel_sigma"] = [float(v) for v in given]
 
 
 def _plain(key: str, v):

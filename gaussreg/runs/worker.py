@@ -297,6 +297,7 @@ def _setup(spec: dict, log) -> _Setup:
             part.compile()
     log(f"precision {precision}{', channels_last' if channels_last else ''}{', compiled' if spec['compile'] else ''}")
     method = make_method(spec["method"], spec["params"])
+    _set_pixel_sigma(method, spec, splits.info, log)
     g = torch.Generator(device=dev).manual_seed(seed)
     X = splits.train_x
     method.prepare(len(X), tuple(X.shape[1:]), g)
@@ -304,6 +305,20 @@ def _setup(spec: dict, log) -> _Setup:
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", patience=spec["lr_patience"],
                                                        factor=spec["lr_factor"])
     return _Setup(dev, splits, model, method, g, opt, sched, parameter_count(model), precision)
+
+
+def _set_pixel_sigma(method, spec: dict, info, log) -> None:
+    """A sigma in the reference's units as the per-channel pixel sigma it trains at: the
+    spec's (a built-in dataset), else from the loaded dataset's mean and std (a user's)."""
+    px = spec.get("pixel_sigma") or method.reference_sigma(spec["params"], spec["dataset"], info.mean, info.std)
+    if px is None:
+        return
+    if len(px) != info.shape[0]:
+        raise ValueError(f"the spec's pixel_sigma has {len(px)} values but the images of {spec['dataset']} have "
+                         f"{info.shape[0]} channels")
+    method.pixel_sigma = tuple(float(v) for v in px)
+    log(f"sigma {spec['params']['sigma']:g} in the reference's units: per channel "
+        f"{', '.join(f'{v:.4g}' for v in px)} in pixel units")
 
 
 def _start_or_resume(run: RunDir, resume: bool, s: _Setup, log, spec: dict):
@@ -386,6 +401,7 @@ def _result_record(spec: dict, run: RunDir, s: _Setup, state: dict, ev: _Evaluat
         "train_time_s": state["train_time"], "robustness_time_s": ev.rob_time, "wall_time_s": time.time() - t_start,
         "parameters": s.parameters, "device": str(s.dev), "device_name": device_name(s.dev),
         "precision": s.precision, "compile": spec["compile"],
+        **({"pixel_sigma": list(s.method.pixel_sigma)} if s.method.pixel_sigma is not None else {}),
         "sizes": s.splits.sizes(), "host": socket.gethostname(),
         "versions": {"gaussreg": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "finished_at": now_iso(),

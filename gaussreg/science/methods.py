@@ -6,7 +6,9 @@ torch is imported inside the functions: specs and manifests check a method's par
 through the classes here, and reading them must start without torch.
 
 Noise is in [0,1] pixel units and drawn on the batch's device from the run's
-generator, so a run is reproducible from its seed and never syncs the host."""
+generator, so a run is reproducible from its seed and never syncs the host. With
+sigma_units = "reference", augment's and the regularizer's sigma is in the reference
+code's units (gaussreg.science.units): a per-channel pixel sigma from the dataset's mean and std."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING, Dict, NamedTuple, Optional
 from gaussreg.core.schema import Param, SpecError
 from gaussreg.core.schema import check_params as _check
 from gaussreg.core.schema import nonneg
+from gaussreg.science import units
 
 if TYPE_CHECKING:
     import torch
@@ -43,8 +46,34 @@ class Method:
     term_names = ("ce",)  # the keys of Loss.terms, in the order the worker logs them
     noise_param = None  # the parameter that is a Gaussian training noise level, if any (certify's default sigma)
 
+    # the per-channel pixel sigma that sigma stands for in the reference's units (gaussreg.science.units)
+    reference_units = None
+
     def __init__(self, **params):
         self.params = _check(self.name, self.schema, params)
+        # per channel, in pixel units, when sigma is in the reference's: the worker sets it
+        # from the spec's pixel_sigma, else from the loaded dataset's mean and std
+        self.pixel_sigma: Optional[tuple] = None
+
+    @classmethod
+    def reference_sigma(cls, params: dict, dataset: str, mean, std) -> Optional[list]:
+        """The per-channel training noise in pixel units that params' sigma stands for when
+        params.sigma_units is "reference", from the dataset's per-channel mean and std (the
+        reference's own on MNIST, gaussreg.science.units.reference_stats); None in pixel units."""
+        if params.get("sigma_units", "pixel") != "reference":
+            return None
+        m, s = units.reference_stats(dataset, mean, std)
+        return list(cls.reference_units(params["sigma"], m, s))
+
+    def noise_sigma(self):
+        """The training noise as it is drawn: the float sigma in pixel units, or a tuple of
+        per-channel pixel sigmas in the reference's units."""
+        if self.params.get("sigma_units", "pixel") == "pixel":
+            return self.params["sigma"]
+        if self.pixel_sigma is None:  # never train the reference's levels in pixel units by mistake
+            raise RuntimeError(f"method {self.name!r} has sigma_units = 'reference' but no per-channel sigma: "
+                               "set its pixel_sigma from the dataset (reference_sigma)")
+        return self.pixel_sigma
 
     @classmethod
     def spec_params(cls, given: dict) -> dict:
@@ -100,6 +129,20 @@ def _seed_key(seed: int) -> int:
     return int(_hash32(torch.tensor(_int32(seed), dtype=torch.int32)))
 
 
+@functools.lru_cache(maxsize=16)
+def channel_tensor(values: tuple, dtype, device) -> torch.Tensor:
+    """Per-channel values as a (C, 1, 1) tensor on the device, made once per run: one made
+    per batch would be a blocking host-to-device copy."""
+    import torch
+    return torch.tensor(values, dtype=dtype, device=device).view(-1, 1, 1)
+
+
+# sigma in gaussreg's [0,1] pixel units or in the reference code's (gaussreg.science.units); added
+# after run ids existed, so a spec in pixel units leaves it out and keeps its id
+SIGMA_UNITS = Param(str, "pixel", lambda v: v in ("pixel", "reference"), "must be 'pixel' or 'reference'",
+                    omitted_at_default=True)
+
+
 def bank_noise(seed: int, item: torch.Tensor, shape) -> torch.Tensor:
     """N(0, 1) noise of shape (len(item), *shape) that is a function of (seed, item) alone:
     the fixed noise bank of a once-augmented dataset, computed per batch instead of held
@@ -131,12 +174,16 @@ class Augment(Method):
     dataset: copy k of image i always carries the same noise, a function of the run's
     seed, k and i (`bank_noise`). The validation objective is the clean cross-entropy,
     as in the reference code, so the LR schedule, early stopping and the best
-    checkpoint follow clean validation loss for every method but the regularizer."""
+    checkpoint follow clean validation loss for every method but the regularizer.
+
+    sigma_units = "reference": the reference adds sigma N(0, 1) to the normalised image,
+    so channel c gets sigma std_c pixels (gaussreg.science.units.augment_sigma)."""
 
     name = "augment"
     noise_param = "sigma"
     schema = {"sigma": nonneg(float), "folds": Param(int, ok=lambda v: v >= 1, why="must be >= 1"),
-              "fresh_noise": Param(bool, True)}
+              "fresh_noise": Param(bool, True), "sigma_units": SIGMA_UNITS}
+    reference_units = staticmethod(units.augment_sigma)
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -158,26 +205,36 @@ class Augment(Method):
         else:
             import torch
             z = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
-        return x + self.params["sigma"] * noisy * z, Y[example]
+        sigma = self.noise_sigma()
+        if isinstance(sigma, tuple):
+            sigma = channel_tensor(sigma, x.dtype, x.device)
+        return x + sigma * noisy * z, Y[example]
 
     def objective(self, model, x, y, g):
         return self.clean_loss(model, x, y)
 
 
 class Regularizer(Method):
-    """CE(f(x), y) + alpha CE(rest_k(mu_k), y) (Eq. 3; depth k = 1 is the paper)."""
+    """CE(f(x), y) + alpha CE(rest_k(mu_k), y) (Eq. 3; depth k = 1 is the paper).
+
+    sigma_units = "reference": the reference passes the variance sigma^2 / R^2 through the
+    first layer on normalised images, so channel c gets sigma std_c / R pixels
+    (gaussreg.science.units.regularizer_sigma); Eq. 5 maps per-channel variances through the
+    squared weights, sigma2^2 = sum_c (A_c . A_c) sigma_c^2."""
 
     name = "regularizer"
     noise_param = "sigma"
     schema = {"sigma": nonneg(float), "alpha": nonneg(float),
               # where the moments stop being propagated (gaussreg.science.adf): 1 = the paper
               "depth": Param((int, str), 1, lambda v: v == "all" or (isinstance(v, int) and v >= 1),
-                             "must be an integer >= 1 or 'all'", omitted_at_default=True)}
+                             "must be an integer >= 1 or 'all'", omitted_at_default=True),
+              "sigma_units": SIGMA_UNITS}
     term_names = ("ce", "reg")
+    reference_units = staticmethod(units.regularizer_sigma)
 
     def loss(self, model, x, y, g):
         from gaussreg.science.regularizer import moment_loss
-        m = moment_loss(model, x, y, self.params["sigma"], self.params["alpha"], self.params["depth"])
+        m = moment_loss(model, x, y, self.noise_sigma(), self.params["alpha"], self.params["depth"])
         return Loss(m.total, {"ce": m.ce, "reg": m.reg}, m.logits)
 
 

@@ -14,17 +14,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from gaussreg.science import adf
+from gaussreg.science.methods import channel_tensor
 from gaussreg.science.models import FirstBlock
 from gaussreg.science.moments import relu_and_mean, relu_mean, safe_sqrt
 
-Sigma = Union[float, torch.Tensor]
+Sigma = Union[float, tuple, torch.Tensor]
 
 
 def noise_variance(sigma: Sigma, image_shape, like: torch.Tensor) -> torch.Tensor:
-    """sigma_x^2 as a (1, C, H, W) map: sigma is a float or a tensor broadcastable to
-    one image (per pixel / per channel), in [0,1] pixel units. This runs on every batch:
-    a float sigma is checked in Python and filled on the device, because a tensor made
-    from a float and a tensor comparison read back by `if` each block on the GPU."""
+    """sigma_x^2 as a (1, C, H, W) map: sigma is a float, a tuple of one float per channel
+    or a tensor broadcastable to one image (per pixel / per channel), in [0,1] pixel units.
+    This runs on every batch: a float or tuple sigma is checked in Python and made on the
+    device (a tuple once per run), because a tensor made from a float and a tensor
+    comparison read back by `if` each block on the GPU."""
+    if isinstance(sigma, tuple):
+        if len(sigma) != image_shape[0] or not all(s >= 0 for s in sigma):
+            raise ValueError(f"a per-channel sigma must be {image_shape[0]} non-negative numbers, not {sigma}")
+        return channel_tensor(sigma, like.dtype, like.device).square().expand(image_shape).unsqueeze(0)
     if not isinstance(sigma, torch.Tensor):
         sigma = float(sigma)
         if not sigma >= 0:
