@@ -26,7 +26,7 @@ from gaussreg.data import loading as data
 from gaussreg.launch import slurm
 from gaussreg.launch.control import ControlError, cancel_run
 from gaussreg.launch.gpus import GpuPlaceError, take_gpu_place, wants_gpu
-from gaussreg.launch.request import LaunchError, LaunchRequest, launch, plan, submit_slurm
+from gaussreg.launch.request import LaunchError, LaunchRequest, Plan, launch, plan, submit_slurm, write_experiments
 from gaussreg.launch.scheduler import Scheduler
 from gaussreg.runs import manifest as mf
 from gaussreg.runs import reader
@@ -205,8 +205,18 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
                                                         help="Slurm: at most K array tasks at once."),
         sbatch_arg: Optional[List[str]] = typer.Option(None, "--sbatch-arg",
                                                        help="Slurm: extra sbatch arguments (repeatable)."),
-        yes: bool = typer.Option(False, "--yes", help=f"Launch a grid of more than {BIG_GRID} runs.")):
+        yes: bool = typer.Option(False, "--yes", help=f"Launch a grid of more than {BIG_GRID} runs."),
+        plan_file: Optional[Path] = typer.Option(None, "--plan", hidden=True,
+                                                 help="Carry out a launch plan saved by a detached launch.")):
     """Run every configuration of a manifest, one worker process per run, then print the fair table."""
+    if plan_file is not None:  # a detached launch: planned and checked once, by whoever started it
+        try:
+            p = Plan.load(plan_file)
+        except LaunchError as e:
+            fail(str(e))
+        req = p.request
+        writable_store(Path(req.store))
+        return _run_here(p, Store(req.store), Path(req.manifest), Path(req.store), req.gpus, req.rerun)
 
     if backend not in ("local", "slurm"):
         fail(f"--backend must be 'local' or 'slurm', not {backend!r}")
@@ -239,7 +249,7 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
     writable_store(store)  # after every check of the input: a bad manifest or dataset writes nothing
     if not follow:
         try:
-            info = launch(req)
+            info = launch(p)
         except LaunchError as e:
             fail(str(e))
         console.print(f"started in the background (pid {info['pid']}); log: {info['log']}\n"
@@ -255,10 +265,7 @@ def _run_here(p, st, manifest: Path, store: Path, gpus: str, rerun: bool):
     box under a live view, print the outcome and exit with the summary's code."""
     runs, slots = p.runs, p.slots
     try:
-        for e in p.manifest.experiments:
-            if any(r.spec["experiment"] == e.name for r in runs):
-                st.write_experiment(e.name, {"name": e.name, "tolerance": e.tolerance,
-                                             "manifest": str(Path(manifest).resolve())})
+        write_experiments(p)
     except OSError as e:  # a full disk, a file where a folder should be: nothing launched
         fail(f"cannot write the experiments of {manifest} in {store} "
              f"({e.strerror}{': ' + str(e.filename) if e.filename else ''})")

@@ -12,6 +12,7 @@ from conftest import cli, python_env
 from textual.css.query import NoMatches
 
 from gaussreg.launch.control import launches, start_worker
+from gaussreg.launch.request import Plan
 from gaussreg.runs.spec import resolve, run_id
 from gaussreg.runs.store import Store, atomic_write_json, try_lock
 from tui.app import GaussregApp
@@ -582,9 +583,12 @@ async def test_launch_from_the_tui_runs_to_completion(tmp_path, monkeypatch):
         app.screen.query_one("#max-parallel").value = "2"
         await pilot.click("#launch")
         await until(pilot, lambda: isinstance(app.screen, RunsScreen))
+        await until(pilot, lambda: len(launches(Store("runs"))) == 1)
         found = launches(Store("runs"))
-        assert len(found) == 1 and found[0]["argv"].count("--experiment") == 2
-        assert found[0]["argv"][found[0]["argv"].index("--max-parallel") + 1] == "2"
+        # the dialog's checked plan is what the one scheduler carries out
+        carried = Plan.load(found[0]["plan"])
+        assert carried.request.experiments == ("tiny", "tiny2") and carried.request.max_parallel == 2
+        assert [s.gpu for s in carried.slots] == [None, None] and len(carried.runs) == 2
         await until(pilot, lambda: table(app).row_count == 2, timeout=60)
         for i in range(2):
             rid = table(app).coordinate_to_cell_key((i, 0)).row_key.value

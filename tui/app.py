@@ -119,12 +119,14 @@ class GaussregApp(App):
         self.push_screen(LaunchScreen(self.manifest, str(self.store_root)), self._launch)
 
     @work(thread=True, group="control")
-    def _launch(self, request) -> None:
-        """One scheduler process for the whole request (it owns the GPUs and cores it was given)."""
-        if not request:
+    def _launch(self, plan) -> None:
+        """One scheduler process for the whole plan the dialog checked (it owns the GPUs and cores
+        it was given)."""
+        if not plan:
             return
+        request = plan.request
         try:
-            info = launch(request)
+            info = launch(plan)
         except LaunchError as e:
             self.call_from_thread(self.notify, str(e), severity="error", markup=False)
             return

@@ -15,7 +15,7 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import (Button, DataTable, Footer, Header, Input, Label, OptionList, RichLog, Select,
                              SelectionList, Static)
 
-from gaussreg.launch.request import LaunchError, LaunchRequest, plan
+from gaussreg.launch.request import LaunchError, LaunchRequest, Plan, plan
 from gaussreg.runs import manifest, reader
 from gaussreg.runs.spec import describe_params
 from gaussreg.runs.store import STATE_STYLE, STATES, RunDir, Store, phase_of, short_id
@@ -550,7 +550,7 @@ class CompareScreen(Screen):
         self.query_one("#scatter", SeriesPlot).set_series(series, vlines)
 
 
-class LaunchScreen(ModalScreen[Optional[LaunchRequest]]):
+class LaunchScreen(ModalScreen[Optional[Plan]]):
     """Pick a manifest and experiments, and the backend: local (GPUs, runs per GPU, parallel
     CPU runs) or Slurm (partition, time, GPUs per run; one sbatch array job, as `gaussreg run
     --backend slurm`). The request is checked by gaussreg (`launch.plan`) before the dialog
@@ -684,7 +684,7 @@ class LaunchScreen(ModalScreen[Optional[LaunchRequest]]):
         except LaunchError as e:
             self.app.call_from_thread(self.error, str(e))
             return
-        self.app.call_from_thread(self.dismiss, req)
+        self.app.call_from_thread(self.dismiss, p)  # the checked plan: launched as it is, not planned again
 
     @on(Button.Pressed, "#cancel")
     def action_dismiss_none(self) -> None:

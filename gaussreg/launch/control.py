@@ -155,17 +155,20 @@ def cancel_launch(store: Store, pid: int) -> None:
     os.kill(pid, signal.SIGTERM)
 
 
-def detach_run(argv_tail: List[str], store: Store, label: str) -> dict:
-    """Start `gaussreg run ... --follow` in its own session so it outlives its caller;
-    recorded in STORE/_launches so it can be listed and cancelled."""
+def detach_plan(save, store: Store, label: str) -> dict:
+    """Start `gaussreg run --plan FILE --follow` in its own session so it outlives its caller,
+    after `save(FILE)` wrote the checked plan it carries out; recorded in STORE/_launches
+    (the plan and the log beside the record) so it can be listed and cancelled."""
     logs = store.root / "_launches"
     logs.mkdir(parents=True, exist_ok=True)
-    log = logs / (time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}-{int(time.time() * 1000) % 1000}.log")
+    stem = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}-{int(time.time() * 1000) % 1000}"
+    log, plan_file = logs / f"{stem}.log", logs / f"{stem}.plan.json"
+    save(plan_file)
     with open(log, "ab") as f:
-        p = subprocess.Popen([sys.executable, "-m", "gaussreg", "run", *argv_tail, "--follow"], stdout=f,
-                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        p = subprocess.Popen([sys.executable, "-m", "gaussreg", "run", "--plan", str(plan_file), "--follow"],
+                             stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                              env=dict(os.environ, COLUMNS="120"))
-    info = {"pid": p.pid, "label": label, "log": str(log), "started_at": now_iso(), "argv": argv_tail,
+    info = {"pid": p.pid, "label": label, "log": str(log), "plan": str(plan_file), "started_at": now_iso(),
             "create_time": psutil.Process(p.pid).create_time()}
     atomic_write_json(logs / f"{p.pid}.pid", info)
     return info

@@ -5,17 +5,18 @@ way before anything says "launched", and one launch owns its GPUs and cores."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 from gaussreg.data import loading as data
 from gaussreg.launch import slurm
-from gaussreg.launch.control import detach_run
+from gaussreg.launch.control import detach_plan
 from gaussreg.launch.gpus import canonical_gpu, detect_gpus, exclusive_gpus, nvidia_gpus, parse_gpus
 from gaussreg.launch.scheduler import Slot, make_slots
 from gaussreg.runs import manifest as mf
-from gaussreg.runs.store import Store
+from gaussreg.runs.manifest import PlannedRun
+from gaussreg.runs.store import RunFileError, Store, atomic_write_json, read_json
 
 
 class LaunchError(Exception):
@@ -37,27 +38,47 @@ class LaunchRequest:
     # Slurm settings over the manifest's [slurm] table (gaussreg.launch.slurm.settings keys; None: the table's)
     slurm: Dict[str, object] = field(default_factory=dict, hash=False)
 
-    def argv(self) -> List[str]:
-        """The `gaussreg run` arguments that carry out this request."""
-        a = [str(self.manifest), "--store", str(self.store), "--gpus", self.gpus, "--per-gpu", str(self.per_gpu)]
-        for e in self.experiments:
-            a += ["--experiment", e]
-        a += ["--only", self.only] if self.only else []
-        a += ["--max-parallel", str(self.max_parallel)] if self.max_parallel else []
-        a += ["--rerun"] if self.rerun else []
-        a += ["--yes"]  # whoever made the request accepted its size
-        a += ["--data-dir", str(self.data_dir)] if self.data_dir else []
-        return a
+
+PLAN_VERSION = 1
 
 
 @dataclass
 class Plan:
+    """A checked launch: what `plan` found once (the manifest read, the GPUs asked of
+    nvidia-smi) and everything after it uses, the detached scheduler included (`save`/`load`)."""
     request: LaunchRequest
-    manifest: object  # manifest.Manifest
+    manifest: object  # manifest.Manifest; None in a plan loaded from its file
     runs: list  # manifest.PlannedRun
     slots: List[Slot]  # none on Slurm: the login node's GPUs say nothing about the cluster's
     missing_data: Dict[str, str] = field(default_factory=dict)  # dataset -> how to get it, one paragraph
     slurm: object = None  # slurm.SlurmSettings of a Slurm launch
+    experiments: List[dict] = field(default_factory=list)  # the chosen experiments' records (name, tolerance, manifest)
+
+    def save(self, path: Path) -> None:
+        """The plan as the detached `gaussreg run --plan FILE` reads it (written atomically)."""
+        atomic_write_json(path, {"version": PLAN_VERSION, "request": asdict(self.request),
+                                 "runs": [{"id": r.id, "spec": r.spec} for r in self.runs],
+                                 "slots": [asdict(s) for s in self.slots], "experiments": self.experiments})
+
+    @classmethod
+    def load(cls, path: Path) -> "Plan":
+        """A plan written by `save`; LaunchError naming the file when it is not one."""
+        try:
+            d = read_json(Path(path))
+        except RunFileError as e:
+            raise LaunchError(f"launch plan {e}") from None
+        try:
+            if d is None:
+                raise LaunchError(f"launch plan {path} does not exist")
+            if not isinstance(d, dict) or d.get("version") != PLAN_VERSION:
+                raise LaunchError(f"{path} is not a launch plan of this gaussreg (version {PLAN_VERSION})")
+            req = d["request"]
+            req = LaunchRequest(**{**req, "experiments": tuple(req["experiments"])})
+            runs = [PlannedRun(r["id"], r["spec"]) for r in d["runs"]]
+            slots = [Slot(**s) for s in d["slots"]]
+            return cls(req, None, runs, slots, experiments=list(d["experiments"]))
+        except (KeyError, TypeError) as e:
+            raise LaunchError(f"launch plan {path} is incomplete or damaged ({type(e).__name__}: {e})") from None
 
 
 def resolve_gpus(arg: str) -> List[str]:
@@ -158,17 +179,17 @@ def plan(req: LaunchRequest, commands: bool = True) -> Plan:
     missing = {name: data.missing_message(name, req.data_dir)
                for name in sorted({r.spec["dataset"] for r in runs if data.is_builtin(r.spec["dataset"])} - {"synthetic"})
                if data.find(name, req.data_dir) is None}
-    return Plan(req, m, runs, slots, missing, cfg)
+    chosen = {r.spec["experiment"] for r in runs}
+    experiments = [{"name": e.name, "tolerance": e.tolerance, "manifest": str(Path(req.manifest).resolve())}
+                   for e in m.experiments if e.name in chosen]
+    return Plan(req, m, runs, slots, missing, cfg, experiments)
 
 
 def write_experiments(p: Plan) -> None:
     """The experiment records (tolerance, manifest) of the experiments a launch trains."""
     st = Store(p.request.store)
-    chosen = {r.spec["experiment"] for r in p.runs}
-    for e in p.manifest.experiments:
-        if e.name in chosen:
-            st.write_experiment(e.name, {"name": e.name, "tolerance": e.tolerance,
-                                         "manifest": str(Path(p.request.manifest).resolve())})
+    for e in p.experiments:
+        st.write_experiment(e["name"], e)
 
 
 def submit_slurm(p: Plan):
@@ -187,11 +208,14 @@ def submit_slurm(p: Plan):
         raise LaunchError(str(e)) from None
 
 
-def launch(req: LaunchRequest) -> dict:
-    """Check the request, then start one detached scheduler (`gaussreg run --follow`) for all
-    of it, recorded under STORE/_launches so it can be listed and cancelled, and return its
-    record (pid, log); on Slurm, submit it and return {job_id, submitted, skipped}."""
-    p = plan(req)
+def launch(what: Union[LaunchRequest, Plan]) -> dict:
+    """Carry out a launch: a request is planned (checked) first, a Plan (the TUI's dialog has
+    made one) is used as it is. Locally: one detached scheduler (`gaussreg run --plan FILE`)
+    reads the saved plan, so nothing is planned twice; recorded under STORE/_launches so it can
+    be listed and cancelled; returns its record (pid, log). On Slurm: submitted, returns
+    {job_id, submitted, skipped}."""
+    p = plan(what) if isinstance(what, LaunchRequest) else what
+    req = p.request
     if p.missing_data:
         raise LaunchError(next(iter(p.missing_data.values())))
     if req.backend == "slurm":
@@ -199,4 +223,7 @@ def launch(req: LaunchRequest) -> dict:
         return {"backend": "slurm", "job_id": sub.job_id, "submitted": sub.submitted, "skipped": sub.skipped,
                 "script": str(sub.script) if sub.script else None}
     label = ", ".join(req.experiments) or req.only or str(req.manifest)
-    return detach_run(req.argv(), Store(req.store), label)
+    try:
+        return detach_plan(p.save, Store(req.store), label)
+    except OSError as e:
+        raise LaunchError(f"cannot start the launch in {req.store} ({e.strerror})") from None
