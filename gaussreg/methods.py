@@ -56,6 +56,13 @@ class Method:
     def batch(self, X, Y, idx, g: torch.Generator):
         return X[idx], Y[idx]
 
+    def passes(self, n: int) -> Dict[str, int]:
+        """The forward passes of one training epoch over n clean images, by kind (the run's
+        cost in result.json): clean images, noisy ones (any perturbed input) and the
+        regularizer's expected-activation passes. Here: each item of the epoch once, the
+        first copy clean and the others noisy (augment's folds)."""
+        return {"clean": n, "noisy": n * (self.copies - 1), "expected": 0}
+
     def clean_loss(self, model, x, y) -> Loss:
         logits = model(x)
         ce = _cross_entropy(logits, y)
@@ -173,6 +180,10 @@ class Regularizer(Method):
                              "must be an integer >= 1 or 'all'", omitted_at_default=True)}
     term_names = ("ce", "reg")
 
+    def passes(self, n):
+        # rest_k runs on the clean activations and on mu_k (alpha = 0 included)
+        return {"clean": n, "noisy": 0, "expected": n}
+
     def loss(self, model, x, y, g):
         from .regularizer import moment_loss
         m = moment_loss(model, x, y, self.params["sigma"], self.params["alpha"], self.params["depth"])
@@ -194,6 +205,9 @@ class RandSign(Method):
     schema = {"eps": nonneg(float), "p": Param(float, 0.5, lambda v: 0 <= v <= 1, "must be in [0, 1]"),
               "where": Param(str, "input", lambda v: v in ("input", "hidden", "both"),
                              "must be 'input', 'hidden' or 'both'")}
+
+    def passes(self, n):
+        return {"clean": 0, "noisy": n, "expected": 0}  # one perturbed pass (input or hidden layer)
 
     def loss(self, model, x, y, g):
         import torch
@@ -217,6 +231,10 @@ class FGSM(Method):
     name = "fgsm"
     schema = {"eps": nonneg(float)}
     term_names = ("ce", "adv")
+
+    def passes(self, n):
+        # the clean pass (which also gives the input gradient) and the adversarial one
+        return {"clean": n, "noisy": n, "expected": 0}
 
     def loss(self, model, x, y, g):
         import torch
