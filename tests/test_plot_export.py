@@ -162,3 +162,23 @@ def test_the_fair_table_is_recomputed_from_the_exported_runs(store, tmp_path):
     f.write_text(f.read_text() + "not json\n")
     out = subprocess.run(cli("table", "--from", f), capture_output=True, text=True, env=python_env())
     assert out.returncode == 2 and f"{f}:9: not a JSON line" in " ".join(out.stderr.split())
+
+
+def test_export_carries_each_runs_cost(store):
+    """Steps, passes by kind and training seconds, in CSV and JSON lines; empty (null) for a
+    run from before gaussreg recorded them."""
+    from gaussreg.export import export
+    reg = next(r for r in store.runs() if json.loads(r.spec_file.read_text())["params"].get("sigma") == 1.0)
+    atomic_write_json(reg.file("result.json"), {**reg.result(), "steps": 120, "train_cpu_s": 12.5,
+                                                  "train_gpu_s": None, "train_time_s": 14.0,
+                                                  "images": {"clean": 6000, "noisy": 0, "expected": 6000}})
+    rows = {r["run_id"]: r for r in csv.DictReader(io.StringIO(export(store, "runs", "csv")))}
+    got = rows[reg.id]
+    assert (got["steps"], got["train_cpu_s"], got["train_gpu_s"], got["train_time_s"]) == ("120", "12.5", "", "14")
+    assert (got["images_clean"], got["images_noisy"], got["images_expected"]) == ("6000", "0", "6000")
+    old = next(r for i, r in rows.items() if i != reg.id and r["state"] == "completed")
+    assert old["steps"] == old["train_cpu_s"] == old["images_clean"] == ""
+    lines = {x["run_id"]: x for x in map(json.loads, export(store, "runs", "jsonl").splitlines())}
+    assert lines[reg.id]["images_expected"] == 6000 and lines[reg.id]["train_cpu_s"] == 12.5
+    assert lines[reg.id]["result"]["images"] == {"clean": 6000, "noisy": 0, "expected": 6000}
+    assert lines[old["run_id"]]["steps"] is None and lines[old["run_id"]]["images_noisy"] is None
