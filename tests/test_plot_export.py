@@ -90,6 +90,29 @@ def test_plot_tolerance_overrides_the_manifests_as_the_table_does(store, tmp_pat
     assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
 
 
+def test_plot_budget_chooses_as_the_table_does(store, tmp_path, monkeypatch):
+    """These runs recorded no training time, so under a budget only the baseline competes,
+    as in `gaussreg table --budget`; a budget that is not a finite number > 0 is refused."""
+    pytest.importorskip("matplotlib")
+    from gaussreg import plot as plots
+    from gaussreg import report
+    drawn = []
+    real = plots._fig_scatter
+
+    def spy(plt, rec, *rest):
+        drawn.append(rec)
+        return real(plt, rec, *rest)
+    monkeypatch.setattr(plots, "_fig_scatter", spy)
+    plots.plot(store, tmp_path / "fig", fmt="svg", budget=3)
+    (rec,) = drawn
+    assert rec == report.fair_table(store, budget=3)["experiments"][0]
+    assert [e["method"] for e in rec["best"]] == ["baseline"] and rec["budget"]["not_comparable"] == 5
+    bad = subprocess.run(cli("plot", "--store", store.root, "--out", tmp_path / "bad", "--budget", "0"),
+                         capture_output=True, text=True, env=python_env())
+    assert bad.returncode == 2 and "--budget must be a finite number > 0" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+
+
 def test_plot_without_matplotlib_says_how_to_get_it(store, tmp_path):
     fake = tmp_path / "nompl"
     (fake / "matplotlib").mkdir(parents=True)
