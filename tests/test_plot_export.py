@@ -68,9 +68,8 @@ def test_plot_writes_three_valid_figures(store, tmp_path, fmt):
                 assert im.size[0] > 600 and im.size[1] > 400
 
 
-def test_plot_tolerance_overrides_the_manifests_as_the_table_does(store, tmp_path, monkeypatch):
-    pytest.importorskip("matplotlib")
-    from gaussreg import plot as plots
+def _records_drawn(plots, monkeypatch) -> list:
+    """The comparison records the figures are drawn from, one per comparison drawn."""
     drawn = []
     real = plots._fig_scatter
 
@@ -78,6 +77,13 @@ def test_plot_tolerance_overrides_the_manifests_as_the_table_does(store, tmp_pat
         drawn.append(rec)
         return real(plt, rec, *rest)
     monkeypatch.setattr(plots, "_fig_scatter", spy)
+    return drawn
+
+
+def test_plot_tolerance_overrides_the_manifests_as_the_table_does(store, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from gaussreg import plot as plots
+    drawn = _records_drawn(plots, monkeypatch)
     for tolerance in (None, 0.2):
         plots.plot(store, tmp_path / "fig", fmt="svg", tolerance=tolerance)
     best = [{b["method"]: b["params"].get("sigma") for b in rec["best"]} for rec in drawn]
@@ -96,13 +102,7 @@ def test_plot_budget_chooses_as_the_table_does(store, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     from gaussreg import plot as plots
     from gaussreg import report
-    drawn = []
-    real = plots._fig_scatter
-
-    def spy(plt, rec, *rest):
-        drawn.append(rec)
-        return real(plt, rec, *rest)
-    monkeypatch.setattr(plots, "_fig_scatter", spy)
+    drawn = _records_drawn(plots, monkeypatch)
     plots.plot(store, tmp_path / "fig", fmt="svg", budget=3)
     (rec,) = drawn
     assert rec == report.fair_table(store, budget=3)["experiments"][0]
