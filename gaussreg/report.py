@@ -282,8 +282,8 @@ def _cost(results: List[dict]) -> dict:
     kinds = {t[0] if t else None for t in times}
     kind = next(iter(kinds)) if len(kinds) == 1 else None  # every seed's, of one kind
     images = [r.get("images") if isinstance(r.get("images"), dict) else {} for r in results]
-    best = [r.get("best_epoch") for r in results]
-    ran = [r.get("epochs_run") for r in results]
+    best = [_epoch(r.get("best_epoch")) for r in results]
+    ran = [_epoch(r.get("epochs_run")) for r in results]
     return {"steps": _mean_or_none([r.get("steps") for r in results]),
             "images": ({k: _mean_or_none([i.get(k) for i in images]) for k in ("clean", "noisy", "expected")}
                        if results and all(images) else None),
@@ -291,7 +291,11 @@ def _cost(results: List[dict]) -> dict:
             "wall_s": _mean_or_none([r.get("train_time_s") for r in results]),
             "best_epochs": best, "epochs_run": ran,
             # the best validation epoch is the last one run: training had not converged
-            "still_improving": sum(1 for b, e in zip(best, ran) if isinstance(b, int) and b >= 1 and b == e)}
+            "still_improving": sum(1 for b, e in zip(best, ran) if b is not None and b >= 1 and b == e)}
+
+
+def _epoch(v) -> Optional[int]:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
 
 
 def _relative_cost(c: dict, base: Optional[dict]) -> dict:
@@ -617,7 +621,7 @@ def _span(values: list) -> str:
 def _epochs_cell(e: dict) -> str:
     """Best epoch over epochs run, as a range over the seeds ("3-5/5"), marked while still improving."""
     pairs = [(b, n) for b, n in zip(e.get("best_epochs") or [], e.get("epochs_run") or [])
-             if isinstance(b, int) and isinstance(n, int)]
+             if b is not None and n is not None]
     if not pairs or len(pairs) < len(e.get("best_epochs") or []):
         return NOT_RECORDED
     text = f"{_span([b for b, _ in pairs])}/{_span([n for _, n in pairs])}"
