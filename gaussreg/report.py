@@ -714,7 +714,7 @@ def cost_lines(rec) -> List[str]:
     if bud:
         lines.append(f"budget: only configurations whose training time is at most {bud['limit']:g}× the baseline's "
                      f"compete; {bud['over']} over it and {bud['not_comparable']} without a comparable time are left "
-                     "out (--all lists them with the reason)")
+                     "out (`gaussreg table --all` says which and why)")
     return lines
 
 
