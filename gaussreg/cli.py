@@ -398,6 +398,10 @@ def _run_slurm(req, follow, dry_run, yes):
 
 # ---------------------------------------------------------------- reading the store
 
+BUDGET_HELP = ("Only configurations whose training time is at most X times the baseline's compete (CPU seconds; "
+               "GPU seconds for runs on CUDA).")
+
+
 @app.command()
 def table(store: Path = StoreOpt,
           experiment: Optional[str] = typer.Option(None, help="Only this experiment."),
@@ -408,26 +412,28 @@ def table(store: Path = StoreOpt,
                                                 "numbers (the paper's procedure)."),
           show_all: bool = typer.Option(False, "--all", help="Also list every configuration with its eligibility "
                                                              "and the reason, by robustness."),
+          budget: Optional[float] = typer.Option(None, metavar="X", help=BUDGET_HELP),
           from_export: Optional[Path] = typer.Option(None, "--from", metavar="<runs.jsonl>",
                                                      help="Recompute the table from a `gaussreg export --what runs "
                                                           "--format jsonl` file instead of a store.")):
     """The fair comparison: among configurations within `tolerance` of the baseline's accuracy, the most robust
     per method; test numbers, mean ± std over seeds."""
     _check_tolerance(tolerance)
+    _check_budget(budget)
     if from_export is not None:
         try:
             records = read_runs(from_export)
         except ValueError as e:
             fail(str(e))
         t = report.table_of_export([r for r in records if not experiment or r["spec"].get("experiment") == experiment],
-                                   tolerance, select.value)
+                                   tolerance, select.value, budget)
         if experiment and not t["experiments"]:
             fail(f"no runs of experiment {experiment!r} in {from_export}")
         return _print_table(t, format, show_all)
     readable_store(store)
     if not store.is_dir():
         fail(f"the store {store} does not exist")
-    t = report.fair_table(Store(store), experiment, tolerance, select.value)
+    t = report.fair_table(Store(store), experiment, tolerance, select.value, budget)
     if tolerance is None:
         for rec in t["experiments"]:
             why = Store(store).experiment(rec["experiment"]).get("error")
@@ -442,6 +448,11 @@ def table(store: Path = StoreOpt,
 def _check_tolerance(tolerance: Optional[float]) -> None:
     if tolerance is not None and not 0 <= tolerance <= 1:
         fail(f"--tolerance must be a fraction in [0, 1], not {tolerance}")
+
+
+def _check_budget(budget: Optional[float]) -> None:
+    if budget is not None and report.budget_problem(budget):
+        fail(report.budget_problem(budget))
 
 
 def _print_table(t: dict, format: "TableFormat", show_all: bool) -> None:
@@ -468,13 +479,15 @@ def plot(store: Path = StoreOpt,
          format: PlotFormat = typer.Option(PlotFormat.png, "--format", help="png, svg or pdf."),
          select: Selection = typer.Option(Selection.validation, "--select", help="validation or test selection."),
          tolerance: Optional[float] = typer.Option(None, help="Override the manifest's tolerance (a fraction), "
-                                                              "as `gaussreg table --tolerance` does.")):
+                                                              "as `gaussreg table --tolerance` does."),
+         budget: Optional[float] = typer.Option(None, metavar="X", help=BUDGET_HELP + " As `gaussreg table --budget`.")):
     """Figures of the fair comparison: accuracy vs R per run, best per training sigma, robustness curves."""
     _check_tolerance(tolerance)
+    _check_budget(budget)
     if not store.is_dir():
         fail(f"the store {store} does not exist")
     try:
-        paths = plots.plot(Store(store), out, experiment, format.value, select.value, tolerance)
+        paths = plots.plot(Store(store), out, experiment, format.value, select.value, tolerance, budget)
     except plots.PlotsUnavailable as e:
         fail(str(e))  # fail() escapes
     except OSError as e:

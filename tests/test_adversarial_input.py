@@ -96,6 +96,8 @@ BAD_FLAGS = [
     (["show", "x", "--store", "{tmp}/afile"], "is a file, not a folder"),
     (["show", "../runs/x", "--store", "{tmp}/runs"], "no run '../runs/x'"),
     (["table", "--store", "{tmp}/runs", "--tolerance", "nan"], "--tolerance must be a fraction"),
+    (["table", "--store", "{tmp}/runs", "--budget", "-inf"], "--budget must be a finite number > 0"),
+    (["plot", "--store", "{tmp}/runs", "--budget", "0"], "--budget must be a finite number > 0"),
     (["eval", "{run}", "--store", "{tmp}/runs", "--sigmas", "0:0.5:0"], "COUNT of START:STOP:COUNT"),
     (["eval", "{run}", "--store", "{tmp}/runs", "--sigmas", "0:0.5:-3"], "COUNT of START:STOP:COUNT"),
     (["eval", "{run}", "--store", "{tmp}/runs", "--sigmas", "0,nan"], "finite numbers >= 0"),

@@ -68,9 +68,8 @@ def test_plot_writes_three_valid_figures(store, tmp_path, fmt):
                 assert im.size[0] > 600 and im.size[1] > 400
 
 
-def test_plot_tolerance_overrides_the_manifests_as_the_table_does(store, tmp_path, monkeypatch):
-    pytest.importorskip("matplotlib")
-    from gaussreg.views import plot as plots
+def _records_drawn(plots, monkeypatch) -> list:
+    """The comparison records the figures are drawn from, one per comparison drawn."""
     drawn = []
     real = plots._fig_scatter
 
@@ -78,6 +77,13 @@ def test_plot_tolerance_overrides_the_manifests_as_the_table_does(store, tmp_pat
         drawn.append(rec)
         return real(plt, rec, *rest)
     monkeypatch.setattr(plots, "_fig_scatter", spy)
+    return drawn
+
+
+def test_plot_tolerance_overrides_the_manifests_as_the_table_does(store, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from gaussreg.views import plot as plots
+    drawn = _records_drawn(plots, monkeypatch)
     for tolerance in (None, 0.2):
         plots.plot(store, tmp_path / "fig", fmt="svg", tolerance=tolerance)
     best = [{b["method"]: b["params"].get("sigma") for b in rec["best"]} for rec in drawn]
@@ -87,6 +93,23 @@ def test_plot_tolerance_overrides_the_manifests_as_the_table_does(store, tmp_pat
     bad = subprocess.run(cli("plot", "--store", store.root, "--out", tmp_path / "bad", "--tolerance", "2"),
                          capture_output=True, text=True, env=python_env())
     assert bad.returncode == 2 and "--tolerance must be a fraction in [0, 1], not 2.0" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+
+
+def test_plot_budget_chooses_as_the_table_does(store, tmp_path, monkeypatch):
+    """These runs recorded no training time, so under a budget only the baseline competes,
+    as in `gaussreg table --budget`; a budget that is not a finite number > 0 is refused."""
+    pytest.importorskip("matplotlib")
+    from gaussreg.views import plot as plots
+    from gaussreg.views import report
+    drawn = _records_drawn(plots, monkeypatch)
+    plots.plot(store, tmp_path / "fig", fmt="svg", budget=3)
+    (rec,) = drawn
+    assert rec == report.fair_table(store, budget=3)["experiments"][0]
+    assert [e["method"] for e in rec["best"]] == ["baseline"] and rec["budget"]["not_comparable"] == 5
+    bad = subprocess.run(cli("plot", "--store", store.root, "--out", tmp_path / "bad", "--budget", "0"),
+                         capture_output=True, text=True, env=python_env())
+    assert bad.returncode == 2 and "--budget must be a finite number > 0" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
 
 
@@ -162,3 +185,23 @@ def test_the_fair_table_is_recomputed_from_the_exported_runs(store, tmp_path):
     f.write_text(f.read_text() + "not json\n")
     out = subprocess.run(cli("table", "--from", f), capture_output=True, text=True, env=python_env())
     assert out.returncode == 2 and f"{f}:9: not a JSON line" in " ".join(out.stderr.split())
+
+
+def test_export_carries_each_runs_cost(store):
+    """Steps, passes by kind and training seconds, in CSV and JSON lines; empty (null) for a
+    run from before gaussreg recorded them."""
+    from gaussreg.views.export import export
+    reg = next(r for r in store.runs() if json.loads(r.spec_file.read_text())["params"].get("sigma") == 1.0)
+    atomic_write_json(reg.file("result.json"), {**reg.result(), "steps": 120, "train_cpu_s": 12.5,
+                                                  "train_gpu_s": None, "train_time_s": 14.0,
+                                                  "images": {"clean": 6000, "noisy": 0, "expected": 6000}})
+    rows = {r["run_id"]: r for r in csv.DictReader(io.StringIO(export(store, "runs", "csv")))}
+    got = rows[reg.id]
+    assert (got["steps"], got["train_cpu_s"], got["train_gpu_s"], got["train_time_s"]) == ("120", "12.5", "", "14")
+    assert (got["images_clean"], got["images_noisy"], got["images_expected"]) == ("6000", "0", "6000")
+    old = next(r for i, r in rows.items() if i != reg.id and r["state"] == "completed")
+    assert old["steps"] == old["train_cpu_s"] == old["images_clean"] == ""
+    lines = {x["run_id"]: x for x in map(json.loads, export(store, "runs", "jsonl").splitlines())}
+    assert lines[reg.id]["images_expected"] == 6000 and lines[reg.id]["train_cpu_s"] == 12.5
+    assert lines[reg.id]["result"]["images"] == {"clean": 6000, "noisy": 0, "expected": 6000}
+    assert lines[old["run_id"]]["steps"] is None and lines[old["run_id"]]["images_noisy"] is None

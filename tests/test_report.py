@@ -10,8 +10,10 @@ from gaussreg.runs.store import Store, atomic_write_json
 from gaussreg.views import report
 
 
-def add(st, exp, method, acc=None, rob=None, seed=0, state="completed", val=None, keys=None, noisy=None, **params):
-    """A hand-made run; validation numbers equal the test ones unless val=(acc, R) says otherwise."""
+def add(st, exp, method, acc=None, rob=None, seed=0, state="completed", val=None, keys=None, noisy=None, cost=None,
+        **params):
+    """A hand-made run; validation numbers equal the test ones unless val=(acc, R) says otherwise;
+    `cost` adds result fields (spent() makes the ones a worker records)."""
     spec = resolve({"dataset": "synthetic", "model": "mlp", "method": method, "params": params, "seed": seed,
                     "experiment": exp, **(keys or {})})
     run = st.create(spec, run_id(spec))
@@ -21,8 +23,15 @@ def add(st, exp, method, acc=None, rob=None, seed=0, state="completed", val=None
         res = {"test_accuracy": acc, "robustness": rob, "best_val_accuracy": va, "val_robustness": vr}
         if noisy is not None:
             res.update(sigmas=[0.0, 0.5], accuracy_per_sigma=noisy)
+        res.update(cost or {})
         atomic_write_json(run.file("result.json"), res)
     return run.id
+
+
+def spent(steps, cpu, best=5, epochs=5, device="cpu", gpu=None):
+    """The cost fields of a worker's result.json (images: a baseline's, 100 clean images a step)."""
+    return {"steps": steps, "train_cpu_s": cpu, "train_gpu_s": gpu, "train_time_s": 2.0 * cpu, "device": device,
+            "images": {"clean": 100 * steps, "noisy": 0, "expected": 0}, "best_epoch": best, "epochs_run": epochs}
 
 
 @pytest.fixture
@@ -251,7 +260,7 @@ def test_table_all_lists_every_configuration_with_reasons(store):
     assert out.returncode == 0, out.stderr
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("| ✓") or ln.startswith("| ✗")]
     assert len(lines) == 9  # 1 baseline + 3 augment + 5 regularizer configurations (two seeds are one)
-    assert "| ✗ | regularizer | alpha=1 sigma=5 | 0 | - | - | - | - | - | not completed (failed 1) |" in lines
+    assert "| ✗ | regularizer | alpha=1 sigma=5 | 0 | - | - | - | - | - | — | — | — | not completed (failed 1) |" in lines
     assert any(ln.startswith("| ✗ | regularizer | alpha=1 sigma=1 |") and
                "validation accuracy 89.99% below a0 - tolerance = 90.00%" in ln for ln in lines)
     assert lines[0].startswith("| ✗ | regularizer | alpha=1 sigma=1 |")  # sorted by R: 0.99 first
@@ -260,3 +269,124 @@ def test_table_all_lists_every_configuration_with_reasons(store):
     rich = subprocess.run(cli("table", "--store", store.root, "--experiment", "A", "--all"),
                           capture_output=True, text=True, env=python_env(COLUMNS="200"))
     assert "every configuration" in rich.stdout and "✗" in rich.stdout and "not completed" in rich.stdout
+
+
+def _cost_store(tmp_path):
+    st = Store(tmp_path / "runs")
+    st.write_experiment("K", {"tolerance": 0.02})
+    add(st, "K", "baseline", 0.90, 0.50, seed=0, cost=spent(100, 10.0, best=4))
+    add(st, "K", "baseline", 0.90, 0.50, seed=1, cost=spent(100, 12.0, best=5))  # mean 11 CPU seconds
+    add(st, "K", "augment", 0.90, 0.90, seed=0, cost=spent(600, 60.0, best=3), sigma=0.5, folds=5)
+    add(st, "K", "augment", 0.90, 0.90, seed=1, cost=spent(600, 62.0, best=5), sigma=0.5, folds=5)
+    add(st, "K", "augment", 0.90, 0.70, cost=spent(200, 21.0, best=2), sigma=0.5, folds=1)
+    add(st, "K", "regularizer", 0.90, 0.80, cost=spent(100, 16.5, best=5), sigma=0.5, alpha=1)
+    return st
+
+
+def test_cost_relative_to_the_baseline_and_still_improving(tmp_path):
+    st = _cost_store(tmp_path)
+    rec = report.fair_table(st)["experiments"][0]
+    assert rec["baseline"]["steps"] == 100 and rec["baseline"]["time_s"] == 11.0
+    assert rec["baseline"]["time_kind"] == "cpu"
+    best = {e["method"]: e for e in rec["best"]}
+    aug, reg = best["augment"], best["regularizer"]
+    assert aug["params"]["folds"] == 5 and aug["steps"] == 600 and aug["steps_x"] == 6.0
+    assert aug["time_s"] == 61.0 and aug["time_x"] == pytest.approx(61 / 11) and aug["wall_s"] == 122.0
+    assert aug["images"] == {"clean": 60000, "noisy": 0, "expected": 0}
+    # per seed, in the order of run_ids
+    assert [st.get(i).spec()["seed"] for i in aug["run_ids"]] == [1, 0] and aug["best_epochs"] == [5, 3]
+    assert aug["epochs_run"] == [5, 5] and aug["still_improving"] == 1
+    assert reg["steps_x"] == 1.0 and reg["time_x"] == 1.5 and reg["still_improving"] == 1
+    assert best["baseline"]["steps_x"] == best["baseline"]["time_x"] == 1.0
+    assert best["baseline"]["still_improving"] == 1  # seed 1's best epoch is its last
+    folds1 = next(c for c in rec["configurations"] if c["params"].get("folds") == 1)
+    assert folds1["still_improving"] == 0 and folds1["time_x"] == pytest.approx(21 / 11)
+    md = report.render_markdown({"experiments": [rec]}, show_all=True)
+    assert "| augment | folds=5 sigma=0.5 | 2 | 90.00 ± 0.00 | +0.00 | 90.00 ± 0.00 | +40.00 | yes | - | 6.00 | 5.55 " \
+           "| 3-5/5 ↑ |" in md
+    assert "| regularizer | alpha=1 sigma=0.5 | 1 | 90.00 | +0.00 | 80.00 | +30.00 | - | - | 1.00 | 1.50 | 5/5 ↑ |" in md
+    assert "| ✓ | augment | folds=1 sigma=0.5 | 1 | 90.00 | 70.00 | 90.00 | 70.00 | - | 2.00 | 1.91 | 2/5 |  |" in md
+    assert ("↑ still improving (the best validation epoch is the last one run; more epochs may change the "
+            "comparison): baseline in 1 of 2 seed(s), augment in 1 of 2 seed(s), regularizer in 1 of 1 seed(s)") in md
+    assert "time: CPU seconds of the training epochs" in md and "—" not in md
+    rows = list(__import__("csv").DictReader(report.render_csv({"experiments": [rec]}).splitlines()))
+    a = next(r for r in rows if r["table"] == "best" and r["method"] == "augment")
+    assert (a["steps"], a["steps_ratio"], a["time_s"], a["time_kind"], a["time_ratio"]) == (
+        "600.0", "6.0", "61.0", "cpu", str(round(61 / 11, 6)))
+    assert (a["best_epochs"], a["epochs_run"], a["still_improving"]) == ("5 3", "5 5", "1")
+    assert a["run_ids"] == " ".join(aug["run_ids"])
+
+
+def test_budget_lets_only_configurations_within_a_multiple_of_the_baselines_time_compete(tmp_path):
+    st = _cost_store(tmp_path)
+    rec = report.fair_table(st, budget=2)["experiments"][0]
+    best = {e["method"]: e for e in rec["best"]}
+    # folds=5 (5.55x) is over the budget: the cheaper, less robust folds=1 (1.91x) is augment's best
+    assert best["augment"]["params"]["folds"] == 1 and best["regularizer"]["time_x"] == 1.5
+    reasons = {c["params"].get("folds"): c["reason"] for c in rec["configurations"] if c["method"] == "augment"}
+    assert reasons == {5: "training time 5.55x the baseline's, over the budget of 2x", 1: None}
+    assert rec["budget"] == {"limit": 2, "time_kind": "cpu", "over": 1, "not_comparable": 0}
+    assert rec["counts"]["augment"]["eligible"] == 1
+    # "which is more robust at equal cost?": the regularizer (R 0.80) beats the augmentation it costs as much as
+    assert rec["equivalent_folds"]["text"] == "Ñ > 2" and rec["equivalent_folds"]["augment_outside_budget"] == 1
+    assert ("augment configurations: 1 completed within the budget, 0 lost too much accuracy, 1 eligible but less "
+            "robust than the regularizer; 1 outside the budget") in report.render_markdown(report.fair_table(st, budget=2))
+    # the same from exported runs (`gaussreg table --from`)
+    from gaussreg.views.export import export
+    lines = [json.loads(x) for x in export(st, "runs", "jsonl").splitlines()]
+    assert report.table_of_export(lines, budget=2) == report.fair_table(st, budget=2)
+    # a budget equal to a configuration's ratio keeps it
+    at = report.fair_table(st, budget=61 / 11)["experiments"][0]
+    assert {e["method"]: e["params"].get("folds") for e in at["best"]}["augment"] == 5
+    md = report.render_markdown(report.fair_table(st, budget=2), True)
+    assert "budget 2× the baseline's time" in md.splitlines()[0]
+    assert ("budget: only configurations whose training time is at most 2× the baseline's compete; 1 over it and 0 "
+            "without a comparable time are left out") in md
+    out = subprocess.run(cli("table", "--store", st.root, "--budget", "2", "--format", "json"), capture_output=True,
+                         text=True, env=python_env())
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == json.loads(json.dumps(report.fair_table(st, budget=2)))
+    for bad in ("0", "-1", "inf", "nan"):
+        out = subprocess.run(cli("table", "--store", st.root, "--budget", bad), capture_output=True, text=True,
+                             env=python_env())
+        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, bad
+        assert "--budget must be a finite number > 0 (times the baseline's training time), not" in out.stderr, bad
+    assert report.budget_problem(True) and report.budget_problem("2") and report.budget_problem(0.5) is None
+
+
+def test_old_runs_without_cost_show_a_dash_and_a_budget_says_why_they_are_left_out(tmp_path):
+    st = _cost_store(tmp_path)
+    add(st, "K", "randsign", 0.90, 0.85, eps=0.1)  # trained before gaussreg recorded cost
+    add(st, "K", "fgsm", 0.90, 0.60, cost=spent(100, 0.5, device="cuda:0", gpu=30.0), eps=0.1)  # other device
+    rec = report.fair_table(st)["experiments"][0]
+    best = {e["method"]: e for e in rec["best"]}
+    assert best["randsign"]["steps_x"] is None and best["randsign"]["time_x"] is None
+    assert best["fgsm"]["steps_x"] == 1.0 and best["fgsm"]["time_x"] is None  # GPU against CPU seconds
+    md = report.render_markdown({"experiments": [rec]})
+    assert "| randsign | eps=0.1 | 1 | 90.00 | +0.00 | 85.00 | +35.00 | - | - | — | — | — |" in md
+    assert "| fgsm | eps=0.1 | 1 | 90.00 | +0.00 | 60.00 | +10.00 | - | - | 1.00 | — | 5/5 ↑ |" in md
+    assert "—: not recorded (runs from before gaussreg recorded cost) or not comparable" in md
+    rec = report.fair_table(st, budget=10)["experiments"][0]
+    assert {e["method"] for e in rec["best"]} == {"baseline", "augment", "regularizer"}
+    reasons = {c["method"]: c["reason"] for c in rec["configurations"]}
+    assert reasons["randsign"] == ("no training time comparable to the baseline's (its runs recorded no training time "
+                                   "(trained before gaussreg recorded cost)): outside the budget")
+    assert reasons["fgsm"] == ("no training time comparable to the baseline's (its time is GPU seconds, the "
+                               "baseline's CPU seconds): outside the budget")
+    assert rec["budget"]["not_comparable"] == 2 and rec["budget"]["over"] == 0
+    # a configuration with one seed that recorded cost and one that did not has no cost (not a one-seed mean)
+    add(st, "K", "randsign", 0.90, 0.85, seed=1, cost=spent(100, 11.0), eps=0.1)
+    rs = next(c for c in report.fair_table(st)["experiments"][0]["configurations"] if c["method"] == "randsign")
+    assert rs["seeds"] == 2 and rs["steps"] is None and rs["time_x"] is None and rs["best_epochs"] == [None, 5]
+    # a store from before cost: the table works as before, and a budget says that only the baseline can compete
+    old = report.fair_table(Store(tmp_path / "old") if False else _old_store(tmp_path), budget=3)["experiments"][0]
+    assert [e["method"] for e in old["best"]] == ["baseline"]
+    assert old["warnings"] == ["budget 3x: the baseline's runs recorded no training time (trained before gaussreg "
+                               "recorded cost), so no other configuration can be held to it"]
+
+
+def _old_store(tmp_path):
+    st = Store(tmp_path / "old")
+    add(st, "O", "baseline", 0.90, 0.50)
+    add(st, "O", "regularizer", 0.90, 0.80, sigma=0.5, alpha=1)
+    return st

@@ -40,9 +40,11 @@ def add_run(st, method, acc=None, rob=None, state="completed", seed=0, epochs=3,
               "finished_at": T1, "epoch": epochs, "max_epochs": epochs, "error": None}
     events = [_epoch(e, 2.0 / e, 2.5 / e, 0.5 + 0.1 * e) for e in range(1, epochs + 1)]
     if state == "completed":
+        copies = params.get("folds", 0) + 1  # the cost a worker records: augment's folds make it dearer
         res = {"test_accuracy": acc, "robustness": rob, "sigmas": SIGMAS, "per_sigma": [1.0, rob, rob - 0.2],
                "accuracy_per_sigma": [acc, acc - 0.1, acc - 0.3], "best_epoch": epochs, "epochs_run": epochs,
-               "best_val_accuracy": events[-1]["val_accuracy"], "val_robustness": rob, "test_loss": 0.5}
+               "best_val_accuracy": events[-1]["val_accuracy"], "val_robustness": rob, "test_loss": 0.5,
+               "device": "cpu", "steps": 4 * epochs * copies, "train_cpu_s": 10.0 * copies + 2 * (method == "regularizer")}
         atomic_write_json(run.file("result.json"), res)
         events.append({"type": "test", "time": T1, "test_accuracy": acc, "robustness": rob, "sigmas": SIGMAS,
                        "per_sigma": res["per_sigma"], "accuracy_per_sigma": res["accuracy_per_sigma"]})
@@ -545,12 +547,45 @@ async def test_compare_screen_matches_table_json(store):
             row = best.get_row(e["method"])
             assert row[2] == f"{e['accuracy'] * 100:.2f}" and row[4] == f"{e['robustness'] * 100:.2f}"
             assert row[3] == f"{e['d_accuracy'] * 100:+.2f}" and row[5] == f"{e['d_robustness'] * 100:+.2f}"
+            assert row[7:] == [f"{e['steps_x']:.2f}", f"{e['time_x']:.2f}", "3/3 ↑"]
         footer = str(app.screen.query_one("#compare-footer").render())
         assert f"equivalent augmentation (the paper's Ñ = folds + 1): {rec['equivalent_folds']['text']}" in footer
         scatter = app.screen.query_one("#scatter", SeriesPlot)
         points = sorted(zip(*scatter.series["regularizer"]))
         assert points == [pytest.approx((85, 95)), pytest.approx((92, 78))]  # in %, like the table
         assert scatter.vlines[0][0] == pytest.approx(90 - 1)  # the tolerance band's edge
+
+
+async def test_compare_screen_budget_as_table_budget(store):
+    """The budget field: configurations trained in more than X times the baseline's time
+    leave the table (augment, 3x here), as with `gaussreg table --budget`; a bad value is one
+    sentence and changes nothing; an empty field is no budget."""
+    from textual.widgets import Input
+    app = GaussregApp("runs", poll_s=0.05)
+    async with app.run_test(size=(160, 48)) as pilot:
+        best = await _open_compare(pilot)
+        assert best.get_row("augment")[8] == "3.00" and best.get_row("regularizer")[8] == "1.20"
+        app.screen.query_one("#budget", Input).focus()
+        error = app.screen.query_one("#budget-error")
+        for bad, said in (("0", "0.0"), ("abc", "abc"), ("inf", "inf")):
+            await pilot.press(*bad, "enter")
+            await until(pilot, lambda: str(error.render()) == "the budget must be a finite number > 0 (times the "
+                                                              f"baseline's training time), not {said}")
+            assert app.screen.budget is None and best.row_count == 3
+            app.screen.query_one("#budget", Input).value = ""
+        await pilot.press("2", "enter")
+        await until(pilot, lambda: best.row_count == 2)
+        assert str(error.render()) == "" and app.screen.budget == 2.0
+        assert [str(best.get_row_at(i)[0]) for i in range(2)] == ["baseline", "regularizer"]
+        assert "budget 2× the baseline's time" in str(app.screen.query_one("#compare-title").render())
+        footer = str(app.screen.query_one("#compare-footer").render())
+        assert "1 over it and 0 without a comparable time are left out" in footer
+        out = subprocess.run(cli("table", "--store", "runs", "--format", "json", "--budget", "2"),
+                             capture_output=True, text=True, env=python_env())
+        assert [e["method"] for e in json.loads(out.stdout)["experiments"][0]["best"]] == ["baseline", "regularizer"]
+        await pilot.press("backspace", "enter")
+        await until(pilot, lambda: best.row_count == 3)
+        assert app.screen.budget is None and isinstance(app.screen, CompareScreen)
 
 
 MANIFEST = """

@@ -80,9 +80,61 @@ def test_two_epoch_run_writes_the_documented_files(tmp_path):
 
 
 def _compare_results(a, b):
+    # steps and passes too: a resumed run reports the totals of the whole run, not of its last part
     for k in ("test_accuracy", "test_loss", "robustness", "per_sigma", "accuracy_per_sigma", "best_epoch",
-              "epochs_run", "best_val_loss"):
+              "epochs_run", "best_val_loss", "steps", "images"):
         assert a[k] == b[k], k
+    assert b["train_cpu_s"] > 0
+
+
+# (method, params): per clean image and epoch, the items of an epoch and the passes by kind
+COST = {"baseline": ({}, 1, {"clean": 1, "noisy": 0, "expected": 0}),
+        "augment": ({"sigma": 0.3, "folds": 2}, 3, {"clean": 1, "noisy": 2, "expected": 0}),
+        "regularizer": ({"sigma": 0.3, "alpha": 1.0}, 1, {"clean": 1, "noisy": 0, "expected": 1}),
+        "randsign": ({"eps": 0.1}, 1, {"clean": 0, "noisy": 1, "expected": 0}),
+        "fgsm": ({"eps": 0.1}, 1, {"clean": 1, "noisy": 1, "expected": 0})}
+
+
+def test_a_run_records_its_cost(tmp_path):
+    """result.json has the optimizer steps (epochs x batches), the forward passes by kind
+    (clean images, noisy copies, expected activations) and the training time: CPU seconds
+    of the process, and no GPU seconds on a CPU."""
+    runs = {m: make_run(tmp_path, m, method=m, params=p, max_epochs=3, train_subset=250, test_subset=50)
+            for m, (p, _, _) in COST.items()}
+    procs = {m: worker(run) for m, run in runs.items()}  # side by side: five small processes
+    for m, p in procs.items():
+        rc, _, err = finish(p)
+        assert rc == 0, (m, err)
+    for m, run in runs.items():
+        _, copies, per_image = COST[m]
+        res = run.result()
+        n, epochs = res["sizes"]["train"], res["epochs_run"]
+        assert (n, epochs) == (250, 3)
+        assert res["steps"] == epochs * math.ceil(n * copies / 100), m  # batches of 100
+        assert res["images"] == {k: epochs * n * v for k, v in per_image.items()}, m
+        assert res["train_gpu_s"] is None
+        # one compute thread (GAUSSREG_THREADS=1): CPU seconds are at most about the wall of the epochs
+        assert 0 < res["train_cpu_s"] <= 1.5 * res["train_time_s"] + 0.1, m
+        ck = torch.load(run.file("last.pt"), weights_only=True)["state"]
+        assert (ck["steps"], ck["images"], ck["cpu_time"]) == (res["steps"], res["images"], res["train_cpu_s"])
+
+
+def test_a_resume_from_a_checkpoint_without_cost_counts_the_epochs_done(tmp_path):
+    """A last.pt of a worker that recorded no cost: steps and passes of the epochs it did are
+    the same every epoch, so the totals are exact; its times were not measured and stay None."""
+    run = make_run(tmp_path, method="augment", params={"sigma": 0.3, "folds": 1}, max_epochs=1, train_subset=200)
+    assert finish(worker(run))[0] == 0
+    ck = torch.load(run.file("last.pt"), weights_only=True)
+    for k in ("steps", "images", "cpu_time", "gpu_time"):
+        del ck["state"][k]
+    torch.save(ck, run.file("last.pt"))
+    run.file("spec.json").write_text(json.dumps({**json.loads(run.file("spec.json").read_text()), "max_epochs": 2}))
+    rc, _, err = finish(worker(run, "--resume"))
+    assert rc == 0, err
+    res = run.result()
+    assert res["epochs_run"] == 2 and res["steps"] == 2 * 4  # 400 items in batches of 100
+    assert res["images"] == {"clean": 400, "noisy": 400, "expected": 0}
+    assert res["train_cpu_s"] is None and res["train_gpu_s"] is None
 
 
 BF16_REGULARIZER = dict(model="lenet", method="regularizer", params={"sigma": 0.3, "alpha": 1.0}, batch_size=200,

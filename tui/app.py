@@ -37,6 +37,8 @@ class GaussregApp(App):
     #compare-selects { height: auto; }
     #experiment { width: 1fr; max-width: 60; }
     #setting { width: 1fr; max-width: 60; }
+    #budget { width: 22; }
+    #budget-error { height: auto; padding: 0 1; }
     ModalScreen { align: center middle; }
     #dialog { width: 90; max-width: 100%; height: auto; max-height: 90%; border: thick $primary; background: $surface;
               padding: 1 2; }

@@ -20,10 +20,11 @@ from gaussreg.runs import manifest, reader
 from gaussreg.runs.spec import describe_params
 from gaussreg.runs.store import STATE_STYLE, STATES, RunDir, Store, phase_of, short_id
 from gaussreg.views import report
+from gaussreg.views.report import budget_problem, cost_cells, cost_lines
 
 from .messages import CompareReady, DetailChanged, OverlayReady, PlanReady
-from .watcher import RunDetailWatcher
-from .widgets import COLUMNS, RunsTable, SeriesPlot, SummaryBar, pct
+from .watcher import RunDetailWatcher, overlay_series
+from .widgets import COLUMNS, SERIES_COLORS, RunsTable, SeriesPlot, SummaryBar, pct
 
 METHOD_COLORS = {"baseline": "white", "augment": "orange", "regularizer": "cyan", "randsign": "magenta",
                  "fgsm": "red"}
@@ -100,7 +101,9 @@ Runs screen
   ?       this help      ctrl+p  command palette      q  quit
 
 Detail, overlay and compare screens: escape goes back; in the
-detail, p shows the next plot when they do not fit one above another.
+detail, p shows the next plot when they do not fit one above another;
+in compare, a budget X (enter) lets only configurations trained in at
+most X times the baseline's time compete (gaussreg table --budget).
 States: queued, running, completed, failed, cancelled, diverged; a run
 whose worker died without a word (its lock is free; on another host, a
 stale heartbeat) shows as interrupted. A running run says when it
@@ -404,7 +407,6 @@ class OverlayScreen(Screen):
         self.title = f"overlay of {len(run_ids)} run(s)"
 
     def compose(self) -> ComposeResult:
-        from .widgets import SERIES_COLORS
         colors = {short_id(r): SERIES_COLORS[i % len(SERIES_COLORS)] for i, r in enumerate(self.run_ids)}
         yield Header()
         with Vertical(id="overlay"):
@@ -420,7 +422,6 @@ class OverlayScreen(Screen):
 
     @work(thread=True, exclusive=True, group="overlay")
     def load(self) -> None:
-        from .watcher import overlay_series
         self.post_message(OverlayReady(overlay_series(self.app.store_root, self.run_ids)))
 
     @on(OverlayReady)
@@ -439,6 +440,7 @@ class CompareScreen(Screen):
         self.experiments = experiments
         self.experiment = experiment or (experiments[0] if experiments else None)
         self.setting: Optional[str] = None  # the comparison shown, by its label, when the experiment has several
+        self.budget: Optional[float] = None  # as `gaussreg table --budget`: times the baseline's training time
         self._labels: List[str] = []
         self._last: Optional[CompareReady] = None
 
@@ -450,6 +452,8 @@ class CompareScreen(Screen):
             # an experiment whose runs differ in a setting (dataset, max_epochs, ...) is several
             # comparisons, each with its own baseline: this picks one; hidden when there is one
             yield Select([], prompt="setting", id="setting")
+            yield Input(placeholder="budget × (enter)", id="budget")
+        yield Static(id="budget-error")
         yield Static(id="compare-title")
         yield DataTable(id="best", cursor_type="row")
         yield Static(id="compare-footer")
@@ -460,7 +464,8 @@ class CompareScreen(Screen):
     def on_mount(self) -> None:
         t = self.query_one("#best", DataTable)
         for key, label in [("method", "method"), ("params", "params"), ("acc", "acc %"), ("dacc", "Δacc"),
-                           ("r", "R %"), ("dr", "ΔR"), ("seeds", "seeds")]:
+                           ("r", "R %"), ("dr", "ΔR"), ("seeds", "seeds"), ("steps", "steps ×"), ("time", "time ×"),
+                           ("epochs", "best/epochs")]:
             t.add_column(label, key=key)
         if self.experiment:
             self.load(self.experiment)
@@ -478,6 +483,22 @@ class CompareScreen(Screen):
             self.setting = event.value
             self.show(self._last)
 
+    @on(Input.Submitted, "#budget")
+    def budget_changed(self, event: Input.Submitted) -> None:
+        """A budget as `gaussreg table --budget` takes it (empty: none); a bad one is said
+        in one sentence below the selectors and changes nothing."""
+        text = event.value.strip()
+        try:
+            value = float(text) if text else None
+        except ValueError:
+            value = text
+        problem = budget_problem(value, "the budget") if value is not None else None
+        self.query_one("#budget-error", Static).update(Text(problem or "", style="red"))
+        if problem is None and value != self.budget:
+            self.budget = value
+            if self.experiment:
+                self.load(self.experiment)
+
     @staticmethod
     def _label(rec: dict) -> str:
         return " ".join(f"{k}={v}" for k, v in rec.get("setting", {}).items()) or f"{rec['dataset']} · {rec['model']}"
@@ -490,7 +511,7 @@ class CompareScreen(Screen):
     @work(thread=True, exclusive=True, group="compare")
     def load(self, experiment: str) -> None:
         store = Store(self.app.store_root)
-        table = report.fair_table(store, experiment)
+        table = report.fair_table(store, experiment, budget=self.budget)
         points = [{"id": r["id"], "method": r["spec"]["method"], "accuracy": r["result"]["test_accuracy"],
                    "robustness": r["result"]["robustness"]}
                   for r in reader.list_runs(store, experiment) if r["result"]]
@@ -498,8 +519,8 @@ class CompareScreen(Screen):
 
     @on(CompareReady)
     def show(self, message: CompareReady) -> None:
-        if message.experiment != self.experiment:
-            return  # a load for the experiment chosen before
+        if message.experiment != self.experiment or message.table["budget"] != self.budget:
+            return  # a load for the experiment or budget chosen before
         self._last = message
         t = self.query_one("#best", DataTable)
         t.clear()
@@ -524,11 +545,12 @@ class CompareScreen(Screen):
         b = rec["baseline"]
         self.query_one("#compare-title", Static).update(Text(
             f"{rec['experiment']} · {rec['dataset']} · {rec['model']} · tolerance {rec['tolerance'] * 100:.2f}% · "
+            + (f"budget {self.budget:g}× the baseline's time · " if self.budget is not None else "")
             + (f"baseline acc {pct(b['accuracy'])}%, R {pct(b['robustness'])}%" if b else "no completed baseline")))
         for e in rec["best"]:
             t.add_row(Text(e["method"], style=METHOD_COLORS.get(e["method"], "")), Text(describe_params(e)),
                       pct(e["accuracy"]), f"{e['d_accuracy'] * 100:+.2f}", pct(e["robustness"]),
-                      f"{e['d_robustness'] * 100:+.2f}", str(e["seeds"]), key=e["method"])
+                      f"{e['d_robustness'] * 100:+.2f}", str(e["seeds"]), *cost_cells(e), key=e["method"])
         ef = rec["equivalent_folds"]
         counts = ", ".join(f"{m} {c['eligible']}/{c['completed']}/{c['total']}" for m, c in rec["counts"].items())
         certs = ", ".join(f"{e['method']} " + "/".join(pct(v) for v in e["certified"]["accuracy"].values())
@@ -536,7 +558,8 @@ class CompareScreen(Screen):
         self.query_one("#compare-footer", Static).update(Text(
             (f"equivalent augmentation (the paper's Ñ = folds + 1): {ef['text']}\n" if ef else "")
             + f"runs eligible/completed/total: {counts}"
-            + (f"\ncertified acc % at radius 0/0.25/0.5: {certs}" if certs else "")))
+            + (f"\ncertified acc % at radius 0/0.25/0.5: {certs}" if certs else "")
+            + "".join(f"\n{line}" for line in cost_lines(rec))))
         series: Dict[str, tuple] = {}
         ids = {i for c in rec["configurations"] for i in c["run_ids"]}  # this setting's completed runs
         for p in message.points:

@@ -321,20 +321,35 @@ def _set_pixel_sigma(method, spec: dict, info, log) -> None:
         f"{', '.join(f'{v:.4g}' for v in px)} in pixel units")
 
 
+def _epoch_work(s: _Setup, spec: dict):
+    """The optimizer steps and the forward passes by kind (Method.passes) of one epoch."""
+    n = len(s.splits.train_x)
+    return math.ceil(n * s.method.copies / spec["batch_size"]), s.method.passes(n)
+
+
 def _start_or_resume(run: RunDir, resume: bool, s: _Setup, log, spec: dict):
     """The training state to start from, and whether it comes from last.pt; a fresh start
-    removes the previous model's outputs and writes a last.pt at once."""
+    removes the previous model's outputs and writes a last.pt at once. The state carries
+    the run's cost so far (steps, passes, CPU and GPU seconds of finished epochs), so a
+    resumed run reports the totals of an uninterrupted one; the time of an epoch cut
+    short is not counted, as its work is redone."""
     import torch
     state = {"epoch": 0, "best_val_loss": math.inf, "best_epoch": 0, "bad_epochs": 0, "train_time": 0.0,
-             "threads": torch.get_num_threads()}
+             "threads": torch.get_num_threads(), "steps": 0, "images": {"clean": 0, "noisy": 0, "expected": 0},
+             "cpu_time": 0.0, "gpu_time": 0.0 if s.dev.type == "cuda" else None}
     last = run.last_checkpoint
     resuming = resume and last.exists()
     if resuming:
         try:
-            state.update(_load_checkpoint(last, s.model, s.opt, s.sched))
+            saved = _load_checkpoint(last, s.model, s.opt, s.sched)
         except Exception as e:  # noqa: BLE001 - truncated, foreign or tampered: all mean the same here
             raise RuntimeError(f"cannot resume from {last} ({type(e).__name__}: {str(e)[:200]}); "
                                "`gaussreg run --rerun` (or deleting last.pt) starts the run over") from None
+        state.update(saved)
+        if "steps" not in saved:  # a last.pt of a worker that counted no cost
+            steps, passes = _epoch_work(s, spec)  # the same every epoch: exact for the epochs done
+            state.update(steps=steps * state["epoch"], images={k: v * state["epoch"] for k, v in passes.items()},
+                         cpu_time=None, gpu_time=None)  # times it did not measure stay unknown
         log(f"resumed from last.pt after epoch {state['epoch']}")
         # float sums depend on how work is split over threads: a bitwise-exact resume
         # needs the thread count the run started with, whatever this launch would use
@@ -398,7 +413,8 @@ def _result_record(spec: dict, run: RunDir, s: _Setup, state: dict, ev: _Evaluat
         "best_val_loss": state["best_val_loss"], "best_val_accuracy": state.get("best_val_accuracy"),
         "val_robustness": vrob.score, "val_per_sigma": vrob.per_sigma,
         "val_accuracy_per_sigma": vrob.accuracy_per_sigma, "val_robustness_images": ev.val_images,
-        "train_time_s": state["train_time"], "robustness_time_s": ev.rob_time, "wall_time_s": time.time() - t_start,
+        "train_time_s": state["train_time"], "train_cpu_s": state["cpu_time"], "train_gpu_s": state["gpu_time"],
+        "steps": state["steps"], "images": state["images"], "robustness_time_s": ev.rob_time, "wall_time_s": time.time() - t_start,
         "parameters": s.parameters, "device": str(s.dev), "device_name": device_name(s.dev),
         "precision": s.precision, "compile": spec["compile"],
         **({"pixel_sigma": list(s.method.pixel_sigma)} if s.method.pixel_sigma is not None else {}),
@@ -437,7 +453,7 @@ def _train_epochs(spec, run, state, s: _Setup, events, status, last_ck, should_s
     model, method, opt, sched, g, splits, dev = s.model, s.method, s.opt, s.sched, s.g, s.splits, s.dev
     X, Y = splits.train_x, splits.train_y
     N, B = len(X) * method.copies, spec["batch_size"]
-    batches = math.ceil(N / B)
+    batches, passes = _epoch_work(s, spec)
     seed = spec["seed"]
     val_seed = seed + 1_000_003
     terms = list(method.term_names)
@@ -447,7 +463,7 @@ def _train_epochs(spec, run, state, s: _Setup, events, status, last_ck, should_s
         if state["bad_epochs"] >= spec["early_stop"]:
             break
         status.update(epoch=epoch, phase="training")
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         model.train()
         es = epoch_seed(seed, epoch)  # the epoch's randomness depends on (seed, epoch) only: see epoch_seed
         g.manual_seed(es)
@@ -478,7 +494,13 @@ def _train_epochs(spec, run, state, s: _Setup, events, status, last_ck, should_s
         sched.step(val["loss"])
         improved = val["loss"] < state["best_val_loss"]
         dt = time.time() - t0
-        state.update(epoch=epoch, train_time=state["train_time"] + dt)
+        # new objects, never changed in place: last_ck may hold this state's shallow copy
+        state.update(epoch=epoch, train_time=state["train_time"] + dt, steps=state["steps"] + batches,
+                     images={k: state["images"].get(k, 0) + v for k, v in passes.items()},
+                     cpu_time=_plus(state["cpu_time"], time.process_time() - c0),
+                     # GPU seconds: the epoch's wall on the GPU, which it holds until the
+                     # epoch's end reads the losses back (None unless every epoch ran on one)
+                     gpu_time=_plus(state["gpu_time"], dt) if dev.type == "cuda" else None)
         if improved:
             state.update(best_val_loss=val["loss"], best_epoch=epoch, bad_epochs=0,
                          best_val_accuracy=val["accuracy"])
@@ -495,6 +517,11 @@ def _train_epochs(spec, run, state, s: _Setup, events, status, last_ck, should_s
         last_ck.epoch_end(model, opt, sched, state)
         log(f"epoch {epoch}: train {train_loss:.4f} "
             f"val {val['loss']:.4f} acc {val['accuracy']:.4f} ({dt:.1f}s, {seen / dt:.0f} img/s)")
+
+
+def _plus(total: Optional[float], x: float) -> Optional[float]:
+    """A running total that stays unknown (None) once a part of it was not measured."""
+    return None if total is None else total + x
 
 
 def _certify(spec, model, splits, run, should_stop, events, log) -> None:

@@ -87,6 +87,13 @@ class Method:
     def batch(self, X, Y, idx, g: torch.Generator):
         return X[idx], Y[idx]
 
+    def passes(self, n: int) -> Dict[str, int]:
+        """The forward passes of one training epoch over n clean images, by kind (the run's
+        cost in result.json): clean images, noisy ones (any perturbed input) and the
+        regularizer's expected-activation passes. Here: each item of the epoch once, the
+        first copy clean and the others noisy (augment's folds)."""
+        return {"clean": n, "noisy": n * (self.copies - 1), "expected": 0}
+
     def clean_loss(self, model, x, y) -> Loss:
         logits = model(x)
         ce = _cross_entropy(logits, y)
@@ -232,6 +239,10 @@ class Regularizer(Method):
     term_names = ("ce", "reg")
     reference_units = staticmethod(units.regularizer_sigma)
 
+    def passes(self, n):
+        # rest_k runs on the clean activations and on mu_k (alpha = 0 included)
+        return {"clean": n, "noisy": 0, "expected": n}
+
     def loss(self, model, x, y, g):
         from gaussreg.science.regularizer import moment_loss
         m = moment_loss(model, x, y, self.noise_sigma(), self.params["alpha"], self.params["depth"])
@@ -253,6 +264,9 @@ class RandSign(Method):
     schema = {"eps": nonneg(float), "p": Param(float, 0.5, lambda v: 0 <= v <= 1, "must be in [0, 1]"),
               "where": Param(str, "input", lambda v: v in ("input", "hidden", "both"),
                              "must be 'input', 'hidden' or 'both'")}
+
+    def passes(self, n):
+        return {"clean": 0, "noisy": n, "expected": 0}  # one perturbed pass (input or hidden layer)
 
     def loss(self, model, x, y, g):
         import torch
@@ -276,6 +290,10 @@ class FGSM(Method):
     name = "fgsm"
     schema = {"eps": nonneg(float)}
     term_names = ("ce", "adv")
+
+    def passes(self, n):
+        # the clean pass (which also gives the input gradient) and the adversarial one
+        return {"clean": n, "noisy": n, "expected": 0}
 
     def loss(self, model, x, y, g):
         import torch

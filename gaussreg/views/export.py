@@ -16,8 +16,9 @@ from gaussreg.views.report import certified_runs, config_key, run_metrics
 WHATS = ("runs", "epochs", "sigmas")
 FORMATS = ("csv", "jsonl")
 RUN_KEYS = ("dataset", "model", "max_epochs", "batch_size", "train_subset", "test_subset", "split_seed")
-RESULT_KEYS = ("best_epoch", "epochs_run", "best_val_loss", "train_time_s", "robustness_time_s", "wall_time_s",
-               "parameters", "device_name")
+RESULT_KEYS = ("best_epoch", "epochs_run", "best_val_loss", "train_time_s", "train_cpu_s", "train_gpu_s", "steps",
+               "robustness_time_s", "wall_time_s", "parameters", "device_name")
+PASSES = ("clean", "noisy", "expected")  # result["images"]: forward passes by kind, as images_<kind>
 
 
 def _ident(row: dict) -> dict:
@@ -45,6 +46,8 @@ def run_rows(store: Store, experiment=None, whole: bool = False) -> Iterable[dic
         row.update({k: m.get(k) for k in ("test_accuracy", "test_robustness", "test_noisy_accuracy", "val_accuracy",
                                            "val_robustness", "val_noisy_accuracy")})
         row.update({k: res.get(k) for k in RESULT_KEYS})
+        images = res.get("images") if isinstance(res.get("images"), dict) else {}
+        row.update({f"images_{k}": images.get(k) for k in PASSES})  # None (empty) for runs before cost was recorded
         row["error"] = r["error"]
         exp = row["experiment"]
         if exp not in tolerances:

@@ -50,13 +50,14 @@ def _mean_curve(results: List[dict], key: str) -> Optional[tuple]:
 
 
 def plot(store: Store, out_dir, experiment: Optional[str] = None, fmt: str = "png",
-         select: str = "validation", tolerance: Optional[float] = None) -> List[Path]:
+         select: str = "validation", tolerance: Optional[float] = None, budget: Optional[float] = None) -> List[Path]:
     """Write three figures per comparison into out_dir; returns their paths. `tolerance`
-    overrides the experiments' own, as in report.fair_table, so figures can match a table."""
+    overrides the experiments' own and `budget` limits the training time, as in
+    report.fair_table, so figures can match a table."""
     plt = _pyplot()
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    table = report.fair_table(store, experiment, tolerance, select)
+    table = report.fair_table(store, experiment, tolerance, select, budget)
     if not table["experiments"]:
         return []  # nothing to draw: no empty folder left behind
     out_dir = Path(out_dir)
@@ -66,7 +67,9 @@ def plot(store: Store, out_dir, experiment: Optional[str] = None, fmt: str = "pn
     for rec in table["experiments"]:
         setting = report._setting_text(rec)
         stem = _slug(rec["experiment"] + ("-" + setting if setting else ""))
-        title = " · ".join([rec["experiment"], rec["dataset"], rec["model"]] + ([setting] if setting else []))
+        budget_text = [f"budget {budget:g}× the baseline's time"] if rec["budget"] else []
+        title = " · ".join([rec["experiment"], rec["dataset"], rec["model"]] + ([setting] if setting else [])
+                           + budget_text)
         ids = {i for c in rec["configurations"] for i in c["run_ids"]}
         runs = [results[i] for i in sorted(ids) if i in results]
         for name, draw in (("accuracy-vs-robustness", _fig_scatter), ("per-sigma", _fig_per_sigma),

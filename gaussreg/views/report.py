@@ -102,7 +102,8 @@ def _configs(rows: List[dict], select: str) -> List[dict]:
                "run_ids": sorted(r["id"] for r in done), "seeds": sorted(r["spec"].get("seed", 0) for r in done),
                "n": len(done), "states": dict(Counter(r["state"] for r in runs)), "stats": stats,
                "accuracy": None, "accuracy_std": None, "robustness": None, "robustness_std": None,
-               "noisy_accuracy": None, "sel_accuracy": None, "sel_robustness": None}
+               "noisy_accuracy": None, "sel_accuracy": None, "sel_robustness": None,
+               **_cost([r["result"] for r in sorted(done, key=lambda r: r["id"])])}
         if done:
             cfg.update(accuracy=stats["test_accuracy"]["mean"], accuracy_std=stats["test_accuracy"]["std"],
                        robustness=stats["test_robustness"]["mean"], robustness_std=stats["test_robustness"]["std"],
@@ -116,12 +117,80 @@ def _configs(rows: List[dict], select: str) -> List[dict]:
     return out
 
 
+# ---------------------------------------------------------------- cost
+
+def train_seconds(result: dict) -> Optional[tuple]:
+    """(kind, seconds) of a run's training time as the table compares it: GPU seconds for
+    a run trained on CUDA, else CPU seconds of the worker process (epochs and their
+    validation; see the README's "Cost"). None when the run did not record it."""
+    kind = "gpu" if str(result.get("device", "")).startswith("cuda") else "cpu"
+    v = _num(result.get(f"train_{kind}_s"))
+    return None if v is None else (kind, v)
+
+
+def _mean_or_none(values: list) -> Optional[float]:
+    """The mean when every seed has the number, else None: a partial mean is not the configuration's."""
+    nums = [_num(v) for v in values]
+    return None if not nums or None in nums else sum(nums) / len(nums)
+
+
+def _cost(results: List[dict]) -> dict:
+    """A configuration's cost from its seeds' results (in run id order): mean steps, passes
+    by kind and training seconds (None where a seed did not record them: runs of a
+    gaussreg before cost was recorded), and per seed the best epoch and epochs run."""
+    times = [train_seconds(r) for r in results]
+    kinds = {t[0] if t else None for t in times}
+    kind = next(iter(kinds)) if len(kinds) == 1 else None  # every seed's, of one kind
+    images = [r.get("images") if isinstance(r.get("images"), dict) else {} for r in results]
+    best = [_epoch(r.get("best_epoch")) for r in results]
+    ran = [_epoch(r.get("epochs_run")) for r in results]
+    return {"steps": _mean_or_none([r.get("steps") for r in results]),
+            "images": ({k: _mean_or_none([i.get(k) for i in images]) for k in ("clean", "noisy", "expected")}
+                       if results and all(images) else None),
+            "time_kind": kind, "time_s": _mean_or_none([t[1] for t in times]) if kind else None,
+            "wall_s": _mean_or_none([r.get("train_time_s") for r in results]),
+            "best_epochs": best, "epochs_run": ran,
+            # the best validation epoch is the last one run: training had not converged
+            "still_improving": sum(1 for b, e in zip(best, ran) if b is not None and b >= 1 and b == e)}
+
+
+def _epoch(v) -> Optional[int]:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
+
+
+def _relative_cost(c: dict, base: Optional[dict]) -> dict:
+    """Steps and training time relative to the baseline configuration's (None when either
+    is unknown, or the times are of different kinds: GPU against CPU seconds)."""
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+    same = base is not None and c["time_kind"] == base["time_kind"]
+    return {"steps_x": ratio(c["steps"], base["steps"]) if base else None,
+            "time_x": ratio(c["time_s"], base["time_s"]) if same else None}
+
+
+def _no_time_why(c: dict, base: dict) -> str:
+    if base["time_s"] is None:
+        return "the baseline's runs recorded no training time"
+    if c["time_s"] is None:
+        return "its runs recorded no training time (trained before gaussreg recorded cost)"
+    return f"its time is {c['time_kind'].upper()} seconds, the baseline's {base['time_kind'].upper()} seconds"
+
+
+def budget_problem(value, name: str = "--budget") -> Optional[str]:
+    """Why `value` is not a budget (a finite number > 0, times the baseline's training
+    time), as one sentence, or None; shared by the CLI and the TUI."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+        return None
+    return f"{name} must be a finite number > 0 (times the baseline's training time), not {value}"
+
+
 def _best(cfgs: List[dict]) -> Optional[dict]:
     # by robustness on the selection split; ties: more accurate first, then the smaller id
     return min(cfgs, key=lambda c: (-c["sel_robustness"], -c["sel_accuracy"], c["run_ids"][0]), default=None)
 
 
-def _reason(c: dict, base: Optional[dict], threshold: Optional[float], select: str) -> Optional[str]:
+def _reason(c: dict, base: Optional[dict], threshold: Optional[float], select: str,
+            budget: Optional[float] = None) -> Optional[str]:
     """Why a configuration is not eligible (None when it is)."""
     if c["n"] == 0:
         states = ", ".join(f"{s} {k}" for s, k in sorted(c["states"].items()))
@@ -136,18 +205,31 @@ def _reason(c: dict, base: Optional[dict], threshold: Optional[float], select: s
     if c["sel_accuracy"] < threshold - EPS:
         return (f"{select} accuracy {c['sel_accuracy'] * 100:.2f}% below a0 - tolerance = "
                 f"{threshold * 100:.2f}%")
+    return _budget_reason(c, base, budget)
+
+
+def _budget_reason(c: dict, base: Optional[dict], budget: Optional[float]) -> Optional[str]:
+    """Why a completed configuration is outside the budget (None when it is within, or there is none)."""
+    if budget is None or base is None or c is base:  # the baseline is the budget's unit
+        return None
+    if c["time_x"] is None:
+        return f"no training time comparable to the baseline's ({_no_time_why(c, base)}): outside the budget"
+    if c["time_x"] > budget * (1 + EPS):
+        return f"training time {c['time_x']:.2f}x the baseline's, over the budget of {budget:g}x"
     return None
 
 
 def compare(rows: List[dict], experiment: str, dataset: str, model: str, tolerance: float,
-            select: str = "validation", setting: Optional[dict] = None) -> dict:
-    """The fair-comparison record of one comparison (one experiment at one setting)."""
+            select: str = "validation", setting: Optional[dict] = None, budget: Optional[float] = None) -> dict:
+    """The fair-comparison record of one comparison (one experiment at one setting); with a
+    `budget`, only configurations whose training time is at most `budget` times the
+    baseline's compete (train_seconds: those without a comparable time do not)."""
     if select not in SELECTIONS:
         raise ValueError(f"select must be one of {', '.join(SELECTIONS)}, not {select!r}")
     cfgs = _configs(rows, select)
     rec = {"experiment": experiment, "dataset": dataset, "model": model, "setting": setting or {},
            "tolerance": tolerance, "selection": select, "baseline": None, "best": [], "best_per_sigma": [],
-           "equivalent_folds": None, "counts": {}, "warnings": [], "configurations": []}
+           "equivalent_folds": None, "counts": {}, "warnings": [], "configurations": [], "budget": None}
     present = {r["spec"]["method"] for r in rows}
     methods = [m for m in METHOD_CLASSES if m in present]
     base = next((c for c in cfgs if c["method"] == "baseline" and c["n"]), None)
@@ -158,19 +240,29 @@ def compare(rows: List[dict], experiment: str, dataset: str, model: str, toleran
                            "robustness": base["robustness"], "robustness_std": base["robustness_std"],
                            "noisy_accuracy": base["noisy_accuracy"], "selection_accuracy": base["sel_accuracy"],
                            "selection_robustness": base["sel_robustness"], "runs": base["n"],
-                           "run_ids": base["run_ids"]}
+                           "run_ids": base["run_ids"], "steps": base["steps"], "time_s": base["time_s"],
+                           "time_kind": base["time_kind"]}
         if base["sel_accuracy"] is not None:
             threshold = base["sel_accuracy"] - tolerance
     for c in cfgs:
-        c["reason"] = _reason(c, base, threshold, select)
+        c.update(_relative_cost(c, base))
+        c["reason"] = _reason(c, base, threshold, select, budget)
         c["eligible"] = c["reason"] is None
+        c["outside_budget"] = bool(c["n"]) and _budget_reason(c, base, budget) is not None
+    if budget is not None and base:
+        rec["budget"] = _budget_summary(cfgs, base, budget)
+        if base["time_s"] is None:
+            rec["warnings"].append(f"budget {budget:g}x: the baseline's runs recorded no training time (trained "
+                                   "before gaussreg recorded cost), so no other configuration can be held to it")
     eligible = [c for c in cfgs if c["eligible"]]
 
     def entry(c, **extra):
         e = {"method": c["method"], "params": c["params"], **extra, "seeds": c["n"], "accuracy": c["accuracy"],
              "accuracy_std": c["accuracy_std"], "robustness": c["robustness"], "robustness_std": c["robustness_std"],
              "noisy_accuracy": c["noisy_accuracy"], "selection_accuracy": c["sel_accuracy"],
-             "selection_robustness": c["sel_robustness"], "run_ids": c["run_ids"]}
+             "selection_robustness": c["sel_robustness"], "run_ids": c["run_ids"],
+             **{k: c[k] for k in ("steps", "steps_x", "time_s", "time_kind", "time_x", "wall_s", "images",
+                                  "best_epochs", "epochs_run", "still_improving")}}
         if base and c["n"]:
             e.update(d_accuracy=c["accuracy"] - base["accuracy"], d_robustness=c["robustness"] - base["robustness"],
                      d_noisy_accuracy=(c["noisy_accuracy"] - base["noisy_accuracy"]
@@ -204,6 +296,14 @@ def compare(rows: List[dict], experiment: str, dataset: str, model: str, toleran
     return rec
 
 
+def _budget_summary(cfgs: List[dict], base: dict, budget: float) -> dict:
+    """How many completed configurations the budget left out: over it, or without a time
+    comparable to the baseline's (each says which in its reason, `--all`)."""
+    out = [c for c in cfgs if c["outside_budget"]]
+    return {"limit": budget, "time_kind": base["time_kind"], "over": sum(1 for c in out if c["time_x"] is not None),
+            "not_comparable": sum(1 for c in out if c["time_x"] is None)}
+
+
 def _significance(c: dict, base: dict) -> dict:
     """Whether |ΔR| on test exceeds two standard errors of the difference of two means
     (sqrt(s1²/n1 + s0²/n0)); only with at least 2 seeds on each side."""
@@ -217,11 +317,12 @@ def _equivalent_folds(cfgs, eligible) -> dict:
     """The paper's N~ (= folds + 1, the clean copy counted): the smallest augmentation
     whose best eligible configuration is at least as robust as the best eligible
     regularizer (robustness on the selection split). Only completed augment
-    configurations count."""
+    configurations within the budget (if any) count: the others were not tried at this cost."""
     reg = _best([c for c in eligible if c["method"] == "regularizer"])
-    done = [c for c in cfgs if c["method"] == "augment" and c["n"]]
+    done = [c for c in cfgs if c["method"] == "augment" and c["n"] and not c["outside_budget"]]
     out = {"n_tilde": None, "folds": None, "augment_configs": len(done),
-           "augment_less_accurate": sum(1 for c in done if not c["eligible"])}
+           "augment_less_accurate": sum(1 for c in done if not c["eligible"]),
+           "augment_outside_budget": sum(1 for c in cfgs if c["method"] == "augment" and c["outside_budget"])}
     if reg is None:
         return {**out, "text": "no eligible regularizer run"}
     aug = [c for c in eligible if c["method"] == "augment"]
@@ -239,18 +340,20 @@ def _equivalent_folds(cfgs, eligible) -> dict:
 
 
 def fair_table(store: Store, experiment: Optional[str] = None, tolerance: Optional[float] = None,
-               select: str = "validation") -> dict:
+               select: str = "validation", budget: Optional[float] = None) -> dict:
     """The JSON form of `gaussreg table`: one record per comparison (experiment and
     setting: every run key but method, params and seed)."""
     rows = [r for r in list_runs(store, experiment) if r["spec"] is not None]
     return table_of(rows, lambda exp: tolerance if tolerance is not None
-                    else float(store.experiment(exp).get("tolerance", 0.0)), select, certified_runs(store, rows))
+                    else float(store.experiment(exp).get("tolerance", 0.0)), select, certified_runs(store, rows),
+                    budget)
 
 
 def table_of(rows: List[dict], tolerance_of: Callable[[str], float], select: str = "validation",
-             certified: Optional[Dict[str, Optional[dict]]] = None) -> dict:
+             certified: Optional[Dict[str, Optional[dict]]] = None, budget: Optional[float] = None) -> dict:
     """The fair table of run records (as list_runs gives them): `tolerance_of(experiment)`
-    is the tolerance of each experiment; `certified` maps run ids to run_certified()."""
+    is the tolerance of each experiment; `certified` maps run ids to run_certified();
+    `budget` (times the baseline's training time) as in compare()."""
     groups = defaultdict(list)
     for r in rows:
         s = r["spec"]
@@ -266,12 +369,13 @@ def table_of(rows: List[dict], tolerance_of: Callable[[str], float], select: str
         flat = _flat(json.loads(key))
         s = rs[0]["spec"]
         out.append(compare(rs, exp, s["dataset"], s["model"], tolerance_of(exp), select,
-                           {k: flat.get(k) for k in varying[exp]}))
+                           {k: flat.get(k) for k in varying[exp]}, budget))
     _add_certified(certified or {}, out)
-    return {"selection": select, "experiments": out}
+    return {"selection": select, "budget": budget, "experiments": out}
 
 
-def table_of_export(records: Iterable[dict], tolerance: Optional[float] = None, select: str = "validation") -> dict:
+def table_of_export(records: Iterable[dict], tolerance: Optional[float] = None, select: str = "validation",
+                    budget: Optional[float] = None) -> dict:
     """The fair table recomputed from `gaussreg export --what runs --format jsonl` records
     (each carries its run's spec, result, certificates and its experiment's tolerance):
     the same table as `gaussreg table` on the store they came from, without the store."""
@@ -282,7 +386,8 @@ def table_of_export(records: Iterable[dict], tolerance: Optional[float] = None, 
         rows.append({"id": rec["run_id"], "spec": rec["spec"], "state": rec["state"], "result": rec.get("result")})
         tolerances.setdefault(rec["spec"].get("experiment", ""), rec.get("tolerance") or 0.0)
         certified[rec["run_id"]] = rec.get("certified")
-    return table_of(rows, lambda exp: tolerance if tolerance is not None else tolerances[exp], select, certified)
+    return table_of(rows, lambda exp: tolerance if tolerance is not None else tolerances[exp], select, certified,
+                    budget)
 
 
 # ---------------------------------------------------------------- certified accuracy
@@ -355,16 +460,43 @@ def _yes_no(v) -> str:
     return "-" if v is None else ("yes" if v else "no")
 
 
-HEADER = ["method", "params", "seeds", "acc %", "Δacc", "R %", "ΔR", "|ΔR| > 2SE", "noisy acc %"]
+NOT_RECORDED = "—"  # a cost the runs did not record (or that does not compare with the baseline's)
+COST_HEADER = ["steps ×", "time ×", "best/epochs"]
+HEADER = ["method", "params", "seeds", "acc %", "Δacc", "R %", "ΔR", "|ΔR| > 2SE", "noisy acc %", *COST_HEADER]
 SIGMA_HEADER = ["method", "sigma", "params", "seeds", "acc %", "R %", "noisy acc %"]
-ALL_HEADER = ["", "method", "params", "seeds", "sel acc %", "sel R %", "acc %", "R %", "noisy acc %", "reason"]
+ALL_HEADER = ["", "method", "params", "seeds", "sel acc %", "sel R %", "acc %", "R %", "noisy acc %", *COST_HEADER,
+              "reason"]
+STILL_IMPROVING = "↑"  # the mark of a configuration whose best epoch is its last (see the footer)
+
+
+def _ratio(v) -> str:
+    return NOT_RECORDED if v is None else f"{v:.2f}"
+
+
+def _span(values: list) -> str:
+    lo, hi = min(values), max(values)
+    return f"{lo}" if lo == hi else f"{lo}-{hi}"
+
+
+def _epochs_cell(e: dict) -> str:
+    """Best epoch over epochs run, as a range over the seeds ("3-5/5"), marked while still improving."""
+    pairs = [(b, n) for b, n in zip(e.get("best_epochs") or [], e.get("epochs_run") or [])
+             if b is not None and n is not None]
+    if not pairs or len(pairs) < len(e.get("best_epochs") or []):
+        return NOT_RECORDED
+    text = f"{_span([b for b, _ in pairs])}/{_span([n for _, n in pairs])}"
+    return f"{text} {STILL_IMPROVING}" if e.get("still_improving") else text
+
+
+def cost_cells(e: dict) -> List[str]:
+    return [_ratio(e.get("steps_x")), _ratio(e.get("time_x")), _epochs_cell(e)]
 
 
 def _rows(rec: dict) -> List[List[str]]:
     return [[e["method"], describe_params(e), str(e["seeds"]), _pm(e["accuracy"], e["accuracy_std"]),
              _pct(e.get("d_accuracy"), True), _pm(e["robustness"], e["robustness_std"]),
              _pct(e.get("d_robustness"), True), _yes_no(e.get("exceeds_2se")), _pct(e["noisy_accuracy"]),
-             *_cert_cells(rec, e)] for e in rec["best"]]
+             *cost_cells(e), *_cert_cells(rec, e)] for e in rec["best"]]
 
 
 def _sigma_rows(rec: dict) -> List[List[str]]:
@@ -376,8 +508,8 @@ def _sigma_rows(rec: dict) -> List[List[str]]:
 def _all_rows(rec: dict) -> List[List[str]]:
     return [["✓" if c["eligible"] else "✗", c["method"], describe_params(c), str(c["seeds"]),
              _pct(c["selection_accuracy"]), _pct(c["selection_robustness"]), _pm(c["accuracy"], c["accuracy_std"]),
-             _pm(c["robustness"], c["robustness_std"]), _pct(c["noisy_accuracy"]), c["reason"] or ""]
-            for c in rec["configurations"]]
+             _pm(c["robustness"], c["robustness_std"]), _pct(c["noisy_accuracy"]), *cost_cells(c),
+             c["reason"] or ""] for c in rec["configurations"]]
 
 
 def _setting_text(rec) -> str:
@@ -389,8 +521,10 @@ def _title(rec) -> str:
     base = (f"baseline acc {_pm(b['accuracy'], b['accuracy_std'])}%, R {_pm(b['robustness'], b['robustness_std'])}%"
             f" ({b['runs']} seed(s))" if b else "no completed baseline run yet")
     setting = _setting_text(rec)
+    budget = [f"budget {rec['budget']['limit']:g}× the baseline's time"] if rec.get("budget") else []
     return " · ".join([rec["experiment"], rec["dataset"], rec["model"]] + ([setting] if setting else [])
-                      + [f"tolerance {rec['tolerance'] * 100:.2f}%", f"selected on {rec['selection']}", base])
+                      + [f"tolerance {rec['tolerance'] * 100:.2f}%", f"selected on {rec['selection']}"] + budget
+                      + [base])
 
 
 def _footer(rec) -> List[str]:
@@ -398,21 +532,49 @@ def _footer(rec) -> List[str]:
     ef = rec["equivalent_folds"]
     if ef:
         lines.append(f"equivalent augmentation (the paper's Ñ = folds + 1): {ef['text']}")
-        if ef.get("augment_configs"):
-            lines.append(f"augment configurations: {ef['augment_configs']} completed, "
-                         f"{ef['augment_less_accurate']} lost too much accuracy"
+        if ef.get("augment_configs") or ef.get("augment_outside_budget"):
+            lines.append(f"augment configurations: {ef['augment_configs']} completed"
+                         + (" within the budget" if rec.get("budget") else "")
+                         + f", {ef['augment_less_accurate']} lost too much accuracy"
                          + (f", {ef['augment_less_robust']} eligible but less robust than the regularizer"
-                            if "augment_less_robust" in ef else ""))
+                            if "augment_less_robust" in ef else "")
+                         + (f"; {ef['augment_outside_budget']} outside the budget"
+                            if ef.get("augment_outside_budget") else ""))
     counts = ", ".join(f"{m} {c['eligible']}/{c['completed']}/{c['total']}" for m, c in rec["counts"].items())
     lines.append(f"runs eligible/completed/total: {counts}")
     lines.append(f"numbers are test means ± std over seeds; eligibility and the best per method were decided on "
                  f"{rec['selection']} accuracy and R")
+    lines.extend(cost_lines(rec))
     for e in rec["best"]:
         if e.get("exceeds_2se") is not None:
             lines.append(f"{e['method']}: ΔR {_pct(e['d_robustness'], True)} "
                          f"{'exceeds' if e['exceeds_2se'] else 'is within'} two standard errors "
                          f"(2 SE = {2 * e['standard_error'] * 100:.2f})")
     lines.extend(f"warning: {w}" for w in rec["warnings"])
+    return lines
+
+
+def cost_lines(rec) -> List[str]:
+    """What the cost columns mean, which chosen configurations are still improving, and what the budget left out."""
+    b, lines = rec["baseline"], []
+    if b:
+        kind = f"{b['time_kind'].upper()} seconds" if b.get("time_kind") else "CPU (on CUDA: GPU) seconds"
+        line = (f"steps × and time × are relative to the baseline (time: {kind} of the training epochs, "
+                "validation included)")
+        if any(NOT_RECORDED in cost_cells(e)[:2] for e in rec["best"]):
+            line += (f"; {NOT_RECORDED}: not recorded (runs from before gaussreg recorded cost) or not comparable "
+                     "(GPU against CPU seconds)")
+        lines.append(line)
+    still = [e for e in rec["best"] if e.get("still_improving")]
+    if still:
+        lines.append(f"{STILL_IMPROVING} still improving (the best validation epoch is the last one run; more epochs "
+                     "may change the comparison): "
+                     + ", ".join(f"{e['method']} in {e['still_improving']} of {e['seeds']} seed(s)" for e in still))
+    bud = rec.get("budget")
+    if bud:
+        lines.append(f"budget: only configurations whose training time is at most {bud['limit']:g}× the baseline's "
+                     f"compete; {bud['over']} over it and {bud['not_comparable']} without a comparable time are left "
+                     "out (`gaussreg table --all` says which and why)")
     return lines
 
 
@@ -479,7 +641,17 @@ def _r(v, digits=6):
 CSV_HEADER = ["experiment", "dataset", "model", "setting", "tolerance", "selection", "table", "sigma", "method",
               "params", "seeds", "accuracy", "accuracy_std", "d_accuracy", "robustness", "robustness_std",
               "d_robustness", "exceeds_2se", "noisy_accuracy", "selection_accuracy", "selection_robustness",
-              "eligible", "reason", "run_ids"]
+              "eligible", "reason", "run_ids", "budget", "steps", "steps_ratio", "time_s", "time_kind", "time_ratio",
+              "best_epochs", "epochs_run", "still_improving"]
+
+
+def _cost_csv(table: dict, e: dict) -> list:
+    """The cost columns; best epochs and epochs run per seed, in run_ids' order."""
+    def seeds(values):
+        return " ".join("" if v is None else str(v) for v in values or [])
+    return [_r(table.get("budget")), _r(e.get("steps")), _r(e.get("steps_x")), _r(e.get("time_s")),
+            e.get("time_kind") or "", _r(e.get("time_x")), seeds(e.get("best_epochs")), seeds(e.get("epochs_run")),
+            _r(e.get("still_improving"))]
 
 
 def render_csv(table: dict, show_all: bool = False) -> str:
@@ -501,5 +673,5 @@ def render_csv(table: dict, show_all: bool = False) -> str:
                             _r(e["robustness_std"]), _r(e.get("d_robustness")), _r(e.get("exceeds_2se")),
                             _r(e["noisy_accuracy"]), _r(e["selection_accuracy"]), _r(e["selection_robustness"]),
                             _r(e.get("eligible", True)), e.get("reason") or "", " ".join(e["run_ids"]),
-                            *_cert_csv(e)])
+                            *_cost_csv(table, e), *_cert_csv(e)])
     return buf.getvalue()
