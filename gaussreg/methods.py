@@ -98,14 +98,27 @@ def _seed_key(seed: int) -> int:
     return int(_hash32(torch.tensor(_int32(seed), dtype=torch.int32)))
 
 
+BANK_VERSION = 2  # in the spec of every run whose noise comes from bank_noise; see Augment.spec_params
+
+
+def _unit(h: torch.Tensor) -> torch.Tensor:
+    """A uniform in (0, 1) from 23 bits of a hash: (2k + 1) / 2^24, an odd integer below
+    2^24 times a power of two, so exact in float32 and never 0 or 1 (min 2^-24: |z| <= 5.77)."""
+    import torch
+    return (((h >> 9) & 0x7FFFFF) * 2 + 1).to(torch.float32) * 2.0 ** -24
+
+
 def bank_noise(seed: int, item: torch.Tensor, shape) -> torch.Tensor:
     """N(0, 1) noise of shape (len(item), *shape) that is a function of (seed, item) alone:
     the fixed noise bank of a once-augmented dataset, computed per batch instead of held
-    in memory (21 folds of CIFAR would take 5.8 GB in half precision).
+    in memory (21 folds of CIFAR would take 5.8 GB in half precision). Items >= 0 are
+    the fixed mode's (copy - 1) * n + image, items -1, -2, ... the shared mode's copies.
 
     A counter-based generator: each value is Box-Muller of two hashes of (seed, item,
     position), so it is the same whatever batch, order, device or resume point asks
-    for it, and costs no host sync."""
+    for it, and costs no host sync. Version 2 (BANK_VERSION): version 1 made u1 from
+    float32(h1) + 2^31 + 1, which is 0 for h1 near -2^31 (float32 cannot hold 2^31 + 1),
+    and -2 log 0 put +-inf into about one item in 10^5 of MNIST size (issue 29)."""
     import torch
     n = math.prod(shape)
     half = (n + 1) // 2
@@ -114,9 +127,8 @@ def bank_noise(seed: int, item: torch.Tensor, shape) -> torch.Tensor:
     pos = torch.where(pos >= 1 << 31, pos - (1 << 32), pos).to(torch.int32)
     h1 = _hash32(key[:, None] + pos)
     h2 = _hash32(h1 ^ 0x68E31DA4)
-    u1 = (h1.to(torch.float32) + (2.0 ** 31 + 1.0)) * 2.0 ** -32  # in (0, 1]
-    r = torch.sqrt(-2.0 * torch.log(u1))
-    theta = h2.to(torch.float32) * (2 * math.pi * 2.0 ** -32)
+    r = torch.sqrt(-2.0 * torch.log(_unit(h1)))
+    theta = _unit(h2) * (2 * math.pi)
     return torch.cat([r * torch.cos(theta), r * torch.sin(theta)], 1)[:, :n].reshape(len(item), *shape)
 
 

@@ -1,7 +1,9 @@
+import math
+
 import pytest
 import torch
 
-from gaussreg.methods import METHOD_CLASSES, check_params, make_method, random_sign
+from gaussreg.methods import METHOD_CLASSES, bank_noise, check_params, make_method, random_sign
 from gaussreg.spec import SpecError
 from gaussreg.models import build_model
 
@@ -46,7 +48,6 @@ def test_augment_fixed_noise_repeats_across_epochs():
 
 
 def test_fixed_noise_bank_is_a_function_of_seed_copy_and_image_only():
-    from gaussreg.methods import bank_noise
     m = make_method("augment", {"sigma": 1.0, "folds": 3, "fresh_noise": False})
     X, Y = torch.zeros(500, 3, 8, 8), torch.arange(500) % 10
     m.prepare(len(X), X.shape[1:], _gen(7))
@@ -65,6 +66,32 @@ def test_fixed_noise_bank_is_a_function_of_seed_copy_and_image_only():
     other.prepare(len(X), X.shape[1:], _gen(8))
     assert not torch.equal(other.batch(X, Y, torch.arange(2000), _gen(0))[0], full)  # the seed matters
     assert torch.equal(bank_noise(7, torch.tensor([3, 3]), (2, 5))[0], bank_noise(7, torch.tensor([3]), (2, 5))[0])
+
+
+def test_the_bank_item_that_held_infinities_is_finite():
+    """Bank version 1 put +-inf into two pixels of item 255,287 of seed 0: copy 5 of image
+    39,287 of MNIST's 54,000 training images (issue 29); a batch holding it diverged."""
+    m = make_method("augment", {"sigma": 0.5, "folds": 5, "fresh_noise": False})
+    X = torch.zeros(1, 1, 28, 28).expand(54_000, 1, 28, 28)  # the size matters, the pixels do not
+    m.prepare(len(X), X.shape[1:], _gen(0))
+    x, _ = m.batch(X, torch.zeros(54_000, dtype=torch.long), torch.tensor([5 * 54_000 + 39_287]), _gen(0))
+    assert torch.isfinite(x).all()
+    assert torch.equal(x[0] / 0.5, bank_noise(0, torch.tensor([255_287]), (1, 28, 28))[0])
+
+
+def test_the_bank_is_finite_and_standard_normal_over_ten_million_values():
+    """10,035,200 values: 4 seeds x 3,200 MNIST-sized items (around the item above). Every
+    value finite, |z| at most sqrt(-2 log 2^-24) = 5.77 (the uniform is exact), and mean,
+    variance and the two-sided 3-sigma tail of N(0, 1) within 5 standard errors."""
+    z = torch.cat([bank_noise(s, torch.arange(254_000, 257_200), (1, 28, 28)).flatten() for s in range(4)])
+    n = z.numel()
+    assert n >= 10_000_000 and torch.isfinite(z).all()
+    assert z.abs().max().item() <= math.sqrt(-2 * math.log(2.0 ** -24)) + 1e-5
+    z = z.double()
+    assert abs(z.mean().item()) < 5 / math.sqrt(n)
+    assert abs(z.var().item() - 1) < 5 * math.sqrt(2 / n)
+    p = math.erfc(3 / math.sqrt(2))  # P(|z| > 3) = 0.0027
+    assert abs((z.abs() > 3).double().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / n)
 
 
 def test_augment_validation_objective_is_clean_cross_entropy():
