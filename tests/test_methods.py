@@ -94,6 +94,63 @@ def test_the_bank_is_finite_and_standard_normal_over_ten_million_values():
     assert abs((z.abs() > 3).double().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / n)
 
 
+def test_shared_noise_is_one_pattern_per_copy_as_the_reference_ran_it():
+    """noise = "shared": every image of copy k gets the same noise (the reference's
+    RNG(seed + offset) reseeding), bank item -k of the run's seed: the pattern depends on
+    (seed, k) alone, not on the batch, its order, the generator's state or `folds`."""
+    m = make_method("augment", {"sigma": 0.5, "folds": 20, "noise": "shared"})
+    X, Y = torch.rand(30, 3, 8, 8), torch.arange(30) % 10
+    m.prepare(len(X), X.shape[1:], _gen(11))
+    full, y = m.batch(X, Y, torch.arange(30 * 21), _gen(0))
+    assert torch.equal(y, Y.repeat(21)) and torch.equal(full[:30], X)  # copy 0 is clean
+    pattern = bank_noise(11, -torch.arange(1, 21), (3, 8, 8))
+    for k in range(1, 21):
+        assert torch.equal(full[30 * k:30 * (k + 1)], X + 0.5 * pattern[k - 1]), k  # one noise for all images
+    z = pattern.flatten().double()  # 20 patterns of 192 values: N(0, 1) within 5 standard errors
+    assert abs(z.mean().item()) < 5 / math.sqrt(len(z)) and abs(z.var().item() - 1) < 5 * math.sqrt(2 / len(z))
+    assert abs(torch.corrcoef(pattern.flatten(1))[0, 1:]).max() < 0.3  # copies differ (|r| ~ 0.07 at random)
+    perm = torch.randperm(30 * 21, generator=_gen(2))
+    part, _ = m.batch(X, Y, perm[:100], _gen(9))  # any batch, any order, any generator state
+    assert torch.equal(part, full[perm[:100]])
+    again = make_method("augment", {"sigma": 0.5, "folds": 3, "noise": "shared"})
+    again.prepare(len(X), X.shape[1:], _gen(11))  # a resumed run prepares again from its seed
+    assert torch.equal(again.batch(X, Y, torch.arange(30, 120), _gen(5))[0], full[30:120])
+    other = make_method("augment", {"sigma": 0.5, "folds": 3, "noise": "shared"})
+    other.prepare(len(X), X.shape[1:], _gen(12))
+    assert not torch.equal(other.batch(X, Y, torch.arange(30, 120), _gen(5))[0], full[30:120])  # the seed matters
+    fixed = make_method("augment", {"sigma": 0.5, "folds": 20, "noise": "fixed"})
+    fixed.prepare(len(X), X.shape[1:], _gen(11))
+    z = (fixed.batch(X, Y, torch.arange(30, 60), _gen(0))[0] - X) / 0.5  # fixed: independent per image
+    assert not torch.allclose(z[0], z[1], atol=0.5)
+
+
+def test_noise_mode_and_its_old_spelling():
+    """fresh_noise = true/false is the old spelling of noise = "fresh"/"fixed"; both given
+    must agree; a fresh run's spec keeps fresh_noise (so its id), fixed and shared ones
+    record the bank's version."""
+    from gaussreg.methods import BANK_VERSION, METHOD_CLASSES
+    aug = METHOD_CLASSES["augment"]
+    assert make_method("augment", {"sigma": 0.1, "folds": 1, "fresh_noise": False}).params["noise"] == "fixed"
+    assert make_method("augment", {"sigma": 0.1, "folds": 1}).params["noise"] == "fresh"
+    base = {"sigma": 0.1, "folds": 2}
+    assert aug.spec_params({**base, "noise": "fresh"}) == aug.spec_params(base) == {**base, "fresh_noise": True}
+    assert aug.spec_params({**base, "fresh_noise": False}) == aug.spec_params({**base, "noise": "fixed"}) == {
+        **base, "noise": "fixed", "bank": BANK_VERSION}
+    assert aug.spec_params({**base, "noise": "shared"}) == {**base, "noise": "shared", "bank": BANK_VERSION}
+    assert aug.spec_params({**base, "noise": "fixed", "fresh_noise": False})["noise"] == "fixed"
+    for spec in ({**base, "fresh_noise": True}, {**base, "noise": "fixed", "bank": 2}, {**base, "noise": "shared", "bank": 2}):
+        assert aug.spec_params(spec) == spec  # a stored spec resolves to itself
+    for bad, key, words in (({"noise": "shared", "fresh_noise": False}, "noise", "old spelling of noise = 'fixed'"),
+                            ({"noise": "fresh", "fresh_noise": False}, "noise", "disagree"),
+                            ({"noise": "random"}, "noise", "must be 'fresh', 'fixed' or 'shared' (got 'random')"),
+                            ({"noise": True}, "noise", "must be str"),
+                            ({"noise": "fixed", "bank": 1}, "bank", "must be 2"),
+                            ({"bank": 2}, "bank", "fresh noise draws from none")):
+        with pytest.raises(SpecError) as e:
+            check_params("augment", {**base, **bad})
+        assert e.value.key == f"params.{key}" and words in str(e.value)
+
+
 def test_augment_validation_objective_is_clean_cross_entropy():
     torch.manual_seed(0)
     model = build_model("mlp", "synthetic")
