@@ -137,11 +137,10 @@ def main(argv=None):
         "mlp2 baseline": ("mlp2", "baseline", {}),
     }
     if a.models:
-        wanted = a.models
-        unknown = [w for w in wanted if w not in models]
+        unknown = [w for w in a.models if w not in models]
         if unknown:
             ap.error(f"--model: unknown {', '.join(map(repr, unknown))}; known: {', '.join(map(repr, models))}")
-        models = {k: v for k, v in models.items() if k in wanted}
+        models = {k: v for k, v in models.items() if k in a.models}
     sigmas = [float(v) for v in a.sigmas.split(",")] if a.sigmas else SIGMAS
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     res = {"machine": platform.processor() or platform.machine(), "threads": a.threads, "torch": torch.__version__,
