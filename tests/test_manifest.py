@@ -72,6 +72,38 @@ def test_precision_and_compile_are_run_keys_that_keep_old_ids(tmp_path):
         ("bf16", 1.0), ("bf16", 2.0), ("fp32", 1.0), ("fp32", 2.0)] and all(r.spec["compile"] for r in other.runs)
 
 
+def test_augment_noise_modes_keep_fresh_ids_and_give_bank_runs_new_ones(tmp_path):
+    """The ids of main at df7ee7c: fresh noise keeps its id in either spelling; fixed noise
+    (fresh_noise = false) was drawn from noise bank 1, which could hold +-inf (issue 29), so
+    its runs are new runs of bank 2, one id for both spellings; shared noise is a third run."""
+    p = tmp_path / "m.toml"
+    head = '[defaults]\ndataset = "fashion-mnist"\nmodel = "lenet"\n[[experiment]]\nname = "e"\n'
+    ids = {}
+    for spelling in ("", ", fresh_noise = true", ', noise = "fresh"', ", fresh_noise = false", ', noise = "fixed"',
+                     ', noise = "fixed", fresh_noise = false', ', noise = "shared"'):
+        p.write_text(head + f"methods.augment = {{ sigma = 0.25, folds = 5{spelling} }}\n")
+        (run,) = manifest.load(p).runs()
+        ids[spelling] = run.id
+    assert ids[""] == ids[", fresh_noise = true"] == ids[', noise = "fresh"'] == "e-augment-986b140173"
+    assert ids[", fresh_noise = false"] != "e-augment-c3e7feb850"  # its id before issue 29, bank 1
+    assert ids[", fresh_noise = false"] == ids[', noise = "fixed"'] == ids[', noise = "fixed", fresh_noise = false']
+    assert len({ids[""], ids[', noise = "fixed"'], ids[', noise = "shared"']}) == 3
+    p.write_text(head + 'methods.augment = { sigma = 0.25, folds = 5, noise = ["fresh", "fixed", "shared"] }\n')
+    from gaussreg.runs.spec import describe_params
+    assert [describe_params(r.spec) for r in manifest.load(p).runs()] == [
+        "folds=5 sigma=0.25", "folds=5 noise=fixed sigma=0.25", "folds=5 noise=shared sigma=0.25"]
+
+
+def test_cli_run_with_a_bad_noise_mode_is_one_error(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text('[[experiment]]\nname = "a"\ndataset = "synthetic"\nmodel = "mlp"\n'
+                 'methods.augment = { sigma = [0.1, 0.2], folds = [1, 2], noise = "random" }\n')
+    out = subprocess.run(cli("run", p, "--store", tmp_path / "runs"), capture_output=True, text=True, env=python_env())
+    assert out.returncode == 2 and not (tmp_path / "runs").exists()
+    assert out.stderr.strip() == (f"error: {p}:5: methods.augment.noise: parameter 'noise' of method 'augment' "
+                                  "must be 'fresh', 'fixed' or 'shared' (got 'random')"), out.stderr
+
+
 def test_a_method_may_have_several_tables_each_with_its_own_seeds(tmp_path):
     """A wide grid at one seed and its chosen configuration at more seeds, in one experiment
     (what a study does): `methods.X` may be an array of tables, and a table's `seeds`
@@ -115,6 +147,10 @@ BAD = [
     ('methods = {}', 6, "methods", "non-empty 'methods'"),
     ('methods.baseline = { seeds = [-1] }', 6, "methods.baseline.seeds", "non-empty list of integers >= 0"),
     ('methods.baseline = [{}, 3]', 6, "methods.baseline", "or an array of such tables"),
+    ('methods.augment = { sigma = 0.1, folds = 1, noise = ["fixed", "sharde"] }', 6, "methods.augment.noise",
+     "parameter 'noise' of method 'augment' must be 'fresh', 'fixed' or 'shared' (got 'sharde')"),
+    ('methods.augment = { sigma = 0.1, folds = 1, noise = "shared", fresh_noise = false }', 6,
+     "methods.augment.noise", "fresh_noise = false is the old spelling of noise = 'fixed', not 'shared'"),
 ]
 
 
@@ -167,21 +203,27 @@ def test_shipped_manifests_are_valid():
     lenet = manifest.load(ROOT / "experiments" / "paper-lenet.toml")
     alex = manifest.load(ROOT / "experiments" / "paper-alexnet.toml")
     tol = {e.name: e.tolerance for e in lenet.experiments + alex.experiments}
-    assert tol == {"lenet-mnist": 0.0, "lenet-cifar10": 0.0039, "lenet-cifar100": 0.0075,
-                   "lenet-mnist-seed-methods": 0.0, "alexnet-cifar10": 0.0168, "alexnet-cifar100": 0.0483,
-                   "alexnet-cifar10-seed-methods": 0.0168, "lenet-cifar10-reference-units": 0.0039,
-                   "lenet-cifar100-reference-units": 0.0075, "alexnet-cifar10-reference-units": 0.0168,
-                   "alexnet-cifar100-reference-units": 0.0483}
+    paper = {"lenet-mnist": 0.0, "lenet-cifar10": 0.0039, "lenet-cifar100": 0.0075,
+             "alexnet-cifar10": 0.0168, "alexnet-cifar100": 0.0483}  # AlexNet's: read from Fig. 5's caption
+    assert tol == {**paper, **{f"{n}-{mode}-noise": t for n, t in paper.items() for mode in ("fixed", "fresh")},
+                   "lenet-mnist-seed-methods": 0.0, "alexnet-cifar10-seed-methods": 0.0168,
+                   "lenet-cifar10-reference-units": 0.0039, "lenet-cifar100-reference-units": 0.0075,
+                   "alexnet-cifar10-reference-units": 0.0168, "alexnet-cifar100-reference-units": 0.0483}
     mnist = lenet.experiments[0]
     counts = {m: sum(r.spec["method"] == m for r in mnist.runs) for m in ("baseline", "augment", "regularizer")}
     assert counts == {"baseline": 1, "augment": 20, "regularizer": 63}
-    # the paper's N~ in {2, 6, 11, 21} is folds + 1 (the clean copy), on a once-augmented (fixed) dataset
+    # the paper's N~ in {2, 6, 11, 21} is folds + 1 (the clean copy); the paper experiments augment as the
+    # reference code did (one noise tensor per copy), the independent modes are experiments of their own
     for e in lenet.experiments + alex.experiments:
         aug = [r.spec["params"] for r in e.runs if r.spec["method"] == "augment"]
         if aug:
             assert sorted({p["folds"] for p in aug}) == [1, 5, 10, 20], e.name
-            assert {p["fresh_noise"] for p in aug} == {False}, e.name
+            mode = e.name.rsplit("-", 2)[1] if e.name.endswith("-noise") else "shared"
+            assert {p.get("noise", "fresh") for p in aug} == {mode}, e.name
             assert sorted({p["sigma"] for p in aug}) == [0.125, 0.25, 0.325, 0.5, 1.0], e.name
+            full = e.name in paper or e.name.endswith("-reference-units")  # the paper's grid in other units
+            assert {r.spec["method"] for r in e.runs} == (
+                {"baseline", "augment", "regularizer"} if full else {"baseline", "augment"}), e.name
     all_methods = {r.spec["method"] for r in lenet.runs() + alex.runs()}
     assert {"randsign", "fgsm"} <= all_methods
 

@@ -1,8 +1,10 @@
+import math
+
 import pytest
 import torch
 
 from gaussreg.runs.spec import SpecError
-from gaussreg.science.methods import METHOD_CLASSES, check_params, make_method, random_sign
+from gaussreg.science.methods import METHOD_CLASSES, bank_noise, check_params, make_method, random_sign
 from gaussreg.science.models import build_model
 
 
@@ -46,7 +48,6 @@ def test_augment_fixed_noise_repeats_across_epochs():
 
 
 def test_fixed_noise_bank_is_a_function_of_seed_copy_and_image_only():
-    from gaussreg.science.methods import bank_noise
     m = make_method("augment", {"sigma": 1.0, "folds": 3, "fresh_noise": False})
     X, Y = torch.zeros(500, 3, 8, 8), torch.arange(500) % 10
     m.prepare(len(X), X.shape[1:], _gen(7))
@@ -65,6 +66,89 @@ def test_fixed_noise_bank_is_a_function_of_seed_copy_and_image_only():
     other.prepare(len(X), X.shape[1:], _gen(8))
     assert not torch.equal(other.batch(X, Y, torch.arange(2000), _gen(0))[0], full)  # the seed matters
     assert torch.equal(bank_noise(7, torch.tensor([3, 3]), (2, 5))[0], bank_noise(7, torch.tensor([3]), (2, 5))[0])
+
+
+def test_the_bank_item_that_held_infinities_is_finite():
+    """Bank version 1 put +-inf into two pixels of item 255,287 of seed 0: copy 5 of image
+    39,287 of MNIST's 54,000 training images (issue 29); a batch holding it diverged."""
+    m = make_method("augment", {"sigma": 0.5, "folds": 5, "fresh_noise": False})
+    X = torch.zeros(1, 1, 28, 28).expand(54_000, 1, 28, 28)  # the size matters, the pixels do not
+    m.prepare(len(X), X.shape[1:], _gen(0))
+    x, _ = m.batch(X, torch.zeros(54_000, dtype=torch.long), torch.tensor([5 * 54_000 + 39_287]), _gen(0))
+    assert torch.isfinite(x).all()
+    assert torch.equal(x[0] / 0.5, bank_noise(0, torch.tensor([255_287]), (1, 28, 28))[0])
+
+
+def test_the_bank_is_finite_and_standard_normal_over_ten_million_values():
+    """10,035,200 values: 4 seeds x 3,200 MNIST-sized items (around the item above). Every
+    value finite, |z| at most sqrt(-2 log 2^-24) = 5.77 (the uniform is exact), and mean,
+    variance and the two-sided 3-sigma tail of N(0, 1) within 5 standard errors."""
+    z = torch.cat([bank_noise(s, torch.arange(254_000, 257_200), (1, 28, 28)).flatten() for s in range(4)])
+    n = z.numel()
+    assert n >= 10_000_000 and torch.isfinite(z).all()
+    assert z.abs().max().item() <= math.sqrt(-2 * math.log(2.0 ** -24)) + 1e-5
+    z = z.double()
+    assert abs(z.mean().item()) < 5 / math.sqrt(n)
+    assert abs(z.var().item() - 1) < 5 * math.sqrt(2 / n)
+    p = math.erfc(3 / math.sqrt(2))  # P(|z| > 3) = 0.0027
+    assert abs((z.abs() > 3).double().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / n)
+
+
+def test_shared_noise_is_one_pattern_per_copy_as_the_reference_ran_it():
+    """noise = "shared": every image of copy k gets the same noise (the reference's
+    RNG(seed + offset) reseeding), bank item -k of the run's seed: the pattern depends on
+    (seed, k) alone, not on the batch, its order, the generator's state or `folds`."""
+    m = make_method("augment", {"sigma": 0.5, "folds": 20, "noise": "shared"})
+    X, Y = torch.rand(30, 3, 8, 8), torch.arange(30) % 10
+    m.prepare(len(X), X.shape[1:], _gen(11))
+    full, y = m.batch(X, Y, torch.arange(30 * 21), _gen(0))
+    assert torch.equal(y, Y.repeat(21)) and torch.equal(full[:30], X)  # copy 0 is clean
+    pattern = bank_noise(11, -torch.arange(1, 21), (3, 8, 8))
+    for k in range(1, 21):
+        assert torch.equal(full[30 * k:30 * (k + 1)], X + 0.5 * pattern[k - 1]), k  # one noise for all images
+    z = pattern.flatten().double()  # 20 patterns of 192 values: N(0, 1) within 5 standard errors
+    assert abs(z.mean().item()) < 5 / math.sqrt(len(z)) and abs(z.var().item() - 1) < 5 * math.sqrt(2 / len(z))
+    assert abs(torch.corrcoef(pattern.flatten(1))[0, 1:]).max() < 0.3  # copies differ (|r| ~ 0.07 at random)
+    perm = torch.randperm(30 * 21, generator=_gen(2))
+    part, _ = m.batch(X, Y, perm[:100], _gen(9))  # any batch, any order, any generator state
+    assert torch.equal(part, full[perm[:100]])
+    again = make_method("augment", {"sigma": 0.5, "folds": 3, "noise": "shared"})
+    again.prepare(len(X), X.shape[1:], _gen(11))  # a resumed run prepares again from its seed
+    assert torch.equal(again.batch(X, Y, torch.arange(30, 120), _gen(5))[0], full[30:120])
+    other = make_method("augment", {"sigma": 0.5, "folds": 3, "noise": "shared"})
+    other.prepare(len(X), X.shape[1:], _gen(12))
+    assert not torch.equal(other.batch(X, Y, torch.arange(30, 120), _gen(5))[0], full[30:120])  # the seed matters
+    fixed = make_method("augment", {"sigma": 0.5, "folds": 20, "noise": "fixed"})
+    fixed.prepare(len(X), X.shape[1:], _gen(11))
+    z = (fixed.batch(X, Y, torch.arange(30, 60), _gen(0))[0] - X) / 0.5  # fixed: independent per image
+    assert not torch.allclose(z[0], z[1], atol=0.5)
+
+
+def test_noise_mode_and_its_old_spelling():
+    """fresh_noise = true/false is the old spelling of noise = "fresh"/"fixed"; both given
+    must agree; a fresh run's spec keeps fresh_noise (so its id), fixed and shared ones
+    record the bank's version."""
+    from gaussreg.science.methods import BANK_VERSION, METHOD_CLASSES
+    aug = METHOD_CLASSES["augment"]
+    assert make_method("augment", {"sigma": 0.1, "folds": 1, "fresh_noise": False}).params["noise"] == "fixed"
+    assert make_method("augment", {"sigma": 0.1, "folds": 1}).params["noise"] == "fresh"
+    base = {"sigma": 0.1, "folds": 2}
+    assert aug.spec_params({**base, "noise": "fresh"}) == aug.spec_params(base) == {**base, "fresh_noise": True}
+    assert aug.spec_params({**base, "fresh_noise": False}) == aug.spec_params({**base, "noise": "fixed"}) == {
+        **base, "noise": "fixed", "bank": BANK_VERSION}
+    assert aug.spec_params({**base, "noise": "shared"}) == {**base, "noise": "shared", "bank": BANK_VERSION}
+    assert aug.spec_params({**base, "noise": "fixed", "fresh_noise": False})["noise"] == "fixed"
+    for spec in ({**base, "fresh_noise": True}, {**base, "noise": "fixed", "bank": 2}, {**base, "noise": "shared", "bank": 2}):
+        assert aug.spec_params(spec) == spec  # a stored spec resolves to itself
+    for bad, key, words in (({"noise": "shared", "fresh_noise": False}, "noise", "old spelling of noise = 'fixed'"),
+                            ({"noise": "fresh", "fresh_noise": False}, "noise", "disagree"),
+                            ({"noise": "random"}, "noise", "must be 'fresh', 'fixed' or 'shared' (got 'random')"),
+                            ({"noise": True}, "noise", "must be str"),
+                            ({"noise": "fixed", "bank": 1}, "bank", "must be 2"),
+                            ({"bank": 2}, "bank", "fresh noise draws from none")):
+        with pytest.raises(SpecError) as e:
+            check_params("augment", {**base, **bad})
+        assert e.value.key == f"params.{key}" and words in str(e.value)
 
 
 def test_augment_validation_objective_is_clean_cross_entropy():

@@ -141,17 +141,18 @@ BF16_REGULARIZER = dict(model="lenet", method="regularizer", params={"sigma": 0.
                         train_subset=200, test_subset=100, precision="bf16", max_epochs=6)
 
 
-@pytest.mark.parametrize("fresh,everys,more", [(True, ("0", "3600"), {"precision": "fp32"}),
-                                               (False, ("0",), {"precision": "bf16"}),
-                                               (True, ("0",), BF16_REGULARIZER)])
-def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, fresh, everys, more):
+@pytest.mark.parametrize("noise,everys,more", [("fresh", ("0", "3600"), {"precision": "fp32"}),
+                                               ("fixed", ("0",), {"precision": "bf16"}),
+                                               ("shared", ("0",), {"precision": "fp32"}),
+                                               ("fresh", ("0",), BF16_REGULARIZER)])
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, noise, everys, more):
     """every: GAUSSREG_CHECKPOINT_S; with 0 last.pt is written at every epoch end, with an
     hour only at the start, so the resume replays every epoch: both end equal to the
     uninterrupted run beside them. In fp32 and bf16, and for the regularizer's fused bf16
     kernel in a channels_last LeNet (batches of 200 are over moments._COMPILE_FROM). That
     kernel runs uncompiled here (TORCH_COMPILE_DISABLE: the same maths; compiling it costs
     ~30 s a process on a cold cache); test_moments compares it compiled with it uncompiled."""
-    spec = {**dict(method="augment", params={"sigma": 0.3, "folds": 1, "fresh_noise": fresh}, max_epochs=12,
+    spec = {**dict(method="augment", params={"sigma": 0.3, "folds": 1, "noise": noise}, max_epochs=12,
                    train_subset=600), **more}
     env = {"TORCH_COMPILE_DISABLE": "1"}
     ref = make_run(tmp_path, "ref", **spec)
@@ -232,6 +233,25 @@ def test_bad_spec_fails_before_training_with_exit_2(tmp_path, change, needle):
     assert st["state"] == "failed" and needle in st["error"], st["error"]
     assert needle in err and "Traceback" not in err
     assert not run.file("events.jsonl").exists() and not run.file("last.pt").exists()
+
+
+def test_a_fixed_noise_run_planned_with_bank_1_refuses_to_train_with_exit_2(tmp_path):
+    """Its id stands for noise bank 1, which could hold +-inf (issue 29): trained with bank 2
+    under that id, its result would be another run's. A spec.json written by hand (no id
+    was made from it) trains with bank 2."""
+    from gaussreg.runs.spec import run_id
+    fixed = {"method": "augment", "params": {"sigma": 0.3, "folds": 1, "fresh_noise": False}, "max_epochs": 1,
+             "train_subset": 100, "test_subset": 100}
+    old = resolve({**FAST, **fixed, "params": {"sigma": 0.3, "folds": 1}})
+    old["params"] = fixed["params"]  # the spec main stored before issue 29: no noise, no bank
+    run = make_run(tmp_path, run_id(old), **old)
+    rc, _, err = finish(worker(run))
+    assert rc == 2 and f"run {run.id} was planned with fixed noise from noise bank version 1" in err, err
+    assert run.status()["state"] == "failed" and not run.file("last.pt").exists()
+    by_hand = make_run(tmp_path, "by-hand", **fixed)
+    rc, _, err = finish(worker(by_hand))
+    assert rc == 0, err
+    assert torch.load(by_hand.file("best.pt"), weights_only=True)["spec"]["params"]["bank"] == 2
 
 
 def test_corrupt_spec_is_failed_with_exit_2(tmp_path):
@@ -372,7 +392,8 @@ def _forbid_host_syncs(monkeypatch):
 
 @pytest.mark.parametrize("method,params", [
     ("baseline", {}), ("augment", {"sigma": 0.3, "folds": 2, "fresh_noise": True}),
-    ("augment", {"sigma": 0.3, "folds": 2, "fresh_noise": False}), ("regularizer", {"sigma": 0.3, "alpha": 1.0}),
+    ("augment", {"sigma": 0.3, "folds": 2, "fresh_noise": False}), ("augment", {"sigma": 0.3, "folds": 2, "noise": "shared"}),
+    ("regularizer", {"sigma": 0.3, "alpha": 1.0}),
     ("regularizer", {"sigma": 0.3, "alpha": 1.0, "depth": "all"}), ("randsign", {"eps": 0.1}),
     ("fgsm", {"eps": 0.1}), ("regularizer", {"sigma": 0.3, "alpha": 1.0, "sigma_units": "reference"}),
     ("augment", {"sigma": 0.3, "folds": 2, "sigma_units": "reference"})])

@@ -30,10 +30,10 @@ from gaussreg.data import loading as data
 from gaussreg.runs import environment
 from gaussreg.runs.device import (autocast, device_name, keep_freed_memory, make_deterministic, out_of_memory,
                                   pick_device, prefer_channels_last, resolve_precision, threads_from_env)
-from gaussreg.runs.spec import SpecError, resolve
+from gaussreg.runs.spec import SpecError, resolve, run_id
 from gaussreg.runs.store import (HEARTBEAT_S, RunDir, RunFileError, atomic_write_bytes, atomic_write_json, now_iso,
                                  read_json, to_json, try_lock)
-from gaussreg.science.methods import make_method
+from gaussreg.science.methods import BANK_VERSION, make_method
 from gaussreg.science.robustness import EvaluationStopped, robustness
 
 EXIT_BAD_INPUT = 2
@@ -228,6 +228,20 @@ def changed_source(spec: dict) -> Optional[str]:
                 return (f"the source of {kind} {spec[kind]!r} changed since this run was planned (hash {spec[key]}, "
                         f"now {now}); run the manifest again to plan a run for the new code")
     return None
+
+
+def changed_noise_bank(raw: dict, run: RunDir) -> Optional[str]:
+    """Why a run planned with fixed-noise augmentation before the noise bank had versions
+    must not train here, or None: its id stands for bank version 1, which could hold +-inf
+    (issue 29), and this code computes version 2 only. A spec.json written by hand, with
+    no id made from it, trains with version 2."""
+    params = raw.get("params")
+    if (raw.get("method") != "augment" or not isinstance(params, dict) or params.get("fresh_noise") is not False
+            or "noise" in params or "bank" in params or run_id(raw) != run.id):
+        return None
+    return (f"run {run.id} was planned with fixed noise from noise bank version 1, which could hold infinite "
+            f"values (issue 29), and this gaussreg computes version {BANK_VERSION} only; run its manifest again "
+            "to plan it anew (the new run gets a new id)")
 
 
 def train(spec: dict, run: RunDir, resume: bool, should_stop, status: Status, log) -> dict:
@@ -658,7 +672,7 @@ def _check_run(run: RunDir, fail):
             and data.find(spec["dataset"], spec["data_dir"]) is None):
         msg = data.missing_message(spec["dataset"], spec["data_dir"])
     else:
-        msg = changed_source(spec)
+        msg = changed_source(spec) or changed_noise_bank(raw, run)
     if msg:
         fail(msg)
         print(f"error: {msg}", file=sys.stderr)

@@ -50,7 +50,7 @@ class Method:
     reference_units = None
 
     def __init__(self, **params):
-        self.params = _check(self.name, self.schema, params)
+        self.params = self.check(params)
         # per channel, in pixel units, when sigma is in the reference's: the worker sets it
         # from the spec's pixel_sigma, else from the loaded dataset's mean and std
         self.pixel_sigma: Optional[tuple] = None
@@ -76,9 +76,14 @@ class Method:
         return self.pixel_sigma
 
     @classmethod
+    def check(cls, given: dict) -> dict:
+        """The parameters with defaults filled in; SpecError names the bad key."""
+        return _check(cls.name, cls.schema, given)
+
+    @classmethod
     def spec_params(cls, given: dict) -> dict:
         """The parameters as a resolved spec stores them (see Param.omitted_at_default)."""
-        out = _check(cls.name, cls.schema, given)
+        out = cls.check(given)
         return {k: v for k, v in out.items() if not (cls.schema[k].omitted_at_default and v == cls.schema[k].default)}
 
     def prepare(self, n: int, image_shape, g: torch.Generator) -> None:
@@ -150,14 +155,27 @@ SIGMA_UNITS = Param(str, "pixel", lambda v: v in ("pixel", "reference"), "must b
                     omitted_at_default=True)
 
 
+BANK_VERSION = 2  # in the spec of every run whose noise comes from bank_noise; see Augment.spec_params
+
+
+def _unit(h: torch.Tensor) -> torch.Tensor:
+    """A uniform in (0, 1) from 23 bits of a hash: (2k + 1) / 2^24, an odd integer below
+    2^24 times a power of two, so exact in float32 and never 0 or 1 (min 2^-24: |z| <= 5.77)."""
+    import torch
+    return (((h >> 9) & 0x7FFFFF) * 2 + 1).to(torch.float32) * 2.0 ** -24
+
+
 def bank_noise(seed: int, item: torch.Tensor, shape) -> torch.Tensor:
     """N(0, 1) noise of shape (len(item), *shape) that is a function of (seed, item) alone:
     the fixed noise bank of a once-augmented dataset, computed per batch instead of held
-    in memory (21 folds of CIFAR would take 5.8 GB in half precision).
+    in memory (21 folds of CIFAR would take 5.8 GB in half precision). Items >= 0 are
+    the fixed mode's (copy - 1) * n + image, items -1, -2, ... the shared mode's copies.
 
     A counter-based generator: each value is Box-Muller of two hashes of (seed, item,
     position), so it is the same whatever batch, order, device or resume point asks
-    for it, and costs no host sync."""
+    for it, and costs no host sync. Version 2 (BANK_VERSION): version 1 made u1 from
+    float32(h1) + 2^31 + 1, which is 0 for h1 near -2^31 (float32 cannot hold 2^31 + 1),
+    and -2 log 0 put +-inf into about one item in 10^5 of MNIST size (issue 29)."""
     import torch
     n = math.prod(shape)
     half = (n + 1) // 2
@@ -166,22 +184,36 @@ def bank_noise(seed: int, item: torch.Tensor, shape) -> torch.Tensor:
     pos = torch.where(pos >= 1 << 31, pos - (1 << 32), pos).to(torch.int32)
     h1 = _hash32(key[:, None] + pos)
     h2 = _hash32(h1 ^ 0x68E31DA4)
-    u1 = (h1.to(torch.float32) + (2.0 ** 31 + 1.0)) * 2.0 ** -32  # in (0, 1]
-    r = torch.sqrt(-2.0 * torch.log(u1))
-    theta = h2.to(torch.float32) * (2 * math.pi * 2.0 ** -32)
+    r = torch.sqrt(-2.0 * torch.log(_unit(h1)))
+    theta = _unit(h2) * (2 * math.pi)
     return torch.cat([r * torch.cos(theta), r * torch.sin(theta)], 1)[:, :n].reshape(len(item), *shape)
+
+
+NOISE_MODES = ("fresh", "fixed", "shared")
 
 
 class Augment(Method):
     """N-fold Gaussian data augmentation: each epoch holds every clean image plus
-    `folds` noisy copies x + sigma z, with independent noise per image and per copy,
-    shuffled together; the epoch costs (folds + 1) clean epochs (the paper's N~ = folds + 1).
+    `folds` noisy copies x + sigma z, shuffled together; the epoch costs (folds + 1) clean
+    epochs (the paper's N~ = folds + 1). `noise` says where z comes from:
 
-    fresh_noise = true draws new noise every epoch; false is the paper's once-augmented
-    dataset: copy k of image i always carries the same noise, a function of the run's
-    seed, k and i (`bank_noise`). The validation objective is the clean cross-entropy,
-    as in the reference code, so the LR schedule, early stopping and the best
-    checkpoint follow clean validation loss for every method but the regularizer.
+    - "fresh" (the default): new noise every epoch, independent per image and copy. Not
+      the reference's: its dataset is augmented once.
+    - "fixed": a once-augmented dataset with independent noise per image and copy: copy k
+      of image i always carries the same noise, a function of (seed, k, i) (`bank_noise`).
+      Not the reference's either: it shares one noise tensor per copy (below).
+    - "shared": the reference's, one noise tensor per copy shared by every image of it:
+      main.py, `Augmented.__getitem__`, `with gnm.utils.rand.RNG(seed + offset, ...):
+      new_image = torch.randn_like(image).mul_(sigma).add_(image)` reseeds its generator
+      to the same value for every image of copy `offset`, so N~ = 21 is 20 noise patterns.
+      Here copy k's pattern is bank item -k of the run's seed, so it depends on (seed, k)
+      alone (the reference's seed is a random draw per run, so runs do not share patterns
+      either), and is the same on any device, in any batch order and after a resume.
+
+    `fresh_noise = true/false` is the old spelling of "fresh"/"fixed". The validation
+    objective is the clean cross-entropy, as in the reference code, so the LR schedule,
+    early stopping and the best checkpoint follow clean validation loss for every method
+    but the regularizer.
 
     sigma_units = "reference": the reference adds sigma N(0, 1) to the normalised image,
     so channel c gets sigma std_c pixels (gaussreg.science.units.augment_sigma)."""
@@ -189,24 +221,65 @@ class Augment(Method):
     name = "augment"
     noise_param = "sigma"
     schema = {"sigma": nonneg(float), "folds": Param(int, ok=lambda v: v >= 1, why="must be >= 1"),
-              "fresh_noise": Param(bool, True), "sigma_units": SIGMA_UNITS}
+              "noise": Param(str, "fresh", lambda v: v in NOISE_MODES, "must be 'fresh', 'fixed' or 'shared'"),
+              "fresh_noise": Param(bool, True),  # the old spelling of noise = "fresh" (true) / "fixed" (false)
+              # the version of bank_noise a fixed or shared run draws from; planned, not chosen
+              "bank": Param(int, BANK_VERSION, lambda v: v == BANK_VERSION,
+                            f"must be {BANK_VERSION}, the version of the noise bank this gaussreg computes"),
+              "sigma_units": SIGMA_UNITS}
     reference_units = staticmethod(units.augment_sigma)
+
+    @classmethod
+    def check(cls, given):
+        out = super().check(given)
+        old = "fresh" if out["fresh_noise"] else "fixed"
+        if "noise" in given and "fresh_noise" in given and out["noise"] != old:
+            raise SpecError("params.noise", f"parameters 'noise' and 'fresh_noise' of method 'augment' disagree: "
+                            f"fresh_noise = {str(out['fresh_noise']).lower()} is the old spelling of noise = "
+                            f"{old!r}, not {out['noise']!r}; give noise alone")
+        mode = out["noise"] if "noise" in given else old
+        if "bank" in given and mode == "fresh":
+            raise SpecError("params.bank", "parameter 'bank' of method 'augment' is the noise bank of noise = "
+                            "'fixed' or 'shared'; fresh noise draws from none")
+        out["noise"], out["fresh_noise"] = mode, mode == "fresh"
+        return out
+
+    @classmethod
+    def spec_params(cls, given):
+        """sigma and folds, then: fresh noise as `fresh_noise = true`, the spelling its run
+        ids were made with before `noise` existed (so they stay); fixed and shared noise as
+        `noise` and the bank's version, so runs of bank version 1 (fresh_noise = false
+        before issue 29) and of any later bank are other runs with other ids."""
+        p = cls.check(given)
+        out = {"sigma": p["sigma"], "folds": p["folds"]}
+        if p["sigma_units"] != "pixel":  # left out in pixel units, so those ids stay
+            out["sigma_units"] = p["sigma_units"]
+        if p["noise"] == "fresh":
+            return {**out, "fresh_noise": True}
+        return {**out, "noise": p["noise"], "bank": BANK_VERSION}
 
     def __init__(self, **params):
         super().__init__(**params)
         self.copies = self.params["folds"] + 1
         self.bank_seed: Optional[int] = None
+        self.shared = None  # (folds, *image_shape): the shared mode's one pattern per noisy copy
 
     def prepare(self, n, image_shape, g):
         self.n = n
-        if not self.params["fresh_noise"]:
+        if self.params["noise"] != "fresh":
             self.bank_seed = int(g.initial_seed())
+        if self.params["noise"] == "shared":
+            import torch
+            copies = -torch.arange(1, self.params["folds"] + 1, device=g.device)
+            self.shared = bank_noise(self.bank_seed, copies, tuple(image_shape))
 
     def batch(self, X, Y, idx, g):
         example, copy = idx % len(X), idx // len(X)
         x = X[example]
         noisy = (copy > 0).to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
-        if self.bank_seed is not None:
+        if self.shared is not None:
+            z = self.shared[(copy - 1).clamp_min(0)].to(x.dtype)
+        elif self.bank_seed is not None:
             # item (copy - 1) * n + i: one noise vector per noisy copy of each image
             z = bank_noise(self.bank_seed, (copy - 1).clamp_min(0) * len(X) + example, x.shape[1:]).to(x.dtype)
         else:
@@ -320,8 +393,7 @@ def method_class(name: str) -> type:
 
 def check_params(name: str, params: dict) -> dict:
     """The method's parameters with defaults filled in; SpecError names the bad key."""
-    cls = method_class(name)
-    return _check(cls.name, cls.schema, params)
+    return method_class(name).check(params)
 
 
 def make_method(name: str, params: dict) -> Method:
