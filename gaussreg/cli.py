@@ -20,7 +20,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from gaussreg import __version__
-from gaussreg.core.plugins import PluginError
 from gaussreg.data import datasets, download
 from gaussreg.data import loading as data
 from gaussreg.launch import slurm
@@ -30,11 +29,9 @@ from gaussreg.launch.request import LaunchError, LaunchRequest, Plan, launch, pl
 from gaussreg.launch.scheduler import Scheduler
 from gaussreg.runs import manifest as mf
 from gaussreg.runs import reader
-from gaussreg.runs.device import autocast, pick_device, prefer_channels_last, resolve_precision
+from gaussreg.runs.device import autocast
 from gaussreg.runs.spec import MAX_SAMPLES, SpecError, default_certify_sigma, describe_params, resolve, valid_device
 from gaussreg.runs.store import STATE_STYLE, STATES, RunDir, RunFileError, Store, check_locking
-from gaussreg.runs.worker import changed_source
-from gaussreg.runs.worker import main as worker_main
 from gaussreg.science.robustness import robustness
 from gaussreg.views import export as ex
 from gaussreg.views import plot as plots
@@ -297,16 +294,6 @@ def _print_outcome(summary, st, runs):
     exps = sorted({r.spec["experiment"] for r in runs})
     for e in exps:
         print_whole(report.render_rich(report.fair_table(st, e)))
-
-
-def _build_or_fail(spec: dict, info):
-    """The run's model, built by its factory; a factory that cannot be imported, raises or
-    returns a model gaussreg cannot split: one sentence, exit 2."""
-    from gaussreg.science.models import SplitError, build_model
-    try:
-        return build_model(spec["model"], info, spec.get("model_args"), spec.get("python_path", ()))
-    except (PluginError, SplitError) as e:
-        fail(str(e))
 
 
 def _check_own_code(m) -> None:
@@ -628,7 +615,7 @@ def _parse_sigmas(text: Optional[str]) -> Optional[List[float]]:
             lo, hi, n = float(lo), float(hi), int(n)
             if n < 1 or n > 10_000:
                 fail(f"--sigmas {text!r}: the COUNT of START:STOP:COUNT must be from 1 to 10000, not {n}")
-            import torch
+            import torch  # here: the CLI starts without torch
             vals = torch.linspace(lo, hi, n, dtype=torch.float64).tolist()
         else:
             vals = [float(v) for v in text.split(",")]
@@ -640,50 +627,13 @@ def _parse_sigmas(text: Optional[str]) -> Optional[List[float]]:
 
 
 def _model_from_checkpoint(ckpt: Path, spec: dict, device: str, data_dir: Optional[Path]):
-    """The run's model with the checkpoint's weights on the picked device, the run's test
-    split there, and the precision the run's spec computes in on that device (R is evaluated
-    as training did); fails with one sentence naming what does not fit."""
-    why = changed_source(spec)  # other code with these weights would not be this run's model
-    if why:
-        fail(why)
-    import torch
+    """gaussreg.runs.trained.from_checkpoint, or exit 2 with its sentence."""
+    from gaussreg.runs import trained  # here: it imports torch, which the other commands never need
     try:
-        dev = pick_device(device)
-    except SpecError as e:
+        t = trained.from_checkpoint(ckpt, spec, device, data_dir)
+    except trained.TrainedRunError as e:
         fail(str(e))
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
-    except Exception as e:
-        # torch's own message is many lines, and advises loading with weights_only=False: not for a data file
-        fail(f"{ckpt} is not a gaussreg checkpoint (torch.load cannot read it as one: {type(e).__name__})")
-    try:
-        splits = data.load(spec["dataset"], data_dir or spec["data_dir"], split_seed=spec["split_seed"],
-                           test_subset=spec["test_subset"], device=dev, test_only=True,
-                           args=spec.get("dataset_args"), python_path=spec.get("python_path", ()))
-    except data.DataError as e:
-        fail(str(e))
-    model = _build_or_fail(spec, splits.info).to(dev)
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as e:
-        # torch's first line is only "Error(s) in loading state_dict for X:"; the next says what
-        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
-        fail(f"{ckpt} does not fit the run's model {spec['model']} on {spec['dataset']} ({' '.join(lines[:2])[:300]})")
-    precision = resolve_precision(spec["precision"], dev)
-    return prefer_channels_last(model, precision)[0], splits, precision
-
-
-def _spec_in_checkpoint(path: Path) -> dict:
-    """The resolved spec a checkpoint carries (written since gaussreg stores it there), or exit 2."""
-    import torch
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - any file that is not a checkpoint
-        ck = None
-    if not isinstance(ck, dict) or not isinstance(ck.get("spec"), dict):
-        fail(f"{path} is not a run id or a checkpoint inside a run directory (no spec.json next to it, "
-             "and no spec inside it)")
-    return ck["spec"]
+    return t.model, t.splits, t.precision
 
 
 @app.command("eval")
@@ -705,7 +655,11 @@ def eval_(target: str = typer.Argument(..., help="A run id, or a checkpoint file
     if p.is_file():
         run, ckpt = RunDir(p.parent), p
         if not os.path.lexists(run.spec_file):
-            inner = _spec_in_checkpoint(p)
+            from gaussreg.runs import trained  # here: it imports torch, which the other commands never need
+            try:
+                inner = trained.spec_in_checkpoint(p)
+            except trained.TrainedRunError as e:
+                fail(str(e))
     else:
         if not p.exists() and ("/" in target or p.suffix == ".pt"):  # meant as a file: say that, not "no run"
             fail(f"{target} does not exist (and is no run id of store {store})")
@@ -841,6 +795,7 @@ def train(run_dir: Path = typer.Argument(..., help="A run directory holding spec
         err_console.print(f"starting {escape(run.id)} over from epoch 1 (--resume continues from its last.pt)",
                           highlight=False)
     try:
+        from gaussreg.runs.worker import main as worker_main  # here: the worker imports torch
         code = worker_main([str(run_dir)] + (["--resume"] if resume else []))
     finally:
         if place is not None:

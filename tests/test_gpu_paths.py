@@ -177,7 +177,7 @@ def test_the_packing_benchmark_uses_the_benchmarked_gpu_not_gpu_0(monkeypatch):
 
         def run(self):
             pass
-    monkeypatch.setattr(scheduler, "Scheduler", Recorder)
+    monkeypatch.setattr(bench, "Scheduler", Recorder)  # where the benchmark uses it
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     bench.bench_packing(torch.device("cuda", 1), [2], epochs=1)
     bench.bench_packing(torch.device("cuda"), [1], epochs=1)

@@ -225,14 +225,14 @@ def test_model_args_are_grid_axes_and_changed_code_makes_new_runs(project):
 
 def test_reading_a_manifest_with_own_code_imports_neither_it_nor_torch(project):
     m = write(project, MANIFEST)
-    code = (f"import sys; from gaussreg import manifest; manifest.load({str(m)!r}); "
+    code = (f"import sys; from gaussreg.runs import manifest; manifest.load({str(m)!r}); "
             "print('torch' in sys.modules, 'mypkg' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=python_env())
     assert out.returncode == 0 and out.stdout.split() == ["False", "False"], out.stderr
 
 
 def test_a_changed_source_is_refused_by_the_worker(project):
-    from gaussreg.runs.worker import changed_source
+    from gaussreg.runs.spec import changed_source
     spec = manifest.load(write(project, MANIFEST)).runs()[0].spec
     assert changed_source(spec) is None
     src = project / "src" / "mypkg" / "models.py"

@@ -361,7 +361,7 @@ def test_a_checkpoint_with_a_foreign_generator_state_resumes_exactly(tmp_path):
 
 
 def test_epoch_randomness_depends_on_seed_and_epoch_only():
-    from gaussreg.runs.worker import epoch_seed
+    from gaussreg.runs.training import epoch_seed
     a, b = torch.Generator(), torch.Generator()
     b.manual_seed(123)
     torch.randn(1000, generator=b)  # whatever state a resumed (or foreign) generator had
@@ -390,6 +390,19 @@ def _forbid_host_syncs(monkeypatch):
     monkeypatch.setattr(torch, "as_tensor", sync)
 
 
+def _training(method, params, X, Y, g, model, precision="fp32"):
+    """A Training of `model` on (X, Y) by hand, as training.setup makes one (no optimizer step counters read)."""
+    from gaussreg.data.loading import Splits
+    from gaussreg.runs.training import Training
+    from gaussreg.science.methods import make_method
+    m = make_method(method, params) if isinstance(method, str) else method
+    splits = Splits.__new__(Splits)
+    splits.train_x, splits.train_y = X, Y
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    spec = {"batch_size": 8, "seed": 0}
+    return Training(spec, X.device, splits, model, m, g, opt, None, precision, {})
+
+
 @pytest.mark.parametrize("method,params", [
     ("baseline", {}), ("augment", {"sigma": 0.3, "folds": 2, "fresh_noise": True}),
     ("augment", {"sigma": 0.3, "folds": 2, "fresh_noise": False}), ("augment", {"sigma": 0.3, "folds": 2, "noise": "shared"}),
@@ -400,45 +413,41 @@ def _forbid_host_syncs(monkeypatch):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_a_training_step_and_its_bookkeeping_read_nothing_back_from_the_device(monkeypatch, method, params, precision):
     from gaussreg.data import datasets
-    from gaussreg.runs.worker import _batch_step
-    from gaussreg.science.methods import make_method
+    from gaussreg.runs.training import EpochTally
     from gaussreg.science.models import build_model
     torch.manual_seed(0)
     info = datasets.DatasetInfo("tiny", (1, 28, 28), 10, (0.3,), (0.2,))
-    model = build_model("lenet", info)
-    m = make_method(method, params)
-    if params.get("sigma_units") == "reference":  # per channel, as the worker sets it
-        m.pixel_sigma = tuple(m.reference_sigma(params, "tiny", info.mean, info.std))
     X, Y = torch.rand(20, 1, 28, 28), torch.arange(20) % 10
     g = torch.Generator().manual_seed(1)
+    t = _training(method, params, X, Y, g, build_model("lenet", info), precision)
+    m = t.method
+    if params.get("sigma_units") == "reference":  # per channel, as the worker sets it
+        m.pixel_sigma = tuple(m.reference_sigma(params, "tiny", info.mean, info.std))
     m.prepare(len(X), (1, 28, 28), g)
     m.batch(X, Y, torch.arange(2), g)  # a fixed bank's seed key is made once per run, not per batch
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    real_step = opt.step
+    real_step = t.opt.step
 
     def step(*a, **k):  # torch's Adam keeps its step counters on the CPU and reads them; not ours to check
         monkeypatch.undo()
         r = real_step(*a, **k)
         _forbid_host_syncs(monkeypatch)
         return r
-    opt.step = step
-    k = len(m.term_names) + 1
-    sums, first_bad = torch.zeros(k, dtype=torch.float64), torch.full((k,), 9, dtype=torch.long)
-    correct = torch.zeros((), dtype=torch.long)
+    t.opt.step = step
+    tally = EpochTally(m.term_names, 9, X.device)
     perm = torch.randperm(len(X) * m.copies, generator=g)
     _forbid_host_syncs(monkeypatch)
     for b in range(3):
-        assert _batch_step(m, model, opt, X, Y, perm[b * 8:(b + 1) * 8], g, sums, first_bad, correct, b,
-                           precision) is True
+        t.step(perm[b * 8:(b + 1) * 8], tally)
     with pytest.raises(AssertionError, match="host sync"):  # the trap was armed all along
-        float(sums[0])
+        float(tally.sums[0])
     monkeypatch.undo()
-    assert torch.isfinite(sums).all() and (sums > 0).all() and first_bad.tolist() == [9] * k
-    assert 0 <= int(correct) <= 24
+    k = len(m.term_names) + 1
+    assert torch.isfinite(tally.sums).all() and (tally.sums > 0).all() and tally.first_bad.tolist() == [9] * k
+    assert tally.has_logits and tally.seen == len(perm[:24]) and 0 <= int(tally.correct) <= tally.seen
 
 
 def test_the_first_batch_a_term_went_non_finite_is_kept():
-    from gaussreg.runs.worker import _batch_step
+    from gaussreg.runs.training import Diverged, EpochTally
     from gaussreg.science.methods import Baseline
 
     class Bad(Baseline):
@@ -452,13 +461,15 @@ def test_the_first_batch_a_term_went_non_finite_is_kept():
     m = Bad()
     m.calls = 0
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     X, Y = torch.rand(10, 4), torch.arange(10) % 3
-    sums, first_bad, correct = torch.zeros(3, dtype=torch.float64), torch.full((3,), 5), torch.zeros((), dtype=torch.long)
+    t = _training(m, None, X, Y, None, model)
+    tally = EpochTally(m.term_names, 5, X.device)
     for b in range(5):
-        _batch_step(m, model, opt, X, Y, torch.arange(2 * b, 2 * b + 2), None, sums, first_bad, correct, b, "fp32")
-    assert first_bad.tolist() == [5, 2, 5]  # reg first failed at batch 2 (and again at 4); ce and the total never
-    assert math.isfinite(sums[0]) and math.isnan(sums[1])
+        t.step(torch.arange(2 * b, 2 * b + 2), tally)
+    assert tally.first_bad.tolist() == [5, 2, 5]  # reg first failed at batch 2 (and again at 4); ce and the total never
+    assert math.isfinite(tally.sums[0]) and math.isnan(tally.sums[1])
+    with pytest.raises(Diverged, match="'reg' became non-finite in epoch 7"):
+        tally.close(7)
 
 
 @pytest.mark.parametrize("error", [
@@ -488,16 +499,17 @@ def test_the_per_batch_code_has_no_host_sync_by_construction():
     value into Python (the loop's only read is the progress event, at most every 0.5 s)."""
     import ast
     import inspect
+    import textwrap
 
-    from gaussreg.runs import worker as w
-    step = ast.parse(inspect.getsource(w._batch_step))
+    from gaussreg.runs import training as tr
+    step = ast.parse(textwrap.dedent(inspect.getsource(tr.Training.step)) + textwrap.dedent(inspect.getsource(tr.EpochTally.add)))
     calls = {(n.func.attr if isinstance(n.func, ast.Attribute) else getattr(n.func, "id", None))
              for n in ast.walk(step) if isinstance(n, ast.Call)}
     assert not calls & {"item", "tolist", "cpu", "numpy", "float", "int", "bool", "as_tensor", "tensor"}, calls
-    loop = next(n for n in ast.walk(ast.parse(inspect.getsource(w._train_epochs)))
+    loop = next(n for n in ast.walk(ast.parse(inspect.getsource(tr.train_epochs)))
                 if isinstance(n, ast.For) and ast.unparse(n.iter) == "range(batches)")
     reads = [ast.unparse(n) for n in ast.walk(loop) if isinstance(n, ast.Call)
-             and getattr(n.func, "id", getattr(n.func, "attr", None)) in ("float", "int", "item", "tolist")]
-    assert reads == ["float(sums[-1])"]  # the progress event's loss
+             and getattr(n.func, "id", getattr(n.func, "attr", None)) in ("float", "int", "item", "tolist", "mean_loss")]
+    assert reads == ["tally.mean_loss()"]  # the progress event's loss
     progress = next(n for n in ast.walk(loop) if isinstance(n, ast.If) and "next_progress" in ast.unparse(n.test))
-    assert "float(sums[-1])" in ast.unparse(progress)
+    assert "tally.mean_loss()" in ast.unparse(progress)

@@ -7,11 +7,12 @@ import hashlib
 import json
 import math
 import re
+from typing import Optional
 
 from gaussreg.core import plugins
 from gaussreg.core.schema import REQUIRED, SpecError
 from gaussreg.data import datasets
-from gaussreg.science.methods import METHOD_CLASSES  # a method's parameters are declared on its class
+from gaussreg.science.methods import BANK_VERSION, METHOD_CLASSES  # a method's parameters are declared on its class
 from gaussreg.science.robustness import CERTIFY_DEFAULTS, CERTIFY_SIGMA, default_sigmas
 
 SPEC_VERSION = 1
@@ -359,3 +360,29 @@ def describe_params(spec: dict, with_seed: bool = True) -> str:
     if with_seed and spec.get("seed"):
         items.append(f"seed={spec['seed']}")
     return " ".join(items)
+
+
+def changed_source(spec: dict) -> Optional[str]:
+    """Why a run's model or loader code is not the code it was planned with, or None:
+    its id stands for that code, so other code must make another run."""
+    for kind, key in (("model", "model_source"), ("dataset", "dataset_source")):
+        if key in spec:
+            now = plugins.source_hash(kind, spec[kind], spec.get("python_path", ()))
+            if now != spec[key]:
+                return (f"the source of {kind} {spec[kind]!r} changed since this run was planned (hash {spec[key]}, "
+                        f"now {now}); run the manifest again to plan a run for the new code")
+    return None
+
+
+def changed_noise_bank(raw: dict, rid: str) -> Optional[str]:
+    """Why a run planned with fixed-noise augmentation before the noise bank had versions
+    must not train here, or None: its id stands for bank version 1, which could hold +-inf
+    (issue 29), and this code computes version 2 only. A spec.json written by hand, with
+    no id made from it, trains with version 2."""
+    params = raw.get("params")
+    if (raw.get("method") != "augment" or not isinstance(params, dict) or params.get("fresh_noise") is not False
+            or "noise" in params or "bank" in params or run_id(raw) != rid):
+        return None
+    return (f"run {rid} was planned with fixed noise from noise bank version 1, which could hold infinite "
+            f"values (issue 29), and this gaussreg computes version {BANK_VERSION} only; run its manifest again "
+            "to plan it anew (the new run gets a new id)")
