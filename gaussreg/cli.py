@@ -31,13 +31,14 @@ from gaussreg.runs import manifest as mf
 from gaussreg.runs import reader
 from gaussreg.runs.device import autocast
 from gaussreg.runs.spec import MAX_SAMPLES, SpecError, default_certify_sigma, describe_params, resolve, valid_device
-from gaussreg.runs.store import STATE_STYLE, STATES, RunDir, RunFileError, Store, check_locking
+from gaussreg.runs.store import FINISHED, STATES, RunDir, RunFileError, Store, check_locking
 from gaussreg.science.robustness import robustness
 from gaussreg.views import export as ex
 from gaussreg.views import plot as plots
-from gaussreg.views import report
+from gaussreg.views import report, slurm_view
 from gaussreg.views.export import read_runs
 from gaussreg.views.live_view import LiveView
+from gaussreg.views.style import STATE_STYLE
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Train networks robust to Gaussian input noise and compare them fairly.")
@@ -326,7 +327,7 @@ def _dry_run(p, st, manifest) -> None:
         t.add_row(*map(escape, (r.id, r.spec["dataset"], f"{r.spec['model']} {args}".strip(), r.spec["method"],
                                 describe_params(r.spec), state)))
         counts = per_exp.setdefault(r.spec["experiment"], {"new": 0, "done": 0, "other": 0, "datasets": set()})
-        counts["new" if state == "new" else "done" if state in ("completed", "diverged") else "other"] += 1
+        counts["new" if state == "new" else "done" if state in FINISHED else "other"] += 1
         counts["datasets"].add(r.spec["dataset"])
     print_whole(t)
     for name, c in per_exp.items():
@@ -374,7 +375,7 @@ def _run_slurm(req, follow, dry_run, yes):
                       f"`gaussreg run {manifest} --store {st.root} --backend slurm --follow`", highlight=False,
                       markup=False)
         return
-    code = slurm.follow(st, [r.id for r in runs], console)
+    code = slurm_view.follow(st, [r.id for r in runs], console)
     if code:
         raise typer.Exit(code)
     for e in sorted({r.spec["experiment"] for r in runs}):
@@ -742,7 +743,7 @@ def certify(run_id: str = typer.Argument(..., help="A run id (or a unique prefix
     if not ckpt.is_file():
         fail(f"{ckpt} does not exist: run {run.id} has not finished an epoch, so there is no model to certify")
     sigma = default_certify_sigma(spec) if sigma is None else sigma
-    from gaussreg.runs.certificate import certify_run
+    from gaussreg.runs.certificate import certify_run  # here: it imports torch, which the other commands never need
     model, splits, precision = _model_from_checkpoint(ckpt, spec, device, data_dir)
     with Progress(TextColumn(f"certifying at sigma {sigma:g}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=err_console, transient=True) as bar:
@@ -774,7 +775,7 @@ def train(run_dir: Path = typer.Argument(..., help="A run directory holding spec
         state = run.state()  # the worker checks the spec itself
     except RunFileError as e:
         fail(str(e))
-    if state in ("completed", "diverged") and not force:
+    if state in FINISHED and not force:
         fail(f"run {run.id} is {state}; training it again replaces its result.json and best.pt "
              "(add --force to do that)")
     place = None
@@ -791,7 +792,7 @@ def train(run_dir: Path = typer.Argument(..., help="A run directory holding spec
         os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
         err_console.print(f"training {escape(run.id)} on GPU {escape(gpu)} (a place of store "
                       f"{escape(str(run.path.parent))})", highlight=False)
-    if not resume and run.last_checkpoint.exists() and state not in ("completed", "diverged"):
+    if not resume and run.last_checkpoint.exists() and state not in FINISHED:
         err_console.print(f"starting {escape(run.id)} over from epoch 1 (--resume continues from its last.pt)",
                           highlight=False)
     try:

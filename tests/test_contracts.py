@@ -3,6 +3,7 @@
 The core (gaussreg) must run without the TUI, and the file-reading tools (ls, table, show, the
 scheduler, the TUI) must start without torch, which costs over a second at every start."""
 import ast
+import os
 import shutil
 import subprocess
 import sys
@@ -45,6 +46,24 @@ def test_import_linter_contracts_hold():
     out = subprocess.run([exe, "--config", str(ROOT / "pyproject.toml")], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "5 kept, 0 broken" in out.stdout
+
+
+@pytest.mark.parametrize("where,line", [
+    ("gaussreg/science/moments.py", "from gaussreg.runs import store  # upward: science below runs\n"),
+    ("gaussreg/runs/spec.py", "def _hidden():\n    from gaussreg.launch import slurm  # upward, hidden in a function\n"),
+    ("tui/watcher.py", "from tui import widgets  # upward: the watcher is the TUI's floor\n"),
+    ("gaussreg/cli.py", "from gaussreg import worker  # the README's old name, not the real module\n"),
+])
+def test_the_contracts_catch_an_import_that_breaks_the_layers(tmp_path, where, line):
+    """A copy of the code with one forbidden import added: lint-imports says which contract broke."""
+    for pkg in ("gaussreg", "tui"):
+        shutil.copytree(ROOT / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    f = tmp_path / where
+    f.write_text(f.read_text() + "\n\n" + line)
+    out = subprocess.run([shutil.which("lint-imports"), "--config", str(tmp_path / "pyproject.toml"), "--no-cache"],
+                         capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert out.returncode == 1 and "1 broken" in out.stdout, out.stdout + out.stderr
 
 
 MAX_FUNCTION_LINES = 80  # a function longer than a screen gets split into named steps

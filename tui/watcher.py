@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from gaussreg.launch import slurm
-from gaussreg.runs.reader import LIVE, RunReader, RunRow, stat_signature
-from gaussreg.runs.store import SPEC_FILE, RunDir, RunFileError, parse_iso, short_id
+from gaussreg.runs.reader import RunReader, RunRow, stat_signature
+from gaussreg.runs.store import LIVE, SPEC_FILE, RunDir, RunFileError, parse_iso, short_id
 from gaussreg.views.report import run_certified
 
 

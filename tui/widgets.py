@@ -11,7 +11,8 @@ from textual.widgets import DataTable, Static
 from textual_plotext import PlotextPlot
 
 from gaussreg.launch.slurm import fatal
-from gaussreg.runs.store import STATE_STYLE, STATES, short_id
+from gaussreg.runs.store import STATES, short_id
+from gaussreg.views.style import STATE_STYLE
 
 from .watcher import RunRow
 

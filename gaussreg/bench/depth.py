@@ -88,9 +88,9 @@ def measure(model, x, sigma, samples, seed, chunk=500):
 
 
 def figure(res, path):
-    import matplotlib
+    import matplotlib  # here: matplotlib is the optional extra `plots`
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # here: matplotlib is the optional extra `plots`
     names = list(res["models"])
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.6), sharey=True)
     for ax, name in zip(axes, names):

@@ -68,8 +68,8 @@ def writer(live_runs, stop: threading.Event) -> None:
 
 
 async def measure(store: Path, runs: int, seconds: float) -> dict:
-    from tui.app import GaussregApp
-    from tui.widgets import RunsTable
+    from tui.app import GaussregApp  # here: the core imports the TUI only to benchmark it
+    from tui.widgets import RunsTable  # here: the core imports the TUI only to benchmark it
     proc = psutil.Process()
     t0 = time.perf_counter()
     app = GaussregApp(str(store), poll_s=1.0)

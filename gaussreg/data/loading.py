@@ -21,7 +21,7 @@ from gaussreg.data.datasets import (DATASETS, SYNTHETIC_SIZES, DataError, Datase
                                     source_path)
 
 if TYPE_CHECKING:
-    import torch
+    import torch  # here: finding and listing datasets needs no torch
 
 # torch is imported inside the functions: `gaussreg data list` and the dry-run's data check
 # import this module without loading any tensors.
@@ -35,7 +35,7 @@ _IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
 
 def read_idx(path: os.PathLike) -> torch.Tensor:
     """One IDX file (optionally .gz) as a uint8 tensor of its declared shape."""
-    import torch
+    import torch  # here: finding and listing datasets needs no torch
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
@@ -72,7 +72,7 @@ class _BatchUnpickler(pickle.Unpickler):
 
 def read_cifar_batch(path: os.PathLike):
     """One CIFAR python pickle batch -> (uint8 N,3,32,32, int64 labels)."""
-    import torch
+    import torch  # here: finding and listing datasets needs no torch
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -161,7 +161,7 @@ def load_raw(name: str, split: str, data_dir=None, seed: int = 0):
         files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     else:
         files = [split]
-    import torch
+    import torch  # here: finding and listing datasets needs no torch
     parts = [read_cifar_batch(folder / f) for f in files]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
@@ -171,7 +171,7 @@ def synthetic(split: str, seed: int = 0, n: Optional[int] = None):
 
     Learnable in a few epochs by every model here, and deterministic by seed (the
     train and test splits share prototypes and differ in their noise)."""
-    import torch
+    import torch  # here: finding and listing datasets needs no torch
     ds = DATASETS["synthetic"]
     n = n or SYNTHETIC_SIZES[split]
     g = torch.Generator().manual_seed(seed)
@@ -202,7 +202,7 @@ class Splits:
 
 def split_indices(n: int, val_fraction: float = 0.1, split_seed: int = 0):
     """(train, val) indices: the same for every run of a dataset with the same split_seed."""
-    import torch
+    import torch  # here: finding and listing datasets needs no torch
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
     n_val = int(round(n * val_fraction))
     return perm[n_val:], perm[:n_val]
@@ -212,7 +212,7 @@ def stratified(indices, labels, k: int):
     """k of `indices`, with each class in proportion to its share of `indices` (largest
     remainder), the first ones of each class in the given (seeded, random) order, which
     is kept. Balanced pools give balanced subsets: 100 per class for 1,000 of MNIST."""
-    import torch
+    import torch  # here: finding and listing datasets needs no torch
     if k >= len(indices):
         return indices
     y = labels[indices]
@@ -242,7 +242,7 @@ def load(name: str, data_dir=None, *, split_seed: int = 0, val_fraction: float =
     stratified by class (`stratified`) from a permutation seeded by split_seed. test_only
     leaves the training and validation splits empty (evaluating a model on a GPU needs
     only the test images there; a user's loader is still called whole)."""
-    import torch
+    import torch  # here: finding and listing datasets needs no torch
     if is_builtin(name):
         tx, ty = load_raw(name, "test", data_dir)
         x, y = (tx[:0], ty[:0]) if test_only else load_raw(name, "train", data_dir)
@@ -276,11 +276,11 @@ SPLIT_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
 def _tensor(v, what: str, where: str):
-    import torch
+    import torch  # here: finding and listing datasets needs no torch
     if isinstance(v, torch.Tensor):
         return v.detach().cpu()
     try:
-        import numpy as np
+        import numpy as np  # here: numpy only unpickles CIFAR and reads npz files
         return torch.from_numpy(np.ascontiguousarray(v))
     except Exception as e:  # noqa: BLE001
         raise DataError(f"{where}: {what} is not an array ({type(v).__name__}: {e})") from None
@@ -289,7 +289,7 @@ def _tensor(v, what: str, where: str):
 def _class_count(classes, where: str) -> int:
     """`classes` of a user's dataset: the number of classes (an int, or a 0-d integer array
     as np.savez stores one); class names are not taken (labels are integers)."""
-    import numpy as np
+    import numpy as np  # here: numpy only unpickles CIFAR and reads npz files
     value = np.asarray(classes)
     if value.ndim != 0 or not np.issubdtype(value.dtype, np.integer) or int(value) < 1:
         shown = repr(classes if value.ndim == 0 else value.tolist())
@@ -303,7 +303,7 @@ def check_arrays(parts: dict, where: str, classes=None, mean=None, std=None):
     images N x C x H x W (N x H x W taken as one channel), uint8 or float in [0, 1];
     integer labels in [0, classes); mean/std per channel from the training images when
     not given."""
-    import torch
+    import torch  # here: finding and listing datasets needs no torch
     missing = [k for k in SPLIT_KEYS if k not in parts]
     if missing:
         raise DataError(f"{where} has no {', '.join(missing)} (it needs {', '.join(SPLIT_KEYS)})")
@@ -342,7 +342,7 @@ def check_arrays(parts: dict, where: str, classes=None, mean=None, std=None):
 
 
 def load_npz(path: Path):
-    import numpy as np
+    import numpy as np  # here: numpy only unpickles CIFAR and reads npz files
     try:
         with np.load(path, allow_pickle=False) as f:  # no pickles: a data file never runs code
             parts = {k: f[k] for k in f.files}
@@ -353,10 +353,10 @@ def load_npz(path: Path):
 
 def _read_images(files, size, channels: int, where: str):
     try:
-        from PIL import Image
+        from PIL import Image  # here: Pillow only reads a folder of images
     except ImportError:
         raise DataError(f"reading the images of {where} needs Pillow (pip install pillow)") from None
-    import torch
+    import torch  # here: finding and listing datasets needs no torch
     out = []
     for f in files:
         try:
@@ -387,7 +387,7 @@ def load_folder(root: Path, args: dict):
     """ImageFolder layout: root/<class>/<image>, or root/train/<class>/... and
     root/test/<class>/... (else a stratified `test_fraction`, default 0.2, is held out
     as the test split, the same every time)."""
-    import torch
+    import torch  # here: finding and listing datasets needs no torch
     for key in args:
         if key not in FOLDER_ARGS:
             raise DataError(f"unknown dataset_args key {key!r} for a folder dataset (known: "

@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from gaussreg.launch.control import ControlError, start_worker
 from gaussreg.launch.gpus import canonical_gpu, nvidia_gpus, usable_cpus
-from gaussreg.runs.store import FINISHED, RunDir, RunFileError, Store, now_iso, try_lock
+from gaussreg.runs.store import FINISHED, LIVE, RunDir, RunFileError, Store, now_iso, try_lock
 
 GRACE_S = 30.0  # how long a SIGTERMed worker gets to write last.pt before SIGKILL
 
@@ -234,7 +234,7 @@ class Scheduler:
         except Exception as e:  # noqa: BLE001 - a corrupt status.json: the worker died badly
             status = {"state": "failed", "error": str(e)}
         state = status.get("state")
-        if state in ("running", "queued"):
+        if state in LIVE:
             # the worker died without saying so (crash, SIGKILL, OOM)
             state = "cancelled" if self.stopping else "failed"
             status.update(state=state, finished_at=now_iso(), updated_at=now_iso(),

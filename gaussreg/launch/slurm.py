@@ -30,16 +30,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from rich.live import Live
-from rich.markup import escape
-from rich.table import Table
-
 from gaussreg.launch.control import ControlError
 from gaussreg.runs.environment import gpu_task
 from gaussreg.runs.slurm_settings import (SlurmConfigError, SlurmSettings,  # noqa: F401 - settings: slurm.settings
                                           settings, times_mem)
-from gaussreg.runs.store import (FINISHED, STATE_STYLE, RunDir, RunFileError, Store, atomic_write_bytes,
-                                 atomic_write_json, now_iso, read_json)
+from gaussreg.runs.store import (FINISHED, LIVE, RunDir, RunFileError, Store, atomic_write_bytes, atomic_write_json,
+                                 now_iso, read_json)
 
 SQUEUE_MIN_S = 10.0  # never poll squeue more often than this (it loads the controller)
 JOB_NAME = "gaussreg"
@@ -148,7 +144,7 @@ def _plan(store: Store, run_ids: List[str], rerun: bool, live: Dict[str, Task]) 
         except RunFileError as e:
             skipped[rid] = str(e)
             continue
-        if is_slurm(status) and state in ("queued", "running") and status["slurm_job"] in live:
+        if is_slurm(status) and state in LIVE and status["slurm_job"] in live:
             skipped[rid] = f"already {state} in Slurm job {status['slurm_job']}"
         elif is_slurm(status) and state == "interrupted" and status["slurm_job"] in live:
             skipped[rid] = f"interrupted, and Slurm job {status['slurm_job']} requeues it"
@@ -235,7 +231,7 @@ def cancel(run: RunDir) -> str:
         state = run.state(status)
     except RunFileError as e:
         raise ControlError(str(e)) from None
-    if state not in ("queued", "running"):
+    if state not in LIVE:
         raise ControlError(f"run {run.id} is {state}, neither queued nor running")
     job = status["slurm_job"]
     atomic_write_json(run.cancel_request, {"requested_at": now_iso()})
@@ -265,7 +261,7 @@ def resubmit(run: RunDir) -> Submission:
         state = run.state(status)
     except RunFileError as e:
         raise ControlError(str(e)) from None
-    if state in ("queued", "running"):
+    if state in LIVE:
         raise ControlError(f"run {run.id} is {state} in Slurm job {status.get('slurm_job')}; cancel it first")
     if state == "completed":
         raise ControlError(f"run {run.id} is completed; use `gaussreg run --rerun --backend slurm` to train it again")
@@ -374,80 +370,6 @@ def fatal(reason: str) -> bool:
     return any(reason.startswith(r) for r in FATAL_REASONS)
 
 
-TERMINAL = ("completed", "failed", "diverged", "cancelled")
-
-
-def follow(store: Store, run_ids: List[str], console, poll_s: float = 1.0, squeue_s: float = SQUEUE_MIN_S) -> int:
-    """The live view of a Slurm launch: reads the run directories every `poll_s` and
-    squeue every `squeue_s` (>= 10 s). Returns when no run can change any more (0), or
-    when a run waits for a reason that will not resolve (1, after saying which runs)."""
-    squeue_s = max(SQUEUE_MIN_S, squeue_s)
-    runs = [RunDir(store.root / r) for r in run_ids]
-    live_tasks: Dict[str, Task] = {}
-    next_squeue, t0 = 0.0, time.time()
-
-    def snapshot():
-        rows = []
-        for run in runs:
-            try:
-                status = run.status()
-                state = run.state(status)
-            except RunFileError as e:
-                rows.append((run.id, "failed", "", "", str(e)))
-                continue
-            task = live_tasks.get(status.get("slurm_job", ""))
-            reason = task.reason if task and task.state == "PENDING" else ""
-            rows.append((run.id, state, status.get("slurm_job", ""),
-                         f"{status.get('epoch') or 0}/{status.get('max_epochs') or '?'}",
-                         reason if reason and reason != "None" else (status.get("error") or "")))
-        return rows
-
-    def done(rows) -> bool:
-        for rid, state, job, _, _ in rows:
-            if state in TERMINAL:
-                continue
-            if state in ("queued", "running", "interrupted") and job in live_tasks:
-                return False  # Slurm still has it (an interrupted one is being requeued)
-            if state == "running":
-                return False  # finishing its last write; its heartbeat will tell
-        return True
-
-    def render(rows):
-        t = Table(box=None, header_style="bold")
-        for h in ("run", "state", "slurm job", "epoch", "reason / error"):
-            t.add_column(h)
-        counts = {}
-        for rid, state, job, ep, why in rows:
-            counts[state] = counts.get(state, 0) + 1
-            if state not in ("completed",):
-                t.add_row(rid, f"[{STATE_STYLE.get(state, '')}]{state}[/]", job, ep, escape(why))
-        t.caption = "  ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f"  ·  {time.time() - t0:.0f}s"
-        return t
-
-    with Live(render(snapshot()), console=console, refresh_per_second=1, transient=True) as view:
-        while True:
-            if time.monotonic() >= next_squeue:
-                live_tasks = squeue()
-                next_squeue = time.monotonic() + squeue_s
-                reasons = pending_reasons(run_ids, store, live_tasks)
-                bad = {r: why for r, why in reasons.items() if fatal(why)}
-                if bad:
-                    view.stop()
-                    for why in sorted(set(bad.values())):
-                        ids = [r for r, w in bad.items() if w == why]
-                        console.print(f"[bold red]error:[/] Slurm will not start {len(ids)} run(s) ({escape(why)}): "
-                                      + ", ".join(ids), highlight=False)
-                    return 1
-                rows = snapshot()
-                if done(rows):
-                    break
-            else:
-                rows = snapshot()
-                if all(r[1] in TERMINAL for r in rows):
-                    break
-            view.update(render(rows))
-            time.sleep(poll_s)
-    return 0
 
 
 def main(argv=None) -> int:

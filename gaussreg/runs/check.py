@@ -14,9 +14,12 @@ import contextlib
 import json
 import sys
 
+import torch
+
 from gaussreg.core import plugins
 from gaussreg.data import loading as data
 from gaussreg.science import adf, models
+from gaussreg.science.regularizer import moment_loss
 
 
 def _last_line(e: BaseException) -> str:
@@ -25,9 +28,6 @@ def _last_line(e: BaseException) -> str:
 
 
 def check(item: dict) -> list:
-    import torch
-
-    from gaussreg.science.regularizer import moment_loss
     ds_name, path = item["dataset"], item.get("python_path", [])
     try:
         if data.is_builtin(ds_name):

@@ -20,7 +20,7 @@ def keep_freed_memory() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        import ctypes
+        import ctypes  # here: only on Linux, only for glibc's malloc
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
@@ -30,7 +30,7 @@ def keep_freed_memory() -> bool:
 
 def _cuda_unusable_reason() -> str:
     """Why this torch cannot use CUDA here, in a few words."""
-    import torch
+    import torch  # here: the CLI checks device names without torch
     if torch.version.cuda is None:
         return "it is a CPU-only build; install a CUDA build of torch"
     try:
@@ -45,7 +45,7 @@ def pick_device(name: str, gpu_slot: Optional[str] = None):
     """The torch device for a spec's `device`. gpu_slot: the GPU the scheduler gave this
     run (GAUSSREG_GPU); then a GPU it must be, never a silent CPU run (unless the spec
     says "cpu")."""
-    import torch
+    import torch  # here: the CLI checks device names without torch
     if gpu_slot and name != "cpu" and not torch.cuda.is_available():
         raise SpecError("device", f"this run was given GPU {gpu_slot} (CUDA_VISIBLE_DEVICES="
                         f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}) but torch {torch.__version__} (CUDA "
@@ -60,7 +60,7 @@ def pick_device(name: str, gpu_slot: Optional[str] = None):
 
 
 def device_name(dev) -> str:
-    import torch
+    import torch  # here: the CLI checks device names without torch
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
     return f"cpu ({cpu_model()})"
@@ -81,7 +81,7 @@ def cpu_model() -> str:
 
 def out_of_memory(e: BaseException) -> bool:
     """A CUDA out-of-memory error, or the CPU allocator's."""
-    import torch
+    import torch  # here: the CLI checks device names without torch
     oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
     return isinstance(e, (MemoryError, oom)) or (isinstance(e, RuntimeError) and (
         "out of memory" in str(e) or "can't allocate memory" in str(e) or "not enough memory" in str(e)))
@@ -92,7 +92,7 @@ def make_deterministic() -> None:
     another algorithm each run) and a fixed cuBLAS workspace; the variable must be set
     before cuBLAS starts, so this runs before the device is picked. Strict
     `use_deterministic_algorithms` is left off: CUDA NLLLoss has no deterministic kernel."""
-    import torch
+    import torch  # here: the CLI checks device names without torch
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
@@ -102,7 +102,7 @@ def threads_from_env() -> None:
     """The CPU thread count the scheduler gave this worker (GAUSSREG_THREADS), if any."""
     threads = os.environ.get("GAUSSREG_THREADS")
     if threads:
-        import torch
+        import torch  # here: the CLI checks device names without torch
         torch.set_num_threads(int(threads))
 
 
@@ -110,7 +110,7 @@ def bf16_native(dev) -> bool:
     """Whether the device does bf16 matrix work in hardware: a CUDA GPU that supports bf16
     (Ampere on), a CPU with AVX512-BF16 or AMX (as torch's own CPU dispatch detects them).
     Elsewhere bf16 autocast is emulated and slower than fp32."""
-    import torch
+    import torch  # here: the CLI checks device names without torch
     if dev.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
     if dev.type != "cpu":
@@ -122,7 +122,7 @@ def cpu_bf16_units() -> list:
     """The bf16 matrix units of this CPU, as torch's own CPU dispatch detects them: a subset
     of ["amx", "avx512_bf16"] (AMX makes bf16 steps ~0.40 of fp32, avx512_bf16 alone ~0.46:
     bench/README.md)."""
-    import torch
+    import torch  # here: the CLI checks device names without torch
     cpu = getattr(torch, "cpu", None)
     checks = {"amx": "_is_amx_tile_supported", "avx512_bf16": "_is_avx512_bf16_supported"}
     return [unit for unit, probe in checks.items() if getattr(cpu, probe, lambda: False)()]
@@ -139,7 +139,7 @@ def resolve_precision(requested: str, dev) -> str:
 def autocast(dev, precision: str):
     """The forward passes of a run (training, validation, R, certification) under bf16
     autocast, or plain fp32. Backward passes run outside it, as torch recommends."""
-    import torch
+    import torch  # here: the CLI checks device names without torch
     return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
@@ -147,7 +147,7 @@ def prefer_channels_last(model, precision: str):
     """Conv models in bf16 train faster in channels_last (NHWC) memory format: oneDNN's
     and cuDNN's bf16 convolutions work in it, and NCHW costs a reorder per layer
     (bench/README.md). fp32 keeps NCHW so that fp32 results stay bitwise as before."""
-    import torch
+    import torch  # here: the CLI checks device names without torch
     if precision == "bf16" and any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
         return model.to(memory_format=torch.channels_last), True
     return model, False

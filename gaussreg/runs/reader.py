@@ -10,9 +10,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from gaussreg.runs.spec import describe_params
-from gaussreg.runs.store import RunDir, RunFileError, Store, parse_iso, phase_of
-
-LIVE = ("running", "queued")  # states whose rows change without their status file changing
+from gaussreg.runs.store import LIVE, RunDir, RunFileError, Store, parse_iso, phase_of
 
 
 @dataclass(frozen=True)

@@ -29,10 +29,9 @@ from gaussreg.science.methods import METHOD_CLASSES  # the parameter types a spe
 STATES = ("queued", "running", "completed", "failed", "cancelled", "interrupted", "diverged")
 # One palette for a state wherever it is shown (CLI tables and live view, the TUI), as Rich
 # styles; "elsewhere"/"skipped" are the CLI's words for runs it does not start, "corrupt" the TUI's.
-STATE_STYLE = {"completed": "green", "failed": "bold red", "diverged": "magenta", "cancelled": "yellow",
-               "interrupted": "dark_orange", "running": "bold cyan", "queued": "dim", "elsewhere": "dim",
-               "skipped": "dim", "corrupt": "reverse red"}
 FINISHED = ("completed", "diverged")  # re-running a manifest leaves these alone
+LIVE = ("queued", "running")  # states whose rows change without their status file changing
+TERMINAL = ("completed", "failed", "diverged", "cancelled")  # no run leaves these by itself
 HEARTBEAT_S = 5.0  # the worker refreshes updated_at this often (contract: <= 10 s)
 STALE_S = 30.0  # a running status of another host older than this is interrupted
 LOCK_TRIES = 3

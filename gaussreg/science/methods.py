@@ -22,7 +22,7 @@ from gaussreg.core.schema import nonneg
 from gaussreg.science import units
 
 if TYPE_CHECKING:
-    import torch
+    import torch  # here: specs and manifests read methods without torch
 
 
 class Loss(NamedTuple):
@@ -32,7 +32,7 @@ class Loss(NamedTuple):
 
 
 def _cross_entropy(logits, y):
-    import torch.nn.functional as F
+    import torch.nn.functional as F  # here: specs and manifests read methods without torch
     return F.cross_entropy(logits, y)
 
 
@@ -137,7 +137,7 @@ def _int32(v: int) -> int:
 def _seed_key(seed: int) -> int:
     """The seed's hash as a Python int, made on the CPU: a tensor made on the GPU per batch
     would be a blocking host-to-device copy."""
-    import torch
+    import torch  # here: specs and manifests read methods without torch
     return int(_hash32(torch.tensor(_int32(seed), dtype=torch.int32)))
 
 
@@ -145,7 +145,7 @@ def _seed_key(seed: int) -> int:
 def channel_tensor(values: tuple, dtype, device) -> torch.Tensor:
     """Per-channel values as a (C, 1, 1) tensor on the device, made once per run: one made
     per batch would be a blocking host-to-device copy."""
-    import torch
+    import torch  # here: specs and manifests read methods without torch
     return torch.tensor(values, dtype=dtype, device=device).view(-1, 1, 1)
 
 
@@ -161,7 +161,7 @@ BANK_VERSION = 2  # in the spec of every run whose noise comes from bank_noise; 
 def _unit(h: torch.Tensor) -> torch.Tensor:
     """A uniform in (0, 1) from 23 bits of a hash: (2k + 1) / 2^24, an odd integer below
     2^24 times a power of two, so exact in float32 and never 0 or 1 (min 2^-24: |z| <= 5.77)."""
-    import torch
+    import torch  # here: specs and manifests read methods without torch
     return (((h >> 9) & 0x7FFFFF) * 2 + 1).to(torch.float32) * 2.0 ** -24
 
 
@@ -176,7 +176,7 @@ def bank_noise(seed: int, item: torch.Tensor, shape) -> torch.Tensor:
     for it, and costs no host sync. Version 2 (BANK_VERSION): version 1 made u1 from
     float32(h1) + 2^31 + 1, which is 0 for h1 near -2^31 (float32 cannot hold 2^31 + 1),
     and -2 log 0 put +-inf into about one item in 10^5 of MNIST size (issue 29)."""
-    import torch
+    import torch  # here: specs and manifests read methods without torch
     n = math.prod(shape)
     half = (n + 1) // 2
     key = _hash32(item.to(torch.int32) ^ _seed_key(seed))
@@ -269,7 +269,7 @@ class Augment(Method):
         if self.params["noise"] != "fresh":
             self.bank_seed = int(g.initial_seed())
         if self.params["noise"] == "shared":
-            import torch
+            import torch  # here: specs and manifests read methods without torch
             copies = -torch.arange(1, self.params["folds"] + 1, device=g.device)
             self.shared = bank_noise(self.bank_seed, copies, tuple(image_shape))
 
@@ -283,7 +283,7 @@ class Augment(Method):
             # item (copy - 1) * n + i: one noise vector per noisy copy of each image
             z = bank_noise(self.bank_seed, (copy - 1).clamp_min(0) * len(X) + example, x.shape[1:]).to(x.dtype)
         else:
-            import torch
+            import torch  # here: specs and manifests read methods without torch
             z = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
         sigma = self.noise_sigma()
         if isinstance(sigma, tuple):
@@ -317,14 +317,14 @@ class Regularizer(Method):
         return {"clean": n, "noisy": 0, "expected": n}
 
     def loss(self, model, x, y, g):
-        from gaussreg.science.regularizer import moment_loss
+        from gaussreg.science.regularizer import moment_loss  # here: the regularizer imports torch
         m = moment_loss(model, x, y, self.noise_sigma(), self.params["alpha"], self.params["depth"])
         return Loss(m.total, {"ce": m.ce, "reg": m.reg}, m.logits)
 
 
 def random_sign(x, eps: float, p: float, g) -> torch.Tensor:
     """g(x) = x + eps x l(x), l(x) = sign(x) w.p. p, else -sign(x); x l(x) = +-|x|."""
-    import torch
+    import torch  # here: specs and manifests read methods without torch
     s = torch.where(torch.rand(x.shape, generator=g, device=x.device) < p, 1.0, -1.0).to(x.dtype)
     return x + eps * x.abs() * s
 
@@ -342,7 +342,7 @@ class RandSign(Method):
         return {"clean": 0, "noisy": n, "expected": 0}  # one perturbed pass (input or hidden layer)
 
     def loss(self, model, x, y, g):
-        import torch
+        import torch  # here: specs and manifests read methods without torch
         eps, p, where = self.params["eps"], self.params["p"], self.params["where"]
         if where in ("input", "both"):
             x = random_sign(x, eps, p, g)
@@ -369,7 +369,7 @@ class FGSM(Method):
         return {"clean": n, "noisy": n, "expected": 0}
 
     def loss(self, model, x, y, g):
-        import torch
+        import torch  # here: specs and manifests read methods without torch
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             logits = model(x)

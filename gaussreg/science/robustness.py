@@ -67,7 +67,7 @@ class EvaluationStopped(Exception):
 
 
 def _robustness(model, images, labels, sigmas, samples, seed, clip, batch_size, should_stop, progress) -> Robustness:
-    import torch
+    import torch  # here: reading results and specs never needs torch
     if samples < 1:
         raise ValueError("samples must be >= 1")
     params = next(model.parameters(), None)

@@ -16,7 +16,8 @@ from rich.table import Table
 from rich.text import Text
 
 from gaussreg.runs.spec import describe_params
-from gaussreg.runs.store import STATE_STYLE, RunDir, RunFileError, phase_of
+from gaussreg.runs.store import RunDir, RunFileError, phase_of
+from gaussreg.views.style import STATE_STYLE
 
 
 class RunProgress:

@@ -17,7 +17,7 @@ from gaussreg.science.methods import METHOD_CLASSES
 from gaussreg.views import report
 
 FORMATS = ("png", "svg", "pdf")
-# the TUI's hues (tui/screens.py METHOD_COLORS); the TUI's white baseline is black on paper
+# the TUI's hues (tui/screens/compare.py METHOD_COLORS); the TUI's white baseline is black on paper
 COLORS = {"baseline": "black", "augment": "orange", "regularizer": "#00a6b8", "randsign": "magenta",
           "fgsm": "red"}
 MARKERS = {"baseline": "s", "augment": "^", "regularizer": "o", "randsign": "D", "fgsm": "v"}
@@ -29,11 +29,11 @@ class PlotsUnavailable(RuntimeError):
 
 def _pyplot():
     try:
-        import matplotlib
+        import matplotlib  # here: matplotlib is the optional extra `plots`
     except ImportError:
         raise PlotsUnavailable('gaussreg plot needs matplotlib: pip install "gaussreg[plots]"') from None
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # here: matplotlib is the optional extra `plots`
     return plt
 
 
