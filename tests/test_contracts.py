@@ -99,3 +99,28 @@ def test_run_directory_files_are_named_only_in_the_store():
                for path in sorted([*(ROOT / "gaussreg").rglob("*.py"), *(ROOT / "tui").rglob("*.py")])
                if path.name != "store.py" for line, name in _run_file_names_spelled(path.read_text())]
     assert not spelled, "run-directory file names outside gaussreg/store.py: " + "; ".join(spelled)
+
+
+def test_the_readmes_older_names_still_work_and_are_the_real_objects():
+    """Notebooks and scripts written against the flat package keep working after the split
+    into layers: the same objects, so a monkeypatch through an old name reaches the real one."""
+    import gaussreg.adf
+    import gaussreg.datasets
+    import gaussreg.models
+    import gaussreg.regularizer
+    import gaussreg.report
+    import gaussreg.smoothing
+    import gaussreg.store
+    from gaussreg.data import datasets
+    from gaussreg.runs import reader, store
+    from gaussreg.science import adf, models, regularizer, smoothing
+    assert (gaussreg.models, gaussreg.regularizer, gaussreg.smoothing, gaussreg.adf, gaussreg.store,
+            gaussreg.datasets) == (models, regularizer, smoothing, adf, store, datasets)
+    from gaussreg.models import FirstBlock, GaussNet, NormalizedConv2d, as_gaussnet  # noqa: F401
+    from gaussreg.regularizer import expected_logits
+    from gaussreg.smoothing import predict
+    assert expected_logits is regularizer.expected_logits and predict is smoothing.predict
+    assert gaussreg.report.RunReader is reader.RunReader and gaussreg.report.fair_table is not None
+    for old in ("gaussreg.worker", "gaussreg.slurm"):  # as `python -m`: their usage line, exit 2 without arguments
+        out = subprocess.run([sys.executable, "-m", old], capture_output=True, text=True, cwd=ROOT)
+        assert out.returncode == 2 and "usage: python -m gaussreg." in out.stderr, (old, out.stderr)
