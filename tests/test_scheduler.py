@@ -193,7 +193,8 @@ def test_a_gpu_test_sees_the_hosts_devices():
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == HOST_CUDA_VISIBLE_DEVICES
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this torch can use the GPU, so it is never refused")
+# about a CPU-only build of torch; conftest hides the GPUs, so is_available() would always say no
+@pytest.mark.skipif(torch.version.cuda is not None, reason="a CUDA build of torch is never refused a GPU")
 def test_a_worker_on_a_gpu_slot_that_torch_cannot_use_refuses_instead_of_training_on_the_cpu(tmp_path, monkeypatch):
     # the real worker, a GPU slot (fake nvidia-smi says GPU 0 exists) and this CPU-only torch
     _fake_nvidia_smi(tmp_path, monkeypatch, n=1)
