@@ -18,7 +18,6 @@ import time
 from typing import Callable, List, Optional, Sequence
 
 import torch
-from scipy.stats import beta, binomtest, norm
 
 from gaussreg.science.robustness import CERTIFY_DEFAULTS
 
@@ -73,6 +72,7 @@ def predict(model, x, sigma: float, n: int = DEFAULT_N, alpha: float = DEFAULT_A
     ABSTAIN. The top two counts nA, nB of n draws go through a two-sided binomial test
     of nA ~ Bin(nA + nB, 1/2); the answer is returned only when its p-value is <= alpha,
     so a wrong (non-argmax) class comes back with probability at most alpha."""
+    from scipy.stats import binomtest  # here: scipy.stats costs ~1-2 s at import, and every worker imports this module
     _check(sigma, n, alpha, batch)
     was_training = model.training
     model.eval()
@@ -92,6 +92,7 @@ def predict(model, x, sigma: float, n: int = DEFAULT_N, alpha: float = DEFAULT_A
 def lower_confidence_bound(nA: int, n: int, alpha: float) -> float:
     """One-sided (1 - alpha) Clopper-Pearson lower bound of a binomial proportion:
     the alpha quantile of Beta(nA, n - nA + 1) (0 when nA = 0)."""
+    from scipy.stats import beta  # here: scipy.stats costs ~1-2 s at import, and every worker imports this module
     return float(beta.ppf(alpha, nA, n - nA + 1)) if nA > 0 else 0.0
 
 
@@ -102,6 +103,7 @@ def certify(model, x, sigma: float, n0: int = DEFAULT_N0, n: int = DEFAULT_N, al
     draws count its votes nA; pA = the one-sided Clopper-Pearson lower bound of nA / n at
     level 1 - alpha. With pA > 1/2 the prediction is certified within the L2 radius
     sigma * Phi^-1(pA) (Theorem 1) with probability >= 1 - alpha over the draws."""
+    from scipy.stats import norm  # here: scipy.stats costs ~1-2 s at import, and every worker imports this module
     _check(sigma, n, alpha, batch, n0)
     was_training = model.training
     model.eval()
