@@ -28,6 +28,7 @@ else:  # pragma: no cover
 from gaussreg.core import plugins
 from gaussreg.data import datasets
 from gaussreg.runs.slurm_settings import SlurmConfigError, settings
+from gaussreg.runs.store import RunFileError, open_plain
 from gaussreg.runs.spec import ARG_TABLES, EXPERIMENT_NAME, SCALARS, TABLES, SpecError, resolve, run_id
 from gaussreg.science.methods import METHOD_CLASSES
 
@@ -188,11 +189,14 @@ def load(path, data_dir: Optional[str] = None) -> Manifest:
 def _read(path: Path):
     """The manifest's text and its TOML document, or the ManifestError saying why not."""
     try:
-        text = path.read_bytes().decode("utf-8")
+        # a regular file only: a FIFO or a device (/dev/zero) would hang or never end
+        with os.fdopen(open_plain(path, follow=True), "rb") as f:
+            text = f.read().decode("utf-8")
     except FileNotFoundError:
         raise ManifestError(path, None, "", "the manifest file does not exist") from None
-    except IsADirectoryError:
-        raise ManifestError(path, None, "", "is a folder, not a manifest file") from None
+    except RunFileError as e:
+        raise ManifestError(path, None, "", str(e).replace(f"{path} ", "", 1).replace(
+            "a folder, not a regular file", "a folder, not a manifest file")) from None
     except OSError as e:
         raise ManifestError(path, None, "", f"cannot be read ({e.strerror})") from None
     except UnicodeDecodeError as e:

@@ -18,6 +18,7 @@ import math
 import os
 import re
 import socket
+import stat
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -185,25 +186,59 @@ def _reject_constant(name):
     raise ValueError(f"{name} is not a number JSON allows")
 
 
+# Run files are opened without following a symbolic link (a run directory is data others
+# wrote; following a link would read, or later overwrite, a file outside it) and without
+# blocking: a FIFO or a device in place of a run file would otherwise hang the reader.
+READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+
+
+def open_plain(path: Path, flags: int = READ_FLAGS, mode: int = 0o666, follow: bool = False) -> int:
+    """A file descriptor of `path`, which must be a regular file (checked on the open file,
+    so it cannot be swapped in between). FileNotFoundError when it does not exist;
+    RunFileError naming the file when it is a symbolic link (unless `follow`: a file the
+    user names, like a manifest), a FIFO, a device, a folder or unreadable."""
+    nofollow = 0 if follow else getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, (flags & ~getattr(os, "O_NOFOLLOW", 0)) | nofollow | getattr(os, "O_CLOEXEC", 0)
+                     | getattr(os, "O_NONBLOCK", 0), mode)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise RunFileError(f"{path} is a symbolic link; run files must be plain files") from None
+        if e.errno == errno.EISDIR:
+            raise RunFileError(f"{path} is a folder, not a regular file") from None
+        if e.errno in (errno.ENXIO, errno.ENODEV):  # a FIFO without a writer, a socket, an absent device
+            raise RunFileError(f"{path} is not a regular file") from None
+        raise RunFileError(f"{path} cannot be read ({e.strerror})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise RunFileError(f"{path} is {_kind(st.st_mode)}, not a regular file")
+    return fd
+
+
+def _kind(mode: int) -> str:
+    return ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+            "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a special file")
+
+
 def read_bytes_nofollow(path: Path) -> bytes:
-    """A run file's bytes, refusing a symbolic link (a run directory is data others
-    wrote; following a link would read, or later overwrite, a file outside it)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-    with os.fdopen(fd, "rb") as f:
+    """A run file's bytes (open_plain: a regular file, not through a symbolic link)."""
+    with os.fdopen(open_plain(path), "rb") as f:
         return f.read()
 
 
 def read_json(path: Path):
     """The JSON value of a file, None when it does not exist; RunFileError (naming the
     file and what is wrong) for anything unreadable: not UTF-8, not JSON, NaN/Infinity,
-    a symbolic link, a directory."""
+    a symbolic link, a folder, a FIFO or a device."""
     try:
         raw = read_bytes_nofollow(path)
     except FileNotFoundError:
         return None
     except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise RunFileError(f"{path} is a symbolic link; run files must be plain files") from None
         raise RunFileError(f"{path} cannot be read ({e.strerror})") from None
     try:
         text = raw.decode("utf-8")
@@ -316,11 +351,9 @@ def read_events(path: Path, offset: int = 0) -> Tuple[List[dict], int]:
     Lines that are not valid events (torn by a crash, not UTF-8, not an object, a field
     missing) are skipped: the run's other events stay readable."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        return [], offset
-    except OSError:
-        return [], offset  # a symbolic link or unreadable: no events, the status says the rest
+        fd = open_plain(path)
+    except (OSError, RunFileError):
+        return [], offset  # none, a symbolic link, a FIFO, unreadable: no events, the status says the rest
     with os.fdopen(fd, "rb") as f:
         f.seek(offset)
         chunk = f.read()
@@ -475,9 +508,9 @@ class RunDir:
 
     def log_tail(self, lines: int = 20) -> str:
         try:
-            fd = os.open(self.log_file, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        except OSError:
-            return ""  # none yet, or a symbolic link: nothing we should show
+            fd = open_plain(self.log_file)
+        except (OSError, RunFileError):
+            return ""  # none yet, a symbolic link, a FIFO: nothing we should show
         with os.fdopen(fd, "rb") as f:
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - 64 * 1024))
@@ -490,10 +523,10 @@ class RunDir:
         takes a shared lock for an instant, read-only and without creating the file, so it
         works on a read-only shared store; try_lock retries past such a probe."""
         try:
-            fd = os.open(self.lock_file, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+            fd = open_plain(self.lock_file)
         except FileNotFoundError:
             return False  # every trainer creates it before it says 'running'
-        except OSError:
+        except (OSError, RunFileError):
             return None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -543,11 +576,11 @@ def try_lock(run: RunDir) -> Optional[int]:
     """An exclusive OS lock on the run (flock): held by whoever trains it, released by
     the kernel when that process dies, so a dead holder's lock is simply free."""
     try:
-        fd = os.open(run.lock_file, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        fd = open_plain(run.lock_file, os.O_RDWR | os.O_CREAT)
     except FileNotFoundError:
         return None
-    except OSError as e:  # a directory, a symbolic link, no permission: this run cannot be trained
-        raise RunFileError(f"{run.lock_file} cannot be opened as a lock file ({e.strerror})") from None
+    except RunFileError as e:  # a folder, a symbolic link, a FIFO, no permission: this run cannot be trained
+        raise RunFileError(f"{run.lock_file} cannot be used as a lock file: {e}") from None
     for attempt in range(LOCK_TRIES):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -622,9 +655,9 @@ class Store:
         for k in range(shares):
             path = d / f"{name}.{k}.lock"
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
-            except OSError as e:
-                raise RunFileError(f"{path} cannot be opened as a lock file ({e.strerror})") from None
+                fd = open_plain(path, os.O_RDWR | os.O_CREAT)
+            except (OSError, RunFileError) as e:
+                raise RunFileError(f"{path} cannot be used as a lock file: {e}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -714,12 +747,12 @@ class EventTail:
         """(new complete events, restarted): restarted means the file is not the one read
         so far, and the events are from its beginning."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+            fd = open_plain(self.path)
         except FileNotFoundError:
             restarted, self.offset, self._ident = self.offset > 0, 0, None
             return [], restarted
-        except OSError:
-            return [], False  # a symbolic link or unreadable: no events (as read_events)
+        except (OSError, RunFileError):
+            return [], False  # a symbolic link, a FIFO, unreadable: no events (as read_events)
         with os.fdopen(fd, "rb") as f:
             st = os.fstat(f.fileno())
             head = f.read(self.HEAD).split(b"\n", 1)[0]

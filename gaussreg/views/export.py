@@ -10,7 +10,7 @@ import json
 from typing import Iterable, List
 
 from gaussreg.runs.reader import list_runs
-from gaussreg.runs.store import RunFileError, Store
+from gaussreg.runs.store import RunFileError, Store, open_plain
 from gaussreg.views.report import certified_runs, config_key, run_metrics
 
 WHATS = ("runs", "epochs", "sigmas")
@@ -129,7 +129,8 @@ def read_runs(path) -> List[dict]:
     the file and line when it is not one."""
     out = []
     try:
-        with open(path, encoding="utf-8") as f:
+        # a regular file only: a FIFO or a device (--from /dev/zero) would hang or never end
+        with open(open_plain(path, follow=True), encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -141,6 +142,10 @@ def read_runs(path) -> List[dict]:
                     raise ValueError(f"{path}:{n}: not a run of `gaussreg export --what runs --format jsonl` "
                                      "(it needs run_id and spec)")
                 out.append(rec)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: does not exist") from None
+    except RunFileError as e:
+        raise ValueError(str(e)) from None
     except OSError as e:
         raise ValueError(f"{path}: cannot be read ({e.strerror})") from None
     except UnicodeDecodeError:
