@@ -54,3 +54,42 @@ def test_fifo_launch_record_and_lock_files(tmp_path):
     os.mkfifo(st.root / "_gpus" / "0.0.lock")
     with pytest.raises(RunFileError, match="is a FIFO, not a regular file"):
         st.lock_gpu_share("0", 1)
+
+
+# ---------------------------------------------------------------- 8: files too large to read whole
+
+def huge(path: Path, size: int = 3 << 30) -> Path:
+    """A file of `size` bytes that takes no disk (a hole)."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def test_huge_run_files_make_their_run_corrupt_and_the_rest_readable(tmp_path):
+    from gaussreg.runs.reader import list_runs
+    st = Store(tmp_path / "runs")
+    st.write_experiment("fx", {"tolerance": 0.01})
+    good = add_run(st, "baseline", 0.9, 0.5)
+    bad = add_run(st, "regularizer", 0.92, 0.7, seed=1, sigma=0.5, alpha=1.0)
+    huge(bad.file("result.json"))
+    huge(good.file("certify-0.5.json"))
+    rows = {r["id"]: r for r in list_runs(st)}
+    assert rows[good.id]["state"] == "completed"
+    assert rows[bad.id]["state"] == "corrupt"
+    assert "result.json is too large (3072 MB; at most 4 MB is read)" in rows[bad.id]["error"]
+    r = gaussreg("ls", "--store", st.root, "--format", "json")
+    assert r.returncode == 0 and "is too large" in r.stdout
+    r = gaussreg("table", "--store", st.root, "--format", "csv")
+    assert r.returncode == 0 and "0.9" in r.stdout, r.stderr  # the certificate is left out, the table stands
+
+
+def test_huge_manifest_and_export_file_are_refused(tmp_path):
+    with pytest.raises(manifest.ManifestError, match="is too large"):
+        manifest.load(huge(tmp_path / "experiments.toml"))
+    r = gaussreg("table", "--from", huge(tmp_path / "runs.jsonl"))
+    assert r.returncode == 2 and "is too large (3072 MB; at most 1024 MB is read)" in r.stderr, r.stderr
+    one_line = tmp_path / "line.jsonl"  # small enough as a file, but one line without an end
+    with open(one_line, "wb") as f:
+        f.write(b"{" * (65 << 20))
+    r = gaussreg("table", "--from", one_line)
+    assert r.returncode == 2 and "line.jsonl:1: the line is too large" in r.stderr, r.stderr

@@ -224,18 +224,41 @@ def _kind(mode: int) -> str:
             else "a special file")
 
 
-def read_bytes_nofollow(path: Path) -> bytes:
-    """A run file's bytes (open_plain: a regular file, not through a symbolic link)."""
-    with os.fdopen(open_plain(path), "rb") as f:
-        return f.read()
+# The most read of one file: what gaussreg writes is far smaller (a spec, a status or a result
+# is a few kB; a certificate ~200 bytes per certified image), so a larger file is damage or
+# an accident, and reading it whole would exhaust memory.
+MAX_RUN_FILE = 4 << 20  # spec.json, status.json, result.json, _experiments, Slurm and launch records
+MAX_CERTIFICATE = 64 << 20  # certify-*.json: 300,000 certified images
+MAX_PLAN = 256 << 20  # a detached launch's plan holds every run's spec of the grid
 
 
-def read_json(path: Path):
+def _mb(n: int) -> str:
+    return f"{n / (1 << 20):.0f} MB" if n >= 1 << 20 else f"{n} bytes"
+
+
+def too_large(path, size: int, limit: int) -> str:
+    return f"{path} is too large ({_mb(size)}; at most {_mb(limit)} is read)"
+
+
+def read_bytes_nofollow(path: Path, limit: int = MAX_RUN_FILE, follow: bool = False) -> bytes:
+    """A run file's bytes (open_plain: a regular file, not through a symbolic link unless
+    `follow`); RunFileError when it holds more than `limit` bytes."""
+    with os.fdopen(open_plain(path, follow=follow), "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise RunFileError(too_large(path, size, limit))
+        raw = f.read(limit + 1)  # it may have grown since fstat
+    if len(raw) > limit:
+        raise RunFileError(too_large(path, len(raw), limit))
+    return raw
+
+
+def read_json(path: Path, limit: int = MAX_RUN_FILE):
     """The JSON value of a file, None when it does not exist; RunFileError (naming the
     file and what is wrong) for anything unreadable: not UTF-8, not JSON, NaN/Infinity,
-    a symbolic link, a folder, a FIFO or a device."""
+    a symbolic link, a folder, a FIFO or a device, more than `limit` bytes."""
     try:
-        raw = read_bytes_nofollow(path)
+        raw = read_bytes_nofollow(path, limit)
     except FileNotFoundError:
         return None
     except OSError as e:
@@ -555,7 +578,7 @@ class RunDir:
         """Every certification of the run, by increasing sigma; RunFileError names a corrupt file."""
         out = []
         for f in self.certification_files():
-            c = read_json(f)
+            c = read_json(f, MAX_CERTIFICATE)
             if not isinstance(c, dict) or not isinstance(c.get("per_image"), list) or "sigma" not in c:
                 raise RunFileError(f"{f} is not a certification (no 'sigma' and 'per_image')")
             out.append(c)

@@ -7,10 +7,11 @@ import csv
 import hashlib
 import io
 import json
+import os
 from typing import Iterable, List
 
 from gaussreg.runs.reader import list_runs
-from gaussreg.runs.store import RunFileError, Store, open_plain
+from gaussreg.runs.store import RunFileError, Store, open_plain, too_large
 from gaussreg.views.report import certified_runs, config_key, run_metrics
 
 WHATS = ("runs", "epochs", "sigmas")
@@ -124,14 +125,24 @@ def export(store: Store, what: str = "runs", fmt: str = "csv", experiment=None) 
     return render(rows, fmt)
 
 
+MAX_EXPORT = 1 << 30  # a --from file: ~10 kB a run, so 100,000 runs; more is parsed into far more memory
+MAX_RECORD = 64 << 20  # one line of it: a run with its spec, result and certificates
+
+
 def read_runs(path) -> List[dict]:
     """The records of a `gaussreg export --what runs --format jsonl` file; ValueError naming
-    the file and line when it is not one."""
+    the file and line when it is not one (or is no regular file, or too large to read)."""
     out = []
     try:
         # a regular file only: a FIFO or a device (--from /dev/zero) would hang or never end
-        with open(open_plain(path, follow=True), encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with open(open_plain(path, follow=True), "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_EXPORT:
+                raise ValueError(too_large(path, size, MAX_EXPORT))
+            for n, raw in enumerate(iter(lambda: f.readline(MAX_RECORD + 1), b""), 1):
+                if len(raw) > MAX_RECORD:
+                    raise ValueError(f"{path}:{n}: the line is too large (more than {MAX_RECORD >> 20} MB)")
+                line = raw.decode("utf-8")
                 if not line.strip():
                     continue
                 try:
