@@ -508,7 +508,8 @@ def export(store: Path = StoreOpt,
     if experiment and not reader.has_runs(Store(store), experiment):
         fail(f"no runs of experiment {experiment!r} in {store}")
     try:
-        sys.stdout.write(ex.export(Store(store), what.value, format.value, experiment))
+        for text in ex.export_lines(Store(store), what.value, format.value, experiment):
+            sys.stdout.write(text)
         sys.stdout.flush()
     except BrokenPipeError:  # `gaussreg export | head` is fine
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -566,11 +567,10 @@ def show(run_id: str = typer.Argument(..., help="A run id (or a unique prefix)."
         state = run.state(status)
     except RunFileError as e:
         fail(str(e))
-    epochs = run.epochs()
+    e = run.last_epoch()  # read from the end: events.jsonl may be large
     console.rule(escape(f"{run.id}  [{state}]"))
     console.print_json(json.dumps({"spec": spec, "status": {**status, "state": state}}))
-    if epochs:
-        e = epochs[-1]
+    if e:
         console.print(f"epoch {e['epoch']}: train loss {e['train_loss']:.4f}, val loss {e['val_loss']:.4f}, "
                       f"val acc {e['val_accuracy'] * 100:.2f}%, lr {e['lr']:.3g}, {e['images_per_s']:.0f} img/s")
     if result:

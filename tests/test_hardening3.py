@@ -93,3 +93,57 @@ def test_huge_manifest_and_export_file_are_refused(tmp_path):
         f.write(b"{" * (65 << 20))
     r = gaussreg("table", "--from", one_line)
     assert r.returncode == 2 and "line.jsonl:1: the line is too large" in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------- 9: a large events.jsonl
+
+def _big_events(run, mb: int) -> int:
+    """events.jsonl grown to `mb` MB of progress events between epochs 1..3, as a long
+    training writes it; returns its size."""
+    import json
+    progress = "".join(json.dumps({"type": "progress", "epoch": 2, "batch": b, "batches": 10 ** 6, "loss": 0.5})
+                       + "\n" for b in range(10_000))
+    head = run.file("events.jsonl").read_text().splitlines(keepends=True)
+    with open(run.file("events.jsonl"), "w") as f:
+        f.write(head[0])
+        while f.tell() < mb << 20:
+            f.write(progress)
+        f.writelines(head[1:])
+    return run.file("events.jsonl").stat().st_size
+
+
+def _peak(fn):
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        out = fn()
+        return out, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_large_events_file_is_read_in_flat_memory(tmp_path, monkeypatch):
+    from gaussreg.runs import store as store_module
+    from gaussreg.runs.reader import RunReader
+    from gaussreg.views.export import export_lines
+    st = Store(tmp_path / "runs")
+    st.write_experiment("fx", {"tolerance": 0.01})
+    run = add_run(st, "baseline", state="interrupted", epochs=3)
+    # pieces of 64 kB instead of 1 MB, so that a file of 6 MB (quick to parse under tracemalloc)
+    # is ~100 pieces: read whole, it would need far more than a few of them
+    monkeypatch.setattr(store_module, "EVENT_CHUNK", 64 << 10)
+    monkeypatch.setattr(store_module, "MAX_EVENT_LINE", 64 << 10)
+    size = _big_events(run, 6)
+    assert size > 6 << 20
+    flat = 1 << 20  # a few pieces, whatever the file's size
+
+    last, peak = _peak(run.last_epoch)  # what `gaussreg show` prints
+    assert last["epoch"] == 3 and peak < flat, peak
+    epochs, peak = _peak(run.epochs)
+    assert [e["epoch"] for e in epochs] == [1, 2, 3] and peak < flat, peak
+    row, peak = _peak(lambda: RunReader(run).update())  # `ls`, `table` and the TUI's row
+    assert row.state == "interrupted" and row.epoch == 3 and peak < flat, peak
+    lines, peak = _peak(lambda: list(export_lines(st, "epochs", "jsonl")))
+    assert len(lines) == 3 and peak < flat, peak
+    (events, restarted), peak = _peak(run.tail().read)  # the live view and the TUI's detail screen
+    assert [e["type"] for e in events] == ["epoch", "progress", "epoch", "epoch"] and peak < flat, peak

@@ -247,7 +247,9 @@ def read_bytes_nofollow(path: Path, limit: int = MAX_RUN_FILE, follow: bool = Fa
         size = os.fstat(f.fileno()).st_size
         if size > limit:
             raise RunFileError(too_large(path, size, limit))
-        raw = f.read(limit + 1)  # it may have grown since fstat
+        raw = f.read(size + 1)  # read(n) allocates n bytes: ask for what fstat says, plus one
+        if len(raw) > size:  # it grew since fstat
+            raw += f.read(limit + 1 - len(raw))
     if len(raw) > limit:
         raise RunFileError(too_large(path, len(raw), limit))
     return raw
@@ -368,6 +370,52 @@ def valid_event(e) -> bool:
     return all(k in e and check(e[k]) for k, check in need.items())
 
 
+EVENT_CHUNK = 1 << 20  # events.jsonl is read in pieces this large: memory stays flat in its size
+MAX_EVENT_LINE = 1 << 20  # an event is < 1 kB; a longer line is damage, skipped like a torn one
+
+
+def _parse_event(line: bytes) -> Optional[dict]:
+    if not line.strip():
+        return None
+    try:
+        e = json.loads(line.decode("utf-8"), parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        return None  # a torn line from a crash mid-write; the run goes on after it
+    return e if valid_event(e) else None
+
+
+def event_lines(f, offset: int = 0) -> Iterator[Tuple[Optional[dict], int]]:
+    """(the valid event or None, the offset after its line) for each complete line of the
+    open file `f` from byte `offset`, read piecewise; a partial last line is left for later."""
+    f.seek(offset)
+    buf, skipping = b"", False  # skipping: inside a line too long to be an event
+    while True:
+        piece = f.read(EVENT_CHUNK)
+        if not piece:
+            return
+        buf += piece
+        start = 0
+        while True:
+            nl = buf.find(b"\n", start)
+            if nl < 0:
+                break
+            e = None if skipping else _parse_event(buf[start:nl])
+            skipping, start = False, nl + 1
+            yield e, offset + start
+        offset, buf = offset + start, buf[start:]
+        if len(buf) > MAX_EVENT_LINE:
+            offset, buf, skipping = offset + len(buf), b"", True
+
+
+def collapse_progress(events: List[dict], e: dict) -> None:
+    """Append `e`, but a progress event right after another replaces it: readers want only
+    the latest, and a file of millions of batches must not become a list of millions."""
+    if e.get("type") == "progress" and events and events[-1].get("type") == "progress":
+        events[-1] = e
+    else:
+        events.append(e)
+
+
 def read_events(path: Path, offset: int = 0) -> Tuple[List[dict], int]:
     """Complete lines from byte `offset` on, and the offset after the last complete
     line: a partial last line (a writer mid-line, or killed) is left for next time.
@@ -377,26 +425,55 @@ def read_events(path: Path, offset: int = 0) -> Tuple[List[dict], int]:
         fd = open_plain(path)
     except (OSError, RunFileError):
         return [], offset  # none, a symbolic link, a FIFO, unreadable: no events, the status says the rest
-    with os.fdopen(fd, "rb") as f:
-        f.seek(offset)
-        chunk = f.read()
-    events, used = parse_events(chunk)
-    return events, offset + used
-
-
-def parse_events(chunk: bytes) -> Tuple[List[dict], int]:
-    """The valid events in the complete lines of `chunk`, and how many bytes those lines span."""
-    end = chunk.rfind(b"\n") + 1
     events = []
-    for line in chunk[:end].splitlines():
-        if line.strip():
-            try:
-                e = json.loads(line.decode("utf-8"), parse_constant=_reject_constant)
-            except (ValueError, RecursionError):
-                continue  # a torn line from a crash mid-write; the run goes on after it
-            if valid_event(e):
+    with os.fdopen(fd, "rb") as f:
+        for e, offset in event_lines(f, offset):
+            if e is not None:
                 events.append(e)
-    return events, end
+    return events, offset
+
+
+def iter_events(path: Path) -> Iterator[dict]:
+    """The valid events of a file one by one, read piecewise (the whole file's worth is
+    never in memory)."""
+    try:
+        fd = open_plain(path)
+    except (OSError, RunFileError):
+        return
+    with os.fdopen(fd, "rb") as f:
+        for e, _ in event_lines(f):
+            if e is not None:
+                yield e
+
+
+def last_event(path: Path, kind: str) -> Optional[dict]:
+    """The last valid event of type `kind`, read backwards from the end piece by piece:
+    `gaussreg show` needs the newest epoch, not the whole file."""
+    try:
+        fd = open_plain(path)
+    except (OSError, RunFileError):
+        return None
+    with os.fdopen(fd, "rb") as f:
+        end = os.fstat(f.fileno()).st_size
+        # rest: the end of a line that began before this piece; skipping: this piece's last
+        # line is no event to read (the file's partial last line, or the start of one too long)
+        rest, skipping = b"", True
+        while end > 0:
+            start = max(0, end - EVENT_CHUNK)
+            f.seek(start)
+            lines = (f.read(end - start) + rest).split(b"\n")
+            rest = lines.pop(0) if start > 0 else b""
+            if skipping and lines:
+                lines.pop()
+                skipping = False
+            for line in reversed(lines):
+                e = _parse_event(line)
+                if e is not None and e["type"] == kind:
+                    return e
+            if len(rest) > MAX_EVENT_LINE:  # too long to be an event: skip the rest of it
+                rest, skipping = b"", True
+            end = start
+    return None
 
 
 _CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(\x07|\x1b\\)?|[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -492,6 +569,10 @@ class RunDir:
     def events(self, offset: int = 0) -> Tuple[List[dict], int]:
         return read_events(self.events_file, offset)
 
+    def last_epoch(self) -> Optional[dict]:
+        """The newest epoch event, read from the end of the file."""
+        return last_event(self.events_file, "epoch")
+
     def tail(self) -> "EventTail":
         """A reader of this run's events that follows appends and notices a new file."""
         return EventTail(self)
@@ -499,7 +580,7 @@ class RunDir:
     def epochs(self) -> List[dict]:
         """Epoch events, one per epoch: after a resume the later record of an epoch wins."""
         by_epoch = {}
-        for e in self.events()[0]:
+        for e in iter_events(self.events_file):  # piecewise: a file of millions of batches is never held whole
             if e.get("type") == "epoch":
                 by_epoch[e.get("epoch")] = e
         return [by_epoch[k] for k in sorted(by_epoch, key=lambda k: (k is None, k))]
@@ -776,6 +857,7 @@ class EventTail:
             return [], restarted
         except (OSError, RunFileError):
             return [], False  # a symbolic link, a FIFO, unreadable: no events (as read_events)
+        events: List[dict] = []
         with os.fdopen(fd, "rb") as f:
             st = os.fstat(f.fileno())
             head = f.read(self.HEAD).split(b"\n", 1)[0]
@@ -783,12 +865,12 @@ class EventTail:
                                              or st.st_size < self.offset)
             if restarted:
                 self.offset = 0
-            f.seek(self.offset)
-            chunk = f.read()
-        if self.offset == 0:
-            head = chunk[:self.HEAD].split(b"\n", 1)[0]  # the first line as complete as this read has it
-        events, used = parse_events(chunk)
-        self.offset += used
+            fresh = self.offset == 0
+            for e, self.offset in event_lines(f, self.offset):
+                if e is not None:
+                    collapse_progress(events, e)
+            if fresh:  # the first line as complete as this read has it
+                head = os.pread(f.fileno(), self.HEAD, 0).split(b"\n", 1)[0]
         if self.offset:
             self._ident = (st.st_dev, st.st_ino, head)
         return events, restarted

@@ -8,7 +8,7 @@ import hashlib
 import io
 import json
 import os
-from typing import Iterable, List
+from typing import Iterable, Iterator, List
 
 from gaussreg.runs.reader import list_runs
 from gaussreg.runs.store import RunFileError, Store, open_plain, too_large
@@ -98,10 +98,14 @@ def _cell(v):
     return v
 
 
-def render(rows: Iterable[dict], fmt: str) -> str:
-    rows = list(rows)
+def render_lines(rows: Iterable[dict], fmt: str) -> Iterator[str]:
+    """The lines of the export, as they are made: JSON lines one row at a time; CSV once
+    every row is known (its header is the union of their keys)."""
     if fmt == "jsonl":
-        return "".join(json.dumps(r) + "\n" for r in rows)
+        for r in rows:
+            yield json.dumps(r) + "\n"
+        return
+    rows = list(rows)
     header: List[str] = []
     for r in rows:
         header.extend(k for k in r if k not in header)
@@ -110,10 +114,18 @@ def render(rows: Iterable[dict], fmt: str) -> str:
     w.writeheader()
     for r in rows:
         w.writerow({k: _cell(v) for k, v in r.items()})
-    return buf.getvalue()
+        yield buf.getvalue()
+        buf.seek(0)
+        buf.truncate()
+    yield buf.getvalue()
 
 
-def export(store: Store, what: str = "runs", fmt: str = "csv", experiment=None) -> str:
+def render(rows: Iterable[dict], fmt: str) -> str:
+    return "".join(render_lines(rows, fmt))
+
+
+def export_lines(store: Store, what: str = "runs", fmt: str = "csv", experiment=None) -> Iterator[str]:
+    """`gaussreg export`'s output piece by piece (memory stays flat in the size of events.jsonl)."""
     if what not in WHATS:
         raise ValueError(f"what must be one of {', '.join(WHATS)}, not {what!r}")
     if fmt not in FORMATS:
@@ -122,7 +134,11 @@ def export(store: Store, what: str = "runs", fmt: str = "csv", experiment=None) 
         rows = run_rows(store, experiment, whole=fmt == "jsonl")
     else:
         rows = {"epochs": epoch_rows, "sigmas": sigma_rows}[what](store, experiment)
-    return render(rows, fmt)
+    return render_lines(rows, fmt)
+
+
+def export(store: Store, what: str = "runs", fmt: str = "csv", experiment=None) -> str:
+    return "".join(export_lines(store, what, fmt, experiment))
 
 
 MAX_EXPORT = 1 << 30  # a --from file: ~10 kB a run, so 100,000 runs; more is parsed into far more memory
