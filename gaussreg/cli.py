@@ -92,6 +92,10 @@ def existing_store(store: Path) -> None:
         fail(f"the store {store} does not exist")
 
 
+class OutputError(OSError):
+    """Standard output cannot be written (a full disk, /dev/full, an I/O error)."""
+
+
 def stdout_gone() -> None:
     """Our reader went away (`gaussreg run | head`, a closed terminal): from now on output
     goes to /dev/null and the work goes on; the exit code still tells how it went."""
@@ -134,9 +138,17 @@ def print_whole(renderable) -> None:
 
 
 def survive_closed_output(fn):
+    """fn, for a launch's output: when stdout is gone (a closed pipe or terminal) or cannot
+    be written (a full disk), the output stops and the sweep goes on."""
     def call(*args, **kw):
         try:
             return fn(*args, **kw)
+        except OutputError as e:
+            stdout_gone()
+            console.quiet = True
+            if e.errno not in (errno.EPIPE, errno.EIO):
+                err_console.print(f"[yellow]warning:[/] cannot write the output ({escape(e.strerror or str(e))}); "
+                                  "the runs go on", highlight=False, soft_wrap=True)
         except OSError as e:
             if e.errno not in (errno.EPIPE, errno.EIO):
                 raise
@@ -849,8 +861,44 @@ def data_download(name: str = typer.Argument(..., help="mnist, fashion-mnist, ci
     console.print(f"{name} is available in {where}", markup=False)
 
 
+class _GuardedOutput:
+    """sys.stdout, whose write errors become OutputError: main() turns them into one
+    sentence, and no reader of the store mistakes them for its own. A closed pipe stays a
+    BrokenPipeError (survive_closed_output and click handle it: `gaussreg ls | head`)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _guard(self, fn, *args):
+        try:
+            return fn(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise OutputError(e.errno, e.strerror) from None
+
+    def write(self, text):
+        return self._guard(self._stream.write, text)
+
+    def flush(self):
+        return self._guard(self._stream.flush)
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, buffer...: the stream's own
+        return getattr(self._stream, name)
+
+
 def main():
-    app()
+    sys.stdout = _GuardedOutput(sys.stdout)
+    try:
+        try:
+            app()
+        finally:
+            sys.stdout.flush()  # what is still buffered fails here, not at exit in a traceback
+    except OutputError as e:
+        stdout_gone()  # the interpreter's last flush must not fail again
+        err_console.print(f"[bold red]error:[/] cannot write the output: {escape(e.strerror or str(e))}",
+                          highlight=False, soft_wrap=True)
+        sys.exit(EXIT_BAD_INPUT)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def gaussreg(*args, cwd=None, timeout=60, **kw):
-    return subprocess.run(cli(*args), cwd=cwd or ROOT, env=python_env(), capture_output=True, text=True,
-                          timeout=timeout, **kw)
+    kw = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kw}
+    return subprocess.run(cli(*args), cwd=cwd or ROOT, env=python_env(), text=True, timeout=timeout, **kw)
 
 
 # ---------------------------------------------------------------- 7: FIFOs in place of files
@@ -147,3 +147,17 @@ def test_large_events_file_is_read_in_flat_memory(tmp_path, monkeypatch):
     assert len(lines) == 3 and peak < flat, peak
     (events, restarted), peak = _peak(run.tail().read)  # the live view and the TUI's detail screen
     assert [e["type"] for e in events] == ["epoch", "progress", "epoch", "epoch"] and peak < flat, peak
+
+
+# ---------------------------------------------------------------- 14: standard output on a full disk
+
+@pytest.mark.parametrize("args", [["ls"], ["ls", "--format", "json"], ["table"], ["table", "--format", "csv"],
+                                  ["export"], ["export", "--what", "epochs", "--format", "jsonl"], ["show", "fx-"]])
+def test_full_disk_on_stdout_is_one_sentence(tmp_path, args):
+    st = Store(tmp_path / "runs")
+    st.write_experiment("fx", {"tolerance": 0.01})
+    add_run(st, "baseline", 0.9, 0.5)
+    with open("/dev/full", "w") as full:
+        r = gaussreg(*args, "--store", st.root, stdout=full)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == "error: cannot write the output: No space left on device", r.stderr
