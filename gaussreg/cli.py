@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -31,21 +30,22 @@ from gaussreg.runs import manifest as mf
 from gaussreg.runs import reader
 from gaussreg.runs.device import autocast
 from gaussreg.runs.spec import MAX_SAMPLES, SpecError, default_certify_sigma, describe_params, resolve, valid_device
-from gaussreg.runs.store import FINISHED, STATES, RunDir, RunFileError, Store, check_locking
+from gaussreg.runs.store import FINISHED, STATES, RunDir, RunFileError, Store, check_locking, strip_control
 from gaussreg.science.robustness import robustness
 from gaussreg.views import export as ex
 from gaussreg.views import plot as plots
 from gaussreg.views import report, slurm_view
 from gaussreg.views.export import read_runs
 from gaussreg.views.live_view import LiveView
-from gaussreg.views.style import STATE_STYLE
+from gaussreg.views.style import STATE_STYLE, CleanConsole
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Train networks robust to Gaussian input noise and compare them fairly.")
 data_app = typer.Typer(no_args_is_help=True, help="List and fetch datasets.")
 app.add_typer(data_app, name="data")
-console = Console()
-err_console = Console(stderr=True)
+# every output of a command goes through these: they strip what the store holds of control sequences
+console = CleanConsole()
+err_console = CleanConsole(stderr=True)
 
 EXIT_BAD_INPUT = 2
 BIG_GRID = 1000  # a grid larger than this is more likely a typo than a plan: ask for --yes
@@ -457,11 +457,11 @@ def _check_budget(budget: Optional[float]) -> None:
 
 def _print_table(t: dict, format: "TableFormat", show_all: bool) -> None:
     if format == TableFormat.json:
-        print(json.dumps(t, indent=2))
+        print(json.dumps(t, indent=2))  # JSON escapes control characters itself
     elif format == TableFormat.markdown:
-        print(report.render_markdown(t, show_all))
+        print(strip_control(report.render_markdown(t, show_all)))
     elif format == TableFormat.csv:
-        print(report.render_csv(t, show_all), end="")
+        print(strip_control(report.render_csv(t, show_all)), end="")
     else:
         print_whole(report.render_rich(t, show_all))
 

@@ -17,9 +17,10 @@ from gaussreg.runs.store import Store
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def gaussreg(*args, cwd=None, timeout=60, **kw):
+def gaussreg(*args, cwd=None, timeout=60, env_extra=None, **kw):
     kw = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kw}
-    return subprocess.run(cli(*args), cwd=cwd or ROOT, env=python_env(), text=True, timeout=timeout, **kw)
+    return subprocess.run(cli(*args), cwd=cwd or ROOT, env=python_env(**(env_extra or {})), text=True,
+                          timeout=timeout, **kw)
 
 
 # ---------------------------------------------------------------- 7: FIFOs in place of files
@@ -161,3 +162,28 @@ def test_full_disk_on_stdout_is_one_sentence(tmp_path, args):
         r = gaussreg(*args, "--store", st.root, stdout=full)
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip() == "error: cannot write the output: No space left on device", r.stderr
+
+
+# ---------------------------------------------------------------- 18: control sequences from the store
+
+def test_store_text_reaches_no_terminal_with_its_control_sequences(tmp_path):
+    import json
+    from gaussreg.runs.store import atomic_write_json
+    st = Store(tmp_path / "runs")
+    st.write_experiment("fx", {"tolerance": 0.01})
+    good = add_run(st, "baseline", 0.9, 0.5)
+    spec = json.loads(good.file("spec.json").read_text())
+    atomic_write_json(good.file("spec.json"), {**spec, "model": "mlp\x1b[2J"})  # clears the screen
+    bad = add_run(st, "regularizer", 0.92, 0.7, seed=1, sigma=0.5, alpha=1.0)
+    status = json.loads(bad.file("status.json").read_text())
+    atomic_write_json(bad.file("status.json"), {**status, "state": "failed", "error": "boom \x1b]0;owned\x07 end"})
+    os.rename(bad.path, st.root / "fx-\x1b[5mblink-0a1b2c3d4e")  # a run id that makes the terminal blink
+    evil = ("\x1b[2J", "\x1b]0;", "\x1b[5m")
+    for args in (["ls"], ["table"], ["table", "--format", "markdown"], ["table", "--format", "csv"],
+                 ["export"], ["show", "fx-"], ["show", "fx-baseline"]):
+        r = gaussreg(*args, "--store", st.root, env_extra={"FORCE_COLOR": "1"})  # styles on, as in a terminal
+        out = r.stdout + r.stderr
+        assert not [e for e in evil if e in out], (args, out)
+        assert "\x1b[" in out or args[-1] in ("csv", "markdown") or args[0] == "export", (args, "no colour at all?")
+    r = gaussreg("ls", "--store", st.root)
+    assert "fx-blink-0a1b2c3d4e" in r.stdout and "mlp" in r.stdout  # what is left is still shown

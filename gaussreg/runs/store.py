@@ -479,6 +479,10 @@ def last_event(path: Path, kind: str) -> Optional[dict]:
 _CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(\x07|\x1b\\)?|[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
+def has_control(text: str) -> bool:
+    return _CONTROL.search(text) is not None or "\r" in text
+
+
 def strip_control(text: str) -> str:
     """Text without terminal escape sequences and control characters (a log line must
     not move the cursor, retitle the terminal or clear the screen of whoever reads it)."""

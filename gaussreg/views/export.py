@@ -11,7 +11,7 @@ import os
 from typing import Iterable, Iterator, List
 
 from gaussreg.runs.reader import list_runs
-from gaussreg.runs.store import RunFileError, Store, open_plain, too_large
+from gaussreg.runs.store import RunFileError, Store, open_plain, strip_control, too_large
 from gaussreg.views.report import certified_runs, config_key, run_metrics
 
 WHATS = ("runs", "epochs", "sigmas")
@@ -95,6 +95,8 @@ def _cell(v):
         return ""
     if isinstance(v, float):
         return f"{v:.6g}"
+    if isinstance(v, str):
+        return strip_control(v)  # CSV is read in terminals too; JSON lines escape them themselves
     return v
 
 
