@@ -187,3 +187,60 @@ def test_store_text_reaches_no_terminal_with_its_control_sequences(tmp_path):
         assert "\x1b[" in out or args[-1] in ("csv", "markdown") or args[0] == "export", (args, "no colour at all?")
     r = gaussreg("ls", "--store", st.root)
     assert "fx-blink-0a1b2c3d4e" in r.stdout and "mlp" in r.stdout  # what is left is still shown
+
+
+# ---------------------------------------------------------------- 19: data errors are the dataset's
+
+def _data_problems(dataset, tmp_path):
+    from gaussreg.runs.check import check
+    return check({"dataset": dataset, "model": "mlp", "depths": [], "python_path": [str(tmp_path)]})
+
+
+def _npz(path, n_train=20, **extra):
+    import numpy as np
+    rng = np.random.default_rng(0)
+    np.savez(path, x_train=rng.random((n_train, 1, 4, 4), dtype=np.float32), y_train=np.arange(n_train) % 2,
+             x_test=rng.random((4, 1, 4, 4), dtype=np.float32), y_test=np.arange(4) % 2, **extra)
+    return path
+
+
+def test_bad_npz_files_are_the_datasets_fault_at_dry_run(tmp_path):
+    import zipfile
+
+    import numpy as np
+    good = _npz(tmp_path / "good.npz")
+    assert _data_problems(f"npz:{good}", tmp_path) == []
+    whole = good.read_bytes()
+    (tmp_path / "truncated.npz").write_bytes(whole[:len(whole) // 2])
+    (tmp_path / "empty.npz").write_bytes(b"")
+    (tmp_path / "bogus.npz").write_bytes(b"not a zip archive at all\n" * 10)
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    with zipfile.ZipFile(tmp_path / "giant.npz", "w") as z:  # declares 2**22 x 2**22 x 4 float32, holds nothing
+        with z.open("x_train.npy", "w") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False,
+                                                     "shape": (1 << 22, 1 << 22, 4)})
+    expect = {"truncated.npz": "is not a readable .npz file", "empty.npz": "is not a readable .npz file",
+              "bogus.npz": "is not a readable .npz file", "one.npy": "is a .npy file (one array)",
+              "giant.npz": "x_train.npy declares an array of shape (4194304, 4194304, 4)"}
+    for name, words in expect.items():
+        problems = _data_problems(f"npz:{tmp_path / name}", tmp_path)
+        assert len(problems) == 1 and problems[0][0] == "dataset" and words in problems[0][1], (name, problems)
+
+
+def test_loader_with_nan_std_and_too_few_images_are_refused(tmp_path):
+    (tmp_path / "myloader.py").write_text(
+        "import numpy as np\n"
+        "def load(n=20, std=0.5):\n"
+        "    r = np.random.default_rng(0)\n"
+        "    return {'x_train': r.random((n, 1, 4, 4), dtype=np.float32), 'y_train': np.arange(n) % 2,\n"
+        "            'x_test': r.random((4, 1, 4, 4), dtype=np.float32), 'y_test': np.arange(4) % 2,\n"
+        "            'mean': [0.5], 'std': [std]}\n")
+    from gaussreg.data import loading
+    assert _data_problems("myloader:load", tmp_path) == []
+    with pytest.raises(loading.DataError, match=r"one finite value per channel.*std \[nan\]"):
+        loading.load_custom("myloader:load", {"std": float("nan")}, [str(tmp_path)])
+    with pytest.raises(loading.DataError, match="needs at least 6 training images"):
+        loading.load_custom("myloader:load", {"n": 2}, [str(tmp_path)])
+    (problem,) = _data_problems(f"npz:{_npz(tmp_path / 'two.npz', n_train=2)}", tmp_path)
+    assert problem[0] == "dataset" and "needs at least 6 training images (a tenth of them" in problem[1]
+    assert _data_problems(f"npz:{_npz(tmp_path / 'six.npz', n_train=6)}", tmp_path) == []

@@ -40,6 +40,8 @@ def check(item: dict) -> list:
             y = ty[:2]
     except data.DataError as e:
         return [("dataset", str(e))]
+    except Exception as e:  # noqa: BLE001 - a loader's or a file's fault, never the model's
+        return [("dataset", f"loading dataset {ds_name!r} failed: {_last_line(e)}")]
     model = item["model"]
     torch.manual_seed(0)
     try:
