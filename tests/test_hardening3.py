@@ -244,3 +244,27 @@ def test_loader_with_nan_std_and_too_few_images_are_refused(tmp_path):
     (problem,) = _data_problems(f"npz:{_npz(tmp_path / 'two.npz', n_train=2)}", tmp_path)
     assert problem[0] == "dataset" and "needs at least 6 training images (a tenth of them" in problem[1]
     assert _data_problems(f"npz:{_npz(tmp_path / 'six.npz', n_train=6)}", tmp_path) == []
+
+
+# ---------------------------------------------------------------- 20: user code writing to file descriptor 1
+
+def test_factory_writing_to_fd_1_passes_the_dry_run_check(tmp_path):
+    (tmp_path / "noisy.py").write_text(
+        "import os\n"
+        "from gaussreg.science.models import mlp\n"
+        "def make(info):\n"
+        "    os.write(1, b'[not json from a C library\\n')\n"
+        "    os.system('echo from a child process')\n"
+        "    print('and a print')\n"
+        "    return mlp(info)\n")
+    (tmp_path / "experiments.toml").write_text(
+        'python_path = ["."]\n[defaults]\ndataset = "synthetic"\nmodel = "noisy:make"\npreset = "lenet"\nmax_epochs = 1\n'
+        '[[experiment]]\nname = "e"\nmethods.baseline = {}\n')
+    assert manifest.check_code(manifest.load(tmp_path / "experiments.toml")) == []
+    (tmp_path / "noisy.py").write_text(  # and a real fault is still found, under the model key
+        "import os\n"
+        "def make(info):\n"
+        "    os.write(1, b'noise\\n')\n"
+        "    raise RuntimeError('no such layer')\n")
+    (err,) = manifest.check_code(manifest.load(tmp_path / "experiments.toml"))
+    assert "model" in str(err) and "RuntimeError: no such layer" in str(err), str(err)
