@@ -268,3 +268,18 @@ def test_factory_writing_to_fd_1_passes_the_dry_run_check(tmp_path):
         "    raise RuntimeError('no such layer')\n")
     (err,) = manifest.check_code(manifest.load(tmp_path / "experiments.toml"))
     assert "model" in str(err) and "RuntimeError: no such layer" in str(err), str(err)
+
+
+def test_tui_cells_and_detail_values_carry_no_control_sequences():
+    from rich.console import Console
+    from rich.text import Text
+
+    from gaussreg.runs.reader import RunRow
+    from tui.screens.detail import _grid
+    from tui.widgets import cells
+    row = RunRow("fx-baseline-0a1b2c3d4e", experiment="fx\x1b]0;owned\x07", model="mlp\x1b[2J", params="a=1\x1b[5m")
+    shown = " ".join(str(v) for v in cells(row).values())
+    assert "\x1b" not in shown and "mlp" in shown and "a=1" in shown
+    out = Console(file=__import__("io").StringIO(), width=80, color_system=None)
+    out.print(_grid([("error", Text("boom \x1b[2J", style="red")), ("model", "mlp\x1b]0;x\x07")]))
+    assert "\x1b" not in out.file.getvalue() and "boom" in out.file.getvalue()
