@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -31,21 +30,22 @@ from gaussreg.runs import manifest as mf
 from gaussreg.runs import reader
 from gaussreg.runs.device import autocast
 from gaussreg.runs.spec import MAX_SAMPLES, SpecError, default_certify_sigma, describe_params, resolve, valid_device
-from gaussreg.runs.store import FINISHED, STATES, RunDir, RunFileError, Store, check_locking
+from gaussreg.runs.store import FINISHED, STATES, RunDir, RunFileError, Store, check_locking, strip_control
 from gaussreg.science.robustness import robustness
 from gaussreg.views import export as ex
 from gaussreg.views import plot as plots
 from gaussreg.views import report, slurm_view
 from gaussreg.views.export import read_runs
 from gaussreg.views.live_view import LiveView
-from gaussreg.views.style import STATE_STYLE
+from gaussreg.views.style import STATE_STYLE, CleanConsole
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Train networks robust to Gaussian input noise and compare them fairly.")
 data_app = typer.Typer(no_args_is_help=True, help="List and fetch datasets.")
 app.add_typer(data_app, name="data")
-console = Console()
-err_console = Console(stderr=True)
+# every output of a command goes through these: they strip what the store holds of control sequences
+console = CleanConsole()
+err_console = CleanConsole(stderr=True)
 
 EXIT_BAD_INPUT = 2
 BIG_GRID = 1000  # a grid larger than this is more likely a typo than a plan: ask for --yes
@@ -92,6 +92,10 @@ def existing_store(store: Path) -> None:
         fail(f"the store {store} does not exist")
 
 
+class OutputError(OSError):
+    """Standard output cannot be written (a full disk, /dev/full, an I/O error)."""
+
+
 def stdout_gone() -> None:
     """Our reader went away (`gaussreg run | head`, a closed terminal): from now on output
     goes to /dev/null and the work goes on; the exit code still tells how it went."""
@@ -134,9 +138,17 @@ def print_whole(renderable) -> None:
 
 
 def survive_closed_output(fn):
+    """fn, for a launch's output: when stdout is gone (a closed pipe or terminal) or cannot
+    be written (a full disk), the output stops and the sweep goes on."""
     def call(*args, **kw):
         try:
             return fn(*args, **kw)
+        except OutputError as e:
+            stdout_gone()
+            console.quiet = True
+            if e.errno not in (errno.EPIPE, errno.EIO):
+                err_console.print(f"[yellow]warning:[/] cannot write the output ({escape(e.strerror or str(e))}); "
+                                  "the runs go on", highlight=False, soft_wrap=True)
         except OSError as e:
             if e.errno not in (errno.EPIPE, errno.EIO):
                 raise
@@ -445,11 +457,11 @@ def _check_budget(budget: Optional[float]) -> None:
 
 def _print_table(t: dict, format: "TableFormat", show_all: bool) -> None:
     if format == TableFormat.json:
-        print(json.dumps(t, indent=2))
+        print(json.dumps(t, indent=2))  # JSON escapes control characters itself
     elif format == TableFormat.markdown:
-        print(report.render_markdown(t, show_all))
+        print(strip_control(report.render_markdown(t, show_all)))
     elif format == TableFormat.csv:
-        print(report.render_csv(t, show_all), end="")
+        print(strip_control(report.render_csv(t, show_all)), end="")
     else:
         print_whole(report.render_rich(t, show_all))
 
@@ -508,7 +520,8 @@ def export(store: Path = StoreOpt,
     if experiment and not reader.has_runs(Store(store), experiment):
         fail(f"no runs of experiment {experiment!r} in {store}")
     try:
-        sys.stdout.write(ex.export(Store(store), what.value, format.value, experiment))
+        for text in ex.export_lines(Store(store), what.value, format.value, experiment):
+            sys.stdout.write(text)
         sys.stdout.flush()
     except BrokenPipeError:  # `gaussreg export | head` is fine
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -566,11 +579,10 @@ def show(run_id: str = typer.Argument(..., help="A run id (or a unique prefix)."
         state = run.state(status)
     except RunFileError as e:
         fail(str(e))
-    epochs = run.epochs()
+    e = run.last_epoch()  # read from the end: events.jsonl may be large
     console.rule(escape(f"{run.id}  [{state}]"))
     console.print_json(json.dumps({"spec": spec, "status": {**status, "state": state}}))
-    if epochs:
-        e = epochs[-1]
+    if e:
         console.print(f"epoch {e['epoch']}: train loss {e['train_loss']:.4f}, val loss {e['val_loss']:.4f}, "
                       f"val acc {e['val_accuracy'] * 100:.2f}%, lr {e['lr']:.3g}, {e['images_per_s']:.0f} img/s")
     if result:
@@ -849,8 +861,44 @@ def data_download(name: str = typer.Argument(..., help="mnist, fashion-mnist, ci
     console.print(f"{name} is available in {where}", markup=False)
 
 
+class _GuardedOutput:
+    """sys.stdout, whose write errors become OutputError: main() turns them into one
+    sentence, and no reader of the store mistakes them for its own. A closed pipe stays a
+    BrokenPipeError (survive_closed_output and click handle it: `gaussreg ls | head`)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _guard(self, fn, *args):
+        try:
+            return fn(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise OutputError(e.errno, e.strerror) from None
+
+    def write(self, text):
+        return self._guard(self._stream.write, text)
+
+    def flush(self):
+        return self._guard(self._stream.flush)
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, buffer...: the stream's own
+        return getattr(self._stream, name)
+
+
 def main():
-    app()
+    sys.stdout = _GuardedOutput(sys.stdout)
+    try:
+        try:
+            app()
+        finally:
+            sys.stdout.flush()  # what is still buffered fails here, not at exit in a traceback
+    except OutputError as e:
+        stdout_gone()  # the interpreter's last flush must not fail again
+        err_console.print(f"[bold red]error:[/] cannot write the output: {escape(e.strerror or str(e))}",
+                          highlight=False, soft_wrap=True)
+        sys.exit(EXIT_BAD_INPUT)
 
 
 if __name__ == "__main__":

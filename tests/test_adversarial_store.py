@@ -76,6 +76,14 @@ def corrupt(st: Store, target, case) -> Path:
         path.unlink(missing_ok=True)
         path.mkdir()
         return path
+    if kind == "fifo":
+        path.unlink(missing_ok=True)
+        os.mkfifo(path)
+        return path
+    if kind == "huge":  # 3 GB that take no disk: a hole after a valid start
+        with open(path, "r+b" if path.exists() else "wb") as f:
+            f.truncate(3 << 30)
+        return path
     if "hex" in case:
         payload = bytes.fromhex(case["hex"])
     elif case["text"] == "deep":
@@ -113,8 +121,9 @@ def _files(root: Path) -> dict:
     """Everything under root: each link's target, each file's content."""
     out = {}
     for p in sorted(root.rglob("*")):
-        out[str(p)] = ("link", os.readlink(p)) if p.is_symlink() else \
-            ("dir",) if p.is_dir() else ("file", hashlib.sha1(p.read_bytes()).hexdigest())
+        out[str(p)] = ("link", os.readlink(p)) if p.is_symlink() else ("dir",) if p.is_dir() else \
+            ("fifo",) if p.is_fifo() else ("huge", p.stat().st_size) if p.stat().st_size > 1 << 30 else \
+            ("file", hashlib.sha1(p.read_bytes()).hexdigest())
     return out
 
 

@@ -392,7 +392,7 @@ def test_npz_refusals(tmp_path):
     with pytest.raises(data.DataError, match="y_train must be 4 integer labels"):
         data.load_custom(f"npz:{bad}", {}, ())
     # classes is a count: class names (a TypeError blamed on the model before) are refused by name
-    ok = dict(x_train=np.zeros((4, 3, 2, 2), np.uint8), y_train=np.array([0, 1, 2, 1]),
+    ok = dict(x_train=np.zeros((6, 3, 2, 2), np.uint8), y_train=np.array([0, 1, 2, 1, 0, 2]),
               x_test=np.zeros((1, 3, 2, 2), np.uint8), y_test=np.zeros(1, int))
     np.savez(bad, **ok, classes=np.array(["a", "b", "c"]))
     with pytest.raises(data.DataError, match=r"classes must be the number of classes \(an integer >= 1\), "

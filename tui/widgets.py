@@ -11,7 +11,7 @@ from textual.widgets import DataTable, Static
 from textual_plotext import PlotextPlot
 
 from gaussreg.launch.slurm import fatal
-from gaussreg.runs.store import STATES, short_id
+from gaussreg.runs.store import STATES, short_id, strip_control
 from gaussreg.views.style import STATE_STYLE
 
 from .watcher import RunRow
@@ -38,12 +38,16 @@ def duration(s: Optional[float]) -> str:
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def _data(text: str) -> str:
+    return escape(strip_control(text))
+
+
 def cells(row: RunRow) -> Dict[str, object]:
     return {
         "id": short_id(row.id), "seed": "-" if row.seed is None else str(row.seed),
-        # strings of a run's files are data: escaped, a '[' in them is not markup
-        "experiment": escape(row.experiment), "dataset": escape(row.dataset), "model": escape(row.model),
-        "method": escape(row.method), "params": escape(row.params),
+        # strings of a run's files are data: escaped (a '[' in them is not markup), without control sequences
+        "experiment": _data(row.experiment), "dataset": _data(row.dataset), "model": _data(row.model),
+        "method": _data(row.method), "params": _data(row.params),
         "state": Text(row.state, style=STATE_STYLE.get(row.state, ""))
         # a running run says what it does when that is not training (the quiet phases)
         + (Text(f" {PHASE_SHORT.get(row.phase, row.phase)}", style="cyan")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import os
 import pickle
 from dataclasses import dataclass
@@ -273,6 +274,7 @@ def load(name: str, data_dir=None, *, split_seed: int = 0, val_fraction: float =
 FOLDER_ARGS = {"size", "channels", "test_fraction"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 SPLIT_KEYS = ("x_train", "y_train", "x_test", "y_test")
+MIN_TRAIN = 6  # the fewest training images whose validation tenth (rounded) is not empty
 
 
 def _tensor(v, what: str, where: str):
@@ -324,8 +326,9 @@ def check_arrays(parts: dict, where: str, classes=None, mean=None, std=None):
         if t.ndim != 1 or len(t) != len(imgs) or t.is_floating_point() or t.dtype == torch.bool:
             raise DataError(f"{where}: {k} must be {len(imgs)} integer labels (one per image), "
                             f"not {t.dtype} of shape {tuple(t.shape)}")
-    if len(y) < 2 or len(ty) < 1:
-        raise DataError(f"{where}: needs at least 2 training and 1 test image (has {len(y)} and {len(ty)})")
+    if len(y) < MIN_TRAIN or len(ty) < 1:
+        raise DataError(f"{where}: needs at least {MIN_TRAIN} training images (a tenth of them, rounded, are the "
+                        f"validation set) and 1 test image (has {len(y)} and {len(ty)})")
     y, ty = y.long(), ty.long()
     n_classes = _class_count(classes, where) if classes is not None else int(max(y.max(), ty.max())) + 1
     if min(y.min(), ty.min()) < 0 or max(y.max(), ty.max()) >= n_classes:
@@ -335,19 +338,55 @@ def check_arrays(parts: dict, where: str, classes=None, mean=None, std=None):
         xf = x.float() / 255 if x.dtype == torch.uint8 else x.float()
         mean = xf.mean(dim=(0, 2, 3)).tolist() if mean is None else mean
         std = xf.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist() if std is None else std
-    mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
-    if len(mean) != x.shape[1] or len(std) != x.shape[1] or min(std) <= 0:
-        raise DataError(f"{where}: mean and std need one value per channel ({x.shape[1]}), std > 0")
+    try:
+        mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: mean and std must be lists of numbers, one per channel ({x.shape[1]})") from None
+    if len(mean) != x.shape[1] or len(std) != x.shape[1] or not all(math.isfinite(v) for v in mean + std) \
+            or min(std) <= 0:
+        raise DataError(f"{where}: mean and std need one finite value per channel ({x.shape[1]}), std > 0 "
+                        f"(got mean {list(mean)}, std {list(std)})")
     return x, y, tx, ty, DatasetInfo(where, tuple(x.shape[1:]), n_classes, mean, std)
 
 
-def load_npz(path: Path):
+def _check_npz_members(path: Path) -> None:
+    """DataError unless `path` is a zip archive of .npy arrays each holding the bytes its
+    header declares: a truncated, empty or bogus file, a lone .npy, or a header claiming
+    an array of terabytes is one sentence, before any array is allocated."""
+    import zipfile
+
     import numpy as np  # here: numpy only unpickles CIFAR and reads npz files
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic == b"\x93NUMPY":
+        raise DataError(f"{path} is a .npy file (one array); npz: needs a .npz archive of "
+                        f"{', '.join(SPLIT_KEYS)} (numpy.savez)")
+    try:
+        with zipfile.ZipFile(path) as z:
+            for member in z.infolist():
+                with z.open(member) as f:
+                    version = np.lib.format.read_magic(f)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read(f)
+                declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                if declared > member.file_size:
+                    raise DataError(f"{path}: {member.filename} declares an array of shape {tuple(shape)} "
+                                    f"({declared:,} bytes) but holds {member.file_size:,} bytes")
+    except (zipfile.BadZipFile, EOFError, ValueError, OSError) as e:
+        raise DataError(f"{path} is not a readable .npz file ({type(e).__name__}: {e or 'it ends early'})") from None
+
+
+def load_npz(path: Path):
+    import zipfile
+
+    import numpy as np  # here: numpy only unpickles CIFAR and reads npz files
+    _check_npz_members(path)
     try:
         with np.load(path, allow_pickle=False) as f:  # no pickles: a data file never runs code
             parts = {k: f[k] for k in f.files}
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path} is not a readable .npz file ({e})") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, MemoryError) as e:
+        raise DataError(f"{path} is not a readable .npz file ({type(e).__name__}: {e})") from None
     return check_arrays(parts, str(path), classes=parts.get("classes"))
 
 

@@ -4,7 +4,6 @@ The CLI, the TUI and the scheduler's loop all go through here."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -17,7 +16,8 @@ from typing import List, Optional
 import psutil
 
 from gaussreg.launch.gpus import GpuPlaceError, take_gpu_place, wants_gpu
-from gaussreg.runs.store import RunDir, RunFileError, Store, atomic_write_json, now_iso, pid_alive, try_lock
+from gaussreg.runs.store import (RunDir, RunFileError, Store, atomic_write_json, now_iso, pid_alive, read_json,
+                                 try_lock)
 
 
 def start_worker(run: RunDir, resume: bool, gpu: Optional[str] = None, threads: Optional[int] = None,
@@ -135,8 +135,8 @@ def launches(store: Store) -> List[dict]:
     out = []
     for p in sorted((store.root / "_launches").glob("*.pid")):
         try:
-            info = json.loads(p.read_bytes().decode())
-        except (OSError, ValueError):
+            info = read_json(p)
+        except RunFileError:
             continue
         if isinstance(info, dict) and _is_our_launch(info):
             out.append(info)

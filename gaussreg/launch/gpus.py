@@ -5,7 +5,6 @@ scheduler."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -13,7 +12,7 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from gaussreg.runs.store import RunDir, RunFileError, Store
+from gaussreg.runs.store import RunDir, RunFileError, Store, read_json
 
 
 class GpuPlaceError(Exception):
@@ -153,8 +152,8 @@ def wants_gpu(run: RunDir) -> bool:
     """Whether the run's spec may train on a GPU (not `device = "cpu"`); a spec that cannot be
     read counts as yes (the worker refuses it with its own message)."""
     try:
-        spec = json.loads(run.spec_file.read_bytes().decode())
-    except (OSError, ValueError):
+        spec = read_json(run.spec_file)
+    except RunFileError:
         return True
     return not (isinstance(spec, dict) and spec.get("device") == "cpu")
 

@@ -16,7 +16,7 @@ from gaussreg.launch.gpus import canonical_gpu, detect_gpus, exclusive_gpus, nvi
 from gaussreg.launch.scheduler import Slot, make_slots
 from gaussreg.runs import manifest as mf
 from gaussreg.runs.manifest import PlannedRun
-from gaussreg.runs.store import RunFileError, Store, atomic_write_json, read_json
+from gaussreg.runs.store import MAX_PLAN, RunFileError, Store, atomic_write_json, read_json
 
 
 class LaunchError(Exception):
@@ -64,7 +64,7 @@ class Plan:
     def load(cls, path: Path) -> "Plan":
         """A plan written by `save`; LaunchError naming the file when it is not one."""
         try:
-            d = read_json(Path(path))
+            d = read_json(Path(path), MAX_PLAN)
         except RunFileError as e:
             raise LaunchError(f"launch plan {e}") from None
         try:

@@ -35,7 +35,7 @@ from gaussreg.runs.environment import gpu_task
 from gaussreg.runs.slurm_settings import (SlurmConfigError, SlurmSettings,  # noqa: F401 - settings: slurm.settings
                                           settings, times_mem)
 from gaussreg.runs.store import (FINISHED, LIVE, RunDir, RunFileError, Store, atomic_write_bytes, atomic_write_json,
-                                 now_iso, read_json)
+                                 MAX_PLAN, now_iso, read_bytes_nofollow, read_json)
 
 SQUEUE_MIN_S = 10.0  # never poll squeue more often than this (it loads the controller)
 JOB_NAME = "gaussreg"
@@ -293,7 +293,7 @@ def resubmit(run: RunDir) -> Submission:
 
 def _task(runs_file: Path, per_task: int) -> int:
     idx = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
-    lines = [l for l in runs_file.read_text().splitlines() if l.strip()]
+    lines = [l for l in read_bytes_nofollow(runs_file, MAX_PLAN).decode().splitlines() if l.strip()]
     mine = [RunDir(p) for p in lines[idx * per_task:(idx + 1) * per_task]]
     todo = []
     for run in mine:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 
 import torch
@@ -40,6 +41,8 @@ def check(item: dict) -> list:
             y = ty[:2]
     except data.DataError as e:
         return [("dataset", str(e))]
+    except Exception as e:  # noqa: BLE001 - a loader's or a file's fault, never the model's
+        return [("dataset", f"loading dataset {ds_name!r} failed: {_last_line(e)}")]
     model = item["model"]
     torch.manual_seed(0)
     try:
@@ -74,9 +77,16 @@ def check(item: dict) -> list:
 def main() -> int:
     items = json.load(sys.stdin)
     out = []
-    with contextlib.redirect_stdout(sys.stderr):  # the user's prints must not corrupt the answer
+    # The answer must reach the CLI whatever the user's code writes: not only print() but a
+    # C library or os.system writing to file descriptor 1. So the answer gets its own copy
+    # of fd 1 (not inherited by the user's children), and fd 1 is stderr while user code runs.
+    sys.stdout.flush()
+    answer = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    with contextlib.redirect_stdout(sys.stderr):
         _check_all(items, out)
-    json.dump(out, sys.stdout)
+    json.dump(out, answer)
+    answer.close()
     return 0
 
 

@@ -28,6 +28,7 @@ else:  # pragma: no cover
 from gaussreg.core import plugins
 from gaussreg.data import datasets
 from gaussreg.runs.slurm_settings import SlurmConfigError, settings
+from gaussreg.runs.store import RunFileError, read_bytes_nofollow
 from gaussreg.runs.spec import ARG_TABLES, EXPERIMENT_NAME, SCALARS, TABLES, SpecError, resolve, run_id
 from gaussreg.science.methods import METHOD_CLASSES
 
@@ -185,14 +186,19 @@ def load(path, data_dir: Optional[str] = None) -> Manifest:
     return Manifest(path, out, slurm_table, located)
 
 
+MAX_MANIFEST = 16 << 20  # a hand-written manifest is a few kB; a grid of 100,000 runs needs no more than a few lines
+
+
 def _read(path: Path):
     """The manifest's text and its TOML document, or the ManifestError saying why not."""
     try:
-        text = path.read_bytes().decode("utf-8")
+        # a regular file of a sane size: a FIFO or a device (/dev/zero) would hang or never end
+        text = read_bytes_nofollow(path, MAX_MANIFEST, follow=True).decode("utf-8")
     except FileNotFoundError:
         raise ManifestError(path, None, "", "the manifest file does not exist") from None
-    except IsADirectoryError:
-        raise ManifestError(path, None, "", "is a folder, not a manifest file") from None
+    except RunFileError as e:
+        raise ManifestError(path, None, "", str(e).replace(f"{path} ", "", 1).replace(
+            "a folder, not a regular file", "a folder, not a manifest file")) from None
     except OSError as e:
         raise ManifestError(path, None, "", f"cannot be read ({e.strerror})") from None
     except UnicodeDecodeError as e:

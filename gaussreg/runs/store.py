@@ -18,6 +18,7 @@ import math
 import os
 import re
 import socket
+import stat
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -185,25 +186,84 @@ def _reject_constant(name):
     raise ValueError(f"{name} is not a number JSON allows")
 
 
-def read_bytes_nofollow(path: Path) -> bytes:
-    """A run file's bytes, refusing a symbolic link (a run directory is data others
-    wrote; following a link would read, or later overwrite, a file outside it)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-    with os.fdopen(fd, "rb") as f:
-        return f.read()
+# Run files are opened without following a symbolic link (a run directory is data others
+# wrote; following a link would read, or later overwrite, a file outside it) and without
+# blocking: a FIFO or a device in place of a run file would otherwise hang the reader.
+READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
 
 
-def read_json(path: Path):
-    """The JSON value of a file, None when it does not exist; RunFileError (naming the
-    file and what is wrong) for anything unreadable: not UTF-8, not JSON, NaN/Infinity,
-    a symbolic link, a directory."""
+def open_plain(path: Path, flags: int = READ_FLAGS, mode: int = 0o666, follow: bool = False) -> int:
+    """A file descriptor of `path`, which must be a regular file (checked on the open file,
+    so it cannot be swapped in between). FileNotFoundError when it does not exist;
+    RunFileError naming the file when it is a symbolic link (unless `follow`: a file the
+    user names, like a manifest), a FIFO, a device, a folder or unreadable."""
+    nofollow = 0 if follow else getattr(os, "O_NOFOLLOW", 0)
     try:
-        raw = read_bytes_nofollow(path)
+        fd = os.open(path, (flags & ~getattr(os, "O_NOFOLLOW", 0)) | nofollow | getattr(os, "O_CLOEXEC", 0)
+                     | getattr(os, "O_NONBLOCK", 0), mode)
     except FileNotFoundError:
-        return None
+        raise
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise RunFileError(f"{path} is a symbolic link; run files must be plain files") from None
+        if e.errno == errno.EISDIR:
+            raise RunFileError(f"{path} is a folder, not a regular file") from None
+        if e.errno in (errno.ENXIO, errno.ENODEV):  # a FIFO without a writer, a socket, an absent device
+            raise RunFileError(f"{path} is not a regular file") from None
+        raise RunFileError(f"{path} cannot be read ({e.strerror})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise RunFileError(f"{path} is {_kind(st.st_mode)}, not a regular file")
+    return fd
+
+
+def _kind(mode: int) -> str:
+    return ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+            "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a special file")
+
+
+# The most read of one file: what gaussreg writes is far smaller (a spec, a status or a result
+# is a few kB; a certificate ~200 bytes per certified image), so a larger file is damage or
+# an accident, and reading it whole would exhaust memory.
+MAX_RUN_FILE = 4 << 20  # spec.json, status.json, result.json, _experiments, Slurm and launch records
+MAX_CERTIFICATE = 64 << 20  # certify-*.json: 300,000 certified images
+MAX_PLAN = 256 << 20  # a detached launch's plan holds every run's spec of the grid
+
+
+def _mb(n: int) -> str:
+    return f"{n / (1 << 20):.0f} MB" if n >= 1 << 20 else f"{n} bytes"
+
+
+def too_large(path, size: int, limit: int) -> str:
+    return f"{path} is too large ({_mb(size)}; at most {_mb(limit)} is read)"
+
+
+def read_bytes_nofollow(path: Path, limit: int = MAX_RUN_FILE, follow: bool = False) -> bytes:
+    """A run file's bytes (open_plain: a regular file, not through a symbolic link unless
+    `follow`); RunFileError when it holds more than `limit` bytes."""
+    with os.fdopen(open_plain(path, follow=follow), "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise RunFileError(too_large(path, size, limit))
+        raw = f.read(size + 1)  # read(n) allocates n bytes: ask for what fstat says, plus one
+        if len(raw) > size:  # it grew since fstat
+            raw += f.read(limit + 1 - len(raw))
+    if len(raw) > limit:
+        raise RunFileError(too_large(path, len(raw), limit))
+    return raw
+
+
+def read_json(path: Path, limit: int = MAX_RUN_FILE):
+    """The JSON value of a file, None when it does not exist; RunFileError (naming the
+    file and what is wrong) for anything unreadable: not UTF-8, not JSON, NaN/Infinity,
+    a symbolic link, a folder, a FIFO or a device, more than `limit` bytes."""
+    try:
+        raw = read_bytes_nofollow(path, limit)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
         raise RunFileError(f"{path} cannot be read ({e.strerror})") from None
     try:
         text = raw.decode("utf-8")
@@ -310,40 +370,117 @@ def valid_event(e) -> bool:
     return all(k in e and check(e[k]) for k, check in need.items())
 
 
+EVENT_CHUNK = 1 << 20  # events.jsonl is read in pieces this large: memory stays flat in its size
+MAX_EVENT_LINE = 1 << 20  # an event is < 1 kB; a longer line is damage, skipped like a torn one
+
+
+def _parse_event(line: bytes) -> Optional[dict]:
+    if not line.strip():
+        return None
+    try:
+        e = json.loads(line.decode("utf-8"), parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        return None  # a torn line from a crash mid-write; the run goes on after it
+    return e if valid_event(e) else None
+
+
+def event_lines(f, offset: int = 0) -> Iterator[Tuple[Optional[dict], int]]:
+    """(the valid event or None, the offset after its line) for each complete line of the
+    open file `f` from byte `offset`, read piecewise; a partial last line is left for later."""
+    f.seek(offset)
+    buf, skipping = b"", False  # skipping: inside a line too long to be an event
+    while True:
+        piece = f.read(EVENT_CHUNK)
+        if not piece:
+            return
+        buf += piece
+        start = 0
+        while True:
+            nl = buf.find(b"\n", start)
+            if nl < 0:
+                break
+            e = None if skipping else _parse_event(buf[start:nl])
+            skipping, start = False, nl + 1
+            yield e, offset + start
+        offset, buf = offset + start, buf[start:]
+        if len(buf) > MAX_EVENT_LINE:
+            offset, buf, skipping = offset + len(buf), b"", True
+
+
+def collapse_progress(events: List[dict], e: dict) -> None:
+    """Append `e`, but a progress event right after another replaces it: readers want only
+    the latest, and a file of millions of batches must not become a list of millions."""
+    if e.get("type") == "progress" and events and events[-1].get("type") == "progress":
+        events[-1] = e
+    else:
+        events.append(e)
+
+
 def read_events(path: Path, offset: int = 0) -> Tuple[List[dict], int]:
     """Complete lines from byte `offset` on, and the offset after the last complete
     line: a partial last line (a writer mid-line, or killed) is left for next time.
     Lines that are not valid events (torn by a crash, not UTF-8, not an object, a field
     missing) are skipped: the run's other events stay readable."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        return [], offset
-    except OSError:
-        return [], offset  # a symbolic link or unreadable: no events, the status says the rest
-    with os.fdopen(fd, "rb") as f:
-        f.seek(offset)
-        chunk = f.read()
-    events, used = parse_events(chunk)
-    return events, offset + used
-
-
-def parse_events(chunk: bytes) -> Tuple[List[dict], int]:
-    """The valid events in the complete lines of `chunk`, and how many bytes those lines span."""
-    end = chunk.rfind(b"\n") + 1
+        fd = open_plain(path)
+    except (OSError, RunFileError):
+        return [], offset  # none, a symbolic link, a FIFO, unreadable: no events, the status says the rest
     events = []
-    for line in chunk[:end].splitlines():
-        if line.strip():
-            try:
-                e = json.loads(line.decode("utf-8"), parse_constant=_reject_constant)
-            except (ValueError, RecursionError):
-                continue  # a torn line from a crash mid-write; the run goes on after it
-            if valid_event(e):
+    with os.fdopen(fd, "rb") as f:
+        for e, offset in event_lines(f, offset):
+            if e is not None:
                 events.append(e)
-    return events, end
+    return events, offset
+
+
+def iter_events(path: Path) -> Iterator[dict]:
+    """The valid events of a file one by one, read piecewise (the whole file's worth is
+    never in memory)."""
+    try:
+        fd = open_plain(path)
+    except (OSError, RunFileError):
+        return
+    with os.fdopen(fd, "rb") as f:
+        for e, _ in event_lines(f):
+            if e is not None:
+                yield e
+
+
+def last_event(path: Path, kind: str) -> Optional[dict]:
+    """The last valid event of type `kind`, read backwards from the end piece by piece:
+    `gaussreg show` needs the newest epoch, not the whole file."""
+    try:
+        fd = open_plain(path)
+    except (OSError, RunFileError):
+        return None
+    with os.fdopen(fd, "rb") as f:
+        end = os.fstat(f.fileno()).st_size
+        # rest: the end of a line that began before this piece; skipping: this piece's last
+        # line is no event to read (the file's partial last line, or the start of one too long)
+        rest, skipping = b"", True
+        while end > 0:
+            start = max(0, end - EVENT_CHUNK)
+            f.seek(start)
+            lines = (f.read(end - start) + rest).split(b"\n")
+            rest = lines.pop(0) if start > 0 else b""
+            if skipping and lines:
+                lines.pop()
+                skipping = False
+            for line in reversed(lines):
+                e = _parse_event(line)
+                if e is not None and e["type"] == kind:
+                    return e
+            if len(rest) > MAX_EVENT_LINE:  # too long to be an event: skip the rest of it
+                rest, skipping = b"", True
+            end = start
+    return None
 
 
 _CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(\x07|\x1b\\)?|[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def has_control(text: str) -> bool:
+    return _CONTROL.search(text) is not None or "\r" in text
 
 
 def strip_control(text: str) -> str:
@@ -436,6 +573,10 @@ class RunDir:
     def events(self, offset: int = 0) -> Tuple[List[dict], int]:
         return read_events(self.events_file, offset)
 
+    def last_epoch(self) -> Optional[dict]:
+        """The newest epoch event, read from the end of the file."""
+        return last_event(self.events_file, "epoch")
+
     def tail(self) -> "EventTail":
         """A reader of this run's events that follows appends and notices a new file."""
         return EventTail(self)
@@ -443,7 +584,7 @@ class RunDir:
     def epochs(self) -> List[dict]:
         """Epoch events, one per epoch: after a resume the later record of an epoch wins."""
         by_epoch = {}
-        for e in self.events()[0]:
+        for e in iter_events(self.events_file):  # piecewise: a file of millions of batches is never held whole
             if e.get("type") == "epoch":
                 by_epoch[e.get("epoch")] = e
         return [by_epoch[k] for k in sorted(by_epoch, key=lambda k: (k is None, k))]
@@ -475,9 +616,9 @@ class RunDir:
 
     def log_tail(self, lines: int = 20) -> str:
         try:
-            fd = os.open(self.log_file, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        except OSError:
-            return ""  # none yet, or a symbolic link: nothing we should show
+            fd = open_plain(self.log_file)
+        except (OSError, RunFileError):
+            return ""  # none yet, a symbolic link, a FIFO: nothing we should show
         with os.fdopen(fd, "rb") as f:
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - 64 * 1024))
@@ -490,10 +631,10 @@ class RunDir:
         takes a shared lock for an instant, read-only and without creating the file, so it
         works on a read-only shared store; try_lock retries past such a probe."""
         try:
-            fd = os.open(self.lock_file, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+            fd = open_plain(self.lock_file)
         except FileNotFoundError:
             return False  # every trainer creates it before it says 'running'
-        except OSError:
+        except (OSError, RunFileError):
             return None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -522,7 +663,7 @@ class RunDir:
         """Every certification of the run, by increasing sigma; RunFileError names a corrupt file."""
         out = []
         for f in self.certification_files():
-            c = read_json(f)
+            c = read_json(f, MAX_CERTIFICATE)
             if not isinstance(c, dict) or not isinstance(c.get("per_image"), list) or "sigma" not in c:
                 raise RunFileError(f"{f} is not a certification (no 'sigma' and 'per_image')")
             out.append(c)
@@ -543,11 +684,11 @@ def try_lock(run: RunDir) -> Optional[int]:
     """An exclusive OS lock on the run (flock): held by whoever trains it, released by
     the kernel when that process dies, so a dead holder's lock is simply free."""
     try:
-        fd = os.open(run.lock_file, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        fd = open_plain(run.lock_file, os.O_RDWR | os.O_CREAT)
     except FileNotFoundError:
         return None
-    except OSError as e:  # a directory, a symbolic link, no permission: this run cannot be trained
-        raise RunFileError(f"{run.lock_file} cannot be opened as a lock file ({e.strerror})") from None
+    except RunFileError as e:  # a folder, a symbolic link, a FIFO, no permission: this run cannot be trained
+        raise RunFileError(f"{run.lock_file} cannot be used as a lock file: {e}") from None
     for attempt in range(LOCK_TRIES):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -622,9 +763,9 @@ class Store:
         for k in range(shares):
             path = d / f"{name}.{k}.lock"
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
-            except OSError as e:
-                raise RunFileError(f"{path} cannot be opened as a lock file ({e.strerror})") from None
+                fd = open_plain(path, os.O_RDWR | os.O_CREAT)
+            except (OSError, RunFileError) as e:
+                raise RunFileError(f"{path} cannot be used as a lock file: {e}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -714,12 +855,13 @@ class EventTail:
         """(new complete events, restarted): restarted means the file is not the one read
         so far, and the events are from its beginning."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+            fd = open_plain(self.path)
         except FileNotFoundError:
             restarted, self.offset, self._ident = self.offset > 0, 0, None
             return [], restarted
-        except OSError:
-            return [], False  # a symbolic link or unreadable: no events (as read_events)
+        except (OSError, RunFileError):
+            return [], False  # a symbolic link, a FIFO, unreadable: no events (as read_events)
+        events: List[dict] = []
         with os.fdopen(fd, "rb") as f:
             st = os.fstat(f.fileno())
             head = f.read(self.HEAD).split(b"\n", 1)[0]
@@ -727,12 +869,12 @@ class EventTail:
                                              or st.st_size < self.offset)
             if restarted:
                 self.offset = 0
-            f.seek(self.offset)
-            chunk = f.read()
-        if self.offset == 0:
-            head = chunk[:self.HEAD].split(b"\n", 1)[0]  # the first line as complete as this read has it
-        events, used = parse_events(chunk)
-        self.offset += used
+            fresh = self.offset == 0
+            for e, self.offset in event_lines(f, self.offset):
+                if e is not None:
+                    collapse_progress(events, e)
+            if fresh:  # the first line as complete as this read has it
+                head = os.pread(f.fileno(), self.HEAD, 0).split(b"\n", 1)[0]
         if self.offset:
             self._ident = (st.st_dev, st.st_ino, head)
         return events, restarted

@@ -7,10 +7,11 @@ import csv
 import hashlib
 import io
 import json
-from typing import Iterable, List
+import os
+from typing import Iterable, Iterator, List
 
 from gaussreg.runs.reader import list_runs
-from gaussreg.runs.store import RunFileError, Store
+from gaussreg.runs.store import RunFileError, Store, open_plain, strip_control, too_large
 from gaussreg.views.report import certified_runs, config_key, run_metrics
 
 WHATS = ("runs", "epochs", "sigmas")
@@ -94,13 +95,19 @@ def _cell(v):
         return ""
     if isinstance(v, float):
         return f"{v:.6g}"
+    if isinstance(v, str):
+        return strip_control(v)  # CSV is read in terminals too; JSON lines escape them themselves
     return v
 
 
-def render(rows: Iterable[dict], fmt: str) -> str:
-    rows = list(rows)
+def render_lines(rows: Iterable[dict], fmt: str) -> Iterator[str]:
+    """The lines of the export, as they are made: JSON lines one row at a time; CSV once
+    every row is known (its header is the union of their keys)."""
     if fmt == "jsonl":
-        return "".join(json.dumps(r) + "\n" for r in rows)
+        for r in rows:
+            yield json.dumps(r) + "\n"
+        return
+    rows = list(rows)
     header: List[str] = []
     for r in rows:
         header.extend(k for k in r if k not in header)
@@ -109,10 +116,18 @@ def render(rows: Iterable[dict], fmt: str) -> str:
     w.writeheader()
     for r in rows:
         w.writerow({k: _cell(v) for k, v in r.items()})
-    return buf.getvalue()
+        yield buf.getvalue()
+        buf.seek(0)
+        buf.truncate()
+    yield buf.getvalue()
 
 
-def export(store: Store, what: str = "runs", fmt: str = "csv", experiment=None) -> str:
+def render(rows: Iterable[dict], fmt: str) -> str:
+    return "".join(render_lines(rows, fmt))
+
+
+def export_lines(store: Store, what: str = "runs", fmt: str = "csv", experiment=None) -> Iterator[str]:
+    """`gaussreg export`'s output piece by piece (memory stays flat in the size of events.jsonl)."""
     if what not in WHATS:
         raise ValueError(f"what must be one of {', '.join(WHATS)}, not {what!r}")
     if fmt not in FORMATS:
@@ -121,16 +136,31 @@ def export(store: Store, what: str = "runs", fmt: str = "csv", experiment=None) 
         rows = run_rows(store, experiment, whole=fmt == "jsonl")
     else:
         rows = {"epochs": epoch_rows, "sigmas": sigma_rows}[what](store, experiment)
-    return render(rows, fmt)
+    return render_lines(rows, fmt)
+
+
+def export(store: Store, what: str = "runs", fmt: str = "csv", experiment=None) -> str:
+    return "".join(export_lines(store, what, fmt, experiment))
+
+
+MAX_EXPORT = 1 << 30  # a --from file: ~10 kB a run, so 100,000 runs; more is parsed into far more memory
+MAX_RECORD = 64 << 20  # one line of it: a run with its spec, result and certificates
 
 
 def read_runs(path) -> List[dict]:
     """The records of a `gaussreg export --what runs --format jsonl` file; ValueError naming
-    the file and line when it is not one."""
+    the file and line when it is not one (or is no regular file, or too large to read)."""
     out = []
     try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        # a regular file only: a FIFO or a device (--from /dev/zero) would hang or never end
+        with open(open_plain(path, follow=True), "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_EXPORT:
+                raise ValueError(too_large(path, size, MAX_EXPORT))
+            for n, raw in enumerate(iter(lambda: f.readline(MAX_RECORD + 1), b""), 1):
+                if len(raw) > MAX_RECORD:
+                    raise ValueError(f"{path}:{n}: the line is too large (more than {MAX_RECORD >> 20} MB)")
+                line = raw.decode("utf-8")
                 if not line.strip():
                     continue
                 try:
@@ -141,6 +171,10 @@ def read_runs(path) -> List[dict]:
                     raise ValueError(f"{path}:{n}: not a run of `gaussreg export --what runs --format jsonl` "
                                      "(it needs run_id and spec)")
                 out.append(rec)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: does not exist") from None
+    except RunFileError as e:
+        raise ValueError(str(e)) from None
     except OSError as e:
         raise ValueError(f"{path}: cannot be read ({e.strerror})") from None
     except UnicodeDecodeError:

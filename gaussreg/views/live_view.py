@@ -17,7 +17,7 @@ from rich.text import Text
 
 from gaussreg.runs.spec import describe_params
 from gaussreg.runs.store import RunDir, RunFileError, phase_of
-from gaussreg.views.style import STATE_STYLE
+from gaussreg.views.style import STATE_STYLE, CleanConsole
 
 
 class RunProgress:
@@ -53,7 +53,7 @@ class RunProgress:
 
 class LiveView:
     def __init__(self, total: int, console: Console = None, lines: Optional[bool] = None):
-        self.console = console or Console()
+        self.console = console or CleanConsole()
         self.total = total
         # a line per epoch instead of a live table: where nobody watches a terminal
         self.lines = not self.console.is_terminal if lines is None else lines

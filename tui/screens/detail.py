@@ -14,7 +14,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, RichLog, Static
 
 from gaussreg.runs.spec import describe_params
-from gaussreg.runs.store import RunDir, phase_of
+from gaussreg.runs.store import RunDir, has_control, phase_of, strip_control
 from gaussreg.views.style import STATE_STYLE
 
 from ..messages import DetailChanged
@@ -28,7 +28,8 @@ def _grid(pairs) -> Table:
     g.add_column(style="dim", no_wrap=True)
     g.add_column(overflow="fold")
     for k, v in pairs:  # values are data (run files): Text, never markup
-        g.add_row(k, v if isinstance(v, Text) else Text(str(v)))
+        v = v if isinstance(v, Text) else Text(str(v))
+        g.add_row(k, Text(strip_control(v.plain), style=v.style) if has_control(v.plain) else v)
     return g
 
 
