@@ -18,6 +18,7 @@ import math
 import os
 import re
 import socket
+import stat
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -405,7 +406,24 @@ class RunDir:
     lock_file = property(lambda self: self.path / LOCK_FILE)
     cancel_request = property(lambda self: self.path / CANCEL_REQUEST)
 
+    def check_dir(self) -> None:
+        """RunFileError unless the run directory is a real folder: through a symbolic link
+        every reader and writer would work on the link's target, outside the store
+        (O_NOFOLLOW guards only a path's last component). One not made yet passes."""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise RunFileError(f"run directory {self.path} cannot be read ({e.strerror})") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise RunFileError(f"run directory {self.path} is a symbolic link; a run directory must be a "
+                               "real folder inside the store")
+        if not stat.S_ISDIR(st.st_mode):
+            raise RunFileError(f"run directory {self.path} is not a folder")
+
     def spec(self) -> dict:
+        self.check_dir()
         path = self.spec_file
         s = read_json(path)
         if s is None:
@@ -416,6 +434,7 @@ class RunDir:
         return s
 
     def status(self) -> dict:
+        self.check_dir()
         path = self.status_file
         s = read_json(path)
         if s is None:
@@ -426,6 +445,7 @@ class RunDir:
         return s
 
     def result(self) -> Optional[dict]:
+        self.check_dir()
         path = self.result_file
         r = read_json(path)
         why = None if r is None else shape_error(r, RESULT_FIELDS)
@@ -434,6 +454,10 @@ class RunDir:
         return r
 
     def events(self, offset: int = 0) -> Tuple[List[dict], int]:
+        try:
+            self.check_dir()
+        except RunFileError:
+            return [], offset  # the spec says it is corrupt; its events are not its own
         return read_events(self.events_file, offset)
 
     def tail(self) -> "EventTail":
@@ -475,9 +499,12 @@ class RunDir:
 
     def log_tail(self, lines: int = 20) -> str:
         try:
+            self.check_dir()
             fd = os.open(self.log_file, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
         except OSError:
             return ""  # none yet, or a symbolic link: nothing we should show
+        except RunFileError:
+            return ""
         with os.fdopen(fd, "rb") as f:
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - 64 * 1024))
@@ -506,6 +533,7 @@ class RunDir:
         return False
 
     def write_status(self, status: dict) -> None:
+        self.check_dir()
         atomic_write_json(self.status_file, status)
 
     # certify-<sigma>.json: randomized-smoothing certificates (gaussreg.science.smoothing), one
@@ -520,6 +548,7 @@ class RunDir:
 
     def certifications(self) -> List[dict]:
         """Every certification of the run, by increasing sigma; RunFileError names a corrupt file."""
+        self.check_dir()
         out = []
         for f in self.certification_files():
             c = read_json(f)
@@ -529,12 +558,14 @@ class RunDir:
         return sorted(out, key=lambda c: c["sigma"])
 
     def write_certification(self, cert: dict) -> Path:
+        self.check_dir()
         path = self.file(self.certification_name(cert["sigma"]))
         atomic_write_json(path, cert)
         return path
 
     def forget_results(self) -> None:
         """Forget a finished run's results (keep its spec) so that it trains afresh."""
+        self.check_dir()
         for f in (self.result_file, self.events_file, self.best_checkpoint, self.last_checkpoint):
             f.unlink(missing_ok=True)
 
@@ -542,6 +573,7 @@ class RunDir:
 def try_lock(run: RunDir) -> Optional[int]:
     """An exclusive OS lock on the run (flock): held by whoever trains it, released by
     the kernel when that process dies, so a dead holder's lock is simply free."""
+    run.check_dir()
     try:
         fd = os.open(run.lock_file, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
     except FileNotFoundError:
@@ -656,6 +688,7 @@ class Store:
         """A new run directory with its spec and a queued status (both atomic)."""
         run = RunDir(self.root / run_id)
         run.path.mkdir(parents=True, exist_ok=True)
+        run.check_dir()  # mkdir accepts a symbolic link to a folder
         # temp files of a writer killed mid-write (SIGKILL gives no chance to clean up);
         # a minute old: no live writer is still on them
         for tmp in run.path.glob(".*.tmp"):
@@ -706,13 +739,17 @@ class EventTail:
     HEAD = 4096  # the first line (the start event) is far shorter
 
     def __init__(self, run: RunDir):
-        self.path = run.events_file
+        self.run, self.path = run, run.events_file
         self.offset = 0
         self._ident = None
 
     def read(self) -> Tuple[List[dict], bool]:
         """(new complete events, restarted): restarted means the file is not the one read
         so far, and the events are from its beginning."""
+        try:
+            self.run.check_dir()
+        except RunFileError:
+            return [], False  # a run directory that is a link: its events are not the run's
         try:
             fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:

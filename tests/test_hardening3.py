@@ -1,0 +1,76 @@
+"""Hardening, round 3 (issue 30): run directories that are symbolic links, `train` on a
+folder that is no run, temp files of failed atomic writes, malformed certificates, a
+full or read-only store under `certify`, integer flags past 64 bits, an empty --store."""
+
+import json
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from gaussreg.cli import app as cli_app
+from gaussreg.launch.control import restart
+from gaussreg.runs import reader
+from gaussreg.runs.spec import resolve, run_id
+from gaussreg.runs.store import RunDir, RunFileError, Store, atomic_write_json, try_lock
+
+
+def cli(*args):
+    r = CliRunner().invoke(cli_app, [str(a) for a in args])
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise AssertionError(f"gaussreg {' '.join(map(str, args))} raised {r.exception!r}") from r.exception
+    return r
+
+
+def one_sentence_exit_2(r, words: str):
+    assert r.exit_code == 2, (r.exit_code, r.stdout, r.stderr)
+    text = " ".join(r.stderr.split())
+    assert text.startswith("error: ") and words in text, text
+    assert "Traceback" not in r.stderr and r.stderr.count("error:") == 1
+
+
+def _spec(seed=1):
+    return resolve({"dataset": "synthetic", "model": "mlp", "method": "baseline", "seed": seed, "experiment": "h"})
+
+
+def _files(path):
+    return sorted(p.name for p in path.iterdir())
+
+
+# ---------------------------------------------------------------- 1. run directories that are links
+
+@pytest.fixture
+def linked(tmp_path):
+    """A store with one real run and one 'run' that is a symbolic link to a run outside it."""
+    st = Store(tmp_path / "runs")
+    real = st.create(_spec(1), run_id(_spec(1)))
+    outside = Store(tmp_path / "outside").create(_spec(2), run_id(_spec(2)))
+    atomic_write_json(outside.status_file, {"state": "running", "pid": os.getpid(), "host": "elsewhere"})
+    link = RunDir(st.root / outside.id)
+    link.path.symlink_to(outside.path, target_is_directory=True)
+    return st, real, link, outside
+
+
+def test_linked_run_directory_is_listed_corrupt(linked):
+    st, real, link, outside = linked
+    rows = {r["id"]: r for r in reader.list_runs(st)}
+    assert rows[real.id]["state"] == "queued"
+    assert rows[link.id]["state"] == "corrupt" and "symbolic link" in rows[link.id]["error"]
+    shown = json.loads(cli("ls", "--store", st.root, "--format", "json").stdout)
+    assert {r["id"]: r["state"] for r in shown} == {real.id: "queued", link.id: "corrupt"}
+    one_sentence_exit_2(cli("show", link.id, "--store", st.root), "is a symbolic link")
+
+
+def test_no_writer_follows_a_linked_run_directory(linked):
+    st, real, link, outside = linked
+    before = {p.name: p.read_bytes() for p in outside.path.iterdir()}
+    one_sentence_exit_2(cli("certify", link.id, "--store", st.root), "is a symbolic link")
+    one_sentence_exit_2(cli("cancel", link.id, "--store", st.root), "is a symbolic link")
+    one_sentence_exit_2(cli("train", link.path), "is a symbolic link")
+    for write in (lambda: try_lock(link), lambda: restart(link), lambda: link.write_status({"state": "queued"}),
+                  lambda: link.forget_results(), lambda: st.create(_spec(2), link.id),
+                  lambda: link.write_certification({"sigma": 0.5, "per_image": []})):
+        with pytest.raises(RunFileError, match="symbolic link"):
+            write()
+    assert {p.name: p.read_bytes() for p in outside.path.iterdir()} == before  # the target is untouched
+    assert link.events() == ([], 0) and link.log_tail() == ""
