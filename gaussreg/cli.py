@@ -766,11 +766,13 @@ def train(run_dir: Path = typer.Argument(..., help="A run directory holding spec
           force: bool = typer.Option(False, "--force", "--rerun",
                                      help="Train a completed run again (its result.json and best.pt are replaced).")):
     """Train one run directory in this process (what `gaussreg run` starts per run)."""
-    if not run_dir.is_dir():
-        fail(f"{run_dir} is not a run directory")
+    run = RunDir(run_dir)
+    try:
+        run.check_is_run()  # before anything is written there (a lock, a GPU place, the log)
+    except RunFileError as e:
+        fail(str(e))
     if not os.access(run_dir, os.W_OK | os.X_OK):
         fail(f"the run directory {run_dir} is not writable by this user")
-    run = RunDir(run_dir)
     try:
         state = run.state()  # the worker checks the spec itself
     except RunFileError as e:

@@ -74,3 +74,22 @@ def test_no_writer_follows_a_linked_run_directory(linked):
             write()
     assert {p.name: p.read_bytes() for p in outside.path.iterdir()} == before  # the target is untouched
     assert link.events() == ([], 0) and link.log_tail() == ""
+
+
+# ---------------------------------------------------------------- 2. train on a folder that is no run
+
+def test_train_writes_nothing_into_a_folder_that_is_no_run(tmp_path, monkeypatch):
+    from gaussreg.runs import worker
+    st = Store(tmp_path / "runs")
+    st.create(_spec(1), run_id(_spec(1)))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    before = _files(st.root)
+    for where in (empty, st.root):
+        one_sentence_exit_2(cli("train", where), "is not a run directory")
+        assert worker.main([str(where)]) == worker.EXIT_BAD_INPUT  # the worker itself refuses as well
+    monkeypatch.chdir(empty)
+    for where in (".", ""):
+        one_sentence_exit_2(cli("train", where), "is not a run directory")
+        assert worker.main([where]) == worker.EXIT_BAD_INPUT
+    assert _files(empty) == [] and _files(st.root) == before

@@ -422,6 +422,15 @@ class RunDir:
         if not stat.S_ISDIR(st.st_mode):
             raise RunFileError(f"run directory {self.path} is not a folder")
 
+    def check_is_run(self) -> None:
+        """RunFileError unless this is a run directory: a real folder holding spec.json.
+        Whoever trains a directory asks first, and writes nothing into any other folder."""
+        self.check_dir()
+        if not self.path.is_dir():
+            raise RunFileError(f"{self.path} is not a run directory (no such folder)")
+        if not os.path.lexists(self.spec_file):
+            raise RunFileError(f"{self.path} is not a run directory (it holds no {SPEC_FILE})")
+
     def spec(self) -> dict:
         self.check_dir()
         path = self.spec_file
