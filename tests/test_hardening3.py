@@ -2,6 +2,7 @@
 folder that is no run, temp files of failed atomic writes, malformed certificates, a
 full or read-only store under `certify`, integer flags past 64 bits, an empty --store."""
 
+import errno
 import json
 import os
 
@@ -93,3 +94,50 @@ def test_train_writes_nothing_into_a_folder_that_is_no_run(tmp_path, monkeypatch
         one_sentence_exit_2(cli("train", where), "is not a run directory")
         assert worker.main([where]) == worker.EXIT_BAD_INPUT
     assert _files(empty) == [] and _files(st.root) == before
+
+
+# ---------------------------------------------------------------- 3. temp files of failed atomic writes
+
+def _enospc(*args, **kw):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_plot_on_a_full_disk_leaves_no_temp_file(tmp_path, monkeypatch):
+    from test_plot_export import add
+    st = Store(tmp_path / "runs")
+    add(st, "baseline", 0.90, 0.50)
+    add(st, "augment", 0.90, 0.70, sigma=0.25, folds=1)
+    out = tmp_path / "figures"
+    monkeypatch.setattr(os, "replace", _enospc)
+    one_sentence_exit_2(cli("plot", "--store", st.root, "--out", out), "No space left on device")
+    assert _files(out) == []
+
+
+@pytest.mark.parametrize("fails", ["fsync", "replace", "link", "fchmod"])
+def test_store_writers_remove_their_temp_file_on_every_failure(tmp_path, monkeypatch, fails):
+    from gaussreg.runs.store import atomic_create_json
+    monkeypatch.setattr(os, fails, _enospc)
+    for write in (atomic_write_json, atomic_create_json):
+        try:
+            write(tmp_path / "f.json", {"a": 1})
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+    assert [p for p in _files(tmp_path) if p.endswith(".tmp")] == []
+
+
+def test_a_failed_download_leaves_no_partial_file(tmp_path, monkeypatch):
+    from gaussreg.data import download
+
+    class Dropped:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def read(self, *a):
+            raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+    monkeypatch.setattr(download.urllib.request, "urlopen", lambda *a, **k: Dropped())
+    with pytest.raises(ConnectionResetError):
+        download._fetch("http://example.invalid/x.gz", tmp_path / "x.gz", "0" * 32, lambda m: None)
+    assert _files(tmp_path) == []

@@ -115,8 +115,8 @@ def _complete_temp(path: Path, payload: bytes) -> str:
     shared store must see the runs. Removed again if writing fails (a full disk)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as f:  # first: the file is closed whatever fails next
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())

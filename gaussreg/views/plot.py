@@ -6,13 +6,14 @@ configurations. matplotlib is the optional extra `plots`."""
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 from typing import List, Optional
 
 from gaussreg.runs import reader
 from gaussreg.runs.spec import describe_params
-from gaussreg.runs.store import Store
+from gaussreg.runs.store import Store, atomic_write_bytes
 from gaussreg.science.methods import METHOD_CLASSES
 from gaussreg.views import report
 
@@ -76,10 +77,13 @@ def plot(store: Store, out_dir, experiment: Optional[str] = None, fmt: str = "pn
                            ("curves", _fig_curves)):
             fig = draw(plt, rec, runs, results, title)
             path = out_dir / f"{stem}-{name}.{fmt}"
-            tmp = path.with_name(path.name + ".tmp")
-            fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight")
-            plt.close(fig)
-            tmp.replace(path)  # atomic: a reader never sees half a figure
+            buf = io.BytesIO()
+            try:
+                fig.savefig(buf, format=fmt, dpi=150, bbox_inches="tight")
+            finally:
+                plt.close(fig)
+            # atomic, and its temp file removed when the write fails (a full disk)
+            atomic_write_bytes(path, buf.getvalue())
             written.append(path)
     return written
 
