@@ -62,6 +62,10 @@ def fail(message: str, code: int = EXIT_BAD_INPUT):
     raise typer.Exit(code)
 
 
+def warn(message: str) -> None:
+    err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 def writable_store(store: Path) -> None:
     """The store folder exists (made if needed) and this user may write it; else one sentence, exit 2."""
     if store.exists() and not store.is_dir():
@@ -421,13 +425,12 @@ def table(store: Path = StoreOpt,
     readable_store(store)
     if not store.is_dir():
         fail(f"the store {store} does not exist")
-    t = report.fair_table(Store(store), experiment, tolerance, select.value, budget)
+    t = report.fair_table(Store(store), experiment, tolerance, select.value, budget, warn)
     if tolerance is None:
         for rec in t["experiments"]:
             why = Store(store).experiment(rec["experiment"]).get("error")
             if why:
-                err_console.print(f"[yellow]warning:[/] {escape(why)}; using tolerance {rec['tolerance']:g}",
-                                  highlight=False, soft_wrap=True)
+                warn(f"{why}; using tolerance {rec['tolerance']:g}")
     if experiment and not t["experiments"]:
         fail(f"no runs of experiment {experiment!r} in {store}")
     _print_table(t, format, show_all)
@@ -475,7 +478,7 @@ def plot(store: Path = StoreOpt,
     if not store.is_dir():
         fail(f"the store {store} does not exist")
     try:
-        paths = plots.plot(Store(store), out, experiment, format.value, select.value, tolerance, budget)
+        paths = plots.plot(Store(store), out, experiment, format.value, select.value, tolerance, budget, warn)
     except plots.PlotsUnavailable as e:
         fail(str(e))  # fail() escapes
     except OSError as e:
@@ -508,7 +511,7 @@ def export(store: Path = StoreOpt,
     if experiment and not reader.has_runs(Store(store), experiment):
         fail(f"no runs of experiment {experiment!r} in {store}")
     try:
-        sys.stdout.write(ex.export(Store(store), what.value, format.value, experiment))
+        sys.stdout.write(ex.export(Store(store), what.value, format.value, experiment, warn))
         sys.stdout.flush()
     except BrokenPipeError:  # `gaussreg export | head` is fine
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -726,8 +729,8 @@ def certify(run_id: str = typer.Argument(..., help="A run id (or a unique prefix
             device: str = typer.Option("auto"),
             data_dir: Optional[Path] = DataDirOpt):
     """Certified robustness of a trained run by randomized smoothing (Cohen et al. 2019): writes certify-<sigma>.json."""
-    if sigma is not None and not sigma > 0:
-        fail(f"--sigma must be > 0, not {sigma}")
+    if sigma is not None and not (math.isfinite(sigma) and sigma > 0):  # inf would write an unreadable certificate
+        fail(f"--sigma must be > 0 and finite, not {sigma}")
     if n < 1 or n0 < 1 or images < 1 or batch < 1:
         fail("--n, --n0, --images and --batch must be >= 1")
     if n0 > n:

@@ -141,3 +141,38 @@ def test_a_failed_download_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(ConnectionResetError):
         download._fetch("http://example.invalid/x.gz", tmp_path / "x.gz", "0" * 32, lambda m: None)
     assert _files(tmp_path) == []
+
+
+# ---------------------------------------------------------------- 13. malformed certificates
+
+def test_a_malformed_certificate_is_skipped_with_a_warning(tmp_path):
+    from test_plot_export import add
+    st = Store(tmp_path / "runs")
+    base = RunDir(st.root / add(st, "baseline", 0.90, 0.50))
+    aug = RunDir(st.root / add(st, "augment", 0.90, 0.70, sigma=0.25, folds=1))
+    good = {"sigma": 0.25, "per_image": [{"correct": True, "radius": 0.3}, {"correct": False, "radius": 0.0}]}
+    atomic_write_json(base.file("certify-0.25.json"), good)
+    bad = {"certify-x.json": {"sigma": None, "per_image": []}, "certify-y.json": {"sigma": "0.5", "per_image": []},
+           "certify-z.json": {"sigma": [1], "per_image": []}, "certify-w.json": {"sigma": 0.5, "per_image": [1, "a"]}}
+    for name, cert in bad.items():
+        atomic_write_json(base.file(name), cert)
+        atomic_write_json(aug.file(name), cert)
+    r = cli("table", "--store", st.root, "--format", "json")
+    assert r.exit_code == 0, r.stderr
+    by = {e["method"]: e for e in json.loads(r.stdout)["experiments"][0]["configurations"]}
+    assert by["baseline"]["certified"]["sigmas"] == [0.25]  # the good one still counts
+    assert by["baseline"]["certified"]["accuracy"]["0.25"] == 0.5 and by["augment"]["certified"] is None
+    for name in bad:
+        assert str(base.file(name)) in " ".join(r.stderr.split()) and str(aug.file(name)) in " ".join(r.stderr.split())
+    r = cli("export", "--store", st.root, "--format", "jsonl")
+    assert r.exit_code == 0 and r.stderr.count("warning:") == 8, r.stderr
+    certified = {json.loads(line)["run_id"]: json.loads(line)["certified"] for line in r.stdout.splitlines()}
+    assert certified[base.id]["sigmas"] == [0.25] and certified[aug.id] is None
+
+
+@pytest.mark.parametrize("sigma", ["inf", "-inf", "nan", "0", "-1"])
+def test_certify_refuses_a_sigma_that_is_not_finite_and_positive(tmp_path, sigma):
+    st = Store(tmp_path / "runs")
+    run = st.create(_spec(1), run_id(_spec(1)))
+    one_sentence_exit_2(cli("certify", run.id, "--store", st.root, "--sigma", sigma), "--sigma must be > 0")
+    assert not list(run.path.glob("certify-*"))

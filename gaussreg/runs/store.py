@@ -266,6 +266,9 @@ RESULT_FIELDS = {"test_accuracy": (_is_num, True), "robustness": (_is_num, True)
                  "best_val_accuracy": (_opt(_is_num), False), "wall_time_s": (_is_num, False),
                  "device_name": (_is_str, False), "sigmas": (_nums, False), "per_sigma": (_nums, False),
                  "accuracy_per_sigma": (_nums, False)}
+CERTIFICATE_FIELDS = {"sigma": (lambda v: _is_num(v) and v > 0, True),
+                      "per_image": (lambda v: isinstance(v, list) and all(
+                          isinstance(i, dict) and _opt(_is_num)(i.get("radius")) for i in v), True)}
 # what each event type must hold for the readers (show, live view, TUI) to use it
 EVENT_FIELDS = {"epoch": {"epoch": _is_int, "train_loss": _is_num, "val_loss": _is_num, "val_accuracy": _is_num,
                           "lr": _is_num, "images_per_s": _is_num},
@@ -555,15 +558,24 @@ class RunDir:
     def certification_files(self) -> List[Path]:
         return sorted(self.path.glob(CERTIFICATE_GLOB))
 
-    def certifications(self) -> List[dict]:
-        """Every certification of the run, by increasing sigma; RunFileError names a corrupt file."""
+    def certifications(self, problems: Optional[List[str]] = None) -> List[dict]:
+        """Every readable certification of the run, by increasing sigma. A malformed file
+        is skipped, and why is appended to `problems` (the run's other certificates, and
+        every other run, stay readable); RunFileError only for a run directory that is a link."""
         self.check_dir()
         out = []
         for f in self.certification_files():
-            c = read_json(f)
-            if not isinstance(c, dict) or not isinstance(c.get("per_image"), list) or "sigma" not in c:
-                raise RunFileError(f"{f} is not a certification (no 'sigma' and 'per_image')")
-            out.append(c)
+            try:
+                c = read_json(f)
+                why = None if c is None else shape_error(c, CERTIFICATE_FIELDS)  # None: removed meanwhile
+                if why:
+                    raise RunFileError(f"{f} {why}")
+            except RunFileError as e:
+                if problems is not None:
+                    problems.append(f"{e}; skipped")
+                continue
+            if c is not None:
+                out.append(c)
         return sorted(out, key=lambda c: c["sigma"])
 
     def write_certification(self, cert: dict) -> Path:

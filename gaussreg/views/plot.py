@@ -51,14 +51,15 @@ def _mean_curve(results: List[dict], key: str) -> Optional[tuple]:
 
 
 def plot(store: Store, out_dir, experiment: Optional[str] = None, fmt: str = "png",
-         select: str = "validation", tolerance: Optional[float] = None, budget: Optional[float] = None) -> List[Path]:
+         select: str = "validation", tolerance: Optional[float] = None, budget: Optional[float] = None,
+         warn=None) -> List[Path]:
     """Write three figures per comparison into out_dir; returns their paths. `tolerance`
     overrides the experiments' own and `budget` limits the training time, as in
     report.fair_table, so figures can match a table."""
     plt = _pyplot()
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    table = report.fair_table(store, experiment, tolerance, select, budget)
+    table = report.fair_table(store, experiment, tolerance, select, budget, warn)
     if not table["experiments"]:
         return []  # nothing to draw: no empty folder left behind
     out_dir = Path(out_dir)
