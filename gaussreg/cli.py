@@ -607,6 +607,8 @@ def cancel(run_id: str = typer.Argument(..., help="A run id (or a unique prefix)
         pid = cancel_run(run)
     except (ControlError, RunFileError) as e:
         fail(str(e))
+    except OSError as e:  # a Slurm run's cancel request or status on a full or read-only store
+        fail(f"cannot write the cancel of {run.id} into {run.path}: {e.strerror or e}")
     console.print(f"sent SIGTERM to the worker of {run.id} (pid {pid})", markup=False)
 
 
@@ -746,21 +748,27 @@ def certify(run_id: str = typer.Argument(..., help="A run id (or a unique prefix
     if not ckpt.is_file():
         fail(f"{ckpt} does not exist: run {run.id} has not finished an epoch, so there is no model to certify")
     sigma = default_certify_sigma(spec) if sigma is None else sigma
+    target = run.file(run.certification_name(sigma))
+    if not os.access(run.path, os.W_OK | os.X_OK):  # said before the minutes of certifying, not after
+        fail(f"cannot write {target}: the run directory is not writable (a read-only store?)")
     from gaussreg.runs.certificate import certify_run  # here: it imports torch, which the other commands never need
     model, splits, precision = _model_from_checkpoint(ckpt, spec, device, data_dir)
     with Progress(TextColumn(f"certifying at sigma {sigma:g}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=err_console, transient=True) as bar:
         task = bar.add_task("certify", total=min(images, len(splits.test_x)))
-        with autocast(splits.test_x.device, precision):  # the classifier the run trained and evaluated
-            cert = certify_run(run, model, splits.test_x, splits.test_y, sigma, n0, n, alpha, images, batch,
-                               spec["seed"] if seed is None else seed,
-                               progress=lambda done, total: bar.update(task, completed=done))
+        try:
+            with autocast(splits.test_x.device, precision):  # the classifier the run trained and evaluated
+                cert = certify_run(run, model, splits.test_x, splits.test_y, sigma, n0, n, alpha, images, batch,
+                                   spec["seed"] if seed is None else seed,
+                                   progress=lambda done, total: bar.update(task, completed=done))
+        except (OSError, RunFileError) as e:  # a full or read-only store; the atomic write left nothing
+            fail(f"cannot write {target}: {getattr(e, 'strerror', None) or e}")
     acc = cert["certified_accuracy"]
     console.print(f"{escape(run.id)}: {cert['images']} images at sigma {sigma:g}, n {n}, alpha {alpha:g}: "
                   f"certified accuracy {acc['0'] * 100:.1f}% at radius 0, {acc['0.25'] * 100:.1f}% at 0.25, "
                   f"{acc['0.5'] * 100:.1f}% at 0.5; abstained on {cert['abstain_rate'] * 100:.1f}%; "
                   f"{cert['time_s']:.1f}s ({cert['forward_passes_per_s']:.0f} forward passes/s)\n"
-                  f"wrote {escape(str(run.file(run.certification_name(sigma))))}", highlight=False)
+                  f"wrote {escape(str(target))}", highlight=False)
 
 
 @app.command()
@@ -803,6 +811,8 @@ def train(run_dir: Path = typer.Argument(..., help="A run directory holding spec
     try:
         from gaussreg.runs.worker import main as worker_main  # here: the worker imports torch
         code = worker_main([str(run_dir)] + (["--resume"] if resume else []))
+    except OSError as e:  # its status on a full or read-only disk (training itself records its own end)
+        fail(f"cannot write into the run directory {run_dir}: {e.strerror or e}")
     finally:
         if place is not None:
             os.close(place[1])

@@ -176,3 +176,76 @@ def test_certify_refuses_a_sigma_that_is_not_finite_and_positive(tmp_path, sigma
     run = st.create(_spec(1), run_id(_spec(1)))
     one_sentence_exit_2(cli("certify", run.id, "--store", st.root, "--sigma", sigma), "--sigma must be > 0")
     assert not list(run.path.glob("certify-*"))
+
+
+# ---------------------------------------------------------------- 15. certify on a full or read-only store
+
+@pytest.fixture
+def certifiable(tmp_path, monkeypatch):
+    """A run with a best.pt and, in place of loading it, a small linear model on 4 test images."""
+    import types
+
+    import torch
+
+    from gaussreg import cli as cli_module
+    st = Store(tmp_path / "runs")
+    run = st.create(_spec(1), run_id(_spec(1)))
+    run.best_checkpoint.write_bytes(b"model")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    splits = types.SimpleNamespace(test_x=torch.rand(4, 1, 2, 2), test_y=torch.tensor([0, 1, 2, 0]))
+    monkeypatch.setattr(cli_module, "_model_from_checkpoint", lambda *a: (model, splits, "fp32"))
+    return st, run
+
+
+def _certify(st, run):
+    return cli("certify", run.id, "--store", st.root, "--sigma", "0.5", "--n", "20", "--n0", "5", "--images", "4")
+
+
+def test_certify_works_with_the_small_model(certifiable):
+    st, run = certifiable
+    r = _certify(st, run)
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(run.file("certify-0.5.json").read_text())["images"] == 4
+
+
+@pytest.mark.parametrize("fault", [(os, "replace", errno.ENOSPC), (os, "fsync", errno.ENOSPC),
+                                   ("tempfile", "mkstemp", errno.EROFS), ("access", None, errno.EROFS)])
+def test_certify_on_a_full_or_read_only_store_is_one_sentence(certifiable, monkeypatch, fault):
+    import tempfile
+    st, run = certifiable
+    before = _files(run.path)
+    where, name, code = fault
+    if where == "access":  # what os.access says on a read-only mount, even to root
+        readable = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode, **k: readable(path, mode) and not mode & os.W_OK)
+    else:
+        def refuse(*a, **k):
+            raise OSError(code, os.strerror(code))
+        monkeypatch.setattr(tempfile if where == "tempfile" else os, name, refuse)
+    one_sentence_exit_2(_certify(st, run), "cannot write")
+    assert _files(run.path) == before  # no certificate, no temp file
+
+
+def test_cancel_of_a_slurm_run_on_a_read_only_store_is_one_sentence(tmp_path, monkeypatch):
+    import tempfile
+    st = Store(tmp_path / "runs")
+    run = st.create(_spec(1), run_id(_spec(1)))
+    atomic_write_json(run.status_file, {"state": "queued", "backend": "slurm", "slurm_job": "12_0"})
+    before = {p.name: p.read_bytes() for p in run.path.iterdir()}
+
+    def refuse(*a, **k):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    monkeypatch.setattr("gaussreg.launch.slurm.subprocess.run", lambda *a, **k: (_ for _ in ()).throw(
+        FileNotFoundError(errno.ENOENT, "scancel")))
+    one_sentence_exit_2(cli("cancel", run.id, "--store", st.root), "Read-only file system")
+    assert {p.name: p.read_bytes() for p in run.path.iterdir()} == before
+
+
+def test_train_on_a_full_disk_is_one_sentence(tmp_path, monkeypatch):
+    st = Store(tmp_path / "runs")
+    run = st.create(_spec(1), run_id(_spec(1)))
+    monkeypatch.setattr(RunDir, "write_status", _enospc)
+    one_sentence_exit_2(cli("train", run.path), "No space left on device")
+    assert not [p for p in _files(run.path) if p.endswith(".tmp")]
