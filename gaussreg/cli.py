@@ -49,6 +49,22 @@ err_console = Console(stderr=True)
 
 EXIT_BAD_INPUT = 2
 BIG_GRID = 1000  # a grid larger than this is more likely a typo than a plan: ask for --yes
+COUNT_MAX = 2**31 - 1  # counts (runs, draws, images, CPUs): far beyond any real one, within what C code takes
+SEED_MAX = 2**63 - 1  # torch and numpy take seeds of 64 bits
+
+
+def int_flag(hi: int, lo: Optional[int] = None):
+    """A callback range-checking an integer flag as it is parsed: a number past 64 bits
+    (or past what the flag can mean) is one sentence, not an OverflowError later. The
+    lower bounds the commands check themselves, with their own words, are left to them."""
+    def check(param: typer.CallbackParam, value):
+        if value is not None and (value > hi or (lo is not None and value < lo)):
+            fail(f"{param.opts[0]} must be {'at most' if lo is None else f'from {lo} to'} {hi}, not {value}")
+        return value
+    return check
+
+
+COUNT, SEED = int_flag(COUNT_MAX), int_flag(SEED_MAX, 0)
 StoreOpt = typer.Option(Path("runs"), "--store", help="The run store folder.")
 DataDirOpt = typer.Option(None, "--data-dir", help="Data root (default: $GAUSSREG_DATA, else ./data).")
 
@@ -188,8 +204,9 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
         gpus: str = typer.Option("auto", help="'auto' (every visible GPU, else the CPU), 'all' (every visible "
                                                "GPU; an error without one), 'none' (CPU), or a list of indices "
                                                "among the visible GPUs ('0,1'), GPU UUIDs and MIG ids."),
-        per_gpu: Optional[int] = typer.Option(None, "--per-gpu", help="Runs sharing one GPU (default 1)."),
-        max_parallel: Optional[int] = typer.Option(None, "--max-parallel",
+        per_gpu: Optional[int] = typer.Option(None, "--per-gpu", callback=COUNT,
+                                               help="Runs sharing one GPU (default 1)."),
+        max_parallel: Optional[int] = typer.Option(None, "--max-parallel", callback=COUNT,
                                                    help="At most this many runs at once (CPU default: 1)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="List the expanded runs and their ids; launch nothing."),
         rerun: bool = typer.Option(False, "--rerun", help="Train finished runs again."),
@@ -200,10 +217,12 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
         backend: str = typer.Option("local", "--backend", help="local (this box) or slurm (sbatch array jobs)."),
         partition: Optional[str] = typer.Option(None, "--partition", help="Slurm partition."),
         time_limit: Optional[str] = typer.Option(None, "--time", help="Slurm time limit per task, e.g. 04:00:00."),
-        gpus_per_run: Optional[int] = typer.Option(None, "--gpus-per-run", help="Slurm: GPUs per run (default 0)."),
-        cpus_per_run: Optional[int] = typer.Option(None, "--cpus-per-run", help="Slurm: CPUs per run (default 1)."),
+        gpus_per_run: Optional[int] = typer.Option(None, "--gpus-per-run", callback=COUNT,
+                                                    help="Slurm: GPUs per run (default 0)."),
+        cpus_per_run: Optional[int] = typer.Option(None, "--cpus-per-run", callback=COUNT,
+                                                    help="Slurm: CPUs per run (default 1)."),
         mem: Optional[str] = typer.Option(None, "--mem", help="Slurm: memory per run, e.g. 16G."),
-        array_parallelism: Optional[int] = typer.Option(None, "--array-parallelism",
+        array_parallelism: Optional[int] = typer.Option(None, "--array-parallelism", callback=COUNT,
                                                         help="Slurm: at most K array tasks at once."),
         sbatch_arg: Optional[List[str]] = typer.Option(None, "--sbatch-arg",
                                                        help="Slurm: extra sbatch arguments (repeatable)."),
@@ -647,9 +666,10 @@ def eval_(target: str = typer.Argument(..., help="A run id, or a checkpoint file
           store: Path = StoreOpt,
           sigmas: Optional[str] = typer.Option(None, help="'0,0.1,0.2' or START:STOP:COUNT (default: the run's "
                                                           "own robustness sigmas)."),
-          samples: Optional[int] = typer.Option(None, help="Noise draws per image and sigma; all must agree "
-                                                           "(default: the run's own)."),
-          seed: int = typer.Option(0),
+          samples: Optional[int] = typer.Option(None, callback=COUNT,
+                                                help="Noise draws per image and sigma; all must agree "
+                                                "(default: the run's own)."),
+          seed: int = typer.Option(0, callback=SEED),
           clip: Optional[bool] = typer.Option(None, "--clip/--no-clip",
                                               help="Clip noisy images to [0,1] (default: as the run did)."),
           device: str = typer.Option("auto"),
@@ -722,12 +742,12 @@ def certify(run_id: str = typer.Argument(..., help="A run id (or a unique prefix
             sigma: Optional[float] = typer.Option(None, help="Noise level of the smoothed classifier, in [0,1] "
                                                   "pixel units (default: the run's training sigma for augment "
                                                   "and regularizer runs, else 0.25)."),
-            n: int = typer.Option(10_000, "--n", help="Noise draws per image that estimate pA."),
-            n0: int = typer.Option(100, "--n0", help="Noise draws per image that pick the class."),
+            n: int = typer.Option(10_000, "--n", callback=COUNT, help="Noise draws per image that estimate pA."),
+            n0: int = typer.Option(100, "--n0", callback=COUNT, help="Noise draws per image that pick the class."),
             alpha: float = typer.Option(0.001, help="Failure probability of each certificate."),
-            images: int = typer.Option(500, help="Test images, spread evenly over the test set."),
-            batch: int = typer.Option(1000, help="Noisy copies per forward pass."),
-            seed: Optional[int] = typer.Option(None, help="Noise seed (default: the run's seed)."),
+            images: int = typer.Option(500, callback=COUNT, help="Test images, spread evenly over the test set."),
+            batch: int = typer.Option(1000, callback=COUNT, help="Noisy copies per forward pass."),
+            seed: Optional[int] = typer.Option(None, callback=SEED, help="Noise seed (default: the run's seed)."),
             device: str = typer.Option("auto"),
             data_dir: Optional[Path] = DataDirOpt):
     """Certified robustness of a trained run by randomized smoothing (Cohen et al. 2019): writes certify-<sigma>.json."""

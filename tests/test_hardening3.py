@@ -249,3 +249,34 @@ def test_train_on_a_full_disk_is_one_sentence(tmp_path, monkeypatch):
     monkeypatch.setattr(RunDir, "write_status", _enospc)
     one_sentence_exit_2(cli("train", run.path), "No space left on device")
     assert not [p for p in _files(run.path) if p.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------- 17. integer flags past 64 bits
+
+HUGE = str(2**64 + 1)  # 18446744073709551617
+
+
+def test_certify_seed_past_64_bits_is_one_sentence(certifiable):
+    st, run = certifiable
+    one_sentence_exit_2(cli("certify", run.id, "--store", st.root, "--seed", HUGE, "--n", "20", "--n0", "5"),
+                        f"--seed must be from 0 to {2**63 - 1}, not {HUGE}")
+    one_sentence_exit_2(cli("certify", run.id, "--store", st.root, "--seed", "-1"), "--seed must be from 0")
+    assert not list(run.path.glob("certify-*"))
+
+
+@pytest.mark.parametrize("args", [
+    ["certify", "RUN", "--n", HUGE], ["certify", "RUN", "--n0", HUGE], ["certify", "RUN", "--images", HUGE],
+    ["certify", "RUN", "--batch", HUGE], ["eval", "RUN", "--seed", HUGE], ["eval", "RUN", "--samples", HUGE],
+    ["run", "M", "--per-gpu", HUGE], ["run", "M", "--max-parallel", HUGE], ["run", "M", "--backend", "slurm",
+    "--gpus-per-run", HUGE], ["run", "M", "--backend", "slurm", "--cpus-per-run", HUGE],
+    ["run", "M", "--backend", "slurm", "--array-parallelism", HUGE]])
+def test_every_integer_flag_is_range_checked(tmp_path, args):
+    st = Store(tmp_path / "runs")
+    run = st.create(_spec(1), run_id(_spec(1)))
+    (tmp_path / "m.toml").write_text('[[experiment]]\\nname = "x"\\ndataset = "synthetic"\\nmodel = "mlp"\\n'
+                                     'methods.baseline = {}\\n')
+    args = [{"RUN": run.id, "M": tmp_path / "m.toml"}.get(a, a) for a in args]
+    flag = next(a for a in args if str(a).startswith("--") and a != "--backend")
+    bound = f"from 0 to {2**63 - 1}" if flag == "--seed" else f"at most {2**31 - 1}"
+    one_sentence_exit_2(cli(*args, "--store", st.root), f"{flag} must be {bound}, not {HUGE}")
+    assert _files(st.root) == [run.id] and _files(run.path) == ["spec.json", "status.json"]
