@@ -65,8 +65,21 @@ def int_flag(hi: int, lo: Optional[int] = None):
 
 
 COUNT, SEED = int_flag(COUNT_MAX), int_flag(SEED_MAX, 0)
-StoreOpt = typer.Option(Path("runs"), "--store", help="The run store folder.")
-DataDirOpt = typer.Option(None, "--data-dir", help="Data root (default: $GAUSSREG_DATA, else ./data).")
+def a_path(what: str):
+    """The parser of a path flag or argument: an empty one is refused (Path('') is the current
+    folder, which the user did not name: `--store ''` must not make a store of wherever they are)."""
+    def parse(value) -> Path:
+        if isinstance(value, Path):  # the default
+            return value
+        if value == "":
+            fail(f"{what} is an empty path; name a file or folder ('.' for the current folder)")
+        return Path(value)
+    return parse
+
+
+StoreOpt = typer.Option(Path("runs"), "--store", parser=a_path("--store"), metavar="PATH", help="The run store folder.")
+DataDirOpt = typer.Option(None, "--data-dir", parser=a_path("--data-dir"), metavar="PATH",
+                          help="Data root (default: $GAUSSREG_DATA, else ./data).")
 
 
 def plural(n: int, noun: str) -> str:
@@ -196,7 +209,8 @@ class ListFormat(str, Enum):
 # ---------------------------------------------------------------- run
 
 @app.command()
-def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The experiment manifest (TOML)."),
+def run(manifest: Path = typer.Argument(Path("experiments.toml"), parser=a_path("MANIFEST"),
+                                       help="The experiment manifest (TOML)."),
         store: Path = StoreOpt,
         experiment: Optional[List[str]] = typer.Option(None, "--experiment",
                                                        help="Only this experiment (exact name; repeat for more)."),
@@ -227,7 +241,7 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
         sbatch_arg: Optional[List[str]] = typer.Option(None, "--sbatch-arg",
                                                        help="Slurm: extra sbatch arguments (repeatable)."),
         yes: bool = typer.Option(False, "--yes", help=f"Launch a grid of more than {BIG_GRID} runs."),
-        plan_file: Optional[Path] = typer.Option(None, "--plan", hidden=True,
+        plan_file: Optional[Path] = typer.Option(None, "--plan", hidden=True, parser=a_path("--plan"), metavar="PATH",
                                                  help="Carry out a launch plan saved by a detached launch.")):
     """Run every configuration of a manifest, one worker process per run, then print the fair table."""
     if plan_file is not None:  # a detached launch: planned and checked once, by whoever started it
@@ -425,6 +439,7 @@ def table(store: Path = StoreOpt,
                                                              "and the reason, by robustness."),
           budget: Optional[float] = typer.Option(None, metavar="X", help=BUDGET_HELP),
           from_export: Optional[Path] = typer.Option(None, "--from", metavar="<runs.jsonl>",
+                                                     parser=a_path("--from"),
                                                      help="Recompute the table from a `gaussreg export --what runs "
                                                           "--format jsonl` file instead of a store.")):
     """The fair comparison: among configurations within `tolerance` of the baseline's accuracy, the most robust
@@ -485,7 +500,8 @@ class PlotFormat(str, Enum):
 @app.command()
 def plot(store: Path = StoreOpt,
          experiment: Optional[str] = typer.Option(None, help="Only this experiment."),
-         out: Path = typer.Option(Path("figures"), "--out", help="Folder for the figures."),
+         out: Path = typer.Option(Path("figures"), "--out", parser=a_path("--out"), metavar="PATH",
+                                      help="Folder for the figures."),
          format: PlotFormat = typer.Option(PlotFormat.png, "--format", help="png, svg or pdf."),
          select: Selection = typer.Option(Selection.validation, "--select", help="validation or test selection."),
          tolerance: Optional[float] = typer.Option(None, help="Override the manifest's tolerance (a fraction), "
@@ -792,7 +808,8 @@ def certify(run_id: str = typer.Argument(..., help="A run id (or a unique prefix
 
 
 @app.command()
-def train(run_dir: Path = typer.Argument(..., help="A run directory holding spec.json."),
+def train(run_dir: Path = typer.Argument(..., parser=a_path("RUN_DIR"),
+                                             help="A run directory holding spec.json."),
           resume: bool = typer.Option(False, "--resume", help="Continue from last.pt."),
           force: bool = typer.Option(False, "--force", "--rerun",
                                      help="Train a completed run again (its result.json and best.pt are replaced).")):
@@ -841,7 +858,8 @@ def train(run_dir: Path = typer.Argument(..., help="A run directory holding spec
 
 @app.command()
 def tui(store: Path = StoreOpt,
-        manifest: Path = typer.Option(Path("experiments.toml"), help="The manifest the launch dialog opens.")):
+        manifest: Path = typer.Option(Path("experiments.toml"), parser=a_path("--manifest"), metavar="PATH",
+                                      help="The manifest the launch dialog opens.")):
     """The Textual dashboard: watch, launch, cancel, compare and browse runs."""
     readable_store(store)  # a store that does not exist yet is fine: the launch dialog makes it
     try:

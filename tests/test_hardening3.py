@@ -273,10 +273,32 @@ def test_certify_seed_past_64_bits_is_one_sentence(certifiable):
 def test_every_integer_flag_is_range_checked(tmp_path, args):
     st = Store(tmp_path / "runs")
     run = st.create(_spec(1), run_id(_spec(1)))
-    (tmp_path / "m.toml").write_text('[[experiment]]\\nname = "x"\\ndataset = "synthetic"\\nmodel = "mlp"\\n'
-                                     'methods.baseline = {}\\n')
+    (tmp_path / "m.toml").write_text('[[experiment]]\nname = "x"\ndataset = "synthetic"\nmodel = "mlp"\n'
+                                     'methods.baseline = {}\n')
     args = [{"RUN": run.id, "M": tmp_path / "m.toml"}.get(a, a) for a in args]
     flag = next(a for a in args if str(a).startswith("--") and a != "--backend")
     bound = f"from 0 to {2**63 - 1}" if flag == "--seed" else f"at most {2**31 - 1}"
     one_sentence_exit_2(cli(*args, "--store", st.root), f"{flag} must be {bound}, not {HUGE}")
     assert _files(st.root) == [run.id] and _files(run.path) == ["spec.json", "status.json"]
+
+
+# ---------------------------------------------------------------- 23. an empty --store
+
+@pytest.mark.parametrize("args", [
+    ["ls", "--store", ""], ["table", "--store", ""], ["export", "--store", ""], ["plot", "--store", ""],
+    ["show", "x", "--store", ""], ["cancel", "x", "--store", ""], ["certify", "x", "--store", ""],
+    ["eval", "x", "--store", ""], ["tui", "--store", ""], ["run", "M", "--store", ""],
+    ["run", "M", "--store", "", "--dry-run"], ["run", "M", "--store", "", "--backend", "slurm"],
+    ["run", "M", "--data-dir", ""], ["run", ""], ["table", "--from", ""], ["plot", "--out", ""], ["train", ""],
+    ["tui", "--manifest", ""], ["data", "list", "--data-dir", ""]])
+def test_an_empty_path_is_refused(tmp_path, monkeypatch, args):
+    from gaussreg.launch.request import LaunchError, LaunchRequest, plan
+    (tmp_path / "m.toml").write_text('[[experiment]]\nname = "x"\ndataset = "synthetic"\nmodel = "mlp"\n'
+                                     'methods.baseline = {}\n')
+    monkeypatch.chdir(tmp_path)
+    args = ["m.toml" if a == "M" else a for a in args]
+    i = args.index("")
+    one_sentence_exit_2(cli(*args), f"{args[i - 1] if args[i - 1].startswith('--') else ''} is an empty path".strip())
+    assert _files(tmp_path) == ["m.toml"]  # nothing made in the current folder
+    with pytest.raises(LaunchError, match="empty path"):
+        plan(LaunchRequest("m.toml", ""))
