@@ -78,6 +78,10 @@ def a_path(what: str):
 
 
 StoreOpt = typer.Option(Path("runs"), "--store", parser=a_path("--store"), metavar="PATH", help="The run store folder.")
+ManifestArg = typer.Argument(Path("experiments.toml"), parser=a_path("MANIFEST"), metavar="MANIFEST",
+                             help="The experiment manifest (TOML).")
+GpusPerRunOpt = typer.Option(None, "--gpus-per-run", callback=COUNT, help="Slurm: GPUs per run (default 0).")
+CpusPerRunOpt = typer.Option(None, "--cpus-per-run", callback=COUNT, help="Slurm: CPUs per run (default 1).")
 DataDirOpt = typer.Option(None, "--data-dir", parser=a_path("--data-dir"), metavar="PATH",
                           help="Data root (default: $GAUSSREG_DATA, else ./data).")
 
@@ -209,8 +213,7 @@ class ListFormat(str, Enum):
 # ---------------------------------------------------------------- run
 
 @app.command()
-def run(manifest: Path = typer.Argument(Path("experiments.toml"), parser=a_path("MANIFEST"),
-                                       help="The experiment manifest (TOML)."),
+def run(manifest: Path = ManifestArg,
         store: Path = StoreOpt,
         experiment: Optional[List[str]] = typer.Option(None, "--experiment",
                                                        help="Only this experiment (exact name; repeat for more)."),
@@ -218,8 +221,7 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), parser=a_path(
         gpus: str = typer.Option("auto", help="'auto' (every visible GPU, else the CPU), 'all' (every visible "
                                                "GPU; an error without one), 'none' (CPU), or a list of indices "
                                                "among the visible GPUs ('0,1'), GPU UUIDs and MIG ids."),
-        per_gpu: Optional[int] = typer.Option(None, "--per-gpu", callback=COUNT,
-                                               help="Runs sharing one GPU (default 1)."),
+        per_gpu: Optional[int] = typer.Option(None, "--per-gpu", callback=COUNT, help="Runs sharing one GPU (default 1)."),
         max_parallel: Optional[int] = typer.Option(None, "--max-parallel", callback=COUNT,
                                                    help="At most this many runs at once (CPU default: 1)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="List the expanded runs and their ids; launch nothing."),
@@ -231,10 +233,8 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), parser=a_path(
         backend: str = typer.Option("local", "--backend", help="local (this box) or slurm (sbatch array jobs)."),
         partition: Optional[str] = typer.Option(None, "--partition", help="Slurm partition."),
         time_limit: Optional[str] = typer.Option(None, "--time", help="Slurm time limit per task, e.g. 04:00:00."),
-        gpus_per_run: Optional[int] = typer.Option(None, "--gpus-per-run", callback=COUNT,
-                                                    help="Slurm: GPUs per run (default 0)."),
-        cpus_per_run: Optional[int] = typer.Option(None, "--cpus-per-run", callback=COUNT,
-                                                    help="Slurm: CPUs per run (default 1)."),
+        gpus_per_run: Optional[int] = GpusPerRunOpt,
+        cpus_per_run: Optional[int] = CpusPerRunOpt,
         mem: Optional[str] = typer.Option(None, "--mem", help="Slurm: memory per run, e.g. 16G."),
         array_parallelism: Optional[int] = typer.Option(None, "--array-parallelism", callback=COUNT,
                                                         help="Slurm: at most K array tasks at once."),
@@ -808,7 +808,7 @@ def certify(run_id: str = typer.Argument(..., help="A run id (or a unique prefix
 
 
 @app.command()
-def train(run_dir: Path = typer.Argument(..., parser=a_path("RUN_DIR"),
+def train(run_dir: Path = typer.Argument(..., parser=a_path("RUN_DIR"), metavar="RUN_DIR",
                                              help="A run directory holding spec.json."),
           resume: bool = typer.Option(False, "--resume", help="Continue from last.pt."),
           force: bool = typer.Option(False, "--force", "--rerun",

@@ -7,27 +7,12 @@ import json
 import os
 
 import pytest
-from typer.testing import CliRunner
+from test_adversarial_input import cli, one_sentence_exit_2
 
-from gaussreg.cli import app as cli_app
 from gaussreg.launch.control import restart
 from gaussreg.runs import reader
 from gaussreg.runs.spec import resolve, run_id
 from gaussreg.runs.store import RunDir, RunFileError, Store, atomic_write_json, try_lock
-
-
-def cli(*args):
-    r = CliRunner().invoke(cli_app, [str(a) for a in args])
-    if r.exception is not None and not isinstance(r.exception, SystemExit):
-        raise AssertionError(f"gaussreg {' '.join(map(str, args))} raised {r.exception!r}") from r.exception
-    return r
-
-
-def one_sentence_exit_2(r, words: str):
-    assert r.exit_code == 2, (r.exit_code, r.stdout, r.stderr)
-    text = " ".join(r.stderr.split())
-    assert text.startswith("error: ") and words in text, text
-    assert "Traceback" not in r.stderr and r.stderr.count("error:") == 1
 
 
 def _spec(seed=1):
@@ -91,7 +76,7 @@ def test_train_writes_nothing_into_a_folder_that_is_no_run(tmp_path, monkeypatch
         assert worker.main([str(where)]) == worker.EXIT_BAD_INPUT  # the worker itself refuses as well
     monkeypatch.chdir(empty)
     for where in (".", ""):
-        one_sentence_exit_2(cli("train", where), "is not a run directory")
+        one_sentence_exit_2(cli("train", where), "is not a run directory" if where else "is an empty path")
         assert worker.main([where]) == worker.EXIT_BAD_INPUT
     assert _files(empty) == [] and _files(st.root) == before
 
