@@ -49,8 +49,41 @@ err_console = CleanConsole(stderr=True)
 
 EXIT_BAD_INPUT = 2
 BIG_GRID = 1000  # a grid larger than this is more likely a typo than a plan: ask for --yes
-StoreOpt = typer.Option(Path("runs"), "--store", help="The run store folder.")
-DataDirOpt = typer.Option(None, "--data-dir", help="Data root (default: $GAUSSREG_DATA, else ./data).")
+COUNT_MAX = 2**31 - 1  # counts (runs, draws, images, CPUs): far beyond any real one, within what C code takes
+SEED_MAX = 2**63 - 1  # torch and numpy take seeds of 64 bits
+
+
+def int_flag(hi: int, lo: Optional[int] = None):
+    """A callback range-checking an integer flag as it is parsed: a number past 64 bits
+    (or past what the flag can mean) is one sentence, not an OverflowError later. The
+    lower bounds the commands check themselves, with their own words, are left to them."""
+    def check(param: typer.CallbackParam, value):
+        if value is not None and (value > hi or (lo is not None and value < lo)):
+            fail(f"{param.opts[0]} must be {'at most' if lo is None else f'from {lo} to'} {hi}, not {value}")
+        return value
+    return check
+
+
+COUNT, SEED = int_flag(COUNT_MAX), int_flag(SEED_MAX, 0)
+def a_path(what: str):
+    """The parser of a path flag or argument: an empty one is refused (Path('') is the current
+    folder, which the user did not name: `--store ''` must not make a store of wherever they are)."""
+    def parse(value) -> Path:
+        if isinstance(value, Path):  # the default
+            return value
+        if value == "":
+            fail(f"{what} is an empty path; name a file or folder ('.' for the current folder)")
+        return Path(value)
+    return parse
+
+
+StoreOpt = typer.Option(Path("runs"), "--store", parser=a_path("--store"), metavar="PATH", help="The run store folder.")
+ManifestArg = typer.Argument(Path("experiments.toml"), parser=a_path("MANIFEST"), metavar="MANIFEST",
+                             help="The experiment manifest (TOML).")
+GpusPerRunOpt = typer.Option(None, "--gpus-per-run", callback=COUNT, help="Slurm: GPUs per run (default 0).")
+CpusPerRunOpt = typer.Option(None, "--cpus-per-run", callback=COUNT, help="Slurm: CPUs per run (default 1).")
+DataDirOpt = typer.Option(None, "--data-dir", parser=a_path("--data-dir"), metavar="PATH",
+                          help="Data root (default: $GAUSSREG_DATA, else ./data).")
 
 
 def plural(n: int, noun: str) -> str:
@@ -60,6 +93,10 @@ def plural(n: int, noun: str) -> str:
 def fail(message: str, code: int = EXIT_BAD_INPUT):
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def warn(message: str) -> None:
+    err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def writable_store(store: Path) -> None:
@@ -188,7 +225,7 @@ class ListFormat(str, Enum):
 # ---------------------------------------------------------------- run
 
 @app.command()
-def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The experiment manifest (TOML)."),
+def run(manifest: Path = ManifestArg,
         store: Path = StoreOpt,
         experiment: Optional[List[str]] = typer.Option(None, "--experiment",
                                                        help="Only this experiment (exact name; repeat for more)."),
@@ -196,8 +233,8 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
         gpus: str = typer.Option("auto", help="'auto' (every visible GPU, else the CPU), 'all' (every visible "
                                                "GPU; an error without one), 'none' (CPU), or a list of indices "
                                                "among the visible GPUs ('0,1'), GPU UUIDs and MIG ids."),
-        per_gpu: Optional[int] = typer.Option(None, "--per-gpu", help="Runs sharing one GPU (default 1)."),
-        max_parallel: Optional[int] = typer.Option(None, "--max-parallel",
+        per_gpu: Optional[int] = typer.Option(None, "--per-gpu", callback=COUNT, help="Runs sharing one GPU (default 1)."),
+        max_parallel: Optional[int] = typer.Option(None, "--max-parallel", callback=COUNT,
                                                    help="At most this many runs at once (CPU default: 1)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="List the expanded runs and their ids; launch nothing."),
         rerun: bool = typer.Option(False, "--rerun", help="Train finished runs again."),
@@ -208,15 +245,15 @@ def run(manifest: Path = typer.Argument(Path("experiments.toml"), help="The expe
         backend: str = typer.Option("local", "--backend", help="local (this box) or slurm (sbatch array jobs)."),
         partition: Optional[str] = typer.Option(None, "--partition", help="Slurm partition."),
         time_limit: Optional[str] = typer.Option(None, "--time", help="Slurm time limit per task, e.g. 04:00:00."),
-        gpus_per_run: Optional[int] = typer.Option(None, "--gpus-per-run", help="Slurm: GPUs per run (default 0)."),
-        cpus_per_run: Optional[int] = typer.Option(None, "--cpus-per-run", help="Slurm: CPUs per run (default 1)."),
+        gpus_per_run: Optional[int] = GpusPerRunOpt,
+        cpus_per_run: Optional[int] = CpusPerRunOpt,
         mem: Optional[str] = typer.Option(None, "--mem", help="Slurm: memory per run, e.g. 16G."),
-        array_parallelism: Optional[int] = typer.Option(None, "--array-parallelism",
+        array_parallelism: Optional[int] = typer.Option(None, "--array-parallelism", callback=COUNT,
                                                         help="Slurm: at most K array tasks at once."),
         sbatch_arg: Optional[List[str]] = typer.Option(None, "--sbatch-arg",
                                                        help="Slurm: extra sbatch arguments (repeatable)."),
         yes: bool = typer.Option(False, "--yes", help=f"Launch a grid of more than {BIG_GRID} runs."),
-        plan_file: Optional[Path] = typer.Option(None, "--plan", hidden=True,
+        plan_file: Optional[Path] = typer.Option(None, "--plan", hidden=True, parser=a_path("--plan"), metavar="PATH",
                                                  help="Carry out a launch plan saved by a detached launch.")):
     """Run every configuration of a manifest, one worker process per run, then print the fair table."""
     if plan_file is not None:  # a detached launch: planned and checked once, by whoever started it
@@ -414,6 +451,7 @@ def table(store: Path = StoreOpt,
                                                              "and the reason, by robustness."),
           budget: Optional[float] = typer.Option(None, metavar="X", help=BUDGET_HELP),
           from_export: Optional[Path] = typer.Option(None, "--from", metavar="<runs.jsonl>",
+                                                     parser=a_path("--from"),
                                                      help="Recompute the table from a `gaussreg export --what runs "
                                                           "--format jsonl` file instead of a store.")):
     """The fair comparison: among configurations within `tolerance` of the baseline's accuracy, the most robust
@@ -433,13 +471,12 @@ def table(store: Path = StoreOpt,
     readable_store(store)
     if not store.is_dir():
         fail(f"the store {store} does not exist")
-    t = report.fair_table(Store(store), experiment, tolerance, select.value, budget)
+    t = report.fair_table(Store(store), experiment, tolerance, select.value, budget, warn)
     if tolerance is None:
         for rec in t["experiments"]:
             why = Store(store).experiment(rec["experiment"]).get("error")
             if why:
-                err_console.print(f"[yellow]warning:[/] {escape(why)}; using tolerance {rec['tolerance']:g}",
-                                  highlight=False, soft_wrap=True)
+                warn(f"{why}; using tolerance {rec['tolerance']:g}")
     if experiment and not t["experiments"]:
         fail(f"no runs of experiment {experiment!r} in {store}")
     _print_table(t, format, show_all)
@@ -475,7 +512,8 @@ class PlotFormat(str, Enum):
 @app.command()
 def plot(store: Path = StoreOpt,
          experiment: Optional[str] = typer.Option(None, help="Only this experiment."),
-         out: Path = typer.Option(Path("figures"), "--out", help="Folder for the figures."),
+         out: Path = typer.Option(Path("figures"), "--out", parser=a_path("--out"), metavar="PATH",
+                                      help="Folder for the figures."),
          format: PlotFormat = typer.Option(PlotFormat.png, "--format", help="png, svg or pdf."),
          select: Selection = typer.Option(Selection.validation, "--select", help="validation or test selection."),
          tolerance: Optional[float] = typer.Option(None, help="Override the manifest's tolerance (a fraction), "
@@ -487,7 +525,7 @@ def plot(store: Path = StoreOpt,
     if not store.is_dir():
         fail(f"the store {store} does not exist")
     try:
-        paths = plots.plot(Store(store), out, experiment, format.value, select.value, tolerance, budget)
+        paths = plots.plot(Store(store), out, experiment, format.value, select.value, tolerance, budget, warn)
     except plots.PlotsUnavailable as e:
         fail(str(e))  # fail() escapes
     except OSError as e:
@@ -520,7 +558,7 @@ def export(store: Path = StoreOpt,
     if experiment and not reader.has_runs(Store(store), experiment):
         fail(f"no runs of experiment {experiment!r} in {store}")
     try:
-        for text in ex.export_lines(Store(store), what.value, format.value, experiment):
+        for text in ex.export_lines(Store(store), what.value, format.value, experiment, warn):
             sys.stdout.write(text)
         sys.stdout.flush()
     except BrokenPipeError:  # `gaussreg export | head` is fine
@@ -616,6 +654,8 @@ def cancel(run_id: str = typer.Argument(..., help="A run id (or a unique prefix)
         pid = cancel_run(run)
     except (ControlError, RunFileError) as e:
         fail(str(e))
+    except OSError as e:  # a Slurm run's cancel request or status on a full or read-only store
+        fail(f"cannot write the cancel of {run.id} into {run.path}: {e.strerror or e}")
     console.print(f"sent SIGTERM to the worker of {run.id} (pid {pid})", markup=False)
 
 
@@ -654,9 +694,10 @@ def eval_(target: str = typer.Argument(..., help="A run id, or a checkpoint file
           store: Path = StoreOpt,
           sigmas: Optional[str] = typer.Option(None, help="'0,0.1,0.2' or START:STOP:COUNT (default: the run's "
                                                           "own robustness sigmas)."),
-          samples: Optional[int] = typer.Option(None, help="Noise draws per image and sigma; all must agree "
-                                                           "(default: the run's own)."),
-          seed: int = typer.Option(0),
+          samples: Optional[int] = typer.Option(None, callback=COUNT,
+                                                help="Noise draws per image and sigma; all must agree "
+                                                "(default: the run's own)."),
+          seed: int = typer.Option(0, callback=SEED),
           clip: Optional[bool] = typer.Option(None, "--clip/--no-clip",
                                               help="Clip noisy images to [0,1] (default: as the run did)."),
           device: str = typer.Option("auto"),
@@ -729,17 +770,17 @@ def certify(run_id: str = typer.Argument(..., help="A run id (or a unique prefix
             sigma: Optional[float] = typer.Option(None, help="Noise level of the smoothed classifier, in [0,1] "
                                                   "pixel units (default: the run's training sigma for augment "
                                                   "and regularizer runs, else 0.25)."),
-            n: int = typer.Option(10_000, "--n", help="Noise draws per image that estimate pA."),
-            n0: int = typer.Option(100, "--n0", help="Noise draws per image that pick the class."),
+            n: int = typer.Option(10_000, "--n", callback=COUNT, help="Noise draws per image that estimate pA."),
+            n0: int = typer.Option(100, "--n0", callback=COUNT, help="Noise draws per image that pick the class."),
             alpha: float = typer.Option(0.001, help="Failure probability of each certificate."),
-            images: int = typer.Option(500, help="Test images, spread evenly over the test set."),
-            batch: int = typer.Option(1000, help="Noisy copies per forward pass."),
-            seed: Optional[int] = typer.Option(None, help="Noise seed (default: the run's seed)."),
+            images: int = typer.Option(500, callback=COUNT, help="Test images, spread evenly over the test set."),
+            batch: int = typer.Option(1000, callback=COUNT, help="Noisy copies per forward pass."),
+            seed: Optional[int] = typer.Option(None, callback=SEED, help="Noise seed (default: the run's seed)."),
             device: str = typer.Option("auto"),
             data_dir: Optional[Path] = DataDirOpt):
     """Certified robustness of a trained run by randomized smoothing (Cohen et al. 2019): writes certify-<sigma>.json."""
-    if sigma is not None and not sigma > 0:
-        fail(f"--sigma must be > 0, not {sigma}")
+    if sigma is not None and not (math.isfinite(sigma) and sigma > 0):  # inf would write an unreadable certificate
+        fail(f"--sigma must be > 0 and finite, not {sigma}")
     if n < 1 or n0 < 1 or images < 1 or batch < 1:
         fail("--n, --n0, --images and --batch must be >= 1")
     if n0 > n:
@@ -755,34 +796,43 @@ def certify(run_id: str = typer.Argument(..., help="A run id (or a unique prefix
     if not ckpt.is_file():
         fail(f"{ckpt} does not exist: run {run.id} has not finished an epoch, so there is no model to certify")
     sigma = default_certify_sigma(spec) if sigma is None else sigma
+    target = run.file(run.certification_name(sigma))
+    if not os.access(run.path, os.W_OK | os.X_OK):  # said before the minutes of certifying, not after
+        fail(f"cannot write {target}: the run directory is not writable (a read-only store?)")
     from gaussreg.runs.certificate import certify_run  # here: it imports torch, which the other commands never need
     model, splits, precision = _model_from_checkpoint(ckpt, spec, device, data_dir)
     with Progress(TextColumn(f"certifying at sigma {sigma:g}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=err_console, transient=True) as bar:
         task = bar.add_task("certify", total=min(images, len(splits.test_x)))
-        with autocast(splits.test_x.device, precision):  # the classifier the run trained and evaluated
-            cert = certify_run(run, model, splits.test_x, splits.test_y, sigma, n0, n, alpha, images, batch,
-                               spec["seed"] if seed is None else seed,
-                               progress=lambda done, total: bar.update(task, completed=done))
+        try:
+            with autocast(splits.test_x.device, precision):  # the classifier the run trained and evaluated
+                cert = certify_run(run, model, splits.test_x, splits.test_y, sigma, n0, n, alpha, images, batch,
+                                   spec["seed"] if seed is None else seed,
+                                   progress=lambda done, total: bar.update(task, completed=done))
+        except (OSError, RunFileError) as e:  # a full or read-only store; the atomic write left nothing
+            fail(f"cannot write {target}: {getattr(e, 'strerror', None) or e}")
     acc = cert["certified_accuracy"]
     console.print(f"{escape(run.id)}: {cert['images']} images at sigma {sigma:g}, n {n}, alpha {alpha:g}: "
                   f"certified accuracy {acc['0'] * 100:.1f}% at radius 0, {acc['0.25'] * 100:.1f}% at 0.25, "
                   f"{acc['0.5'] * 100:.1f}% at 0.5; abstained on {cert['abstain_rate'] * 100:.1f}%; "
                   f"{cert['time_s']:.1f}s ({cert['forward_passes_per_s']:.0f} forward passes/s)\n"
-                  f"wrote {escape(str(run.file(run.certification_name(sigma))))}", highlight=False)
+                  f"wrote {escape(str(target))}", highlight=False)
 
 
 @app.command()
-def train(run_dir: Path = typer.Argument(..., help="A run directory holding spec.json."),
+def train(run_dir: Path = typer.Argument(..., parser=a_path("RUN_DIR"), metavar="RUN_DIR",
+                                             help="A run directory holding spec.json."),
           resume: bool = typer.Option(False, "--resume", help="Continue from last.pt."),
           force: bool = typer.Option(False, "--force", "--rerun",
                                      help="Train a completed run again (its result.json and best.pt are replaced).")):
     """Train one run directory in this process (what `gaussreg run` starts per run)."""
-    if not run_dir.is_dir():
-        fail(f"{run_dir} is not a run directory")
+    run = RunDir(run_dir)
+    try:
+        run.check_is_run()  # before anything is written there (a lock, a GPU place, the log)
+    except RunFileError as e:
+        fail(str(e))
     if not os.access(run_dir, os.W_OK | os.X_OK):
         fail(f"the run directory {run_dir} is not writable by this user")
-    run = RunDir(run_dir)
     try:
         state = run.state()  # the worker checks the spec itself
     except RunFileError as e:
@@ -810,6 +860,8 @@ def train(run_dir: Path = typer.Argument(..., help="A run directory holding spec
     try:
         from gaussreg.runs.worker import main as worker_main  # here: the worker imports torch
         code = worker_main([str(run_dir)] + (["--resume"] if resume else []))
+    except OSError as e:  # its status on a full or read-only disk (training itself records its own end)
+        fail(f"cannot write into the run directory {run_dir}: {e.strerror or e}")
     finally:
         if place is not None:
             os.close(place[1])
@@ -818,7 +870,8 @@ def train(run_dir: Path = typer.Argument(..., help="A run directory holding spec
 
 @app.command()
 def tui(store: Path = StoreOpt,
-        manifest: Path = typer.Option(Path("experiments.toml"), help="The manifest the launch dialog opens.")):
+        manifest: Path = typer.Option(Path("experiments.toml"), parser=a_path("--manifest"), metavar="PATH",
+                                      help="The manifest the launch dialog opens.")):
     """The Textual dashboard: watch, launch, cancel, compare and browse runs."""
     readable_store(store)  # a store that does not exist yet is fine: the launch dialog makes it
     try:

@@ -192,7 +192,7 @@ class GaussregApp(App):
             else:
                 p = restart(run)
                 self.call_from_thread(self.notify, f"training {run_id} again (pid {p.pid})", markup=False)
-        except ControlError as e:
+        except (ControlError, RunFileError) as e:  # RunFileError: a run directory that is a link, a bad lock
             self.call_from_thread(self.notify, str(e), severity="error", markup=False)
 
     @work(thread=True, group="control")

@@ -27,13 +27,16 @@ def _md5(path: Path) -> str:
 def _fetch(url: str, dest: Path, md5: str, log: Callable) -> None:
     log(f"downloading {url}")
     tmp = dest.with_name(dest.name + ".part")
-    with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-        shutil.copyfileobj(r, f)
-    got = _md5(tmp)
-    if got != md5:
-        tmp.unlink()
-        raise DataError(f"checksum mismatch for {url}: got md5 {got}, expected {md5}; nothing was kept")
-    os.replace(tmp, dest)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+            shutil.copyfileobj(r, f)
+        got = _md5(tmp)
+        if got != md5:
+            raise DataError(f"checksum mismatch for {url}: got md5 {got}, expected {md5}; nothing was kept")
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a dropped connection or a full disk leaves no partial file
+        raise
 
 
 def _apt_install_fashion_mnist(log: Callable) -> bool:

@@ -173,6 +173,8 @@ def plan(req: LaunchRequest, commands: bool = True) -> Plan:
             slots = make_slots(gpus, req.per_gpu, req.max_parallel)
         except ValueError as e:
             raise LaunchError(str(e)) from None
+    if not str(req.store):  # Path('') is the current folder, which nobody named (a saved plan, the TUI)
+        raise LaunchError("the store is an empty path; name a folder ('.' for the current folder)")
     store = Path(req.store)
     if store.exists() and not store.is_dir():
         raise LaunchError(f"store {req.store} is a file, not a folder")

@@ -115,8 +115,8 @@ def _complete_temp(path: Path, payload: bytes) -> str:
     shared store must see the runs. Removed again if writing fails (a full disk)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as f:  # first: the file is closed whatever fails next
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
@@ -325,6 +325,9 @@ RESULT_FIELDS = {"test_accuracy": (_is_num, True), "robustness": (_is_num, True)
                  "best_val_accuracy": (_opt(_is_num), False), "wall_time_s": (_is_num, False),
                  "device_name": (_is_str, False), "sigmas": (_nums, False), "per_sigma": (_nums, False),
                  "accuracy_per_sigma": (_nums, False)}
+CERTIFICATE_FIELDS = {"sigma": (lambda v: _is_num(v) and v > 0, True),
+                      "per_image": (lambda v: isinstance(v, list) and all(
+                          isinstance(i, dict) and _opt(_is_num)(i.get("radius")) for i in v), True)}
 # what each event type must hold for the readers (show, live view, TUI) to use it
 EVENT_FIELDS = {"epoch": {"epoch": _is_int, "train_loss": _is_num, "val_loss": _is_num, "val_accuracy": _is_num,
                           "lr": _is_num, "images_per_s": _is_num},
@@ -542,7 +545,33 @@ class RunDir:
     lock_file = property(lambda self: self.path / LOCK_FILE)
     cancel_request = property(lambda self: self.path / CANCEL_REQUEST)
 
+    def check_dir(self) -> None:
+        """RunFileError unless the run directory is a real folder: through a symbolic link
+        every reader and writer would work on the link's target, outside the store
+        (O_NOFOLLOW guards only a path's last component). One not made yet passes."""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise RunFileError(f"run directory {self.path} cannot be read ({e.strerror})") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise RunFileError(f"run directory {self.path} is a symbolic link; a run directory must be a "
+                               "real folder inside the store")
+        if not stat.S_ISDIR(st.st_mode):
+            raise RunFileError(f"run directory {self.path} is not a folder")
+
+    def check_is_run(self) -> None:
+        """RunFileError unless this is a run directory: a real folder holding spec.json.
+        Whoever trains a directory asks first, and writes nothing into any other folder."""
+        self.check_dir()
+        if not self.path.is_dir():
+            raise RunFileError(f"{self.path} is not a run directory (no such folder)")
+        if not os.path.lexists(self.spec_file):
+            raise RunFileError(f"{self.path} is not a run directory (it holds no {SPEC_FILE})")
+
     def spec(self) -> dict:
+        self.check_dir()
         path = self.spec_file
         s = read_json(path)
         if s is None:
@@ -553,6 +582,7 @@ class RunDir:
         return s
 
     def status(self) -> dict:
+        self.check_dir()
         path = self.status_file
         s = read_json(path)
         if s is None:
@@ -563,6 +593,7 @@ class RunDir:
         return s
 
     def result(self) -> Optional[dict]:
+        self.check_dir()
         path = self.result_file
         r = read_json(path)
         why = None if r is None else shape_error(r, RESULT_FIELDS)
@@ -571,6 +602,10 @@ class RunDir:
         return r
 
     def events(self, offset: int = 0) -> Tuple[List[dict], int]:
+        try:
+            self.check_dir()
+        except RunFileError:
+            return [], offset  # the spec says it is corrupt; its events are not its own
         return read_events(self.events_file, offset)
 
     def last_epoch(self) -> Optional[dict]:
@@ -616,9 +651,10 @@ class RunDir:
 
     def log_tail(self, lines: int = 20) -> str:
         try:
+            self.check_dir()
             fd = open_plain(self.log_file)
         except (OSError, RunFileError):
-            return ""  # none yet, a symbolic link, a FIFO: nothing we should show
+            return ""  # none yet, a symbolic link, a FIFO, a linked run directory: nothing we should show
         with os.fdopen(fd, "rb") as f:
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - 64 * 1024))
@@ -647,6 +683,7 @@ class RunDir:
         return False
 
     def write_status(self, status: dict) -> None:
+        self.check_dir()
         atomic_write_json(self.status_file, status)
 
     # certify-<sigma>.json: randomized-smoothing certificates (gaussreg.science.smoothing), one
@@ -659,23 +696,35 @@ class RunDir:
     def certification_files(self) -> List[Path]:
         return sorted(self.path.glob(CERTIFICATE_GLOB))
 
-    def certifications(self) -> List[dict]:
-        """Every certification of the run, by increasing sigma; RunFileError names a corrupt file."""
+    def certifications(self, problems: Optional[List[str]] = None) -> List[dict]:
+        """Every readable certification of the run, by increasing sigma. A malformed file
+        is skipped, and why is appended to `problems` (the run's other certificates, and
+        every other run, stay readable); RunFileError only for a run directory that is a link."""
+        self.check_dir()
         out = []
         for f in self.certification_files():
-            c = read_json(f, MAX_CERTIFICATE)
-            if not isinstance(c, dict) or not isinstance(c.get("per_image"), list) or "sigma" not in c:
-                raise RunFileError(f"{f} is not a certification (no 'sigma' and 'per_image')")
-            out.append(c)
+            try:
+                c = read_json(f, MAX_CERTIFICATE)
+                why = None if c is None else shape_error(c, CERTIFICATE_FIELDS)  # None: removed meanwhile
+                if why:
+                    raise RunFileError(f"{f} {why}")
+            except RunFileError as e:
+                if problems is not None:
+                    problems.append(f"{e}; skipped")
+                continue
+            if c is not None:
+                out.append(c)
         return sorted(out, key=lambda c: c["sigma"])
 
     def write_certification(self, cert: dict) -> Path:
+        self.check_dir()
         path = self.file(self.certification_name(cert["sigma"]))
         atomic_write_json(path, cert)
         return path
 
     def forget_results(self) -> None:
         """Forget a finished run's results (keep its spec) so that it trains afresh."""
+        self.check_dir()
         for f in (self.result_file, self.events_file, self.best_checkpoint, self.last_checkpoint):
             f.unlink(missing_ok=True)
 
@@ -683,6 +732,7 @@ class RunDir:
 def try_lock(run: RunDir) -> Optional[int]:
     """An exclusive OS lock on the run (flock): held by whoever trains it, released by
     the kernel when that process dies, so a dead holder's lock is simply free."""
+    run.check_dir()
     try:
         fd = open_plain(run.lock_file, os.O_RDWR | os.O_CREAT)
     except FileNotFoundError:
@@ -797,6 +847,7 @@ class Store:
         """A new run directory with its spec and a queued status (both atomic)."""
         run = RunDir(self.root / run_id)
         run.path.mkdir(parents=True, exist_ok=True)
+        run.check_dir()  # mkdir accepts a symbolic link to a folder
         # temp files of a writer killed mid-write (SIGKILL gives no chance to clean up);
         # a minute old: no live writer is still on them
         for tmp in run.path.glob(".*.tmp"):
@@ -847,13 +898,17 @@ class EventTail:
     HEAD = 4096  # the first line (the start event) is far shorter
 
     def __init__(self, run: RunDir):
-        self.path = run.events_file
+        self.run, self.path = run, run.events_file
         self.offset = 0
         self._ident = None
 
     def read(self) -> Tuple[List[dict], bool]:
         """(new complete events, restarted): restarted means the file is not the one read
         so far, and the events are from its beginning."""
+        try:
+            self.run.check_dir()
+        except RunFileError:
+            return [], False  # a run directory that is a link: its events are not the run's
         try:
             fd = open_plain(self.path)
         except FileNotFoundError:

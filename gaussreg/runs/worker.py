@@ -97,8 +97,10 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true", help="continue from last.pt when it exists")
     args = ap.parse_args(argv)
     run = RunDir(args.run_dir)
-    if not run.path.is_dir():
-        print(f"error: run directory {run.path} does not exist", file=sys.stderr)
+    try:
+        run.check_is_run()  # before the log and the lock: nothing is written into a folder that is no run
+    except RunFileError as e:
+        print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
         fd = os.open(run.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0),

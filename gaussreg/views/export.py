@@ -34,12 +34,12 @@ def _ident(row: dict) -> dict:
     return out
 
 
-def run_rows(store: Store, experiment=None, whole: bool = False) -> Iterable[dict]:
+def run_rows(store: Store, experiment=None, whole: bool = False, warn=None) -> Iterable[dict]:
     """One flat row per run; `whole` adds the run's spec, result (with its per-sigma
     curves) and certificates, from which report.table_of_export recomputes the fair table."""
     tolerances = {}
     rows = [r for r in list_runs(store, experiment) if r["spec"] is not None]
-    certified = certified_runs(store, rows) if whole else {}
+    certified = certified_runs(store, rows, warn) if whole else {}
     for r in rows:
         row = _ident(r)
         res = r["result"] or {}
@@ -126,21 +126,22 @@ def render(rows: Iterable[dict], fmt: str) -> str:
     return "".join(render_lines(rows, fmt))
 
 
-def export_lines(store: Store, what: str = "runs", fmt: str = "csv", experiment=None) -> Iterator[str]:
-    """`gaussreg export`'s output piece by piece (memory stays flat in the size of events.jsonl)."""
+def export_lines(store: Store, what: str = "runs", fmt: str = "csv", experiment=None, warn=None) -> Iterator[str]:
+    """`gaussreg export`'s output piece by piece (memory stays flat in the size of events.jsonl);
+    `warn` hears of malformed certificates, which are left out."""
     if what not in WHATS:
         raise ValueError(f"what must be one of {', '.join(WHATS)}, not {what!r}")
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     if what == "runs":  # JSON lines carry whole runs: the fair table can be recomputed from them
-        rows = run_rows(store, experiment, whole=fmt == "jsonl")
+        rows = run_rows(store, experiment, whole=fmt == "jsonl", warn=warn)
     else:
         rows = {"epochs": epoch_rows, "sigmas": sigma_rows}[what](store, experiment)
     return render_lines(rows, fmt)
 
 
-def export(store: Store, what: str = "runs", fmt: str = "csv", experiment=None) -> str:
-    return "".join(export_lines(store, what, fmt, experiment))
+def export(store: Store, what: str = "runs", fmt: str = "csv", experiment=None, warn=None) -> str:
+    return "".join(export_lines(store, what, fmt, experiment, warn))
 
 
 MAX_EXPORT = 1 << 30  # a --from file: ~10 kB a run, so 100,000 runs; more is parsed into far more memory

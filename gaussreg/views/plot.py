@@ -6,13 +6,14 @@ configurations. matplotlib is the optional extra `plots`."""
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 from typing import List, Optional
 
 from gaussreg.runs import reader
 from gaussreg.runs.spec import describe_params
-from gaussreg.runs.store import Store
+from gaussreg.runs.store import Store, atomic_write_bytes
 from gaussreg.science.methods import METHOD_CLASSES
 from gaussreg.views import report
 
@@ -50,14 +51,15 @@ def _mean_curve(results: List[dict], key: str) -> Optional[tuple]:
 
 
 def plot(store: Store, out_dir, experiment: Optional[str] = None, fmt: str = "png",
-         select: str = "validation", tolerance: Optional[float] = None, budget: Optional[float] = None) -> List[Path]:
+         select: str = "validation", tolerance: Optional[float] = None, budget: Optional[float] = None,
+         warn=None) -> List[Path]:
     """Write three figures per comparison into out_dir; returns their paths. `tolerance`
     overrides the experiments' own and `budget` limits the training time, as in
     report.fair_table, so figures can match a table."""
     plt = _pyplot()
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    table = report.fair_table(store, experiment, tolerance, select, budget)
+    table = report.fair_table(store, experiment, tolerance, select, budget, warn)
     if not table["experiments"]:
         return []  # nothing to draw: no empty folder left behind
     out_dir = Path(out_dir)
@@ -76,10 +78,13 @@ def plot(store: Store, out_dir, experiment: Optional[str] = None, fmt: str = "pn
                            ("curves", _fig_curves)):
             fig = draw(plt, rec, runs, results, title)
             path = out_dir / f"{stem}-{name}.{fmt}"
-            tmp = path.with_name(path.name + ".tmp")
-            fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight")
-            plt.close(fig)
-            tmp.replace(path)  # atomic: a reader never sees half a figure
+            buf = io.BytesIO()
+            try:
+                fig.savefig(buf, format=fmt, dpi=150, bbox_inches="tight")
+            finally:
+                plt.close(fig)
+            # atomic, and its temp file removed when the write fails (a full disk)
+            atomic_write_bytes(path, buf.getvalue())
             written.append(path)
     return written
 

@@ -340,13 +340,15 @@ def _equivalent_folds(cfgs, eligible) -> dict:
 
 
 def fair_table(store: Store, experiment: Optional[str] = None, tolerance: Optional[float] = None,
-               select: str = "validation", budget: Optional[float] = None) -> dict:
+               select: str = "validation", budget: Optional[float] = None,
+               warn: Optional[Callable[[str], None]] = None) -> dict:
     """The JSON form of `gaussreg table`: one record per comparison (experiment and
-    setting: every run key but method, params and seed)."""
+    setting: every run key but method, params and seed); `warn` hears of malformed
+    certificates, which are left out."""
     rows = [r for r in list_runs(store, experiment) if r["spec"] is not None]
     return table_of(rows, lambda exp: tolerance if tolerance is not None
-                    else float(store.experiment(exp).get("tolerance", 0.0)), select, certified_runs(store, rows),
-                    budget)
+                    else float(store.experiment(exp).get("tolerance", 0.0)), select,
+                    certified_runs(store, rows, warn), budget)
 
 
 def table_of(rows: List[dict], tolerance_of: Callable[[str], float], select: str = "validation",
@@ -395,12 +397,13 @@ def table_of_export(records: Iterable[dict], tolerance: Optional[float] = None, 
 CERT_RADII = (0.0, 0.25, 0.5)  # pixel L2 radii shown next to R (gaussreg.science.smoothing.TABLE_RADII)
 
 
-def run_certified(run) -> Optional[dict]:
+def run_certified(run, problems: Optional[List[str]] = None) -> Optional[dict]:
     """A run's certified accuracy at CERT_RADII from its certify-<sigma>.json files: per
     radius the best over the noise levels it was certified at (the envelope Cohen et al.
-    report), or None when it has none (or they cannot be read)."""
+    report), or None when it has none (or they cannot be read). A malformed certificate
+    is left out, and said in `problems`."""
     try:
-        certs = run.certifications()
+        certs = run.certifications(problems)
     except RunFileError:
         return None
     if not certs:
@@ -412,9 +415,15 @@ def run_certified(run) -> Optional[dict]:
     return {"sigmas": [c["sigma"] for c in certs], "accuracy": acc}
 
 
-def certified_runs(store: Store, rows: List[dict]) -> Dict[str, Optional[dict]]:
-    """run_certified() of every completed run among `rows` (list_runs records), by run id."""
-    return {r["id"]: run_certified(RunDir(store.root / r["id"])) for r in rows if r["result"]}
+def certified_runs(store: Store, rows: List[dict], warn: Optional[Callable[[str], None]] = None
+                   ) -> Dict[str, Optional[dict]]:
+    """run_certified() of every completed run among `rows` (list_runs records), by run id;
+    `warn` is told of every malformed certificate left out."""
+    problems: List[str] = []
+    out = {r["id"]: run_certified(RunDir(store.root / r["id"]), problems) for r in rows if r["result"]}
+    for p in problems if warn is not None else ():
+        warn(p)
+    return out
 
 
 def _add_certified(by_id: Dict[str, Optional[dict]], records: List[dict]) -> None:
