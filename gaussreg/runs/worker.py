@@ -8,7 +8,6 @@ or the state and one sentence of why (README: "The run directory")."""
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import signal
 import socket
@@ -16,10 +15,10 @@ import sys
 import threading
 import traceback
 from contextlib import contextmanager
-from typing import Optional
 
 from gaussreg.data import loading as data
 from gaussreg.runs import environment
+from gaussreg.runs.environment import orphaned, watch_parent
 from gaussreg.runs.device import make_deterministic, out_of_memory, pick_device, resolve_precision
 from gaussreg.runs.spec import SpecError, changed_noise_bank, changed_source, resolve
 from gaussreg.runs.store import HEARTBEAT_S, RunDir, RunFileError, atomic_write_json, now_iso, read_json, try_lock
@@ -56,27 +55,6 @@ class Status:
         self._stop.set()
         if self._thread:
             self._thread.join()
-
-
-def watch_parent() -> Optional[int]:
-    """The scheduler that started this worker (GAUSSREG_PARENT_PID), made to stop us when
-    it dies: Linux sends SIGTERM on its death (PR_SET_PDEATHSIG), which the worker treats
-    like a cancel (last.pt kept, the run resumable); elsewhere the training loop notices
-    that its parent changed. None when no parent asked to be watched."""
-    parent = os.environ.pop("GAUSSREG_PARENT_PID", None)
-    if not parent or not parent.isdigit():
-        return None
-    if sys.platform.startswith("linux"):
-        try:
-            PR_SET_PDEATHSIG = 1
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        except (OSError, AttributeError):
-            pass  # the per-batch check below still stops us
-    return int(parent)
-
-
-def orphaned(parent: Optional[int]) -> bool:
-    return parent is not None and os.getppid() != parent
 
 
 @contextmanager
