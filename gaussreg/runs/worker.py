@@ -58,9 +58,17 @@ class Status:
 
 
 @contextmanager
-def _signals(flag: dict):
+def _signals(flag: dict, stop_now):
+    """SIGTERM and SIGINT ask to stop at the next batch, saying so on stderr (worker.log
+    under a scheduler); a second SIGINT (Ctrl-C of `gaussreg train`) calls stop_now(signum):
+    a model or loader stuck in its own code never reaches a next batch."""
     def handler(signum, _frame):
-        flag["signal"] = signum
+        if signum == signal.SIGINT and "signal" in flag:
+            stop_now(signum)
+        flag.setdefault("signal", signum)
+        # os.write: a handler must not re-enter a buffered stream the main thread may be writing
+        os.write(2, (f"{signal.Signals(signum).name}: stopping at the next batch (last.pt keeps the last finished "
+                     "epoch)" + ("; Ctrl-C again stops at once\n" if signum == signal.SIGINT else "\n")).encode())
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
@@ -170,7 +178,18 @@ def _check_run(run: RunDir, fail):
 def _train_to_the_end(spec, run: RunDir, dev, resume: bool, parent, status: Status, log, logf, fail) -> int:
     """Train under the stop signals; record the result or how the run ended. The exit code."""
     flag = {}
-    with _signals(flag):
+
+    def stop_now(signum: int) -> None:
+        """A second Ctrl-C: record the cancel and exit now, without waiting for the batch."""
+        state, message = environment.stop_state(run, signum)
+        try:  # not Status.update: its lock may be held by the code this handler interrupted
+            run.write_status({**status.fields, "state": state, "finished_at": now_iso(), "updated_at": now_iso(),
+                              "error": f"{message} (stopped at once by a second {signal.Signals(signum).name})"})
+        except OSError:
+            pass  # the run reads as interrupted, and resumes the same
+        os._exit(128 + signum)
+
+    with _signals(flag, stop_now):
         if orphaned(parent):
             flag["signal"] = signal.SIGTERM  # the scheduler died before we could ask to follow it
         try:
