@@ -530,9 +530,9 @@ def test_ctrl_c_with_a_stopped_worker_wakes_it_and_says_so(tmp_path):
             psutil.Process(worker).kill()
 
 
-def test_gaussreg_train_says_what_ctrl_c_waits_for_and_a_second_one_stops_at_once(tmp_path):
-    # the first launch gives a run directory whose factory hangs; then `gaussreg train` trains it in the foreground
-    p, worker = _stuck_launch(tmp_path)
+def _stuck_train(tmp_path):
+    """`gaussreg train` in the foreground of a run whose factory hangs, once it is in the factory."""
+    p, worker = _stuck_launch(tmp_path)  # a launch gives the run directory
     p.kill()  # the worker follows its scheduler (SIGTERM), which its stuck factory ignores
     psutil.Process(worker).kill()
     psutil.wait_procs([psutil.Process(worker)], timeout=10)
@@ -542,11 +542,16 @@ def test_gaussreg_train_says_what_ctrl_c_waits_for_and_a_second_one_stops_at_onc
     pid_file.unlink()
     t = subprocess.Popen(cli("train", run.path), cwd=tmp_path, env=python_env(STUCK_PID_FILE=str(pid_file)),
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (pid_file.exists() and pid_file.read_text()):
+        assert time.time() < deadline and t.poll() is None
+        time.sleep(0.05)
+    return t, run
+
+
+def test_gaussreg_train_says_what_ctrl_c_waits_for_and_a_second_one_stops_at_once(tmp_path):
+    t, run = _stuck_train(tmp_path)
     try:
-        deadline = time.time() + 120
-        while not (pid_file.exists() and pid_file.read_text()):
-            assert time.time() < deadline and t.poll() is None
-            time.sleep(0.05)
         t.send_signal(signal.SIGINT)
         seen, q = _lines_until(t, "Ctrl-C again stops at once", timeout=15)
         assert "SIGINT: stopping at the next batch" in "".join(seen)
@@ -555,5 +560,18 @@ def test_gaussreg_train_says_what_ctrl_c_waits_for_and_a_second_one_stops_at_onc
         assert t.wait(timeout=15) == 130 and time.time() - t0 < 15
         status = run.status()
         assert status["state"] == "cancelled" and "stopped at once by a second SIGINT" in status["error"]
+    finally:
+        t.kill()
+
+
+def test_gaussreg_cancel_of_a_stuck_foreground_train_marks_it_cancelled(tmp_path):
+    t, run = _stuck_train(tmp_path)  # no scheduler to reap it: the cancel itself records how it ended
+    try:
+        out = subprocess.run(cli("cancel", run.id, "--store", tmp_path / "runs", "--grace", "1"),
+                             env=python_env(COLUMNS="400"), capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and "killed with SIGKILL" in out.stdout, out
+        assert t.wait(timeout=15) == -signal.SIGKILL
+        status = run.status()
+        assert status["state"] == "cancelled" and "did not stop within 1 s" in status["error"], status
     finally:
         t.kill()

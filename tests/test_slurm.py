@@ -6,9 +6,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import cli, python_env
 
@@ -281,3 +283,46 @@ def test_a_cpu_spec_on_a_gpu_task_or_a_cpu_task_trains(tmp_path, spec_extra, gpu
     assert p.returncode == 0, p.stdout + p.stderr
     st = run.status()
     assert st["state"] == "completed" and st["gpu_slot"] == ("0" if gpus else None)
+
+
+def test_a_packed_slurm_task_kills_a_cancelled_worker_stuck_in_its_factory(tmp_path, monkeypatch):
+    from gaussreg.launch import slurm
+    from gaussreg.runs.spec import resolve, run_id
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "stuckpack.py").write_text(
+        "import os, time\n"
+        "def hang(info):\n"
+        "    open(os.path.join(os.environ['STUCK_DIR'], str(os.getpid())), 'w').close()\n"
+        "    while True:\n"
+        "        time.sleep(0.05)\n")
+    (tmp_path / "pids").mkdir()
+    st = Store(tmp_path / "runs")
+    runs = []
+    for seed in (1, 2):
+        spec = resolve({"dataset": "synthetic", "model": "stuckpack:hang", "preset": "lenet", "method": "baseline",
+                        "experiment": "sl", "max_epochs": 1, "seed": seed, "python_path": [str(tmp_path / "src")]})
+        runs.append(st.create(spec, run_id(spec)))
+    (tmp_path / "runs.txt").write_text("".join(f"{r.path}\n" for r in runs))
+    for k, v in python_env(STUCK_DIR=str(tmp_path / "pids"), SLURM_ARRAY_JOB_ID="9", SLURM_ARRAY_TASK_ID="0").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(slurm, "GRACE_S", 2.0)
+
+    def cancel_once_in_factories():
+        deadline = time.time() + 120
+        while len(list((tmp_path / "pids").iterdir())) < 2 and time.time() < deadline:
+            time.sleep(0.05)  # both workers are in their factories
+        for r in runs:
+            r.cancel_request.write_text("{}")  # what gaussreg cancel writes for a packed run
+    threading.Thread(target=cancel_once_in_factories, daemon=True).start()
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    t0 = time.time()
+    try:
+        assert slurm._task(tmp_path / "runs.txt", 2) == 1  # signals are only set in the main thread
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    assert len(list((tmp_path / "pids").iterdir())) == 2 and time.time() - t0 < 120
+    for r in runs:
+        st_ = r.status()
+        assert st_["state"] == "cancelled" and "killed with SIGKILL" in st_["error"], st_
+    assert not any(psutil.pid_exists(int(p.name)) for p in (tmp_path / "pids").iterdir())

@@ -95,8 +95,8 @@ def cancel_run(run: RunDir, grace_s: float = GRACE_S) -> str:
     why = (f"did not stop within {grace_s:g} s of `gaussreg cancel`'s SIGTERM (stuck in its own model or "
            f"loader code?), so it was killed with SIGKILL{kept}")
     try:
-        now = run.status()
-        if run.state(now) in LIVE:  # nobody else (a scheduler reaping it) said how it ended
+        now = run.status()  # the file, not state(): a killed worker's run reads as interrupted
+        if now.get("state") in LIVE:  # nobody else (a scheduler reaping it) said how it ended
             run.write_status({**now, "state": "cancelled", "finished_at": now_iso(), "updated_at": now_iso(),
                               "error": f"the worker {why}"})
     except (OSError, RunFileError):

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from gaussreg.launch.control import ControlError
+from gaussreg.launch.control import GRACE_S, ControlError
 from gaussreg.runs.environment import gpu_task
 from gaussreg.runs.slurm_settings import (SlurmConfigError, SlurmSettings,  # noqa: F401 - settings: slurm.settings
                                           settings, times_mem)
@@ -340,12 +340,27 @@ def _task(runs_file: Path, per_task: int) -> int:
                 p.send_signal(signum)
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    stopped = set()
+    stopped: Dict[str, float] = {}  # run id -> when it was asked to stop
     while any(p.poll() is None for _, p in procs.values()):
         for rid, (run, p) in procs.items():  # gaussreg cancel of one packed run
             if rid not in stopped and p.poll() is None and run.cancel_request.exists():
                 p.send_signal(signal.SIGTERM)
-                stopped.add(rid)
+                stopped[rid] = time.monotonic()
+            elif rid in stopped and p.poll() is None and time.monotonic() - stopped[rid] > GRACE_S:
+                # stuck in its own code: the cancel is honoured anyway, last.pt kept (as gaussreg cancel does locally)
+                print(f"{now_iso()} {rid} did not stop within {GRACE_S:g} s of SIGTERM; killing it (SIGKILL)",
+                      flush=True)
+                p.kill()
+                p.wait()
+                try:
+                    now = run.status()  # the file, not state(): a dead worker's run reads as interrupted
+                    if now.get("state") in LIVE:
+                        run.write_status({**now, "state": "cancelled", "finished_at": now_iso(),
+                                          "updated_at": now_iso(), "error": f"cancelled; the worker did not stop "
+                                          f"within {GRACE_S:g} s of SIGTERM (stuck in its own code?), so it was "
+                                          "killed with SIGKILL; last.pt keeps the last finished epoch"})
+                except (OSError, RunFileError):
+                    pass
         time.sleep(1.0)
     return 0 if all(p.returncode == 0 for _, p in procs.values()) else 1
 
