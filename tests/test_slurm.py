@@ -82,10 +82,14 @@ def test_settings_flags_override_the_table_and_are_checked():
     cfg = slurm.settings({"partition": "a", "time": "04:00:00", "per_gpu": 3}, {"partition": "b", "mem": None})
     assert (cfg.partition, cfg.time, cfg.per_gpu, cfg.requeue, cfg.signal) == ("b", "04:00:00", 3, True, "B:TERM@120")
     for bad, key in [({"gpus_per_run": -1}, "gpus_per_run"), ({"time": "4 hours"}, "time"),
-                     ({"mem": "lots"}, "mem"), ({"partiton": "x"}, "partiton"), ({"per_gpu": 0}, "per_gpu")]:
+                     ({"mem": "lots"}, "mem"), ({"partiton": "x"}, "partiton"), ({"per_gpu": 0}, "per_gpu"),
+                     # numbers that size what a task starts, or that Slurm cannot hold
+                     ({"per_gpu": 257}, "per_gpu"), ({"per_gpu": 99999999999999999999}, "per_gpu"),
+                     ({"cpus_per_run": 2 ** 31}, "cpus_per_run"), ({"array_parallelism": 10 ** 30}, "array_parallelism")]:
         with pytest.raises(slurm.SlurmConfigError) as e:
             slurm.settings(bad)
         assert e.value.key == key
+    assert slurm.settings({"per_gpu": 256, "cpus_per_run": 2 ** 31 - 1}).per_gpu == 256
 
 
 def test_sbatch_command_packs_per_gpu_runs_into_one_task():
