@@ -330,3 +330,39 @@ def test_a_packed_slurm_task_kills_a_cancelled_worker_stuck_in_its_factory(tmp_p
         st_ = r.status()
         assert st_["state"] == "cancelled" and "killed with SIGKILL" in st_["error"], st_
     assert not any(psutil.pid_exists(int(p.name)) for p in (tmp_path / "pids").iterdir())
+
+
+@pytest.mark.parametrize("command", ["scancel", "squeue", "sbatch"])
+def test_a_slurm_command_that_hangs_is_bounded_and_said_in_one_sentence(fake_slurm, monkeypatch, command):
+    from gaussreg.launch.control import ControlError
+    from gaussreg.launch.request import LaunchError, LaunchRequest, plan, submit_slurm
+    if command == "sbatch":  # the submission itself hangs
+        monkeypatch.chdir(fake_slurm["dir"])
+        monkeypatch.setenv("PATH", f"{fake_slurm['bin']}:{os.environ['PATH']}")
+    else:
+        fake_slurm["submit"]()
+    pid_file = fake_slurm["dir"] / f"{command}.pid"
+    # a controller that never answers; its child (sleep) must not outlive the timeout either
+    (fake_slurm["bin"] / command).write_text(f"#!/bin/bash\nsleep 1000 &\necho $! > {pid_file}\nwait\n")
+    monkeypatch.setattr(slurm, "COMMAND_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(slurm, "SBATCH_TIMEOUT_S", 1.0)
+    t0 = time.time()
+    if command == "sbatch":
+        with pytest.raises(LaunchError) as e:
+            submit_slurm(plan(LaunchRequest("m.toml", "runs", backend="slurm")))
+        assert "check `squeue --me`" in str(e.value)
+    elif command == "scancel":
+        run = next(iter(Store(fake_slurm["dir"] / "runs").runs()))
+        with pytest.raises(ControlError) as e:
+            slurm.cancel(run)
+        assert "may still run; `gaussreg cancel` again retries" in str(e.value)
+    else:
+        with pytest.raises(slurm.SlurmError) as e:
+            slurm.squeue()
+    assert str(e.value).startswith(f"{command} did not answer within 1 s: is the Slurm controller reachable")
+    assert "\n" not in str(e.value) and time.time() - t0 < 15
+    sleeper = int(pid_file.read_text())
+    deadline = time.time() + 10
+    while psutil.pid_exists(sleeper) and psutil.Process(sleeper).status() != psutil.STATUS_ZOMBIE:
+        assert time.time() < deadline, "the hanging command's child outlived the timeout"
+        time.sleep(0.05)

@@ -38,6 +38,8 @@ from gaussreg.runs.store import (FINISHED, LIVE, RunDir, RunFileError, Store, at
                                  now_iso, read_json)
 
 SQUEUE_MIN_S = 10.0  # never poll squeue more often than this (it loads the controller)
+COMMAND_TIMEOUT_S = 60.0  # squeue and scancel: a controller that has not answered by then is not going to
+SBATCH_TIMEOUT_S = 120.0  # sbatch of a large array takes longer
 JOB_NAME = "gaussreg"
 # pending reasons that will not resolve by waiting
 FATAL_REASONS = ("PartitionConfig", "ReqNodeNotAvail", "InvalidQOS", "InvalidAccount", "PartitionNodeLimit",
@@ -102,14 +104,35 @@ def parse_squeue(out: str) -> Dict[str, Task]:
     return tasks
 
 
+def run_command(cmd: List[str], timeout: float, after: str = "", **kw) -> subprocess.CompletedProcess:
+    """Run one Slurm command (sbatch, squeue, scancel), bounded: a controller that does not
+    answer must not hang gaussreg. The command runs in its own session so that it and
+    anything it started are killed at the timeout; every failure to run it is a SlurmError
+    of one sentence (a refusal by Slurm is the caller's to word); `after` ends the sentence
+    of a timeout (what the user should check)."""
+    name = cmd[0]
+    try:
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                             text=True, start_new_session=True, **kw)
+    except OSError as e:
+        raise SlurmError(f"{name} could not be run ({e.strerror or e})") from None
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        p.communicate()
+        raise SlurmError(f"{name} did not answer within {timeout:g} s: is the Slurm controller reachable "
+                         f"(try `sinfo`)?{after}") from None
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
 def squeue() -> Dict[str, Task]:
     """This user's gaussreg array tasks that Slurm still knows (pending, running, ...)."""
     require("squeue")
-    try:
-        p = subprocess.run(["squeue", "-h", "-r", "-n", JOB_NAME, "-o", "%i|%T|%r"],
-                           capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError) as e:
-        raise SlurmError(f"squeue could not be run ({e})") from None
+    p = run_command(["squeue", "-h", "-r", "-n", JOB_NAME, "-o", "%i|%T|%r"], COMMAND_TIMEOUT_S)
     if p.returncode != 0:
         raise SlurmError(f"squeue failed: {(p.stderr or p.stdout).strip()[:300]}")
     return parse_squeue(p.stdout)
@@ -117,7 +140,8 @@ def squeue() -> Dict[str, Task]:
 
 def scancel(job: str) -> None:
     require("scancel")
-    p = subprocess.run(["scancel", job], capture_output=True, text=True, timeout=60)
+    p = run_command(["scancel", job], COMMAND_TIMEOUT_S, after=f" Job {job} may still run; `gaussreg cancel` again "
+                    "retries")
     if p.returncode != 0:
         raise SlurmError(f"scancel {job} failed: {(p.stderr or p.stdout).strip()[:300]}")
 
@@ -188,10 +212,8 @@ def submit(store: Store, run_ids: List[str], cfg: SlurmSettings, rerun: bool = F
     script.chmod(0o755)
     cmd = sbatch_command(cfg, tasks, script.resolve(), sub.resolve())
     try:
-        try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=str(store.root))
-        except (OSError, subprocess.SubprocessError) as e:
-            raise SlurmError(f"sbatch could not be run ({e})") from None
+        p = run_command(cmd, SBATCH_TIMEOUT_S, cwd=str(store.root),
+                        after=" Slurm may have queued the job anyway: check `squeue --me` and scancel it")
         if p.returncode != 0:
             raise SlurmError(f"sbatch refused the job: {(p.stderr or p.stdout).strip()[:500]}")
         jid = parse_job_id(p.stdout)
