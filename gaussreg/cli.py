@@ -377,7 +377,10 @@ def _run_slurm(req, follow, dry_run, yes):
                       f"`gaussreg run {manifest} --store {st.root} --backend slurm --follow`", highlight=False,
                       markup=False)
         return
-    code = slurm_view.follow(st, [r.id for r in runs], console)
+    try:
+        code = slurm_view.follow(st, [r.id for r in runs], console)
+    except slurm.SlurmError as e:  # squeue failed or hung: the jobs are Slurm's, only watching them stopped
+        fail(f"{e}; the runs stay submitted (watch them with `gaussreg ls --store {st.root}`)")
     if code:
         raise typer.Exit(code)
     for e in sorted({r.spec["experiment"] for r in runs}):

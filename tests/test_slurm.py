@@ -366,3 +366,17 @@ def test_a_slurm_command_that_hangs_is_bounded_and_said_in_one_sentence(fake_slu
     while psutil.pid_exists(sleeper) and psutil.Process(sleeper).status() != psutil.STATUS_ZOMBIE:
         assert time.time() < deadline, "the hanging command's child outlived the timeout"
         time.sleep(0.05)
+
+
+def test_follow_whose_squeue_fails_ends_in_one_sentence(fake_slurm):
+    fake_slurm["submit"]()
+    once = fake_slurm["dir"] / "squeue_answers_once"
+    once.touch()  # the submission's squeue answers; the live view's do not (PATH holds only the fakes: no rm)
+    (fake_slurm["bin"] / "squeue").write_text(f"#!/bin/bash\n[ -f {once} ] && {{ {sys.executable} -c 'import os; os.remove(\"{once}\")'; exit 0; }}\n"
+                                              "echo 'slurm_load_jobs error: Unable to contact slurm controller' >&2\n"
+                                              "exit 1\n")
+    r = gr(fake_slurm, "run", "m.toml", "--backend", "slurm", "--follow")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "squeue failed: slurm_load_jobs error: Unable to contact slurm controller; the runs stay submitted" in \
+        " ".join(r.stderr.split())
+    assert not once.exists()
