@@ -380,3 +380,43 @@ def test_follow_whose_squeue_fails_ends_in_one_sentence(fake_slurm):
     assert "squeue failed: slurm_load_jobs error: Unable to contact slurm controller; the runs stay submitted" in \
         " ".join(r.stderr.split())
     assert not once.exists()
+
+
+def test_job_ids_are_ascii_digits_of_sane_length():
+    assert slurm.parse_job_id("4242;cluster\n") == "4242" and slurm.parse_job_id("4294967295") == "4294967295"
+    for bad in ("١٢٣", "９９", "9" * 400, "12345678901", "-1", "4242 extra", ""):
+        with pytest.raises(slurm.SlurmError, match="sbatch printed no job id"):
+            slurm.parse_job_id(bad)
+    tasks = slurm.parse_squeue("5_0|RUNNING|None\n١٢_٣|PENDING|Priority\n" + "9" * 400 + "_1|PENDING|None\n5|X|Y\n")
+    assert list(tasks) == ["5_0"]
+
+
+def test_sbatch_that_prints_a_400_digit_job_id_is_refused_and_leaves_no_launch(fake_slurm):
+    (fake_slurm["bin"] / "sbatch").write_text("#!/bin/bash\necho '" + "7" * 400 + "'\n")
+    r = gr(fake_slurm, "run", "m.toml", "--backend", "slurm")
+    assert r.returncode == 2 and "sbatch printed no job id" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert list((fake_slurm["dir"] / "runs" / "_slurm").iterdir()) == []
+    assert all(r_.status()["state"] != "queued" or "slurm_job" not in r_.status()
+               for r_ in Store(fake_slurm["dir"] / "runs").runs())
+
+
+@pytest.mark.parametrize("name", ["runs\nevil", "runs-%j", "runs%%", "tab\there"])
+def test_store_paths_that_slurm_misreads_are_refused(fake_slurm, name):
+    r = gr(fake_slurm, "run", "m.toml", "--backend", "slurm", "--store", name)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "which Slurm would misread" in " ".join(r.stderr.split()) and "without it for --backend slurm" in r.stderr
+    assert not (fake_slurm["dir"] / name).exists() and fake_slurm["calls"]("sbatch") == []
+    # the library refuses it too (the TUI's rerun of a run resubmits through slurm.submit)
+    with pytest.raises(slurm.SlurmError, match="Slurm would misread"):
+        slurm.submit(Store(fake_slurm["dir"] / name), ["x"], slurm.settings())
+
+
+def test_cancel_never_hands_scancel_a_damaged_job_id(fake_slurm):
+    from gaussreg.launch.control import ControlError
+    fake_slurm["submit"]()
+    run = next(iter(Store(fake_slurm["dir"] / "runs").runs()))
+    for job in ("--user=someone", "١٢٣_0", "4242_0 4243_0"):
+        run.write_status({**run.status(), "state": "queued", "slurm_job": job})
+        with pytest.raises(ControlError, match="names no Slurm job that scancel can take"):
+            slurm.cancel(run)
+    assert fake_slurm["calls"]("scancel") == []

@@ -155,6 +155,9 @@ def plan(req: LaunchRequest, commands: bool = True) -> Plan:
             cfg = slurm.settings(m.slurm, req.slurm)
         except slurm.SlurmConfigError as e:
             raise LaunchError(f"Slurm setting (flag or [slurm] in {req.manifest}) {e}") from None
+        problem = slurm.store_path_problem(Path(req.store))
+        if problem:
+            raise LaunchError(problem)
         if commands:
             try:
                 slurm.require("sbatch", "squeue")

@@ -77,13 +77,31 @@ def sbatch_command(cfg: SlurmSettings, tasks: int, script: Path, out_dir: Path) 
     return cmd + list(cfg.sbatch_args) + [str(script)]
 
 
+# Slurm's job ids and array indices are 32-bit: ASCII digits, at most 10 (str.isdigit and \d
+# also take "١٢٣", and 400 digits would be no job of Slurm's)
+_ID = r"[0-9]{1,10}"
+JOB = re.compile(rf"{_ID}(_{_ID})?")  # a job, or an array task "JOBID_INDEX"
+
+
 def parse_job_id(out: str) -> str:
     """`sbatch --parsable` prints `JOBID` or `JOBID;CLUSTER`."""
     first = out.strip().splitlines()[0] if out.strip() else ""
     jid = first.split(";")[0].strip()
-    if not jid.isdigit():
+    if not re.fullmatch(_ID, jid):
         raise SlurmError(f"sbatch printed no job id (got {out.strip()[:200]!r})")
     return jid
+
+
+def store_path_problem(root: Path) -> Optional[str]:
+    """Why Slurm cannot be given this store, or None: runs.txt holds one path a line, and
+    sbatch expands `%` patterns (%j, %u, ...) in --output, so a newline, another control
+    character or a `%` in the store's path would make the job train or write elsewhere."""
+    path = str(root.resolve())
+    bad = next((c for c in path if c == "%" or ord(c) < 32 or ord(c) == 127), None)
+    if bad is None:
+        return None
+    return (f"the store path {path!r} holds {bad!r}, which Slurm would misread (a newline splits the job's run "
+            "list; sbatch expands `%` patterns in --output): use a store path without it for --backend slurm")
 
 
 @dataclass
@@ -98,7 +116,7 @@ def parse_squeue(out: str) -> Dict[str, Task]:
     tasks = {}
     for line in out.splitlines():
         parts = line.strip().split("|")
-        if len(parts) != 3 or not re.fullmatch(r"\d+_\d+", parts[0]):
+        if len(parts) != 3 or not JOB.fullmatch(parts[0]) or "_" not in parts[0]:
             continue
         tasks[parts[0]] = Task(parts[0], parts[1], parts[2])
     return tasks
@@ -185,6 +203,9 @@ def submit(store: Store, run_ids: List[str], cfg: SlurmSettings, rerun: bool = F
            python: str = sys.executable) -> Submission:
     """Submit the runs that need training as one array job; write each one's queued
     status with the job id. Runs already queued or running in Slurm are left alone."""
+    problem = store_path_problem(store.root)
+    if problem:
+        raise SlurmError(problem)
     require("sbatch", "squeue")
     todo, skipped = _plan(store, run_ids, rerun, squeue())
     if not todo:
@@ -256,6 +277,9 @@ def cancel(run: RunDir) -> str:
     if state not in LIVE:
         raise ControlError(f"run {run.id} is {state}, neither queued nor running")
     job = status["slurm_job"]
+    if not isinstance(job, str) or not JOB.fullmatch(job):  # never hand scancel an option or a stranger's words
+        raise ControlError(f"run {run.id} names no Slurm job that scancel can take ({str(job)[:40]!r}); "
+                           "its status.json is damaged")
     atomic_write_json(run.cancel_request, {"requested_at": now_iso()})
     shared = status.get("slurm_runs_per_task", 1) > 1
     if not shared:
