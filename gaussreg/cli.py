@@ -574,6 +574,9 @@ def show(run_id: str = typer.Argument(..., help="A run id (or a unique prefix)."
     epochs = run.epochs()
     console.rule(escape(f"{run.id}  [{state}]"))
     console.print_json(json.dumps({"spec": spec, "status": {**status, "state": state}}))
+    note = run.heartbeat_note(status)
+    if note:
+        console.print(f"{state}: {note}", markup=False, highlight=False)
     if epochs:
         e = epochs[-1]
         console.print(f"epoch {e['epoch']}: train loss {e['train_loss']:.4f}, val loss {e['val_loss']:.4f}, "

@@ -420,3 +420,48 @@ def test_cancel_never_hands_scancel_a_damaged_job_id(fake_slurm):
         with pytest.raises(ControlError, match="names no Slurm job that scancel can take"):
             slurm.cancel(run)
     assert fake_slurm["calls"]("scancel") == []
+
+
+def test_a_heartbeat_dated_in_the_future_is_not_trusted_and_says_so(tmp_path):
+    from datetime import datetime, timedelta, timezone
+
+    from gaussreg.runs.reader import list_runs
+    from gaussreg.runs.store import STALE_S
+    from gaussreg.runs.spec import resolve, run_id
+    st = Store(tmp_path / "runs")
+    spec = resolve({"dataset": "synthetic", "model": "mlp", "method": "baseline", "experiment": "skew"})
+    run = st.create(spec, run_id(spec))
+    future = (datetime.now(timezone.utc) + timedelta(hours=3)).isoformat()
+    node = {"state": "running", "host": "node-with-a-fast-clock", "pid": 4242, "backend": "slurm",
+            "slurm_job": "7_0", "updated_at": future, "started_at": future}
+    run.write_status(node)
+    # just written: the status file's own time (the shared filesystem's) says the worker is alive
+    assert run.state() == "running"
+    old = time.time() - STALE_S - 60  # no write since: the worker died, whatever its clock says
+    os.utime(run.status_file, (old, old))
+    assert run.state() == "interrupted"
+    note = run.heartbeat_note(run.status())
+    assert note.startswith("its heartbeat is dated 3.0 h in the future (clock skew between nodes?)"), note
+    (row,) = list_runs(st)
+    assert row["state"] == "interrupted" and row["error"] == note
+    # a clock a few seconds ahead is ordinary: that heartbeat still counts
+    run.write_status({**node, "updated_at": (datetime.now(timezone.utc) + timedelta(seconds=5)).isoformat()})
+    os.utime(run.status_file, (old, old))
+    assert run.state() == "running" and run.heartbeat_note(run.status()) is None
+
+
+def test_show_says_a_heartbeat_is_dated_in_the_future(tmp_path):
+    from datetime import datetime, timedelta, timezone
+
+    from gaussreg.runs.spec import resolve, run_id
+    st = Store(tmp_path / "runs")
+    spec = resolve({"dataset": "synthetic", "model": "mlp", "method": "baseline", "experiment": "skew"})
+    run = st.create(spec, run_id(spec))
+    future = (datetime.now(timezone.utc) + timedelta(minutes=30)).isoformat()
+    run.write_status({"state": "running", "host": "elsewhere", "pid": 1, "updated_at": future, "started_at": future})
+    old = time.time() - 600
+    os.utime(run.status_file, (old, old))
+    r = subprocess.run(cli("show", run.id, "--store", st.root), capture_output=True, text=True,
+                       env=python_env(COLUMNS="300"))
+    assert r.returncode == 0, r.stderr
+    assert "interrupted: its heartbeat is dated 30 min in the future (clock skew between nodes?)" in r.stdout
