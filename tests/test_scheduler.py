@@ -103,19 +103,24 @@ def _descendants_alive(pids):
     return [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
 
 
-def test_ctrl_c_cancels_every_running_worker_and_leaves_no_orphan(tmp_path):
-    # neither max_epochs nor a plateau ends a run before the Ctrl-C
+def _launch_until_training(tmp_path, n, *flags):
+    """`gaussreg run` of MANIFEST's runs that only a stop ends (neither max_epochs nor a plateau),
+    once n of them train: (process, store, the training runs)."""
     (tmp_path / "m.toml").write_text(MANIFEST.format(model="mlp", epochs="1000\nearly_stop = 2000"))
-    p = subprocess.Popen(cli("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--max-parallel", "2"),
-                         env=python_env(COLUMNS="120"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(cli("run", tmp_path / "m.toml", "--store", tmp_path / "runs", *flags),
+                         env=python_env(COLUMNS="200"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     st = Store(tmp_path / "runs")
     deadline = time.time() + 120
     running = []
-    while time.time() < deadline:
+    while len(running) < n:
+        assert time.time() < deadline and p.poll() is None, running
         running = [r for r in st.runs() if any(e["type"] == "progress" for e in r.events()[0])]
-        if len(running) == 2:
-            break
         time.sleep(0.1)
+    return p, st, running
+
+
+def test_ctrl_c_cancels_every_running_worker_and_leaves_no_orphan(tmp_path):
+    p, st, running = _launch_until_training(tmp_path, 2, "--max-parallel", "2")
     assert len(running) == 2
     workers = [c.pid for c in psutil.Process(p.pid).children(recursive=True)]
     assert len(workers) >= 2
@@ -498,18 +503,10 @@ def test_gaussreg_cancel_kills_a_worker_stuck_in_its_factory_after_the_grace_per
 
 
 def test_ctrl_c_with_a_stopped_worker_wakes_it_and_says_so(tmp_path):
-    # a real worker training (no plateau or epoch limit ends it), then stopped with SIGSTOP
-    (tmp_path / "m.toml").write_text(MANIFEST.format(model="mlp", epochs="1000\nearly_stop = 2000"))
-    p = subprocess.Popen(cli("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--only", "*baseline*"),
-                         env=python_env(COLUMNS="200"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    st = Store(tmp_path / "runs")
-    deadline = time.time() + 120
-    running = []
-    while not running:
-        assert time.time() < deadline and p.poll() is None
-        running = [r for r in st.runs() if any(e["type"] == "progress" for e in r.events()[0])]
-        time.sleep(0.1)
+    # a real worker training, then stopped with SIGSTOP
+    p, st, running = _launch_until_training(tmp_path, 1, "--only", "*baseline*")
     worker = running[0].status()["pid"]
+    deadline = time.time() + 120
     try:
         os.kill(worker, signal.SIGSTOP)
         while psutil.Process(worker).status() != psutil.STATUS_STOPPED:
