@@ -22,7 +22,7 @@ from gaussreg import __version__
 from gaussreg.data import datasets, download
 from gaussreg.data import loading as data
 from gaussreg.launch import slurm
-from gaussreg.launch.control import ControlError, cancel_run
+from gaussreg.launch.control import GRACE_S, ControlError, cancel_run
 from gaussreg.launch.gpus import GpuPlaceError, take_gpu_place, wants_gpu
 from gaussreg.launch.request import LaunchError, LaunchRequest, Plan, launch, plan, submit_slurm, write_experiments
 from gaussreg.launch.scheduler import Scheduler
@@ -326,7 +326,9 @@ def _run_here(p, st, manifest: Path, store: Path, gpus: str, rerun: bool):
     try:
         # the scheduler creates the run directories: each at its launch, the rest while the first runs train
         summary = Scheduler(st, [r.id for r in runs], slots, rerun=rerun, specs={r.id: r.spec for r in runs},
-                            on_change=survive_closed_output(view.on_change)).run()
+                            on_change=survive_closed_output(view.on_change),
+                            say=survive_closed_output(lambda m: err_console.print(m, markup=False,
+                                                                                  highlight=False))).run()
     finally:
         survive_closed_output(view.__exit__)(None, None, None)
     survive_closed_output(_print_outcome)(summary, st, runs)
@@ -424,7 +426,10 @@ def _run_slurm(req, follow, dry_run, yes):
                       f"`gaussreg run {manifest} --store {st.root} --backend slurm --follow`", highlight=False,
                       markup=False)
         return
-    code = slurm_view.follow(st, [r.id for r in runs], console)
+    try:
+        code = slurm_view.follow(st, [r.id for r in runs], console)
+    except slurm.SlurmError as e:  # squeue failed or hung: the jobs are Slurm's, only watching them stopped
+        fail(f"{e}; the runs stay submitted (watch them with `gaussreg ls --store {st.root}`)")
     if code:
         raise typer.Exit(code)
     for e in sorted({r.spec["experiment"] for r in runs}):
@@ -620,6 +625,9 @@ def show(run_id: str = typer.Argument(..., help="A run id (or a unique prefix)."
     e = run.last_epoch()  # read from the end: events.jsonl may be large
     console.rule(escape(f"{run.id}  [{state}]"))
     console.print_json(json.dumps({"spec": spec, "status": {**status, "state": state}}))
+    note = run.heartbeat_note(status)
+    if note:
+        console.print(f"{state}: {note}", markup=False, highlight=False)
     if e:
         console.print(f"epoch {e['epoch']}: train loss {e['train_loss']:.4f}, val loss {e['val_loss']:.4f}, "
                       f"val acc {e['val_accuracy'] * 100:.2f}%, lr {e['lr']:.3g}, {e['images_per_s']:.0f} img/s")
@@ -644,19 +652,22 @@ def _device(result: dict) -> str:
 
 
 @app.command()
-def cancel(run_id: str = typer.Argument(..., help="A run id (or a unique prefix)."), store: Path = StoreOpt):
-    """Ask a running run's worker to stop (SIGTERM; scancel for Slurm runs): it saves last.pt and becomes cancelled."""
+def cancel(run_id: str = typer.Argument(..., help="A run id (or a unique prefix)."), store: Path = StoreOpt,
+           grace: float = typer.Option(GRACE_S, "--grace", min=0, max=86400,
+                                       help="Seconds a worker gets to stop before it is killed (SIGKILL).")):
+    """Ask a running run's worker to stop (SIGTERM; scancel for Slurm runs): it saves last.pt and becomes cancelled;
+    a worker that has not stopped after --grace seconds (stuck in its own code) is killed, last.pt kept."""
     run = _get_run(store, run_id)
     try:
         if slurm.is_slurm(run.status()):  # on a cluster: scancel, not a local signal
             console.print(f"{run.id}: {slurm.cancel(run)}", highlight=False)
             return
-        pid = cancel_run(run)
+        done = cancel_run(run, grace)
     except (ControlError, RunFileError) as e:
         fail(str(e))
     except OSError as e:  # a Slurm run's cancel request or status on a full or read-only store
         fail(f"cannot write the cancel of {run.id} into {run.path}: {e.strerror or e}")
-    console.print(f"sent SIGTERM to the worker of {run.id} (pid {pid})", markup=False)
+    console.print(done, markup=False, highlight=False)
 
 
 def _parse_sigmas(text: Optional[str]) -> Optional[List[float]]:

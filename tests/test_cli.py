@@ -1,5 +1,6 @@
 import json
 import subprocess
+import time
 
 import pytest
 from conftest import cli, python_env
@@ -32,6 +33,25 @@ def test_help_and_version():
     for cmd in ("run", "table", "ls", "show", "cancel", "eval", "train", "data"):
         assert cmd in out.stdout
     assert run("--version").stdout.startswith("gaussreg 0.")
+
+
+def test_numbers_that_size_the_slots_are_bounded_by_the_machine(tmp_path):
+    from gaussreg.launch.gpus import usable_cpus
+    from gaussreg.launch.request import MAX_RUNS_PER_CORE
+    (tmp_path / "m.toml").write_text(DEMO)
+    limit = MAX_RUNS_PER_CORE * usable_cpus()
+    # 2,000,000 first: a build without the bound makes that many slots (seconds, not the whole memory)
+    for flag, value in [("--max-parallel", "2000000"), ("--max-parallel", "99999999999999999999"),
+                        ("--per-gpu", str(limit + 1)), ("--per-gpu", "99999999999999999999")]:
+        t0 = time.time()
+        out = run("run", tmp_path / "m.toml", "--store", tmp_path / "runs", flag, value, "--dry-run")
+        assert out.returncode == 2 and time.time() - t0 < 60, (flag, value, out.stdout[-300:])
+        assert f"{flag} {value} is more runs at once than this machine can run: at most {limit}" in \
+            " ".join(out.stderr.split()), out.stderr
+        assert "Traceback" not in out.stderr
+    out = run("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--max-parallel", str(limit), "--dry-run")
+    assert out.returncode == 0 and f"on {limit} slots" in " ".join(out.stdout.split()), out.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_bad_flags_exit_2_with_one_sentence(tmp_path):

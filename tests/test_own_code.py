@@ -1,11 +1,14 @@
 """A researcher's own model and data: a package in a temp dir, named by a manifest."""
 
 import json
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from conftest import cli, python_env
@@ -111,6 +114,7 @@ def not_a_module(info):
 
 DATA_PY = '''
 import numpy as np
+import psutil
 
 
 def load(n=60):
@@ -459,3 +463,36 @@ def test_a_sequential_with_batchnorm_first_supports_depth(project):
     net.eval()
     # rest is affine (Flatten, Linear): propagating to the logits is exact, so "all" = 1
     assert torch.allclose(expected_logits(net, x, 0.2, "all"), expected_logits(net, x, 0.2, 1), atol=1e-10)
+
+
+HANGING_PY = '''
+import os, time
+from pathlib import Path
+
+
+def hang(info):
+    Path(os.environ["HANG_PID_FILE"]).write_text(str(os.getpid()))
+    while True:  # a factory that never returns
+        time.sleep(0.1)
+'''
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_the_dry_run_check_of_a_hanging_factory_dies_with_its_parent(project, sig):
+    (project / "src" / "mypkg" / "hanging.py").write_text(HANGING_PY)
+    m = write(project, MANIFEST.replace("mypkg.models:resnet", "mypkg.hanging:hang").replace("model_args = { width = 8 }", ""))
+    pid_file = project / "check.pid"
+    p = subprocess.Popen(cli("run", m, "--store", project / "runs", "--dry-run"), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, env=python_env(HANG_PID_FILE=str(pid_file)))
+    deadline = time.time() + 120
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.time() < deadline and p.poll() is None, "the check never reached the factory"
+        time.sleep(0.05)
+    check = psutil.Process(int(pid_file.read_text()))
+    p.send_signal(sig)
+    p.wait(timeout=30)
+    try:
+        check.wait(timeout=10)  # gone within seconds, not when the factory returns (never)
+    except psutil.TimeoutExpired:
+        check.kill()
+        pytest.fail(f"the check process {check.pid} outlived its parent killed by {sig.name}")

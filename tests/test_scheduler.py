@@ -1,4 +1,5 @@
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -102,19 +103,24 @@ def _descendants_alive(pids):
     return [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
 
 
-def test_ctrl_c_cancels_every_running_worker_and_leaves_no_orphan(tmp_path):
-    # neither max_epochs nor a plateau ends a run before the Ctrl-C
+def _launch_until_training(tmp_path, n, *flags):
+    """`gaussreg run` of MANIFEST's runs that only a stop ends (neither max_epochs nor a plateau),
+    once n of them train: (process, store, the training runs)."""
     (tmp_path / "m.toml").write_text(MANIFEST.format(model="mlp", epochs="1000\nearly_stop = 2000"))
-    p = subprocess.Popen(cli("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--max-parallel", "2"),
-                         env=python_env(COLUMNS="120"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(cli("run", tmp_path / "m.toml", "--store", tmp_path / "runs", *flags),
+                         env=python_env(COLUMNS="200"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     st = Store(tmp_path / "runs")
     deadline = time.time() + 120
     running = []
-    while time.time() < deadline:
+    while len(running) < n:
+        assert time.time() < deadline and p.poll() is None, running
         running = [r for r in st.runs() if any(e["type"] == "progress" for e in r.events()[0])]
-        if len(running) == 2:
-            break
         time.sleep(0.1)
+    return p, st, running
+
+
+def test_ctrl_c_cancels_every_running_worker_and_leaves_no_orphan(tmp_path):
+    p, st, running = _launch_until_training(tmp_path, 2, "--max-parallel", "2")
     assert len(running) == 2
     workers = [c.pid for c in psutil.Process(p.pid).children(recursive=True)]
     assert len(workers) >= 2
@@ -386,3 +392,184 @@ def test_the_view_gets_typed_snapshots_not_the_scheduler(tmp_path):
     started = [s for s in seen if s[0] == "started"]
     assert [(q, a) for _, _, q, a, _, _ in started] == [(2, 1), (1, 1), (0, 1)]  # one slot: one active at a time
     assert seen[-1][4:] == (2, 1) and summary.count("completed") == 2
+
+
+STUCK_MANIFEST = """
+python_path = ["src"]
+
+[defaults]
+dataset = "synthetic"
+model = "stuck:hang"
+preset = "lenet"
+max_epochs = 1
+
+[[experiment]]
+name = "stuck"
+methods.baseline = {}
+"""
+
+
+def _stuck_launch(tmp_path):
+    """`gaussreg run` of one run whose model factory never returns; its worker's pid once the factory runs."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "stuck.py").write_text(
+        "import os, time\n"
+        "def hang(info):\n"
+        "    open(os.environ['STUCK_PID_FILE'], 'w').write(str(os.getpid()))\n"
+        "    while True:\n"
+        "        time.sleep(0.05)\n")
+    (tmp_path / "m.toml").write_text(STUCK_MANIFEST)
+    pid_file = tmp_path / "worker.pid"
+    p = subprocess.Popen(cli("run", tmp_path / "m.toml", "--store", tmp_path / "runs"), cwd=tmp_path,
+                         env=python_env(COLUMNS="200", STUCK_PID_FILE=str(pid_file)), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (pid_file.exists() and pid_file.read_text()):
+        assert time.time() < deadline and p.poll() is None, p.communicate()[0] if p.poll() is not None else ""
+        time.sleep(0.05)
+    return p, int(pid_file.read_text())
+
+
+def _lines_until(p, text, timeout):
+    """Output lines of p up to the first holding `text` (read in a thread: the pipe may stay silent)."""
+    import queue
+    import threading
+    q = queue.Queue()
+    threading.Thread(target=lambda: [q.put(line) for line in p.stdout] and q.put(None), daemon=True).start()
+    seen, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        try:
+            line = q.get(timeout=max(0.01, deadline - time.time()))
+        except queue.Empty:
+            break
+        if line is None:
+            break
+        seen.append(line)
+        if text in line:
+            return seen, q
+    raise AssertionError(f"{text!r} never appeared in {timeout} s: {''.join(seen)}")
+
+
+def _rest(q, timeout=30):
+    out = []
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        line = q.get(timeout=deadline - time.time())
+        if line is None:
+            return "".join(out)
+        out.append(line)
+    raise AssertionError("the output never ended")
+
+
+def test_ctrl_c_says_what_it_waits_for_and_a_second_one_kills_a_worker_stuck_in_its_factory(tmp_path):
+    p, worker = _stuck_launch(tmp_path)
+    try:
+        p.send_signal(signal.SIGINT)
+        seen, q = _lines_until(p, "press Ctrl-C again", timeout=15)  # says so at once, not after 30 s
+        assert "waiting up to 30 s for 1 worker(s)" in " ".join("".join(seen).split())
+        assert psutil.pid_exists(worker)  # the factory ignored the SIGTERM
+        t0 = time.time()
+        p.send_signal(signal.SIGINT)
+        rest = _rest(q)
+        assert p.wait(timeout=15) == 130 and time.time() - t0 < 15
+        assert "second Ctrl-C: killing" in rest
+        assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE
+        (run,) = Store(tmp_path / "runs").runs()
+        status = run.status()
+        assert status["state"] == "cancelled" and "killed with SIGKILL at a second Ctrl-C" in status["error"]
+    finally:
+        p.kill()
+        if psutil.pid_exists(worker):
+            psutil.Process(worker).kill()
+
+
+def test_gaussreg_cancel_kills_a_worker_stuck_in_its_factory_after_the_grace_period(tmp_path):
+    p, worker = _stuck_launch(tmp_path)
+    try:
+        (run,) = Store(tmp_path / "runs").runs()
+        t0 = time.time()
+        out = subprocess.run(cli("cancel", run.id, "--store", tmp_path / "runs", "--grace", "2"),
+                             env=python_env(COLUMNS="400"), capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert 2 <= time.time() - t0 < 20
+        assert "did not stop within 2 s of `gaussreg cancel`'s SIGTERM" in out.stdout
+        assert "killed with SIGKILL" in out.stdout
+        assert p.wait(timeout=30) == 1  # the sweep ends: its one run was cancelled
+        assert run.status()["state"] == "cancelled"
+        assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE
+    finally:
+        p.kill()
+        if psutil.pid_exists(worker):
+            psutil.Process(worker).kill()
+
+
+def test_ctrl_c_with_a_stopped_worker_wakes_it_and_says_so(tmp_path):
+    # a real worker training, then stopped with SIGSTOP
+    p, st, running = _launch_until_training(tmp_path, 1, "--only", "*baseline*")
+    worker = running[0].status()["pid"]
+    deadline = time.time() + 120
+    try:
+        os.kill(worker, signal.SIGSTOP)
+        while psutil.Process(worker).status() != psutil.STATUS_STOPPED:
+            assert time.time() < deadline
+            time.sleep(0.02)
+        t0 = time.time()
+        p.send_signal(signal.SIGINT)
+        seen, q = _lines_until(p, "press Ctrl-C again", timeout=15)
+        assert "had been stopped (SIGSTOP) and got SIGCONT" in " ".join("".join(seen).split())
+        _rest(q)
+        assert p.wait(timeout=30) == 130 and time.time() - t0 < 25  # well within the 30 s grace period
+        status = running[0].status()
+        assert status["state"] == "cancelled" and "SIGTERM" in status["error"]  # it heard the SIGTERM itself
+        assert running[0].file("last.pt").exists()
+    finally:
+        p.kill()
+        if psutil.pid_exists(worker):
+            psutil.Process(worker).kill()
+
+
+def _stuck_train(tmp_path):
+    """`gaussreg train` in the foreground of a run whose factory hangs, once it is in the factory."""
+    p, worker = _stuck_launch(tmp_path)  # a launch gives the run directory
+    p.kill()  # the worker follows its scheduler (SIGTERM), which its stuck factory ignores
+    psutil.Process(worker).kill()
+    psutil.wait_procs([psutil.Process(worker)], timeout=10)
+    p.wait()
+    (run,) = Store(tmp_path / "runs").runs()
+    pid_file = tmp_path / "worker.pid"
+    pid_file.unlink()
+    t = subprocess.Popen(cli("train", run.path), cwd=tmp_path, env=python_env(STUCK_PID_FILE=str(pid_file)),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (pid_file.exists() and pid_file.read_text()):
+        assert time.time() < deadline and t.poll() is None
+        time.sleep(0.05)
+    return t, run
+
+
+def test_gaussreg_train_says_what_ctrl_c_waits_for_and_a_second_one_stops_at_once(tmp_path):
+    t, run = _stuck_train(tmp_path)
+    try:
+        t.send_signal(signal.SIGINT)
+        seen, q = _lines_until(t, "Ctrl-C again stops at once", timeout=15)
+        assert "SIGINT: stopping at the next batch" in "".join(seen)
+        t0 = time.time()
+        t.send_signal(signal.SIGINT)
+        assert t.wait(timeout=15) == 130 and time.time() - t0 < 15
+        status = run.status()
+        assert status["state"] == "cancelled" and "stopped at once by a second SIGINT" in status["error"]
+    finally:
+        t.kill()
+
+
+def test_gaussreg_cancel_of_a_stuck_foreground_train_marks_it_cancelled(tmp_path):
+    t, run = _stuck_train(tmp_path)  # no scheduler to reap it: the cancel itself records how it ended
+    try:
+        out = subprocess.run(cli("cancel", run.id, "--store", tmp_path / "runs", "--grace", "1"),
+                             env=python_env(COLUMNS="400"), capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and "killed with SIGKILL" in out.stdout, out
+        assert t.wait(timeout=15) == -signal.SIGKILL
+        status = run.status()
+        assert status["state"] == "cancelled" and "did not stop within 1 s" in status["error"], status
+    finally:
+        t.kill()

@@ -6,9 +6,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import cli, python_env
 
@@ -80,10 +82,14 @@ def test_settings_flags_override_the_table_and_are_checked():
     cfg = slurm.settings({"partition": "a", "time": "04:00:00", "per_gpu": 3}, {"partition": "b", "mem": None})
     assert (cfg.partition, cfg.time, cfg.per_gpu, cfg.requeue, cfg.signal) == ("b", "04:00:00", 3, True, "B:TERM@120")
     for bad, key in [({"gpus_per_run": -1}, "gpus_per_run"), ({"time": "4 hours"}, "time"),
-                     ({"mem": "lots"}, "mem"), ({"partiton": "x"}, "partiton"), ({"per_gpu": 0}, "per_gpu")]:
+                     ({"mem": "lots"}, "mem"), ({"partiton": "x"}, "partiton"), ({"per_gpu": 0}, "per_gpu"),
+                     # numbers that size what a task starts, or that Slurm cannot hold
+                     ({"per_gpu": 257}, "per_gpu"), ({"per_gpu": 99999999999999999999}, "per_gpu"),
+                     ({"cpus_per_run": 2 ** 31}, "cpus_per_run"), ({"array_parallelism": 10 ** 30}, "array_parallelism")]:
         with pytest.raises(slurm.SlurmConfigError) as e:
             slurm.settings(bad)
         assert e.value.key == key
+    assert slurm.settings({"per_gpu": 256, "cpus_per_run": 2 ** 31 - 1}).per_gpu == 256
 
 
 def test_sbatch_command_packs_per_gpu_runs_into_one_task():
@@ -281,3 +287,181 @@ def test_a_cpu_spec_on_a_gpu_task_or_a_cpu_task_trains(tmp_path, spec_extra, gpu
     assert p.returncode == 0, p.stdout + p.stderr
     st = run.status()
     assert st["state"] == "completed" and st["gpu_slot"] == ("0" if gpus else None)
+
+
+def test_a_packed_slurm_task_kills_a_cancelled_worker_stuck_in_its_factory(tmp_path, monkeypatch):
+    from gaussreg.launch import slurm
+    from gaussreg.runs.spec import resolve, run_id
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "stuckpack.py").write_text(
+        "import os, time\n"
+        "def hang(info):\n"
+        "    open(os.path.join(os.environ['STUCK_DIR'], str(os.getpid())), 'w').close()\n"
+        "    while True:\n"
+        "        time.sleep(0.05)\n")
+    (tmp_path / "pids").mkdir()
+    st = Store(tmp_path / "runs")
+    runs = []
+    for seed in (1, 2):
+        spec = resolve({"dataset": "synthetic", "model": "stuckpack:hang", "preset": "lenet", "method": "baseline",
+                        "experiment": "sl", "max_epochs": 1, "seed": seed, "python_path": [str(tmp_path / "src")]})
+        runs.append(st.create(spec, run_id(spec)))
+    (tmp_path / "runs.txt").write_text("".join(f"{r.path}\n" for r in runs))
+    for k, v in python_env(STUCK_DIR=str(tmp_path / "pids"), SLURM_ARRAY_JOB_ID="9", SLURM_ARRAY_TASK_ID="0").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(slurm, "GRACE_S", 2.0)
+
+    def cancel_once_in_factories():
+        deadline = time.time() + 120
+        while len(list((tmp_path / "pids").iterdir())) < 2 and time.time() < deadline:
+            time.sleep(0.05)  # both workers are in their factories
+        for r in runs:
+            r.cancel_request.write_text("{}")  # what gaussreg cancel writes for a packed run
+    threading.Thread(target=cancel_once_in_factories, daemon=True).start()
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    t0 = time.time()
+    try:
+        assert slurm._task(tmp_path / "runs.txt", 2) == 1  # signals are only set in the main thread
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    assert len(list((tmp_path / "pids").iterdir())) == 2 and time.time() - t0 < 120
+    for r in runs:
+        st_ = r.status()
+        assert st_["state"] == "cancelled" and "killed with SIGKILL" in st_["error"], st_
+    assert not any(psutil.pid_exists(int(p.name)) for p in (tmp_path / "pids").iterdir())
+
+
+@pytest.mark.parametrize("command", ["scancel", "squeue", "sbatch"])
+def test_a_slurm_command_that_hangs_is_bounded_and_said_in_one_sentence(fake_slurm, monkeypatch, command):
+    from gaussreg.launch.control import ControlError
+    from gaussreg.launch.request import LaunchError, LaunchRequest, plan, submit_slurm
+    if command == "sbatch":  # the submission itself hangs
+        monkeypatch.chdir(fake_slurm["dir"])
+        monkeypatch.setenv("PATH", f"{fake_slurm['bin']}:{os.environ['PATH']}")
+    else:
+        fake_slurm["submit"]()
+    pid_file = fake_slurm["dir"] / f"{command}.pid"
+    # a controller that never answers; its child (sleep) must not outlive the timeout either
+    (fake_slurm["bin"] / command).write_text(f"#!/bin/bash\nsleep 1000 &\necho $! > {pid_file}\nwait\n")
+    monkeypatch.setattr(slurm, "COMMAND_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(slurm, "SBATCH_TIMEOUT_S", 1.0)
+    t0 = time.time()
+    if command == "sbatch":
+        with pytest.raises(LaunchError) as e:
+            submit_slurm(plan(LaunchRequest("m.toml", "runs", backend="slurm")))
+        assert "check `squeue --me`" in str(e.value)
+    elif command == "scancel":
+        run = next(iter(Store(fake_slurm["dir"] / "runs").runs()))
+        with pytest.raises(ControlError) as e:
+            slurm.cancel(run)
+        assert "may still run; `gaussreg cancel` again retries" in str(e.value)
+    else:
+        with pytest.raises(slurm.SlurmError) as e:
+            slurm.squeue()
+    assert str(e.value).startswith(f"{command} did not answer within 1 s: is the Slurm controller reachable")
+    assert "\n" not in str(e.value) and time.time() - t0 < 15
+    sleeper = int(pid_file.read_text())
+    deadline = time.time() + 10
+    while psutil.pid_exists(sleeper) and psutil.Process(sleeper).status() != psutil.STATUS_ZOMBIE:
+        assert time.time() < deadline, "the hanging command's child outlived the timeout"
+        time.sleep(0.05)
+
+
+def test_follow_whose_squeue_fails_ends_in_one_sentence(fake_slurm):
+    fake_slurm["submit"]()
+    once = fake_slurm["dir"] / "squeue_answers_once"
+    once.touch()  # the submission's squeue answers; the live view's do not (PATH holds only the fakes: no rm)
+    (fake_slurm["bin"] / "squeue").write_text(f"#!/bin/bash\n[ -f {once} ] && {{ {sys.executable} -c 'import os; os.remove(\"{once}\")'; exit 0; }}\n"
+                                              "echo 'slurm_load_jobs error: Unable to contact slurm controller' >&2\n"
+                                              "exit 1\n")
+    r = gr(fake_slurm, "run", "m.toml", "--backend", "slurm", "--follow")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "squeue failed: slurm_load_jobs error: Unable to contact slurm controller; the runs stay submitted" in \
+        " ".join(r.stderr.split())
+    assert not once.exists()
+
+
+def test_job_ids_are_ascii_digits_of_sane_length():
+    assert slurm.parse_job_id("4242;cluster\n") == "4242" and slurm.parse_job_id("4294967295") == "4294967295"
+    for bad in ("١٢٣", "９９", "9" * 400, "12345678901", "-1", "4242 extra", ""):
+        with pytest.raises(slurm.SlurmError, match="sbatch printed no job id"):
+            slurm.parse_job_id(bad)
+    tasks = slurm.parse_squeue("5_0|RUNNING|None\n١٢_٣|PENDING|Priority\n" + "9" * 400 + "_1|PENDING|None\n5|X|Y\n")
+    assert list(tasks) == ["5_0"]
+
+
+def test_sbatch_that_prints_a_400_digit_job_id_is_refused_and_leaves_no_launch(fake_slurm):
+    (fake_slurm["bin"] / "sbatch").write_text("#!/bin/bash\necho '" + "7" * 400 + "'\n")
+    r = gr(fake_slurm, "run", "m.toml", "--backend", "slurm")
+    assert r.returncode == 2 and "sbatch printed no job id" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert list((fake_slurm["dir"] / "runs" / "_slurm").iterdir()) == []
+    assert all(r_.status()["state"] != "queued" or "slurm_job" not in r_.status()
+               for r_ in Store(fake_slurm["dir"] / "runs").runs())
+
+
+@pytest.mark.parametrize("name", ["runs\nevil", "runs-%j", "runs%%", "tab\there"])
+def test_store_paths_that_slurm_misreads_are_refused(fake_slurm, name):
+    r = gr(fake_slurm, "run", "m.toml", "--backend", "slurm", "--store", name)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "which Slurm would misread" in " ".join(r.stderr.split()) and "without it for --backend slurm" in r.stderr
+    assert not (fake_slurm["dir"] / name).exists() and fake_slurm["calls"]("sbatch") == []
+    # the library refuses it too (the TUI's rerun of a run resubmits through slurm.submit)
+    with pytest.raises(slurm.SlurmError, match="Slurm would misread"):
+        slurm.submit(Store(fake_slurm["dir"] / name), ["x"], slurm.settings())
+
+
+def test_cancel_never_hands_scancel_a_damaged_job_id(fake_slurm):
+    from gaussreg.launch.control import ControlError
+    fake_slurm["submit"]()
+    run = next(iter(Store(fake_slurm["dir"] / "runs").runs()))
+    for job in ("--user=someone", "١٢٣_0", "4242_0 4243_0"):
+        run.write_status({**run.status(), "state": "queued", "slurm_job": job})
+        with pytest.raises(ControlError, match="names no Slurm job that scancel can take"):
+            slurm.cancel(run)
+    assert fake_slurm["calls"]("scancel") == []
+
+
+def test_a_heartbeat_dated_in_the_future_is_not_trusted_and_says_so(tmp_path):
+    from datetime import datetime, timedelta, timezone
+
+    from gaussreg.runs.reader import list_runs
+    from gaussreg.runs.store import STALE_S
+    from gaussreg.runs.spec import resolve, run_id
+    st = Store(tmp_path / "runs")
+    spec = resolve({"dataset": "synthetic", "model": "mlp", "method": "baseline", "experiment": "skew"})
+    run = st.create(spec, run_id(spec))
+    future = (datetime.now(timezone.utc) + timedelta(hours=3)).isoformat()
+    node = {"state": "running", "host": "node-with-a-fast-clock", "pid": 4242, "backend": "slurm",
+            "slurm_job": "7_0", "updated_at": future, "started_at": future}
+    run.write_status(node)
+    # just written: the status file's own time (the shared filesystem's) says the worker is alive
+    assert run.state() == "running"
+    old = time.time() - STALE_S - 60  # no write since: the worker died, whatever its clock says
+    os.utime(run.status_file, (old, old))
+    assert run.state() == "interrupted"
+    note = run.heartbeat_note(run.status())
+    assert note.startswith("its heartbeat is dated 3.0 h in the future (clock skew between nodes?)"), note
+    (row,) = list_runs(st)
+    assert row["state"] == "interrupted" and row["error"] == note
+    # a clock a few seconds ahead is ordinary: that heartbeat still counts
+    run.write_status({**node, "updated_at": (datetime.now(timezone.utc) + timedelta(seconds=5)).isoformat()})
+    os.utime(run.status_file, (old, old))
+    assert run.state() == "running" and run.heartbeat_note(run.status()) is None
+
+
+def test_show_says_a_heartbeat_is_dated_in_the_future(tmp_path):
+    from datetime import datetime, timedelta, timezone
+
+    from gaussreg.runs.spec import resolve, run_id
+    st = Store(tmp_path / "runs")
+    spec = resolve({"dataset": "synthetic", "model": "mlp", "method": "baseline", "experiment": "skew"})
+    run = st.create(spec, run_id(spec))
+    future = (datetime.now(timezone.utc) + timedelta(minutes=30)).isoformat()
+    run.write_status({"state": "running", "host": "elsewhere", "pid": 1, "updated_at": future, "started_at": future})
+    old = time.time() - 600
+    os.utime(run.status_file, (old, old))
+    r = subprocess.run(cli("show", run.id, "--store", st.root), capture_output=True, text=True,
+                       env=python_env(COLUMNS="300"))
+    assert r.returncode == 0, r.stderr
+    assert "interrupted: its heartbeat is dated 30 min in the future (clock skew between nodes?)" in r.stdout

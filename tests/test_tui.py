@@ -634,6 +634,9 @@ async def test_launch_from_the_tui_runs_to_completion(tmp_path, monkeypatch):
 @pytest.mark.parametrize("field,value,words", [
     ("#per-gpu", "0", "runs per GPU must be a whole number"),
     ("#max-parallel", "x", "CPU runs must be a whole number"),
+    ("#max-parallel", "٣", "CPU runs must be a whole number"),  # a digit, but not an ASCII one
+    ("#max-parallel", "9" * 5000, "CPU runs must be a whole number"),  # int() of it raises
+    ("#max-parallel", "99999999", "is more runs at once than this machine can run"),
     ("#gpus", "3", "asks for GPUs, but this machine shows none"),
     ("#gpus", "zero", "--gpus must be"),
 ])

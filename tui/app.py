@@ -183,8 +183,7 @@ class GaussregApp(App):
             if what == "cancel" and _on_slurm(run):  # scancel its array task
                 self.call_from_thread(self.notify, f"{run_id}: {slurm.cancel(run)}", markup=False)
             elif what == "cancel":
-                pid = cancel_run(run)
-                self.call_from_thread(self.notify, f"sent SIGTERM to {run_id} (pid {pid})", markup=False)
+                self.call_from_thread(self.notify, cancel_run(run), markup=False)  # waits up to its grace period
             elif _on_slurm(run):  # a cluster run trains on the cluster again, never on this login node
                 sub = slurm.resubmit(run)
                 self.call_from_thread(self.notify, f"resubmitted {run_id} as Slurm array job {sub.job_id}",

@@ -16,8 +16,10 @@ from typing import List, Optional
 import psutil
 
 from gaussreg.launch.gpus import GpuPlaceError, take_gpu_place, wants_gpu
-from gaussreg.runs.store import (RunDir, RunFileError, Store, atomic_write_json, now_iso, pid_alive, read_json,
+from gaussreg.runs.store import (LIVE, RunDir, RunFileError, Store, atomic_write_json, now_iso, pid_alive, read_json,
                                  try_lock)
+
+GRACE_S = 30.0  # how long a SIGTERMed worker gets to stop (at its next batch) before SIGKILL
 
 
 def start_worker(run: RunDir, resume: bool, gpu: Optional[str] = None, threads: Optional[int] = None,
@@ -57,9 +59,12 @@ class ControlError(Exception):
     """A run or launch cannot be controlled as asked; the message says why."""
 
 
-def cancel_run(run: RunDir) -> int:
-    """SIGTERM a running run's worker (it saves last.pt and becomes cancelled). Checks
-    that the pid really is this run's worker on this host. Returns the pid."""
+def cancel_run(run: RunDir, grace_s: float = GRACE_S) -> str:
+    """Stop a running run's worker: SIGTERM (and SIGCONT, so a stopped worker hears it);
+    it stops at its next batch and becomes cancelled. A worker that has not stopped after
+    `grace_s` (stuck in its own model or loader code) is killed with SIGKILL, its last.pt
+    kept and the run marked cancelled. Checks that the pid really is this run's worker on
+    this host. Returns what was done, in one sentence."""
     try:
         status = run.status()
     except RunFileError as e:
@@ -71,12 +76,78 @@ def cancel_run(run: RunDir) -> int:
         raise ControlError(f"run {run.id} runs on host {status.get('host')}, not here")
     try:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        cmd = ""
-    if not pid_alive(pid) or run.id not in cmd:
+        proc = psutil.Process(pid)
+    except (OSError, psutil.Error):
+        cmd, proc = "", None
+    if proc is None or not pid_alive(pid) or run.id not in cmd:
         raise ControlError(f"process {pid} of run {run.id} is not its worker any more")
-    os.kill(pid, signal.SIGTERM)
-    return pid
+    # a scheduler reaping the killed worker reads this: the run was cancelled, not failed
+    atomic_write_json(run.cancel_request, {"requested_at": now_iso(), "by": "gaussreg cancel"})
+    was_stopped = is_stopped(pid)
+    _signal_all([proc], signal.SIGTERM)
+    _signal_all([proc], signal.SIGCONT)
+    first = f"sent SIGTERM to the worker of {run.id} (pid {pid}" + (", which was stopped: SIGCONT too)" if was_stopped
+                                                                    else ")")
+    if _await_exit(proc, grace_s):
+        return f"{first}; it stopped"
+    _kill_tree(proc)
+    kept = "; its last.pt is kept (run it again to resume)" if run.last_checkpoint.exists() else ""
+    why = (f"did not stop within {grace_s:g} s of `gaussreg cancel`'s SIGTERM (stuck in its own model or "
+           f"loader code?), so it was killed with SIGKILL{kept}")
+    try:
+        now = run.status()  # the file, not state(): a killed worker's run reads as interrupted
+        if now.get("state") in LIVE:  # nobody else (a scheduler reaping it) said how it ended
+            run.write_status({**now, "state": "cancelled", "finished_at": now_iso(), "updated_at": now_iso(),
+                              "error": f"the worker {why}"})
+    except (OSError, RunFileError):
+        pass  # the run reads as interrupted, which a rerun resumes just the same
+    return f"{first}; it {why}"
+
+
+def is_stopped(pid: int) -> bool:
+    """Whether the process is stopped (SIGSTOP, Ctrl-Z): it hears no SIGTERM until SIGCONT."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_STOPPED
+    except psutil.Error:
+        return False
+
+
+def _signal_all(procs, sig) -> None:
+    for p in procs:
+        try:
+            p.send_signal(sig)
+        except psutil.Error:
+            pass  # gone already
+
+
+def _gone(proc: psutil.Process) -> bool:
+    """Exited, for a process that may be another's child (a zombie until its parent reaps it)."""
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
+
+
+def _await_exit(proc: psutil.Process, timeout: float) -> bool:
+    """Whether the worker exited within `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _gone(proc):
+            return True
+        time.sleep(0.1)
+    return _gone(proc)
+
+
+def _kill_tree(proc: psutil.Process, wait_s: float = 10.0) -> None:
+    """SIGKILL a worker and whatever it started (a loader's subprocesses), then wait for them."""
+    try:
+        procs = [proc] + proc.children(recursive=True)
+    except psutil.Error:
+        procs = [proc]
+    _signal_all(procs, signal.SIGKILL)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and not all(_gone(p) for p in procs):
+        time.sleep(0.05)
 
 
 def restart(run: RunDir, gpu: Optional[str] = None) -> subprocess.Popen:

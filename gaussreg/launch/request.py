@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Tuple, Union
 from gaussreg.data import loading as data
 from gaussreg.launch import slurm
 from gaussreg.launch.control import detach_plan
-from gaussreg.launch.gpus import canonical_gpu, detect_gpus, exclusive_gpus, nvidia_gpus, parse_gpus
+from gaussreg.launch.gpus import canonical_gpu, detect_gpus, exclusive_gpus, nvidia_gpus, parse_gpus, usable_cpus
 from gaussreg.launch.scheduler import Slot, make_slots
 from gaussreg.runs import manifest as mf
 from gaussreg.runs.manifest import PlannedRun
@@ -40,6 +40,9 @@ class LaunchRequest:
 
 
 PLAN_VERSION = 1
+# --max-parallel and --per-gpu start a worker process per run: more than this many per core only
+# thrashes (and a huge number would build that many slots before anything runs)
+MAX_RUNS_PER_CORE = 4
 
 
 @dataclass
@@ -152,6 +155,9 @@ def plan(req: LaunchRequest, commands: bool = True) -> Plan:
             cfg = slurm.settings(m.slurm, req.slurm)
         except slurm.SlurmConfigError as e:
             raise LaunchError(f"Slurm setting (flag or [slurm] in {req.manifest}) {e}") from None
+        problem = slurm.store_path_problem(Path(req.store))
+        if problem:
+            raise LaunchError(problem)
         if commands:
             try:
                 slurm.require("sbatch", "squeue")
@@ -162,6 +168,11 @@ def plan(req: LaunchRequest, commands: bool = True) -> Plan:
             raise LaunchError(f"runs per GPU (--per-gpu) must be a whole number ≥ 1, not {req.per_gpu!r}")
         if req.max_parallel is not None and (not isinstance(req.max_parallel, int) or req.max_parallel < 1):
             raise LaunchError(f"parallel runs (--max-parallel) must be a whole number ≥ 1, not {req.max_parallel!r}")
+        limit = MAX_RUNS_PER_CORE * usable_cpus()
+        for flag, value in (("--per-gpu", req.per_gpu), ("--max-parallel", req.max_parallel)):
+            if value is not None and value > limit:  # before a slot is made: each is a worker process
+                raise LaunchError(f"{flag} {value} is more runs at once than this machine can run: at most {limit} "
+                                  f"({MAX_RUNS_PER_CORE} per usable core, {usable_cpus()} core(s))")
         gpus = resolve_gpus(req.gpus)
         if req.per_gpu > 1:
             excl = exclusive_gpus(gpus)

@@ -16,11 +16,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
-from gaussreg.launch.control import ControlError, start_worker
+from gaussreg.launch.control import GRACE_S, ControlError, is_stopped, start_worker
 from gaussreg.launch.gpus import canonical_gpu, nvidia_gpus, usable_cpus
 from gaussreg.runs.store import FINISHED, LIVE, RunDir, RunFileError, Store, now_iso, try_lock
-
-GRACE_S = 30.0  # how long a SIGTERMed worker gets to write last.pt before SIGKILL
 
 
 @dataclass
@@ -111,7 +109,8 @@ class Snapshot:
 class Scheduler:
     def __init__(self, store: Store, run_ids: List[str], slots: List[Slot], rerun: bool = False,
                  worker_argv: Optional[List[str]] = None, on_change: Optional[Callable] = None,
-                 poll_s: float = 0.5, grace_s: float = GRACE_S, specs: Optional[Dict[str, dict]] = None):
+                 poll_s: float = 0.5, grace_s: float = GRACE_S, specs: Optional[Dict[str, dict]] = None,
+                 say: Optional[Callable[[str], None]] = None):
         """`specs` (run id -> spec) are runs whose directories this scheduler creates: each
         one when it is launched, and the others by a thread while the first runs train, so
         the first run of a 10,000-run grid starts at once (a directory costs ~20 ms of fsyncs)."""
@@ -123,6 +122,10 @@ class Scheduler:
         self.worker_argv = worker_argv  # None: python -m gaussreg.runs.worker
         self.on_change = on_change or (lambda snapshot, what, run: None)  # (Snapshot, what, RunDir)
         self.poll_s, self.grace_s = poll_s, grace_s
+        # what stopping waits for, in sentences (the CLI prints them on stderr): a stop never waits silently
+        self.say = say or (lambda message: None)
+        self.kill_now = False  # a second Ctrl-C: stop waiting for the workers
+        self.killed: Dict[str, str] = {}  # run id -> why its worker was killed with SIGKILL
         self.active: Dict[int, Active] = {}  # slot index -> active run
         self.summary = Summary()
         self.stopping = False
@@ -133,7 +136,10 @@ class Scheduler:
         self.share_error: Optional[str] = None  # why GPU shares could not be locked (then not counted)
 
     def stop(self, *_args) -> None:
-        """First Ctrl-C (or SIGTERM): launch nothing more and cancel the running workers."""
+        """First Ctrl-C (or SIGTERM): launch nothing more and cancel the running workers;
+        a second one: kill them now instead of waiting (a signal handler: only flags here)."""
+        if self.stopping:
+            self.kill_now = True
         self.stopping = True
 
     def snapshot(self) -> Snapshot:
@@ -215,6 +221,7 @@ class Scheduler:
                 return False
             if self.rerun:  # from scratch: a corrupt last.pt must not fail every rerun
                 run.forget_results()
+            run.cancel_request.unlink(missing_ok=True)  # an old `gaussreg cancel` is not about this attempt
             # a CPU slot hides every GPU: inheriting the parent's devices would put each
             # `device = "auto"` worker on GPU 0
             gpu = slot.gpu if slot.gpu is not None else ""
@@ -236,9 +243,10 @@ class Scheduler:
         state = status.get("state")
         if state in LIVE:
             # the worker died without saying so (crash, SIGKILL, OOM)
-            state = "cancelled" if self.stopping else "failed"
+            # cancelled: by this scheduler's stop, or by `gaussreg cancel` (which killed a stuck worker)
+            state = "cancelled" if self.stopping or a.run.cancel_request.exists() else "failed"
             status.update(state=state, finished_at=now_iso(), updated_at=now_iso(),
-                          error=_died(rc, a.run))
+                          error=_died(rc, a.run, self.killed.get(a.run.id)))
             try:
                 a.run.write_status(status)
             except OSError as e:  # a full disk: the status stays as the worker left it, reading as interrupted
@@ -256,21 +264,42 @@ class Scheduler:
         self._notify(state, a.run)
 
     def _terminate_all(self) -> None:
+        """SIGTERM every worker (SIGCONT too: a stopped one must hear it), wait up to grace_s
+        for them to stop at their next batch, saying so, then SIGKILL the ones that did not
+        (stuck in user code, or stopped again); a second Ctrl-C ends the wait at once."""
+        stopped = [a.run.id for a in self.active.values() if is_stopped(a.proc.pid)]
         for a in self.active.values():
-            try:
-                os.killpg(a.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            for sig in (signal.SIGTERM, signal.SIGCONT):
+                try:
+                    os.killpg(a.proc.pid, sig)
+                except ProcessLookupError:
+                    pass
+        if self.active:
+            self.say(f"stopping: waiting up to {self.grace_s:g} s for {len(self.active)} worker(s) to stop at their "
+                     f"next batch ({', '.join(a.run.id for a in self.active.values())})"
+                     + (f"; {', '.join(stopped)} had been stopped (SIGSTOP) and got SIGCONT" if stopped else "")
+                     + "; press Ctrl-C again to kill them now (last.pt is kept)")
         deadline = time.time() + self.grace_s
-        while self.active and time.time() < deadline:
+        while self.active and time.time() < deadline and not self.kill_now:
             self._poll()
             time.sleep(0.1)
-        for a in self.active.values():
-            try:
-                os.killpg(a.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            a.proc.wait()
+        if self.active:
+            why = ("killed with SIGKILL at a second Ctrl-C" if self.kill_now else
+                   f"did not stop within {self.grace_s:g} s of SIGTERM (stuck in its own model or loader code, or "
+                   "stopped), so it was killed with SIGKILL")
+            self.say(f"{'second Ctrl-C' if self.kill_now else 'grace period over'}: killing "
+                     f"{', '.join(a.run.id for a in self.active.values())} with SIGKILL")
+            for a in self.active.values():
+                self.killed[a.run.id] = why
+                try:
+                    os.killpg(a.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            for a in self.active.values():
+                try:
+                    a.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:  # uninterruptible I/O: say so rather than hang
+                    self.say(f"worker {a.proc.pid} of {a.run.id} has not died 10 s after SIGKILL; not waiting for it")
         self._poll()
 
     def _poll(self) -> None:
@@ -322,11 +351,14 @@ class Scheduler:
         return self.summary
 
 
-def _died(rc: Optional[int], run: RunDir) -> str:
+def _died(rc: Optional[int], run: RunDir, killed: Optional[str] = None) -> str:
     """Why a worker that never said how it ended is not running: a signal (kill -9, the
-    kernel's OOM killer) leaves nothing in worker.log, so say which, and what is kept."""
+    kernel's OOM killer) leaves nothing in worker.log, so say which, and what is kept;
+    `killed`: why this scheduler killed it."""
     kept = (" (its last.pt holds the last finished epoch: run it again to resume)"
             if run.last_checkpoint.exists() else "")
+    if killed:
+        return f"worker {killed}{kept}"
     if rc is not None and rc < 0:
         try:
             name = signal.Signals(-rc).name

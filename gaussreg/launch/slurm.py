@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from gaussreg.launch.control import ControlError
+from gaussreg.launch.control import GRACE_S, ControlError
 from gaussreg.runs.environment import gpu_task
 from gaussreg.runs.slurm_settings import (SlurmConfigError, SlurmSettings,  # noqa: F401 - settings: slurm.settings
                                           settings, times_mem)
@@ -38,6 +38,8 @@ from gaussreg.runs.store import (FINISHED, LIVE, RunDir, RunFileError, Store, at
                                  MAX_PLAN, now_iso, read_bytes_nofollow, read_json)
 
 SQUEUE_MIN_S = 10.0  # never poll squeue more often than this (it loads the controller)
+COMMAND_TIMEOUT_S = 60.0  # squeue and scancel: a controller that has not answered by then is not going to
+SBATCH_TIMEOUT_S = 120.0  # sbatch of a large array takes longer
 JOB_NAME = "gaussreg"
 # pending reasons that will not resolve by waiting
 FATAL_REASONS = ("PartitionConfig", "ReqNodeNotAvail", "InvalidQOS", "InvalidAccount", "PartitionNodeLimit",
@@ -75,13 +77,31 @@ def sbatch_command(cfg: SlurmSettings, tasks: int, script: Path, out_dir: Path) 
     return cmd + list(cfg.sbatch_args) + [str(script)]
 
 
+# Slurm's job ids and array indices are 32-bit: ASCII digits, at most 10 (str.isdigit and \d
+# also take "١٢٣", and 400 digits would be no job of Slurm's)
+_ID = r"[0-9]{1,10}"
+JOB = re.compile(rf"{_ID}(_{_ID})?")  # a job, or an array task "JOBID_INDEX"
+
+
 def parse_job_id(out: str) -> str:
     """`sbatch --parsable` prints `JOBID` or `JOBID;CLUSTER`."""
     first = out.strip().splitlines()[0] if out.strip() else ""
     jid = first.split(";")[0].strip()
-    if not jid.isdigit():
+    if not re.fullmatch(_ID, jid):
         raise SlurmError(f"sbatch printed no job id (got {out.strip()[:200]!r})")
     return jid
+
+
+def store_path_problem(root: Path) -> Optional[str]:
+    """Why Slurm cannot be given this store, or None: runs.txt holds one path a line, and
+    sbatch expands `%` patterns (%j, %u, ...) in --output, so a newline, another control
+    character or a `%` in the store's path would make the job train or write elsewhere."""
+    path = str(root.resolve())
+    bad = next((c for c in path if c == "%" or ord(c) < 32 or ord(c) == 127), None)
+    if bad is None:
+        return None
+    return (f"the store path {path!r} holds {bad!r}, which Slurm would misread (a newline splits the job's run "
+            "list; sbatch expands `%` patterns in --output): use a store path without it for --backend slurm")
 
 
 @dataclass
@@ -96,20 +116,41 @@ def parse_squeue(out: str) -> Dict[str, Task]:
     tasks = {}
     for line in out.splitlines():
         parts = line.strip().split("|")
-        if len(parts) != 3 or not re.fullmatch(r"\d+_\d+", parts[0]):
+        if len(parts) != 3 or not JOB.fullmatch(parts[0]) or "_" not in parts[0]:
             continue
         tasks[parts[0]] = Task(parts[0], parts[1], parts[2])
     return tasks
 
 
+def run_command(cmd: List[str], timeout: float, after: str = "", **kw) -> subprocess.CompletedProcess:
+    """Run one Slurm command (sbatch, squeue, scancel), bounded: a controller that does not
+    answer must not hang gaussreg. The command runs in its own session so that it and
+    anything it started are killed at the timeout; every failure to run it is a SlurmError
+    of one sentence (a refusal by Slurm is the caller's to word); `after` ends the sentence
+    of a timeout (what the user should check)."""
+    name = cmd[0]
+    try:
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                             text=True, start_new_session=True, **kw)
+    except OSError as e:
+        raise SlurmError(f"{name} could not be run ({e.strerror or e})") from None
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        p.communicate()
+        raise SlurmError(f"{name} did not answer within {timeout:g} s: is the Slurm controller reachable "
+                         f"(try `sinfo`)?{after}") from None
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
 def squeue() -> Dict[str, Task]:
     """This user's gaussreg array tasks that Slurm still knows (pending, running, ...)."""
     require("squeue")
-    try:
-        p = subprocess.run(["squeue", "-h", "-r", "-n", JOB_NAME, "-o", "%i|%T|%r"],
-                           capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError) as e:
-        raise SlurmError(f"squeue could not be run ({e})") from None
+    p = run_command(["squeue", "-h", "-r", "-n", JOB_NAME, "-o", "%i|%T|%r"], COMMAND_TIMEOUT_S)
     if p.returncode != 0:
         raise SlurmError(f"squeue failed: {(p.stderr or p.stdout).strip()[:300]}")
     return parse_squeue(p.stdout)
@@ -117,7 +158,8 @@ def squeue() -> Dict[str, Task]:
 
 def scancel(job: str) -> None:
     require("scancel")
-    p = subprocess.run(["scancel", job], capture_output=True, text=True, timeout=60)
+    p = run_command(["scancel", job], COMMAND_TIMEOUT_S, after=f" Job {job} may still run; `gaussreg cancel` again "
+                    "retries")
     if p.returncode != 0:
         raise SlurmError(f"scancel {job} failed: {(p.stderr or p.stdout).strip()[:300]}")
 
@@ -161,6 +203,9 @@ def submit(store: Store, run_ids: List[str], cfg: SlurmSettings, rerun: bool = F
            python: str = sys.executable) -> Submission:
     """Submit the runs that need training as one array job; write each one's queued
     status with the job id. Runs already queued or running in Slurm are left alone."""
+    problem = store_path_problem(store.root)
+    if problem:
+        raise SlurmError(problem)
     require("sbatch", "squeue")
     todo, skipped = _plan(store, run_ids, rerun, squeue())
     if not todo:
@@ -188,10 +233,8 @@ def submit(store: Store, run_ids: List[str], cfg: SlurmSettings, rerun: bool = F
     script.chmod(0o755)
     cmd = sbatch_command(cfg, tasks, script.resolve(), sub.resolve())
     try:
-        try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=str(store.root))
-        except (OSError, subprocess.SubprocessError) as e:
-            raise SlurmError(f"sbatch could not be run ({e})") from None
+        p = run_command(cmd, SBATCH_TIMEOUT_S, cwd=str(store.root),
+                        after=" Slurm may have queued the job anyway: check `squeue --me` and scancel it")
         if p.returncode != 0:
             raise SlurmError(f"sbatch refused the job: {(p.stderr or p.stdout).strip()[:500]}")
         jid = parse_job_id(p.stdout)
@@ -234,6 +277,9 @@ def cancel(run: RunDir) -> str:
     if state not in LIVE:
         raise ControlError(f"run {run.id} is {state}, neither queued nor running")
     job = status["slurm_job"]
+    if not isinstance(job, str) or not JOB.fullmatch(job):  # never hand scancel an option or a stranger's words
+        raise ControlError(f"run {run.id} names no Slurm job that scancel can take ({str(job)[:40]!r}); "
+                           "its status.json is damaged")
     atomic_write_json(run.cancel_request, {"requested_at": now_iso()})
     shared = status.get("slurm_runs_per_task", 1) > 1
     if not shared:
@@ -340,12 +386,27 @@ def _task(runs_file: Path, per_task: int) -> int:
                 p.send_signal(signum)
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    stopped = set()
+    stopped: Dict[str, float] = {}  # run id -> when it was asked to stop
     while any(p.poll() is None for _, p in procs.values()):
         for rid, (run, p) in procs.items():  # gaussreg cancel of one packed run
             if rid not in stopped and p.poll() is None and run.cancel_request.exists():
                 p.send_signal(signal.SIGTERM)
-                stopped.add(rid)
+                stopped[rid] = time.monotonic()
+            elif rid in stopped and p.poll() is None and time.monotonic() - stopped[rid] > GRACE_S:
+                # stuck in its own code: the cancel is honoured anyway, last.pt kept (as gaussreg cancel does locally)
+                print(f"{now_iso()} {rid} did not stop within {GRACE_S:g} s of SIGTERM; killing it (SIGKILL)",
+                      flush=True)
+                p.kill()
+                p.wait()
+                try:
+                    now = run.status()  # the file, not state(): a dead worker's run reads as interrupted
+                    if now.get("state") in LIVE:
+                        run.write_status({**now, "state": "cancelled", "finished_at": now_iso(),
+                                          "updated_at": now_iso(), "error": f"cancelled; the worker did not stop "
+                                          f"within {GRACE_S:g} s of SIGTERM (stuck in its own code?), so it was "
+                                          "killed with SIGKILL; last.pt keeps the last finished epoch"})
+                except (OSError, RunFileError):
+                    pass
         time.sleep(1.0)
     return 0 if all(p.returncode == 0 for _, p in procs.values()) else 1
 

@@ -13,12 +13,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
 
 import torch
 
 from gaussreg.core import plugins
 from gaussreg.data import loading as data
+from gaussreg.runs.environment import orphaned, watch_parent
 from gaussreg.science import adf, models
 from gaussreg.science.regularizer import moment_loss
 
@@ -75,6 +77,9 @@ def check(item: dict) -> list:
 
 
 def main() -> int:
+    # a user's factory may hang: this check must never outlive the CLI that waits for it
+    if orphaned(watch_parent(signal.SIGKILL)):
+        return 1
     items = json.load(sys.stdin)
     out = []
     # The answer must reach the CLI whatever the user's code writes: not only print() but a

@@ -4,11 +4,37 @@ gaussreg.launch.slurm sets these variables in the job script; the worker only re
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
-from typing import Tuple
+import sys
+from typing import Optional, Tuple
 
 from gaussreg.runs.store import RunDir
+
+
+def watch_parent(signum: int = signal.SIGTERM) -> Optional[int]:
+    """The process that started this one (GAUSSREG_PARENT_PID), made to stop us when it
+    dies: Linux sends `signum` on its death (PR_SET_PDEATHSIG); elsewhere the caller
+    checks `orphaned`. None when no parent asked to be watched. Used by the worker (SIGTERM:
+    a cancel that keeps last.pt) and by the dry-run's check of user code (SIGKILL: nothing
+    to keep, and a user's code may catch SIGTERM)."""
+    parent = os.environ.pop("GAUSSREG_PARENT_PID", None)
+    if not parent or not parent.isdigit():
+        return None
+    if sys.platform.startswith("linux"):
+        try:
+            PR_SET_PDEATHSIG = 1
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # the caller's own check of orphaned() still stops it
+    return int(parent)
+
+
+def orphaned(parent: Optional[int]) -> bool:
+    """Whether the watched parent died (we were re-parented); also covers a parent that
+    died before watch_parent asked the kernel to follow it."""
+    return parent is not None and os.getppid() != parent
 
 
 def stop_state(run: RunDir, signum: int) -> Tuple[str, str]:

@@ -447,7 +447,8 @@ def check_code(m: Manifest, timeout: float = 600) -> List[ManifestError]:
             if depth is not None and depth not in c["depths"]:
                 c["depths"].append(depth)
     root = str(Path(__file__).resolve().parents[1])  # the child imports this gaussreg
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
+           "GAUSSREG_PARENT_PID": str(os.getpid())}  # it dies with us (gaussreg.runs.environment.watch_parent)
     try:
         out = subprocess.run([sys.executable, "-m", "gaussreg.runs.check"], input=json.dumps(combos),
                              capture_output=True, text=True, env=env, timeout=timeout)

@@ -115,12 +115,15 @@ class RunReader:
             epoch, best = self._epoch, self._best_val_acc
         started = parse_iso(self.status.get("started_at"))
         ended = parse_iso(self.status.get("finished_at"))
-        duration = (ended or now) - started if started and (ended or state == "running") else None
+        # max: a start dated by a node whose clock is ahead must not show a negative duration
+        duration = max(0.0, (ended or now) - started) if started and (ended or state == "running") else None
         s = self.spec
         self.row = RunRow(run.id, s.get("experiment", ""), s.get("dataset", ""), s.get("model", ""),
                           s.get("method", ""), describe_params(s, with_seed=False), s.get("seed"), state, epoch,
                           s.get("max_epochs"), best, res.get("test_accuracy") if res else None,
-                          res.get("robustness") if res else None, duration, self.status.get("error"),
+                          res.get("robustness") if res else None, duration,
+                          self.status.get("error") or (run.heartbeat_note(self.status) if state == "interrupted"
+                                                       else None),
                           self.status.get("slurm_job"), phase_of({**self.status, "state": state}))
         return self.row
 

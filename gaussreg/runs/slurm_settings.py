@@ -32,6 +32,7 @@ class SlurmSettings:
 
 
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")
+MAX_PER_TASK = 256  # runs packed in one array task (--per-gpu): each is a worker process on its node
 _MEM = re.compile(r"^(\d+)([KMGT]?)$", re.I)
 
 
@@ -47,8 +48,10 @@ def settings(table: Optional[dict] = None, overrides: Optional[dict] = None) -> 
             raise SlurmConfigError(key, f"unknown Slurm setting (known: {', '.join(names)})")
         if key in ("gpus_per_run", "cpus_per_run", "array_parallelism", "per_gpu"):
             lo = 0 if key == "gpus_per_run" else 1
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise SlurmConfigError(key, f"must be an integer >= {lo}, not {v!r}")
+            # per_gpu: worker processes one task starts on its node; the others: Slurm's 32-bit counts
+            hi = MAX_PER_TASK if key == "per_gpu" else 2 ** 31 - 1
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise SlurmConfigError(key, f"must be an integer from {lo} to {hi}, not {v!r}")
         elif key == "requeue":
             if not isinstance(v, bool):
                 raise SlurmConfigError(key, f"must be true or false, not {v!r}")

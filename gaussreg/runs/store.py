@@ -35,6 +35,7 @@ LIVE = ("queued", "running")  # states whose rows change without their status fi
 TERMINAL = ("completed", "failed", "diverged", "cancelled")  # no run leaves these by itself
 HEARTBEAT_S = 5.0  # the worker refreshes updated_at this often (contract: <= 10 s)
 STALE_S = 30.0  # a running status of another host older than this is interrupted
+SKEW_S = 60.0  # a heartbeat dated further ahead than this comes from a clock that is wrong (another node's)
 LOCK_TRIES = 3
 # what a running worker is doing (status.json's "phase"), as the views name it
 PHASES = {"training": "training", "validating": "validating", "evaluating": "evaluating R",
@@ -637,7 +638,7 @@ class RunDir:
         if status.get("host") == socket.gethostname():
             held = self.lock_held()
             if held is None:  # the lock cannot be read: the pid and the heartbeat must do
-                age = time.time() - (parse_iso(status.get("updated_at")) or 0)
+                age = self.heartbeat_age(status)
                 return "interrupted" if age > STALE_S and not pid_alive(status.get("pid")) else state
             if held:
                 return state
@@ -646,8 +647,31 @@ class RunDir:
             except RunFileError:
                 return "interrupted"
             return "interrupted" if now.get("state") == "running" else now.get("state", "queued")
-        age = time.time() - (parse_iso(status.get("updated_at")) or 0)
-        return "interrupted" if age > STALE_S else state
+        return "interrupted" if self.heartbeat_age(status) > STALE_S else state
+
+    def heartbeat_age(self, status: dict) -> float:
+        """Seconds since the worker last showed life. `updated_at` is the worker's clock: one
+        more than SKEW_S ahead of ours (clock skew between nodes) proves nothing, so then the
+        status file's modification time (the shared filesystem's clock) stands in for it,
+        and when that is in the future too, nothing says the worker lives."""
+        now = time.time()
+        beat = parse_iso(status.get("updated_at")) or 0
+        if beat - now <= SKEW_S:
+            return now - beat
+        try:
+            mtime = os.stat(self.status_file, follow_symlinks=False).st_mtime
+        except OSError:
+            return math.inf
+        return now - mtime if mtime - now <= SKEW_S else math.inf
+
+    def heartbeat_note(self, status: dict) -> Optional[str]:
+        """A sentence when the run's heartbeat is dated in the future (see heartbeat_age), else None."""
+        ahead = (parse_iso(status.get("updated_at")) or 0) - time.time()
+        if ahead <= SKEW_S:
+            return None
+        span = f"{ahead:.0f} s" if ahead < 120 else f"{ahead / 60:.0f} min" if ahead < 7200 else f"{ahead / 3600:.1f} h"
+        return (f"its heartbeat is dated {span} in the future (clock skew between nodes?), so it is not trusted: "
+                "the status file's own time tells whether the worker still writes")
 
     def log_tail(self, lines: int = 20) -> str:
         try:

@@ -8,7 +8,6 @@ or the state and one sentence of why (README: "The run directory")."""
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import signal
 import socket
@@ -16,10 +15,10 @@ import sys
 import threading
 import traceback
 from contextlib import contextmanager
-from typing import Optional
 
 from gaussreg.data import loading as data
 from gaussreg.runs import environment
+from gaussreg.runs.environment import orphaned, watch_parent
 from gaussreg.runs.device import make_deterministic, out_of_memory, pick_device, resolve_precision
 from gaussreg.runs.spec import SpecError, changed_noise_bank, changed_source, resolve
 from gaussreg.runs.store import HEARTBEAT_S, RunDir, RunFileError, atomic_write_json, now_iso, read_json, try_lock
@@ -58,31 +57,18 @@ class Status:
             self._thread.join()
 
 
-def watch_parent() -> Optional[int]:
-    """The scheduler that started this worker (GAUSSREG_PARENT_PID), made to stop us when
-    it dies: Linux sends SIGTERM on its death (PR_SET_PDEATHSIG), which the worker treats
-    like a cancel (last.pt kept, the run resumable); elsewhere the training loop notices
-    that its parent changed. None when no parent asked to be watched."""
-    parent = os.environ.pop("GAUSSREG_PARENT_PID", None)
-    if not parent or not parent.isdigit():
-        return None
-    if sys.platform.startswith("linux"):
-        try:
-            PR_SET_PDEATHSIG = 1
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        except (OSError, AttributeError):
-            pass  # the per-batch check below still stops us
-    return int(parent)
-
-
-def orphaned(parent: Optional[int]) -> bool:
-    return parent is not None and os.getppid() != parent
-
-
 @contextmanager
-def _signals(flag: dict):
+def _signals(flag: dict, stop_now):
+    """SIGTERM and SIGINT ask to stop at the next batch, saying so on stderr (worker.log
+    under a scheduler); a second SIGINT (Ctrl-C of `gaussreg train`) calls stop_now(signum):
+    a model or loader stuck in its own code never reaches a next batch."""
     def handler(signum, _frame):
-        flag["signal"] = signum
+        if signum == signal.SIGINT and "signal" in flag:
+            stop_now(signum)
+        flag.setdefault("signal", signum)
+        # os.write: a handler must not re-enter a buffered stream the main thread may be writing
+        os.write(2, (f"{signal.Signals(signum).name}: stopping at the next batch (last.pt keeps the last finished "
+                     "epoch)" + ("; Ctrl-C again stops at once\n" if signum == signal.SIGINT else "\n")).encode())
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
@@ -194,7 +180,18 @@ def _check_run(run: RunDir, fail):
 def _train_to_the_end(spec, run: RunDir, dev, resume: bool, parent, status: Status, log, logf, fail) -> int:
     """Train under the stop signals; record the result or how the run ended. The exit code."""
     flag = {}
-    with _signals(flag):
+
+    def stop_now(signum: int) -> None:
+        """A second Ctrl-C: record the cancel and exit now, without waiting for the batch."""
+        state, message = environment.stop_state(run, signum)
+        try:  # not Status.update: its lock may be held by the code this handler interrupted
+            run.write_status({**status.fields, "state": state, "finished_at": now_iso(), "updated_at": now_iso(),
+                              "error": f"{message} (stopped at once by a second {signal.Signals(signum).name})"})
+        except OSError:
+            pass  # the run reads as interrupted, and resumes the same
+        os._exit(128 + signum)
+
+    with _signals(flag, stop_now):
         if orphaned(parent):
             flag["signal"] = signal.SIGTERM  # the scheduler died before we could ask to follow it
         try:

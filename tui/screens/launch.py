@@ -115,7 +115,9 @@ class LaunchScreen(ModalScreen[Optional[Plan]]):
         numbers = {}
         for field_id, name in (("per-gpu", "runs per GPU"), ("max-parallel", "CPU runs")):
             text = self.query_one(f"#{field_id}", Input).value.strip() or "1"
-            if not text.isdigit() or int(text) < 1:
+            # ASCII digits of sane length: int() of "٣" or of 5,000 digits must not surprise or crash;
+            # launch.plan bounds the number by the machine's cores
+            if not (text.isascii() and text.isdigit() and len(text) <= 9) or int(text) < 1:
                 self.error(f"{name} must be a whole number ≥ 1, not {text!r}")
                 return None
             numbers[field_id] = int(text)
