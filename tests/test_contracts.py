@@ -29,17 +29,20 @@ def _imported(module):
     return set(out.stdout.split())
 
 
+@pytest.mark.process  # a fresh interpreter: what a module imports at its start
 @pytest.mark.parametrize("module", TORCH_FREE)
 def test_file_readers_do_not_import_torch(module):
     assert "torch" not in _imported(module)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("module", CORE)
 def test_core_does_not_import_textual(module):
     mods = _imported(module)
     assert not {m for m in mods if m == "textual" or m.startswith(("textual.", "tui"))}
 
 
+@pytest.mark.process
 def test_import_linter_contracts_hold():
     exe = shutil.which("lint-imports")
     assert exe, "import-linter is a dev dependency: pip install -e '.[dev]'"

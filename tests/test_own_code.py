@@ -8,7 +8,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import cli, python_env
+from conftest import cli, gaussreg, python_env
 from torch import nn
 
 from gaussreg.core import plugins
@@ -183,6 +183,7 @@ def run(*args):
     return subprocess.run(cli(*args), capture_output=True, text=True, env=python_env(COLUMNS="200"))
 
 
+@pytest.mark.process
 def test_own_resnet_and_npz_through_the_scheduler_to_a_fair_table(project):
     m = write(project, MANIFEST)
     dry = run("run", m, "--store", project / "runs", "--dry-run")
@@ -223,6 +224,7 @@ def test_model_args_are_grid_axes_and_changed_code_makes_new_runs(project):
     assert run_id({**spec, "python_path": ["/elsewhere"]}) == run_id(spec)
 
 
+@pytest.mark.process
 def test_reading_a_manifest_with_own_code_imports_neither_it_nor_torch(project):
     m = write(project, MANIFEST)
     code = (f"import sys; from gaussreg.runs import manifest; manifest.load({str(m)!r}); "
@@ -249,16 +251,16 @@ def test_train_force_on_changed_code_is_refused_and_the_completed_run_stands(pro
     atomic_write_json(r.result_file, {"test_accuracy": 0.9, "robustness": 0.8})
     src = project / "src" / "mypkg" / "models.py"
     src.write_text(src.read_text() + "\n# edited after training\n")
-    out = run("train", r.path, "--force")
-    assert out.returncode == 2 and "changed since this run was planned" in out.stderr, out.stderr
+    out = gaussreg("train", r.path, "--force")
+    assert out.exit_code == 2 and "changed since this run was planned" in out.stderr, out.stderr
     # the refusal is this attempt's, not the run's: it stays completed with its result
     assert r.status()["state"] == "completed" and r.result()["test_accuracy"] == 0.9
     assert "refused to train again" in r.file("worker.log").read_text()
     # nor do eval and certify put other code around its weights
     r.best_checkpoint.write_bytes(b"weights")
     for cmd in ("eval", "certify"):
-        out = run(cmd, r.id, "--store", st.root)
-        assert out.returncode == 2 and "changed since this run was planned" in out.stderr, (cmd, out.stderr)
+        out = gaussreg(cmd, r.id, "--store", st.root)
+        assert out.exit_code == 2 and "changed since this run was planned" in out.stderr, (cmd, out.stderr)
 
 
 def test_split_of_a_torchvision_style_module_and_of_a_sequential(project):
@@ -352,6 +354,7 @@ def test_manifest_refusals_name_file_line_and_key(project):
     assert manifest.load(write(project, full)).runs()[0].spec["optimizer"]["lr"] == 0.05
 
 
+@pytest.mark.process
 def test_dry_run_imports_and_tries_each_factory_in_a_subprocess(project):
     bad = MANIFEST.replace("mypkg.models:resnet", "mypkg.models:broken").replace("width = 8", "width = 6")
     out = run("run", write(project, bad), "--store", project / "runs", "--dry-run")
