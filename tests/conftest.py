@@ -2,6 +2,8 @@ import functools
 import inspect
 import multiprocessing.util
 import os
+import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -80,11 +82,12 @@ def gaussreg(*args, **env):
 
 # ---------------------------------------------------------------- the fast lane
 # A test that starts another process (a worker, the fake worker, the `gaussreg` CLI, Slurm
-# or its fakes, any program at all) or runs the Textual app is marked `process`;
-# `pytest -m "not process"` runs the others, in seconds. The marking is checked both ways
-# while the tests run: an unmarked test that starts one fails, and so does a marked test that
-# started none (it belongs in the fast lane). Marks come from a module's `pytestmark`, a
-# decorator, or the two rules below.
+# or its fakes, nvidia-smi where it is installed, any program at all) or runs the Textual
+# app is marked `process`; `pytest -m "not process"` runs the others, in under a minute.
+# The marking is checked both ways while the tests run: an unmarked test that starts one
+# fails, and so does a marked test that started none (it belongs in the fast lane). Marks
+# come from a module's `pytestmark`, a decorator, or the two rules in
+# pytest_collection_modifyitems.
 
 PROCESS_FIXTURES = {"fake_slurm", "slurm_conf", "snap_compare"}  # each starts Slurm, its fakes or the app
 
@@ -96,7 +99,9 @@ def _record(owner, name, say):
 
     @functools.wraps(real)
     def recorded(*args, **kwargs):
-        _started.append(say(*args, **kwargs))
+        what = say(*args, **kwargs)
+        if what is not None:
+            _started.append(what)
         return real(*args, **kwargs)
     setattr(owner, name, recorded)
 
@@ -117,6 +122,20 @@ for _name in ("posix_spawn", "posix_spawnp"):
 _record(multiprocessing.util, "spawnv_passfds", lambda path, args, fds: _program(args))
 for _name in ("run_test", "run_async"):  # App.run and snap_compare go through run_async
     _record(textual.app.App, _name, lambda self, *_a, **_k: f"the Textual app {type(self).__name__}")
+# gaussreg asks nvidia-smi only where shutil.which finds it: a test that would start it on a
+# GPU box counts as starting it on any machine, so its mark holds on both
+_record(shutil, "which", lambda cmd, *_a, **_k: "nvidia-smi (where it is installed)"
+        if os.path.basename(str(cmd)) == "nvidia-smi" else None)
+
+
+# What a library learns once by running a program, learnt here before any test, so that the
+# first test to need it does not start that program: matplotlib's font cache (fc-list, on a
+# fresh machine) and the processor's name (`uname -p`, device.py's fallback off x86)
+platform.processor()
+try:
+    import matplotlib.font_manager  # noqa: F401
+except ImportError:  # an optional extra: the plot tests skip
+    pass
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by mark

@@ -85,6 +85,7 @@ def test_dry_run_says_per_experiment_what_is_new_and_whether_data_is_there(tmp_p
     assert "Dataset 'cifar10' was not found" in lines and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.process  # asks nvidia-smi where it is installed
 def test_gpus_asked_on_a_machine_without_them_is_an_error(tmp_path):
     (tmp_path / "m.toml").write_text(DEMO)
     for extra in ((), ("--dry-run",), ("--detach",)):

@@ -51,6 +51,7 @@ def test_import_linter_contracts_hold():
     assert "5 kept, 0 broken" in out.stdout
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("where,line", [
     ("gaussreg/science/moments.py", "from gaussreg.runs import store  # upward: science below runs\n"),
     ("gaussreg/runs/spec.py", "def _hidden():\n    from gaussreg.launch import slurm  # upward, hidden in a function\n"),
@@ -104,6 +105,7 @@ def test_run_directory_files_are_named_only_in_the_store():
     assert not spelled, "run-directory file names outside gaussreg/store.py: " + "; ".join(spelled)
 
 
+@pytest.mark.process
 def test_the_readmes_older_names_still_work_and_are_the_real_objects():
     """Notebooks and scripts written against the flat package keep working after the split
     into layers: the same objects, so a monkeypatch through an old name reaches the real one."""

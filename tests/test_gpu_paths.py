@@ -170,6 +170,7 @@ def test_a_spec_may_not_name_a_gpu_beyond_its_slots(device, ok):
             resolve(spec)
 
 
+@pytest.mark.process  # asks nvidia-smi where it is installed
 @pytest.mark.gpu
 def test_the_packing_benchmark_uses_the_benchmarked_gpu_not_gpu_0(monkeypatch):
     from gaussreg import bench

@@ -242,6 +242,7 @@ def test_a_changed_source_is_refused_by_the_worker(project):
     assert "changed since this run was planned" in changed_source(spec)
 
 
+@pytest.mark.process  # asks nvidia-smi where it is installed
 def test_train_force_on_changed_code_is_refused_and_the_completed_run_stands(project):
     from gaussreg.runs.store import Store, atomic_write_json
     spec = manifest.load(write(project, MANIFEST)).runs()[0].spec

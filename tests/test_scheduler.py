@@ -22,6 +22,7 @@ def _store_with(tmp_path, seeds):
     return queued_runs(tmp_path / "runs", seeds, "t")
 
 
+@pytest.mark.process  # asks nvidia-smi where it is installed
 def test_slots_per_gpu_and_cpu():
     slots = make_slots(["0", "1"], per_gpu=2, cpus=16)
     assert [s.gpu for s in slots] == ["0", "1", "0", "1"] and all(s.threads == 4 for s in slots)
