@@ -34,12 +34,16 @@ def gaussreg(*args, **env):
 
 
 @pytest.mark.process
-def test_help_and_version():
+def test_help_and_version(tmp_path):
     out = run("--help")
     assert out.returncode == 0
-    for cmd in ("run", "table", "ls", "show", "cancel", "eval", "train", "data"):
+    for cmd in ("run", "table", "ls", "show", "cancel", "eval", "train", "data", "tui"):
         assert cmd in out.stdout
     assert run("--version").stdout.startswith("gaussreg 0.")
+    # `gaussreg tui` as a process too (the other commands are elsewhere): a bad store is refused before the app starts
+    (tmp_path / "afile").write_text("")
+    out = run("tui", "--store", tmp_path / "afile")
+    assert out.returncode == 2 and out.stderr.strip() == f"error: --store {tmp_path / 'afile'} is a file, not a folder"
 
 
 def test_bad_flags_exit_2_with_one_sentence(tmp_path):
@@ -90,10 +94,10 @@ def test_gpus_asked_on_a_machine_without_them_is_an_error(tmp_path):
     (tmp_path / "m.toml").write_text(DEMO)
     for extra in ((), ("--dry-run",), ("--detach",)):
         out = gaussreg("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--gpus", "0", *extra,
-                  CUDA_VISIBLE_DEVICES="")
+                       CUDA_VISIBLE_DEVICES="")
         assert out.exit_code == 2 and "--gpus 0 asks for GPUs, but this machine shows none" in out.stderr
     out = gaussreg("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--gpus", "1", "--dry-run",
-              CUDA_VISIBLE_DEVICES="5")  # one GPU visible, numbered 0
+                   CUDA_VISIBLE_DEVICES="5")  # one GPU visible, numbered 0
     assert out.exit_code == 2 and "GPU 1 does not exist; this process sees 1 GPU(s)" in out.stderr
     assert not (tmp_path / "runs").exists()
 
