@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 from conftest import python_env, wait_for
-from factories import spec_only_run
+from factories import queued_run, spec_only_run
 
 from gaussreg.data import loading as data
 from gaussreg.runs.spec import resolve
@@ -300,7 +300,7 @@ def test_real_lenet_fashion_mnist_two_epochs(tmp_path):
 @pytest.mark.gpu
 def test_the_worker_asks_for_deterministic_gpu_kernels_before_it_picks_the_device(tmp_path, monkeypatch):
     from gaussreg.runs import worker
-    from gaussreg.runs.spec import SpecError, resolve, run_id
+    from gaussreg.runs.spec import SpecError
     from gaussreg.runs.store import Store
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
@@ -312,10 +312,8 @@ def test_the_worker_asks_for_deterministic_gpu_kernels_before_it_picks_the_devic
                     bench=torch.backends.cudnn.benchmark)
         raise SpecError("device", "stop here")
     monkeypatch.setattr(worker, "pick_device", pick)
-    spec = resolve({"dataset": "synthetic", "model": "mlp", "method": "baseline", "seed": 1, "experiment": "t"})
-    st = Store(tmp_path / "runs")
-    st.create(spec, run_id(spec))
-    assert worker.main([str(st.root / run_id(spec))]) == 2
+    run = queued_run(Store(tmp_path / "runs"), seed=1, experiment="t")
+    assert worker.main([str(run.path)]) == 2
     assert seen == {"cublas": ":4096:8", "det": True, "bench": False}
 
 
@@ -486,17 +484,14 @@ def test_the_first_batch_a_term_went_non_finite_is_kept():
                          "you tried to allocate 9000000000 bytes.")])
 def test_an_out_of_memory_run_says_so_in_its_error(tmp_path, monkeypatch, error):
     from gaussreg.runs import worker as w
-    from gaussreg.runs.spec import resolve, run_id
     from gaussreg.runs.store import Store
 
     def train(*_a, **_k):
         raise error()
     monkeypatch.setattr(w, "train", train)
-    spec = resolve({"dataset": "synthetic", "model": "mlp", "method": "baseline", "experiment": "t"})
-    st = Store(tmp_path / "runs")
-    st.create(spec, run_id(spec))
-    assert w.main([str(st.root / run_id(spec))]) == 1
-    status = st.get(run_id(spec)).status()
+    run = queued_run(Store(tmp_path / "runs"), experiment="t")
+    assert w.main([str(run.path)]) == 1
+    status = run.status()
     assert status["state"] == "failed" and status["out_of_memory"] is True
     assert status["error"].startswith("out of memory on cpu (") and "--per-gpu" in status["error"]
 
