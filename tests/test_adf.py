@@ -181,6 +181,7 @@ methods.regularizer = { sigma = 0.5, alpha = 1, depth = [2, "all"] }
 """
 
 
+@pytest.mark.process
 def test_a_manifest_with_a_depth_grid_runs_and_shows_depth(tmp_path):
     import json
     import subprocess

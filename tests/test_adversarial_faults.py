@@ -6,29 +6,23 @@ import errno
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import psutil
 import pytest
 import torch
-from conftest import cli, python_env
+from conftest import cli, python_env, wait_for
+from factories import queued_run, queued_runs
+from fake_worker import ARGV as FAKE
+from fake_worker import CRASH
 
 from gaussreg.launch.scheduler import Scheduler, make_slots
-from gaussreg.runs.spec import resolve, run_id
 from gaussreg.runs.store import RunDir, Store
 
-FAKE = [sys.executable, str(Path(__file__).with_name("fake_worker.py"))]
+pytestmark = pytest.mark.process  # every test here starts a scheduler's workers, a gaussreg process or both
 
 
 def _three_runs(tmp_path, middle_seed=2):
-    st = Store(tmp_path / "runs")
-    ids = []
-    for s in (1, middle_seed, 3):
-        spec = resolve({"dataset": "synthetic", "model": "mlp", "method": "baseline", "seed": s, "experiment": "f"})
-        ids.append(run_id(spec))
-        st.create(spec, ids[-1])
-    return st, ids
+    return queued_runs(tmp_path / "runs", (1, middle_seed, 3), "f")
 
 
 def _corrupt_status(run, monkeypatch):
@@ -54,12 +48,12 @@ def _disk_full_when_reaping(run, monkeypatch):
     monkeypatch.setattr(RunDir, "write_status", full)
 
 
-# name -> (fault applied to the middle run, its seed (13 makes the fake worker crash), its outcome)
+# name -> (fault applied to the middle run, its seed (CRASH makes the fake worker crash), its outcome)
 FAULTS = {
     "corrupt-status-of-a-queued-run": (_corrupt_status, 2, "failed"),
     "lock-is-a-directory": (_lock_is_directory, 2, "failed"),
     "spec-is-a-dangling-link": (_spec_vanishes, 2, "failed"),
-    "disk-full-writing-a-crashed-run's-status": (_disk_full_when_reaping, 13, "failed"),
+    "disk-full-writing-a-crashed-run's-status": (_disk_full_when_reaping, CRASH, "failed"),
 }
 
 
@@ -117,14 +111,12 @@ def _start_long_run(tmp_path):
     p = subprocess.Popen(cli("run", tmp_path / "m.toml", "--store", tmp_path / "runs"), env=python_env(),
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     st = Store(tmp_path / "runs")
-    deadline = time.time() + 120
-    while time.time() < deadline:  # await the first progress or epoch event: the worker is training
+
+    def training():  # its first progress or epoch event
         runs = list(st.runs())
-        if runs and any(e["type"] in ("progress", "epoch") for e in runs[0].events()[0]):
-            return p, runs[0]
         assert p.poll() is None, p.stderr.read()
-        time.sleep(0.1)
-    raise AssertionError("the worker never started training")
+        return runs[0] if runs and any(e["type"] in ("progress", "epoch") for e in runs[0].events()[0]) else None
+    return p, wait_for(training, 120, "the worker to start training", every=0.1)
 
 
 def _gone(pid, timeout=60):
@@ -159,16 +151,14 @@ def test_workers_stop_when_their_scheduler_is_killed(tmp_path):
 def test_cancel_is_honoured_during_the_final_evaluation(tmp_path):
     from gaussreg.launch.control import cancel_run, start_worker
     st = Store(tmp_path / "runs")
-    spec = resolve({"dataset": "synthetic", "model": "lenet", "method": "baseline", "experiment": "f",
-                    "max_epochs": 1, "train_subset": 200, "test_subset": 1000,
-                    "robustness": {"samples": 1000}})  # minutes of evaluation on 2 cores
-    run = st.create(spec, run_id(spec))
+    run = queued_run(st, model="lenet", experiment="f", max_epochs=1, train_subset=200, test_subset=1000,
+                     robustness={"samples": 1000})  # minutes of evaluation on 2 cores
     proc = start_worker(run, resume=False, threads=1)
     try:
-        deadline = time.time() + 120
-        while run.status().get("phase") != "evaluating":  # await the evaluation phase
-            assert time.time() < deadline and proc.poll() is None, run.log_tail()
-            time.sleep(0.1)
+        def evaluating():
+            assert proc.poll() is None, run.log_tail()
+            return run.status().get("phase") == "evaluating"
+        wait_for(evaluating, 120, "the evaluation phase", every=0.1)
         cancel_run(run)
         assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     finally:
@@ -197,9 +187,8 @@ def test_cancel_launch_never_signals_a_reused_pid(tmp_path):
 
 def test_rerun_starts_over_from_a_corrupt_last_pt(tmp_path):
     st = Store(tmp_path / "runs")
-    spec = resolve({"dataset": "synthetic", "model": "mlp", "method": "baseline", "experiment": "f",
-                    "max_epochs": 1, "train_subset": 200, "test_subset": 100, "robustness": {"sigmas": [0.0]}})
-    run = st.create(spec, run_id(spec))
+    run = queued_run(st, experiment="f", max_epochs=1, train_subset=200, test_subset=100,
+                     robustness={"sigmas": [0.0]})
     run.file("last.pt").write_bytes(b"\x80\x04 not a checkpoint")
     first = subprocess.run([sys.executable, "-m", "gaussreg.worker", str(run.path), "--resume"], env=python_env(),
                            capture_output=True)

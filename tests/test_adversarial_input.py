@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import gaussreg
+from factories import queued_run
 from test_tui import until
-from typer.testing import CliRunner
 
-from gaussreg.cli import app as cli_app
 from gaussreg.runs import manifest as mf
-from gaussreg.runs.spec import resolve, run_id
 from gaussreg.runs.store import Store, atomic_write_json, read_json
 from gaussreg.science.models import build_model
 from tui.app import GaussregApp
@@ -27,13 +26,6 @@ def expected(path: Path) -> str:
     first = path.read_bytes().split(b"\n", 1)[0].decode()
     assert first.startswith("# expect: "), f"{path.name} must start with '# expect: ...'"
     return first[len("# expect: "):].strip()
-
-
-def cli(*args):
-    r = CliRunner().invoke(cli_app, [str(a) for a in args])
-    if r.exception is not None and not isinstance(r.exception, SystemExit):
-        raise AssertionError(f"gaussreg {' '.join(map(str, args))} raised {r.exception!r}") from r.exception
-    return r
 
 
 def one_sentence_exit_2(r, words: str):
@@ -49,8 +41,8 @@ def test_bad_manifest(path, tmp_path):
         with pytest.raises(mf.ManifestError) as e:
             mf.load(path)
         assert expected(path) in str(e.value) and str(path) in str(e.value)
-        one_sentence_exit_2(cli("run", path, "--store", tmp_path / "runs", "--dry-run"), expected(path))
-    one_sentence_exit_2(cli("run", path, "--store", tmp_path / "runs"), expected(path))
+        one_sentence_exit_2(gaussreg("run", path, "--store", tmp_path / "runs", "--dry-run"), expected(path))
+    one_sentence_exit_2(gaussreg("run", path, "--store", tmp_path / "runs"), expected(path))
     assert not (tmp_path / "runs").exists()  # nothing launched, nothing written
 
 
@@ -78,9 +70,7 @@ methods.baseline = {}
 @pytest.fixture
 def run_store(tmp_path):
     st = Store(tmp_path / "runs")
-    spec = resolve({"dataset": "synthetic", "model": "mlp", "method": "baseline", "experiment": "ok",
-                    "test_subset": 50})
-    run = st.create(spec, run_id(spec))
+    run = queued_run(st, experiment="ok", test_subset=50)
     (tmp_path / "m.toml").write_text(GOOD)
     (tmp_path / "afile").write_text("not a folder\n")
     return st, run, tmp_path
@@ -116,21 +106,21 @@ BAD_FLAGS = [
 def test_bad_flags(run_store, args, words):
     st, run, tmp = run_store
     fill = {"m": tmp / "m.toml", "tmp": tmp, "run": run.id}
-    one_sentence_exit_2(cli(*[a.format(**fill) for a in args]), words)
+    one_sentence_exit_2(gaussreg(*[a.format(**fill) for a in args]), words)
 
 
 def test_eval_checkpoint_of_another_architecture(run_store):
     st, run, tmp = run_store
     other = build_model("lenet", "synthetic")
     torch.save({"model": other.state_dict()}, run.file("best.pt"))
-    one_sentence_exit_2(cli("eval", run.id, "--store", st.root), "does not fit the run's model mlp")
+    one_sentence_exit_2(gaussreg("eval", run.id, "--store", st.root), "does not fit the run's model mlp")
 
 
 def test_train_refuses_to_wipe_a_completed_run(run_store):
     st, run, tmp = run_store
     atomic_write_json(run.file("result.json"), {"test_accuracy": 0.5, "robustness": 0.4})
     run.write_status({"state": "completed"})
-    one_sentence_exit_2(cli("train", run.path), "add --force")
+    one_sentence_exit_2(gaussreg("train", run.path), "add --force")
     assert read_json(run.file("result.json"))["test_accuracy"] == 0.5
 
 

@@ -18,21 +18,20 @@ import hashlib
 import io
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Tuple
 
 import pytest
 from rich.console import Console
-from test_tui import add_run, table, until, widget
-from typer.testing import CliRunner
+from conftest import gaussreg
+from factories import dashboard_run, queued_run
+from fake_worker import ARGV as FAKE
+from test_tui import table, until, widget
 
-from gaussreg.cli import app as cli_app
 from gaussreg.launch.scheduler import Scheduler, make_slots
 from gaussreg.runs import reader
 from gaussreg.runs.manifest import tomllib
-from gaussreg.runs.spec import resolve, run_id
 from gaussreg.runs.store import RunDir, Store
 from gaussreg.views import report
 from gaussreg.views.live_view import LiveView
@@ -42,8 +41,7 @@ from tui.watcher import RunDetailWatcher, StoreWatcher
 
 HERE = Path(__file__).parent
 CASES = tomllib.loads((HERE / "adversarial" / "store_corruptions.toml").read_text())["case"]
-FAKE = [sys.executable, str(HERE / "fake_worker.py")]
-SEED0 = 100  # the target of CASES[i] has seed SEED0 + i (the fake worker treats seeds 13-15 specially)
+SEED0 = 100  # the target of CASES[i] has seed SEED0 + i (clear of the fake worker's named seeds)
 
 
 def store_wide(case) -> bool:
@@ -106,10 +104,9 @@ class BadStore:
 def build(root: Path, cases) -> BadStore:
     st = Store(root)
     st.write_experiment("fx", {"tolerance": 0.01})
-    healthy = add_run(st, "baseline", 0.90, 0.50)
-    spec = resolve({"dataset": "synthetic", "model": "mlp", "method": "baseline", "seed": 1, "experiment": "fx"})
-    queued = st.create(spec, run_id(spec))
-    targets = [(c, add_run(st, "regularizer", 0.92, 0.78, seed=SEED0 + CASES.index(c), sigma=0.5, alpha=1.0))
+    healthy = dashboard_run(st, "baseline", 0.90, 0.50)
+    queued = queued_run(st, seed=1, experiment="fx")
+    targets = [(c, dashboard_run(st, "regularizer", 0.92, 0.78, seed=SEED0 + CASES.index(c), sigma=0.5, alpha=1.0))
                for c in cases]
     assert len({t.id for _, t in targets} | {healthy.id, queued.id}) == len(targets) + 2
     for c, t in targets:
@@ -152,13 +149,6 @@ class Problems:
         assert not self.items, f"{len(self.items)} problem(s):\n" + "\n".join(self.items)
 
 
-def cli(*args):
-    r = CliRunner().invoke(cli_app, [str(a) for a in args])
-    if r.exception is not None and not isinstance(r.exception, SystemExit):
-        raise AssertionError(f"gaussreg {' '.join(map(str, args))} raised {r.exception!r}") from r.exception
-    return r
-
-
 def _expect_row(p: Problems, row, case):
     if row is None:
         p.check(False, case, "its run is not listed")
@@ -196,13 +186,13 @@ def test_collect_and_fair_table(bad_store):
 
 def test_cli_ls(bad_store):
     b, p = bad_store, Problems()
-    r = cli("ls", "--store", b.st.root, "--format", "json")
+    r = gaussreg("ls", "--store", b.st.root, "--format", "json")
     assert r.exit_code == 0, r.output
     rows = {x["id"]: x for x in json.loads(r.stdout)}
     assert rows[b.healthy.id]["state"] == "completed"
     for case, t in b.targets:
         _expect_row(p, rows.get(t.id), case)
-    r = cli("ls", "--store", b.st.root)
+    r = gaussreg("ls", "--store", b.st.root)
     assert r.exit_code == 0 and b.healthy.id in r.stdout, r.output
     for case, t in b.targets:
         p.check(t.id in r.stdout, case, "not in `ls`")
@@ -212,7 +202,7 @@ def test_cli_ls(bad_store):
 @pytest.mark.parametrize("fmt", ["table", "json", "csv", "markdown"])
 def test_cli_table(bad_store, fmt):
     b = bad_store
-    r = cli("table", "--store", b.st.root, "--format", fmt)
+    r = gaussreg("table", "--store", b.st.root, "--format", fmt)
     assert r.exit_code == 0 and ("90.00" in r.stdout or "0.9" in r.stdout), r.output
     for case, _ in b.targets:
         if case["file"].startswith("_experiments") and fmt == "table":
@@ -222,10 +212,10 @@ def test_cli_table(bad_store, fmt):
 
 def test_cli_show(bad_store):
     b, p = bad_store, Problems()
-    r = cli("show", b.healthy.id, "--store", b.st.root)
+    r = gaussreg("show", b.healthy.id, "--store", b.st.root)
     assert r.exit_code == 0 and "test accuracy 90.00%" in r.stdout, r.output
     for case, t in b.targets:
-        r = cli("show", t.id, "--store", b.st.root)
+        r = gaussreg("show", t.id, "--store", b.st.root)
         if case["corrupt"]:
             p.check(r.exit_code == 2 and case["reason"] in " ".join(r.stderr.split()), case,
                     f"exit {r.exit_code}, stderr {r.stderr!r}")
@@ -251,6 +241,7 @@ def test_watcher_and_detail_tail(bad_store):
     p.done()
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("group", GROUPS, ids=[g for g, _ in GROUPS])
 def test_scheduler_and_live_view_go_on(group, tmp_path):
     """A fresh store (the scheduler writes): every target, then the queued and the healthy run."""

@@ -4,12 +4,12 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
-from conftest import cli, python_env
+import pytest
+from conftest import cli, gaussreg, python_env, wait_for
+from factories import queued_run, spec_only_run
 
 from gaussreg.runs import manifest
-from gaussreg.runs.spec import resolve, run_id
 from gaussreg.runs.store import RunDir, Store
 
 MANIFEST = """
@@ -33,6 +33,7 @@ def run(*args):
     return subprocess.run(cli(*args), capture_output=True, text=True, env=python_env(COLUMNS="200"))
 
 
+@pytest.mark.process
 def test_worker_certifies_then_certify_command_and_table(tmp_path):
     (tmp_path / "m.toml").write_text(MANIFEST)
     ids = {r.spec["method"]: r.id for r in manifest.load(tmp_path / "m.toml").runs()}
@@ -78,17 +79,16 @@ def test_worker_certifies_then_certify_command_and_table(tmp_path):
 
 def test_refusals_are_one_sentence_exit_2(tmp_path):
     st = Store(tmp_path / "runs")
-    spec = resolve({"dataset": "synthetic", "model": "mlp", "method": "baseline", "experiment": "x"})
-    r = st.create(spec, run_id(spec))
+    r = queued_run(st, experiment="x")
     for args, needle in [((), "best.pt does not exist"), (("--sigma", "-0.5"), "--sigma must be > 0"),
                          (("--n", "50", "--n0", "100"), "--n0 (100) must not exceed --n (50)"),
                          (("--alpha", "2"), "--alpha must be in (0, 1)")]:
-        out = run("certify", r.id, "--store", st.root, *args)
-        assert out.returncode == 2 and needle in out.stderr, out.stderr
+        out = gaussreg("certify", r.id, "--store", st.root, *args)
+        assert out.exit_code == 2 and needle in out.stderr, out.stderr
         assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) <= 2
     assert not list(r.path.glob("certify-*"))
-    out = run("certify", "nope", "--store", st.root)
-    assert out.returncode == 2 and "no run 'nope'" in out.stderr
+    out = gaussreg("certify", "nope", "--store", st.root)
+    assert out.exit_code == 2 and "no run 'nope'" in out.stderr
 
 
 def test_manifest_certify_is_checked_and_keeps_run_ids(tmp_path):
@@ -97,23 +97,23 @@ def test_manifest_certify_is_checked_and_keeps_run_ids(tmp_path):
     (tmp_path / "m.toml").write_text(MANIFEST.replace("certify = { n = 200, n0 = 20, images = 10 }\n", ""))
     assert [r.id for r in manifest.load(tmp_path / "m.toml").runs()] == with_cert
     (tmp_path / "m.toml").write_text(MANIFEST.replace("n0 = 20", "n0 = 2000"))
-    out = run("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--dry-run")
-    assert out.returncode == 2 and "m.toml:14: certify.n0: 'certify.n0' (2000) must not exceed" in out.stderr
+    out = gaussreg("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--dry-run")
+    assert out.exit_code == 2 and "m.toml:14: certify.n0: 'certify.n0' (2000) must not exceed" in out.stderr
 
 
+@pytest.mark.process
 def test_sigterm_during_certification_cancels_without_a_half_file(tmp_path):
-    d = tmp_path / "run"
-    d.mkdir()
-    (d / "spec.json").write_text(json.dumps({
-        "dataset": "synthetic", "model": "mlp", "method": "baseline", "max_epochs": 1, "train_subset": 200,
-        "test_subset": 50, "robustness": {"sigmas": [0.0]}, "certify": {"n": 100_000, "images": 50}}))
-    run_dir = RunDir(d)
+    run_dir = spec_only_run(tmp_path, dataset="synthetic", model="mlp", method="baseline", max_epochs=1,
+                            train_subset=200, test_subset=50, robustness={"sigmas": [0.0]},
+                            certify={"n": 100_000, "images": 50})
+    d = run_dir.path
     p = subprocess.Popen([sys.executable, "-m", "gaussreg.worker", str(d)], env=python_env(),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and "certifying" not in run_dir.log_tail(5) and p.poll() is None:
-        time.sleep(0.05)  # awaiting the worker's log line, not a fixed delay
-    assert "certifying" in run_dir.log_tail(5)
+
+    def certifying():
+        assert p.poll() is None, p.communicate()[1]
+        return "certifying" in run_dir.log_tail(5)
+    wait_for(certifying, 120, "the worker's certifying log line")
     p.send_signal(signal.SIGTERM)
     p.communicate(timeout=60)
     assert p.returncode != 0

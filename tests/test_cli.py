@@ -4,8 +4,9 @@ import time
 
 import pytest
 from conftest import cli, python_env
+from conftest import gaussreg as in_process
+from factories import queued_run, written_run
 
-from gaussreg.runs.spec import resolve, run_id
 from gaussreg.runs.store import RunFileError, Store
 
 DEMO = """
@@ -24,15 +25,26 @@ methods.regularizer = { sigma = 0.25, alpha = [0.5, 1.0] }
 
 
 def run(*args, **env):
+    """`gaussreg ARGS` as a process: for what only a process shows (its entry point, its workers)."""
     return subprocess.run(cli(*args), capture_output=True, text=True, env=python_env(COLUMNS="200", **env))
 
 
-def test_help_and_version():
+def gaussreg(*args, **env):
+    """`gaussreg ARGS` in this process, 200 columns wide as run() is."""
+    return in_process(*args, **{"COLUMNS": "200", **env})
+
+
+@pytest.mark.process
+def test_help_and_version(tmp_path):
     out = run("--help")
     assert out.returncode == 0
-    for cmd in ("run", "table", "ls", "show", "cancel", "eval", "train", "data"):
+    for cmd in ("run", "table", "ls", "show", "cancel", "eval", "train", "data", "tui"):
         assert cmd in out.stdout
     assert run("--version").stdout.startswith("gaussreg 0.")
+    # `gaussreg tui` as a process too (the other commands are elsewhere): a bad store is refused before the app starts
+    (tmp_path / "afile").write_text("")
+    out = run("tui", "--store", tmp_path / "afile")
+    assert out.returncode == 2 and out.stderr.strip() == f"error: --store {tmp_path / 'afile'} is a file, not a folder"
 
 
 def test_numbers_that_size_the_slots_are_bounded_by_the_machine(tmp_path):
@@ -60,26 +72,26 @@ def test_bad_flags_exit_2_with_one_sentence(tmp_path):
     for args, needle in [(("--gpus", "first"), "--gpus must be"), (("--per-gpu", "0"), "(--per-gpu) must be a whole number ≥ 1"),
                          (("--max-parallel", "0"), "(--max-parallel) must be a whole number ≥ 1"),
                          (("--only", "nomatch*"), "matches no run")]:
-        out = run("run", m, "--store", tmp_path / "runs", *args)
-        assert out.returncode == 2 and needle in out.stderr, out.stderr
+        out = gaussreg("run", m, "--store", tmp_path / "runs", *args)
+        assert out.exit_code == 2 and needle in out.stderr, out.stderr
         assert "Traceback" not in out.stderr
     assert not (tmp_path / "runs").exists()
-    assert run("ls", "--store", tmp_path, "--state", "sleeping").returncode == 2
-    assert run("show", "nope", "--store", tmp_path).returncode == 2
+    assert gaussreg("ls", "--store", tmp_path, "--state", "sleeping").exit_code == 2
+    assert gaussreg("show", "nope", "--store", tmp_path).exit_code == 2
 
 
 def test_missing_dataset_stops_before_anything_is_written(tmp_path):
     (tmp_path / "m.toml").write_text(DEMO.replace('"synthetic"', '"cifar10"').replace('"mlp"', '"lenet"'))
-    out = run("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--data-dir", tmp_path / "empty")
-    assert out.returncode == 2
+    out = gaussreg("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--data-dir", tmp_path / "empty")
+    assert out.exit_code == 2
     assert "Dataset 'cifar10' was not found" in out.stderr and "gaussreg data download cifar10" in out.stderr
     assert not (tmp_path / "runs").exists()
 
 
 def test_dry_run_lists_ids_and_launches_nothing(tmp_path):
     (tmp_path / "m.toml").write_text(DEMO)
-    out = run("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--dry-run")
-    assert out.returncode == 0
+    out = gaussreg("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--dry-run")
+    assert out.exit_code == 0
     from gaussreg.runs import manifest
     for r in manifest.load(tmp_path / "m.toml").runs():
         assert r.id in out.stdout
@@ -89,34 +101,36 @@ def test_dry_run_lists_ids_and_launches_nothing(tmp_path):
 def test_dry_run_says_per_experiment_what_is_new_and_whether_data_is_there(tmp_path):
     two = DEMO + DEMO.replace('"cli"', '"cif"').replace('"synthetic"', '"cifar10"').replace('"mlp"', '"lenet"')
     (tmp_path / "m.toml").write_text(two)
-    out = run("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--dry-run", "--data-dir", tmp_path / "empty")
-    assert out.returncode == 0, out.stderr
+    out = gaussreg("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--dry-run", "--data-dir", tmp_path / "empty")
+    assert out.exit_code == 0, out.stderr
     lines = out.stdout.replace("\n", " ")
     assert "cli: 3 new, 0 done, 0 to resume or retry; data present" in lines
     assert "cif: 3 new, 0 done, 0 to resume or retry; data MISSING: cifar10" in lines
     assert "Dataset 'cifar10' was not found" in lines and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.process  # asks nvidia-smi where it is installed
 def test_gpus_asked_on_a_machine_without_them_is_an_error(tmp_path):
     (tmp_path / "m.toml").write_text(DEMO)
     for extra in ((), ("--dry-run",), ("--detach",)):
-        out = run("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--gpus", "0", *extra,
-                  CUDA_VISIBLE_DEVICES="")
-        assert out.returncode == 2 and "--gpus 0 asks for GPUs, but this machine shows none" in out.stderr
-    out = run("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--gpus", "1", "--dry-run",
-              CUDA_VISIBLE_DEVICES="5")  # one GPU visible, numbered 0
-    assert out.returncode == 2 and "GPU 1 does not exist; this process sees 1 GPU(s)" in out.stderr
+        out = gaussreg("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--gpus", "0", *extra,
+                       CUDA_VISIBLE_DEVICES="")
+        assert out.exit_code == 2 and "--gpus 0 asks for GPUs, but this machine shows none" in out.stderr
+    out = gaussreg("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--gpus", "1", "--dry-run",
+                   CUDA_VISIBLE_DEVICES="5")  # one GPU visible, numbered 0
+    assert out.exit_code == 2 and "GPU 1 does not exist; this process sees 1 GPU(s)" in out.stderr
     assert not (tmp_path / "runs").exists()
 
 
 def test_run_experiment_option_picks_experiments_by_name(tmp_path):
     (tmp_path / "m.toml").write_text(DEMO + DEMO.replace('"cli"', '"other"'))
-    out = run("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--dry-run", "--experiment", "other")
-    assert out.returncode == 0 and "other-" in out.stdout and "cli-" not in out.stdout
-    out = run("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--dry-run", "--experiment", "nope")
-    assert out.returncode == 2 and "experiment 'nope' is not in" in out.stderr
+    out = gaussreg("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--dry-run", "--experiment", "other")
+    assert out.exit_code == 0 and "other-" in out.stdout and "cli-" not in out.stdout
+    out = gaussreg("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--dry-run", "--experiment", "nope")
+    assert out.exit_code == 2 and "experiment 'nope' is not in" in out.stderr
 
 
+@pytest.mark.process
 def test_run_then_read_the_store(tmp_path):
     (tmp_path / "m.toml").write_text(DEMO.replace("alpha = [0.5, 1.0]", "alpha = 1.0"))  # two runs
     out = run("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--max-parallel", "2")
@@ -162,25 +176,21 @@ def test_run_then_read_the_store(tmp_path):
 
 def test_corrupt_run_files_are_named(tmp_path):
     st = Store(tmp_path / "runs")
-    spec = resolve({"dataset": "synthetic", "model": "mlp", "method": "baseline", "experiment": "x"})
-    r = st.create(spec, run_id(spec))
+    r = queued_run(st, experiment="x")
     r.file("status.json").write_text("{not json")
-    out = run("show", r.id, "--store", st.root)
-    assert out.returncode == 2 and "status.json is not valid JSON (line 1" in out.stderr
-    ls = run("ls", "--store", st.root, "--format", "json")
-    assert ls.returncode == 0 and json.loads(ls.stdout)[0]["state"] == "corrupt"
-    assert run("table", "--store", st.root).returncode == 0
+    out = gaussreg("show", r.id, "--store", st.root)
+    assert out.exit_code == 2 and "status.json is not valid JSON (line 1" in out.stderr
+    ls = gaussreg("ls", "--store", st.root, "--format", "json")
+    assert ls.exit_code == 0 and json.loads(ls.stdout)[0]["state"] == "corrupt"
+    assert gaussreg("table", "--store", st.root).exit_code == 0
 
 
 def _running(tmp_path, phase, epochs=()):
     import time
-    st = Store(tmp_path / "runs")
-    spec = resolve({"dataset": "synthetic", "model": "mlp", "method": "baseline", "experiment": "x", "max_epochs": 4})
-    r = st.create(spec, run_id(spec))
-    r.write_status({"state": "running", "phase": phase, "epoch": len(epochs), "max_epochs": 4})
-    r.file("events.jsonl").write_text("".join(json.dumps(
-        {"type": "epoch", "epoch": e, "train_loss": 0.5 / e, "val_loss": 0.6, "val_accuracy": 0.8, "lr": 1e-3,
-         "images_per_s": 100.0}) + "\n" for e in epochs))
+    r = written_run(Store(tmp_path / "runs"), status={"state": "running", "phase": phase, "epoch": len(epochs),
+                                                       "max_epochs": 4},
+                    events=[{"type": "epoch", "epoch": e, "train_loss": 0.5 / e, "val_loss": 0.6, "val_accuracy": 0.8,
+                             "lr": 1e-3, "images_per_s": 100.0} for e in epochs], experiment="x", max_epochs=4)
     from gaussreg.launch.scheduler import ActiveRun, Snapshot
     return r, Snapshot((ActiveRun(r, None, time.time() - 10),), 0, {}, False)
 
@@ -227,44 +237,44 @@ def test_piped_live_view_prints_each_epoch_and_the_long_phases(tmp_path):
 
 def test_small_ones_store_missing_plural_param_order_eval_target(tmp_path):
     for cmd in ("ls", "table", "export", "plot"):
-        out = run(cmd, "--store", tmp_path / "nope")
-        assert out.returncode == 2 and f"the store {tmp_path / 'nope'} does not exist" in out.stderr, (cmd, out.stderr)
-    out = run("show", "abc", "--store", tmp_path / "nope")
-    assert out.returncode == 2 and "does not exist" in out.stderr
+        out = gaussreg(cmd, "--store", tmp_path / "nope")
+        assert out.exit_code == 2 and f"the store {tmp_path / 'nope'} does not exist" in out.stderr, (cmd, out.stderr)
+    out = gaussreg("show", "abc", "--store", tmp_path / "nope")
+    assert out.exit_code == 2 and "does not exist" in out.stderr
     (tmp_path / "m.toml").write_text(DEMO)
-    dry = run("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--dry-run", "--only", "*baseline*")
-    assert dry.returncode == 0 and "1 run from" in dry.stdout and "1 runs" not in dry.stdout
-    dry = run("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--dry-run")
+    dry = gaussreg("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--dry-run", "--only", "*baseline*")
+    assert dry.exit_code == 0 and "1 run from" in dry.stdout and "1 runs" not in dry.stdout
+    dry = gaussreg("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--dry-run")
     st = Store(tmp_path / "runs")
     from gaussreg.runs import manifest
     for r in manifest.load(tmp_path / "m.toml").runs():
         st.create(r.spec, r.id)  # spec.json has sorted keys: ls must read the same as the dry run
-    ls = run("ls", "--store", tmp_path / "runs")
+    ls = gaussreg("ls", "--store", tmp_path / "runs")
     assert "3 runs in" in ls.stdout
     for words in ("alpha=0.5 sigma=0.25", "alpha=1 sigma=0.25"):
         assert words in dry.stdout and words in ls.stdout
-    out = run("eval", "README.md", "--store", tmp_path / "runs")
-    assert out.returncode == 2 and "README.md is not a run id or a checkpoint inside a run directory" in out.stderr
+    out = gaussreg("eval", "README.md", "--store", tmp_path / "runs")
+    assert out.exit_code == 2 and "README.md is not a run id or a checkpoint inside a run directory" in out.stderr
     # a store that is a file, an experiment with no runs, an empty --sigmas: one sentence, exit 2,
     # and nothing written
     (tmp_path / "afile").write_text("")
     for cmd in ("tui", "export"):
-        out = run(cmd, "--store", tmp_path / "afile")
-        assert out.returncode == 2 and out.stderr.strip() == f"error: --store {tmp_path / 'afile'} is a file, not a folder"
+        out = gaussreg(cmd, "--store", tmp_path / "afile")
+        assert out.exit_code == 2 and out.stderr.strip() == f"error: --store {tmp_path / 'afile'} is a file, not a folder"
     for cmd in (("export",), ("plot", "--out", tmp_path / "figs")):
-        out = run(*cmd, "--store", tmp_path / "runs", "--experiment", "nope")
-        assert out.returncode == 2 and "no runs of experiment 'nope' in" in out.stderr, (cmd, out.stderr)
+        out = gaussreg(*cmd, "--store", tmp_path / "runs", "--experiment", "nope")
+        assert out.exit_code == 2 and "no runs of experiment 'nope' in" in out.stderr, (cmd, out.stderr)
     assert not (tmp_path / "figs").exists()
     from gaussreg.runs import reader
     for name in ("cli", "nope"):  # the cheap check export makes agrees with listing the runs
         assert reader.has_runs(st, name) == bool(reader.list_runs(st, name)) == (name == "cli")
-    assert run("export", "--store", tmp_path / "runs", "--experiment", "cli").stdout.count("\n") == 4  # header + 3
-    out = run("eval", tmp_path / "gone.pt", "--store", tmp_path / "runs")
-    assert out.returncode == 2 and f"{tmp_path / 'gone.pt'} does not exist (and is no run id of store" in out.stderr
-    out = run("eval", ls_ids(st)[0], "--store", tmp_path / "runs", "--sigmas", "")
-    assert out.returncode == 2 and "--sigmas must be a list like" in out.stderr
-    out = run("ls", "--store", tmp_path / "runs", "--state", "sleeping")
-    assert out.returncode == 2 and "corrupt" in out.stderr
+    assert gaussreg("export", "--store", tmp_path / "runs", "--experiment", "cli").stdout.count("\n") == 4  # header + 3
+    out = gaussreg("eval", tmp_path / "gone.pt", "--store", tmp_path / "runs")
+    assert out.exit_code == 2 and f"{tmp_path / 'gone.pt'} does not exist (and is no run id of store" in out.stderr
+    out = gaussreg("eval", ls_ids(st)[0], "--store", tmp_path / "runs", "--sigmas", "")
+    assert out.exit_code == 2 and "--sigmas must be a list like" in out.stderr
+    out = gaussreg("ls", "--store", tmp_path / "runs", "--state", "sleeping")
+    assert out.exit_code == 2 and "corrupt" in out.stderr
     # a run by a prefix of its id or of its hash part; ambiguous says which
     a, b = sorted(ls_ids(st))[:2]
     assert st.get(a.rsplit("-", 1)[-1][:6]).id == a and st.get(a[:-2]).id == a
@@ -284,15 +294,14 @@ def test_show_names_the_processor(tmp_path):
     name = device_name(torch.device("cpu"))
     assert name.startswith("cpu (") and name not in ("cpu (x86_64)", "cpu (aarch64)")
     st = Store(tmp_path / "runs")
-    spec = resolve({"dataset": "synthetic", "model": "mlp", "method": "baseline", "experiment": "x"})
-    r = st.create(spec, run_id(spec))
+    r = queued_run(st, experiment="x")
     r.write_status({"state": "completed"})
     atomic_write_json(r.file("result.json"), {"test_accuracy": 0.5, "robustness": 0.7, "device": "cpu",
                                               "device_name": "x86_64"})  # what older workers wrote
-    assert "on cpu (x86_64) in fp32" in run("show", r.id, "--store", st.root).stdout  # older workers: fp32
+    assert "on cpu (x86_64) in fp32" in gaussreg("show", r.id, "--store", st.root).stdout  # older workers: fp32
     atomic_write_json(r.file("result.json"), {"test_accuracy": 0.5, "robustness": 0.7, "device": "cpu",
                                               "device_name": name, "precision": "bf16", "compile": True})
-    assert f"on {name} in bf16, compiled" in run("show", r.id, "--store", st.root).stdout
+    assert f"on {name} in bf16, compiled" in gaussreg("show", r.id, "--store", st.root).stdout
 
 
 def test_a_failed_download_does_not_send_you_to_the_same_command(tmp_path, monkeypatch):

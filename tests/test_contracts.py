@@ -29,17 +29,20 @@ def _imported(module):
     return set(out.stdout.split())
 
 
+@pytest.mark.process  # a fresh interpreter: what a module imports at its start
 @pytest.mark.parametrize("module", TORCH_FREE)
 def test_file_readers_do_not_import_torch(module):
     assert "torch" not in _imported(module)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("module", CORE)
 def test_core_does_not_import_textual(module):
     mods = _imported(module)
     assert not {m for m in mods if m == "textual" or m.startswith(("textual.", "tui"))}
 
 
+@pytest.mark.process
 def test_import_linter_contracts_hold():
     exe = shutil.which("lint-imports")
     assert exe, "import-linter is a dev dependency: pip install -e '.[dev]'"
@@ -48,6 +51,7 @@ def test_import_linter_contracts_hold():
     assert "5 kept, 0 broken" in out.stdout
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("where,line", [
     ("gaussreg/science/moments.py", "from gaussreg.runs import store  # upward: science below runs\n"),
     ("gaussreg/runs/spec.py", "def _hidden():\n    from gaussreg.launch import slurm  # upward, hidden in a function\n"),
@@ -101,6 +105,7 @@ def test_run_directory_files_are_named_only_in_the_store():
     assert not spelled, "run-directory file names outside gaussreg/store.py: " + "; ".join(spelled)
 
 
+@pytest.mark.process
 def test_the_readmes_older_names_still_work_and_are_the_real_objects():
     """Notebooks and scripts written against the flat package keep working after the split
     into layers: the same objects, so a monkeypatch through an old name reaches the real one."""

@@ -141,6 +141,7 @@ def test_missing_dataset_message_says_every_way(tmp_path, monkeypatch):
     assert "apt-get install dataset-fashion-mnist" in fm
 
 
+@pytest.mark.process  # `gaussreg data` as a process: the command itself, not its functions
 def test_data_list_cli_reports_found_and_missing(tmp_path):
     make_mnist(tmp_path, n_train=40, n_test=10)
     out = subprocess.run(cli("data", "list", "--data-dir", tmp_path), capture_output=True, text=True,
@@ -152,6 +153,7 @@ def test_data_list_cli_reports_found_and_missing(tmp_path):
     assert "Traceback" not in out.stdout + out.stderr
 
 
+@pytest.mark.process  # `gaussreg data` as a process: the command itself, not its functions
 def test_download_of_a_missing_dataset_fails_in_one_paragraph(tmp_path):
     # no network to the dataset sites here, or an unknown name: a sentence, exit != 0, no traceback
     out = subprocess.run(cli("data", "download", "nope", "--data-dir", tmp_path), capture_output=True, text=True,

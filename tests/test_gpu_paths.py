@@ -8,7 +8,10 @@ import sys
 
 import pytest
 import torch
-from conftest import python_env
+from conftest import gaussreg, python_env
+from factories import queued_run, spec, spec_only_run
+from fake_worker import ARGV as FAKE
+from fake_worker import KILLED, LONG
 from typer.testing import CliRunner
 
 from gaussreg.cli import app as cli_app
@@ -18,7 +21,7 @@ from gaussreg.launch import request as launch
 from gaussreg.launch import scheduler
 from gaussreg.launch.request import LaunchError, LaunchRequest, plan
 from gaussreg.runs import store
-from gaussreg.runs.spec import SpecError, resolve, run_id
+from gaussreg.runs.spec import SpecError, resolve
 from gaussreg.runs.store import RunDir, RunFileError, Store
 
 MANIFEST = """
@@ -73,10 +76,10 @@ def test_the_default_trains_on_the_cpu_without_a_gpu_but_an_explicit_all_is_an_e
     assert [s.gpu for s in plan(LaunchRequest(manifest, str(tmp_path / "runs"), gpus="none")).slots] == [None]
 
 
+@pytest.mark.process
 def test_the_cli_says_so_when_auto_found_no_gpu_and_refuses_all(manifest, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "gaussreg", "run", manifest, "--store", str(tmp_path / "runs"),
-                          "--gpus", "all"], capture_output=True, text=True, env=python_env(COLUMNS="300"))
-    assert out.returncode == 2 and "--gpus all asks for every GPU, but this machine shows none" in out.stderr
+    out = gaussreg("run", manifest, "--store", tmp_path / "runs", "--gpus", "all")
+    assert out.exit_code == 2 and "--gpus all asks for every GPU, but this machine shows none" in out.stderr
     assert not (tmp_path / "runs").exists()
     out = subprocess.run([sys.executable, "-m", "gaussreg", "run", manifest, "--store", str(tmp_path / "runs")],
                          capture_output=True, text=True, env=python_env(COLUMNS="300"), timeout=300)
@@ -84,6 +87,7 @@ def test_the_cli_says_so_when_auto_found_no_gpu_and_refuses_all(manifest, tmp_pa
     assert "on cpu (" in out.stdout and "no GPU visible, --gpus none says so" in out.stdout
 
 
+@pytest.mark.process
 @pytest.mark.gpu
 def test_auto_and_all_use_every_gpu_nvidia_smi_lists(manifest, tmp_path, monkeypatch):
     fake_nvidia_smi(tmp_path, monkeypatch)
@@ -93,6 +97,7 @@ def test_auto_and_all_use_every_gpu_nvidia_smi_lists(manifest, tmp_path, monkeyp
 
 # ------------------------------------------------------------ EXCLUSIVE_PROCESS
 
+@pytest.mark.process
 @pytest.mark.gpu
 def test_packing_runs_on_an_exclusive_process_gpu_is_refused(manifest, tmp_path, monkeypatch):
     fake_nvidia_smi(tmp_path, monkeypatch, modes=("Default", "Exclusive_Process"))
@@ -117,6 +122,7 @@ def test_cpu_slots_count_the_cores_this_process_may_use_not_the_machines(monkeyp
     assert [s.threads for s in scheduler.make_slots([], max_parallel=2)] == [1, 1]
 
 
+@pytest.mark.process
 def test_a_real_cpuset_is_seen_by_a_child():
     if not hasattr(__import__("os"), "sched_getaffinity") or not subprocess.run(["which", "taskset"]).returncode == 0:
         pytest.skip("needs Linux taskset")
@@ -131,9 +137,7 @@ def test_a_real_cpuset_is_seen_by_a_child():
 @pytest.mark.parametrize("code", [errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS])
 def test_a_store_without_flock_is_named_in_one_sentence(tmp_path, monkeypatch, manifest, code):
     st = Store(tmp_path / "runs")
-    spec = resolve({"dataset": "synthetic", "model": "mlp", "method": "baseline", "experiment": "g"})
-    st.create(spec, run_id(spec))
-    run = st.get(run_id(spec))
+    run = queued_run(st, experiment="g")
 
     def flock(fd, op):
         raise OSError(code, __import__("os").strerror(code))
@@ -166,6 +170,7 @@ def test_a_spec_may_not_name_a_gpu_beyond_its_slots(device, ok):
             resolve(spec)
 
 
+@pytest.mark.process  # asks nvidia-smi where it is installed
 @pytest.mark.gpu
 def test_the_packing_benchmark_uses_the_benchmarked_gpu_not_gpu_0(monkeypatch):
     from gaussreg import bench
@@ -184,12 +189,10 @@ def test_the_packing_benchmark_uses_the_benchmarked_gpu_not_gpu_0(monkeypatch):
     assert seen == [["3", "3"], ["2"]]
 
 
+@pytest.mark.process
 def test_eval_reads_only_the_test_split(tmp_path, monkeypatch):
-    d = tmp_path / "r"
-    d.mkdir()
-    (d / "spec.json").write_text(json.dumps(resolve({"dataset": "synthetic", "model": "mlp", "method": "baseline",
-                                                     "max_epochs": 1, "train_subset": 200, "test_subset": 50,
-                                                     "robustness": {"sigmas": [0.0]}, "experiment": "e"})))
+    d = spec_only_run(tmp_path, "r", **spec(max_epochs=1, train_subset=200, test_subset=50,
+                                            robustness={"sigmas": [0.0]}, experiment="e")).path
     p = subprocess.run([sys.executable, "-m", "gaussreg.worker", str(d)], env=python_env(), capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 0, p.stderr
@@ -212,6 +215,7 @@ MIG_NEW = ["MIG-c6d4f1ef-42e4-5de3-91c7-45d71c87eb3f", "MIG-cba663e8-9bed-5b26-b
 MIG_OLD = ["MIG-GPU-00000002/1/0", "MIG-GPU-00000002/2/0"]  # the R450/R460 form
 
 
+@pytest.mark.process
 @pytest.mark.gpu
 def test_indented_mig_lines_are_parsed_and_a_split_gpu_counts_as_its_mig_devices(tmp_path, monkeypatch):
     fake_nvidia_smi(tmp_path, monkeypatch, modes=("Default",) * 4, migs={1: MIG_NEW, 2: MIG_OLD})
@@ -245,6 +249,7 @@ def test_gpus_accepts_indices_uuids_and_mig_ids(arg, ok):
             inventory.parse_gpus(arg)
 
 
+@pytest.mark.process
 @pytest.mark.gpu
 def test_under_a_slurm_allocation_indices_and_uuids_name_gpus_inside_it(tmp_path, monkeypatch):
     fake_nvidia_smi(tmp_path, monkeypatch, modes=("Default",) * 4)
@@ -268,6 +273,7 @@ def test_under_a_slurm_allocation_indices_and_uuids_name_gpus_inside_it(tmp_path
     assert [s.place for s in plan_slots(tmp_path, "1")] == ["GPU-00000003"]
 
 
+@pytest.mark.process
 @pytest.mark.gpu
 def test_mig_devices_are_named_and_checked_like_gpus(tmp_path, monkeypatch):
     fake_nvidia_smi(tmp_path, monkeypatch, modes=("Default",) * 3, migs={1: MIG_NEW, 2: MIG_OLD})
@@ -280,6 +286,7 @@ def test_mig_devices_are_named_and_checked_like_gpus(tmp_path, monkeypatch):
     assert [s.place for s in plan_slots(tmp_path, f"{MIG_OLD[0]},0")] == [MIG_OLD[0], "GPU-00000000"]
 
 
+@pytest.mark.process
 @pytest.mark.gpu
 def test_a_uuid_prefix_names_its_gpu_when_it_is_unique(tmp_path, monkeypatch):
     fake_nvidia_smi(tmp_path, monkeypatch, modes=("Default",) * 2)
@@ -291,6 +298,7 @@ def test_a_uuid_prefix_names_its_gpu_when_it_is_unique(tmp_path, monkeypatch):
     assert [s.place for s in plan_slots(tmp_path, "0")] == ["GPU-00000001"]
 
 
+@pytest.mark.process
 @pytest.mark.gpu
 def test_two_launches_naming_one_gpu_differently_count_the_same_places(tmp_path, monkeypatch):
     """One launch says `--gpus 1`, the other the UUID of GPU 1: with --per-gpu 1 the second
@@ -316,12 +324,11 @@ def test_two_launches_naming_one_gpu_differently_count_the_same_places(tmp_path,
 
 def _one_run(tmp_path, device="auto", seed=0):
     st = Store(tmp_path / "runs")
-    spec = resolve({"dataset": "synthetic", "model": "mlp", "method": "baseline", "experiment": "g", "seed": seed,
-                    "max_epochs": 1, "train_subset": 200, "test_subset": 50, "device": device,
-                    "robustness": {"sigmas": [0.0]}})
-    return st, st.create(spec, run_id(spec))
+    return st, queued_run(st, experiment="g", seed=seed, max_epochs=1, train_subset=200, test_subset=50, device=device,
+                          robustness={"sigmas": [0.0]})
 
 
+@pytest.mark.process
 @pytest.mark.gpu
 def test_gaussreg_train_takes_a_free_gpu_place_and_that_gpu(tmp_path, monkeypatch):
     fake_nvidia_smi(tmp_path, monkeypatch, modes=("Default",) * 2)
@@ -355,6 +362,7 @@ def test_gaussreg_train_takes_a_free_gpu_place_and_that_gpu(tmp_path, monkeypatc
     __import__("os").close(fd)
 
 
+@pytest.mark.process
 @pytest.mark.gpu
 # about a CPU-only build of torch; conftest hides the GPUs, so is_available() would always say no
 @pytest.mark.skipif(torch.version.cuda is not None, reason="a CUDA build of torch is never refused a GPU")
@@ -382,6 +390,7 @@ def test_gaussreg_train_on_a_full_store_or_a_cpu_torch_says_so(tmp_path, monkeyp
     assert "this run was given GPU 1 (CUDA_VISIBLE_DEVICES='1')" in st_["error"]
 
 
+@pytest.mark.process
 @pytest.mark.gpu
 def test_a_cpu_spec_takes_no_gpu_place(tmp_path, monkeypatch):
     fake_nvidia_smi(tmp_path, monkeypatch, modes=("Default",))
@@ -398,15 +407,14 @@ def test_a_cpu_spec_takes_no_gpu_place(tmp_path, monkeypatch):
     assert run.state() == "completed" and run.status()["gpu_slot"] is None
 
 
+@pytest.mark.process
 @pytest.mark.gpu
 def test_the_tuis_rerun_takes_a_free_gpu_place_held_by_its_worker(tmp_path, monkeypatch):
     import os
 
-    from test_scheduler import FAKE
-
     from gaussreg.launch import control
     fake_nvidia_smi(tmp_path, monkeypatch, modes=("Default",) * 2)
-    st, run = _one_run(tmp_path, seed=15)  # 15: the fake worker's long run
+    st, run = _one_run(tmp_path, seed=LONG)
     run.write_status({"state": "cancelled"})
     real = control.start_worker
     monkeypatch.setattr(control, "start_worker", lambda *a, **k: real(*a, argv=FAKE, **k))
@@ -417,7 +425,7 @@ def test_the_tuis_rerun_takes_a_free_gpu_place_held_by_its_worker(tmp_path, monk
         assert p.poll() is None, "the fake worker (2 s) ended before its place could be checked"
         assert other is None  # the worker holds GPU 1's place
         # every place taken: refused in one sentence, nothing started
-        run2 = _one_run(tmp_path, seed=16)[1]
+        run2 = _one_run(tmp_path, seed=KILLED)[1]
         run2.write_status({"state": "failed"})
         with pytest.raises(control.ControlError, match=r"every place on the GPUs this process sees \(0, 1\) is taken"):
             control.restart(run2)
@@ -432,14 +440,12 @@ def test_the_tuis_rerun_takes_a_free_gpu_place_held_by_its_worker(tmp_path, monk
     os.close(fd)
 
 
+@pytest.mark.process
 def test_a_checkpoint_copied_away_from_its_run_evaluates_alone(tmp_path):
     """Each checkpoint carries its resolved spec, so `gaussreg eval FILE` needs no run directory."""
     import shutil
-    d = tmp_path / "r"
-    d.mkdir()
-    (d / "spec.json").write_text(json.dumps(resolve({"dataset": "synthetic", "model": "mlp", "method": "baseline",
-                                                     "max_epochs": 1, "train_subset": 200, "test_subset": 50,
-                                                     "robustness": {"sigmas": [0.0, 0.1]}, "experiment": "e"})))
+    d = spec_only_run(tmp_path, "r", **spec(max_epochs=1, train_subset=200, test_subset=50,
+                                            robustness={"sigmas": [0.0, 0.1]}, experiment="e")).path
     p = subprocess.run([sys.executable, "-m", "gaussreg.worker", str(d)], env=python_env(), capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 0, p.stderr

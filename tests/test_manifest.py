@@ -1,7 +1,5 @@
-import subprocess
-
 import pytest
-from conftest import cli, python_env
+from conftest import gaussreg
 
 from gaussreg.runs import manifest
 
@@ -98,8 +96,8 @@ def test_cli_run_with_a_bad_noise_mode_is_one_error(tmp_path):
     p = tmp_path / "bad.toml"
     p.write_text('[[experiment]]\nname = "a"\ndataset = "synthetic"\nmodel = "mlp"\n'
                  'methods.augment = { sigma = [0.1, 0.2], folds = [1, 2], noise = "random" }\n')
-    out = subprocess.run(cli("run", p, "--store", tmp_path / "runs"), capture_output=True, text=True, env=python_env())
-    assert out.returncode == 2 and not (tmp_path / "runs").exists()
+    out = gaussreg("run", p, "--store", tmp_path / "runs")
+    assert out.exit_code == 2 and not (tmp_path / "runs").exists()
     assert out.stderr.strip() == (f"error: {p}:5: methods.augment.noise: parameter 'noise' of method 'augment' "
                                   "must be 'fresh', 'fixed' or 'shared' (got 'random')"), out.stderr
 
@@ -189,8 +187,8 @@ def test_cli_run_with_a_bad_manifest_launches_nothing(tmp_path):
     p = tmp_path / "bad.toml"
     p.write_text('[[experiment]]\nname = "a"\ndataset = "synthetic"\nmodel = "mlp"\n'
                  'methods.augment = { sigmas = 0.1, folds = 2 }\n')
-    out = subprocess.run(cli("run", p, "--store", tmp_path / "runs"), capture_output=True, text=True, env=python_env())
-    assert out.returncode == 2
+    out = gaussreg("run", p, "--store", tmp_path / "runs")
+    assert out.exit_code == 2
     assert f"{p}:5: methods.augment.sigmas: unknown parameter 'sigmas'" in " ".join(out.stderr.split())
     assert "Traceback" not in out.stderr and not (tmp_path / "runs").exists()
 
@@ -247,7 +245,6 @@ def test_every_error_is_reported_in_one_pass_with_its_table(tmp_path):
         f"{p}:13: name: duplicate experiment name 'a'",
         f"{p}:14: methods.augment.sigma: parameter 'sigma' of method 'augment' must be >= 0 (got -1.0)"]
     assert len(e.value.errors) == 7 and e.value.errors[0].line == 2
-    out = subprocess.run(cli("run", p, "--store", tmp_path / "runs", "--dry-run"), capture_output=True, text=True,
-                         env=python_env(COLUMNS="300"))
-    assert out.returncode == 2 and out.stderr.count("\n") == 8 and "alhpa" in out.stderr
+    out = gaussreg("run", p, "--store", tmp_path / "runs", "--dry-run", COLUMNS="300")
+    assert out.exit_code == 2 and out.stderr.count("\n") == 8 and "alhpa" in out.stderr
     assert not (tmp_path / "runs").exists()

@@ -164,6 +164,7 @@ def test_the_fused_half_precision_kernel_is_exact_to_its_rounding(dtype, monkeyp
     assert torch.allclose(s.grad.double(), sd.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.process  # inductor runs the C++ compiler
 def test_the_fused_kernel_compiled_equals_it_uncompiled():
     """The fused kernel runs compiled (inductor here, Triton on a GPU); its maths run
     eagerly gives the same numbers."""

@@ -11,7 +11,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from conftest import cli, python_env
+from conftest import cli, gaussreg, python_env
 from torch import nn
 
 from gaussreg.core import plugins
@@ -187,6 +187,7 @@ def run(*args):
     return subprocess.run(cli(*args), capture_output=True, text=True, env=python_env(COLUMNS="200"))
 
 
+@pytest.mark.process
 def test_own_resnet_and_npz_through_the_scheduler_to_a_fair_table(project):
     m = write(project, MANIFEST)
     dry = run("run", m, "--store", project / "runs", "--dry-run")
@@ -227,6 +228,7 @@ def test_model_args_are_grid_axes_and_changed_code_makes_new_runs(project):
     assert run_id({**spec, "python_path": ["/elsewhere"]}) == run_id(spec)
 
 
+@pytest.mark.process
 def test_reading_a_manifest_with_own_code_imports_neither_it_nor_torch(project):
     m = write(project, MANIFEST)
     code = (f"import sys; from gaussreg.runs import manifest; manifest.load({str(m)!r}); "
@@ -244,6 +246,7 @@ def test_a_changed_source_is_refused_by_the_worker(project):
     assert "changed since this run was planned" in changed_source(spec)
 
 
+@pytest.mark.process  # asks nvidia-smi where it is installed
 def test_train_force_on_changed_code_is_refused_and_the_completed_run_stands(project):
     from gaussreg.runs.store import Store, atomic_write_json
     spec = manifest.load(write(project, MANIFEST)).runs()[0].spec
@@ -253,16 +256,16 @@ def test_train_force_on_changed_code_is_refused_and_the_completed_run_stands(pro
     atomic_write_json(r.result_file, {"test_accuracy": 0.9, "robustness": 0.8})
     src = project / "src" / "mypkg" / "models.py"
     src.write_text(src.read_text() + "\n# edited after training\n")
-    out = run("train", r.path, "--force")
-    assert out.returncode == 2 and "changed since this run was planned" in out.stderr, out.stderr
+    out = gaussreg("train", r.path, "--force")
+    assert out.exit_code == 2 and "changed since this run was planned" in out.stderr, out.stderr
     # the refusal is this attempt's, not the run's: it stays completed with its result
     assert r.status()["state"] == "completed" and r.result()["test_accuracy"] == 0.9
     assert "refused to train again" in r.file("worker.log").read_text()
     # nor do eval and certify put other code around its weights
     r.best_checkpoint.write_bytes(b"weights")
     for cmd in ("eval", "certify"):
-        out = run(cmd, r.id, "--store", st.root)
-        assert out.returncode == 2 and "changed since this run was planned" in out.stderr, (cmd, out.stderr)
+        out = gaussreg(cmd, r.id, "--store", st.root)
+        assert out.exit_code == 2 and "changed since this run was planned" in out.stderr, (cmd, out.stderr)
 
 
 def test_split_of_a_torchvision_style_module_and_of_a_sequential(project):
@@ -356,6 +359,7 @@ def test_manifest_refusals_name_file_line_and_key(project):
     assert manifest.load(write(project, full)).runs()[0].spec["optimizer"]["lr"] == 0.05
 
 
+@pytest.mark.process
 def test_dry_run_imports_and_tries_each_factory_in_a_subprocess(project):
     bad = MANIFEST.replace("mypkg.models:resnet", "mypkg.models:broken").replace("width = 8", "width = 6")
     out = run("run", write(project, bad), "--store", project / "runs", "--dry-run")

@@ -4,50 +4,30 @@ import json
 import subprocess
 
 import pytest
-from conftest import cli, python_env
+from conftest import cli, gaussreg, python_env
+from factories import SIGMAS, figure_run
 
-from gaussreg.runs.spec import resolve, run_id
 from gaussreg.runs.store import Store, atomic_write_json
-
-SIGMAS = [0.0, 0.25, 0.5]
-
-
-def add(st, method, acc, rob, seed=0, state="completed", **params):
-    spec = resolve({"dataset": "synthetic", "model": "mlp", "method": method, "params": params, "seed": seed,
-                    "experiment": "P", "robustness": {"sigmas": SIGMAS}})
-    run = st.create(spec, run_id(spec))
-    run.write_status({"state": state})
-    epochs = [{"type": "epoch", "epoch": e, "train_loss": 1.0 / e + 1e-17, "train_terms": {"ce": 1.0 / e},
-               "val_loss": 1.1 / e, "val_ce": 1.1 / e, "val_accuracy": acc - 0.01, "lr": 1e-3, "epoch_time": 0.5,
-               "images_per_s": 1000.0, "best": True} for e in (1, 2)]
-    run.file("events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in epochs))
-    if state == "completed":
-        atomic_write_json(run.file("result.json"), {
-            "test_accuracy": acc, "robustness": rob, "sigmas": SIGMAS, "per_sigma": [1.0, rob, rob - 0.1],
-            "accuracy_per_sigma": [acc, acc - 0.1, acc - 0.3], "best_val_accuracy": acc - 0.01,
-            "val_robustness": rob + 0.0000000000000002, "val_per_sigma": [1.0, rob, rob - 0.12],
-            "val_accuracy_per_sigma": [acc, acc - 0.12, acc - 0.3], "best_epoch": 2, "epochs_run": 2})
-    return run.id
-
 
 @pytest.fixture
 def store(tmp_path):
     st = Store(tmp_path / "runs")
     st.write_experiment("P", {"tolerance": 0.02})
-    add(st, "baseline", 0.90, 0.50)
-    add(st, "baseline", 0.91, 0.52, seed=1)
-    add(st, "augment", 0.90, 0.70, sigma=0.25, folds=1)
-    add(st, "augment", 0.89, 0.75, sigma=0.5, folds=5)
-    add(st, "regularizer", 0.90, 0.78, sigma=0.25, alpha=1)
-    add(st, "regularizer", 0.88, 0.85, sigma=1.0, alpha=1)
-    add(st, "regularizer", 0.7663000000000002, 0.9, sigma=5.0, alpha=1)
-    add(st, "regularizer", 0.0, 0.0, state="failed", sigma=10.0, alpha=1)
+    figure_run(st, "baseline", 0.90, 0.50)
+    figure_run(st, "baseline", 0.91, 0.52, seed=1)
+    figure_run(st, "augment", 0.90, 0.70, sigma=0.25, folds=1)
+    figure_run(st, "augment", 0.89, 0.75, sigma=0.5, folds=5)
+    figure_run(st, "regularizer", 0.90, 0.78, sigma=0.25, alpha=1)
+    figure_run(st, "regularizer", 0.88, 0.85, sigma=1.0, alpha=1)
+    figure_run(st, "regularizer", 0.7663000000000002, 0.9, sigma=5.0, alpha=1)
+    figure_run(st, "regularizer", 0.0, 0.0, state="failed", sigma=10.0, alpha=1)
     return st
 
 
 MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "svg": b"<svg", "pdf": b"%PDF-"}
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("fmt", ["png", "svg", "pdf"])
 def test_plot_writes_three_valid_figures(store, tmp_path, fmt):
     pytest.importorskip("matplotlib")
@@ -90,9 +70,8 @@ def test_plot_tolerance_overrides_the_manifests_as_the_table_does(store, tmp_pat
     # 0.02 (the experiment's) keeps the sigma-5 regularizer (76.6 %) out; 0.2 lets it win on R
     assert [rec["tolerance"] for rec in drawn] == [0.02, 0.2]
     assert [b["regularizer"] for b in best] == [0.25, 5.0]
-    bad = subprocess.run(cli("plot", "--store", store.root, "--out", tmp_path / "bad", "--tolerance", "2"),
-                         capture_output=True, text=True, env=python_env())
-    assert bad.returncode == 2 and "--tolerance must be a fraction in [0, 1], not 2.0" in bad.stderr
+    bad = gaussreg("plot", "--store", store.root, "--out", tmp_path / "bad", "--tolerance", "2")
+    assert bad.exit_code == 2 and "--tolerance must be a fraction in [0, 1], not 2.0" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
 
 
@@ -107,12 +86,12 @@ def test_plot_budget_chooses_as_the_table_does(store, tmp_path, monkeypatch):
     (rec,) = drawn
     assert rec == report.fair_table(store, budget=3)["experiments"][0]
     assert [e["method"] for e in rec["best"]] == ["baseline"] and rec["budget"]["not_comparable"] == 5
-    bad = subprocess.run(cli("plot", "--store", store.root, "--out", tmp_path / "bad", "--budget", "0"),
-                         capture_output=True, text=True, env=python_env())
-    assert bad.returncode == 2 and "--budget must be a finite number > 0" in bad.stderr
+    bad = gaussreg("plot", "--store", store.root, "--out", tmp_path / "bad", "--budget", "0")
+    assert bad.exit_code == 2 and "--budget must be a finite number > 0" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
 
 
+@pytest.mark.process
 def test_plot_without_matplotlib_says_how_to_get_it(store, tmp_path):
     fake = tmp_path / "nompl"
     (fake / "matplotlib").mkdir(parents=True)
@@ -126,6 +105,7 @@ def test_plot_without_matplotlib_says_how_to_get_it(store, tmp_path):
     assert not (tmp_path / "fig").exists()
 
 
+@pytest.mark.process
 def test_export_long_formats_read_back(store):
     def export(*args):
         out = subprocess.run(cli("export", "--store", store.root, *args), capture_output=True, text=True,
@@ -178,13 +158,12 @@ def test_the_fair_table_is_recomputed_from_the_exported_runs(store, tmp_path):
     best = {e["method"]: e for e in want["experiments"][0]["best"]}
     assert best["regularizer"]["params"]["sigma"] == 1.0  # the certified run
     assert best["regularizer"]["certified"]["accuracy"]["0.5"] == pytest.approx(1 / 3)
-    out = subprocess.run(cli("table", "--from", f, "--format", "markdown", "--all", "--tolerance", "0.05"),
-                         capture_output=True, text=True, env=python_env())
-    assert out.returncode == 0, out.stderr
+    out = gaussreg("table", "--from", f, "--format", "markdown", "--all", "--tolerance", "0.05")
+    assert out.exit_code == 0, out.stderr
     assert out.stdout == report.render_markdown(want, True) + "\n" and "cert@0.5 %" in out.stdout
     f.write_text(f.read_text() + "not json\n")
-    out = subprocess.run(cli("table", "--from", f), capture_output=True, text=True, env=python_env())
-    assert out.returncode == 2 and f"{f}:9: not a JSON line" in " ".join(out.stderr.split())
+    out = gaussreg("table", "--from", f)
+    assert out.exit_code == 2 and f"{f}:9: not a JSON line" in " ".join(out.stderr.split())
 
 
 def test_export_carries_each_runs_cost(store):

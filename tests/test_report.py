@@ -3,29 +3,12 @@ import re
 import subprocess
 
 import pytest
-from conftest import cli, python_env
+from conftest import cli, gaussreg, python_env
+from factories import table_run
 
-from gaussreg.runs.spec import resolve, run_id
+from gaussreg.runs.spec import resolve
 from gaussreg.runs.store import Store, atomic_write_json
 from gaussreg.views import report
-
-
-def add(st, exp, method, acc=None, rob=None, seed=0, state="completed", val=None, keys=None, noisy=None, cost=None,
-        **params):
-    """A hand-made run; validation numbers equal the test ones unless val=(acc, R) says otherwise;
-    `cost` adds result fields (spent() makes the ones a worker records)."""
-    spec = resolve({"dataset": "synthetic", "model": "mlp", "method": method, "params": params, "seed": seed,
-                    "experiment": exp, **(keys or {})})
-    run = st.create(spec, run_id(spec))
-    run.write_status({"state": state})
-    if state == "completed":
-        va, vr = val if val else (acc, rob)
-        res = {"test_accuracy": acc, "robustness": rob, "best_val_accuracy": va, "val_robustness": vr}
-        if noisy is not None:
-            res.update(sigmas=[0.0, 0.5], accuracy_per_sigma=noisy)
-        res.update(cost or {})
-        atomic_write_json(run.file("result.json"), res)
-    return run.id
 
 
 def spent(steps, cpu, best=5, epochs=5, device="cpu", gpu=None):
@@ -38,26 +21,26 @@ def spent(steps, cpu, best=5, epochs=5, device="cpu", gpu=None):
 def store(tmp_path):
     st = Store(tmp_path / "runs")
     st.write_experiment("A", {"tolerance": 0.01})
-    add(st, "A", "baseline", 0.90, 0.50, seed=0)
-    add(st, "A", "baseline", 0.92, 0.60, seed=1)  # a0 = 0.91, threshold 0.90
-    add(st, "A", "augment", 0.905, 0.70, sigma=0.25, folds=2)
-    add(st, "A", "augment", 0.89, 0.95, sigma=0.25, folds=6)  # too inaccurate
-    add(st, "A", "augment", 0.95, 0.80, sigma=0.5, folds=11)
-    add(st, "A", "regularizer", 0.91, 0.78, sigma=0.25, alpha=1)
-    add(st, "A", "regularizer", 0.92, 0.78, sigma=0.5, alpha=1)  # tie on R: the more accurate wins
-    add(st, "A", "regularizer", 0.8999, 0.99, sigma=1, alpha=1)  # just below the threshold
-    add(st, "A", "regularizer", 0.93, 0.70, sigma=2, alpha=1, seed=0)
-    add(st, "A", "regularizer", 0.87, 0.74, sigma=2, alpha=1, seed=1)  # seeds average to 0.90 exactly
-    add(st, "A", "regularizer", state="failed", sigma=5, alpha=1)
+    table_run(st, "A", "baseline", 0.90, 0.50, seed=0)
+    table_run(st, "A", "baseline", 0.92, 0.60, seed=1)  # a0 = 0.91, threshold 0.90
+    table_run(st, "A", "augment", 0.905, 0.70, sigma=0.25, folds=2)
+    table_run(st, "A", "augment", 0.89, 0.95, sigma=0.25, folds=6)  # too inaccurate
+    table_run(st, "A", "augment", 0.95, 0.80, sigma=0.5, folds=11)
+    table_run(st, "A", "regularizer", 0.91, 0.78, sigma=0.25, alpha=1)
+    table_run(st, "A", "regularizer", 0.92, 0.78, sigma=0.5, alpha=1)  # tie on R: the more accurate wins
+    table_run(st, "A", "regularizer", 0.8999, 0.99, sigma=1, alpha=1)  # just below the threshold
+    table_run(st, "A", "regularizer", 0.93, 0.70, sigma=2, alpha=1, seed=0)
+    table_run(st, "A", "regularizer", 0.87, 0.74, sigma=2, alpha=1, seed=1)  # seeds average to 0.90 exactly
+    table_run(st, "A", "regularizer", state="failed", sigma=5, alpha=1)
     st.write_experiment("B", {"tolerance": 0.0})
-    add(st, "B", "baseline", 0.90, 0.50)
-    add(st, "B", "augment", 0.85, 0.90, sigma=0.5, folds=2)
-    add(st, "B", "regularizer", 0.80, 0.95, sigma=0.5, alpha=1)
-    add(st, "C", "baseline", 0.90, 0.50)
-    add(st, "C", "regularizer", 0.90, 0.90, sigma=0.5, alpha=1)
-    add(st, "C", "augment", 0.90, 0.50, sigma=0.5, folds=2)
-    add(st, "C", "augment", 0.91, 0.60, sigma=0.5, folds=21)
-    add(st, "D", "augment", 0.91, 0.60, sigma=0.5, folds=21)
+    table_run(st, "B", "baseline", 0.90, 0.50)
+    table_run(st, "B", "augment", 0.85, 0.90, sigma=0.5, folds=2)
+    table_run(st, "B", "regularizer", 0.80, 0.95, sigma=0.5, alpha=1)
+    table_run(st, "C", "baseline", 0.90, 0.50)
+    table_run(st, "C", "regularizer", 0.90, 0.90, sigma=0.5, alpha=1)
+    table_run(st, "C", "augment", 0.90, 0.50, sigma=0.5, folds=2)
+    table_run(st, "C", "augment", 0.91, 0.60, sigma=0.5, folds=21)
+    table_run(st, "D", "augment", 0.91, 0.60, sigma=0.5, folds=21)
     return st
 
 
@@ -105,6 +88,7 @@ def test_tolerance_override(store):
     assert b["equivalent_folds"]["text"] == "Ñ > 3"
 
 
+@pytest.mark.process  # a real pipe: Rich sizes the table for it
 def test_cli_json_matches_and_other_formats(store):
     out = subprocess.run(cli("table", "--store", store.root, "--format", "json"), capture_output=True, text=True,
                          env=python_env())
@@ -141,10 +125,10 @@ def test_cli_json_matches_and_other_formats(store):
 def test_grid_axes_other_than_seed_are_never_averaged(tmp_path):
     st = Store(tmp_path / "runs")
     for epochs, (a, r) in ((1, (0.50, 0.40)), (100, (0.90, 0.60))):
-        add(st, "G", "baseline", a, r, keys={"max_epochs": epochs})
-        add(st, "G", "regularizer", a - 0.01, r + 0.2, keys={"max_epochs": epochs}, sigma=0.5, alpha=1)
-    add(st, "G", "baseline", 0.80, 0.55, keys={"max_epochs": 100, "optimizer": {"lr": 1e-3}})
-    add(st, "G", "baseline", 0.70, 0.50, keys={"max_epochs": 100, "optimizer": {"lr": 1e-3}}, seed=1)
+        table_run(st, "G", "baseline", a, r, keys={"max_epochs": epochs})
+        table_run(st, "G", "regularizer", a - 0.01, r + 0.2, keys={"max_epochs": epochs}, sigma=0.5, alpha=1)
+    table_run(st, "G", "baseline", 0.80, 0.55, keys={"max_epochs": 100, "optimizer": {"lr": 1e-3}})
+    table_run(st, "G", "baseline", 0.70, 0.50, keys={"max_epochs": 100, "optimizer": {"lr": 1e-3}}, seed=1)
     t = report.fair_table(st, tolerance=0.02)["experiments"]
     got = {json.dumps(r["setting"], sort_keys=True): r for r in t}
     assert set(got) == {'{"max_epochs": 1, "optimizer.lr": 0.0001}', '{"max_epochs": 100, "optimizer.lr": 0.0001}',
@@ -164,12 +148,12 @@ def test_grid_axes_other_than_seed_are_never_averaged(tmp_path):
 
 def _folds_store(tmp_path):
     st = Store(tmp_path / "runs")
-    add(st, "F", "baseline", 0.90, 0.50)
-    add(st, "F", "regularizer", 0.90, 0.80, sigma=0.5, alpha=1)
-    add(st, "F", "augment", 0.90, 0.70, sigma=0.5, folds=1)   # less robust
-    add(st, "F", "augment", 0.80, 0.95, sigma=1.0, folds=1)   # lost too much accuracy
-    add(st, "F", "augment", 0.90, 0.85, sigma=0.5, folds=5)   # as robust: N~ = 6
-    add(st, "F", "augment", 0.90, 0.60, sigma=0.25, folds=10)  # less robust
+    table_run(st, "F", "baseline", 0.90, 0.50)
+    table_run(st, "F", "regularizer", 0.90, 0.80, sigma=0.5, alpha=1)
+    table_run(st, "F", "augment", 0.90, 0.70, sigma=0.5, folds=1)   # less robust
+    table_run(st, "F", "augment", 0.80, 0.95, sigma=1.0, folds=1)   # lost too much accuracy
+    table_run(st, "F", "augment", 0.90, 0.85, sigma=0.5, folds=5)   # as robust: N~ = 6
+    table_run(st, "F", "augment", 0.90, 0.60, sigma=0.25, folds=10)  # less robust
     return st
 
 
@@ -179,28 +163,28 @@ def test_failed_or_cancelled_augment_runs_change_nothing_in_equivalent_folds(tmp
     assert before["n_tilde"] == 6 and before["folds"] == 5 and before["text"] == "Ñ = 6"
     assert before["augment_configs"] == 4 and before["augment_less_accurate"] == 1
     assert before["augment_less_robust"] == 2
-    add(st, "F", "augment", state="failed", sigma=0.5, folds=20)
-    add(st, "F", "augment", state="cancelled", sigma=0.5, folds=2)
-    add(st, "F", "augment", state="failed", sigma=0.5, folds=5, seed=1)
+    table_run(st, "F", "augment", state="failed", sigma=0.5, folds=20)
+    table_run(st, "F", "augment", state="cancelled", sigma=0.5, folds=2)
+    table_run(st, "F", "augment", state="failed", sigma=0.5, folds=5, seed=1)
     assert report.fair_table(st, tolerance=0.0)["experiments"][0]["equivalent_folds"] == before
     # and with no augment run as robust, the largest *completed* augmentation is the bound
     st2 = Store(tmp_path / "runs2")
-    add(st2, "F", "baseline", 0.90, 0.50)
-    add(st2, "F", "regularizer", 0.90, 0.80, sigma=0.5, alpha=1)
-    add(st2, "F", "augment", 0.90, 0.70, sigma=0.5, folds=5)
-    add(st2, "F", "augment", state="cancelled", sigma=0.5, folds=20)
+    table_run(st2, "F", "baseline", 0.90, 0.50)
+    table_run(st2, "F", "regularizer", 0.90, 0.80, sigma=0.5, alpha=1)
+    table_run(st2, "F", "augment", 0.90, 0.70, sigma=0.5, folds=5)
+    table_run(st2, "F", "augment", state="cancelled", sigma=0.5, folds=20)
     ef = report.fair_table(st2, tolerance=0.0)["experiments"][0]["equivalent_folds"]
     assert ef["text"] == "Ñ > 6" and ef["max_n_tilde_tried"] == 6 and ef["augment_less_robust"] == 1
 
 
 def test_validation_selection_picks_a_different_winner_than_test_selection(tmp_path):
     st = Store(tmp_path / "runs")
-    add(st, "V", "baseline", 0.90, 0.50, val=(0.88, 0.52))
+    table_run(st, "V", "baseline", 0.90, 0.50, val=(0.88, 0.52))
     # X looks best on test, Y on validation; Z is accurate on test but not on validation
-    add(st, "V", "regularizer", 0.90, 0.90, val=(0.88, 0.70), sigma=0.5, alpha=1)  # X
-    add(st, "V", "regularizer", 0.90, 0.80, val=(0.88, 0.80), sigma=1.0, alpha=1)  # Y
-    add(st, "V", "regularizer", 0.90, 0.95, val=(0.85, 0.99), sigma=2.0, alpha=1)  # Z
-    add(st, "V", "regularizer", 0.85, 0.99, val=(0.88, 0.60), sigma=5.0, alpha=1)  # W: accurate on val only
+    table_run(st, "V", "regularizer", 0.90, 0.90, val=(0.88, 0.70), sigma=0.5, alpha=1)  # X
+    table_run(st, "V", "regularizer", 0.90, 0.80, val=(0.88, 0.80), sigma=1.0, alpha=1)  # Y
+    table_run(st, "V", "regularizer", 0.90, 0.95, val=(0.85, 0.99), sigma=2.0, alpha=1)  # Z
+    table_run(st, "V", "regularizer", 0.85, 0.99, val=(0.88, 0.60), sigma=5.0, alpha=1)  # W: accurate on val only
     val = report.fair_table(st, tolerance=0.01)
     test = report.fair_table(st, tolerance=0.01, select="test")
     assert val["selection"] == "validation" and test["selection"] == "test"
@@ -214,7 +198,7 @@ def test_validation_selection_picks_a_different_winner_than_test_selection(tmp_p
     assert reasons[5.0] is None and reasons[1.0] is None
     # a store trained before validation robustness was recorded cannot be selected on validation
     st2 = Store(tmp_path / "old")
-    rid = add(st2, "O", "baseline", 0.9, 0.5)
+    rid = table_run(st2, "O", "baseline", 0.9, 0.5)
     res = st2.get(rid).result()
     del res["val_robustness"]
     atomic_write_json(st2.get(rid).file("result.json"), res)
@@ -225,11 +209,11 @@ def test_validation_selection_picks_a_different_winner_than_test_selection(tmp_p
 
 def test_seed_spread_standard_errors_and_noisy_accuracy_by_hand(tmp_path):
     st = Store(tmp_path / "runs")
-    add(st, "S", "baseline", 0.90, 0.50, seed=0, noisy=[0.9, 0.1])
-    add(st, "S", "baseline", 0.92, 0.60, seed=1, noisy=[0.92, 0.2])
+    table_run(st, "S", "baseline", 0.90, 0.50, seed=0, noisy=[0.9, 0.1])
+    table_run(st, "S", "baseline", 0.92, 0.60, seed=1, noisy=[0.92, 0.2])
     for seed, r in enumerate((0.7, 0.8, 0.9)):
-        add(st, "S", "regularizer", 0.90, r, seed=seed, noisy=[0.9, 0.3], sigma=0.5, alpha=1)
-    add(st, "S", "augment", 0.91, 0.52, sigma=0.5, folds=1, noisy=[0.91, 0.2])
+        table_run(st, "S", "regularizer", 0.90, r, seed=seed, noisy=[0.9, 0.3], sigma=0.5, alpha=1)
+    table_run(st, "S", "augment", 0.91, 0.52, sigma=0.5, folds=1, noisy=[0.91, 0.2])
     rec = report.fair_table(st, tolerance=0.02)["experiments"][0]
     b = rec["baseline"]
     assert b["runs"] == 2 and b["accuracy"] == pytest.approx(0.91) and b["accuracy_std"] == pytest.approx(0.0141421, 1e-5)
@@ -255,9 +239,8 @@ def test_seed_spread_standard_errors_and_noisy_accuracy_by_hand(tmp_path):
 
 
 def test_table_all_lists_every_configuration_with_reasons(store):
-    out = subprocess.run(cli("table", "--store", store.root, "--experiment", "A", "--all", "--format", "markdown"),
-                         capture_output=True, text=True, env=python_env())
-    assert out.returncode == 0, out.stderr
+    out = gaussreg("table", "--store", store.root, "--experiment", "A", "--all", "--format", "markdown")
+    assert out.exit_code == 0, out.stderr
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("| ✓") or ln.startswith("| ✗")]
     assert len(lines) == 9  # 1 baseline + 3 augment + 5 regularizer configurations (two seeds are one)
     assert "| ✗ | regularizer | alpha=1 sigma=5 | 0 | - | - | - | - | - | — | — | — | not completed (failed 1) |" in lines
@@ -266,20 +249,19 @@ def test_table_all_lists_every_configuration_with_reasons(store):
     assert lines[0].startswith("| ✗ | regularizer | alpha=1 sigma=1 |")  # sorted by R: 0.99 first
     assert lines[-1].startswith("| ✗ | regularizer | alpha=1 sigma=5 |")  # no numbers last
     assert sum(ln.startswith("| ✓") for ln in lines) == 6
-    rich = subprocess.run(cli("table", "--store", store.root, "--experiment", "A", "--all"),
-                          capture_output=True, text=True, env=python_env(COLUMNS="200"))
+    rich = gaussreg("table", "--store", store.root, "--experiment", "A", "--all", COLUMNS="200")
     assert "every configuration" in rich.stdout and "✗" in rich.stdout and "not completed" in rich.stdout
 
 
 def _cost_store(tmp_path):
     st = Store(tmp_path / "runs")
     st.write_experiment("K", {"tolerance": 0.02})
-    add(st, "K", "baseline", 0.90, 0.50, seed=0, cost=spent(100, 10.0, best=4))
-    add(st, "K", "baseline", 0.90, 0.50, seed=1, cost=spent(100, 12.0, best=5))  # mean 11 CPU seconds
-    add(st, "K", "augment", 0.90, 0.90, seed=0, cost=spent(600, 60.0, best=3), sigma=0.5, folds=5)
-    add(st, "K", "augment", 0.90, 0.90, seed=1, cost=spent(600, 62.0, best=5), sigma=0.5, folds=5)
-    add(st, "K", "augment", 0.90, 0.70, cost=spent(200, 21.0, best=2), sigma=0.5, folds=1)
-    add(st, "K", "regularizer", 0.90, 0.80, cost=spent(100, 16.5, best=5), sigma=0.5, alpha=1)
+    table_run(st, "K", "baseline", 0.90, 0.50, seed=0, cost=spent(100, 10.0, best=4))
+    table_run(st, "K", "baseline", 0.90, 0.50, seed=1, cost=spent(100, 12.0, best=5))  # mean 11 CPU seconds
+    table_run(st, "K", "augment", 0.90, 0.90, seed=0, cost=spent(600, 60.0, best=3), sigma=0.5, folds=5)
+    table_run(st, "K", "augment", 0.90, 0.90, seed=1, cost=spent(600, 62.0, best=5), sigma=0.5, folds=5)
+    table_run(st, "K", "augment", 0.90, 0.70, cost=spent(200, 21.0, best=2), sigma=0.5, folds=1)
+    table_run(st, "K", "regularizer", 0.90, 0.80, cost=spent(100, 16.5, best=5), sigma=0.5, alpha=1)
     return st
 
 
@@ -342,22 +324,20 @@ def test_budget_lets_only_configurations_within_a_multiple_of_the_baselines_time
     assert "budget 2× the baseline's time" in md.splitlines()[0]
     assert ("budget: only configurations whose training time is at most 2× the baseline's compete; 1 over it and 0 "
             "without a comparable time are left out") in md
-    out = subprocess.run(cli("table", "--store", st.root, "--budget", "2", "--format", "json"), capture_output=True,
-                         text=True, env=python_env())
-    assert out.returncode == 0, out.stderr
+    out = gaussreg("table", "--store", st.root, "--budget", "2", "--format", "json")
+    assert out.exit_code == 0, out.stderr
     assert json.loads(out.stdout) == json.loads(json.dumps(report.fair_table(st, budget=2)))
     for bad in ("0", "-1", "inf", "nan"):
-        out = subprocess.run(cli("table", "--store", st.root, "--budget", bad), capture_output=True, text=True,
-                             env=python_env())
-        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, bad
+        out = gaussreg("table", "--store", st.root, "--budget", bad)
+        assert out.exit_code == 2 and len(out.stderr.strip().splitlines()) == 1, bad
         assert "--budget must be a finite number > 0 (times the baseline's training time), not" in out.stderr, bad
     assert report.budget_problem(True) and report.budget_problem("2") and report.budget_problem(0.5) is None
 
 
 def test_old_runs_without_cost_show_a_dash_and_a_budget_says_why_they_are_left_out(tmp_path):
     st = _cost_store(tmp_path)
-    add(st, "K", "randsign", 0.90, 0.85, eps=0.1)  # trained before gaussreg recorded cost
-    add(st, "K", "fgsm", 0.90, 0.60, cost=spent(100, 0.5, device="cuda:0", gpu=30.0), eps=0.1)  # other device
+    table_run(st, "K", "randsign", 0.90, 0.85, eps=0.1)  # trained before gaussreg recorded cost
+    table_run(st, "K", "fgsm", 0.90, 0.60, cost=spent(100, 0.5, device="cuda:0", gpu=30.0), eps=0.1)  # other device
     rec = report.fair_table(st)["experiments"][0]
     best = {e["method"]: e for e in rec["best"]}
     assert best["randsign"]["steps_x"] is None and best["randsign"]["time_x"] is None
@@ -375,7 +355,7 @@ def test_old_runs_without_cost_show_a_dash_and_a_budget_says_why_they_are_left_o
                                "baseline's CPU seconds): outside the budget")
     assert rec["budget"]["not_comparable"] == 2 and rec["budget"]["over"] == 0
     # a configuration with one seed that recorded cost and one that did not has no cost (not a one-seed mean)
-    add(st, "K", "randsign", 0.90, 0.85, seed=1, cost=spent(100, 11.0), eps=0.1)
+    table_run(st, "K", "randsign", 0.90, 0.85, seed=1, cost=spent(100, 11.0), eps=0.1)
     rs = next(c for c in report.fair_table(st)["experiments"][0]["configurations"] if c["method"] == "randsign")
     assert rs["seeds"] == 2 and rs["steps"] is None and rs["time_x"] is None and rs["best_epochs"] == [None, 5]
     # a store from before cost: the table works as before, and a budget says that only the baseline can compete
@@ -387,6 +367,6 @@ def test_old_runs_without_cost_show_a_dash_and_a_budget_says_why_they_are_left_o
 
 def _old_store(tmp_path):
     st = Store(tmp_path / "old")
-    add(st, "O", "baseline", 0.90, 0.50)
-    add(st, "O", "regularizer", 0.90, 0.80, sigma=0.5, alpha=1)
+    table_run(st, "O", "baseline", 0.90, 0.50)
+    table_run(st, "O", "regularizer", 0.90, 0.80, sigma=0.5, alpha=1)
     return st

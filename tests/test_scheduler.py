@@ -9,26 +9,22 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import cli, python_env
+from conftest import cli, python_env, wait_for
+from factories import queued_runs
+from fake_worker import ARGV as FAKE
+from fake_worker import CRASH, KILLED, LONG, OUT_OF_MEMORY
 
 from gaussreg.launch.gpus import parse_gpus
 from gaussreg.launch.scheduler import Scheduler, make_slots
 from gaussreg.runs.spec import resolve, run_id
 from gaussreg.runs.store import RunDir, Store
 
-FAKE = [sys.executable, str(Path(__file__).with_name("fake_worker.py"))]
-
 
 def _store_with(tmp_path, seeds):
-    st = Store(tmp_path / "runs")
-    ids = []
-    for s in seeds:
-        spec = resolve({"dataset": "synthetic", "model": "mlp", "method": "baseline", "seed": s, "experiment": "t"})
-        ids.append(run_id(spec))
-        st.create(spec, ids[-1])
-    return st, ids
+    return queued_runs(tmp_path / "runs", seeds, "t")
 
 
+@pytest.mark.process  # asks nvidia-smi where it is installed
 def test_slots_per_gpu_and_cpu():
     slots = make_slots(["0", "1"], per_gpu=2, cpus=16)
     assert [s.gpu for s in slots] == ["0", "1", "0", "1"] and all(s.threads == 4 for s in slots)
@@ -43,6 +39,7 @@ def test_slots_per_gpu_and_cpu():
         make_slots(["0"], per_gpu=0)
 
 
+@pytest.mark.process
 def test_fake_gpus_each_child_sees_its_gpu_and_at_most_per_gpu_share(tmp_path, monkeypatch):
     monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
     st, ids = _store_with(tmp_path, range(10))
@@ -59,8 +56,9 @@ def test_fake_gpus_each_child_sees_its_gpu_and_at_most_per_gpu_share(tmp_path, m
     assert max(sum(1 for r in recs if r["start"] <= t < r["end"]) for t in [r["start"] for r in recs]) >= 3
 
 
+@pytest.mark.process
 def test_a_crashed_worker_is_failed_and_the_others_go_on(tmp_path):
-    st, ids = _store_with(tmp_path, [1, 13, 2, 3, 16])
+    st, ids = _store_with(tmp_path, [1, CRASH, 2, 3, KILLED])
     summary = Scheduler(st, ids, make_slots([], max_parallel=2), worker_argv=FAKE, poll_s=0.05).run()
     crashed, killed = ids[1], ids[4]
     assert summary.outcomes[crashed].state == "failed"
@@ -72,6 +70,7 @@ def test_a_crashed_worker_is_failed_and_the_others_go_on(tmp_path):
     assert summary.count("completed") == 3 and summary.exit_code() == 1
 
 
+@pytest.mark.process
 def test_finished_runs_are_skipped_unless_rerun(tmp_path):
     st, ids = _store_with(tmp_path, [1, 2])
     Scheduler(st, ids, make_slots([]), worker_argv=FAKE, poll_s=0.05).run()
@@ -110,15 +109,15 @@ def _launch_until_training(tmp_path, n, *flags):
     p = subprocess.Popen(cli("run", tmp_path / "m.toml", "--store", tmp_path / "runs", *flags),
                          env=python_env(COLUMNS="200"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     st = Store(tmp_path / "runs")
-    deadline = time.time() + 120
-    running = []
-    while len(running) < n:
-        assert time.time() < deadline and p.poll() is None, running
+
+    def training():
+        assert p.poll() is None, "gaussreg run ended before its workers trained"
         running = [r for r in st.runs() if any(e["type"] == "progress" for e in r.events()[0])]
-        time.sleep(0.1)
-    return p, st, running
+        return running if len(running) >= n else None
+    return p, st, wait_for(training, 120, f"{n} workers training", every=0.1)
 
 
+@pytest.mark.process
 def test_ctrl_c_cancels_every_running_worker_and_leaves_no_orphan(tmp_path):
     p, st, running = _launch_until_training(tmp_path, 2, "--max-parallel", "2")
     assert len(running) == 2
@@ -132,11 +131,11 @@ def test_ctrl_c_cancels_every_running_worker_and_leaves_no_orphan(tmp_path):
     for r in running:
         assert r.status()["state"] == "cancelled"
         assert "model" in torch.load(r.file("last.pt"), weights_only=True)
-    time.sleep(0.2)
-    assert _descendants_alive(workers) == []
+    wait_for(lambda: not _descendants_alive(workers), 30, f"the workers {workers} to exit")
     assert "interrupted" in out
 
 
+@pytest.mark.process
 def test_two_concurrent_runs_on_one_store_train_each_run_once(tmp_path):
     (tmp_path / "m.toml").write_text(MANIFEST.format(model="mlp", epochs=1))
     cmd = cli("run", tmp_path / "m.toml", "--store", tmp_path / "runs", "--max-parallel", "2")
@@ -165,6 +164,7 @@ def _fake_nvidia_smi(tmp_path, monkeypatch, n=2):
     monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
 
 
+@pytest.mark.process
 @pytest.mark.gpu
 @pytest.mark.parametrize("parent", [None, "0,1"])
 def test_cpu_slots_hide_every_gpu_from_their_workers(tmp_path, monkeypatch, parent):
@@ -184,6 +184,7 @@ def test_cpu_slots_hide_every_gpu_from_their_workers(tmp_path, monkeypatch, pare
     assert [r["cuda"] for r in recs] == ["", ""] and [r["gpu_slot"] for r in recs] == [None, None]
 
 
+@pytest.mark.process
 def test_children_of_the_suite_see_no_gpu_unless_the_test_is_about_gpus():
     out = subprocess.run([sys.executable, "-c", "import os, torch; print(repr(os.environ['CUDA_VISIBLE_DEVICES']),"
                           " torch.cuda.is_available())"], env=python_env(), capture_output=True, text=True)
@@ -199,6 +200,7 @@ def test_a_gpu_test_sees_the_hosts_devices():
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == HOST_CUDA_VISIBLE_DEVICES
 
 
+@pytest.mark.process
 # about a CPU-only build of torch; conftest hides the GPUs, so is_available() would always say no
 @pytest.mark.skipif(torch.version.cuda is not None, reason="a CUDA build of torch is never refused a GPU")
 def test_a_worker_on_a_gpu_slot_that_torch_cannot_use_refuses_instead_of_training_on_the_cpu(tmp_path, monkeypatch):
@@ -223,8 +225,9 @@ def test_a_cpu_slot_or_a_cpu_spec_on_a_gpu_slot_is_not_refused(tmp_path):
     assert pick_device("cpu", gpu_slot="0").type == "cpu"  # the spec asked for the CPU itself
 
 
+@pytest.mark.process
 def test_after_an_out_of_memory_run_nothing_starts_on_its_gpu_until_a_run_there_ends(tmp_path):
-    st, ids = _store_with(tmp_path, [14, 15, 1, 2])  # 14 runs out of memory while 15 (long) shares GPU 0
+    st, ids = _store_with(tmp_path, [OUT_OF_MEMORY, LONG, 1, 2])  # one runs out of memory while a long one shares GPU 0
     summary = Scheduler(st, ids, make_slots(["0"], per_gpu=2, cpus=2), worker_argv=FAKE, poll_s=0.02).run()
     assert [summary.outcomes[i].state for i in ids] == ["failed", "completed", "completed", "completed"]
     assert summary.outcomes[ids[0]].error.startswith("out of memory on cuda")
@@ -236,6 +239,7 @@ def test_after_an_out_of_memory_run_nothing_starts_on_its_gpu_until_a_run_there_
     assert rec[ids[3]]["start"] < rec[ids[2]]["end"]
 
 
+@pytest.mark.process
 def test_gpu_shares_are_counted_across_the_schedulers_of_a_store(tmp_path):
     """--per-gpu K holds across launches: a place on a GPU another launch holds is not used,
     and two schedulers of one store with --per-gpu 1 never put two runs on one GPU."""
@@ -273,6 +277,7 @@ def test_gpu_shares_are_counted_across_the_schedulers_of_a_store(tmp_path):
     assert recs[0]["end"] <= recs[1]["start"] and {r["cuda"] for r in recs} == {"0"}
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("who", ["this test", "init"])
 def test_a_running_status_whose_lock_is_free_is_interrupted_whoever_has_its_pid_now(tmp_path, who):
     """The worker died without a word and its pid was reused by a live process that is
@@ -319,6 +324,7 @@ def _grid(n):
     return specs
 
 
+@pytest.mark.process
 def test_a_big_grid_starts_its_first_run_before_creating_the_other_directories(tmp_path):
     """Run directories are created lazily: the first run is launched when only its own
     directory exists; the others are created while it trains, so `ls` and the TUI list
@@ -345,6 +351,7 @@ def test_a_big_grid_starts_its_first_run_before_creating_the_other_directories(t
     assert {r.spec()["seed"] for r in st.runs()} == {s["seed"] for s in specs.values()}
 
 
+@pytest.mark.process
 def test_gaussreg_run_of_a_big_grid_launches_before_writing_its_directories(tmp_path, monkeypatch):
     """Through the CLI: above the --yes threshold, the first worker starts when one run
     directory exists (it used to wait for all of them, ~20 ms each)."""
@@ -376,9 +383,10 @@ def test_gaussreg_run_of_a_big_grid_launches_before_writing_its_directories(tmp_
     assert dirs == [1]
 
 
+@pytest.mark.process
 def test_the_view_gets_typed_snapshots_not_the_scheduler(tmp_path):
     from gaussreg.launch.scheduler import ActiveRun, Snapshot
-    st, ids = _store_with(tmp_path, [1, 13, 2])
+    st, ids = _store_with(tmp_path, [1, CRASH, 2])
     seen = []
 
     def view(snap, what, run):

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import cli, python_env
+from conftest import cli, gaussreg, python_env, wait_for
+from factories import queued_run, spec_only_run
 
 from gaussreg.launch import slurm
-from gaussreg.runs.store import RunDir, Store
+from gaussreg.runs.store import Store
 
 MANIFEST = """
 [slurm]
@@ -147,11 +148,14 @@ def test_runs_still_in_slurm_are_not_submitted_twice(fake_slurm):
     assert by_job["4242_1"].status()["state"] == "queued"  # the resubmitted one
 
 
-def test_missing_sbatch_exits_2_and_writes_nothing(fake_slurm):
-    (fake_slurm["bin"] / "sbatch").unlink()
-    r = gr(fake_slurm, "run", "m.toml", "--backend", "slurm")
-    assert r.returncode == 2 and "`sbatch` is not on PATH" in r.stderr and "Traceback" not in r.stderr
-    assert not (fake_slurm["dir"] / "runs").exists()
+def test_missing_sbatch_exits_2_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.toml").write_text(MANIFEST)
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no Slurm here, whatever this machine has
+    r = gaussreg("run", "m.toml", "--backend", "slurm")
+    assert r.exit_code == 2 and "`sbatch` is not on PATH" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_refused_submission_exits_2_and_leaves_no_launch(fake_slurm):
@@ -163,12 +167,13 @@ def test_refused_submission_exits_2_and_leaves_no_launch(fake_slurm):
                for r in Store(fake_slurm["dir"] / "runs").runs())
 
 
-def test_bad_slurm_table_names_file_line_and_key(fake_slurm):
-    (fake_slurm["dir"] / "m.toml").write_text(MANIFEST.replace('time = "01:00:00"', 'time = "an hour"'))
-    r = gr(fake_slurm, "run", "m.toml", "--backend", "slurm")
-    assert r.returncode == 2 and "m.toml:4: slurm.time: must be a Slurm time" in r.stderr
-    r = gr(fake_slurm, "run", "m.toml", "--backend", "slurm", "--gpus-per-run", "-2")
-    assert r.returncode == 2
+def test_bad_slurm_table_names_file_line_and_key(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.toml").write_text(MANIFEST.replace('time = "01:00:00"', 'time = "an hour"'))
+    r = gaussreg("run", "m.toml", "--backend", "slurm")
+    assert r.exit_code == 2 and "m.toml:4: slurm.time: must be a Slurm time" in r.stderr
+    r = gaussreg("run", "m.toml", "--backend", "slurm", "--gpus-per-run", "-2")
+    assert r.exit_code == 2
 
 
 def test_cancel_of_a_slurm_run_calls_scancel_on_its_array_task(fake_slurm):
@@ -216,20 +221,19 @@ def _worker_until_training(run, env):
     """A worker of `run`, once it is in its training loop (it says so as an epoch starts)."""
     p = subprocess.Popen([sys.executable, "-m", "gaussreg.worker", str(run.path), "--resume"],
                          env=python_env(**env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and (run.status().get("epoch") or 0) < 1:
+
+    def training():
         assert p.poll() is None, p.stderr.read()
-        time.sleep(0.02)
+        return (run.status().get("epoch") or 0) >= 1
+    wait_for(training, 120, "the worker's first epoch", every=0.02)
     return p
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("asked", [False, True])
 def test_slurm_sigterm_is_interrupted_unless_cancel_was_asked(tmp_path, asked):
-    d = tmp_path / "run"
-    d.mkdir()
-    (d / "spec.json").write_text(json.dumps({"dataset": "synthetic", "model": "lenet", "method": "baseline",
-                                             "max_epochs": 50, "batch_size": 100, "early_stop": 1000}))
-    run = RunDir(d)
+    run = spec_only_run(tmp_path, dataset="synthetic", model="lenet", method="baseline", max_epochs=50, batch_size=100,
+                        early_stop=1000)
     p = _worker_until_training(run, {"GAUSSREG_BACKEND": "slurm", "SLURM_ARRAY_JOB_ID": "77",
                                      "SLURM_ARRAY_TASK_ID": "3", "SLURM_JOB_ID": "80"})
     st = run.status()
@@ -255,12 +259,8 @@ def test_tui_runs_table_shows_the_array_task_of_slurm_runs(fake_slurm):
 
 def _task_env(tmp_path, spec_extra, gpus, cuda="0"):
     """An array task of a launch with `gpus_per_run = gpus`, run here as Slurm would run it."""
-    st = Store(tmp_path / "runs")
-    from gaussreg.runs.spec import resolve, run_id
-    spec = resolve({"dataset": "synthetic", "model": "mlp", "method": "baseline", "experiment": "sl",
-                    "max_epochs": 1, "train_subset": 200, "test_subset": 50, "robustness": {"sigmas": [0.0]},
-                    **spec_extra})
-    run = st.create(spec, run_id(spec))
+    run = queued_run(Store(tmp_path / "runs"), experiment="sl", max_epochs=1, train_subset=200, test_subset=50,
+                     robustness={"sigmas": [0.0]}, **spec_extra)
     runs_file = tmp_path / "runs.txt"
     runs_file.write_text(f"{run.path}\n")
     env = python_env(GAUSSREG_SLURM_GPUS=str(gpus), SLURM_ARRAY_JOB_ID="9", SLURM_ARRAY_TASK_ID="0",
@@ -270,6 +270,7 @@ def _task_env(tmp_path, spec_extra, gpus, cuda="0"):
     return run, p
 
 
+@pytest.mark.process
 # about a CPU-only build of torch; conftest hides the GPUs, so is_available() would always say no
 @pytest.mark.skipif(__import__("torch").version.cuda is not None, reason="a CUDA build of torch is never refused a GPU")
 def test_a_gpu_task_with_a_cpu_torch_refuses_instead_of_training_on_the_cpu(tmp_path):
@@ -281,6 +282,7 @@ def test_a_gpu_task_with_a_cpu_torch_refuses_instead_of_training_on_the_cpu(tmp_
     assert not run.epochs()
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("spec_extra,gpus", [({"device": "cpu"}, 1), ({}, 0)])
 def test_a_cpu_spec_on_a_gpu_task_or_a_cpu_task_trains(tmp_path, spec_extra, gpus):
     run, p = _task_env(tmp_path, spec_extra, gpus=gpus, cuda="0" if gpus else "")

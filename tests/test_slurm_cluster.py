@@ -11,10 +11,9 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 
 import pytest
-from conftest import cli, python_env
+from conftest import cli, python_env, wait_for
 
 from gaussreg.runs.store import Store
 
@@ -37,16 +36,6 @@ def _listens(port: int) -> bool:
         if any(r[1].endswith(f":{port:04X}") and r[3] == "0A" for r in rows):  # 0A: LISTEN
             return True
     return False
-
-
-def await_(cond, timeout: float, what: str, every: float = 0.1):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def _install() -> str:
@@ -132,8 +121,8 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
             alive()
             r = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True)
             return r.returncode == 0 and r.stdout.strip() == "idle"
-        await_(listening, 90, "slurmctld to listen", every=0.02)
-        await_(idle, 90, "the Slurm node to be idle", every=0.05)
+        wait_for(listening, 90, "slurmctld to listen", every=0.02)
+        wait_for(idle, 90, "the Slurm node to be idle", every=0.05)
         yield str(conf)
     finally:
         for p in procs:
@@ -195,16 +184,16 @@ def test_sweep_cancel_resume_on_a_real_slurm_gives_the_local_table(slurm_conf, t
         def training_epoch_2():
             s = victim.status()
             return s if s.get("state") == "running" and (s.get("epoch") or 0) >= 2 else None
-        stopped = await_(training_epoch_2, 180, "run 1 to train its second epoch", every=0.02)["pid"]
+        stopped = wait_for(training_epoch_2, 180, "run 1 to train its second epoch", every=0.02)["pid"]
         os.kill(stopped, signal.SIGSTOP)
         assert victim.state() == "running" and victim.status()["epoch"] < MAX_EPOCHS, victim.status()
-        await_(lambda: other.status().get("cuda_visible_devices") is not None, 60, "run 0 to start")
+        wait_for(lambda: other.status().get("cuda_visible_devices") is not None, 60, "run 0 to start", every=0.1)
         seen = {other.status()["cuda_visible_devices"], victim.status()["cuda_visible_devices"]}
         assert seen == {"0", "1"}, seen  # each worker got its own GPU
         assert all(run.status()["gpu_slot"] == run.status()["cuda_visible_devices"] for run in (other, victim))
         r = gr("cancel", victim.id)
         assert r.returncode == 0 and f"scancel {job}_1" in r.stdout, r.stdout + r.stderr
-        await_(lambda: victim.status().get("state") == "cancelled", 60, "the cancelled run to say so")
+        wait_for(lambda: victim.status().get("state") == "cancelled", 60, "the cancelled run to say so", every=0.1)
         stopped = None
         assert victim.file("last.pt").exists() and not victim.file("result.json").exists()
         assert victim.status()["epoch"] < MAX_EPOCHS

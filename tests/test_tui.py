@@ -1,6 +1,7 @@
 """The dashboard, driven with App.run_test and Pilot on fixture stores."""
 
 import asyncio
+import inspect
 import json
 import os
 import socket
@@ -9,11 +10,11 @@ import time
 
 import pytest
 from conftest import cli, python_env
+from factories import SIGMAS, T0, T1, dashboard_epoch, dashboard_run, jsonl, queued_run
 from textual.css.query import NoMatches
 
 from gaussreg.launch.control import launches, start_worker
 from gaussreg.launch.request import Plan
-from gaussreg.runs.spec import resolve, run_id
 from gaussreg.runs.store import Store, atomic_write_json, try_lock
 from tui.app import GaussregApp
 from tui.messages import RunsChanged
@@ -21,52 +22,16 @@ from tui.screens import (CompareScreen, ConfirmScreen, LaunchScreen, OverlayScre
                          SortScreen)
 from tui.widgets import COLUMNS, RunsTable, SeriesPlot
 
-T0 = "2026-01-01T10:00:00.000+00:00"
-T1 = "2026-01-01T10:02:05.000+00:00"
-SIGMAS = [0.0, 0.25, 0.5]
-
-
-def _epoch(e, loss, val, acc):
-    return {"type": "epoch", "time": T0, "epoch": e, "train_loss": loss, "train_terms": {"ce": loss},
-            "val_loss": val, "val_ce": val, "val_accuracy": acc, "lr": 1e-3, "epoch_time": 1.0,
-            "images_per_s": 1000.0, "best": True}
-
-
-def add_run(st, method, acc=None, rob=None, state="completed", seed=0, epochs=3, **params):
-    spec = resolve({"dataset": "synthetic", "model": "mlp", "method": method, "params": params, "seed": seed,
-                    "experiment": "fx", "max_epochs": epochs, "robustness": {"sigmas": SIGMAS}})
-    run = st.create(spec, run_id(spec))
-    status = {"state": state, "pid": 1, "host": "elsewhere", "device": "cpu", "started_at": T0, "updated_at": T1,
-              "finished_at": T1, "epoch": epochs, "max_epochs": epochs, "error": None}
-    events = [_epoch(e, 2.0 / e, 2.5 / e, 0.5 + 0.1 * e) for e in range(1, epochs + 1)]
-    if state == "completed":
-        copies = params.get("folds", 0) + 1  # the cost a worker records: augment's folds make it dearer
-        res = {"test_accuracy": acc, "robustness": rob, "sigmas": SIGMAS, "per_sigma": [1.0, rob, rob - 0.2],
-               "accuracy_per_sigma": [acc, acc - 0.1, acc - 0.3], "best_epoch": epochs, "epochs_run": epochs,
-               "best_val_accuracy": events[-1]["val_accuracy"], "val_robustness": rob, "test_loss": 0.5,
-               "device": "cpu", "steps": 4 * epochs * copies, "train_cpu_s": 10.0 * copies + 2 * (method == "regularizer")}
-        atomic_write_json(run.file("result.json"), res)
-        events.append({"type": "test", "time": T1, "test_accuracy": acc, "robustness": rob, "sigmas": SIGMAS,
-                       "per_sigma": res["per_sigma"], "accuracy_per_sigma": res["accuracy_per_sigma"]})
-    if state == "failed":
-        status["error"] = "boom: simulated failure"
-        events = events[:1]
-    run.write_status(status)
-    run.file("events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
-    run.file("worker.log").write_text(f"{T0} start {run.id}\n{T1} {state}\n")
-    return run
-
-
 @pytest.fixture
 def store(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the app shows the store path: keep it the same in every run
     st = Store("runs")
     st.write_experiment("fx", {"tolerance": 0.01})
-    add_run(st, "baseline", 0.90, 0.50)
-    add_run(st, "augment", 0.905, 0.70, sigma=0.25, folds=2)
-    add_run(st, "regularizer", 0.92, 0.78, sigma=0.5, alpha=1.0)
-    add_run(st, "regularizer", 0.85, 0.95, sigma=2.0, alpha=1.0)
-    add_run(st, "regularizer", state="failed", sigma=5.0, alpha=1.0)
+    dashboard_run(st, "baseline", 0.90, 0.50)
+    dashboard_run(st, "augment", 0.905, 0.70, sigma=0.25, folds=2)
+    dashboard_run(st, "regularizer", 0.92, 0.78, sigma=0.5, alpha=1.0)
+    dashboard_run(st, "regularizer", 0.85, 0.95, sigma=2.0, alpha=1.0)
+    dashboard_run(st, "regularizer", state="failed", sigma=5.0, alpha=1.0)
     return st
 
 
@@ -85,11 +50,19 @@ def _holds(cond) -> bool:
         return False
 
 
+def _source(cond) -> str:
+    try:
+        return inspect.getsource(cond).strip()
+    except (OSError, TypeError):  # made where no source file is
+        return repr(cond)
+
+
 async def until(pilot, cond, timeout=30.0):
+    """Let the app run until cond() holds; past `timeout` s the test fails naming the condition."""
     deadline = time.monotonic() + timeout
     while not _holds(cond):
         if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
+            raise AssertionError(f"timed out after {timeout:g} s waiting for: {_source(cond)}")
         await pilot.pause(0.05)
 
 
@@ -189,7 +162,7 @@ async def test_filter_and_sort(store):
         assert column(t, "robustness") == ["-", "95.00", "78.00", "70.00", "50.00"]
         assert t.selected_id == chosen
         # a new run appears: still the same run selected
-        add_run(store, "randsign", 0.8, 0.6, eps=0.1, p=0.5, where="input")
+        dashboard_run(store, "randsign", 0.8, 0.6, eps=0.1, p=0.5, where="input")
         await until(pilot, lambda: t.row_count == 6)
         assert t.selected_id == chosen
 
@@ -199,7 +172,7 @@ def column(t, key):
 
 
 async def test_cells_that_grow_are_shown_whole(store):
-    run = add_run(store, "randsign", state="queued", eps=0.1, p=0.5, where="input")
+    run = dashboard_run(store, "randsign", state="queued", eps=0.1, p=0.5, where="input")
     app = GaussregApp("runs", poll_s=0.05)
     async with app.run_test(size=(160, 40)) as pilot:
         await until(pilot, lambda: table(app).row_count == 6)
@@ -246,7 +219,7 @@ async def test_compare_screen_follows_the_store(store):
     async with app.run_test(size=(160, 48)) as pilot:
         best = await _open_compare(pilot)
         assert "randsign" not in [str(best.get_row_at(i)[0]) for i in range(best.row_count)]
-        add_run(store, "randsign", 0.91, 0.66, eps=0.1, p=0.5, where="input")
+        dashboard_run(store, "randsign", 0.91, 0.66, eps=0.1, p=0.5, where="input")
         await until(pilot, lambda: best.row_count == 4)
         row = best.get_row("randsign")
         assert row[2] == "91.00" and row[4] == "66.00"
@@ -261,8 +234,8 @@ async def test_compare_screen_picks_among_the_settings_of_an_experiment(store):
         best = await _open_compare(pilot)
         chooser = app.screen.query_one("#setting", Select)
         assert not chooser.display
-        add_run(store, "baseline", 0.60, 0.40, epochs=5)
-        add_run(store, "regularizer", 0.61, 0.55, epochs=5, sigma=0.5, alpha=1.0)
+        dashboard_run(store, "baseline", 0.60, 0.40, epochs=5)
+        dashboard_run(store, "regularizer", 0.61, 0.55, epochs=5, sigma=0.5, alpha=1.0)
         await until(pilot, lambda: chooser.display and chooser.value == "max_epochs=3")
         assert "max_epochs=5" in [str(label) for label, _ in chooser._options if _ is not Select.NULL]
         assert best.row_count == 3 and best.get_row("baseline")[2] == "90.00"
@@ -273,7 +246,7 @@ async def test_compare_screen_picks_among_the_settings_of_an_experiment(store):
         assert {m: list(zip(*xy)) for m, xy in scatter.series.items()} == {
             "baseline": [pytest.approx((60, 40))], "regularizer": [pytest.approx((61, 55))]}
         # the store moves on: the chosen setting stays chosen
-        add_run(store, "augment", 0.62, 0.50, epochs=5, sigma=0.25, folds=1)
+        dashboard_run(store, "augment", 0.62, 0.50, epochs=5, sigma=0.25, folds=1)
         await until(pilot, lambda: best.row_count == 3)
         assert chooser.value == "max_epochs=5" and best.get_row("augment")[2] == "62.00"
 
@@ -305,7 +278,7 @@ async def test_overlay_of_marked_runs(store):
 
 async def test_default_order_tells_runs_apart(store):
     for seed in (2, 1):
-        add_run(store, "baseline", 0.9, 0.5, seed=seed)
+        dashboard_run(store, "baseline", 0.9, 0.5, seed=seed)
     app = GaussregApp("runs", poll_s=0.05)
     async with app.run_test(size=(160, 40)) as pilot:
         await until(pilot, lambda: table(app).row_count == 7)
@@ -319,9 +292,8 @@ async def test_default_order_tells_runs_apart(store):
 
 
 async def test_detail_plots_come_from_events_and_follow_new_ones(store):
-    run = add_run(store, "regularizer", state="running", epochs=5, sigma=0.1, alpha=1.0)
-    run.file("events.jsonl").write_text("".join(json.dumps(_epoch(e, 2.0 / e, 2.5 / e, 0.5 + 0.1 * e)) + "\n"
-                                                for e in (1, 2)))
+    run = dashboard_run(store, "regularizer", state="running", epochs=5, sigma=0.1, alpha=1.0)
+    run.file("events.jsonl").write_text(jsonl(dashboard_epoch(e, 2.0 / e, 2.5 / e, 0.5 + 0.1 * e) for e in (1, 2)))
     status = run.status()
     status.update(pid=os.getpid(), host=socket.gethostname(), finished_at=None, updated_at=T1, epoch=2,
                   max_epochs=5)
@@ -349,7 +321,7 @@ async def _follow_a_running_run(app, run, status):
         assert app.screen.query_one("#acc", SeriesPlot).series["validation"][1] == pytest.approx([60, 70])
         # the run trains on: a new epoch shows up in the plot and, back on the list, in its row
         with open(run.file("events.jsonl"), "a") as f:
-            f.write(json.dumps(_epoch(3, 0.4, 0.5, 0.91)) + "\n")
+            f.write(json.dumps(dashboard_epoch(3, 0.4, 0.5, 0.91)) + "\n")
         status.update(epoch=3)
         run.write_status(status)
         await until(pilot, lambda: loss.series["train"][0] == [1, 2, 3])
@@ -377,8 +349,8 @@ async def test_a_rerun_replaces_what_detail_and_row_showed(store):
         status.update(state="running", pid=os.getpid(), host=socket.gethostname(), finished_at=None, epoch=1)
         lock = hold_lock(run)
         run.write_status(status)
-        run.file("events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in [
-            {"type": "start", "time": T1, "padding": "x" * 2000}, _epoch(1, 9.0, 9.5, 0.11)]))
+        run.file("events.jsonl").write_text(jsonl([{"type": "start", "time": T1, "padding": "x" * 2000},
+                                                   dashboard_epoch(1, 9.0, 9.5, 0.11)]))
         await until(pilot, lambda: loss.series["train"] == ([1], [9.0]))
         await pilot.press("escape")
         await until(pilot, lambda: isinstance(app.screen, RunsScreen))
@@ -434,7 +406,7 @@ async def test_detail_shows_certified_accuracy_once_certified(store):
 async def test_detail_shows_batch_progress_and_the_quiet_phases(store):
     """Through epoch 1 there is no epoch event yet: the detail says how far the batches are; while
     the worker validates or evaluates R, the row and the detail say so."""
-    run = add_run(store, "regularizer", state="running", epochs=5, sigma=0.3, alpha=1.0)
+    run = dashboard_run(store, "regularizer", state="running", epochs=5, sigma=0.3, alpha=1.0)
     status = run.status()
     status.update(pid=os.getpid(), host=socket.gethostname(), finished_at=None, epoch=1, phase="training",
                   precision="bf16")
@@ -466,7 +438,7 @@ async def _batches_and_phases(run, status):
         await until(pilot, lambda: "running, validating" in _text(side))
         assert "batch 3/10" not in _text(side)
         with open(run.file("events.jsonl"), "a") as f:
-            f.write(json.dumps(_epoch(1, 0.9, 1.0, 0.4)) + "\n")
+            f.write(json.dumps(dashboard_epoch(1, 0.9, 1.0, 0.4)) + "\n")
         status.update(phase="evaluating")
         run.write_status(status)
         await until(pilot, lambda: "running, evaluating R" in _text(side) and "1/5 done" in _text(side))
@@ -509,13 +481,12 @@ def test_ls_report_and_tui_rows_come_from_one_builder(store):
     RunReader: the same numbers, states and epochs, including a running run's."""
     from gaussreg.runs import reader
     from tui.watcher import StoreWatcher
-    run = add_run(store, "regularizer", state="running", epochs=5, sigma=0.3, alpha=1.0)
+    run = dashboard_run(store, "regularizer", state="running", epochs=5, sigma=0.3, alpha=1.0)
     status = run.status()
     status.update(pid=os.getpid(), host=socket.gethostname(), finished_at=None, updated_at=T1, epoch=3,
                   phase="validating")
     run.write_status(status)
-    run.file("events.jsonl").write_text("".join(json.dumps(_epoch(e, 1.0, 1.0, 0.5 + 0.1 * e)) + "\n"
-                                                for e in (1, 2)))
+    run.file("events.jsonl").write_text(jsonl(dashboard_epoch(e, 1.0, 1.0, 0.5 + 0.1 * e) for e in (1, 2)))
     from dataclasses import replace
     lock = hold_lock(run)  # running: its lock is held, as by its worker
     try:
@@ -659,10 +630,8 @@ async def test_launch_dialog_refuses_bad_values_before_launching(tmp_path, monke
 async def test_cancel_a_running_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     st = Store("runs")
-    spec = resolve({"dataset": "synthetic", "model": "lenet", "method": "baseline", "max_epochs": 50,
-                    "early_stop": 1000,  # no plateau may end it before the cancel
-                    "experiment": "c"})
-    run = st.create(spec, run_id(spec))
+    run = queued_run(st, model="lenet", max_epochs=50, early_stop=1000,  # no plateau may end it before the cancel
+                     experiment="c")
     proc = start_worker(run, resume=False, threads=1)
     try:
         app = GaussregApp("runs", poll_s=0.1)
@@ -678,6 +647,7 @@ async def test_cancel_a_running_run(tmp_path, monkeypatch):
     assert run.status()["state"] == "cancelled" and run.file("last.pt").exists()
 
 
+@pytest.mark.process  # runs the app itself, in its own event loop
 def test_quits_with_q(store):
     async def go():
         app = GaussregApp("runs", poll_s=0.05)
@@ -696,7 +666,7 @@ def _loaded(n):
     async def wait(pilot):
         await until(pilot, lambda: pilot.app.loaded and isinstance(pilot.app.screen, RunsScreen)
                     and table(pilot.app).row_count == n)
-        await pilot.pause(0.2)
+        await pilot.pause()
     return wait
 
 
@@ -716,7 +686,7 @@ def test_snapshot_detail_screen(store, snap_compare):
         pilot.app.push_screen(RunDetailScreen(rid))
         robust = await widget(pilot, RunDetailScreen, "#robust")
         await until(pilot, lambda: "consistency" in robust.series)
-        await pilot.pause(0.2)
+        await pilot.pause()
     assert snap_compare(GaussregApp("runs", poll_s=0.05), terminal_size=(120, 40), run_before=before)
 
 
@@ -724,7 +694,7 @@ def test_snapshot_compare_screen(store, snap_compare):
     async def before(pilot):
         await _loaded(5)(pilot)
         await _open_compare(pilot)
-        await pilot.pause(0.2)
+        await pilot.pause()
     assert snap_compare(GaussregApp("runs", poll_s=0.05), terminal_size=(120, 40), run_before=before)
 
 
@@ -732,5 +702,5 @@ def test_snapshot_help(store, snap_compare):
     async def before(pilot):
         await _loaded(5)(pilot)
         await pilot.press("question_mark")
-        await pilot.pause(0.2)
+        await pilot.pause()
     assert snap_compare(GaussregApp("runs", poll_s=0.05), terminal_size=(100, 30), run_before=before)

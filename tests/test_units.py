@@ -7,7 +7,8 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, cli, python_env
+from conftest import ROOT, gaussreg, python_env
+from factories import spec_only_run
 
 from gaussreg.data import datasets
 from gaussreg.runs import manifest
@@ -143,6 +144,7 @@ def test_the_methods_train_at_the_per_channel_sigma_and_refuse_without_it():
         assert per_channel.tolist() == pytest.approx(list(ds.std), rel=0.01)  # sigma std_c pixels
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("method,params", [("regularizer", {"sigma": 4.0, "alpha": 1.0}),
                                            ("augment", {"sigma": 0.5, "folds": 1, "fresh_noise": False})])
 def test_a_reference_unit_run_on_three_channel_data_through_the_worker(tmp_path, method, params):
@@ -150,12 +152,9 @@ def test_a_reference_unit_run_on_three_channel_data_through_the_worker(tmp_path,
     the per-channel sigma then, trains at it, logs it and writes it to result.json."""
     from test_own_code import make_npz
     make_npz(tmp_path / "rgb.npz", n_train=300, n_test=60)
-    run = tmp_path / "run"
-    run.mkdir()
-    spec = {"dataset": f"npz:{tmp_path / 'rgb.npz'}", "model": "lenet", "method": method, "max_epochs": 1,
-            "batch_size": 100, "optimizer": {"lr": 1e-3}, "robustness": {"sigmas": [0.0, 0.2]},
-            "params": {**params, "sigma_units": "reference"}}
-    (run / "spec.json").write_text(json.dumps(spec))
+    run = spec_only_run(tmp_path, dataset=f"npz:{tmp_path / 'rgb.npz'}", model="lenet", method=method, max_epochs=1,
+                        batch_size=100, optimizer={"lr": 1e-3}, robustness={"sigmas": [0.0, 0.2]},
+                        params={**params, "sigma_units": "reference"}).path
     out = subprocess.run([sys.executable, "-m", "gaussreg.worker", str(run)], env=python_env(),
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -192,7 +191,7 @@ def test_the_paper_manifests_train_cifar_at_the_reference_levels_beside_pixel_un
     bad = tmp_path / "m.toml"
     bad.write_text('[[experiment]]\nname = "a"\ndataset = "synthetic"\nmodel = "mlp"\n'
                    'methods.regularizer = { sigma = 1, alpha = 1, sigma_units = "pixels" }\n')
-    out = subprocess.run(cli("run", bad, "--dry-run"), capture_output=True, text=True, env=python_env())
-    assert out.returncode == 2 and "Traceback" not in out.stderr
+    out = gaussreg("run", bad, "--dry-run")
+    assert out.exit_code == 2 and "Traceback" not in out.stderr
     assert (f"{bad}:5: methods.regularizer.sigma_units: parameter 'sigma_units' of method 'regularizer' must be "
             "'pixel' or 'reference' (got 'pixels')") in " ".join(out.stderr.split())

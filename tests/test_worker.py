@@ -8,21 +8,18 @@ import time
 
 import pytest
 import torch
-from conftest import python_env
+from conftest import python_env, wait_for
+from factories import queued_run, spec_only_run
 
 from gaussreg.data import loading as data
 from gaussreg.runs.spec import resolve
-from gaussreg.runs.store import RunDir
 
 FAST = {"dataset": "synthetic", "model": "mlp", "method": "baseline", "batch_size": 100,
         "optimizer": {"lr": 1e-3}, "robustness": {"sigmas": [0.0, 0.2, 0.4]}}
 
 
 def make_run(tmp_path, name="run", **spec):
-    d = tmp_path / name
-    d.mkdir()
-    (d / "spec.json").write_text(json.dumps({**FAST, **spec}))
-    return RunDir(d)
+    return spec_only_run(tmp_path, name, **{**FAST, **spec})
 
 
 def worker(run, *args, **env):
@@ -35,6 +32,7 @@ def finish(p, timeout=300):
     return p.returncode, out, err
 
 
+@pytest.mark.process
 def test_two_epoch_run_writes_the_documented_files(tmp_path):
     run = make_run(tmp_path, model="lenet", method="regularizer", params={"sigma": 0.3, "alpha": 1.0},
                    max_epochs=2, train_subset=400, test_subset=100)
@@ -95,6 +93,7 @@ COST = {"baseline": ({}, 1, {"clean": 1, "noisy": 0, "expected": 0}),
         "fgsm": ({"eps": 0.1}, 1, {"clean": 1, "noisy": 1, "expected": 0})}
 
 
+@pytest.mark.process
 def test_a_run_records_its_cost(tmp_path):
     """result.json has the optimizer steps (epochs x batches), the forward passes by kind
     (clean images, noisy copies, expected activations) and the training time: CPU seconds
@@ -119,6 +118,7 @@ def test_a_run_records_its_cost(tmp_path):
         assert (ck["steps"], ck["images"], ck["cpu_time"]) == (res["steps"], res["images"], res["train_cpu_s"])
 
 
+@pytest.mark.process
 def test_a_resume_from_a_checkpoint_without_cost_counts_the_epochs_done(tmp_path):
     """A last.pt of a worker that recorded no cost: steps and passes of the epochs it did are
     the same every epoch, so the totals are exact; its times were not measured and stay None."""
@@ -141,6 +141,7 @@ BF16_REGULARIZER = dict(model="lenet", method="regularizer", params={"sigma": 0.
                         train_subset=200, test_subset=100, precision="bf16", max_epochs=6)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("noise,everys,more", [("fresh", ("0", "3600"), {"precision": "fp32"}),
                                                ("fixed", ("0",), {"precision": "bf16"}),
                                                ("shared", ("0",), {"precision": "fp32"}),
@@ -159,12 +160,12 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, noise, everys,
     runs = {every: make_run(tmp_path, f"killed-{every}", **spec) for every in everys}
     pref = worker(ref, **env)  # alongside the runs it is compared with: one thread each, so the same numbers
     procs = {every: worker(run, GAUSSREG_CHECKPOINT_S=every, **env) for every, run in runs.items()}
-    deadline = time.time() + 120
-    while procs and time.time() < deadline:
+
+    def kill_at_the_third_epoch():  # each run as soon as it has finished 3 epochs; True once all are
         for every in [e for e in procs if sum(ev["type"] == "epoch" for ev in runs[e].events()[0]) >= 3]:
             procs.pop(every).send_signal(signal.SIGKILL)
-        time.sleep(0.01)
-    assert not procs, "a run did not reach its third epoch in time"
+        return not procs
+    wait_for(kill_at_the_third_epoch, 120, "every run's third epoch", every=0.01)
     assert finish(pref)[0] == 0
     for every, run in runs.items():
         assert run.status()["state"] == "running"  # no chance to say anything
@@ -183,12 +184,11 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, noise, everys,
         assert run.result()["precision"] == run.status()["precision"] == spec["precision"]
 
 
+@pytest.mark.process
 def test_sigterm_cancels_with_a_usable_last_checkpoint(tmp_path):
     run = make_run(tmp_path, max_epochs=1000, early_stop=1000)  # it cannot end before the SIGTERM
     p = worker(run)
-    deadline = time.time() + 120
-    while time.time() < deadline and not any(e["type"] == "progress" for e in run.events()[0]):
-        time.sleep(0.05)
+    wait_for(lambda: any(e["type"] == "progress" for e in run.events()[0]), 120, "the worker's first progress event")
     t0 = time.time()
     p.send_signal(signal.SIGTERM)
     rc, _, _ = finish(p, 30)
@@ -203,6 +203,7 @@ def test_sigterm_cancels_with_a_usable_last_checkpoint(tmp_path):
     assert finish(worker(run, "--resume"))[0] == 0 and run.status()["state"] == "completed"
 
 
+@pytest.mark.process
 def test_non_finite_loss_is_diverged_with_epoch_and_term(tmp_path):
     # sigma^2 = 1e40 overflows float32: the regularizer term becomes NaN, the clean CE does not (at first)
     run = make_run(tmp_path, method="regularizer", params={"sigma": 1e20, "alpha": 1.0}, max_epochs=3)
@@ -225,9 +226,11 @@ def test_non_finite_loss_is_diverged_with_epoch_and_term(tmp_path):
     ({"method": "augment", "params": {"sigma": 0.1, "folds": 0}}, "'folds' of method 'augment' must be >= 1"),
     ({"dataset": "mnist", "data_dir": "/nonexistent"}, "Dataset 'mnist' was not found"),
 ])
-def test_bad_spec_fails_before_training_with_exit_2(tmp_path, change, needle):
+def test_bad_spec_fails_before_training_with_exit_2(tmp_path, capsys, change, needle):
+    """The worker's checks, run in this process: they say why before anything is trained."""
+    from gaussreg.runs.worker import main
     run = make_run(tmp_path, **change)
-    rc, _, err = finish(worker(run))
+    rc, err = main([str(run.path)]), capsys.readouterr().err
     assert rc == 2
     st = run.status()
     assert st["state"] == "failed" and needle in st["error"], st["error"]
@@ -235,6 +238,7 @@ def test_bad_spec_fails_before_training_with_exit_2(tmp_path, change, needle):
     assert not run.file("events.jsonl").exists() and not run.file("last.pt").exists()
 
 
+@pytest.mark.process
 def test_a_fixed_noise_run_planned_with_bank_1_refuses_to_train_with_exit_2(tmp_path):
     """Its id stands for noise bank 1, which could hold +-inf (issue 29): trained with bank 2
     under that id, its result would be another run's. A spec.json written by hand (no id
@@ -254,18 +258,19 @@ def test_a_fixed_noise_run_planned_with_bank_1_refuses_to_train_with_exit_2(tmp_
     assert torch.load(by_hand.file("best.pt"), weights_only=True)["spec"]["params"]["bank"] == 2
 
 
-def test_corrupt_spec_is_failed_with_exit_2(tmp_path):
+def test_corrupt_spec_is_failed_with_exit_2(tmp_path, capsys):
+    from gaussreg.runs.worker import main
     run = make_run(tmp_path)
     run.file("spec.json").write_text('{"dataset": "synth')
-    rc, _, err = finish(worker(run))
-    assert rc == 2 and "is not valid JSON" in run.status()["error"]
+    rc, err = main([str(run.path)]), capsys.readouterr().err
+    assert rc == 2 and "is not valid JSON" in err and "is not valid JSON" in run.status()["error"]
 
 
+@pytest.mark.process
 def test_second_worker_on_a_locked_run_refuses(tmp_path):
     run = make_run(tmp_path, max_epochs=1000, early_stop=1000)  # it cannot end before the SIGTERM
     p = worker(run)
-    while not run.file("events.jsonl").exists():
-        time.sleep(0.05)
+    wait_for(lambda: run.file("events.jsonl").exists(), 120, "the first worker to start training")
     rc, _, err = finish(worker(run))
     assert rc == 3 and "already being trained" in err
     p.send_signal(signal.SIGTERM)
@@ -273,6 +278,7 @@ def test_second_worker_on_a_locked_run_refuses(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.process
 @pytest.mark.skipif(data.find("fashion-mnist") is None,
                     reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 def test_real_lenet_fashion_mnist_two_epochs(tmp_path):
@@ -294,7 +300,7 @@ def test_real_lenet_fashion_mnist_two_epochs(tmp_path):
 @pytest.mark.gpu
 def test_the_worker_asks_for_deterministic_gpu_kernels_before_it_picks_the_device(tmp_path, monkeypatch):
     from gaussreg.runs import worker
-    from gaussreg.runs.spec import SpecError, resolve, run_id
+    from gaussreg.runs.spec import SpecError
     from gaussreg.runs.store import Store
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
@@ -306,13 +312,12 @@ def test_the_worker_asks_for_deterministic_gpu_kernels_before_it_picks_the_devic
                     bench=torch.backends.cudnn.benchmark)
         raise SpecError("device", "stop here")
     monkeypatch.setattr(worker, "pick_device", pick)
-    spec = resolve({"dataset": "synthetic", "model": "mlp", "method": "baseline", "seed": 1, "experiment": "t"})
-    st = Store(tmp_path / "runs")
-    st.create(spec, run_id(spec))
-    assert worker.main([str(st.root / run_id(spec))]) == 2
+    run = queued_run(Store(tmp_path / "runs"), seed=1, experiment="t")
+    assert worker.main([str(run.path)]) == 2
     assert seen == {"cublas": ":4096:8", "det": True, "bench": False}
 
 
+@pytest.mark.process
 def test_sigterm_writes_the_last_finished_epoch_and_the_resume_is_exact(tmp_path):
     """last.pt is written on a timer (an hour here), and at a cancel: then it holds the last
     finished epoch, kept in memory since, and resuming from it equals an uninterrupted run."""
@@ -321,9 +326,7 @@ def test_sigterm_writes_the_last_finished_epoch_and_the_resume_is_exact(tmp_path
     assert finish(worker(ref))[0] == 0
     run = make_run(tmp_path, "stopped", **spec)
     p = worker(run, GAUSSREG_CHECKPOINT_S="3600")
-    deadline = time.time() + 120
-    while time.time() < deadline and sum(e["type"] == "epoch" for e in run.events()[0]) < 3:
-        time.sleep(0.01)
+    wait_for(lambda: sum(e["type"] == "epoch" for e in run.events()[0]) >= 3, 120, "3 epochs", every=0.01)
     assert torch.load(run.file("last.pt"), weights_only=True)["state"]["epoch"] == 0  # the timer has not fired
     p.send_signal(signal.SIGTERM)
     rc, _, err = finish(p, 60)
@@ -339,6 +342,7 @@ def test_sigterm_writes_the_last_finished_epoch_and_the_resume_is_exact(tmp_path
     assert [e["val_loss"] for e in run.epochs()] == [e["val_loss"] for e in ref.epochs()]
 
 
+@pytest.mark.process
 def test_a_checkpoint_with_a_foreign_generator_state_resumes_exactly(tmp_path):
     """A last.pt from before epoch seeding, written on an 8-GPU box (a 16-byte CUDA generator
     state and eight CUDA states), resumes on this CPU and ends equal to an uninterrupted run:
@@ -372,6 +376,7 @@ def test_epoch_randomness_depends_on_seed_and_epoch_only():
     assert all(0 <= epoch_seed(s, e) < 2 ** 63 for s in (-1, 0, 2 ** 40) for e in (1, 1000))
 
 
+@pytest.mark.process
 def test_a_resume_that_cannot_read_last_pt_says_how_to_start_over(tmp_path):
     run = make_run(tmp_path, max_epochs=1)
     run.file("last.pt").write_bytes(b"not a checkpoint")
@@ -479,17 +484,14 @@ def test_the_first_batch_a_term_went_non_finite_is_kept():
                          "you tried to allocate 9000000000 bytes.")])
 def test_an_out_of_memory_run_says_so_in_its_error(tmp_path, monkeypatch, error):
     from gaussreg.runs import worker as w
-    from gaussreg.runs.spec import resolve, run_id
     from gaussreg.runs.store import Store
 
     def train(*_a, **_k):
         raise error()
     monkeypatch.setattr(w, "train", train)
-    spec = resolve({"dataset": "synthetic", "model": "mlp", "method": "baseline", "experiment": "t"})
-    st = Store(tmp_path / "runs")
-    st.create(spec, run_id(spec))
-    assert w.main([str(st.root / run_id(spec))]) == 1
-    status = st.get(run_id(spec)).status()
+    run = queued_run(Store(tmp_path / "runs"), experiment="t")
+    assert w.main([str(run.path)]) == 1
+    status = run.status()
     assert status["state"] == "failed" and status["out_of_memory"] is True
     assert status["error"].startswith("out of memory on cpu (") and "--per-gpu" in status["error"]
 
