@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import cli, python_env
-from test_tui import add_run
+from factories import dashboard_run as add_run
 
 from gaussreg.runs import manifest
 from gaussreg.runs.store import Store
@@ -168,6 +168,7 @@ def test_full_disk_on_stdout_is_one_sentence(tmp_path, args):
 
 def test_store_text_reaches_no_terminal_with_its_control_sequences(tmp_path):
     import json
+
     from gaussreg.runs.store import atomic_write_json
     st = Store(tmp_path / "runs")
     st.write_experiment("fx", {"tolerance": 0.01})

@@ -7,7 +7,8 @@ import json
 import os
 
 import pytest
-from test_adversarial_input import cli, one_sentence_exit_2
+from conftest import gaussreg as cli
+from test_adversarial_input import one_sentence_exit_2
 
 from gaussreg.launch.control import restart
 from gaussreg.runs import reader
@@ -88,7 +89,7 @@ def _enospc(*args, **kw):
 
 
 def test_plot_on_a_full_disk_leaves_no_temp_file(tmp_path, monkeypatch):
-    from test_plot_export import add
+    from factories import figure_run as add
     st = Store(tmp_path / "runs")
     add(st, "baseline", 0.90, 0.50)
     add(st, "augment", 0.90, 0.70, sigma=0.25, folds=1)
@@ -131,7 +132,7 @@ def test_a_failed_download_leaves_no_partial_file(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- 13. malformed certificates
 
 def test_a_malformed_certificate_is_skipped_with_a_warning(tmp_path):
-    from test_plot_export import add
+    from factories import figure_run as add
     st = Store(tmp_path / "runs")
     base = RunDir(st.root / add(st, "baseline", 0.90, 0.50))
     aug = RunDir(st.root / add(st, "augment", 0.90, 0.70, sigma=0.25, folds=1))

@@ -4,6 +4,7 @@ import asyncio
 import inspect
 import json
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -15,12 +16,14 @@ from textual.css.query import NoMatches
 
 from gaussreg.launch.control import launches, start_worker
 from gaussreg.launch.request import Plan
+from gaussreg.runs import reader
 from gaussreg.runs.store import Store, atomic_write_json, try_lock
 from tui.app import GaussregApp
 from tui.messages import RunsChanged
 from tui.screens import (CompareScreen, ConfirmScreen, LaunchScreen, OverlayScreen, RunDetailScreen, RunsScreen,
                          SortScreen)
-from tui.widgets import COLUMNS, RunsTable, SeriesPlot
+from tui.widgets import COLUMNS, RunsTable, SeriesPlot, SummaryBar
+
 
 @pytest.fixture
 def store(tmp_path, monkeypatch):
@@ -704,3 +707,26 @@ def test_snapshot_help(store, snap_compare):
         await pilot.press("question_mark")
         await pilot.pause()
     assert snap_compare(GaussregApp("runs", poll_s=0.05), terminal_size=(100, 30), run_before=before)
+
+
+@pytest.mark.process
+async def test_the_runs_table_converges_to_what_ls_lists_when_runs_are_deleted_or_renamed(store):
+    """A run deleted from the store leaves the table, a renamed one is listed once (under its
+    new name), and a run whose spec breaks shows as corrupt: within a few scans, the table's
+    ids are exactly those `gaussreg ls` lists, and the summary counts them."""
+    ids = sorted(r.id for r in store.runs())
+    shutil.rmtree(store.root / ids[0])
+    (store.root / ids[1]).rename(store.root / "renamed-run-0123456789")
+    (store.root / ids[2] / "spec.json").write_text("{not json")
+    app = GaussregApp("runs", poll_s=0.05)
+    async with app.run_test(size=(120, 30)) as pilot:
+        await until(pilot, lambda: table(app).row_count == 4)
+        listed = {r["id"]: r["state"] for r in reader.list_runs(store)}
+        shutil.rmtree(store.root / ids[3])  # while the app watches
+        del listed[ids[3]]
+        await until(pilot, lambda: table(app).row_count == 3)
+        shown = {table(app).coordinate_to_cell_key((i, 0)).row_key.value for i in range(table(app).row_count)}
+        assert shown == set(listed) == {r["id"] for r in reader.list_runs(store)}
+        assert listed[ids[2]] == "corrupt" and {r.id: r.state for r in app.rows()}[ids[2]] == "corrupt"
+        summary = str(app.screen.query_one(SummaryBar).render())
+        assert "3 runs" in summary and "corrupt 1" in summary

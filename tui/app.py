@@ -88,8 +88,8 @@ class GaussregApp(App):
         first = True
         while not self._stop.is_set():
             changed = self.watcher.scan()
-            if changed or first:
-                self.post_message(RunsChanged(changed, first))
+            if changed or first or self.watcher.removed:
+                self.post_message(RunsChanged(changed, first, self.watcher.removed))
                 first = False
             self._stop.wait(self.poll_s)
 
@@ -97,9 +97,11 @@ class GaussregApp(App):
     def runs_changed(self, message: RunsChanged) -> None:
         for row in message.rows:
             self._rows[row.id] = row
+        for rid in message.removed:
+            self._rows.pop(rid, None)
         for screen in self.screen_stack:
             if isinstance(screen, RunsScreen):  # it ignores what arrives before it is mounted or after
-                screen.show_rows(message.rows, self.rows())
+                screen.show_rows(message.rows, self.rows(), rebuild=bool(message.removed))
             elif isinstance(screen, CompareScreen) and screen.is_attached:
                 screen.store_changed({r.experiment for r in message.rows})
         self.loaded = True

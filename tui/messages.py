@@ -10,9 +10,9 @@ from .watcher import Detail, RunRow
 
 
 class RunsChanged(Message):
-    def __init__(self, rows: List[RunRow], first: bool = False):
+    def __init__(self, rows: List[RunRow], first: bool = False, removed: Optional[List[str]] = None):
         super().__init__()
-        self.rows, self.first = rows, first
+        self.rows, self.first, self.removed = rows, first, list(removed or [])
 
 
 class DetailChanged(Message):

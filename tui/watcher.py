@@ -37,6 +37,7 @@ class StoreWatcher:
         self.squeue_error: Optional[str] = None
         self._next_squeue = 0.0
         self.scans = 0
+        self.removed: List[str] = []  # run ids the last scan found gone
 
     def _poll_squeue(self) -> None:
         if time.monotonic() < self._next_squeue:
@@ -71,12 +72,15 @@ class StoreWatcher:
         try:
             entries = [e for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith(("_", "."))]
         except OSError:  # no store yet, or one that became a file or unreadable: nothing to show
-            return []
+            entries = []
+        present = set()
         for entry in entries:
+            # the runs `ls` lists (Store.runs): a folder with a spec.json, even a broken one
+            if not os.path.lexists(os.path.join(entry.path, SPEC_FILE)):
+                continue
+            present.add(entry.name)
             reader = self.tracked.get(entry.name)
             if reader is None:
-                if not os.path.lexists(os.path.join(entry.path, SPEC_FILE)):
-                    continue
                 reader = self.tracked[entry.name] = RunReader(RunDir(entry.path))
             row = reader.update(now)
             reason = self._reason(reader.status, row.state)
@@ -85,6 +89,11 @@ class StoreWatcher:
             if row != self.shown.get(entry.name):
                 self.shown[entry.name] = row
                 changed.append(row)
+        # deleted or renamed away since the last scan: no longer a run of the store, as in `ls`
+        self.removed = [name for name in self.shown if name not in present]
+        for name in self.removed:
+            self.shown.pop(name)
+            self.tracked.pop(name, None)
         return changed
 
     def rows(self) -> List[RunRow]:
