@@ -153,6 +153,16 @@ def _console_lost_its_reader() -> None:
 console.on_broken_pipe = _console_lost_its_reader
 
 
+def print_plain(title: str, header: List[str], rows) -> None:
+    """A listing too long for a table (more than BIG_GRID rows): tab-separated lines, written
+    as they come (Rich takes most of a minute to lay out 100,000 rows, and a reader of that
+    many pipes it anyway); control sequences from the store stripped."""
+    out = sys.stdout
+    out.write(strip_control(title) + "\n" + "\t".join(header) + "\n")
+    for cells in rows:
+        out.write("\t".join(strip_control(str(c)) for c in cells) + "\n")
+
+
 def print_whole(renderable) -> None:
     """Print a table without cut cells. Rich fits a table to the console, wrapping text at
     spaces and, below its minimum width, cutting cells ("85.…"); and it sizes a file or pipe
@@ -363,9 +373,12 @@ def _check_own_code(m) -> None:
 def _dry_run(p, st, manifest) -> None:
     """What a launch would do, per experiment: runs new/done, and whether its data is there."""
     runs, slots = p.runs, p.slots
-    t = Table(title=escape(f"{plural(len(runs), 'run')} from {manifest} on {plural(len(slots), 'slot')}"),
-              title_justify="left")
-    for h in ("run id", "dataset", "model", "method", "params", "state"):
+    title = f"{plural(len(runs), 'run')} from {manifest} on {plural(len(slots), 'slot')}"
+    header = ("run id", "dataset", "model", "method", "params", "state")
+    big = len(runs) > BIG_GRID
+    lines = []  # a big grid's rows, printed as plain lines after the loop
+    t = Table(title=escape(title), title_justify="left")
+    for h in header:
         t.add_column(h, overflow="fold")
     per_exp = {}
     for r in runs:
@@ -375,18 +388,29 @@ def _dry_run(p, st, manifest) -> None:
         except RunFileError as e:
             state = f"corrupt: {e}"
         args = " ".join(f"{k}={v}" for k, v in {**r.spec.get("dataset_args", {}), **r.spec.get("model_args", {})}.items())
-        t.add_row(*map(escape, (r.id, r.spec["dataset"], f"{r.spec['model']} {args}".strip(), r.spec["method"],
-                                describe_params(r.spec), state)))
+        cells = (r.id, r.spec["dataset"], f"{r.spec['model']} {args}".strip(), r.spec["method"],
+                 describe_params(r.spec), state)
+        if big:
+            lines.append(cells)
+        else:
+            t.add_row(*map(escape, cells))
         counts = per_exp.setdefault(r.spec["experiment"], {"new": 0, "done": 0, "other": 0, "datasets": set()})
         counts["new" if state == "new" else "done" if state in FINISHED else "other"] += 1
         counts["datasets"].add(r.spec["dataset"])
-    print_whole(t)
+    if big:
+        print_plain(f"{title} (more than {BIG_GRID:,}: one line each, tab-separated)", list(header), lines)
+    else:
+        print_whole(t)
     for name, c in per_exp.items():
         gone = sorted(c["datasets"] & set(p.missing_data))
         console.print(f"{name}: {c['new']} new, {c['done']} done, {c['other']} to resume or retry; data "
                       + (f"MISSING: {', '.join(gone)}" if gone else "present"), markup=False, highlight=False)
     for message in p.missing_data.values():
         console.print(message, markup=False, highlight=False)
+    if big:
+        console.print(f"{plural(len(runs), 'run')} is more than {BIG_GRID:,}: launching them needs --yes "
+                      "(check the grid first: a typo in a list multiplies it)", markup=False, highlight=False,
+                      soft_wrap=True)
 
 
 def _run_slurm(req, follow, dry_run, yes):
@@ -583,6 +607,13 @@ def ls(store: Path = StoreOpt,
         print(json.dumps([{"id": r["id"], "state": r["state"], "spec": r["spec"], "result": r["result"],
                            "error": r["error"]} for r in rows], indent=2))
         return
+    if len(rows) > BIG_GRID:
+        print_plain(f"{plural(len(rows), 'run')} in {store} (more than {BIG_GRID:,}: one line each, tab-separated)",
+                    ["run id", "data/model", "params", "state", "acc %", "R %", "slurm job"],
+                    ((r["id"], f"{r['row'].dataset or '?'}/{r['row'].model or '?'}", r["row"].params, r["state"],
+                      _pct_cell(r["row"].test_acc), _pct_cell(r["row"].robustness), r["row"].slurm_job or "-")
+                     for r in rows))
+        return
     t = Table(title=escape(f"{plural(len(rows), 'run')} in {store}"), title_justify="left", box=None,
               header_style="bold")
     t.add_column("run id", no_wrap=True)
@@ -603,6 +634,10 @@ def ls(store: Path = StoreOpt,
                   f"{row.robustness * 100:.2f}" if row.robustness is not None else "-",
                   *([row.slurm_job or "-"] if jobs else []))
     print_whole(t)
+
+
+def _pct_cell(v) -> str:
+    return f"{v * 100:.2f}" if v is not None else "-"
 
 
 def _get_run(store: Path, run_id: str):

@@ -284,3 +284,31 @@ def test_tui_cells_and_detail_values_carry_no_control_sequences():
     out = Console(file=__import__("io").StringIO(), width=80, color_system=None)
     out.print(_grid([("error", Text("boom \x1b[2J", style="red")), ("model", "mlp\x1b]0;x\x07")]))
     assert "\x1b" not in out.file.getvalue() and "boom" in out.file.getvalue()
+
+
+def test_a_grid_or_store_above_the_yes_threshold_is_listed_as_plain_lines(tmp_path, monkeypatch):
+    """Rich took most of a minute to lay out a 100,000-run table: above BIG_GRID runs, --dry-run
+    and ls print one tab-separated line per run (and dry-run says launching needs --yes)."""
+    from conftest import gaussreg
+    from factories import queued_run
+
+    from gaussreg import cli as gaussreg_cli
+    monkeypatch.setattr(gaussreg_cli, "BIG_GRID", 3)
+    m = tmp_path / "m.toml"
+    m.write_text('[[experiment]]\nname = "g"\ndataset = "synthetic"\nmodel = "mlp"\n'
+                 'methods.regularizer = { sigma = [0.1, 0.2], alpha = [1.0, 2.0] }\n')
+    out = gaussreg("run", m, "--store", tmp_path / "runs", "--dry-run")
+    assert out.exit_code == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("4 runs from") and "more than 3: one line each" in lines[0]
+    assert lines[1].split("\t") == ["run id", "dataset", "model", "method", "params", "state"]
+    body = [ln.split("\t") for ln in lines[2:6]]
+    assert [b[3] for b in body] == ["regularizer"] * 4 and {b[5] for b in body} == {"new"}
+    assert "4 runs is more than 3: launching them needs --yes" in out.stdout
+    st = Store(tmp_path / "store")
+    ids = sorted(queued_run(st, seed=s).id for s in range(4))
+    out = gaussreg("ls", "--store", st.root)
+    assert out.exit_code == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "4 runs in" in lines[0] and lines[1].split("\t")[:4] == ["run id", "data/model", "params", "state"]
+    assert sorted(ln.split("\t")[0] for ln in lines[2:]) == ids and all(ln.split("\t")[3] == "queued" for ln in lines[2:])
