@@ -25,6 +25,7 @@ def gaussreg(*args, cwd=None, timeout=60, env_extra=None, **kw):
 
 # ---------------------------------------------------------------- 7: FIFOs in place of files
 
+@pytest.mark.process
 def test_fifo_manifest_is_refused_not_waited_on(tmp_path):
     fifo = tmp_path / "experiments.toml"
     os.mkfifo(fifo)
@@ -34,6 +35,7 @@ def test_fifo_manifest_is_refused_not_waited_on(tmp_path):
     assert r.returncode == 2 and "is not a file" in r.stderr, r.stderr
 
 
+@pytest.mark.process
 def test_fifo_or_device_export_file_is_refused(tmp_path):
     fifo = tmp_path / "runs.jsonl"
     os.mkfifo(fifo)
@@ -66,6 +68,7 @@ def huge(path: Path, size: int = 3 << 30) -> Path:
     return path
 
 
+@pytest.mark.process
 def test_huge_run_files_make_their_run_corrupt_and_the_rest_readable(tmp_path):
     from gaussreg.runs.reader import list_runs
     st = Store(tmp_path / "runs")
@@ -84,6 +87,7 @@ def test_huge_run_files_make_their_run_corrupt_and_the_rest_readable(tmp_path):
     assert r.returncode == 0 and "0.9" in r.stdout, r.stderr  # the certificate is left out, the table stands
 
 
+@pytest.mark.process
 def test_huge_manifest_and_export_file_are_refused(tmp_path):
     with pytest.raises(manifest.ManifestError, match="is too large"):
         manifest.load(huge(tmp_path / "experiments.toml"))
@@ -152,6 +156,7 @@ def test_large_events_file_is_read_in_flat_memory(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- 14: standard output on a full disk
 
+@pytest.mark.process
 @pytest.mark.parametrize("args", [["ls"], ["ls", "--format", "json"], ["table"], ["table", "--format", "csv"],
                                   ["export"], ["export", "--what", "epochs", "--format", "jsonl"], ["show", "fx-"]])
 def test_full_disk_on_stdout_is_one_sentence(tmp_path, args):
@@ -166,6 +171,7 @@ def test_full_disk_on_stdout_is_one_sentence(tmp_path, args):
 
 # ---------------------------------------------------------------- 18: control sequences from the store
 
+@pytest.mark.process
 def test_store_text_reaches_no_terminal_with_its_control_sequences(tmp_path):
     import json
 
@@ -249,6 +255,7 @@ def test_loader_with_nan_std_and_too_few_images_are_refused(tmp_path):
 
 # ---------------------------------------------------------------- 20: user code writing to file descriptor 1
 
+@pytest.mark.process
 def test_factory_writing_to_fd_1_passes_the_dry_run_check(tmp_path):
     (tmp_path / "noisy.py").write_text(
         "import os\n"

@@ -229,6 +229,7 @@ def test_cancel_of_a_slurm_run_on_a_read_only_store_is_one_sentence(tmp_path, mo
     assert {p.name: p.read_bytes() for p in run.path.iterdir()} == before
 
 
+@pytest.mark.process
 def test_train_on_a_full_disk_is_one_sentence(tmp_path, monkeypatch):
     st = Store(tmp_path / "runs")
     run = st.create(_spec(1), run_id(_spec(1)))

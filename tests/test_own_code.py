@@ -481,6 +481,7 @@ def hang(info):
 '''
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_the_dry_run_check_of_a_hanging_factory_dies_with_its_parent(project, sig):
     (project / "src" / "mypkg" / "hanging.py").write_text(HANGING_PY)

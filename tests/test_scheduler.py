@@ -469,6 +469,7 @@ def _rest(q, timeout=30):
     raise AssertionError("the output never ended")
 
 
+@pytest.mark.process
 def test_ctrl_c_says_what_it_waits_for_and_a_second_one_kills_a_worker_stuck_in_its_factory(tmp_path):
     p, worker = _stuck_launch(tmp_path)
     try:
@@ -491,6 +492,7 @@ def test_ctrl_c_says_what_it_waits_for_and_a_second_one_kills_a_worker_stuck_in_
             psutil.Process(worker).kill()
 
 
+@pytest.mark.process
 def test_gaussreg_cancel_kills_a_worker_stuck_in_its_factory_after_the_grace_period(tmp_path):
     p, worker = _stuck_launch(tmp_path)
     try:
@@ -511,6 +513,7 @@ def test_gaussreg_cancel_kills_a_worker_stuck_in_its_factory_after_the_grace_per
             psutil.Process(worker).kill()
 
 
+@pytest.mark.process
 def test_ctrl_c_with_a_stopped_worker_wakes_it_and_says_so(tmp_path):
     # a real worker training, then stopped with SIGSTOP
     p, st, running = _launch_until_training(tmp_path, 1, "--only", "*baseline*")
@@ -555,6 +558,7 @@ def _stuck_train(tmp_path):
     return t, run
 
 
+@pytest.mark.process
 def test_gaussreg_train_says_what_ctrl_c_waits_for_and_a_second_one_stops_at_once(tmp_path):
     t, run = _stuck_train(tmp_path)
     try:
@@ -570,6 +574,7 @@ def test_gaussreg_train_says_what_ctrl_c_waits_for_and_a_second_one_stops_at_onc
         t.kill()
 
 
+@pytest.mark.process
 def test_gaussreg_cancel_of_a_stuck_foreground_train_marks_it_cancelled(tmp_path):
     t, run = _stuck_train(tmp_path)  # no scheduler to reap it: the cancel itself records how it ended
     try:

@@ -291,6 +291,7 @@ def test_a_cpu_spec_on_a_gpu_task_or_a_cpu_task_trains(tmp_path, spec_extra, gpu
     assert st["state"] == "completed" and st["gpu_slot"] == ("0" if gpus else None)
 
 
+@pytest.mark.process
 def test_a_packed_slurm_task_kills_a_cancelled_worker_stuck_in_its_factory(tmp_path, monkeypatch):
     from gaussreg.launch import slurm
     from gaussreg.runs.spec import resolve, run_id
@@ -452,6 +453,7 @@ def test_a_heartbeat_dated_in_the_future_is_not_trusted_and_says_so(tmp_path):
     assert run.state() == "running" and run.heartbeat_note(run.status()) is None
 
 
+@pytest.mark.process
 def test_show_says_a_heartbeat_is_dated_in_the_future(tmp_path):
     from datetime import datetime, timedelta, timezone
 
