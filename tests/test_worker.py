@@ -161,11 +161,16 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, noise, everys,
     pref = worker(ref, **env)  # alongside the runs it is compared with: one thread each, so the same numbers
     procs = {every: worker(run, GAUSSREG_CHECKPOINT_S=every, **env) for every, run in runs.items()}
 
+    killed = []
+
     def kill_at_the_third_epoch():  # each run as soon as it has finished 3 epochs; True once all are
         for every in [e for e in procs if sum(ev["type"] == "epoch" for ev in runs[e].events()[0]) >= 3]:
-            procs.pop(every).send_signal(signal.SIGKILL)
+            killed.append(procs.pop(every))
+            killed[-1].send_signal(signal.SIGKILL)
         return not procs
     wait_for(kill_at_the_third_epoch, 120, "every run's third epoch", every=0.01)
+    for p in killed:  # gone, not only signalled: until then the dead worker still holds the run's lock
+        assert p.wait(timeout=60) == -signal.SIGKILL
     assert finish(pref)[0] == 0
     for every, run in runs.items():
         assert run.status()["state"] == "running"  # no chance to say anything
