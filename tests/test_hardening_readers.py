@@ -134,13 +134,13 @@ def test_large_events_file_is_read_in_flat_memory(tmp_path, monkeypatch):
     st = Store(tmp_path / "runs")
     st.write_experiment("fx", {"tolerance": 0.01})
     run = add_run(st, "baseline", state="interrupted", epochs=3)
-    # pieces of 64 kB instead of 1 MB, so that a file of 6 MB (quick to parse under tracemalloc)
-    # is ~100 pieces: read whole, it would need far more than a few of them
-    monkeypatch.setattr(store_module, "EVENT_CHUNK", 64 << 10)
-    monkeypatch.setattr(store_module, "MAX_EVENT_LINE", 64 << 10)
-    size = _big_events(run, 6)
-    assert size > 6 << 20
-    flat = 1 << 20  # a few pieces, whatever the file's size
+    # pieces of 16 kB instead of 1 MB, so that a file of 2 MB (quick to parse under tracemalloc)
+    # is ~130 pieces: read whole, it would need far more than a few of them
+    monkeypatch.setattr(store_module, "EVENT_CHUNK", 16 << 10)
+    monkeypatch.setattr(store_module, "MAX_EVENT_LINE", 16 << 10)
+    size = _big_events(run, 2)
+    assert size > 2 << 20
+    flat = 256 << 10  # a few pieces, whatever the file's size
 
     last, peak = _peak(run.last_epoch)  # what `gaussreg show` prints
     assert last["epoch"] == 3 and peak < flat, peak
