@@ -295,7 +295,7 @@ def run(manifest: Path = ManifestArg,
     readable_store(store)
     st = Store(store)
     if dry_run:
-        _check_own_code(p.manifest)
+        _check_own_code(p.manifest, runs)
         _dry_run(p, st, manifest)
         return
     if p.missing_data:
@@ -358,12 +358,13 @@ def _print_outcome(summary, st, runs):
         print_whole(report.render_rich(report.fair_table(st, e)))
 
 
-def _check_own_code(m) -> None:
-    """--dry-run: import the manifest's own model factories and data loaders in a subprocess
-    and try them (gaussreg.runs.check); every problem as a manifest error, then exit 2."""
-    if not mf.uses_own_code(m):
+def _check_own_code(m, runs) -> None:
+    """--dry-run: import the own model factories and data loaders of the runs chosen (those a
+    launch would train) in a subprocess and try them (gaussreg.runs.check); every problem as
+    a manifest error, then exit 2."""
+    if not mf.uses_own_code(m, runs):
         return
-    errors = mf.check_code(m)
+    errors = mf.check_code(m, runs=runs)
     for e in errors[:-1]:
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
     if errors:
@@ -387,9 +388,8 @@ def _dry_run(p, st, manifest) -> None:
             state = rd.state() if rd.spec_file.exists() else "new"
         except RunFileError as e:
             state = f"corrupt: {e}"
-        args = " ".join(f"{k}={v}" for k, v in {**r.spec.get("dataset_args", {}), **r.spec.get("model_args", {})}.items())
-        cells = (r.id, r.spec["dataset"], f"{r.spec['model']} {args}".strip(), r.spec["method"],
-                 describe_params(r.spec), state)
+        cells = (r.id, _with_args(r.spec["dataset"], r.spec.get("dataset_args")),
+                 _with_args(r.spec["model"], r.spec.get("model_args")), r.spec["method"], describe_params(r.spec), state)
         if big:
             lines.append(cells)
         else:
@@ -413,6 +413,11 @@ def _dry_run(p, st, manifest) -> None:
                       soft_wrap=True)
 
 
+def _with_args(name: str, args: Optional[dict]) -> str:
+    """A dataset or model with its factory's arguments: "lenet width=8"."""
+    return " ".join([name] + [f"{k}={v}" for k, v in (args or {}).items()])
+
+
 def _run_slurm(req, follow, dry_run, yes):
     """`gaussreg run --backend slurm`: one sbatch array job for the runs that need training
     (launch.submit_slurm, as the TUI's launch dialog)."""
@@ -423,7 +428,7 @@ def _run_slurm(req, follow, dry_run, yes):
         fail(str(e))
     runs, cfg = p.runs, p.slurm
     if dry_run:
-        _check_own_code(p.manifest)
+        _check_own_code(p.manifest, runs)
         console.print(" ".join(slurm.sbatch_command(cfg, -(-len(runs) // cfg.per_gpu), Path("JOB.sh"),
                                                     st.root / "_slurm" / "LAUNCH")), highlight=False, markup=False)
         return
