@@ -710,6 +710,68 @@ def cancel(run_id: str = typer.Argument(..., help="A run id (or a unique prefix)
     console.print(done, markup=False, highlight=False)
 
 
+@app.command()
+def rm(run_ids: Optional[List[str]] = typer.Argument(None, metavar="[RUN]...",
+                                                   help="Run ids (or unique prefixes)."),
+       store: Path = StoreOpt,
+       experiment: Optional[str] = typer.Option(None, help="Every run of this experiment."),
+       state: Optional[str] = typer.Option(None, help="Every run in this state (with --experiment: of it)."),
+       yes: bool = typer.Option(False, "--yes", help="Remove without asking.")):
+    """Remove runs from the store, with their checkpoints, certificates, events and log (asks first);
+    queued and running runs are refused."""
+    existing_store(store)
+    if run_ids and (experiment or state):
+        fail("name runs, or choose them with --experiment and --state, not both")
+    if not run_ids and not (experiment or state):
+        fail("name the runs to remove: run ids, --experiment NAME or --state STATE")
+    if state and state not in STATES + ("corrupt",):
+        fail(f"--state must be one of {', '.join(STATES + ('corrupt',))}, not {state!r}")
+    st = Store(store)
+    if run_ids:
+        runs = list({r.id: r for r in (_get_run(store, i) for i in run_ids)}.values())
+    else:
+        if experiment and not reader.has_runs(st, experiment):
+            fail(f"no runs of experiment {experiment!r} in {store}")
+        runs = [RunDir(st.root / r["id"]) for r in reader.list_runs(st, experiment)
+                if not state or r["state"] == state]
+        if not runs:
+            console.print("no run matches: nothing removed", highlight=False, markup=False)
+            return
+    refused = {r.id: st.removal_refused(r) for r in runs}
+    for why in filter(None, refused.values()):
+        err_console.print(f"[yellow]not removed:[/] {escape(why)}", highlight=False, soft_wrap=True)
+    runs = [r for r in runs if not refused[r.id]]
+    if not runs:
+        raise typer.Exit(1)
+    if not yes:
+        shown = 20
+        for r in runs[:shown]:
+            console.print(r.id, highlight=False, markup=False)
+        if len(runs) > shown:
+            console.print(f"... and {len(runs) - shown} more", highlight=False, markup=False)
+        try:
+            sure = typer.confirm(f"Remove {plural(len(runs), 'run')} with their checkpoints and certificates?")
+        except typer.Abort:  # no answer (end of input)
+            sure = False
+        if not sure:
+            fail("nothing removed (add --yes to remove without asking)", 1)
+    gone, failed = 0, 0
+    for r in runs:
+        try:
+            st.remove(r)
+            gone += 1
+        except RunFileError as e:
+            failed += 1
+            err_console.print(f"[yellow]not removed:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        except OSError as e:
+            failed += 1
+            err_console.print(f"[bold red]error:[/] cannot remove {escape(r.id)}: {escape(e.strerror or str(e))}",
+                              highlight=False, soft_wrap=True)
+    console.print(f"removed {plural(gone, 'run')} from {store}", highlight=False, markup=False)
+    if failed or any(refused.values()):
+        raise typer.Exit(1)
+
+
 def _parse_sigmas(text: Optional[str]) -> Optional[List[float]]:
     if text is None:
         return None

@@ -1,4 +1,6 @@
 import json
+import os
+import socket
 import subprocess
 import time
 
@@ -327,3 +329,63 @@ def test_a_failed_download_does_not_send_you_to_the_same_command(tmp_path, monke
     assert msg.startswith("Could not download 'mnist'") and "gaussreg data download" not in msg
     assert "run it again where the dataset's site can be reached" in msg
     assert "gaussreg data download mnist" in data.missing_message("mnist", tmp_path)  # elsewhere it is the way
+
+
+def test_rm_removes_whole_runs_after_asking_and_refuses_live_ones(tmp_path):
+    """`gaussreg rm`: asks (no answer removes nothing), refuses a running and a queued run with
+    one sentence each, and takes a run's checkpoints and certificates with it; nothing is left
+    half-removed (no trash in the store, which `ls` never lists anyway)."""
+    from typer.testing import CliRunner
+
+    from gaussreg import cli as gaussreg_cli
+    from gaussreg.runs.store import try_lock
+    st = Store(tmp_path / "runs")
+    done = written_run(st, status={"state": "completed"}, result={"test_accuracy": 0.9, "robustness": 0.5},
+                       experiment="a", seed=1)
+    for name in ("best.pt", "last.pt", "certify-0.25.json", "worker.log"):
+        done.file(name).write_text("x")
+    failed = [written_run(st, status={"state": "failed", "error": "boom"}, experiment="a", seed=s).id for s in (2, 3)]
+    other = written_run(st, status={"state": "failed"}, experiment="b").id
+    queued = queued_run(st, experiment="a", seed=4)
+    running = written_run(st, status={"state": "running", "pid": 1, "host": socket.gethostname()},
+                          experiment="a", seed=5)
+    lock = try_lock(running)  # its worker holds the lock: it is alive
+    try:
+        out = CliRunner().invoke(gaussreg_cli.app, ["rm", "--store", str(st.root), "--state", "failed"], input="n\n")
+        assert out.exit_code == 1 and "nothing removed (add --yes" in out.stderr
+        assert all(i in out.stdout for i in failed + [other]) and "Remove 3 runs" in out.stdout
+        assert len(list(st.runs())) == 6
+        out = gaussreg("rm", "--store", st.root, done.id, running.id, queued.id, "--yes")
+        assert out.exit_code == 1, out.stdout + out.stderr
+        said = " ".join(out.stderr.split())
+        assert f"not removed: run {running.id} is running: cancel it first (`gaussreg cancel {running.id}`)" in said
+        assert f"not removed: run {queued.id} is queued: a launch will start it" in said
+        assert "removed 1 run from" in out.stdout
+        assert not done.path.exists() and running.path.is_dir() and queued.path.is_dir()
+        out = CliRunner().invoke(gaussreg_cli.app, ["rm", "--store", str(st.root), "--experiment", "a",
+                                                    "--state", "failed"], input="y\n")
+        assert out.exit_code == 0 and "removed 2 runs" in out.stdout, out.stdout + out.stderr
+        assert sorted(r.id for r in st.runs()) == sorted([other, queued.id, running.id])
+        assert [p.name for p in st.root.iterdir() if p.name.startswith(".")] == []  # no trash left
+    finally:
+        os.close(lock)
+    out = gaussreg("rm", "--store", st.root, "--experiment", "nope", "--yes")
+    assert out.exit_code == 2 and "no runs of experiment 'nope'" in out.stderr
+    out = gaussreg("rm", "--store", st.root, other, "--state", "failed")
+    assert out.exit_code == 2 and "not both" in out.stderr
+    assert gaussreg("rm", "--store", st.root).exit_code == 2
+    out = gaussreg("rm", "--store", st.root, "--state", "cancelled", "--yes")
+    assert out.exit_code == 0 and "nothing removed" in out.stdout
+
+
+def test_a_removal_cut_short_leaves_only_hidden_trash_that_the_next_one_clears(tmp_path):
+    st = Store(tmp_path / "runs")
+    a, b = (written_run(st, status={"state": "failed"}, seed=s) for s in (1, 2))
+    trash = st.root / ".trash-old.1.2"  # what a removal killed between its rename and its delete leaves
+    (trash / "sub").mkdir(parents=True)
+    (trash / "sub" / "best.pt").write_text("x")
+    assert sorted(r.id for r in st.runs()) == sorted([a.id, b.id])  # the trash is no run
+    st.remove(a)
+    assert not trash.exists() and not a.path.exists() and [r.id for r in st.runs()] == [b.id]
+    with pytest.raises(RunFileError, match="is not a run directory of store"):
+        st.remove(type(a)(tmp_path / "elsewhere"))

@@ -3,8 +3,8 @@
 Writers: the worker writes a run's progress, checkpoints and result; the scheduler and
 gaussreg.launch.control create the run (spec.json, status.json), write its status around the
 worker's life and delete its outputs before a retrain; gaussreg.launch.slurm writes status and
-a cancel request; `gaussreg certify` adds certificate files. The CLI's views and the TUI
-only read. Files others read are replaced atomically; events.jsonl is append-only and
+a cancel request; `gaussreg certify` adds certificate files; Store.remove (`gaussreg rm`,
+the TUI's remove key) deletes whole runs. The CLI's views and the TUI otherwise only read. Files others read are replaced atomically; events.jsonl is append-only and
 may end in a partial line."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 import stat
 import tempfile
@@ -521,6 +522,7 @@ WORKER_LOG = "worker.log"  # the worker's stdout and stderr
 LOCK_FILE = "lock"  # flock'd by whoever trains the run (try_lock)
 CANCEL_REQUEST = "cancel_requested"  # a Slurm run's cancel asked for before its worker started (gaussreg.launch.slurm)
 CERTIFICATE_GLOB = "certify-*.json"
+TRASH_PREFIX = ".trash-"  # a removed run directory, renamed at once, deleted after (Store.remove)
 
 
 class RunDir:
@@ -887,6 +889,47 @@ class Store:
             atomic_create_json(run.status_file, {"state": "queued", "updated_at": now_iso(), "epoch": 0,
                                                          "max_epochs": spec.get("max_epochs")})
         return run
+
+    def removal_refused(self, run: RunDir) -> Optional[str]:
+        """Why `run` must not be removed now (one sentence), or None: a running run's worker
+        and a queued run's launch would write into a directory that is gone."""
+        try:
+            state = run.state()
+        except RunFileError:
+            return None  # corrupt: nothing trains it
+        if state == "running":
+            return f"run {run.id} is running: cancel it first (`gaussreg cancel {run.id}`), then remove it"
+        if state == "queued":
+            return (f"run {run.id} is queued: a launch will start it; stop that launch (or cancel the run) "
+                    "first, then remove it")
+        return None
+
+    def remove(self, run: RunDir) -> None:
+        """Delete a run directory with all it holds (checkpoints, certificates, events, log).
+        RunFileError (one sentence) while it is queued or running. Nothing is half-removed:
+        the directory is first renamed to a hidden trash name in the store (one atomic rename,
+        so every reader sees the run whole or not at all), and the trash is deleted after;
+        trash left by a removal cut short is deleted by the next one."""
+        if run.path.parent != self.root or run.id.startswith((".", "_")) or not run.id:
+            raise RunFileError(f"{run.path} is not a run directory of store {self.root}")
+        trash = self.root / f"{TRASH_PREFIX}{run.id}.{os.getpid()}.{time.time_ns()}"
+        if os.path.islink(run.path):  # the link goes, never what it points to
+            os.rename(run.path, trash)
+            os.unlink(trash)
+            return
+        why = self.removal_refused(run)  # read before the lock is ours: holding it makes a run look alive
+        if why:
+            raise RunFileError(why)
+        fd = try_lock(run)  # no worker starts while it is held; one holding it is training the run
+        if fd is None:
+            raise RunFileError(f"run {run.id} is being trained by another process: cancel it first, then remove it")
+        try:
+            os.rename(run.path, trash)
+        finally:
+            os.close(fd)
+        _fsync_dir(self.root)
+        for old in self.root.glob(glob.escape(TRASH_PREFIX) + "*"):
+            shutil.rmtree(old, ignore_errors=old != trash)  # another removal's trash may be going meanwhile
 
     def write_experiment(self, name: str, info: dict) -> None:
         """Experiment-level facts (tolerance, manifest) that are not part of any run."""
