@@ -91,6 +91,62 @@ def test_plot_budget_chooses_as_the_table_does(store, tmp_path, monkeypatch):
     assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
 
 
+def _drawn_axes(plots, monkeypatch, name) -> list:
+    """The (first) axes of each figure `name` draws, looked at before the figure is closed."""
+    seen = []
+    real = getattr(plots, name)
+
+    def spy(*args):
+        fig = real(*args)
+        ax = fig.axes[0]
+        band = [p for p in ax.patches if p.get_label().startswith("test accuracy ≥")]
+        seen.append({"xlim": ax.get_xlim(), "xticks": [t.get_text() for t in ax.get_xticklabels()],
+                     "band": [p.get_window_extent().transformed(ax.transData.inverted()).x1 for p in band],
+                     "xlabel": ax.get_xlabel()})
+        return fig
+    monkeypatch.setattr(plots, name, spy)
+    return seen
+
+
+def test_the_tolerance_band_reaches_the_right_edge(store, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from gaussreg.views import plot as plots
+    seen = _drawn_axes(plots, monkeypatch, "_fig_scatter")
+    plots.plot(store, tmp_path / "fig", fmt="png")
+    (ax,) = seen
+    (right,) = ax["band"]
+    assert right == pytest.approx(ax["xlim"][1], abs=1e-6)
+
+
+def test_one_training_sigma_gives_an_honest_per_sigma_axis(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from gaussreg.views import plot as plots
+    st = Store(tmp_path / "runs")
+    st.write_experiment("P", {"tolerance": 0.05})
+    figure_run(st, "baseline", 0.90, 0.50)
+    figure_run(st, "regularizer", 0.90, 0.78, sigma=0.25, alpha=1)
+    figure_run(st, "regularizer", 0.89, 0.80, sigma=0.25, alpha=2)
+    seen = _drawn_axes(plots, monkeypatch, "_fig_per_sigma")
+    plots.plot(st, tmp_path / "fig", fmt="png")
+    (ax,) = seen
+    assert ax["xticks"] == ["0.25"] and ax["xlim"] == (0, 0.5)
+    assert "only one training sigma (0.25) is eligible" in ax["xlabel"]
+    figure_run(st, "regularizer", 0.90, 0.85, sigma=1.0, alpha=1)
+    plots.plot(st, tmp_path / "fig2", fmt="png")
+    assert seen[-1]["xticks"] == ["0.25", "1"] and "one training sigma" not in seen[-1]["xlabel"]
+
+
+def test_plots_default_folder_is_git_ignored_like_the_store():
+    """`gaussreg plot` writes into ./figures unless told otherwise: like ./runs, output, not source."""
+    import inspect
+    from pathlib import Path
+
+    from gaussreg import cli as gaussreg_cli
+    default = inspect.signature(gaussreg_cli.plot).parameters["out"].default.default
+    ignored = (Path(__file__).resolve().parents[1] / ".gitignore").read_text().splitlines()
+    assert f"/{default}/" in ignored and "/runs/*" in ignored
+
+
 @pytest.mark.process
 def test_plot_without_matplotlib_says_how_to_get_it(store, tmp_path):
     fake = tmp_path / "nompl"
