@@ -326,11 +326,8 @@ def _run_here(p, st, manifest: Path, store: Path, gpus: str, rerun: bool):
     except OSError as e:  # a full disk, a file where a folder should be: nothing launched
         fail(f"cannot write the experiments of {manifest} in {store} "
              f"({e.strerror}{': ' + str(e.filename) if e.filename else ''})")
-    survive_closed_output(console.print)(f"{plural(len(runs), 'run')} from {manifest} into {st.root}/ on "
-                  f"{', '.join('gpu ' + s.gpu if s.gpu else 'cpu' for s in slots)}"
-                  f" ({slots[0].threads} thread(s) each"
-                  + ("; no GPU visible, --gpus none says so, --backend slurm uses a cluster's GPUs"
-                     if gpus.strip() == "auto" and not any(s.gpu for s in slots) else "") + ")", markup=False)
+    survive_closed_output(console.print)(launch_line(len(runs), manifest, st.root, slots, gpus), markup=False,
+                                         highlight=False)
     view = LiveView(len(runs), console)
     survive_closed_output(view.__enter__)()
     try:
@@ -343,6 +340,18 @@ def _run_here(p, st, manifest: Path, store: Path, gpus: str, rerun: bool):
         survive_closed_output(view.__exit__)(None, None, None)
     survive_closed_output(_print_outcome)(summary, st, runs)
     raise typer.Exit(summary.exit_code())
+
+
+def launch_line(n: int, manifest: Path, root: Path, slots, gpus: str) -> str:
+    """The first line of a launch, as `key: value` facts a reader (or a script) can take apart:
+    "3 runs from m.toml into runs/; slots: cpu; threads per run: 2; GPUs visible: none (...)"."""
+    facts = [f"{plural(n, 'run')} from {manifest} into {root}/",
+             f"slots: {', '.join('gpu ' + s.gpu if s.gpu else 'cpu' for s in slots)}",
+             f"threads per run: {slots[0].threads}"]
+    if gpus.strip() == "auto" and not any(s.gpu for s in slots):
+        facts.append("GPUs visible: none (so --gpus auto trains on the CPU, and --backend slurm on a cluster's "
+                     "GPUs)")
+    return "; ".join(facts)
 
 
 def _print_outcome(summary, st, runs):
@@ -999,7 +1008,10 @@ def tui(store: Path = StoreOpt,
 @data_app.command("list")
 def data_list(data_dir: Optional[Path] = DataDirOpt):
     """Each dataset, where it was found, and its sizes."""
-    t = Table(title=f"datasets (data root: {datasets.data_root(data_dir)})", title_justify="left")
+    # the root on a line of its own, and the table at the width it needs: as the table's
+    # title, or a folded cell, a path was split across lines in a pipe or log
+    console.print(f"datasets (data root: {datasets.data_root(data_dir)})", markup=False, highlight=False)
+    t = Table()
     for h in ("name", "shape", "classes", "found in", "train", "test"):
         t.add_column(h, overflow="fold")
     missing = []
@@ -1009,7 +1021,7 @@ def data_list(data_dir: Optional[Path] = DataDirOpt):
                   str(d["train"] or "-"), str(d["test"] or "-"))
         if not d["found"]:
             missing.append(d["note"])
-    console.print(t)
+    print_whole(t)
     for note in missing:
         console.print(f"- {note}", highlight=False, markup=False)
 
@@ -1020,11 +1032,12 @@ def data_download(name: str = typer.Argument(..., help="mnist, fashion-mnist, ci
     """Make a dataset available (Debian package, torchvision, or the official files)."""
     if name not in datasets.DATASETS:
         fail(f"unknown dataset {name!r}; known: {', '.join(datasets.DATASETS)}")
+    had = data.find(name, data_dir) is not None  # said once, below: "already" when it was there
     try:
         where = download.download(name, data_dir, log=lambda m: console.print(m, highlight=False, markup=False))
     except datasets.DataError as e:
         fail(str(e), 1)
-    console.print(f"{name} is available in {where}", markup=False)
+    console.print(f"{name} is {'already ' if had else ''}available in {where}", markup=False, highlight=False)
 
 
 class _GuardedOutput:

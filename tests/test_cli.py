@@ -389,3 +389,46 @@ def test_a_removal_cut_short_leaves_only_hidden_trash_that_the_next_one_clears(t
     assert not trash.exists() and not a.path.exists() and [r.id for r in st.runs()] == [b.id]
     with pytest.raises(RunFileError, match="is not a run directory of store"):
         st.remove(type(a)(tmp_path / "elsewhere"))
+
+
+def test_the_launch_line_is_key_value_facts():
+    from pathlib import Path
+
+    from gaussreg.cli import launch_line
+    from gaussreg.launch.scheduler import Slot
+    line = launch_line(3, Path("m.toml"), Path("runs"), [Slot(0, None, 2), Slot(1, None, 2)], "auto")
+    head, *facts = line.split("; ")
+    assert head == "3 runs from m.toml into runs/"
+    assert dict(f.split(": ", 1) for f in facts) == {
+        "slots": "cpu, cpu", "threads per run": "2",
+        "GPUs visible": "none (so --gpus auto trains on the CPU, and --backend slurm on a cluster's GPUs)"}
+    line = launch_line(1, Path("m.toml"), Path("runs"), [Slot(0, "0", 4), Slot(1, "1", 4)], "all")
+    assert line == "1 run from m.toml into runs/; slots: gpu 0, gpu 1; threads per run: 4"
+
+
+def test_text_into_a_pipe_is_not_wrapped_mid_phrase(tmp_path):
+    """A pipe or log has no width: a sentence stays one line there (Rich's 80 columns broke
+    "no GPU ⏎ visible"), and `data list` prints the data root and each folder whole."""
+    import io
+
+    from gaussreg.views.style import CleanConsole
+    out = CleanConsole(file=io.StringIO(), width=40)
+    sentence = "3 runs from m.toml into runs/; slots: cpu; threads per run: 2; GPUs visible: none"
+    out.print(sentence, markup=False)
+    assert out.file.getvalue() == sentence + "\n"
+    from test_data import make_mnist
+    deep = tmp_path / ("a-rather-long-folder-name-" * 3) / "data"
+    make_mnist(deep, n_train=40, n_test=10)
+    listed = in_process("data", "list", "--data-dir", deep)  # 80 columns, as in a pipe
+    assert listed.exit_code == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert f"datasets (data root: {deep})" in lines
+    assert any(line.startswith("│ mnist") and str(deep) in line for line in lines), listed.stdout
+
+
+def test_data_download_of_a_dataset_already_there_says_so_once(tmp_path):
+    from test_data import make_mnist
+    make_mnist(tmp_path, n_train=40, n_test=10)
+    out = in_process("data", "download", "mnist", "--data-dir", tmp_path)
+    assert out.exit_code == 0, out.stderr
+    assert out.stdout.count("available") == 1 and "mnist is already available in " in out.stdout

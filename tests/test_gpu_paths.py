@@ -84,7 +84,7 @@ def test_the_cli_says_so_when_auto_found_no_gpu_and_refuses_all(manifest, tmp_pa
     out = subprocess.run([sys.executable, "-m", "gaussreg", "run", manifest, "--store", str(tmp_path / "runs")],
                          capture_output=True, text=True, env=python_env(COLUMNS="300"), timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "on cpu (" in out.stdout and "no GPU visible, --gpus none says so" in out.stdout
+    assert "; slots: cpu; threads per run: 1; GPUs visible: none (so --gpus auto trains on the CPU, and" in out.stdout
 
 
 @pytest.mark.process
