@@ -623,9 +623,10 @@ def ls(store: Path = StoreOpt,
         return
     if len(rows) > BIG_GRID:
         print_plain(f"{plural(len(rows), 'run')} in {store} (more than {BIG_GRID:,}: one line each, tab-separated)",
-                    ["run id", "data/model", "params", "state", "acc %", "R %", "slurm job"],
+                    ["run id", "data/model", "params", "state", "acc %", "R %", "time", "slurm job"],
                     ((r["id"], f"{r['row'].dataset or '?'}/{r['row'].model or '?'}", r["row"].params, r["state"],
-                      _pct_cell(r["row"].test_acc), _pct_cell(r["row"].robustness), r["row"].slurm_job or "-")
+                      _pct_cell(r["row"].test_acc), _pct_cell(r["row"].robustness), reader.duration(r["row"].duration),
+                      r["row"].slurm_job or "-")
                      for r in rows))
         return
     t = Table(title=escape(f"{plural(len(rows), 'run')} in {store}"), title_justify="left", box=None,
@@ -633,8 +634,8 @@ def ls(store: Path = StoreOpt,
     t.add_column("run id", no_wrap=True)
     t.add_column("data/model", overflow="fold")
     t.add_column("params", overflow="fold")
-    for h in ("state", "acc %", "R %"):
-        t.add_column(h, no_wrap=True, justify="right" if "%" in h else "left")
+    for h in ("state", "acc %", "R %", "time"):  # time: trained in all, resumes included
+        t.add_column(h, no_wrap=True, justify="left" if h == "state" else "right")
     jobs = any(r.get("slurm_job") for r in rows)
     if jobs:
         t.add_column("slurm job", no_wrap=True)
@@ -646,7 +647,7 @@ def ls(store: Path = StoreOpt,
                   f"[{STATE_STYLE.get(row.state, 'red')}]{row.state}[/]",
                   f"{row.test_acc * 100:.2f}" if row.test_acc is not None else "-",
                   f"{row.robustness * 100:.2f}" if row.robustness is not None else "-",
-                  *([row.slurm_job or "-"] if jobs else []))
+                  reader.duration(row.duration), *([row.slurm_job or "-"] if jobs else []))
     print_whole(t)
 
 
@@ -681,10 +682,10 @@ def show(run_id: str = typer.Argument(..., help="A run id (or a unique prefix)."
         console.print(f"epoch {e['epoch']}: train loss {e['train_loss']:.4f}, val loss {e['val_loss']:.4f}, "
                       f"val acc {e['val_accuracy'] * 100:.2f}%, lr {e['lr']:.3g}, {e['images_per_s']:.0f} img/s")
     if result:
-        wall = result.get("wall_time_s")
+        wall = reader.training_time(status, state)  # in all: a resumed run's earlier epochs included
         console.print(f"test accuracy {result['test_accuracy'] * 100:.2f}%, robustness {result['robustness'] * 100:.2f}%"
                       f", best epoch {result.get('best_epoch', '?')} of {result.get('epochs_run', '?')}, "
-                      + (f"{wall:.1f}s " if wall is not None else "")
+                      + (f"{wall:.1f}s in all " if wall is not None else "")
                       + f"on {_device(result)} in {result.get('precision', 'fp32')}"
                       + (", compiled" if result.get("compile") else ""), highlight=False, markup=False)
     tail = run.log_tail(15)

@@ -432,3 +432,27 @@ def test_data_download_of_a_dataset_already_there_says_so_once(tmp_path):
     out = in_process("data", "download", "mnist", "--data-dir", tmp_path)
     assert out.exit_code == 0, out.stderr
     assert out.stdout.count("available") == 1 and "mnist is already available in " in out.stdout
+
+
+def test_a_resumed_runs_time_counts_its_epochs_before_the_resume(tmp_path):
+    """started_at is the resume's; time_before_s (the worker's record of the epochs before it)
+    is added wherever a run's time shows: ls, show, the TUI's runs table and detail."""
+    import io
+
+    from rich.console import Console
+
+    from tui.screens.detail import RunDetailScreen
+    from tui.watcher import Detail
+    st = Store(tmp_path / "runs")
+    status = {"state": "completed", "started_at": "2026-01-01T10:00:00.000+00:00",
+              "finished_at": "2026-01-01T10:01:00.000+00:00", "time_before_s": 120.0}
+    run = written_run(st, status=status, result={"test_accuracy": 0.9, "robustness": 0.5}, experiment="t")
+    out = gaussreg("ls", "--store", st.root)
+    assert out.exit_code == 0 and "3m00s" in out.stdout, out.stdout
+    assert "180.0s in all" in gaussreg("show", run.id, "--store", st.root).stdout
+    shown = Console(file=io.StringIO(), width=120, color_system=None)
+    shown.print(RunDetailScreen._status(Detail(run.id, [], status, None, None, None, "")))
+    assert "0/? done; 3m00s in all" in shown.file.getvalue()
+    del status["time_before_s"]  # a run never resumed (or from an older worker): its one attempt
+    run.write_status(status)
+    assert "1m00s" in gaussreg("ls", "--store", st.root).stdout

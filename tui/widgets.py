@@ -11,6 +11,7 @@ from textual.widgets import DataTable, Static
 from textual_plotext import PlotextPlot
 
 from gaussreg.launch.slurm import fatal
+from gaussreg.runs.reader import duration
 from gaussreg.runs.store import STATES, short_id, strip_control
 from gaussreg.views.style import STATE_STYLE
 
@@ -29,13 +30,6 @@ PHASE_SHORT = {"validating": "val", "evaluating R": "eval R", "certifying": "cer
 
 def pct(v: Optional[float]) -> str:
     return "-" if v is None else f"{v * 100:.2f}"
-
-
-def duration(s: Optional[float]) -> str:
-    if s is None:
-        return "-"
-    s = int(s)
-    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def _data(text: str) -> str:

@@ -321,7 +321,8 @@ STATUS_FIELDS = {"state": (lambda v: v in STATES, True), "pid": (_opt(_is_int), 
                  "host": (_opt(_is_str), False), "device": (_opt(_is_str), False),
                  "epoch": (_opt(_is_int), False), "max_epochs": (_opt(_is_int), False),
                  "error": (_opt(_is_str), False), "started_at": (_opt(_is_str), False),
-                 "updated_at": (_opt(_is_str), False), "finished_at": (_opt(_is_str), False)}
+                 "updated_at": (_opt(_is_str), False), "finished_at": (_opt(_is_str), False),
+                 "time_before_s": (_opt(_is_num), False)}
 RESULT_FIELDS = {"test_accuracy": (_is_num, True), "robustness": (_is_num, True),
                  "best_epoch": (_is_int, False), "epochs_run": (_is_int, False),
                  "best_val_accuracy": (_opt(_is_num), False), "wall_time_s": (_is_num, False),

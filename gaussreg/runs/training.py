@@ -331,6 +331,9 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status, log) -> di
     t_start = time.time()
     t = setup(spec, log)
     resuming = start_or_resume(t, run, resume, log)
+    # started_at is this attempt's start: the readers add the epochs trained before it, so a
+    # resumed run shows its whole training time (reader.training_time)
+    status.update(time_before_s=t.state["train_time"] if resuming else 0.0)
     last_ck = LastCheckpoint(run.last_checkpoint, checkpoint_every_s(), spec)
     events = Events(run.events_file, truncate=not resuming)
     try:
