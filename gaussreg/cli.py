@@ -618,8 +618,8 @@ def ls(store: Path = StoreOpt,
         fail(f"--state must be one of {', '.join(STATES + ('corrupt',))}, not {state!r}")
     rows = [r for r in reader.list_runs(Store(store)) if not state or r["state"] == state]
     if format == ListFormat.json:
-        print(json.dumps([{"id": r["id"], "state": r["state"], "spec": r["spec"], "result": r["result"],
-                           "error": r["error"]} for r in rows], indent=2))
+        print(json.dumps([{"id": r["id"], "state": r["state"], "not_launched": r["row"].not_launched,
+                           "spec": r["spec"], "result": r["result"], "error": r["error"]} for r in rows], indent=2))
         return
     if len(rows) > BIG_GRID:
         print_plain(f"{plural(len(rows), 'run')} in {store} (more than {BIG_GRID:,}: one line each, tab-separated)",
@@ -644,11 +644,18 @@ def ls(store: Path = StoreOpt,
         params = " ".join(p for p in (row.params, f"seed={row.seed}" if row.seed else "") if p)
         t.add_row(escape(row.id), escape(f"{row.dataset or '?'}/{row.model or '?'}" if r["spec"] else "?/?"),
                   escape(params if r["spec"] else row.error or ""),
-                  f"[{STATE_STYLE.get(row.state, 'red')}]{row.state}[/]",
+                  f"[{STATE_STYLE.get(row.state, 'red')}]{row.state}[/]"
+                  + (" [yellow](not launched)[/]" if row.not_launched else ""),
                   f"{row.test_acc * 100:.2f}" if row.test_acc is not None else "-",
                   f"{row.robustness * 100:.2f}" if row.robustness is not None else "-",
                   reader.duration(row.duration), *([row.slurm_job or "-"] if jobs else []))
     print_whole(t)
+    stranded = sum(r["row"].not_launched for r in rows)
+    if stranded:
+        them = "it" if stranded == 1 else "them"
+        console.print(f"{plural(stranded, 'queued run')} not launched: the launch that queued {them} has ended "
+                      f"(Ctrl-C?), so nothing will start {them}; `gaussreg run` with the manifest starts {them}, "
+                      f"`gaussreg rm --state queued --store {store}` removes {them}", markup=False, highlight=False)
 
 
 def _pct_cell(v) -> str:

@@ -9,6 +9,7 @@ from conftest import cli, python_env
 from conftest import gaussreg as in_process
 from factories import queued_run, written_run
 
+from gaussreg.runs import reader
 from gaussreg.runs.store import RunFileError, Store
 
 DEMO = """
@@ -350,6 +351,7 @@ def test_rm_removes_whole_runs_after_asking_and_refuses_live_ones(tmp_path):
     running = written_run(st, status={"state": "running", "pid": 1, "host": socket.gethostname()},
                           experiment="a", seed=5)
     lock = try_lock(running)  # its worker holds the lock: it is alive
+    launch = st.hold_launch()  # and a launch runs, which will start the queued one
     try:
         out = CliRunner().invoke(gaussreg_cli.app, ["rm", "--store", str(st.root), "--state", "failed"], input="n\n")
         assert out.exit_code == 1 and "nothing removed (add --yes" in out.stderr
@@ -366,9 +368,17 @@ def test_rm_removes_whole_runs_after_asking_and_refuses_live_ones(tmp_path):
                                                     "--state", "failed"], input="y\n")
         assert out.exit_code == 0 and "removed 2 runs" in out.stdout, out.stdout + out.stderr
         assert sorted(r.id for r in st.runs()) == sorted([other, queued.id, running.id])
+        assert not any(r["row"].not_launched for r in reader.list_runs(st))
         assert [p.name for p in st.root.iterdir() if p.name.startswith(".")] == []  # no trash left
+        st.release_launch(launch)
+        launch = None
+        # its launch ended without starting it (Ctrl-C): nothing will, so it may go
+        out = gaussreg("rm", "--store", st.root, queued.id, "--yes")
+        assert out.exit_code == 0 and not queued.path.exists(), out.stderr
     finally:
         os.close(lock)
+        if launch:
+            st.release_launch(launch)
     out = gaussreg("rm", "--store", st.root, "--experiment", "nope", "--yes")
     assert out.exit_code == 2 and "no runs of experiment 'nope'" in out.stderr
     out = gaussreg("rm", "--store", st.root, other, "--state", "failed")
@@ -456,3 +466,22 @@ def test_a_resumed_runs_time_counts_its_epochs_before_the_resume(tmp_path):
     del status["time_before_s"]  # a run never resumed (or from an older worker): its one attempt
     run.write_status(status)
     assert "1m00s" in gaussreg("ls", "--store", st.root).stdout
+
+
+def test_a_queued_run_no_launch_will_start_says_so_in_ls_and_the_tui(tmp_path):
+    from tui.widgets import cells
+    st = Store(tmp_path / "runs")
+    run = queued_run(st, experiment="q")
+    slurm = written_run(st, status={"state": "queued", "backend": "slurm", "slurm_job": "7_0"}, experiment="q", seed=3)
+    out = gaussreg("ls", "--store", st.root)
+    assert "queued (not launched)" in out.stdout and "1 queued run not launched: the launch that queued it" in out.stdout
+    rows = {r["id"]: r["row"] for r in reader.list_runs(st)}
+    assert rows[run.id].not_launched and not rows[slurm.id].not_launched  # Slurm starts its own
+    assert cells(rows[run.id])["state"].plain == "queued (not launched)"
+    held = st.hold_launch()  # a launch runs: it will start the run
+    try:
+        assert not any(r["row"].not_launched for r in reader.list_runs(st))
+        assert "not launched" not in gaussreg("ls", "--store", st.root).stdout
+    finally:
+        st.release_launch(held)
+    assert {r["id"]: r["row"].not_launched for r in reader.list_runs(st)} == {run.id: True, slurm.id: False}

@@ -49,7 +49,8 @@ def cells(row: RunRow) -> Dict[str, object]:
         + (Text(f" {row.slurm_job}", style="dim") if row.slurm_job else "")  # Slurm runs: their array task
         + (Text(f" ({row.slurm_reason})", style="bold red" if fatal(row.slurm_reason) or row.slurm_reason == "not in squeue"
                                                      else "yellow")
-           if row.slurm_reason else ""),  # and why Slurm has not started it
+           if row.slurm_reason else "")  # and why Slurm has not started it
+        + (Text(" (not launched)", style="yellow") if row.not_launched else ""),  # its launch ended: none will
         "epoch": f"{row.epoch}/{row.max_epochs}" if row.max_epochs else str(row.epoch),
         "best_val_acc": pct(row.best_val_acc), "test_acc": pct(row.test_acc), "robustness": pct(row.robustness),
         "duration": duration(row.duration)}

@@ -314,6 +314,14 @@ class Scheduler:
                 self._reap(a)
 
     def run(self) -> Summary:
+        # while it runs, its queued runs read as waiting for it (store.launch_alive), not as not launched
+        held = self.store.hold_launch()
+        try:
+            return self._run()
+        finally:
+            self.store.release_launch(held)
+
+    def _run(self) -> Summary:
         old = {}
         if _main_thread():
             # SIGHUP (the terminal or tmux session closed) is handled like Ctrl-C: nobody

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from gaussreg.runs.spec import describe_params
-from gaussreg.runs.store import LIVE, RunDir, RunFileError, Store, parse_iso, phase_of
+from gaussreg.runs.store import LIVE, RunDir, RunFileError, Store, not_launched, parse_iso, phase_of
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class RunRow:
     slurm_job: Optional[str] = None  # "JOBID_INDEX" for runs submitted with --backend slurm
     phase: Optional[str] = None  # what a running worker does: "validating", "evaluating R", ...
     slurm_reason: Optional[str] = None  # why Slurm has not started a queued Slurm run (squeue; the TUI asks)
+    not_launched: bool = False  # queued, but its launch has ended (Ctrl-C): nothing will start it (store.not_launched)
 
 
 def training_time(status: dict, state: str, now: Optional[float] = None) -> Optional[float]:
@@ -143,7 +144,8 @@ class RunReader:
                           res.get("robustness") if res else None, duration,
                           self.status.get("error") or (run.heartbeat_note(self.status) if state == "interrupted"
                                                        else None),
-                          self.status.get("slurm_job"), phase_of({**self.status, "state": state}))
+                          self.status.get("slurm_job"), phase_of({**self.status, "state": state}),
+                          not_launched=not_launched(self.status, state, run.path.parent))
         return self.row
 
 
