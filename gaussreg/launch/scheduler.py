@@ -315,11 +315,15 @@ class Scheduler:
 
     def run(self) -> Summary:
         # while it runs, its queued runs read as waiting for it (store.launch_alive), not as not launched
-        held = self.store.hold_launch()
+        try:
+            held = self.store.hold_launch()
+        except (OSError, RunFileError):  # no flock or an unwritable store: each run's launch says why it fails
+            held = None
         try:
             return self._run()
         finally:
-            self.store.release_launch(held)
+            if held is not None:
+                self.store.release_launch(held)
 
     def _run(self) -> Summary:
         old = {}
