@@ -1,11 +1,13 @@
 import json
 import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
-from conftest import cli, python_env
+from conftest import cli, python_env, wait_for
 from conftest import gaussreg as in_process
 from factories import queued_run, written_run
 
@@ -485,3 +487,27 @@ def test_a_queued_run_no_launch_will_start_says_so_in_ls_and_the_tui(tmp_path):
     finally:
         st.release_launch(held)
     assert {r["id"]: r["row"].not_launched for r in reader.list_runs(st)} == {run.id: True, slurm.id: False}
+
+
+@pytest.mark.process
+def test_a_launch_killed_with_sigkill_leaves_its_queued_runs_not_launched(tmp_path):
+    """kill -9 runs no cleanup: the launch's file stays, but its lock dies with it; the next
+    launch of the store clears such files."""
+    from gaussreg.runs.store import launch_alive
+    st = Store(tmp_path / "runs")
+    run = queued_run(st, experiment="k")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom gaussreg.runs.store import Store\n"
+                               f"Store({str(st.root)!r}).hold_launch()\nprint('held', flush=True)\ntime.sleep(600)"],
+                              stdout=subprocess.PIPE, text=True, env=python_env())
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert launch_alive(st.root) and not reader.list_runs(st)[0]["row"].not_launched
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    wait_for(lambda: not launch_alive(st.root), 10, "the killed launch to read as ended")
+    assert [r["row"].not_launched for r in reader.list_runs(st)] == [True] and run.path.is_dir()
+    left = list((st.root / "_launches").glob("*.live"))
+    assert len(left) == 1
+    st.release_launch(st.hold_launch())
+    assert not list((st.root / "_launches").glob("*.live"))
