@@ -398,7 +398,8 @@ def _dry_run(p, st, manifest) -> None:
         except RunFileError as e:
             state = f"corrupt: {e}"
         cells = (r.id, _with_args(r.spec["dataset"], r.spec.get("dataset_args")),
-                 _with_args(r.spec["model"], r.spec.get("model_args")), r.spec["method"], describe_params(r.spec), state)
+                 _with_args(r.spec["model"], r.spec.get("model_args")), r.spec["method"], describe_params(r.spec),
+                 state)
         if big:
             lines.append(cells)
         else:

@@ -476,7 +476,8 @@ def test_a_queued_run_no_launch_will_start_says_so_in_ls_and_the_tui(tmp_path):
     run = queued_run(st, experiment="q")
     slurm = written_run(st, status={"state": "queued", "backend": "slurm", "slurm_job": "7_0"}, experiment="q", seed=3)
     out = gaussreg("ls", "--store", st.root)
-    assert "queued (not launched)" in out.stdout and "1 queued run not launched: the launch that queued it" in out.stdout
+    assert "queued (not launched)" in out.stdout
+    assert "1 queued run not launched: the launch that queued it" in out.stdout
     rows = {r["id"]: r["row"] for r in reader.list_runs(st)}
     assert rows[run.id].not_launched and not rows[slurm.id].not_launched  # Slurm starts its own
     assert cells(rows[run.id])["state"].plain == "queued (not launched)"

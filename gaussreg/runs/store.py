@@ -4,8 +4,9 @@ Writers: the worker writes a run's progress, checkpoints and result; the schedul
 gaussreg.launch.control create the run (spec.json, status.json), write its status around the
 worker's life and delete its outputs before a retrain; gaussreg.launch.slurm writes status and
 a cancel request; `gaussreg certify` adds certificate files; Store.remove (`gaussreg rm`,
-the TUI's remove key) deletes whole runs. The CLI's views and the TUI otherwise only read. Files others read are replaced atomically; events.jsonl is append-only and
-may end in a partial line."""
+the TUI's remove key) deletes whole runs. The CLI's views and the TUI otherwise only read.
+Files others read are replaced atomically; events.jsonl is append-only and may end in a
+partial line."""
 
 from __future__ import annotations
 
