@@ -15,9 +15,11 @@ TrainedRunError: one sentence each, never an exit."""
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import List, Optional, Union
 
+from gaussreg.runs.reader import has_runs
 from gaussreg.runs.spec import describe_params
 from gaussreg.runs.store import Store
 from gaussreg.views import export as ex
@@ -43,30 +45,26 @@ def _pandas():
 def _source(store: StoreLike, experiment: Optional[str], epochs: bool = False) -> ex.Source:
     """A store, or the records of an export file; ApiError when it is neither, or when it has
     no runs of `experiment`."""
-    if isinstance(store, Store):
-        st: ex.Source = store
-        where = store.root
+    where = store.root if isinstance(store, Store) else Path(store)
+    st: ex.Source
+    if where.is_dir():
+        st = Store(where)
+    elif where.is_file():
+        if epochs:
+            raise ApiError(f"{where} is an export of runs, which carries no epochs: read the epochs from the store")
+        try:
+            st = ex.read_runs(where)
+        except ValueError as e:
+            raise ApiError(str(e)) from None
     else:
-        where = Path(store)
-        if where.is_dir():
-            st = Store(where)
-        elif where.is_file():
-            if epochs:
-                raise ApiError(f"{where} is an export of runs, which carries no epochs: read the epochs from the "
-                               "store")
-            try:
-                st = ex.read_runs(where)
-            except ValueError as e:
-                raise ApiError(str(e)) from None
-        else:
-            raise ApiError(f"the store {where} does not exist")
-    if experiment is not None and not ex.records_of(st, experiment):
+        raise ApiError(f"the store {where} does not exist")
+    if experiment is not None and not (has_runs(st, experiment) if isinstance(st, Store) else any(
+            r["spec"].get("experiment") == experiment for r in st)):
         raise ApiError(f"no runs of experiment {experiment!r} in {where}")
     return st
 
 
-def _frame(rows: List[dict], what: str):
-    pd = _pandas()
+def _frame(pd, rows: List[dict], what: str):
     return pd.DataFrame(rows, columns=ex.columns(rows, what))
 
 
@@ -76,21 +74,23 @@ def runs(store: StoreLike = "runs", experiment: Optional[str] = None):
     (equal for the seeds of one configuration), test and validation accuracy, R
     (test_robustness) and noisy accuracy, the cost (steps, images_*, train_*_s) and times,
     the error of a failed run and the experiment's tolerance."""
-    return _frame(list(ex.run_rows(_source(store, experiment), experiment)), "runs")
+    pd = _pandas()  # first: without it, say so before reading the store
+    return _frame(pd, list(ex.run_rows(_source(store, experiment), experiment)), "runs")
 
 
 def epochs(store: StoreLike = "runs", experiment: Optional[str] = None):
     """One row per (run, epoch): losses and their terms (train_<term>), validation accuracy,
     lr, epoch time; the run's id, method, params and seed to group and label by. From a
     store only (an export of runs carries no epochs)."""
-    st = _source(store, experiment, epochs=True)
-    return _frame(list(ex.epoch_rows(st, experiment)), "epochs")
+    pd = _pandas()
+    return _frame(pd, list(ex.epoch_rows(_source(store, experiment, epochs=True), experiment)), "epochs")
 
 
 def sigmas(store: StoreLike = "runs", experiment: Optional[str] = None):
     """One row per (completed run, split, sigma): prediction consistency and accuracy under
     noise (the curves whose trapezoidal averages are R and the noisy accuracy)."""
-    return _frame(list(ex.sigma_rows(_source(store, experiment), experiment)), "sigmas")
+    pd = _pandas()
+    return _frame(pd, list(ex.sigma_rows(_source(store, experiment), experiment)), "sigmas")
 
 
 # the columns of a fair_table row, in this order; then any other key of the table's entries
@@ -131,7 +131,9 @@ def fair_table(store: StoreLike = "runs", experiment: Optional[str] = None, tole
     ΔR exceeds two standard errors), the selection numbers, cost, certified accuracy
     (certified_<radius>) and run ids. `which` = "best_per_sigma" gives the best per training
     sigma (with `sigma`), "all" every configuration (with `eligible` and `reason`)."""
-    if tolerance is not None and not (isinstance(tolerance, (int, float)) and 0 <= tolerance <= 1):
+    pd = _pandas()
+    if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
+                                  or not 0 <= tolerance <= 1):
         raise ApiError(f"tolerance must be a fraction in [0, 1], not {tolerance!r}")
     if select not in report.SELECTIONS:
         raise ApiError(f"select must be one of {', '.join(report.SELECTIONS)}, not {select!r}")
@@ -140,14 +142,14 @@ def fair_table(store: StoreLike = "runs", experiment: Optional[str] = None, tole
     if which not in TABLES:
         raise ApiError(f"which must be one of {', '.join(TABLES)}, not {which!r}")
     src = _source(store, experiment)
-    if isinstance(src, Store):
-        t = report.fair_table(src, experiment, tolerance, select, budget)
+    if isinstance(src, Store):  # a malformed certificate is left out, as in `gaussreg table`, with a warning
+        t = report.fair_table(src, experiment, tolerance, select, budget, lambda m: warnings.warn(m, stacklevel=3))
     else:
         t = report.table_of_export([r for r in src if not experiment or r["spec"].get("experiment") == experiment],
                                    tolerance, select, budget)
     key = "configurations" if which == "all" else which
     rows = [_entry_row(rec, t, e, which) for rec in t["experiments"] for e in rec[key]]
-    return _frame(rows, "runs")
+    return _frame(pd, rows, "runs")
 
 
 def load_trained(run_id_or_checkpoint: Union[str, os.PathLike], store: StoreLike = "runs", device: str = "cpu",

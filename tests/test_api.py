@@ -128,7 +128,9 @@ def test_fair_table_other_tables_and_bad_arguments(store):
     per_sigma = gr.fair_table(store.root, which="best_per_sigma")
     assert len(per_sigma) == sum(len(r["best_per_sigma"]) for r in want["experiments"])
     assert per_sigma["sigma"].tolist() == [e["sigma"] for r in want["experiments"] for e in r["best_per_sigma"]]
-    every = gr.fair_table(store.root, experiment="Q", which="all")
+    bad = next(r for r in store.runs() if r.id.startswith("Q-baseline")).write_certification({"sigma": 0.25})  # no per_image: left out, with a warning
+    with pytest.warns(UserWarning, match=re.escape(str(bad))):
+        every = gr.fair_table(store.root, experiment="Q", which="all")
     assert len(every) == 6 and every["eligible"].tolist().count(False) == 2
     aug = every[every["method"] == "augment"]
     assert aug["reason"].str.contains("accuracy").all() and not aug["eligible"].any()
