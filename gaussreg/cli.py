@@ -581,13 +581,28 @@ def export(store: Path = StoreOpt,
            what: ExportWhat = typer.Option(ExportWhat.runs, "--what",
                                            help="One row per run, per epoch, or per (run, split, sigma)."),
            format: ExportFormat = typer.Option(ExportFormat.csv, "--format", help="csv or jsonl."),
-           experiment: Optional[str] = typer.Option(None, help="Only this experiment.")):
+           experiment: Optional[str] = typer.Option(None, help="Only this experiment."),
+           from_export: Optional[Path] = typer.Option(None, "--from", metavar="<runs.jsonl>", parser=a_path("--from"),
+                                                      help="Export from a `gaussreg export --what runs --format "
+                                                           "jsonl` file instead of a store (runs and sigmas: it "
+                                                           "carries no epochs).")):
     """The store in long format on stdout, for pandas (pd.read_csv / pd.read_json(lines=True))."""
-    existing_store(store)
-    if experiment and not reader.has_runs(Store(store), experiment):
-        fail(f"no runs of experiment {experiment!r} in {store}")
+    if from_export is not None:
+        if what == ExportWhat.epochs:
+            fail(f"--what epochs needs a store: {from_export}, an export of runs, carries no epochs")
+        try:
+            source = read_runs(from_export)
+        except ValueError as e:
+            fail(str(e))
+        if experiment and not any(r["spec"].get("experiment") == experiment for r in source):
+            fail(f"no runs of experiment {experiment!r} in {from_export}")
+    else:
+        existing_store(store)
+        if experiment and not reader.has_runs(Store(store), experiment):
+            fail(f"no runs of experiment {experiment!r} in {store}")
+        source = Store(store)
     try:
-        for text in ex.export_lines(Store(store), what.value, format.value, experiment, warn):
+        for text in ex.export_lines(source, what.value, format.value, experiment, warn):
             sys.stdout.write(text)
         sys.stdout.flush()
     except BrokenPipeError:  # `gaussreg export | head` is fine
