@@ -568,6 +568,7 @@ def plot(store: Path = StoreOpt,
 class ExportFormat(str, Enum):
     csv = "csv"
     jsonl = "jsonl"
+    tensorboard = "tensorboard"
 
 
 class ExportWhat(str, Enum):
@@ -585,11 +586,19 @@ def export(store: Path = StoreOpt,
            from_export: Optional[Path] = typer.Option(None, "--from", metavar="<runs.jsonl>", parser=a_path("--from"),
                                                       help="Export from a `gaussreg export --what runs --format "
                                                            "jsonl` file instead of a store (runs and sigmas: it "
-                                                           "carries no epochs).")):
-    """The store in long format on stdout, for pandas (pd.read_csv / pd.read_json(lines=True))."""
+                                                           "carries no epochs)."),
+           out: Optional[Path] = typer.Option(None, "--out", parser=a_path("--out"), metavar="DIR",
+                                              help="--format tensorboard: the folder of event files (one "
+                                                   "folder per run; --what does not apply).")):
+    """The store in long format on stdout, for pandas (pd.read_csv / pd.read_json(lines=True)),
+    or as TensorBoard event files (--format tensorboard --out DIR)."""
+    if (format == ExportFormat.tensorboard) != (out is not None):
+        fail("--format tensorboard writes into a folder: give it --out DIR" if out is None else
+             "--out is for --format tensorboard; csv and jsonl go to stdout")
     if from_export is not None:
-        if what == ExportWhat.epochs:
-            fail(f"--what epochs needs a store: {from_export}, an export of runs, carries no epochs")
+        if what == ExportWhat.epochs or out is not None:
+            fail(f"{'--format tensorboard' if out is not None else '--what epochs'} needs a store: {from_export}, "
+                 "an export of runs, carries no epochs")
         try:
             source = read_runs(from_export)
         except ValueError as e:
@@ -601,12 +610,34 @@ def export(store: Path = StoreOpt,
         if experiment and not reader.has_runs(Store(store), experiment):
             fail(f"no runs of experiment {experiment!r} in {store}")
         source = Store(store)
+    if out is not None:
+        export_tensorboard(store, out, experiment)
+        return
     try:
         for text in ex.export_lines(source, what.value, format.value, experiment, warn):
             sys.stdout.write(text)
         sys.stdout.flush()
     except BrokenPipeError:  # `gaussreg export | head` is fine
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def export_tensorboard(store: Path, out: Path, experiment: Optional[str]) -> None:
+    try:  # here: an optional extra, and half a second of imports no other command should pay
+        from gaussreg.views.tensorboard_export import SigmaStepError, write_tensorboard
+    except ImportError as e:
+        if not (e.name or "").startswith(("tensorboard", "google.protobuf")):
+            raise
+        fail("--format tensorboard needs the tensorboard package: pip install -e '.[tensorboard]' in the clone")
+    try:
+        dirs = write_tensorboard(Store(store), out, experiment)
+    except SigmaStepError as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"cannot write the event files into {out}: {e.strerror or e}")
+    if not dirs:
+        fail(f"no runs{' of experiment ' + repr(experiment) if experiment else ''} in {store}")
+    console.print(f"{len(dirs)} runs written to {escape(str(out))}; view them with "
+                  f"`tensorboard --logdir {escape(shlex.quote(str(out)))}`", highlight=False)
 
 
 @app.command("ls")
