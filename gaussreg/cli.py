@@ -637,7 +637,7 @@ def export_tensorboard(store: Path, out: Path, experiment: Optional[str]) -> Non
     if not dirs:
         fail(f"no runs{' of experiment ' + repr(experiment) if experiment else ''} in {store}")
     console.print(f"{len(dirs)} runs written to {escape(str(out))}; view them with "
-                  f"`tensorboard --logdir {escape(shlex.quote(str(out)))}`", highlight=False)
+                  f"`tensorboard --logdir {escape(shlex.quote(str(out)))}`", highlight=False, soft_wrap=True)
 
 
 @app.command("ls")
@@ -962,17 +962,51 @@ def train(run_dir: Path = typer.Argument(..., parser=a_path("RUN_DIR"), metavar=
     raise typer.Exit(code)
 
 
+WEB_PORT = 8000  # textual-serve's own default
+
+
 @app.command()
 def tui(store: Path = StoreOpt,
         manifest: Path = typer.Option(Path("experiments.toml"), parser=a_path("--manifest"), metavar="PATH",
-                                      help="The manifest the launch dialog opens.")):
+                                      help="The manifest the launch dialog opens."),
+        web: bool = typer.Option(False, "--web", help="Serve the dashboard to a browser (textual-serve) instead."),
+        port: Optional[int] = typer.Option(None, "--port", metavar="N", callback=int_flag(65535, 1),
+                                           help=f"--web: the port (default {WEB_PORT})."),
+        host: Optional[str] = typer.Option(None, "--host", metavar="H",
+                                           help="--web: the address to listen on (default localhost; any other "
+                                                "lets whoever reaches it launch and cancel runs).")):
     """The Textual dashboard: watch, launch, cancel, compare and browse runs."""
     readable_store(store)  # a store that does not exist yet is fine: the launch dialog makes it
+    if not web and (port is not None or host is not None):
+        fail("--port and --host are for --web")
+    if web:
+        serve_web(store, manifest, host or "localhost", WEB_PORT if port is None else port)
+        return
     try:
         from tui.app import run_app  # the only place gaussreg touches textual
     except ImportError as e:
         fail(f"the TUI needs textual and textual-plotext ({e}); pip install -e .")
     run_app(str(store), str(manifest))
+
+
+def serve_web(store: Path, manifest: Path, host: str, port: int) -> None:
+    if host == "":
+        fail("--host is empty; name an address (localhost, or 0.0.0.0 for every interface)")
+    try:  # here: an optional extra that only --web needs
+        from gaussreg.views import web_dashboard
+    except ImportError as e:
+        if not (e.name or "").startswith(("textual_serve", "aiohttp", "jinja2")):
+            raise
+        fail("--web needs textual-serve: pip install -e '.[web]' in the clone")
+    if not web_dashboard.is_local(host):
+        warn(f"listening on {host}: anyone who can reach port {port} there can launch and cancel runs "
+             "(textual-serve has no login); use an SSH tunnel to localhost instead where you can")
+    console.print(f"serving `gaussreg tui --store {escape(str(store))}` on http://{escape(host)}:{port} "
+                  "(Ctrl+C stops it)", highlight=False, soft_wrap=True)
+    try:
+        web_dashboard.serve(store, manifest, host, port)
+    except OSError as e:
+        fail(f"cannot listen on {host}:{port}: {e.strerror or e}")
 
 
 # ---------------------------------------------------------------- data
