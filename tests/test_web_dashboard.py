@@ -50,8 +50,11 @@ def chromium() -> str:
             return found
         if os.geteuid() != 0 or not shutil.which("apt-get"):
             pytest.fail("the browser test needs Debian's chromium: apt-get install -y chromium (as root)")
-        for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "chromium"]):
-            r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        # the Slurm test may be running apt-get beside this one: wait for its lock, do not fail on it
+        wait = ["-o", "DPkg::Lock::Timeout=600"]
+        for cmd in (["apt-get", *wait, "update", "-q"], ["apt-get", *wait, "install", "-y", "-q", "chromium"]):
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                               env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
             assert r.returncode == 0, f"{' '.join(cmd)} failed: {r.stderr[-2000:]}"
         return shutil.which("chromium")
 
