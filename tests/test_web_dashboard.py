@@ -208,9 +208,14 @@ def test_web_listens_on_localhost_unless_asked_and_then_warns(tmp_path):
     try:
         listening = {c.laddr.ip for c in psutil.Process(server.pid).net_connections("inet") if c.status == "LISTEN"}
         assert listening and all(ip in ("127.0.0.1", "::1") for ip in listening), listening
+        # a port already taken: one sentence
+        second = subprocess.run(cli("tui", "--web", "--store", st.root, "--port", port), capture_output=True,
+                                text=True, env=python_env(), timeout=120)
+        assert second.returncode == 2
+        assert f"error: cannot listen on localhost:{port}: " in second.stderr and "Traceback" not in second.stderr
     finally:
         out, err = stop(server)
-    assert "warning" not in err
+    assert "warning" not in err and "Traceback" not in err  # SIGTERM stops it quietly
     server, port = served(st.root, "--host", "0.0.0.0")
     try:
         listening = {c.laddr.ip for c in psutil.Process(server.pid).net_connections("inet") if c.status == "LISTEN"}
