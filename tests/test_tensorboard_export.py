@@ -92,11 +92,12 @@ def test_the_hparams_plugin_data_names_each_runs_parameters(store, tmp_path):
         assert hp["method"] == spec["method"] and hp["experiment"] == "P" and hp["seed"] == spec["seed"]
         assert hp["model"] == "mlp" and hp["dataset"] == "synthetic" and hp["lr"] == spec["optimizer"]["lr"]
         assert {k[len("param_"):]: v for k, v in hp.items() if k.startswith("param_")} == spec["params"]
-        groups.setdefault(start.group_name, []).append((spec["method"], spec["seed"]))
+        assert not start.group_name  # a row of the table per run
+        groups.setdefault(hp["config"], []).append((spec["method"], spec["seed"]))
         end = metadata.parse_session_end_info_plugin_data(content[metadata.SESSION_END_INFO_TAG])
         state = run.status()["state"]
         assert end.status == {"completed": api_pb2.STATUS_SUCCESS, "failed": api_pb2.STATUS_FAILURE}[state]
-    # the seeds of one configuration are one group (the table shows their mean); every other run is its own
+    # the seeds of one configuration share their config; every other run has its own
     assert sorted(map(sorted, groups.values())) == [[("augment", 0)], [("baseline", 0), ("baseline", 1)],
                                                     [("regularizer", 0)], [("regularizer", 0)]]
     experiment = metadata.parse_experiment_plugin_data(

@@ -8,8 +8,9 @@ Each run's directory holds, as scalars (float32, TensorBoard's scalar type):
   `final/test_noisy_accuracy` and their `final/val_*` counterparts, `final/train_time_s`;
 - the per-sigma curves (step = round(SIGMA_SCALE x sigma), as a step is an integer):
   `per_sigma/{test,val}_{consistency,accuracy}`;
-and, for the HParams plugin, the run's parameters (a session; the seeds of one configuration
-share a group, so the HPARAMS table shows their mean) and how it ended. The folder itself
+and, for the HParams plugin, the run's parameters and how it ended (a session: a row of the
+HPARAMS table, a line of its parallel coordinates; `config`, a short hash of the spec minus
+the seed, is equal for the seeds of one configuration). The folder itself
 holds the experiment: which parameters and which `final/*` metrics the table compares.
 
 Exporting again into the same folder replaces what an earlier export wrote there for the
@@ -18,6 +19,7 @@ same runs (and the experiment), so no step is shown twice.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -36,7 +38,7 @@ FINAL = ("test_accuracy", "test_robustness", "test_noisy_accuracy", "val_accurac
          "val_noisy_accuracy", "train_time_s")
 EPOCH_KEYS = ("train_loss", "train_accuracy", "val_loss", "val_ce", "val_accuracy", "lr", "epoch_time",
               "images_per_s")
-HPARAM_KEYS = ("experiment", "method", "seed", "lr") + RUN_KEYS  # and every param_*
+HPARAM_KEYS = ("experiment", "method", "seed", "config", "lr") + RUN_KEYS  # and every param_*
 END_STATUS = {"completed": api_pb2.STATUS_SUCCESS, "failed": api_pb2.STATUS_FAILURE,
               "cancelled": api_pb2.STATUS_FAILURE, "running": api_pb2.STATUS_RUNNING}
 EVENTS_PREFIX = "events.out.tfevents."
@@ -84,10 +86,12 @@ def _proto_value(v) -> Optional[struct_pb2.Value]:
 
 
 def hparams_of(row: dict) -> Dict[str, object]:
-    """The parameters of a run (a row of export.run_rows) that the HPARAMS table compares."""
+    """The parameters of a run (a row of export.run_rows) that the HPARAMS table compares:
+    numbers, text and booleans; anything else as its JSON text."""
     out = {k: row.get(k) for k in HPARAM_KEYS}
     out.update({k: v for k, v in row.items() if k.startswith("param_")})
-    return {k: v for k, v in out.items() if v is not None}
+    return {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v, sort_keys=True)
+            for k, v in out.items() if v is not None}
 
 
 def _group(values: List[dict], key: str) -> Dict[str, List[dict]]:
@@ -122,7 +126,7 @@ def _run_events(r: dict, hparams: Dict[str, object], epochs: List[dict], sigmas:
                 now: float) -> List[Tuple[int, List[summary_pb2.Summary.Value]]]:
     """The (step, values) of one run's event file, in order; SigmaStepError when two of its
     sigmas would share a step."""
-    start = plugin_data_pb2.SessionStartInfo(group_name=r["config"], start_time_secs=now)
+    start = plugin_data_pb2.SessionStartInfo(start_time_secs=now)  # no group: a row per run
     for k, v in hparams.items():
         start.hparams[k].CopyFrom(_proto_value(v))
     out = [(0, [_hparams_value(metadata.SESSION_START_INFO_TAG,
