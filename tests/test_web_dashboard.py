@@ -9,6 +9,7 @@ own xterm.js terminal (its buffer holds every cell drawn), which a script added 
 page loads hands to the test.
 """
 import asyncio
+import contextlib
 import fcntl
 import json
 import os
@@ -146,14 +147,28 @@ def served(store, *args, env=None):
     return proc, port
 
 
+def command_line(p: psutil.Process) -> list:
+    try:
+        return p.cmdline()
+    except psutil.Error:  # gone (or a zombie) meanwhile
+        return []
+
+
+def alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def stop(proc):
     """The server and what it started (the apps of pages still open)."""
     children = psutil.Process(proc.pid).children(recursive=True)
     proc.terminate()
     out, err = proc.communicate(timeout=60)
     for child in children:
-        if child.is_running():
-            child.kill()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()  # one a page left running (it is gone when the page closed first)
     return out, err
 
 
@@ -188,11 +203,10 @@ def test_the_dashboard_in_a_browser_shows_the_runs_and_takes_keys(tmp_path):
         wait_for(lambda: "Runs screen" not in browser.screen(), 60, "the runs screen after escape")
         # q quits the app: its process ends and the page says so
         app = wait_for(lambda: [p for p in psutil.Process(server.pid).children(recursive=True)
-                                if "tui" in p.cmdline()], 30, "the app's process")
+                                if "tui" in command_line(p)], 30, "the app's process")
         browser.press("q")
         wait_for(lambda: browser.eval("document.body.classList.contains('-closed')"), 60, "the page's 'Session ended'")
-        wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in app), 60,
-                 "the app's process to end")
+        wait_for(lambda: not any(map(alive, app)), 60, "the app's process to end")
     finally:
         if browser is not None:
             browser.close()
