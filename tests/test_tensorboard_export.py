@@ -129,6 +129,10 @@ def test_tensorboard_export_refuses_what_it_cannot_do(store, tmp_path, monkeypat
     r = gaussreg("export", "--store", store.root, "--out", tmp_path / "tb")
     assert r.exit_code == 2 and "--out is for --format tensorboard" in r.stderr
     assert not (tmp_path / "tb").exists()
+    runs_jsonl = tmp_path / "runs.jsonl"
+    runs_jsonl.write_text(gaussreg("export", "--store", store.root, "--format", "jsonl").stdout)
+    r = gaussreg("export", "--from", runs_jsonl, "--format", "tensorboard", "--out", tmp_path / "tb")
+    assert r.exit_code == 2 and f"--format tensorboard needs a store: {runs_jsonl}, an export of runs" in r.stderr
     # two sigmas of one grid that one milli-sigma step cannot tell apart
     close = store.get(figure_run(store, "baseline", 0.5, 0.5, seed=7))
     res = close.result()
