@@ -31,7 +31,7 @@ from gaussreg.runs import reader
 from gaussreg.runs.device import autocast
 from gaussreg.runs.spec import MAX_SAMPLES, SpecError, default_certify_sigma, describe_params, resolve, valid_device
 from gaussreg.runs.store import FINISHED, STATES, RunDir, RunFileError, Store, check_locking, strip_control
-from gaussreg.science.robustness import robustness
+from gaussreg.science.robustness import certify_batch, robustness
 from gaussreg.views import export as ex
 from gaussreg.views import plot as plots
 from gaussreg.views import report, slurm_view
@@ -583,6 +583,7 @@ def plot(store: Path = StoreOpt,
 class ExportFormat(str, Enum):
     csv = "csv"
     jsonl = "jsonl"
+    tensorboard = "tensorboard"
 
 
 class ExportWhat(str, Enum):
@@ -596,17 +597,62 @@ def export(store: Path = StoreOpt,
            what: ExportWhat = typer.Option(ExportWhat.runs, "--what",
                                            help="One row per run, per epoch, or per (run, split, sigma)."),
            format: ExportFormat = typer.Option(ExportFormat.csv, "--format", help="csv or jsonl."),
-           experiment: Optional[str] = typer.Option(None, help="Only this experiment.")):
-    """The store in long format on stdout, for pandas (pd.read_csv / pd.read_json(lines=True))."""
-    existing_store(store)
-    if experiment and not reader.has_runs(Store(store), experiment):
-        fail(f"no runs of experiment {experiment!r} in {store}")
+           experiment: Optional[str] = typer.Option(None, help="Only this experiment."),
+           from_export: Optional[Path] = typer.Option(None, "--from", metavar="<runs.jsonl>", parser=a_path("--from"),
+                                                      help="Export from a `gaussreg export --what runs --format "
+                                                           "jsonl` file instead of a store (runs and sigmas: it "
+                                                           "carries no epochs)."),
+           out: Optional[Path] = typer.Option(None, "--out", parser=a_path("--out"), metavar="DIR",
+                                              help="--format tensorboard: the folder of event files (one "
+                                                   "folder per run; --what does not apply).")):
+    """The store in long format on stdout, for pandas (pd.read_csv / pd.read_json(lines=True)),
+    or as TensorBoard event files (--format tensorboard --out DIR)."""
+    if (format == ExportFormat.tensorboard) != (out is not None):
+        fail("--format tensorboard writes into a folder: give it --out DIR" if out is None else
+             "--out is for --format tensorboard; csv and jsonl go to stdout")
+    if from_export is not None:
+        if what == ExportWhat.epochs or out is not None:
+            fail(f"{'--format tensorboard' if out is not None else '--what epochs'} needs a store: {from_export}, "
+                 "an export of runs, carries no epochs")
+        try:
+            source = read_runs(from_export)
+        except ValueError as e:
+            fail(str(e))
+        if experiment and not any(r["spec"].get("experiment") == experiment for r in source):
+            fail(f"no runs of experiment {experiment!r} in {from_export}")
+    else:
+        existing_store(store)
+        if experiment and not reader.has_runs(Store(store), experiment):
+            fail(f"no runs of experiment {experiment!r} in {store}")
+        source = Store(store)
+    if out is not None:
+        export_tensorboard(store, out, experiment)
+        return
     try:
-        for text in ex.export_lines(Store(store), what.value, format.value, experiment, warn):
+        for text in ex.export_lines(source, what.value, format.value, experiment, warn):
             sys.stdout.write(text)
         sys.stdout.flush()
     except BrokenPipeError:  # `gaussreg export | head` is fine
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def export_tensorboard(store: Path, out: Path, experiment: Optional[str]) -> None:
+    try:  # here: an optional extra, and half a second of imports no other command should pay
+        from gaussreg.views.tensorboard_export import SigmaStepError, write_tensorboard
+    except ImportError as e:
+        if not (e.name or "").startswith(("tensorboard", "google.protobuf")):
+            raise
+        fail("--format tensorboard needs the tensorboard package: pip install -e '.[tensorboard]' in the clone")
+    try:
+        dirs = write_tensorboard(Store(store), out, experiment)
+    except SigmaStepError as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"cannot write the event files into {out}: {e.strerror or e}")
+    if not dirs:
+        fail(f"no runs{' of experiment ' + repr(experiment) if experiment else ''} in {store}")
+    console.print(f"{len(dirs)} runs written to {escape(str(out))}; view them with "
+                  f"`tensorboard --logdir {escape(shlex.quote(str(out)))}`", highlight=False, soft_wrap=True)
 
 
 @app.command("ls")
@@ -905,14 +951,15 @@ def certify(run_id: str = typer.Argument(..., help="A run id (or a unique prefix
             n0: int = typer.Option(100, "--n0", callback=COUNT, help="Noise draws per image that pick the class."),
             alpha: float = typer.Option(0.001, help="Failure probability of each certificate."),
             images: int = typer.Option(500, callback=COUNT, help="Test images, spread evenly over the test set."),
-            batch: int = typer.Option(1000, callback=COUNT, help="Noisy copies per forward pass."),
+            batch: Optional[int] = typer.Option(None, callback=COUNT, help="Noisy copies per forward pass "
+                                                "(default 1000 on a CPU, 5000 on a GPU)."),
             seed: Optional[int] = typer.Option(None, callback=SEED, help="Noise seed (default: the run's seed)."),
             device: str = typer.Option("auto"),
             data_dir: Optional[Path] = DataDirOpt):
     """Certified robustness of a trained run by randomized smoothing (Cohen et al. 2019): writes certify-<sigma>.json."""
     if sigma is not None and not (math.isfinite(sigma) and sigma > 0):  # inf would write an unreadable certificate
         fail(f"--sigma must be > 0 and finite, not {sigma}")
-    if n < 1 or n0 < 1 or images < 1 or batch < 1:
+    if n < 1 or n0 < 1 or images < 1 or (batch is not None and batch < 1):
         fail("--n, --n0, --images and --batch must be >= 1")
     if n0 > n:
         fail(f"--n0 ({n0}) must not exceed --n ({n})")
@@ -932,6 +979,7 @@ def certify(run_id: str = typer.Argument(..., help="A run id (or a unique prefix
         fail(f"cannot write {target}: the run directory is not writable (a read-only store?)")
     from gaussreg.runs.certificate import certify_run  # here: it imports torch, which the other commands never need
     model, splits, precision = _model_from_checkpoint(ckpt, spec, device, data_dir)
+    batch = batch or certify_batch(splits.test_x.device.type)
     with Progress(TextColumn(f"certifying at sigma {sigma:g}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=err_console, transient=True) as bar:
         task = bar.add_task("certify", total=min(images, len(splits.test_x)))
@@ -999,17 +1047,51 @@ def train(run_dir: Path = typer.Argument(..., parser=a_path("RUN_DIR"), metavar=
     raise typer.Exit(code)
 
 
+WEB_PORT = 8000  # textual-serve's own default
+
+
 @app.command()
 def tui(store: Path = StoreOpt,
         manifest: Path = typer.Option(Path("experiments.toml"), parser=a_path("--manifest"), metavar="PATH",
-                                      help="The manifest the launch dialog opens.")):
+                                      help="The manifest the launch dialog opens."),
+        web: bool = typer.Option(False, "--web", help="Serve the dashboard to a browser (textual-serve) instead."),
+        port: Optional[int] = typer.Option(None, "--port", metavar="N", callback=int_flag(65535, 1),
+                                           help=f"--web: the port (default {WEB_PORT})."),
+        host: Optional[str] = typer.Option(None, "--host", metavar="H",
+                                           help="--web: the address to listen on (default localhost; any other "
+                                                "lets whoever reaches it launch and cancel runs).")):
     """The Textual dashboard: watch, launch, cancel, compare and browse runs."""
     readable_store(store)  # a store that does not exist yet is fine: the launch dialog makes it
+    if not web and (port is not None or host is not None):
+        fail("--port and --host are for --web")
+    if web:
+        serve_web(store, manifest, host or "localhost", WEB_PORT if port is None else port)
+        return
     try:
         from tui.app import run_app  # the only place gaussreg touches textual
     except ImportError as e:
         fail(f"the TUI needs textual and textual-plotext ({e}); pip install -e .")
     run_app(str(store), str(manifest))
+
+
+def serve_web(store: Path, manifest: Path, host: str, port: int) -> None:
+    if host == "":
+        fail("--host is empty; name an address (localhost, or 0.0.0.0 for every interface)")
+    try:  # here: an optional extra that only --web needs
+        from gaussreg.views import web_dashboard
+    except ImportError as e:
+        if not (e.name or "").startswith(("textual_serve", "aiohttp", "jinja2")):
+            raise
+        fail("--web needs textual-serve: pip install -e '.[web]' in the clone")
+    if not web_dashboard.is_local(host):
+        warn(f"listening on {host}: anyone who can reach port {port} there can launch and cancel runs "
+             "(textual-serve has no login); use an SSH tunnel to localhost instead where you can")
+    console.print(f"serving `gaussreg tui --store {escape(str(store))}` on http://{escape(host)}:{port} "
+                  "(Ctrl+C stops it)", highlight=False, soft_wrap=True)
+    try:
+        web_dashboard.serve(store, manifest, host, port)
+    except OSError as e:
+        fail(f"cannot listen on {host}:{port}: {e.strerror or e}")
 
 
 # ---------------------------------------------------------------- data
