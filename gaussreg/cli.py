@@ -775,14 +775,14 @@ def cancel(run_id: str = typer.Argument(..., help="A run id (or a unique prefix)
 
 
 @app.command()
-def rm(run_ids: Optional[List[str]] = typer.Argument(None, metavar="[RUN]...",
+def rm(run_ids: Optional[List[str]] = typer.Argument(None, metavar="RUN",
                                                    help="Run ids (or unique prefixes)."),
        store: Path = StoreOpt,
        experiment: Optional[str] = typer.Option(None, help="Every run of this experiment."),
        state: Optional[str] = typer.Option(None, help="Every run in this state (with --experiment: of it)."),
        yes: bool = typer.Option(False, "--yes", help="Remove without asking.")):
     """Remove runs from the store, with their checkpoints, certificates, events and log (asks first);
-    queued and running runs are refused."""
+    running runs, and queued ones a launch will start, are refused."""
     existing_store(store)
     if run_ids and (experiment or state):
         fail("name runs, or choose them with --experiment and --state, not both")
