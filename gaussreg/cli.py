@@ -455,7 +455,8 @@ def _run_slurm(req, follow, dry_run, yes):
     for rid, why in sorted(sub.skipped.items()):
         console.print(f"[dim]skipped[/] {escape(rid)}: {escape(why)}", highlight=False)
     if sub.job_id:
-        console.print(f"submitted {len(sub.submitted)} run(s) as Slurm array job {sub.job_id} "
+        jobs = f"array job {sub.job_id}" if len(sub.job_ids) < 2 else f"array jobs {', '.join(sub.job_ids)}"
+        console.print(f"submitted {len(sub.submitted)} run(s) as Slurm {jobs} "
                       f"({-(-len(sub.submitted) // cfg.per_gpu)} task(s)); script {escape(str(sub.script))}",
                       highlight=False)
     else:

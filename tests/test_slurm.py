@@ -49,7 +49,19 @@ def fake_slurm(tmp_path, monkeypatch):
     rec = f"{sys.executable} -c 'import json,sys; open(\"{calls}\", \"a\").write(json.dumps(sys.argv[1:]) + \"\\n\")'"
     (b / "sbatch").write_text(f"#!/bin/bash\n{rec} sbatch \"$@\"\n"
                               f"[ -f {tmp_path}/sbatch_fails ] && {{ echo 'sbatch: error: invalid partition' >&2; exit 1; }}\n"
-                              "echo '4242;cluster'\n")
+                              # job_seq: the next job id (counting up); accept_jobs: how many jobs the
+                              # user may still submit (QOS MaxSubmitJobsPerUser)
+                              f"if [ -f {tmp_path}/accept_jobs ]; then n=$(cat {tmp_path}/accept_jobs); "
+                              f"[ $n -le 0 ] && {{ echo 'sbatch: error: QOSMaxSubmitJobPerUserLimit' >&2; "
+                              "echo \"sbatch: error: Batch job submission failed: Job violates accounting/QOS policy "
+                              "(job submit limit, user's size and/or time limits)\" >&2; exit 1; }; "
+                              f"echo $((n - 1)) > {tmp_path}/accept_jobs; fi\n"
+                              f"if [ -f {tmp_path}/job_seq ]; then n=$(cat {tmp_path}/job_seq); "
+                              f"echo $((n + 1)) > {tmp_path}/job_seq; echo \"$n;cluster\"; else echo '4242;cluster'; fi\n")
+    # MaxArraySize: 1001 (Slurm's default) unless the test writes max_array_size
+    (b / "scontrol").write_text(f"#!/bin/bash\n{rec} scontrol \"$@\"\necho 'AuthType                = auth/none'\n"
+                                f"echo \"MaxArraySize            = $(cat {tmp_path}/max_array_size 2>/dev/null || echo 1001)\"\n"
+                                "echo 'MaxJobCount             = 10000'\n")
     (b / "squeue").write_text(f"#!/bin/bash\n{rec} squeue \"$@\"\n[ -f {tmp_path}/squeue.txt ] && while IFS= read -r l; do echo \"$l\"; done < {tmp_path}/squeue.txt\nexit 0\n")
     (b / "scancel").write_text(f"#!/bin/bash\n{rec} scancel \"$@\"\n")
     for f in b.iterdir():
@@ -101,7 +113,11 @@ def test_sbatch_command_packs_per_gpu_runs_into_one_task():
     for a in ("--gres=gpu:1", "--cpus-per-task=4", "--mem=6G", "--requeue", "--open-mode=append",
               "--signal=B:TERM@120", "--output=/s/%A_%a.out", "--qos=long", "--account=lab"):
         assert a in cmd
-    assert cmd[-1] == "/s/job.sh" and not any(a.startswith("--partition") for a in cmd)
+    assert cmd[-2:] == ["/s/job.sh", "0"] and not any(a.startswith(("--partition", "--dependency")) for a in cmd)
+    # the launch's tasks 1000.. as the second array job: the script is told its first task, and with
+    # array_parallelism it waits for the first job, so at most 4 tasks of the launch run at once
+    cmd = slurm.sbatch_command(cfg, 5, Path("/s/job.sh"), Path("/s"), first_task=1000, after="77")
+    assert cmd[-2:] == ["/s/job.sh", "1000"] and "--dependency=afterany:77" in cmd
 
 
 def test_parsing_sbatch_and_squeue_output():
@@ -125,10 +141,11 @@ def test_submission_writes_queued_status_with_job_ids(fake_slurm):
     assert [s["slurm_job"] for s in statuses] == ["4242_0", "4242_0", "4242_1"]
     assert all(s["state"] == "queued" and s["backend"] == "slurm" and s["slurm_job_id"] == "4242" for s in statuses)
     assert [s["slurm_array_index"] for s in statuses] == [0, 0, 1]
-    script = Path(args[-1]).read_text()
+    assert args[-1] == "0"  # the script is told that its array job holds the launch's tasks from 0
+    script = Path(args[-2]).read_text()
     assert "GAUSSREG_BACKEND=slurm" in script and "gaussreg.launch.slurm task" in script and "--per-task 2" in script
     assert "GAUSSREG_SLURM_GPUS=1" in script  # the task is told how many GPUs it has (gpus_per_run in MANIFEST)
-    listed = (Path(args[-1]).parent / "runs.txt").read_text().split()
+    listed = (Path(args[-2]).parent / "runs.txt").read_text().split()
     assert sorted(Path(p).name for p in listed) == sorted(r.id for r in st.runs())
     ls = gr(fake_slurm, "ls")
     assert "4242_1" in ls.stdout and "slurm job" in ls.stdout
@@ -163,8 +180,7 @@ def test_refused_submission_exits_2_and_leaves_no_launch(fake_slurm):
     r = gr(fake_slurm, "run", "m.toml", "--backend", "slurm")
     assert r.returncode == 2 and "sbatch refused the job" in r.stderr and "invalid partition" in r.stderr
     assert not any((fake_slurm["dir"] / "runs" / "_slurm").iterdir())
-    assert all(r.status()["state"] == "queued" and "slurm_job" not in r.status()
-               for r in Store(fake_slurm["dir"] / "runs").runs())
+    assert not list(Store(fake_slurm["dir"] / "runs").runs())  # a run directory is written once sbatch accepted it
 
 
 def test_bad_slurm_table_names_file_line_and_key(tmp_path, monkeypatch):

@@ -136,7 +136,8 @@ class GaussregApp(App):
             return
         if info.get("backend") == "slurm":
             skipped = f"; {len(info['skipped'])} skipped (queued, running or finished)" if info["skipped"] else ""
-            text = (f"submitted {len(info['submitted'])} run(s) as Slurm array job {info['job_id']}{skipped}"
+            text = (f"submitted {len(info['submitted'])} run(s) as Slurm array job(s) "
+                    f"{', '.join(info['job_ids'])}{skipped}"
                     if info["job_id"] else f"nothing to submit{skipped}")
             self.call_from_thread(self.notify, text, markup=False)
             return

@@ -206,17 +206,16 @@ def write_experiments(p: Plan) -> None:
 
 
 def submit_slurm(p: Plan):
-    """A checked Slurm plan submitted: the run directories written (the array tasks read
-    them on the shared filesystem), then one sbatch array job. Returns slurm.Submission."""
+    """A checked Slurm plan submitted as array jobs (slurm.submit): the runs' directories
+    that do not exist yet are written after sbatch (each array task makes its own if it starts
+    first), so a grid of 10,000 runs is in Slurm's queue in seconds. Returns slurm.Submission."""
     st = Store(p.request.store)
     try:
         write_experiments(p)
-        for r in p.runs:
-            st.create(r.spec, r.id)
+        return slurm.submit(st, [r.id for r in p.runs], p.slurm, rerun=p.request.rerun,
+                            specs={r.id: r.spec for r in p.runs})
     except OSError as e:
-        raise LaunchError(f"cannot write the run directories in {st.root} ({e.strerror})") from None
-    try:
-        return slurm.submit(st, [r.id for r in p.runs], p.slurm, rerun=p.request.rerun)
+        raise LaunchError(f"cannot write the Slurm launch in {st.root} ({e.strerror})") from None
     except slurm.SlurmError as e:
         raise LaunchError(str(e)) from None
 
@@ -233,7 +232,8 @@ def launch(what: Union[LaunchRequest, Plan]) -> dict:
         raise LaunchError(next(iter(p.missing_data.values())))
     if req.backend == "slurm":
         sub = submit_slurm(p)
-        return {"backend": "slurm", "job_id": sub.job_id, "submitted": sub.submitted, "skipped": sub.skipped,
+        return {"backend": "slurm", "job_id": sub.job_id, "job_ids": sub.job_ids, "submitted": sub.submitted,
+                "skipped": sub.skipped,
                 "script": str(sub.script) if sub.script else None}
     label = ", ".join(req.experiments) or req.only or str(req.manifest)
     try:

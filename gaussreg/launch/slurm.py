@@ -16,6 +16,7 @@ that is SIGTERMed without it ends `interrupted` (resumable, requeued by Slurm), 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -59,8 +60,12 @@ def require(*commands: str) -> None:
                              "to use --backend slurm")
 
 
-def sbatch_command(cfg: SlurmSettings, tasks: int, script: Path, out_dir: Path) -> List[str]:
-    """The sbatch command line of one launch (an array of `tasks` tasks)."""
+def sbatch_command(cfg: SlurmSettings, tasks: int, script: Path, out_dir: Path, first_task: int = 0,
+                   after: Optional[str] = None) -> List[str]:
+    """The sbatch command line of one array job of a launch: `tasks` tasks (indices 0..tasks-1),
+    the launch's tasks first_task.. (the job script's argument); `after`: the job id of the
+    launch's previous array job, which this one waits for so that array_parallelism bounds
+    the whole launch."""
     k = cfg.per_gpu
     array = f"0-{tasks - 1}" + (f"%{cfg.array_parallelism}" if cfg.array_parallelism else "")
     cmd = ["sbatch", "--parsable", f"--array={array}", f"--job-name={JOB_NAME}",
@@ -75,7 +80,38 @@ def sbatch_command(cfg: SlurmSettings, tasks: int, script: Path, out_dir: Path) 
         cmd.append(f"--gres=gpu:{cfg.gpus_per_run}")
     if cfg.mem:
         cmd.append(f"--mem={times_mem(cfg.mem, k)}")
-    return cmd + list(cfg.sbatch_args) + [str(script)]
+    if after:
+        cmd.append(f"--dependency=afterany:{after}")
+    return cmd + list(cfg.sbatch_args) + [str(script), str(first_task)]
+
+
+DEFAULT_MAX_ARRAY_SIZE = 1001  # Slurm's own default
+
+
+def max_array_size() -> int:
+    """The cluster's MaxArraySize (`scontrol show config`): an array's indices must be below
+    it. Slurm's default when scontrol is missing or does not say (sbatch then tells)."""
+    if shutil.which("scontrol") is None:
+        return DEFAULT_MAX_ARRAY_SIZE
+    p = run_command(["scontrol", "show", "config"], COMMAND_TIMEOUT_S)
+    m = re.search(r"^\s*MaxArraySize\s*=\s*([0-9]{1,10})\s*$", p.stdout or "", re.M) if p.returncode == 0 else None
+    if not m:
+        return DEFAULT_MAX_ARRAY_SIZE
+    n = int(m.group(1))
+    if n < 1:
+        raise SlurmError("this cluster allows no job arrays (MaxArraySize = 0 in `scontrol show config`), "
+                         "which --backend slurm submits")
+    return n
+
+
+def arrays(tasks: int, limit: int) -> List[Tuple[int, int]]:
+    """A launch's `tasks` array tasks split into array jobs whose indices stay below `limit`:
+    (first task of the launch, tasks) of each."""
+    return [(first, min(limit, tasks - first)) for first in range(0, tasks, limit)]
+
+
+# what sbatch says when a per-user (or per-account) limit on submitted jobs refuses a job
+LIMIT_WORDS = ("MaxSubmitJob", "job submit limit", "SubmitJobLimit")
 
 
 # Slurm's job ids and array indices are 32-bit: ASCII digits, at most 10 (str.isdigit and \d
@@ -171,10 +207,11 @@ def is_slurm(status: dict) -> bool:
 
 @dataclass
 class Submission:
-    job_id: Optional[str]
+    job_id: Optional[str]  # the first array job's
     submitted: List[str]
     skipped: Dict[str, str]  # run id -> why
     script: Optional[Path] = None
+    job_ids: List[str] = field(default_factory=list)  # every array job of the launch (MaxArraySize splits it)
 
 
 def _plan(store: Store, run_ids: List[str], rerun: bool, live: Dict[str, Task]) -> Tuple[List[RunDir], dict]:
@@ -200,10 +237,33 @@ def _plan(store: Store, run_ids: List[str], rerun: bool, live: Dict[str, Task]) 
     return todo, skipped
 
 
+def queued_status(job_id: str, index: int, per_task: int, launch: str) -> dict:
+    """The status of a run submitted as task `index` of array job `job_id`."""
+    return {"state": "queued", "backend": "slurm", "slurm_job_id": job_id, "slurm_array_index": index,
+            "slurm_job": f"{job_id}_{index}", "slurm_runs_per_task": per_task, "slurm_launch": launch,
+            "submitted_at": now_iso(), "updated_at": now_iso(), "error": None}
+
+
+def task_of(i: int, job: dict) -> Tuple[str, int]:
+    """(array job id, array index) of line i of a launch's runs.txt, from its job.json."""
+    t = i // job["per_task"]
+    for a in job["arrays"]:
+        if a["first_task"] <= t < a["first_task"] + a["tasks"]:
+            return a["job_id"], t - a["first_task"]
+    raise ValueError(f"run {i} of the launch is in no array job of it")
+
+
+INLINE_RUNS = 200  # more new run directories than this are written by a detached process after sbatch
+
+
 def submit(store: Store, run_ids: List[str], cfg: SlurmSettings, rerun: bool = False,
-           python: str = sys.executable) -> Submission:
-    """Submit the runs that need training as one array job; write each one's queued
-    status with the job id. Runs already queued or running in Slurm are left alone."""
+           python: str = sys.executable, specs: Optional[Dict[str, dict]] = None) -> Submission:
+    """Submit the runs that need training as array jobs of at most MaxArraySize tasks each;
+    write each one's queued status with its array task. Runs already queued or running in
+    Slurm are left alone. `specs`: the spec of each run whose directory may not exist yet:
+    those directories are written after sbatch (a task that starts first makes its own from
+    specs.jsonl), so a big grid is submitted in seconds. A refusal by sbatch after the first
+    array job leaves the submitted ones recorded and says which runs were not submitted."""
     problem = store_path_problem(store.root)
     if problem:
         raise SlurmError(problem)
@@ -211,7 +271,12 @@ def submit(store: Store, run_ids: List[str], cfg: SlurmSettings, rerun: bool = F
     todo, skipped = _plan(store, run_ids, rerun, squeue())
     if not todo:
         return Submission(None, [], skipped)
+    limit = max_array_size()
+    specs = specs or {}
+    new = {r.id for r in todo if r.id in specs and not os.path.lexists(r.spec_file)}
     for run in todo:
+        if run.id in new:
+            continue
         if rerun and run.state() in FINISHED:
             run.forget_results()
         run.cancel_request.unlink(missing_ok=True)
@@ -224,41 +289,104 @@ def submit(store: Store, run_ids: List[str], cfg: SlurmSettings, rerun: bool = F
                                 dir=store.root / "_slurm"))
     runs_file = sub / "runs.txt"
     atomic_write_bytes(runs_file, "".join(f"{r.path.resolve()}\n" for r in todo).encode())
+    # line i: the spec of line i of runs.txt when its directory is still to be written, else null
+    atomic_write_bytes(sub / SPECS_FILE, "".join(json.dumps({"id": r.id, "spec": specs[r.id] if r.id in new else None})
+                                                 + "\n" for r in todo).encode())
     script = sub / "job.sh"
     atomic_write_bytes(script, (
         "#!/bin/bash\n"
-        "# written by gaussreg: array task i trains lines i*P.. of runs.txt (P runs per task)\n"
+        "# written by gaussreg: array task i of the array job whose first task is $1 trains lines\n"
+        "# ($1+i)*P.. of runs.txt (P runs per task)\n"
         f"export GAUSSREG_BACKEND=slurm PYTHONUNBUFFERED=1 GAUSSREG_SLURM_LAUNCH={_q(sub.name)} "
         f"GAUSSREG_SLURM_GPUS={cfg.gpus_per_run}\n"
-        f"exec {_q(python)} -m gaussreg.launch.slurm task {_q(str(runs_file.resolve()))} --per-task {k}\n").encode())
+        f"exec {_q(python)} -m gaussreg.launch.slurm task {_q(str(runs_file.resolve()))} --per-task {k} "
+        "--first-task \"${1:-0}\"\n").encode())
     script.chmod(0o755)
-    cmd = sbatch_command(cfg, tasks, script.resolve(), sub.resolve())
-    try:
-        p = run_command(cmd, SBATCH_TIMEOUT_S, cwd=str(store.root),
-                        after=" Slurm may have queued the job anyway: check `squeue --me` and scancel it")
-        if p.returncode != 0:
-            raise SlurmError(f"sbatch refused the job: {(p.stderr or p.stdout).strip()[:500]}")
-        jid = parse_job_id(p.stdout)
-    except SlurmError:
-        shutil.rmtree(sub, ignore_errors=True)  # nothing was submitted: leave no launch behind
-        raise
+    done: List[dict] = []  # the array jobs sbatch accepted
+    commands, refused = [], None
+    for first, n in arrays(tasks, limit):
+        cmd = sbatch_command(cfg, n, script.resolve(), sub.resolve(), first,
+                             after=done[-1]["job_id"] if done and cfg.array_parallelism else None)
+        try:
+            p = run_command(cmd, SBATCH_TIMEOUT_S, cwd=str(store.root),
+                            after=" Slurm may have queued the job anyway: check `squeue --me` and scancel it")
+            if p.returncode != 0:
+                why = (p.stderr or p.stdout).strip()[:500]
+                limit_hit = any(w.lower() in why.lower() for w in LIMIT_WORDS)
+                raise SlurmError(f"sbatch refused the job{' (a limit on the jobs you may submit)' if limit_hit else ''}"
+                                 f": {why}")
+            done.append({"job_id": parse_job_id(p.stdout), "first_task": first, "tasks": n})
+            commands.append(cmd)
+        except SlurmError as e:
+            if not done:
+                shutil.rmtree(sub, ignore_errors=True)  # nothing was submitted: leave no launch behind
+                raise
+            refused = e
+            break
+    submitted = todo[:min(len(todo), sum(a["tasks"] for a in done) * k)]
     # the settings, so that a run of this launch can be resubmitted the same way (resubmit)
-    atomic_write_json(sub / "job.json", {"job_id": jid, "runs": [r.id for r in todo], "per_task": k,
-                                         "command": cmd, "submitted_at": now_iso(), "settings": asdict(cfg)})
-    for i, run in enumerate(todo):
-        job = f"{jid}_{i // k}"
+    job = {"job_id": done[0]["job_id"], "job_ids": [a["job_id"] for a in done], "arrays": done,
+           "max_array_size": limit, "runs": [r.id for r in submitted], "per_task": k, "command": commands[0],
+           "commands": commands, "submitted_at": now_iso(), "settings": asdict(cfg)}
+    atomic_write_json(sub / "job.json", job)
+    made = [i for i, r in enumerate(submitted) if r.id in new]
+    for i, run in enumerate(submitted):
+        if run.id in new:
+            continue
+        jid, idx = task_of(i, job)
         try:
             old = run.status()
         except RunFileError:
             old = {}
-        if old.get("slurm_job") == job:
+        if old.get("slurm_job") == f"{jid}_{idx}":
             continue  # the task already started and wrote its own status
         keep = {key: old[key] for key in ("epoch", "max_epochs") if key in old}
-        run.write_status({**keep, "state": "queued", "backend": "slurm", "slurm_job_id": jid,
-                          "slurm_array_index": i // k, "slurm_job": job, "slurm_runs_per_task": k,
-                          "slurm_launch": sub.name,
-                          "submitted_at": now_iso(), "updated_at": now_iso(), "error": None})
-    return Submission(jid, [r.id for r in todo], skipped, script)
+        run.write_status({**keep, **queued_status(jid, idx, k, sub.name)})
+    if len(made) > INLINE_RUNS:
+        write_runs_detached(sub, python)
+    else:
+        write_runs(store, sub, made)
+    ids = ", ".join(job["job_ids"])
+    if refused is not None:
+        raise SlurmError(f"{len(submitted)} of {len(todo)} run(s) were submitted as Slurm array job(s) {ids} and "
+                         f"recorded, the other {len(todo) - len(submitted)} were not, because {refused}; run the "
+                         "same command again later to submit the rest (it skips the submitted ones)")
+    return Submission(done[0]["job_id"], [r.id for r in submitted], skipped, script, job["job_ids"])
+
+
+SPECS_FILE = "specs.jsonl"
+WRITER_LOG = "write-runs.log"
+
+
+def _launch_specs(sub: Path) -> List[Optional[dict]]:
+    lines = read_bytes_nofollow(sub / SPECS_FILE, MAX_PLAN).decode().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def write_runs(store: Store, sub: Path, lines: Optional[List[int]] = None) -> int:
+    """The run directories of a launch that did not exist at submission (those lines of
+    runs.txt, default every such line), each with its spec and its queued status naming its
+    array task; a directory a task made first is left as it is (create-if-absent)."""
+    job = read_json(sub / "job.json")
+    specs = _launch_specs(sub)
+    lines = range(len(job["runs"])) if lines is None else lines
+    n = 0
+    for i in lines:
+        entry = specs[i]
+        if entry.get("spec") is None:
+            continue
+        jid, idx = task_of(i, job)
+        store.create(entry["spec"], entry["id"], queued_status(jid, idx, job["per_task"], sub.name))
+        n += 1
+    return n
+
+
+def write_runs_detached(sub: Path, python: str = sys.executable) -> None:
+    """write_runs in a process of its own that outlives this one (logout included), so a big
+    launch returns once sbatch has answered; its output goes to the launch's write-runs.log."""
+    with open(sub / WRITER_LOG, "ab") as log:
+        subprocess.Popen([python, "-m", "gaussreg.launch.slurm", "write-runs", str(sub.resolve())],
+                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 def _q(s: str) -> str:
@@ -338,9 +466,36 @@ def resubmit(run: RunDir) -> Submission:
 
 # ---------------------------------------------------------------- the array task
 
-def _task(runs_file: Path, per_task: int) -> int:
-    idx = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
+def _make_missing(runs_file: Path, paths: List[str], lines: range) -> None:
+    """The directories of this task's runs that the submission has not written yet (it
+    writes a big launch's after sbatch), from the launch's specs.jsonl: the task never waits
+    for them. Create-if-absent, so the submission's writer and the task can race."""
+    try:
+        specs = _launch_specs(runs_file.parent)
+    except (OSError, RunFileError, ValueError):
+        return  # a launch of an older gaussreg: every directory was written before sbatch
+    for i in lines:
+        entry = specs[i] if i < len(specs) else None
+        path = Path(paths[i])
+        if not entry or entry.get("spec") is None or entry.get("id") != path.name:
+            continue
+        if os.path.lexists(RunDir(path).spec_file):
+            continue
+        try:
+            job = read_json(runs_file.parent / "job.json")
+            status = queued_status(*task_of(i, job), job["per_task"], runs_file.parent.name) if job else None
+        except (RunFileError, KeyError, ValueError):
+            status = None
+        try:
+            Store(path.parent).create(entry["spec"], entry["id"], status)
+        except (OSError, RunFileError) as e:
+            print(f"cannot write the run directory {path}: {e}", flush=True)
+
+
+def _task(runs_file: Path, per_task: int, first_task: int = 0) -> int:
+    idx = first_task + int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
     lines = [l for l in read_bytes_nofollow(runs_file, MAX_PLAN).decode().splitlines() if l.strip()]
+    _make_missing(runs_file, lines, range(idx * per_task, min(len(lines), (idx + 1) * per_task)))
     mine = [RunDir(p) for p in lines[idx * per_task:(idx + 1) * per_task]]
     todo = []
     for run in mine:
@@ -365,6 +520,11 @@ def _task(runs_file: Path, per_task: int) -> int:
         # the workers are on GPU slots: they get CUDA or refuse, never train on the CPU
         # while the task holds a GPU (a spec with device = "cpu" is still allowed)
         env["GAUSSREG_GPU"] = os.environ.get("CUDA_VISIBLE_DEVICES") or "allocated by Slurm"
+    else:
+        # a task given no GPU: on a node without device cgroups every GPU of the node is
+        # visible, and device = "auto" would train on GPU 0 beside another job's run
+        # (as `--gpus none` hides them locally)
+        env["CUDA_VISIBLE_DEVICES"] = ""
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
     if cpus and cpus.isdigit() and "GAUSSREG_THREADS" not in os.environ:
         env["GAUSSREG_THREADS"] = env["OMP_NUM_THREADS"] = str(max(1, int(cpus) // len(todo)))
@@ -441,8 +601,17 @@ def main(argv=None) -> int:
     t = sub.add_parser("task", help="run this array task's runs (called by the job script)")
     t.add_argument("runs_file")
     t.add_argument("--per-task", type=int, default=1)
+    t.add_argument("--first-task", type=int, default=0, help="the launch's task that is this array job's index 0")
+    w = sub.add_parser("write-runs", help="write the run directories of a submitted launch (started by submit)")
+    w.add_argument("launch_dir")
     args = ap.parse_args(argv)
-    return _task(Path(args.runs_file), args.per_task)
+    if args.cmd == "write-runs":
+        d = Path(args.launch_dir)
+        print(f"{now_iso()} writing the run directories of {d.name}", flush=True)
+        n = write_runs(Store(d.parent.parent), d)
+        print(f"{now_iso()} wrote {n} run directories", flush=True)
+        return 0
+    return _task(Path(args.runs_file), args.per_task, args.first_task)
 
 
 if __name__ == "__main__":

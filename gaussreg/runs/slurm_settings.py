@@ -21,7 +21,7 @@ class SlurmSettings:
     """The `[slurm]` manifest table and the `gaussreg run --backend slurm` flags (flags win)."""
     partition: Optional[str] = None
     time: Optional[str] = None  # Slurm's time format, e.g. 04:00:00 or 1-00:00:00
-    gpus_per_run: int = 0
+    gpus_per_run: int = 0  # 0 (the task sees no GPU) or 1: a worker trains on one GPU
     cpus_per_run: int = 1
     mem: Optional[str] = None  # per run, e.g. 16G; a task packing P runs asks for P times this
     array_parallelism: Optional[int] = None
@@ -52,6 +52,9 @@ def settings(table: Optional[dict] = None, overrides: Optional[dict] = None) -> 
             hi = MAX_PER_TASK if key == "per_gpu" else 2 ** 31 - 1
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 raise SlurmConfigError(key, f"must be an integer from {lo} to {hi}, not {v!r}")
+            if key == "gpus_per_run" and v > 1:
+                raise SlurmConfigError(key, f"must be 0 or 1, not {v}: a run trains on one GPU, so the other "
+                                       f"{v - 1} would sit idle (per_gpu packs several runs on one GPU)")
         elif key == "requeue":
             if not isinstance(v, bool):
                 raise SlurmConfigError(key, f"must be true or false, not {v!r}")

@@ -922,8 +922,9 @@ class Store:
             raise RunFileError(f"no run {run_id!r} in store {self.root}")
         return run
 
-    def create(self, spec: dict, run_id: str) -> RunDir:
-        """A new run directory with its spec and a queued status (both atomic)."""
+    def create(self, spec: dict, run_id: str, status: Optional[dict] = None) -> RunDir:
+        """A new run directory with its spec and a queued status (both atomic); `status`:
+        the queued status to write instead (a Slurm launch's, naming its array task)."""
         run = RunDir(self.root / run_id)
         run.path.mkdir(parents=True, exist_ok=True)
         run.check_dir()  # mkdir accepts a symbolic link to a folder
@@ -939,8 +940,8 @@ class Store:
         if not os.path.lexists(run.spec_file):
             atomic_create_json(run.spec_file, spec)
         if not os.path.lexists(run.status_file):
-            atomic_create_json(run.status_file, {"state": "queued", "updated_at": now_iso(), "epoch": 0,
-                                                         "max_epochs": spec.get("max_epochs")})
+            atomic_create_json(run.status_file, status or {"state": "queued", "updated_at": now_iso(), "epoch": 0,
+                                                           "max_epochs": spec.get("max_epochs")})
         return run
 
     def hold_launch(self) -> Tuple[int, Path]:
