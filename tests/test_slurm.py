@@ -51,16 +51,17 @@ def fake_slurm(tmp_path, monkeypatch):
                               f"[ -f {tmp_path}/sbatch_fails ] && {{ echo 'sbatch: error: invalid partition' >&2; exit 1; }}\n"
                               # job_seq: the next job id (counting up); accept_jobs: how many jobs the
                               # user may still submit (QOS MaxSubmitJobsPerUser)
-                              f"if [ -f {tmp_path}/accept_jobs ]; then n=$(cat {tmp_path}/accept_jobs); "
+                              f"if [ -f {tmp_path}/accept_jobs ]; then n=$(< {tmp_path}/accept_jobs); "
                               f"[ $n -le 0 ] && {{ echo 'sbatch: error: QOSMaxSubmitJobPerUserLimit' >&2; "
                               "echo \"sbatch: error: Batch job submission failed: Job violates accounting/QOS policy "
                               "(job submit limit, user's size and/or time limits)\" >&2; exit 1; }; "
                               f"echo $((n - 1)) > {tmp_path}/accept_jobs; fi\n"
-                              f"if [ -f {tmp_path}/job_seq ]; then n=$(cat {tmp_path}/job_seq); "
+                              f"if [ -f {tmp_path}/job_seq ]; then n=$(< {tmp_path}/job_seq); "
                               f"echo $((n + 1)) > {tmp_path}/job_seq; echo \"$n;cluster\"; else echo '4242;cluster'; fi\n")
     # MaxArraySize: 1001 (Slurm's default) unless the test writes max_array_size
     (b / "scontrol").write_text(f"#!/bin/bash\n{rec} scontrol \"$@\"\necho 'AuthType                = auth/none'\n"
-                                f"echo \"MaxArraySize            = $(cat {tmp_path}/max_array_size 2>/dev/null || echo 1001)\"\n"
+                                f"m=1001; [ -f {tmp_path}/max_array_size ] && m=$(< {tmp_path}/max_array_size)\n"
+                                "echo \"MaxArraySize            = $m\"\n"
                                 "echo 'MaxJobCount             = 10000'\n")
     (b / "squeue").write_text(f"#!/bin/bash\n{rec} squeue \"$@\"\n[ -f {tmp_path}/squeue.txt ] && while IFS= read -r l; do echo \"$l\"; done < {tmp_path}/squeue.txt\nexit 0\n")
     (b / "scancel").write_text(f"#!/bin/bash\n{rec} scancel \"$@\"\n")
@@ -98,11 +99,26 @@ def test_settings_flags_override_the_table_and_are_checked():
                      ({"mem": "lots"}, "mem"), ({"partiton": "x"}, "partiton"), ({"per_gpu": 0}, "per_gpu"),
                      # numbers that size what a task starts, or that Slurm cannot hold
                      ({"per_gpu": 257}, "per_gpu"), ({"per_gpu": 99999999999999999999}, "per_gpu"),
-                     ({"cpus_per_run": 2 ** 31}, "cpus_per_run"), ({"array_parallelism": 10 ** 30}, "array_parallelism")]:
+                     ({"cpus_per_run": 2 ** 31}, "cpus_per_run"), ({"array_parallelism": 10 ** 30}, "array_parallelism"),
+                     ({"gpus_per_run": 2}, "gpus_per_run")]:  # a worker trains on one GPU
         with pytest.raises(slurm.SlurmConfigError) as e:
             slurm.settings(bad)
         assert e.value.key == key
     assert slurm.settings({"per_gpu": 256, "cpus_per_run": 2 ** 31 - 1}).per_gpu == 256
+    with pytest.raises(slurm.SlurmConfigError, match="must be 0 or 1, not 4: a run trains on one GPU, so the other 3"):
+        slurm.settings({"gpus_per_run": 4})
+    assert slurm.settings({"gpus_per_run": 1}).gpus_per_run == 1
+
+
+def test_gpus_per_run_above_one_is_refused_at_flag_and_manifest_parse(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.toml").write_text(MANIFEST.replace("gpus_per_run = 1", "gpus_per_run = 2"))
+    r = gaussreg("run", "m.toml", "--backend", "slurm", "--dry-run")
+    assert r.exit_code == 2 and "m.toml:5: slurm.gpus_per_run: must be 0 or 1, not 2" in r.stderr, r.stderr
+    (tmp_path / "m.toml").write_text(MANIFEST)
+    r = gaussreg("run", "m.toml", "--backend", "slurm", "--dry-run", "--gpus-per-run", "3")
+    assert r.exit_code == 2 and "gpus_per_run: must be 0 or 1, not 3" in r.stderr, r.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_sbatch_command_packs_per_gpu_runs_into_one_task():
@@ -301,10 +317,13 @@ def test_a_gpu_task_with_a_cpu_torch_refuses_instead_of_training_on_the_cpu(tmp_
 @pytest.mark.process
 @pytest.mark.parametrize("spec_extra,gpus", [({"device": "cpu"}, 1), ({}, 0)])
 def test_a_cpu_spec_on_a_gpu_task_or_a_cpu_task_trains(tmp_path, spec_extra, gpus):
-    run, p = _task_env(tmp_path, spec_extra, gpus=gpus, cuda="0" if gpus else "")
+    # CUDA_VISIBLE_DEVICES=0 in the CPU task too: what a node without device cgroups leaves
+    # set (or unset: every GPU visible); the task must hide it from a device = "auto" worker
+    run, p = _task_env(tmp_path, spec_extra, gpus=gpus, cuda="0")
     assert p.returncode == 0, p.stdout + p.stderr
     st = run.status()
     assert st["state"] == "completed" and st["gpu_slot"] == ("0" if gpus else None)
+    assert st["cuda_visible_devices"] == ("0" if gpus else "")
 
 
 @pytest.mark.process
@@ -485,3 +504,112 @@ def test_show_says_a_heartbeat_is_dated_in_the_future(tmp_path):
                        env=python_env(COLUMNS="300"))
     assert r.returncode == 0, r.stderr
     assert "interrupted: its heartbeat is dated 30 min in the future (clock skew between nodes?)" in r.stdout
+
+
+def _by_job(root) -> dict:
+    return {r.status()["slurm_job"]: r for r in Store(root).runs()}
+
+
+def test_a_launch_larger_than_max_array_size_is_split_and_every_job_id_reader_follows(fake_slurm, monkeypatch):
+    d = fake_slurm["dir"]
+    (d / "max_array_size").write_text("2")  # indices 0 and 1: 3 runs are two array jobs
+    (d / "job_seq").write_text("500")
+    r = gr(fake_slurm, "run", "m.toml", "--backend", "slurm", "--array-parallelism", "2")
+    assert r.returncode == 0, r.stderr
+    assert "submitted 3 run(s) as Slurm array jobs 500, 501 (3 task(s))" in r.stdout, r.stdout
+    first, second = fake_slurm["calls"]("sbatch")
+    assert "--array=0-1%2" in first and first[-1] == "0" and not any(a.startswith("--dependency") for a in first)
+    # the second job holds the launch's task 2 as its index 0, and waits for the first (array_parallelism
+    # bounds the launch, not each job)
+    assert "--array=0-0%2" in second and second[-1] == "2" and "--dependency=afterany:500" in second
+    by_job = _by_job(d / "runs")
+    assert sorted(by_job) == ["500_0", "500_1", "501_0"]
+    assert [(s["slurm_job_id"], s["slurm_array_index"]) for s in (by_job["501_0"].status(), by_job["500_1"].status())] \
+        == [("501", 0), ("500", 1)]
+    sub = Path(second[-2]).parent
+    assert Path((sub / "runs.txt").read_text().split()[2]).name == by_job["501_0"].id  # task 2 of the launch
+    assert json.loads((sub / "job.json").read_text())["job_ids"] == ["500", "501"]
+    ls = gr(fake_slurm, "ls")
+    assert all(j in ls.stdout for j in ("500_0", "500_1", "501_0")), ls.stdout
+
+    # follow asks squeue once for both jobs and names the run of the second one
+    (d / "squeue.txt").write_text("500_0|RUNNING|None\n500_1|RUNNING|None\n501_0|PENDING|PartitionConfig\n")
+    r = gr(fake_slurm, "run", "m.toml", "--backend", "slurm", "--follow")
+    assert r.returncode == 1 and f"Slurm will not start 1 run(s) (PartitionConfig): {by_job['501_0'].id}" in r.stdout
+    assert "already queued in Slurm job 501_0" in r.stdout and len(fake_slurm["calls"]("sbatch")) == 2
+
+    # cancel and resubmit of the run in the second job
+    (d / "squeue.txt").unlink()
+    r = gr(fake_slurm, "cancel", by_job["501_0"].id)
+    assert r.returncode == 0 and fake_slurm["calls"]("scancel") == [["501_0"]], r.stdout + r.stderr
+    assert by_job["501_0"].state() == "cancelled"
+    monkeypatch.setenv("PATH", f"{fake_slurm['bin']}:{os.environ['PATH']}")
+    resub = slurm.resubmit(by_job["501_0"])
+    assert resub.job_id == "502" and by_job["501_0"].status()["slurm_job"] == "502_0"
+    assert fake_slurm["calls"]("sbatch")[-1][-1] == "0"
+
+
+def test_a_per_user_job_limit_submits_what_it_can_says_what_it_did_not_and_exits_2(fake_slurm):
+    d = fake_slurm["dir"]
+    (d / "max_array_size").write_text("2")
+    (d / "job_seq").write_text("600")
+    (d / "accept_jobs").write_text("1")  # the second array job hits QOSMaxSubmitJobPerUserLimit
+    r = gr(fake_slurm, "run", "m.toml", "--backend", "slurm")
+    assert r.returncode == 2, r.stdout + r.stderr
+    err = " ".join(r.stderr.split())
+    assert ("2 of 3 run(s) were submitted as Slurm array job(s) 600 and recorded, the other 1 were not, because sbatch "
+            "refused the job (a limit on the jobs you may submit): sbatch: error: QOSMaxSubmitJobPerUserLimit") in err, err
+    assert "run the same command again later to submit the rest" in err and "Traceback" not in r.stderr
+    by_job = _by_job(d / "runs")
+    assert sorted(by_job) == ["600_0", "600_1"]  # the refused run has no directory, no job id
+    (sub,) = (d / "runs" / "_slurm").iterdir()
+    job = json.loads((sub / "job.json").read_text())
+    assert job["job_ids"] == ["600"] and sorted(job["runs"]) == sorted(r.id for r in by_job.values())
+
+    # later: the same command submits the rest only
+    (d / "accept_jobs").write_text("5")
+    (d / "squeue.txt").write_text("600_0|RUNNING|None\n600_1|PENDING|Priority\n")
+    r = gr(fake_slurm, "run", "m.toml", "--backend", "slurm")
+    assert r.returncode == 0 and "submitted 1 run(s) as Slurm array job 601" in r.stdout, r.stdout + r.stderr
+    assert sorted(_by_job(d / "runs")) == ["600_0", "600_1", "601_0"]
+
+
+def test_a_big_launch_writes_its_run_directories_after_sbatch_in_a_process_of_its_own(fake_slurm, monkeypatch):
+    monkeypatch.setattr(slurm, "INLINE_RUNS", 1)  # 3 runs count as a big launch
+    sub = fake_slurm["submit"]()
+    launch = sub.script.parent
+    runs = Store(fake_slurm["dir"] / "runs")
+
+    def written():
+        log = launch / slurm.WRITER_LOG
+        return log.exists() and "wrote 3 run directories" in log.read_text()
+    wait_for(written, 120, "the detached writer to write the run directories", every=0.05)
+    statuses = sorted((r.status() for r in runs.runs()), key=lambda s: s["slurm_array_index"])
+    assert [(s["state"], s["slurm_job"], s["slurm_launch"]) for s in statuses] == \
+        [("queued", f"4242_{i}", launch.name) for i in range(3)]
+    assert sorted(r.id for r in runs.runs()) == sorted(sub.submitted)
+
+
+def test_an_array_task_that_starts_before_its_directory_is_written_makes_it_and_trains(fake_slurm, monkeypatch):
+    d = fake_slurm["dir"]
+    (d / "max_array_size").write_text("2")
+    (d / "job_seq").write_text("700")
+    monkeypatch.setattr(slurm, "write_runs", lambda *a, **k: 0)  # the writer has not got there yet
+    from gaussreg.launch.request import LaunchRequest, plan, submit_slurm
+    monkeypatch.chdir(d)
+    monkeypatch.setenv("PATH", f"{fake_slurm['bin']}:{os.environ['PATH']}")
+    man = (d / "m.toml").read_text().replace("max_epochs = 1", "max_epochs = 1\ndevice = \"cpu\"")
+    (d / "m.toml").write_text(man.replace('gpus_per_run = 1', 'gpus_per_run = 0'))
+    sub = submit_slurm(plan(LaunchRequest("m.toml", "runs", backend="slurm")))
+    assert sub.job_ids == ["700", "701"] and not list(Store(d / "runs").runs())
+    # task 0 of the second array job: the launch's task 2
+    p = subprocess.run([sys.executable, "-m", "gaussreg.launch.slurm", "task", str(sub.script.parent / "runs.txt"),
+                        "--first-task", "2"], capture_output=True, text=True, timeout=300,
+                       env=python_env(SLURM_ARRAY_JOB_ID="701", SLURM_ARRAY_TASK_ID="0", GAUSSREG_BACKEND="slurm",
+                                      GAUSSREG_SLURM_LAUNCH=sub.script.parent.name))
+    assert p.returncode == 0, p.stdout + p.stderr
+    (run,) = Store(d / "runs").runs()
+    assert run.id == sub.submitted[2]
+    st = run.status()
+    assert (st["state"], st["slurm_job"], st["slurm_array_index"]) == ("completed", "701_0", 0)
+    assert run.spec()["experiment"] == "sl" and run.result()["test_accuracy"] >= 0

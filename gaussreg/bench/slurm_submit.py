@@ -3,8 +3,8 @@ scontrol faked (shell scripts on PATH that answer at once), so only gaussreg's o
 
     python -m gaussreg.bench.slurm_submit [--runs 10000] [--max-array-size 1001] [--out FILE]
 
-Measures the seconds from the manifest to the first and the last sbatch and until the launch
-returns (`plan` + `submit_slurm`, as `gaussreg run --backend slurm` does them), and how many
+Measures the seconds from the manifest to the first and the last sbatch, until the launch
+returns and until every run directory is written (`plan` + `submit_slurm`, as `gaussreg run --backend slurm` does them), and how many
 sbatch calls (array jobs) the launch made."""
 
 from __future__ import annotations
@@ -61,9 +61,15 @@ def main(argv=None) -> int:
         sub = submit_slurm(p)
         total = time.time() - t0
         sbatch_at = [float(t) - t0 for t in calls.read_text().split()]
+        # a big launch's run directories are written by a detached process after sbatch: until it is done
+        logs = list((d / "runs" / "_slurm").glob("*/write-runs.log"))
+        while logs and "wrote" not in logs[0].read_text():
+            time.sleep(0.2)
+        written = time.time() - t0
         out = {"runs": len(p.runs), "submitted": len(sub.submitted), "plan_s": round(t_plan, 2),
                "to_first_sbatch_s": round(sbatch_at[0], 2), "to_last_sbatch_s": round(sbatch_at[-1], 2),
-               "submit_returned_s": round(total, 2), "sbatch_calls": len(sbatch_at),
+               "submit_returned_s": round(total, 2), "directories_written_s": round(written, 2),
+               "sbatch_calls": len(sbatch_at),
                "max_array_size": args.max_array_size, "cpu": platform.processor() or platform.machine(),
                "cores": os.cpu_count(), "gaussreg": __version__}
     print(json.dumps(out, indent=1))
