@@ -439,8 +439,14 @@ def _run_slurm(req, follow, dry_run, yes):
     runs, cfg = p.runs, p.slurm
     if dry_run:
         _check_own_code(p.manifest, runs)
-        console.print(" ".join(slurm.sbatch_command(cfg, -(-len(runs) // cfg.per_gpu), Path("JOB.sh"),
-                                                    st.root / "_slurm" / "LAUNCH")), highlight=False, markup=False)
+        try:  # the cluster's MaxArraySize when scontrol answers: the array jobs the launch would be split into
+            limit = slurm.max_array_size()
+        except slurm.SlurmError:
+            limit = slurm.DEFAULT_MAX_ARRAY_SIZE
+        for j, (first, n) in enumerate(slurm.arrays(-(-len(runs) // cfg.per_gpu), limit)):
+            after = f"JOB{j}" if j and cfg.array_parallelism else None  # JOBj: the job id of the j-th sbatch
+            console.print(" ".join(slurm.sbatch_command(cfg, n, Path("JOB.sh"), st.root / "_slurm" / "LAUNCH", first,
+                                                        after)), highlight=False, markup=False, soft_wrap=True)
         return
     if p.missing_data:
         fail(next(iter(p.missing_data.values())))

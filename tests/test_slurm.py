@@ -514,6 +514,11 @@ def test_a_launch_larger_than_max_array_size_is_split_and_every_job_id_reader_fo
     d = fake_slurm["dir"]
     (d / "max_array_size").write_text("2")  # indices 0 and 1: 3 runs are two array jobs
     (d / "job_seq").write_text("500")
+    r = gr(fake_slurm, "run", "m.toml", "--backend", "slurm", "--array-parallelism", "2", "--dry-run")
+    assert r.returncode == 0 and not fake_slurm["calls"]("sbatch"), r.stderr
+    shown = [line for line in r.stdout.splitlines() if line.startswith("sbatch ")]
+    assert len(shown) == 2 and shown[0].endswith("JOB.sh 0") and shown[1].endswith("JOB.sh 2"), r.stdout
+    assert "--array=0-0%2" in shown[1] and "--dependency=afterany:JOB1" in shown[1]
     r = gr(fake_slurm, "run", "m.toml", "--backend", "slurm", "--array-parallelism", "2")
     assert r.returncode == 0, r.stderr
     assert "submitted 3 run(s) as Slurm array jobs 500, 501 (3 task(s))" in r.stdout, r.stdout

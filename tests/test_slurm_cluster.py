@@ -2,7 +2,7 @@
 
 The fixture installs Slurm with apt when it is missing (root only), writes a slurm.conf
 for this host into a temp dir (auth/none, two fake GPUs backed by /dev/tty0-1, free
-ports), runs `slurmctld -D` and `slurmd -D` in the foreground and kills them by pid."""
+ports, MaxArraySize = 4), runs `slurmctld -D` and `slurmd -D` in the foreground and kills them by pid."""
 
 import contextlib
 import json
@@ -11,13 +11,16 @@ import shutil
 import signal
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import cli, python_env, wait_for
 
-from gaussreg.runs.store import Store
+from gaussreg.launch import slurm
+from gaussreg.runs.store import TERMINAL, Store
 
-DAEMONS = ("slurmctld", "slurmd", "sbatch", "squeue", "scancel", "sinfo")
+DAEMONS = ("slurmctld", "slurmd", "sbatch", "squeue", "scancel", "sinfo", "scontrol")
+MAX_ARRAY_SIZE = 4
 
 
 def _free_port() -> int:
@@ -88,6 +91,8 @@ SchedulerType=sched/backfill
 ReturnToService=2
 InactiveLimit=0
 MinJobAge=300
+# array indices below 4: a launch of more than 4 tasks is split into several array jobs
+MaxArraySize={MAX_ARRAY_SIZE}
 # schedule a submitted batch job at once (by default up to 3 s later)
 SchedulerParameters=batch_sched_delay=0
 StateSaveLocation={d}/state
@@ -235,3 +240,64 @@ def _without_times(obj):
     if isinstance(obj, list):
         return [_without_times(v) for v in obj]
     return obj
+
+
+SPLIT_MANIFEST = """
+[[experiment]]
+name = "split"
+dataset = "synthetic"
+model = "mlp"
+max_epochs = 2
+device = "cpu"
+train_subset = 200
+test_subset = 100
+seeds = [0, 1]
+robustness = { sigmas = [0.0, 0.3] }
+methods.baseline = {}
+methods.regularizer = { sigma = [0.25, 0.5], alpha = 1 }
+"""
+
+
+def test_a_launch_larger_than_max_array_size_completes_on_a_real_slurm(slurm_conf, tmp_path, monkeypatch):
+    """6 runs, MaxArraySize 4: two array jobs (tasks 0-3 and 0-1); every run's status and
+    Slurm output name its own array task; one run of the second job is cancelled, then
+    resubmitted alone (the TUI's `r`), and trains."""
+    (tmp_path / "m.toml").write_text(SPLIT_MANIFEST)
+    env = python_env(SLURM_CONF=slurm_conf, COLUMNS="200")
+    r = subprocess.run(cli("run", "m.toml", "--backend", "slurm", "--cpus-per-run", "1"), capture_output=True,
+                       text=True, cwd=tmp_path, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    st = Store(tmp_path / "runs")
+    (launch,) = (tmp_path / "runs" / "_slurm").iterdir()
+    job = json.loads((launch / "job.json").read_text())
+    first, second = job["job_ids"]
+    assert f"submitted 6 run(s) as Slurm array jobs {first}, {second} (6 task(s))" in r.stdout, r.stdout
+    assert [(a["first_task"], a["tasks"]) for a in job["arrays"]] == [(0, 4), (4, 2)]
+    lines = [Path(p).name for p in (launch / "runs.txt").read_text().split()]
+    tasks = [f"{first}_{i}" for i in range(4)] + [f"{second}_{i}" for i in range(2)]
+    assert [st.get(rid).status()["slurm_job"] for rid in lines] == tasks
+
+    # the last task of the second job: still pending behind the first job's four on this node's CPUs
+    victim = st.get(lines[5])
+    r = subprocess.run(cli("cancel", victim.id), capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert r.returncode == 0 and f"scancel {second}_1" in r.stdout, r.stdout + r.stderr
+    wait_for(lambda: victim.state() == "cancelled", 120, "the cancelled run to say so", every=0.1)
+
+    def all_ended():
+        return all(st.get(rid).state() in TERMINAL for rid in lines)
+    wait_for(all_ended, 600, "the five other runs to end", every=0.2)
+    for rid, task in zip(lines[:5], tasks[:5]):
+        s_ = st.get(rid).status()
+        assert (s_["state"], s_["slurm_job"]) == ("completed", task), (rid, s_)
+        jid, idx = task.split("_")
+        assert (s_["slurm_job_id"], s_["slurm_array_index"]) == (jid, int(idx))
+        assert rid in (launch / f"{task}.out").read_text()  # the array task that trained it says so
+    assert victim.state() == "cancelled" and not victim.file("result.json").exists()
+
+    # resubmitted alone, it trains in a job of its own
+    monkeypatch.setenv("SLURM_CONF", slurm_conf)
+    sub = slurm.resubmit(victim)
+    assert sub.job_ids == [sub.job_id] and sub.job_id not in (first, second)
+    wait_for(lambda: victim.state() in TERMINAL, 300, "the resubmitted run to end", every=0.2)
+    s_ = victim.status()
+    assert (s_["state"], s_["slurm_job"]) == ("completed", f"{sub.job_id}_0"), s_
