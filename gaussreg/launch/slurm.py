@@ -218,6 +218,9 @@ def _plan(store: Store, run_ids: List[str], rerun: bool, live: Dict[str, Task]) 
     todo, skipped = [], {}
     for rid in run_ids:
         run = RunDir(store.root / rid)
+        if not os.path.lexists(run.path):  # a new run of a big grid: nothing to read
+            todo.append(run)
+            continue
         try:
             status = run.status()
             state = run.state(status)
@@ -288,7 +291,8 @@ def submit(store: Store, run_ids: List[str], cfg: SlurmSettings, rerun: bool = F
     sub = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}-",
                                 dir=store.root / "_slurm"))
     runs_file = sub / "runs.txt"
-    atomic_write_bytes(runs_file, "".join(f"{r.path.resolve()}\n" for r in todo).encode())
+    root = str(store.root.resolve())  # once: a run directory is never a link (RunDir.check_dir)
+    atomic_write_bytes(runs_file, "".join(f"{os.path.join(root, r.id)}\n" for r in todo).encode())
     # line i: the spec of line i of runs.txt when its directory is still to be written, else null
     atomic_write_bytes(sub / SPECS_FILE, "".join(json.dumps({"id": r.id, "spec": specs[r.id] if r.id in new else None})
                                                  + "\n" for r in todo).encode())
