@@ -57,7 +57,8 @@ def fake_slurm(tmp_path, monkeypatch):
                               "(job submit limit, user's size and/or time limits)\" >&2; exit 1; }; "
                               f"echo $((n - 1)) > {tmp_path}/accept_jobs; fi\n"
                               f"if [ -f {tmp_path}/job_seq ]; then n=$(< {tmp_path}/job_seq); "
-                              f"echo $((n + 1)) > {tmp_path}/job_seq; echo \"$n;cluster\"; else echo '4242;cluster'; fi\n")
+                              f"echo $((n + 1)) > {tmp_path}/job_seq; echo \"$n;cluster\"; "
+                              "else echo '4242;cluster'; fi\n")
     # MaxArraySize: 1001 (Slurm's default) unless the test writes max_array_size
     (b / "scontrol").write_text(f"#!/bin/bash\n{rec} scontrol \"$@\"\necho 'AuthType                = auth/none'\n"
                                 f"m=1001; [ -f {tmp_path}/max_array_size ] && m=$(< {tmp_path}/max_array_size)\n"
@@ -99,7 +100,8 @@ def test_settings_flags_override_the_table_and_are_checked():
                      ({"mem": "lots"}, "mem"), ({"partiton": "x"}, "partiton"), ({"per_gpu": 0}, "per_gpu"),
                      # numbers that size what a task starts, or that Slurm cannot hold
                      ({"per_gpu": 257}, "per_gpu"), ({"per_gpu": 99999999999999999999}, "per_gpu"),
-                     ({"cpus_per_run": 2 ** 31}, "cpus_per_run"), ({"array_parallelism": 10 ** 30}, "array_parallelism"),
+                     ({"cpus_per_run": 2 ** 31}, "cpus_per_run"),
+                     ({"array_parallelism": 10 ** 30}, "array_parallelism"),
                      ({"gpus_per_run": 2}, "gpus_per_run")]:  # a worker trains on one GPU
         with pytest.raises(slurm.SlurmConfigError) as e:
             slurm.settings(bad)
@@ -562,8 +564,9 @@ def test_a_per_user_job_limit_submits_what_it_can_says_what_it_did_not_and_exits
     r = gr(fake_slurm, "run", "m.toml", "--backend", "slurm")
     assert r.returncode == 2, r.stdout + r.stderr
     err = " ".join(r.stderr.split())
-    assert ("2 of 3 run(s) were submitted as Slurm array job(s) 600 and recorded, the other 1 were not, because sbatch "
-            "refused the job (a limit on the jobs you may submit): sbatch: error: QOSMaxSubmitJobPerUserLimit") in err, err
+    assert ("2 of 3 run(s) were submitted as Slurm array job(s) 600 and recorded, the other 1 were not, because "
+            "sbatch refused the job (a limit on the jobs you may submit): sbatch: error: "
+            "QOSMaxSubmitJobPerUserLimit") in err, err
     assert "run the same command again later to submit the rest" in err and "Traceback" not in r.stderr
     by_job = _by_job(d / "runs")
     assert sorted(by_job) == ["600_0", "600_1"]  # the refused run has no directory, no job id

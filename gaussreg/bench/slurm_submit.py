@@ -4,7 +4,8 @@ scontrol faked (shell scripts on PATH that answer at once), so only gaussreg's o
     python -m gaussreg.bench.slurm_submit [--runs 10000] [--max-array-size 1001] [--out FILE]
 
 Measures the seconds from the manifest to the first and the last sbatch, until the launch
-returns and until every run directory is written (`plan` + `submit_slurm`, as `gaussreg run --backend slurm` does them), and how many
+returns and until every run directory is written (`plan` + `submit_slurm`, as
+`gaussreg run --backend slurm` does them), and how many
 sbatch calls (array jobs) the launch made."""
 
 from __future__ import annotations

@@ -1,9 +1,13 @@
 """Sweeps on a Slurm cluster: Slurm schedules, gaussreg only submits and reads.
 
-One launch is one `sbatch --parsable --array=0-N%K` job; array task i trains the runs
-on line i*P .. i*P+P-1 of the launch's run list (P = `per_gpu`, the runs packed on one
-task's GPU) through `python -m gaussreg.launch.slurm task`, which `exec`s the worker (P = 1) or
-starts P workers and waits. The run directory stays the only contract, so the store must
+One launch is one `sbatch --parsable --array=0-N%K` job, or several when its tasks
+outnumber the cluster's MaxArraySize (each job's script argument F: its index 0 is the
+launch's task F); the launch's task t trains the runs on line t*P .. t*P+P-1 of the
+launch's run list (P = `per_gpu`, the runs packed on one task's GPU) through
+`python -m gaussreg.launch.slurm task`, which `exec`s the worker (P = 1) or starts P
+workers and waits. Run directories missing at submission are written after sbatch
+(write_runs), and a task that starts first writes its own from the launch's specs.jsonl.
+The run directory stays the only contract, so the store must
 be on a filesystem shared by the login node and the compute nodes. Only the portable
 commands are used: `sbatch --parsable`, `squeue -h -o`, `scancel` (no sacct, no flock
 across nodes).
@@ -259,6 +263,84 @@ def task_of(i: int, job: dict) -> Tuple[str, int]:
 INLINE_RUNS = 200  # more new run directories than this are written by a detached process after sbatch
 
 
+def _write_launch(store: Store, todo: List[RunDir], new: set, specs: Dict[str, dict], cfg: SlurmSettings,
+                  python: str) -> Path:
+    """A launch's directory STORE/_slurm/LAUNCH: runs.txt, specs.jsonl and the job script."""
+    k = cfg.per_gpu
+    # its own directory even for two submissions of one process in one second (the TUI's
+    # `r` on two runs): a shared one would make the first job train the second's runs
+    (store.root / "_slurm").mkdir(parents=True, exist_ok=True)
+    sub = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}-",
+                                dir=store.root / "_slurm"))
+    runs_file = sub / "runs.txt"
+    root = str(store.root.resolve())  # once: a run directory is never a link (RunDir.check_dir)
+    atomic_write_bytes(runs_file, "".join(f"{os.path.join(root, r.id)}\n" for r in todo).encode())
+    # line i: the spec of line i of runs.txt when its directory is still to be written, else null
+    atomic_write_bytes(sub / SPECS_FILE, "".join(json.dumps({"id": r.id, "spec": specs[r.id] if r.id in new else None})
+                                                 + "\n" for r in todo).encode())
+    script = sub / "job.sh"
+    atomic_write_bytes(script, (
+        "#!/bin/bash\n"
+        "# written by gaussreg: array task i of the array job whose first task is $1 trains lines\n"
+        "# ($1+i)*P.. of runs.txt (P runs per task)\n"
+        f"export GAUSSREG_BACKEND=slurm PYTHONUNBUFFERED=1 GAUSSREG_SLURM_LAUNCH={_q(sub.name)} "
+        f"GAUSSREG_SLURM_GPUS={cfg.gpus_per_run}\n"
+        f"exec {_q(python)} -m gaussreg.launch.slurm task {_q(str(runs_file.resolve()))} --per-task {k} "
+        "--first-task \"${1:-0}\"\n").encode())
+    script.chmod(0o755)
+    return sub
+
+
+def _sbatch_arrays(store: Store, cfg: SlurmSettings, tasks: int, limit: int, sub: Path):
+    """sbatch each array job of a launch, in order, until one is refused: (the accepted jobs
+    as {job_id, first_task, tasks}, their commands, the refusal or None). A refusal of the
+    first is raised, with the launch's directory removed: nothing was submitted."""
+    done: List[dict] = []
+    commands: List[List[str]] = []
+    for first, n in arrays(tasks, limit):
+        cmd = sbatch_command(cfg, n, (sub / "job.sh").resolve(), sub.resolve(), first,
+                             after=done[-1]["job_id"] if done and cfg.array_parallelism else None)
+        try:
+            p = run_command(cmd, SBATCH_TIMEOUT_S, cwd=str(store.root),
+                            after=" Slurm may have queued the job anyway: check `squeue --me` and scancel it")
+            if p.returncode != 0:
+                why = (p.stderr or p.stdout).strip()[:500]
+                limit_hit = any(w.lower() in why.lower() for w in LIMIT_WORDS)
+                raise SlurmError(f"sbatch refused the job{' (a limit on the jobs you may submit)' if limit_hit else ''}"
+                                 f": {why}")
+            done.append({"job_id": parse_job_id(p.stdout), "first_task": first, "tasks": n})
+            commands.append(cmd)
+        except SlurmError as e:
+            if not done:
+                shutil.rmtree(sub, ignore_errors=True)  # nothing was submitted: leave no launch behind
+                raise
+            return done, commands, e
+    return done, commands, None
+
+
+def _record(store: Store, sub: Path, job: dict, submitted: List[RunDir], new: set, python: str) -> None:
+    """The queued status of each submitted run, naming its array task: rewritten for the runs
+    that have a directory, written with the directory for the others (by a detached process
+    for more than INLINE_RUNS of them)."""
+    made = [i for i, r in enumerate(submitted) if r.id in new]
+    for i, run in enumerate(submitted):
+        if run.id in new:
+            continue
+        jid, idx = task_of(i, job)
+        try:
+            old = run.status()
+        except RunFileError:
+            old = {}
+        if old.get("slurm_job") == f"{jid}_{idx}":
+            continue  # the task already started and wrote its own status
+        keep = {key: old[key] for key in ("epoch", "max_epochs") if key in old}
+        run.write_status({**keep, **queued_status(jid, idx, job["per_task"], sub.name)})
+    if len(made) > INLINE_RUNS:
+        write_runs_detached(sub, python)
+    else:
+        write_runs(store, sub, made)
+
+
 def submit(store: Store, run_ids: List[str], cfg: SlurmSettings, rerun: bool = False,
            python: str = sys.executable, specs: Optional[Dict[str, dict]] = None) -> Submission:
     """Submit the runs that need training as array jobs of at most MaxArraySize tasks each;
@@ -284,78 +366,21 @@ def submit(store: Store, run_ids: List[str], cfg: SlurmSettings, rerun: bool = F
             run.forget_results()
         run.cancel_request.unlink(missing_ok=True)
     k = cfg.per_gpu
-    tasks = math.ceil(len(todo) / k)
-    # its own directory even for two submissions of one process in one second (the TUI's
-    # `r` on two runs): a shared one would make the first job train the second's runs
-    (store.root / "_slurm").mkdir(parents=True, exist_ok=True)
-    sub = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}-",
-                                dir=store.root / "_slurm"))
-    runs_file = sub / "runs.txt"
-    root = str(store.root.resolve())  # once: a run directory is never a link (RunDir.check_dir)
-    atomic_write_bytes(runs_file, "".join(f"{os.path.join(root, r.id)}\n" for r in todo).encode())
-    # line i: the spec of line i of runs.txt when its directory is still to be written, else null
-    atomic_write_bytes(sub / SPECS_FILE, "".join(json.dumps({"id": r.id, "spec": specs[r.id] if r.id in new else None})
-                                                 + "\n" for r in todo).encode())
-    script = sub / "job.sh"
-    atomic_write_bytes(script, (
-        "#!/bin/bash\n"
-        "# written by gaussreg: array task i of the array job whose first task is $1 trains lines\n"
-        "# ($1+i)*P.. of runs.txt (P runs per task)\n"
-        f"export GAUSSREG_BACKEND=slurm PYTHONUNBUFFERED=1 GAUSSREG_SLURM_LAUNCH={_q(sub.name)} "
-        f"GAUSSREG_SLURM_GPUS={cfg.gpus_per_run}\n"
-        f"exec {_q(python)} -m gaussreg.launch.slurm task {_q(str(runs_file.resolve()))} --per-task {k} "
-        "--first-task \"${1:-0}\"\n").encode())
-    script.chmod(0o755)
-    done: List[dict] = []  # the array jobs sbatch accepted
-    commands, refused = [], None
-    for first, n in arrays(tasks, limit):
-        cmd = sbatch_command(cfg, n, script.resolve(), sub.resolve(), first,
-                             after=done[-1]["job_id"] if done and cfg.array_parallelism else None)
-        try:
-            p = run_command(cmd, SBATCH_TIMEOUT_S, cwd=str(store.root),
-                            after=" Slurm may have queued the job anyway: check `squeue --me` and scancel it")
-            if p.returncode != 0:
-                why = (p.stderr or p.stdout).strip()[:500]
-                limit_hit = any(w.lower() in why.lower() for w in LIMIT_WORDS)
-                raise SlurmError(f"sbatch refused the job{' (a limit on the jobs you may submit)' if limit_hit else ''}"
-                                 f": {why}")
-            done.append({"job_id": parse_job_id(p.stdout), "first_task": first, "tasks": n})
-            commands.append(cmd)
-        except SlurmError as e:
-            if not done:
-                shutil.rmtree(sub, ignore_errors=True)  # nothing was submitted: leave no launch behind
-                raise
-            refused = e
-            break
+    sub = _write_launch(store, todo, new, specs, cfg, python)
+    done, commands, refused = _sbatch_arrays(store, cfg, math.ceil(len(todo) / k), limit, sub)
     submitted = todo[:min(len(todo), sum(a["tasks"] for a in done) * k)]
     # the settings, so that a run of this launch can be resubmitted the same way (resubmit)
     job = {"job_id": done[0]["job_id"], "job_ids": [a["job_id"] for a in done], "arrays": done,
            "max_array_size": limit, "runs": [r.id for r in submitted], "per_task": k, "command": commands[0],
            "commands": commands, "submitted_at": now_iso(), "settings": asdict(cfg)}
     atomic_write_json(sub / "job.json", job)
-    made = [i for i, r in enumerate(submitted) if r.id in new]
-    for i, run in enumerate(submitted):
-        if run.id in new:
-            continue
-        jid, idx = task_of(i, job)
-        try:
-            old = run.status()
-        except RunFileError:
-            old = {}
-        if old.get("slurm_job") == f"{jid}_{idx}":
-            continue  # the task already started and wrote its own status
-        keep = {key: old[key] for key in ("epoch", "max_epochs") if key in old}
-        run.write_status({**keep, **queued_status(jid, idx, k, sub.name)})
-    if len(made) > INLINE_RUNS:
-        write_runs_detached(sub, python)
-    else:
-        write_runs(store, sub, made)
+    _record(store, sub, job, submitted, new, python)
     ids = ", ".join(job["job_ids"])
     if refused is not None:
         raise SlurmError(f"{len(submitted)} of {len(todo)} run(s) were submitted as Slurm array job(s) {ids} and "
                          f"recorded, the other {len(todo) - len(submitted)} were not, because {refused}; run the "
                          "same command again later to submit the rest (it skips the submitted ones)")
-    return Submission(done[0]["job_id"], [r.id for r in submitted], skipped, script, job["job_ids"])
+    return Submission(done[0]["job_id"], [r.id for r in submitted], skipped, sub / "job.sh", job["job_ids"])
 
 
 SPECS_FILE = "specs.jsonl"
