@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from gaussreg import __version__
 from gaussreg.launch.request import LaunchRequest, plan, submit_slurm
+from gaussreg.runs.device import cpu_model
 
 
 def fake_slurm(bin_dir: Path, max_array_size: int) -> Path:
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
                "to_first_sbatch_s": round(sbatch_at[0], 2), "to_last_sbatch_s": round(sbatch_at[-1], 2),
                "submit_returned_s": round(total, 2), "directories_written_s": round(written, 2),
                "sbatch_calls": len(sbatch_at),
-               "max_array_size": args.max_array_size, "cpu": platform.processor() or platform.machine(),
+               "max_array_size": args.max_array_size, "cpu": cpu_model(),
                "cores": os.cpu_count(), "gaussreg": __version__}
     print(json.dumps(out, indent=1))
     if args.out:
