@@ -610,6 +610,12 @@ def test_an_array_task_that_starts_before_its_directory_is_written_makes_it_and_
     (d / "m.toml").write_text(man.replace('gpus_per_run = 1', 'gpus_per_run = 0'))
     sub = submit_slurm(plan(LaunchRequest("m.toml", "runs", backend="slurm")))
     assert sub.job_ids == ["700", "701"] and not list(Store(d / "runs").runs())
+    # the same launch again while Slurm has its tasks: nothing is submitted twice, directories or not
+    (d / "squeue.txt").write_text("700_0|PENDING|Priority\n700_1|PENDING|Priority\n701_0|PENDING|Priority\n")
+    again = slurm.submit(Store(d / "runs"), sub.submitted, slurm.settings(), specs={r: {} for r in sub.submitted})
+    assert again.job_id is None and sorted(again.skipped.values()) == [
+        f"already queued in Slurm job {t} (its directory is still to be written)" for t in ("700_0", "700_1", "701_0")]
+    (d / "squeue.txt").unlink()
     # task 0 of the second array job: the launch's task 2
     p = subprocess.run([sys.executable, "-m", "gaussreg.launch.slurm", "task", str(sub.script.parent / "runs.txt"),
                         "--first-task", "2"], capture_output=True, text=True, timeout=300,

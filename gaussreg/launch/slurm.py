@@ -218,12 +218,37 @@ class Submission:
     job_ids: List[str] = field(default_factory=list)  # every array job of the launch (MaxArraySize splits it)
 
 
+def _unwritten(store: Store, live: Dict[str, Task]) -> Dict[str, str]:
+    """Run id -> array task, for the runs of launches Slurm still has: a run whose directory
+    is not written yet (a big launch writes them after sbatch) may be queued all the same."""
+    jobs = {t.split("_")[0] for t in live}
+    out: Dict[str, str] = {}
+    launches = store.root / "_slurm"
+    for d in sorted(launches.iterdir()) if jobs and launches.is_dir() else []:
+        try:
+            job = read_json(d / "job.json")
+            if not isinstance(job, dict) or not jobs & set(job.get("job_ids") or []):
+                continue
+            for i, rid in enumerate(job["runs"]):
+                task = "_".join(map(str, task_of(i, job)))
+                if task in live:
+                    out[rid] = task
+        except (OSError, RunFileError, KeyError, TypeError, ValueError):
+            continue  # a damaged or older record: its runs have their directories
+    return out
+
+
 def _plan(store: Store, run_ids: List[str], rerun: bool, live: Dict[str, Task]) -> Tuple[List[RunDir], dict]:
     todo, skipped = [], {}
+    unwritten = None
     for rid in run_ids:
         run = RunDir(store.root / rid)
-        if not os.path.lexists(run.path):  # a new run of a big grid: nothing to read
-            todo.append(run)
+        if not os.path.lexists(run.path):  # a new run of a big grid, or one whose directory is still to be written
+            unwritten = _unwritten(store, live) if unwritten is None else unwritten
+            if rid in unwritten:
+                skipped[rid] = f"already queued in Slurm job {unwritten[rid]} (its directory is still to be written)"
+            else:
+                todo.append(run)
             continue
         try:
             status = run.status()
@@ -503,6 +528,10 @@ def _make_missing(runs_file: Path, paths: List[str], lines: range) -> None:
         specs = _launch_specs(runs_file.parent)
     except (OSError, RunFileError, ValueError):
         return  # a launch of an older gaussreg: every directory was written before sbatch
+    try:  # absent when the task starts before the submission has written it: the worker writes the status
+        job = read_json(runs_file.parent / "job.json")
+    except RunFileError:
+        job = None
     for i in lines:
         entry = specs[i] if i < len(specs) else None
         path = Path(paths[i])
@@ -511,9 +540,8 @@ def _make_missing(runs_file: Path, paths: List[str], lines: range) -> None:
         if os.path.lexists(RunDir(path).spec_file):
             continue
         try:
-            job = read_json(runs_file.parent / "job.json")
             status = queued_status(*task_of(i, job), job["per_task"], runs_file.parent.name) if job else None
-        except (RunFileError, KeyError, ValueError):
+        except (KeyError, TypeError, ValueError):
             status = None
         try:
             Store(path.parent).create(entry["spec"], entry["id"], status)
