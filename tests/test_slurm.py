@@ -615,6 +615,13 @@ def test_an_array_task_that_starts_before_its_directory_is_written_makes_it_and_
     again = slurm.submit(Store(d / "runs"), sub.submitted, slurm.settings(), specs={r: {} for r in sub.submitted})
     assert again.job_id is None and sorted(again.skipped.values()) == [
         f"already queued in Slurm job {t} (its directory is still to be written)" for t in ("700_0", "700_1", "701_0")]
+    # --follow waits for them, and names the run whose task Slurm will not start
+    (d / "squeue.txt").write_text("700_0|PENDING|Priority\n700_1|PENDING|Priority\n701_0|PENDING|PartitionConfig\n")
+    from rich.console import Console
+    from gaussreg.views import slurm_view
+    con = Console(record=True, width=200)
+    assert slurm_view.follow(Store(d / "runs"), sub.submitted, con) == 1
+    assert f"Slurm will not start 1 run(s) (PartitionConfig): {sub.submitted[2]}" in con.export_text()
     (d / "squeue.txt").unlink()
     # task 0 of the second array job: the launch's task 2
     p = subprocess.run([sys.executable, "-m", "gaussreg.launch.slurm", "task", str(sub.script.parent / "runs.txt"),

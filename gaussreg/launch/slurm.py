@@ -218,7 +218,7 @@ class Submission:
     job_ids: List[str] = field(default_factory=list)  # every array job of the launch (MaxArraySize splits it)
 
 
-def _unwritten(store: Store, live: Dict[str, Task]) -> Dict[str, str]:
+def unwritten_runs(store: Store, live: Dict[str, Task]) -> Dict[str, str]:
     """Run id -> array task, for the runs of launches Slurm still has: a run whose directory
     is not written yet (a big launch writes them after sbatch) may be queued all the same."""
     jobs = {t.split("_")[0] for t in live}
@@ -244,7 +244,7 @@ def _plan(store: Store, run_ids: List[str], rerun: bool, live: Dict[str, Task]) 
     for rid in run_ids:
         run = RunDir(store.root / rid)
         if not os.path.lexists(run.path):  # a new run of a big grid, or one whose directory is still to be written
-            unwritten = _unwritten(store, live) if unwritten is None else unwritten
+            unwritten = unwritten_runs(store, live) if unwritten is None else unwritten
             if rid in unwritten:
                 skipped[rid] = f"already queued in Slurm job {unwritten[rid]} (its directory is still to be written)"
             else:
@@ -632,15 +632,17 @@ def _task(runs_file: Path, per_task: int, first_task: int = 0) -> int:
 
 # ---------------------------------------------------------------- follow
 
-def pending_reasons(run_ids: List[str], store: Store, live: Dict[str, Task]) -> Dict[str, str]:
-    """Run id -> Slurm's pending reason, for queued runs whose task is pending."""
+def pending_reasons(run_ids: List[str], store: Store, live: Dict[str, Task],
+                    unwritten: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """Run id -> Slurm's pending reason, for queued runs whose task is pending (`unwritten`:
+    the array task of each run whose directory is still to be written, unwritten_runs)."""
     out = {}
     for rid in run_ids:
         try:
             status = RunDir(store.root / rid).status()
         except RunFileError:
             continue
-        t = live.get(status.get("slurm_job", ""))
+        t = live.get(status.get("slurm_job") or (unwritten or {}).get(rid, ""))
         if t and t.state == "PENDING":
             out[rid] = t.reason
     return out

@@ -3,6 +3,7 @@ states from the run directories, and from squeue why Slurm has not started the q
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Dict, List
 
@@ -10,7 +11,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from gaussreg.launch.slurm import SQUEUE_MIN_S, Task, fatal, pending_reasons, squeue
+from gaussreg.launch.slurm import SQUEUE_MIN_S, Task, fatal, pending_reasons, squeue, unwritten_runs
 from gaussreg.runs.store import TERMINAL, RunDir, RunFileError, Store
 from gaussreg.views.style import STATE_STYLE
 
@@ -22,6 +23,7 @@ def follow(store: Store, run_ids: List[str], console, poll_s: float = 1.0, squeu
     squeue_s = max(SQUEUE_MIN_S, squeue_s)
     runs = [RunDir(store.root / r) for r in run_ids]
     live_tasks: Dict[str, Task] = {}
+    unwritten: Dict[str, str] = {}  # run id -> its array task, while its directory is still to be written
     next_squeue, t0 = 0.0, time.time()
 
     def snapshot():
@@ -33,9 +35,10 @@ def follow(store: Store, run_ids: List[str], console, poll_s: float = 1.0, squeu
             except RunFileError as e:
                 rows.append((run.id, "failed", "", "", str(e)))
                 continue
-            task = live_tasks.get(status.get("slurm_job", ""))
+            job = status.get("slurm_job") or unwritten.get(run.id, "")
+            task = live_tasks.get(job)
             reason = task.reason if task and task.state == "PENDING" else ""
-            rows.append((run.id, state, status.get("slurm_job", ""),
+            rows.append((run.id, state, job,
                          f"{status.get('epoch') or 0}/{status.get('max_epochs') or '?'}",
                          reason if reason and reason != "None" else (status.get("error") or "")))
         return rows
@@ -67,7 +70,9 @@ def follow(store: Store, run_ids: List[str], console, poll_s: float = 1.0, squeu
             if time.monotonic() >= next_squeue:
                 live_tasks = squeue()
                 next_squeue = time.monotonic() + squeue_s
-                reasons = pending_reasons(run_ids, store, live_tasks)
+                # a big launch's directories are written after sbatch: until then its runs are Slurm's all the same
+                unwritten = unwritten_runs(store, live_tasks) if not all(os.path.lexists(r.path) for r in runs) else {}
+                reasons = pending_reasons(run_ids, store, live_tasks, unwritten)
                 bad = {r: why for r, why in reasons.items() if fatal(why)}
                 if bad:
                     view.stop()
