@@ -44,14 +44,14 @@ async def test_launch_dialog_submits_to_slurm_with_its_fields_at_80x24(on_path):
         await pilot.click("#time")
         await pilot.press(*"00:30:00")
         await pilot.click("#gpus-per-run")
-        await pilot.press("2")
+        await pilot.press("0")  # over the manifest's 1: a CPU task
         await pilot.click("#launch")
         await until(pilot, lambda: isinstance(app.screen, RunsScreen))
         await until(pilot, lambda: table(app).row_count == 3 and all(
             table(app).get_cell(table(app).coordinate_to_cell_key((i, 0)).row_key.value, "state").plain
             .startswith("queued 4242_") for i in range(3)), timeout=30)
     (args,) = on_path["calls"]("sbatch")
-    assert "--partition=short" in args and "--time=00:30:00" in args and "--gres=gpu:2" in args
+    assert "--partition=short" in args and "--time=00:30:00" in args and not any(a.startswith("--gres") for a in args)
     assert "--mem=2G" in args  # not in the dialog: the manifest's
     statuses = [r.status() for r in Store("runs").runs()]
     assert sorted(s["slurm_job"] for s in statuses) == ["4242_0", "4242_1", "4242_2"]
@@ -61,6 +61,7 @@ async def test_launch_dialog_submits_to_slurm_with_its_fields_at_80x24(on_path):
 @pytest.mark.parametrize("field,value,words", [
     ("#time", "an hour", "time: must be a Slurm time like 04:00:00"),
     ("#gpus-per-run", "two", "GPUs per run must be a whole number"),
+    ("#gpus-per-run", "2", "gpus_per_run: must be 0 or 1, not 2: a run trains on one GPU"),
     (None, None, "`sbatch` is not on PATH"),
 ])
 async def test_launch_dialog_shows_slurm_errors_and_submits_nothing(on_path, monkeypatch, field, value, words):
@@ -140,13 +141,13 @@ async def test_r_on_a_slurm_run_resubmits_it_through_slurm_with_its_settings(on_
         await until(pilot, lambda: any("resubmitted" in n.message for n in app._notifications))
         await until(pilot, lambda: table(app).get_cell(run.id, "state").plain == "queued 4242_0")
     first, again = on_path["calls"]("sbatch")
-    assert "--array=0-0" in again and Path(again[-1]).parent != Path(first[-1]).parent
+    assert "--array=0-0" in again and again[-1] == "0" and Path(again[-2]).parent != Path(first[-2]).parent
     same = [a for a in first if a.split("=")[0] in ("--partition", "--time", "--gres", "--mem", "--signal")]
     assert same and all(a in again for a in same)  # the settings it was submitted with
-    listed = (Path(again[-1]).parent / "runs.txt").read_text().split()
+    listed = (Path(again[-2]).parent / "runs.txt").read_text().split()
     assert [Path(x).name for x in listed] == [run.id]
     status = run.status()
-    assert status["state"] == "queued" and status["slurm_launch"] == Path(again[-1]).parent.name
+    assert status["state"] == "queued" and status["slurm_launch"] == Path(again[-2]).parent.name
     assert not run.file("worker.log").exists()  # nothing trained on this (login) node
 
 
