@@ -80,7 +80,8 @@ def a_path(what: str):
 StoreOpt = typer.Option(Path("runs"), "--store", parser=a_path("--store"), metavar="PATH", help="The run store folder.")
 ManifestArg = typer.Argument(Path("experiments.toml"), parser=a_path("MANIFEST"), metavar="MANIFEST",
                              help="The experiment manifest (TOML).")
-GpusPerRunOpt = typer.Option(None, "--gpus-per-run", callback=COUNT, help="Slurm: GPUs per run, 0 or 1 (default 0: the task sees no GPU).")
+GpusPerRunOpt = typer.Option(None, "--gpus-per-run", callback=COUNT,
+                             help="Slurm: GPUs per run, 0 or 1 (default 0: the task sees no GPU).")
 CpusPerRunOpt = typer.Option(None, "--cpus-per-run", callback=COUNT, help="Slurm: CPUs per run (default 1).")
 DataDirOpt = typer.Option(None, "--data-dir", parser=a_path("--data-dir"), metavar="PATH",
                           help="Data root (default: $GAUSSREG_DATA, else ./data).")
