@@ -58,12 +58,11 @@ def _pdf(b):
     return torch.exp(-0.5 * b * b) * _INV_SQRT_2PI
 
 
-def _between(b1, b2):
-    """P(b1 < Z < b2), without the cancellation of Phi(b2) - Phi(b1) in either tail."""
-    both_up = _upper(b1) - _upper(b2)  # both thresholds >= 0: two small upper tails
-    both_down = _upper(-b2) - _upper(-b1)  # both <= 0: two small lower tails
-    across = 1.0 - _upper(b2) - _upper(-b1)
-    return torch.where(b1 >= 0, both_up, torch.where(b2 <= 0, both_down, across))
+def _between(b1, q1, b2, q2):
+    """P(b1 < Z < b2) from q = P(Z > |b|) (one erfc each), without the cancellation of
+    Phi(b2) - Phi(b1) in either tail: q1 - q2 for 0 <= b1 < b2 (two small upper tails),
+    q2 - q1 for b1 < b2 <= 0, 1 - q1 - q2 across 0."""
+    return torch.where(b1 >= 0, q1 - q2, torch.where(b2 <= 0, q2 - q1, 1.0 - q1 - q2))
 
 
 def _safe(sigma):
@@ -115,9 +114,10 @@ def hardswish_mean(mu, sigma):
     E[(X^2 + 3X) 1{-3 < X < 3}] = (mu^2 + sigma^2 + 3 mu) P + sigma (mu phi(b1) - (mu + 6) phi(b2))."""
     positive, s = _safe(sigma)
     b1, b2 = _b(-3.0, mu, s), _b(3.0, mu, s)
+    q1, q2 = _upper(b1.abs()), _upper(b2.abs())  # two erfc for all of it: the cost is in them
     p2 = _pdf(b2)
-    upper = mu * _upper(b2) + s * p2
-    middle = (mu * mu + s * s + 3.0 * mu) * _between(b1, b2) + s * (mu * _pdf(b1) - (mu + 6.0) * p2)
+    upper = mu * torch.where(b2 >= 0, q2, 1.0 - q2) + s * p2
+    middle = (mu * mu + s * s + 3.0 * mu) * _between(b1, q1, b2, q2) + s * (mu * _pdf(b1) - (mu + 6.0) * p2)
     return torch.where(positive, upper + middle / 6.0, nn.functional.hardswish(mu))
 
 
