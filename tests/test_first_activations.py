@@ -193,9 +193,9 @@ def test_depth_beyond_1_only_through_relu():
         if name == "ReLU":
             moment_loss(net, x, y, 0.1, 1.0, 2).total.backward()
             continue
-        with pytest.raises(TypeError, match=rf"depth 2 propagates mean and variance through the first activation, "
-                                            rf"and gaussreg has the variance of ReLU only, not of {type(act).__name__}; "
-                                            r"use depth = 1"):
+        with pytest.raises(TypeError, match=rf"depth 2 propagates mean and variance through the first "
+                                            rf"activation, and gaussreg has the variance of ReLU only, not of "
+                                            rf"{type(act).__name__}; use depth = 1"):
             moment_loss(net, x, y, 0.1, 1.0, 2)
         with pytest.raises(TypeError, match="use depth = 1"):
             expected_logits(net, x, 0.1, "all")

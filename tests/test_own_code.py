@@ -627,8 +627,8 @@ def test_timm_resnet_mobilenet_and_vit_through_the_scheduler_to_a_fair_table(pro
         assert {m: c["completed"] for m, c in rec["counts"].items()} == dict.fromkeys(methods, 1), rec["counts"]
         assert 0 <= rec["baseline"]["accuracy"] <= 1
         assert {c["method"] for c in rec["configurations"] if c["accuracy"] is not None} == methods
-    refused = MODERN.replace('name = "vit"\nmodel = "mypkg.modern:vit"\n',
-                             'name = "vit"\nmodel = "mypkg.modern:vit"\nmethods.regularizer = { sigma = 0.1, alpha = 1.0 }\n')
+    vit = 'name = "vit"\nmodel = "mypkg.modern:vit"\n'
+    refused = MODERN.replace(vit, vit + "methods.regularizer = { sigma = 0.1, alpha = 1.0 }\n")
     dry = run("run", write(project, refused, "r.toml"), "--store", project / "runs2", "--dry-run")
     text = " ".join(dry.stderr.split())
     assert dry.returncode == 2 and "model: cannot split model 'mypkg.modern:vit' (TinyViT)" in text, text

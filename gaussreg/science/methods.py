@@ -350,7 +350,6 @@ class RandSign(Method):
         return {"clean": 0, "noisy": n, "expected": 0}  # one perturbed pass (input or hidden layer)
 
     def loss(self, model, x, y, g):
-        import torch  # here: specs and manifests read methods without torch
         eps, p, where = self.params["eps"], self.params["p"], self.params["where"]
         if where in ("input", "both"):
             x = random_sign(x, eps, p, g)
