@@ -182,3 +182,24 @@ def test_the_fused_kernel_compiled_equals_it_uncompiled():
         c, e = c.double(), e.double()
         assert ((c - e).abs() <= e.abs() * 2 ** -7 + 1e-30).all() and (c == e).double().mean() > 0.99
     assert torch.allclose(compiled[1][1], eager[1][1], rtol=1e-4, atol=1e-4)  # a sum over 200 rows, another order
+
+
+def test_the_cpu_kernel_in_pieces_equals_it_in_one(monkeypatch):
+    """relu_and_mean in many pieces along the batch (as a big batch on CPU runs) gives the values and
+    gradients of one piece, sigma broadcast over the batch (its gradient summed piece by piece) or not."""
+    from gaussreg.science import moments
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(10, 3, 4, 4, generator=g, dtype=torch.float64)
+    grad = torch.randn(20, 3, 4, 4, generator=g, dtype=torch.float64)
+    for sigma in (torch.rand(1, 3, 4, 4, generator=g, dtype=torch.float64),
+                  torch.rand(10, 3, 4, 4, generator=g, dtype=torch.float64)):
+        results = []
+        for chunk in (1 << 22, 48):  # one piece; 10 pieces of 1 image (48 elements each)
+            monkeypatch.setattr(moments, "_CHUNK_ELEMS", chunk)
+            m, s = mu.clone().requires_grad_(), sigma.clone().requires_grad_()
+            out = moments.relu_and_mean(m, s)
+            out.backward(grad)
+            results.append((out, m.grad, s.grad))
+        assert len(moments._row_chunks(mu)) == 10
+        for one, pieces in zip(*results):
+            assert torch.allclose(one, pieces, rtol=1e-12, atol=1e-12)

@@ -304,8 +304,10 @@ def test_split_of_a_torchvision_style_module_and_of_a_sequential(project):
 def test_refusals_each_with_its_sentence(project):
     info = datasets.DatasetInfo("t", (3, 16, 16), 4, (0.5,) * 3, (0.25,) * 3)
     path = [str(project / "src")]
-    with pytest.raises(SplitError, match=r"its first layers are Conv2d \(stem.0\), GroupNorm \(stem.1\), SiLU "
-                                         r"\(stem.2\); recognised are a GaussNet"):
+    with pytest.raises(SplitError, match=r"looks for attributes conv1, \[bn1,\] and relu or act1 .* its first layers "
+                                         r"are Conv2d \(stem.0\), GroupNorm \(stem.1\), SiLU \(stem.2\); its first "
+                                         r"affine layer is followed by GroupNorm, not an elementwise activation: the "
+                                         r"analytic regularizer needs .* the methods other than the regularizer "):
         build_model("mypkg.models:swish", info, None, path)
     for wrong in ("normalising", "bn_after_relu"):
         with pytest.raises(SplitError, match=r"its forward does not start with relu\(bn1\(conv1\(x\)\)\)"):
@@ -320,7 +322,9 @@ def test_refusals_each_with_its_sentence(project):
         build_model("mypkg.models:not_a_module", info, None, path)
     with pytest.raises(plugins.PluginError, match="module 'mypkg.models' has no attribute 'nope'"):
         build_model("mypkg.models:nope", info, None, path)
-    with pytest.raises(SplitError, match=r"nn.Sequential of model 'custom': it starts with Conv2d, Tanh"):
+    with pytest.raises(SplitError, match=r"nn.Sequential of model 'custom': .* after its first affine layer comes "
+                                         r"Tanh; if its forward does start .*GaussNet\(FirstBlock\(conv, bn\), rest, "
+                                         r"act=...\) \(README, \"Your own model and data\"\)"):
         models.as_gaussnet(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten()))
     # depth > 1 through a module ADF does not know: refused with a sentence
     net = build_model("mypkg.models:resnet", info, None, path)
@@ -519,3 +523,132 @@ def test_the_dry_run_check_of_a_hanging_factory_dies_with_its_parent(project, si
     except psutil.TimeoutExpired:
         check.kill()
         pytest.fail(f"the check process {check.pid} outlived its parent killed by {sig.name}")
+
+
+MODERN_PY = '''
+import torch
+from torch import nn
+from gaussreg.science.models import NormalizedConv2d
+
+
+class TimmResNet(nn.Module):
+    """timm's ResNet stem: conv1, bn1 and act1 (not relu), then blocks with their own activations."""
+
+    def __init__(self, info, width=8):
+        super().__init__()
+        self.conv1 = NormalizedConv2d(info.shape[0], width, 3, padding=1, bias=False, mean=info.mean, std=info.std)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv2, self.bn2, self.act2 = nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), \\
+            nn.ReLU(inplace=True)
+        self.fc = nn.Linear(width, info.classes)
+
+    def forward(self, x):
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.act2(x + self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+class MobileNet(nn.Module):
+    """torchvision's MobileNetV3 layout: features[0] = conv, BN, Hardswish; a depthwise block; classifier."""
+
+    def __init__(self, info, width=8):
+        super().__init__()
+        stem = nn.Sequential(NormalizedConv2d(info.shape[0], width, 3, stride=2, padding=1, bias=False,
+                                              mean=info.mean, std=info.std), nn.BatchNorm2d(width), nn.Hardswish())
+        block = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, groups=width, bias=False), nn.BatchNorm2d(width),
+                              nn.Hardswish(), nn.Conv2d(width, 2 * width, 1), nn.BatchNorm2d(2 * width))
+        self.features = nn.Sequential(stem, block)
+        self.classifier = nn.Sequential(nn.Linear(2 * width, 16), nn.Hardswish(), nn.Linear(16, info.classes))
+
+    def forward(self, x):
+        return self.classifier(self.features(x).mean((2, 3)))
+
+
+class TinyViT(nn.Module):
+    """A patch embedding, then LayerNorm: no elementwise activation after the first affine layer."""
+
+    def __init__(self, info, dim=16):
+        super().__init__()
+        self.patch_embed = NormalizedConv2d(info.shape[0], dim, 4, stride=4, mean=info.mean, std=info.std)
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU())
+        self.head = nn.Linear(dim, info.classes)
+
+    def forward(self, x):
+        t = self.norm(self.patch_embed(x).flatten(2).transpose(1, 2))
+        return self.head((t + self.mlp(t)).mean(1))
+
+
+def resnet(info, width=8):
+    return TimmResNet(info, width)
+
+
+def mobilenet(info, width=8):
+    return MobileNet(info, width)
+
+
+def vit(info):
+    return TinyViT(info)
+'''
+
+MODERN = '''
+python_path = ["src"]
+
+[defaults]
+dataset = "npz:data/small.npz"
+preset = "lenet"
+optimizer = { lr = 0.01 }
+batch_size = 40
+max_epochs = 1
+
+[[experiment]]
+name = "timm-resnet"
+model = "mypkg.modern:resnet"
+methods.baseline = {}
+methods.regularizer = { sigma = 0.1, alpha = 1.0 }
+methods.augment = { sigma = 0.1, folds = 1 }
+
+[[experiment]]
+name = "mobilenet"
+model = "mypkg.modern:mobilenet"
+methods.baseline = {}
+methods.regularizer = { sigma = 0.1, alpha = 1.0 }
+methods.augment = { sigma = 0.1, folds = 1 }
+
+[[experiment]]
+name = "vit"
+model = "mypkg.modern:vit"
+methods.baseline = {}
+methods.augment = { sigma = 0.1, folds = 1 }
+'''
+
+
+@pytest.mark.process
+def test_timm_resnet_mobilenet_and_vit_through_the_scheduler_to_a_fair_table(project):
+    """A timm-style ResNet (act1) and a MobileNet with a Hardswish stem train baseline, regularizer and
+    augment; a ViT-style model (no first activation) trains baseline and augment, and its regularizer
+    run is refused by the dry run with the remedy."""
+    (project / "src" / "mypkg" / "modern.py").write_text(MODERN_PY)
+    make_npz(project / "data" / "small.npz", n_train=120, n_test=40)
+    m = write(project, MODERN)
+    out = run("run", m, "--store", project / "runs", "--gpus", "none")
+    assert out.returncode == 0, out.stdout + out.stderr
+    ls = json.loads(run("ls", "--store", project / "runs", "--format", "json").stdout)
+    assert len(ls) == 8 and {r["state"] for r in ls} == {"completed"}, [(r["id"], r["state"]) for r in ls]
+    table = json.loads(run("table", "--store", project / "runs", "--format", "json").stdout)
+    by_exp = {c["experiment"]: c for c in table["experiments"]}
+    assert set(by_exp) == {"timm-resnet", "mobilenet", "vit"}
+    for exp, methods in (("timm-resnet", {"baseline", "regularizer", "augment"}),
+                         ("mobilenet", {"baseline", "regularizer", "augment"}), ("vit", {"baseline", "augment"})):
+        rec = by_exp[exp]
+        assert {m: c["completed"] for m, c in rec["counts"].items()} == dict.fromkeys(methods, 1), rec["counts"]
+        assert 0 <= rec["baseline"]["accuracy"] <= 1
+        assert {c["method"] for c in rec["configurations"] if c["accuracy"] is not None} == methods
+    vit = 'name = "vit"\nmodel = "mypkg.modern:vit"\n'
+    refused = MODERN.replace(vit, vit + "methods.regularizer = { sigma = 0.1, alpha = 1.0 }\n")
+    dry = run("run", write(project, refused, "r.toml"), "--store", project / "runs2", "--dry-run")
+    text = " ".join(dry.stderr.split())
+    assert dry.returncode == 2 and "model: cannot split model 'mypkg.modern:vit' (TinyViT)" in text, text
+    assert "its first affine layer is followed by LayerNorm, not an elementwise activation: the analytic " \
+           "regularizer needs" in text and "train this model as it is" in text

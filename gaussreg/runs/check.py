@@ -4,7 +4,8 @@ import cannot disturb the CLI: reads a JSON list of model/dataset combinations o
 stdin, writes a JSON list of problems `{"index", "key", "message"}` on stdout.
 
 Per combination: load the dataset (a user's; a built-in one is only described), build
-the model with its factory, split it (models.as_gaussnet), run 2 training images
+the model with its factory, split it (models.as_gaussnet; refused only where a run's
+method needs the split), run 2 training images
 through it, check the output shape, run one regularizer loss at each depth the
 manifest asks for, and check those depths can be propagated (gaussreg.science.adf)."""
 
@@ -48,7 +49,7 @@ def check(item: dict) -> list:
     model = item["model"]
     torch.manual_seed(0)
     try:
-        net = models.build_model(model, info, item.get("model_args"), path)
+        net = models.build_model(model, info, item.get("model_args"), path, split=item.get("split", True))
     except (plugins.PluginError, models.SplitError) as e:
         return [("model", str(e))]
     except Exception as e:  # noqa: BLE001 - whatever the user's code raised

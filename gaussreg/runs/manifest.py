@@ -445,8 +445,10 @@ def check_code(m: Manifest, timeout: float = 600, runs: Optional[List[PlannedRun
             key = json.dumps(item, sort_keys=True)
             if key not in where:
                 where[key] = (len(combos), e.index)
-                combos.append({**item, "depths": []})
+                combos.append({**item, "depths": [], "split": False})
             c = combos[where[key][0]]
+            # a model that does not split is refused only for a method that needs the split
+            c["split"] = c["split"] or METHOD_CLASSES[s["method"]](**s["params"]).needs_split
             depth = s["params"].get("depth", 1) if s["method"] == "regularizer" else None
             if depth is not None and depth not in c["depths"]:
                 c["depths"].append(depth)

@@ -73,7 +73,9 @@ def from_checkpoint(ckpt: Path, spec: dict, device: str = "auto", data_dir: Opti
     except data.DataError as e:
         raise TrainedRunError(str(e)) from None
     try:
-        model = build_model(spec["model"], splits.info, spec.get("model_args"), spec.get("python_path", ())).to(dev)
+        # split=False: a model that trained unsplit (no first activation) loads as it trained
+        model = build_model(spec["model"], splits.info, spec.get("model_args"), spec.get("python_path", ()),
+                            split=False).to(dev)
     except (PluginError, SplitError) as e:
         raise TrainedRunError(str(e)) from None
     try:

@@ -29,7 +29,7 @@ from gaussreg.runs.device import (autocast, device_name, keep_freed_memory, make
                                   prefer_channels_last, resolve_precision, threads_from_env)
 from gaussreg.runs.store import RunDir, atomic_write_bytes, now_iso, to_json
 from gaussreg.science.methods import Method, make_method
-from gaussreg.science.models import build_model, parameter_count
+from gaussreg.science.models import GaussNet, build_model, parameter_count
 from gaussreg.science.robustness import EvaluationStopped, certify_batch, robustness
 
 PROGRESS_EVERY_S = 0.5
@@ -255,15 +255,18 @@ def setup(spec: dict, log) -> Training:
                        train_subset=spec["train_subset"], test_subset=spec["test_subset"], device=dev,
                        args=spec.get("dataset_args"), python_path=spec.get("python_path", ()))
     log(f"data {spec['dataset']} {splits.sizes()} on {dev}")
+    method = make_method(spec["method"], spec["params"])
     torch.manual_seed(spec["seed"])
-    model = build_model(spec["model"], splits.info, spec.get("model_args"), spec.get("python_path", ())).to(dev)
+    # a model with no first activation to split at (a ViT) trains whole with the methods that need no split
+    model = build_model(spec["model"], splits.info, spec.get("model_args"), spec.get("python_path", ()),
+                        split=method.needs_split).to(dev)
     precision = resolve_precision(spec["precision"], dev)
     model, channels_last = prefer_channels_last(model, precision)
     if spec["compile"]:
-        for part in (model.first, model.rest):  # in place: state_dict keys and model.first stay as they are
+        # in place: state_dict keys and model.first stay as they are
+        for part in ((model.first, model.rest) if isinstance(model, GaussNet) else (model,)):
             part.compile()
     log(f"precision {precision}{', channels_last' if channels_last else ''}{', compiled' if spec['compile'] else ''}")
-    method = make_method(spec["method"], spec["params"])
     _set_pixel_sigma(method, spec, splits.info, log)
     g = torch.Generator(device=dev).manual_seed(spec["seed"])
     method.prepare(len(splits.train_x), tuple(splits.train_x.shape[1:]), g)

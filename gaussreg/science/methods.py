@@ -45,6 +45,9 @@ class Method:
     copies = 1  # items per clean training image in one epoch
     term_names = ("ce",)  # the keys of Loss.terms, in the order the worker logs them
     noise_param = None  # the parameter that is a Gaussian training noise level, if any (certify's default sigma)
+    # whether the loss needs the model split as rest(act(first(x))) (gaussreg.science.models.GaussNet);
+    # other methods train any module, e.g. a ViT, whose stem has no elementwise activation
+    needs_split = False
 
     # the per-channel pixel sigma that sigma stands for in the reference's units (gaussreg.science.units)
     reference_units = None
@@ -311,6 +314,7 @@ class Regularizer(Method):
               "sigma_units": SIGMA_UNITS}
     term_names = ("ce", "reg")
     reference_units = staticmethod(units.regularizer_sigma)
+    needs_split = True
 
     def passes(self, n):
         # rest_k runs on the clean activations and on mu_k (alpha = 0 included)
@@ -338,18 +342,21 @@ class RandSign(Method):
               "where": Param(str, "input", lambda v: v in ("input", "hidden", "both"),
                              "must be 'input', 'hidden' or 'both'")}
 
+    @property
+    def needs_split(self):  # the hidden layer it perturbs is the first activation's output
+        return self.params["where"] != "input"
+
     def passes(self, n):
         return {"clean": 0, "noisy": n, "expected": 0}  # one perturbed pass (input or hidden layer)
 
     def loss(self, model, x, y, g):
-        import torch  # here: specs and manifests read methods without torch
         eps, p, where = self.params["eps"], self.params["p"], self.params["where"]
         if where in ("input", "both"):
             x = random_sign(x, eps, p, g)
-        h = torch.relu(model.first(x))
-        if where in ("hidden", "both"):
-            h = random_sign(h, eps, p, g)
-        logits = model.rest(h)
+        if where == "input":
+            logits = model(x)
+        else:
+            logits = model.rest(random_sign(model.act(model.first(x)), eps, p, g))
         ce = _cross_entropy(logits, y)
         return Loss(ce, {"ce": ce}, logits)
 

@@ -39,12 +39,18 @@ def _reduce_to(grad, shape):
     return grad.sum(dims, keepdim=True).reshape(shape)  # reshape: a view when it can be
 
 
-_CHUNK_ELEMS = 1 << 17  # CPU: work on ~512 KB pieces that stay in cache
+# CPU: pieces of 4M elements (16 MB in fp32; 6 for the paper's 25M-element LeNet batch). Each op
+# on a piece is a parallel region whose threads must all arrive: with ~190 pieces of 128K
+# (~1,500 regions a step) a step took 18 s when other processes shared the 2 cores, against 3 s
+# in 6 pieces and 10 s for plain autograd; alone on one thread both piece sizes took 1.6 s
+# (bench/README.md, "ReLU's fp32 kernel")
+_CHUNK_ELEMS = 1 << 22
 
 
 def _row_chunks(t: torch.Tensor):
-    """Slices along dim 0 for CPU tensors (memory-bound passes run in cache); one
-    slice on accelerators, where each op is already one fused kernel."""
+    """Slices along dim 0 for CPU tensors (memory-bound passes in pieces, without the
+    temporaries of a whole batch); one slice on accelerators, where each op is already one
+    fused kernel."""
     n = t.shape[0] if t.ndim else 1
     if t.device.type != "cpu" or t.ndim == 0 or t.numel() <= _CHUNK_ELEMS:
         return [...]

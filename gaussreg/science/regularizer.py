@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gaussreg.science import adf
+from gaussreg.science import activations, adf
 from gaussreg.science.methods import channel_tensor
 from gaussreg.science.models import FirstBlock
 from gaussreg.science.moments import relu_and_mean, relu_mean, safe_sqrt
@@ -79,13 +79,38 @@ def _deep_mean(model, mu2: torch.Tensor, x: torch.Tensor, sigma: Sigma, head) ->
     return mu.to(mu2.dtype)
 
 
+def _act(model) -> nn.Module:
+    return getattr(model, "act", None) or nn.ReLU()  # a GaussNet from before it had `act` is a ReLU one
+
+
+def _is_relu(act: nn.Module) -> bool:
+    return type(act) is nn.ReLU
+
+
+def first_mean(model, mu2: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    """mu3 = E[act(X)], X ~ N(mu2, s2^2): T(mu2, s2) for ReLU (Eq. 1), else the first
+    activation's expected value (gaussreg.science.activations)."""
+    act = _act(model)
+    return relu_mean(mu2, s2) if _is_relu(act) else activations.expected_activation(act, mu2, s2)
+
+
+def _check_deep(model, depth: adf.Depth) -> None:
+    act = _act(model)
+    if depth != 1 and not activations.expectation(act).variance:
+        raise TypeError(f"depth {depth!r} propagates mean and variance through the first activation, and gaussreg "
+                        f"has the variance of ReLU only, not of {type(act).__name__}; use depth = 1 (the paper's "
+                        f"split, which needs the mean alone)")
+
+
 def expected_logits(model, x: torch.Tensor, sigma: Sigma, depth: adf.Depth = 1) -> torch.Tensor:
     """The analytic estimate of E[f(x + n)]: rest_k(mu_k). depth 1 is the paper's
-    rest(mu3), mu3 = T(mu2, sigma2), mu2 = first(x) (Eq. 1, 4, 5); deeper splits
-    propagate mean and variance through the layers before the k-th ReLU (gaussreg.science.adf)."""
+    rest(mu3), mu3 = T(mu2, sigma2), mu2 = first(x) (Eq. 1, 4, 5; for another first
+    activation mu3 is its expected value); deeper splits propagate mean and variance
+    through the layers before the k-th ReLU (gaussreg.science.adf)."""
     mu2 = model.first(x)
     if depth == 1:
-        return model.rest(relu_mean(mu2, sigma2(model.first, sigma, x)))
+        return model.rest(first_mean(model, mu2, sigma2(model.first, sigma, x)).to(mu2.dtype))
+    _check_deep(model, depth)
     head, tail = adf.split(model.rest, depth)
     out = _deep_mean(model, mu2, x, sigma, head)
     for mod in tail:
@@ -137,9 +162,16 @@ def moment_loss(model, x: torch.Tensor, y: torch.Tensor, sigma: Sigma, alpha: fl
     mu_k go through rest_k as one batch (at depth 1 written into one buffer)."""
     mu2 = model.first(x)
     if depth == 1:
+        act = _act(model)
+        s2 = sigma2(model.first, sigma, x)
+        if _is_relu(act):
+            both = relu_and_mean(mu2, s2)
+        else:
+            both = torch.cat([act(mu2), activations.expected_activation(act, mu2, s2).to(mu2.dtype)])
         with clean_batch_norm(model.rest, len(x)):
-            both = model.rest(relu_and_mean(mu2, sigma2(model.first, sigma, x)))
+            both = model.rest(both)
     else:
+        _check_deep(model, depth)
         head, tail = adf.split(model.rest, depth)
         h = torch.relu(mu2)
         for mod in head:
