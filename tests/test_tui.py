@@ -8,9 +8,10 @@ import shutil
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
-from conftest import cli, python_env
+from conftest import cli, python_env, wait_for
 from factories import SIGMAS, T0, T1, dashboard_epoch, dashboard_run, jsonl, queued_run
 from textual.css.query import NoMatches
 
@@ -215,6 +216,42 @@ async def test_cancel_and_rerun_refuse_first_with_the_reason(store):
         await pilot.press("r")  # a failed run can be trained again: this one asks
         await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
         await pilot.press("n")
+
+
+async def test_a_rerun_while_a_launch_holds_the_cpu_waits_for_a_place_and_says_so(store):
+    """`r` is a launch of its own (gaussreg's launch of request.rerun_plan): while the store's
+    only CPU place is held by another launch's worker it does not train beside it; the TUI
+    says at once that it waits, and its scheduler waits (its log says so) until X stops it."""
+    from gaussreg.launch.control import cancel_launch
+    from gaussreg.launch.gpus import CPU_PLACE
+    place = store.lock_gpu_share(CPU_PLACE, 1)  # a launch with one CPU run is training
+    assert place is not None
+    failed = next(r for r in store.runs() if r.status()["state"] == "failed")
+    app = GaussregApp("runs", poll_s=0.05)
+    try:
+        async with app.run_test(size=(160, 40)) as pilot:
+            await until(pilot, lambda: table(app).row_count == 5)
+            t = table(app)
+            t.move_cursor(row=t.get_row_index(failed.id))
+            await pilot.press("r")
+            await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+            await pilot.press("y")
+            await until(pilot, lambda: any("training" in n.message for n in app._notifications), timeout=60)
+            note = next(n.message for n in app._notifications if "training" in n.message)
+            found = launches(store)
+            assert len(found) == 1 and found[0]["label"] == failed.id
+            assert note == (f"training {failed.id} again (launch pid {found[0]['pid']}, X stops it): every place on "
+                            f"the CPU (1, as its launches made them) is taken by runs of store runs: it waits for one")
+            log = Path(found[0]["log"])
+            wait_for(lambda: log.exists() and "waiting: every place on the CPU" in log.read_text(), 120,
+                     "the rerun's scheduler to say that it waits")
+            free = try_lock(failed)  # nobody trains it
+            assert failed.status()["state"] == "failed" and free is not None
+            os.close(free)
+            cancel_launch(store, found[0]["pid"])
+            wait_for(lambda: not launches(store), 60, "the rerun's launch to stop")
+    finally:
+        os.close(place)
 
 
 async def test_compare_screen_follows_the_store(store):

@@ -11,8 +11,8 @@ from textual.app import App, SystemCommand
 from textual.screen import Screen
 
 from gaussreg.launch import slurm
-from gaussreg.launch.control import ControlError, cancel_launch, cancel_run, launches, restart
-from gaussreg.launch.request import LaunchError, launch
+from gaussreg.launch.control import ControlError, cancel_launch, cancel_run, launches
+from gaussreg.launch.request import LaunchError, launch, place_wait, rerun_plan
 from gaussreg.runs.store import RunDir, RunFileError, Store
 
 from .messages import RunsChanged
@@ -190,10 +190,14 @@ class GaussregApp(App):
                 sub = slurm.resubmit(run)
                 self.call_from_thread(self.notify, f"resubmitted {run_id} as Slurm array job {sub.job_id}",
                                       markup=False)
-            else:
-                p = restart(run)
-                self.call_from_thread(self.notify, f"training {run_id} again (pid {p.pid})", markup=False)
-        except (ControlError, RunFileError) as e:  # RunFileError: a run directory that is a link, a bad lock
+            else:  # a launch of its own: it takes a place (GPU or CPU) as launches do, or waits for one
+                plan = rerun_plan(run)
+                wait = place_wait(plan)
+                info = launch(plan)
+                self.call_from_thread(self.notify, f"training {run_id} again (launch pid {info['pid']}, X stops it): "
+                                      + (f"{wait}" if wait else "it starts now"), markup=False,
+                                      severity="warning" if wait else "information")
+        except (ControlError, LaunchError, RunFileError) as e:  # RunFileError: a run directory that is a link
             self.call_from_thread(self.notify, str(e), severity="error", markup=False)
 
     @work(thread=True, group="control")
