@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import cli, python_env, wait_for
-from factories import SIGMAS, T0, T1, dashboard_epoch, dashboard_run, jsonl, queued_run
+from factories import SIGMAS, T0, T1, dashboard_epoch, dashboard_run, jsonl, queued_run, written_run
 from textual.css.query import NoMatches
 
 from gaussreg.launch.control import launches, start_worker
@@ -399,6 +399,84 @@ async def test_a_rerun_replaces_what_detail_and_row_showed(store):
         assert table(app).get_cell(run.id, "state").plain == "running"
         os.close(lock)  # the worker is gone (its pid, ours, lives on): the run is not running
         await until(pilot, lambda: table(app).get_cell(run.id, "state").plain == "interrupted")
+
+
+def _y_labels(plot):
+    """The y tick labels a plot shows, with the canvas row of each, top to bottom, and the
+    number of canvas rows."""
+    lines = plot.render().plain.splitlines()
+    canvas = [i for i, line in enumerate(lines) if "┤" in line or ("│" in line and not set("┌└") & set(line))]
+    return [(i - canvas[0], lines[i].split("┤")[0].strip()) for i in canvas if "┤" in lines[i]], len(canvas)
+
+
+async def test_plot_y_ticks_are_even_at_every_size(store):
+    """The loss plot's y labels are a round step apart, none skipped (plotext's own showed 1.84,
+    1.66, 1.49, 1.14 at 120x40), on the canvas's top and bottom rows and evenly spaced
+    between them, at every size of the detail screen."""
+    from tui.widgets import even_ticks
+    rid = next(r.id for r in store.runs() if "regularizer" in r.id and r.spec()["params"]["sigma"] == 0.5)
+    app = GaussregApp("runs", poll_s=0.05)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, lambda: table(app).row_count == 5)
+        t = table(app)
+        t.move_cursor(row=t.get_row_index(rid))
+        await pilot.press("enter")
+        loss = await widget(pilot, RunDetailScreen, "#loss")
+        for size in ((120, 40), (80, 24), (100, 34), (160, 50), (120, 36), (90, 28)):
+            await pilot.resize_terminal(*size)
+            await until(pilot, lambda: loss.size.height > 0 and loss.series.get("train") and loss.yticks
+                        and _y_labels(loss)[0] and len(_y_labels(loss)[0]) == len(loss.yticks))
+            shown, rows = _y_labels(loss)
+            values = [float(label) for _, label in shown]
+            steps = {round(a - b, 9) for a, b in zip(values, values[1:])}
+            assert len(values) >= (3 if rows >= 5 else 2) and len(steps) == 1, (size, shown)  # one step, none skipped
+            assert [label for _, label in shown] == loss.yticks[::-1]
+            gaps = [b - a for (a, _), (b, _) in zip(shown, shown[1:])]
+            assert shown[0][0] == 0 and shown[-1][0] == rows - 1, (size, shown)
+            assert max(gaps) - min(gaps) <= 1 and min(gaps) >= 2, (size, shown)
+            assert values[-1] <= 2 / 3 and values[0] >= 2.5  # the curves (2/e and 2.5/e, e = 1..3) lie within
+    for rows in range(2, 60):  # and for any data: ticks at one step, at least two rows apart
+        for lo, hi in ((0.58, 2.59), (99.81, 100.0), (-0.3, 0.7), (1e-4, 3e-4), (12.0, 97.0)):
+            low, high, ticks, labels = even_ticks(lo, hi, rows, (0, 100) if lo > 10 else None)
+            assert low <= lo and high >= hi and len(ticks) - 1 <= max(1 + (lo < 0 < hi and rows < 5), (rows - 1) // 2)
+            assert len({round(b - a, 12) for a, b in zip(ticks, ticks[1:])}) == 1 and len(set(labels)) == len(labels)
+
+
+def _shown(w) -> list:
+    """The rows a widget shows, as plain text."""
+    from textual.geometry import Region
+    return ["".join(seg.text for seg in strip) for strip in w.render_lines(Region(0, 0, w.size.width, w.size.height))]
+
+
+async def test_detail_wraps_the_log_tail_and_breaks_no_word_of_the_spec(store):
+    """The log tail wraps within the side panel (it was cut at 78 columns: a line's accuracy
+    and epoch time were lost), and at 80x24 a spec value too long beside its label goes below
+    it instead of breaking a word ("fashion-mnis / t")."""
+    from textual.widgets import RichLog
+    line = "epoch 8/10 train loss 1.2345 val loss 1.3456 val acc 87.65% epoch time 12.3 s 1234 img/s"
+    run = written_run(store, status={"state": "failed", "epoch": 8, "max_epochs": 10, "error": "boom"},
+                      events=[dashboard_epoch(e, 2.0 / e, 2.5 / e, 0.5) for e in range(1, 9)],
+                      log=f"{T0} start\n{T1} {line}\n", dataset="fashion-mnist", model="lenet", method="regularizer",
+                      params={"sigma": 0.5, "alpha": 1.0}, experiment="fm", max_epochs=10)
+    app = GaussregApp("runs", poll_s=0.05)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, lambda: table(app).row_count == 6)
+        t = table(app)
+        t.move_cursor(row=t.get_row_index(run.id))
+        await pilot.press("enter")
+        spec = await widget(pilot, RunDetailScreen, "#spec")
+        log = app.screen.query_one(RichLog)
+        for size in ((120, 40), (80, 24)):
+            await pilot.resize_terminal(*size)
+            # the last line whole, over as many rows as it takes, none wider than the log
+            await until(pilot, lambda: line in " ".join(r.text.strip() for r in log.lines)
+                        and max(r.cell_length for r in log.lines) <= log.scrollable_content_region.width
+                        and spec.size.width == spec.parent.scrollable_content_region.width)
+            words = " ".join(_shown(spec)).split()
+            assert "fashion-mnist" in words and "lenet" in words, (size, _shown(spec))  # each word whole
+            assert not any(w.startswith("fashion-mnis") and w != "fashion-mnist" for w in words)
+        assert "fashion-mnist" in words and _shown(spec)[[i for i, r in enumerate(_shown(spec)) if "fashion" in r][0]
+                                                         - 1].strip() == "data"  # at 80x24: below its label
 
 
 async def test_robustness_curve_once_evaluated(store):

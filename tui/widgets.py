@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -169,6 +170,33 @@ class SummaryBar(Static):
         self.update(Text.assemble(*parts))
 
 
+def even_ticks(lo: float, hi: float, rows: int,
+               bounds: Optional[Tuple[float, float]] = None) -> Tuple[float, float, List[float], List[str]]:
+    """Y ticks a plot of `rows` canvas rows shows without dropping one: a round step (1, 2, 2.5
+    or 5 × 10^k), the range widened to whole steps (within `bounds`) so the first and last
+    tick are its bottom and top, and at most one tick every two rows, so no two fall on one
+    row (plotext's own ticks could, and then a label went missing: 1.84, 1.66, 1.49, 1.14).
+    Returns (low, high, ticks, labels)."""
+    allowed = max(1, (rows - 1) // 2)
+    span = max(hi - lo, 1e-12)
+    for intervals in (allowed, allowed + 1):  # one more only where a step per two rows cannot fit (across zero)
+        exp = math.floor(math.log10(span / intervals))
+        for step in (m * 10.0 ** e for e in (exp, exp + 1, exp + 2) for m in (1, 2, 2.5, 5)):
+            first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
+            if bounds:  # a bound is a whole number of steps of any round step it is plotted with (0, 100)
+                first = max(first, math.ceil(bounds[0] / step - 1e-9))
+                last = min(last, math.floor(bounds[1] / step + 1e-9))
+            if 0 < last - first <= intervals:
+                break
+        else:
+            continue
+        break
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9)) + (1 if str(step / 10.0 ** math.floor(
+        math.log10(step) + 1e-9)).startswith("2.5") else 0)
+    ticks = [k * step for k in range(first, last + 1)]
+    return ticks[0], ticks[-1], ticks, [f"{t:.{decimals}f}" for t in ticks]
+
+
 SERIES_COLORS = ("cyan", "orange", "magenta", "green", "red", "yellow", "blue", "white")
 RICH_COLOR = {"orange": "dark_orange"}  # plotext's name -> Rich's name for the same colour
 
@@ -190,6 +218,8 @@ class SeriesPlot(PlotextPlot):
         self.ybounds = ybounds  # e.g. (0, 100) for percentages: the padding never passes them
         self.series: Dict[str, Tuple[List[float], List[float]]] = {}
         self.vlines: List[Tuple[float, str]] = []
+        self.yrange: Optional[Tuple[float, float]] = None  # the data's, padded; ticks follow the plot's rows
+        self.yticks: List[str] = []  # the tick labels last drawn
 
     def color(self, name: str) -> str:
         if name not in self.series_colors:
@@ -230,15 +260,26 @@ class SeriesPlot(PlotextPlot):
                     xs, ys, color=self.color(name), marker="dot" if self.kind == "scatter" else "braille")
         for x, color in self.vlines:
             plt.vline(x, color)
+        self.yrange = None
         if ys_all:
             lo, hi = min(ys_all), max(ys_all)
             pad = (hi - lo) * 0.05 or max(abs(hi) * 0.001, 1e-3)
             lo, hi = lo - pad, hi + pad
             if self.ybounds:
                 lo, hi = max(lo, self.ybounds[0]), min(hi, self.ybounds[1])
-            plt.ylim(lo, hi)
+            self.yrange = (lo, hi)
         if self.integer_x and xs_all:
             lo, hi = int(min(xs_all)), int(max(xs_all))
             step = max(1, (hi - lo) // 6 + (1 if (hi - lo) % 6 else 0))
             plt.xticks(list(range(lo, hi + 1, step)))
         self.refresh()
+
+    def render(self):
+        """The y ticks are chosen here, where the plot's height is known: plotext's canvas has
+        its height less the frame, the x tick labels and the x label."""
+        if self.yrange:
+            rows = self.size.height - 3 - (1 if self.xlabel else 0)
+            lo, hi, ticks, self.yticks = even_ticks(*self.yrange, rows, self.ybounds)
+            self.plt.ylim(lo, hi)
+            self.plt.yticks(ticks, self.yticks)
+        return super().render()
