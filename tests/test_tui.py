@@ -171,6 +171,73 @@ async def test_filter_and_sort(store):
         assert t.selected_id == chosen
 
 
+def _screen(app) -> list:
+    """Every row of the screen as the terminal shows it (scrollbars included), plain text."""
+    return ["".join(seg.text for seg in strip) for strip in app.screen._compositor.render_full_update().strips]
+
+
+async def test_the_sorted_column_has_an_arrow_and_no_scrollbar_glyph_under_the_rows(store):
+    """80x24: the sorted column's header says ▲ (▼ reversed); under the last row the screen is
+    blank (the table's horizontal scrollbar drew a stray glyph there), and → still scrolls."""
+    app = GaussregApp("runs", poll_s=0.05)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: table(app).row_count == 5)
+        t = table(app)
+        t.focus()
+        await until(pilot, lambda: sum(m in row for row in _screen(app) for m in ("baseline", "augment", "regularizer")) == 5)
+        rows = _screen(app)
+        header = next(i for i, row in enumerate(rows) if row.startswith(" id "))
+        assert rows[header + 6].strip() == "", rows[header + 5:header + 7]  # the line under the fifth row
+        for arrow in ("▲", "▼"):
+            await pilot.press("s")
+            menu = await widget(pilot, SortScreen, "#sort-columns")
+            menu.highlighted = [k for k, _ in COLUMNS].index("robustness")
+            await pilot.press("enter")
+            await until(pilot, lambda: f" R {arrow} " in _screen(app)[header])
+            assert _screen(app)[header].count("▲") + _screen(app)[header].count("▼") == 1
+        assert t.max_scroll_x > 0  # wider than 80 columns: → shows the rest
+        await pilot.press("right")
+        await until(pilot, lambda: t.scroll_x > 0)
+
+
+async def test_launch_dialog_fits_80x24_and_the_launch_is_said_at_once(tmp_path, monkeypatch):
+    """At 80x24 the launch dialog shows every button whole without scrolling (the Load button
+    was cut), and Launch is said the moment the dialog closes, before the scheduler process
+    that will make the rows even exists."""
+    from textual.widgets import Button
+
+    import tui.app
+    from gaussreg.launch.control import cancel_launch
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    (tmp_path / "tiny.toml").write_text(MANIFEST)
+    started = []  # when the app called gaussreg's launch (which starts the scheduler process)
+    real = tui.app.launch
+    monkeypatch.setattr(tui.app, "launch", lambda plan: started.append(time.time()) or real(plan))
+    app = GaussregApp("runs", manifest="tiny.toml", poll_s=0.1)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("l")
+        sel = await widget(pilot, LaunchScreen, "SelectionList")
+        await until(pilot, lambda: sel.option_count == 1)
+        dialog = app.screen.query_one("#dialog")
+        buttons = list(app.screen.query(Button))
+        await until(pilot, lambda: all(b.region.height == 3 for b in buttons))
+        assert dialog.max_scroll_y == 0 and {b.id for b in buttons} == {"load", "launch", "cancel"}
+        assert all(dialog.content_region.contains_region(b.region) for b in buttons), [b.region for b in buttons]
+        assert any(" Load " in row for row in _screen(app))
+        app.screen.query_one("#gpus").value = "none"
+        await pilot.click("#launch")
+        await until(pilot, lambda: any(n.message.startswith("launching") for n in app._notifications))
+        said = next(n for n in app._notifications if n.message.startswith("launching"))
+        assert isinstance(app.screen, RunsScreen)
+        assert said.message == "launching 1 run of tiny; the rows appear as its scheduler creates them"
+        await until(pilot, lambda: launches(Store("runs")), timeout=60)
+        record = launches(Store("runs"))[0]
+        assert len(started) == 1 and said.raised_at <= started[0]  # said before its process was started
+        cancel_launch(Store("runs"), record["pid"])
+        await until(pilot, lambda: not launches(Store("runs")), timeout=60)
+
+
 def column(t, key):
     return [str(t.get_cell(t.coordinate_to_cell_key((i, 0)).row_key, key)) for i in range(t.row_count)]
 
@@ -262,7 +329,7 @@ async def test_compare_screen_follows_the_store(store):
         dashboard_run(store, "randsign", 0.91, 0.66, eps=0.1, p=0.5, where="input")
         await until(pilot, lambda: best.row_count == 4)
         row = best.get_row("randsign")
-        assert row[2] == "91.00" and row[4] == "66.00"
+        assert row[3] == "91.00" and row[5] == "66.00"
 
 
 async def test_compare_screen_picks_among_the_settings_of_an_experiment(store):
@@ -278,17 +345,17 @@ async def test_compare_screen_picks_among_the_settings_of_an_experiment(store):
         dashboard_run(store, "regularizer", 0.61, 0.55, epochs=5, sigma=0.5, alpha=1.0)
         await until(pilot, lambda: chooser.display and chooser.value == "max_epochs=3")
         assert "max_epochs=5" in [str(label) for label, _ in chooser._options if _ is not Select.NULL]
-        assert best.row_count == 3 and best.get_row("baseline")[2] == "90.00"
+        assert best.row_count == 3 and best.get_row("baseline")[3] == "90.00"
         chooser.value = "max_epochs=5"
-        await until(pilot, lambda: best.row_count == 2 and best.get_row("baseline")[2] == "60.00")
-        assert best.get_row("regularizer")[4] == "55.00"
+        await until(pilot, lambda: best.row_count == 2 and best.get_row("baseline")[3] == "60.00")
+        assert best.get_row("regularizer")[5] == "55.00"
         scatter = app.screen.query_one("#scatter", SeriesPlot)
         assert {m: list(zip(*xy)) for m, xy in scatter.series.items()} == {
             "baseline": [pytest.approx((60, 40))], "regularizer": [pytest.approx((61, 55))]}
         # the store moves on: the chosen setting stays chosen
         dashboard_run(store, "augment", 0.62, 0.50, epochs=5, sigma=0.25, folds=1)
         await until(pilot, lambda: best.row_count == 3)
-        assert chooser.value == "max_epochs=5" and best.get_row("augment")[2] == "62.00"
+        assert chooser.value == "max_epochs=5" and best.get_row("augment")[3] == "62.00"
 
 
 async def test_overlay_of_marked_runs(store):
@@ -314,6 +381,15 @@ async def test_overlay_of_marked_runs(store):
         assert consistency[short[0]][1] == pytest.approx([100, 70, 50])
         assert app.screen.query_one("#overlay-loss", SeriesPlot).series[short[1]][0] == [1, 2, 3]
         assert noisy.series_colors[short[0]] != noisy.series_colors[short[1]]
+        # one legend names each colour's run by its method and parameters, not by a hash alone
+        legend = app.screen.query_one("#overlay-legend")
+        await until(pilot, lambda: "baseline" in " ".join(_shown(legend)))
+        entries = [f"● {short[0]} augment folds=2 sigma=0.25", f"● {short[1]} baseline"]
+        for size in ((160, 40), (60, 24)):  # narrow: one run a line, none broken
+            await pilot.resize_terminal(*size)
+            await until(pilot, lambda: legend.size.width == size[0] - 2)
+            assert all(any(e in row for row in _shown(legend)) for e in entries), _shown(legend)
+        assert not any(p.border_subtitle or "●" in str(p.border_title) for p in app.screen.query(SeriesPlot))
 
 
 async def test_default_order_tells_runs_apart(store):
@@ -626,23 +702,54 @@ def test_ls_report_and_tui_rows_come_from_one_builder(store):
 
 
 async def test_compare_screen_matches_table_json(store):
+    """The compare screen shows what `gaussreg table` shows, word for word (report.comparison_text
+    of the same JSON): means ± std over seeds, the two-standard-error check, the selection split."""
+    from gaussreg.views import report
+    dashboard_run(store, "baseline", 0.88, 0.54, seed=1)  # two seeds: a std and a standard error
+    dashboard_run(store, "regularizer", 0.86, 0.93, seed=1, sigma=2.0, alpha=1.0)
     app = GaussregApp("runs", poll_s=0.05)
     out = subprocess.run(cli("table", "--store", "runs", "--format", "json"), capture_output=True, text=True,
                          env=python_env())
     rec = json.loads(out.stdout)["experiments"][0]
+    title, header, rows, footer = report.comparison_text(rec)
     async with app.run_test(size=(160, 48)) as pilot:
-        best = await _open_compare(pilot, rows=len(rec["best"]))
-        for e in rec["best"]:
-            row = best.get_row(e["method"])
-            assert row[2] == f"{e['accuracy'] * 100:.2f}" and row[4] == f"{e['robustness'] * 100:.2f}"
-            assert row[3] == f"{e['d_accuracy'] * 100:+.2f}" and row[5] == f"{e['d_robustness'] * 100:+.2f}"
-            assert row[7:] == [f"{e['steps_x']:.2f}", f"{e['time_x']:.2f}", "3/3 ↑"]
-        footer = str(app.screen.query_one("#compare-footer").render())
-        assert f"equivalent augmentation (the paper's Ñ = folds + 1): {rec['equivalent_folds']['text']}" in footer
+        await until(pilot, lambda: table(app).row_count == 7)
+        await pilot.press("c")
+        best = await widget(pilot, CompareScreen, "#best")
+        await until(pilot, lambda: best.row_count == len(rec["best"]))
+        assert [str(c.label) for c in best.columns.values()] == header
+        assert [[str(c) for c in best.get_row(e["method"])] for e in rec["best"]] == rows
+        reg = best.get_row("regularizer")
+        assert reg[3] == "85.50 ± 0.71" and reg[5] == "94.00 ± 1.41" and reg[7] in ("yes", "no")  # ± std, 2 SE
+        assert str(app.screen.query_one("#compare-title").render()) == title
+        assert "selected on validation" in title
+        shown = str(app.screen.query_one("#compare-footer").render())
+        assert shown == "\n".join(footer)
+        assert "were decided on validation accuracy and R" in shown and "two standard errors (2 SE = " in shown
+        assert f"equivalent augmentation (the paper's Ñ = folds + 1): {rec['equivalent_folds']['text']}" in shown
         scatter = app.screen.query_one("#scatter", SeriesPlot)
         points = sorted(zip(*scatter.series["regularizer"]))
-        assert points == [pytest.approx((85, 95)), pytest.approx((92, 78))]  # in %, like the table
-        assert scatter.vlines[0][0] == pytest.approx(90 - 1)  # the tolerance band's edge
+        assert points == [pytest.approx((85, 95)), pytest.approx((86, 93)), pytest.approx((92, 78))]  # in %
+        assert scatter.vlines[0][0] == pytest.approx(89 - 1)  # the tolerance band's edge (baseline mean 89 %)
+
+
+async def test_compare_screen_at_80x24_shows_the_table_or_the_plot_with_its_whole_legend(store):
+    """Below 34 rows the table and the plot take turns (p), so the plot is not squeezed to a few
+    rows; a legend too long for the top border goes to the bottom one instead of being cut."""
+    app = GaussregApp("runs", poll_s=0.05)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await _open_compare(pilot)
+        scatter = app.screen.query_one("#scatter", SeriesPlot)
+        assert not scatter.display and app.screen.query_one("#compare-body").display
+        await pilot.press("p")
+        await until(pilot, lambda: scatter.display and scatter.region.height >= 15 and scatter.series)
+        rows = _screen(app)
+        top = next(r for r in rows if "every completed run" in r)
+        bottom = next(r for r in rows if "● augment" in r)
+        assert "every completed run: R % vs clean test accuracy %" in top and top.rstrip().endswith("╮")
+        assert all(f"● {m}" in bottom for m in ("augment", "baseline", "regularizer")) and bottom.rstrip().endswith("╯")
+        await pilot.press("p")
+        await until(pilot, lambda: not scatter.display and app.screen.query_one("#best").region.height > 0)
 
 
 async def test_compare_screen_budget_as_table_budget(store):
@@ -653,7 +760,7 @@ async def test_compare_screen_budget_as_table_budget(store):
     app = GaussregApp("runs", poll_s=0.05)
     async with app.run_test(size=(160, 48)) as pilot:
         best = await _open_compare(pilot)
-        assert best.get_row("augment")[8] == "3.00" and best.get_row("regularizer")[8] == "1.20"
+        assert best.get_row("augment")[10] == "3.00" and best.get_row("regularizer")[10] == "1.20"
         app.screen.query_one("#budget", Input).focus()
         error = app.screen.query_one("#budget-error")
         for bad, said in (("0", "0.0"), ("abc", "abc"), ("inf", "inf")):

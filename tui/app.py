@@ -34,6 +34,8 @@ class GaussregApp(App):
     #log { height: 1fr; border-top: solid $primary; }
     #compare-title, #compare-footer { height: auto; padding: 0 1; }
     #best { height: auto; max-height: 12; }
+    /* no horizontal scrollbar under the rows (a stray glyph there); ← and → still scroll */
+    RunsTable, #best { scrollbar-size-horizontal: 0; }
     #compare-selects { height: auto; }
     #experiment { width: 1fr; max-width: 60; }
     #setting { width: 1fr; max-width: 60; }
@@ -49,7 +51,10 @@ class GaussregApp(App):
     #sort-columns { height: auto; max-height: 16; }
     #experiments { height: 6; }
     #overlay Horizontal { height: 1fr; }
-    #dialog.launch { overflow-y: auto; }  /* a two-line error at 80x24 scrolls instead of hiding the buttons */
+    #overlay-legend { height: auto; padding: 0 1; }
+    /* a two-line error at 80x24 scrolls instead of hiding the buttons; without one it fits 80x24 unscrolled
+       (a scrollbar took the columns the Load button needed) */
+    #dialog.launch { overflow-y: auto; padding: 0 2; }
     #dialog.launch .row Input { width: 1fr; }
     #dialog.launch .row Input.short { width: 10; }
     #dialog.launch .row Input#gpus { width: 12; }  /* "auto" and a cursor, or "0,1,2" */
@@ -120,14 +125,23 @@ class GaussregApp(App):
         self.push_screen(CompareScreen(exps, current))
 
     def action_launch(self) -> None:
-        self.push_screen(LaunchScreen(self.manifest, str(self.store_root)), self._launch)
+        self.push_screen(LaunchScreen(self.manifest, str(self.store_root)), self._launch_checked)
+
+    def _launch_checked(self, plan) -> None:
+        """The dialog closed with a checked plan: said at once, before the scheduler process is
+        started and long before its runs show up as rows."""
+        if not plan:
+            return
+        n = len(plan.runs)
+        self.notify(f"launching {n} run{'' if n == 1 else 's'} of {', '.join(plan.request.experiments)}"
+                    + (" on Slurm" if plan.request.backend == "slurm" else "")
+                    + "; the rows appear as its scheduler creates them", markup=False)
+        self._launch(plan)
 
     @work(thread=True, group="control")
     def _launch(self, plan) -> None:
         """One scheduler process for the whole plan the dialog checked (it owns the GPUs and cores
         it was given)."""
-        if not plan:
-            return
         request = plan.request
         try:
             info = launch(plan)

@@ -140,9 +140,13 @@ class RunsTable(DataTable):
         self.sync(rows, keep)
 
     def sort_by(self, column: str) -> None:
-        """Sort by a column; the same column again reverses."""
+        """Sort by a column; the same column again reverses. Its header says so: ▲ ascending, ▼ reversed."""
         self.reverse = not self.reverse if self.sorted_by == column else False
         self.sorted_by = column
+        for key, label in COLUMNS:
+            self.columns[key].label = Text(label + ((" ▼" if self.reverse else " ▲") if key == column else ""))
+        self._require_update_dimensions = True  # the arrow can widen its column
+        self._redraw()
         self._order()
 
     def _order(self, keep_selected: bool = True) -> None:
@@ -207,12 +211,14 @@ class SeriesPlot(PlotextPlot):
     puts ticks on whole numbers only (epochs); the y range hugs the data (a robustness of
     99.8-100 % is shown as such, not flattened against 0-100)."""
 
-    DEFAULT_CSS = "SeriesPlot { border: round $panel; border-title-align: left; }"
+    DEFAULT_CSS = ("SeriesPlot { border: round $panel; border-title-align: left; "
+                   "border-subtitle-align: left; }")
 
     def __init__(self, title: str, xlabel: str = "", ylabel: str = "", kind: str = "line",
                  integer_x: bool = False, colors: Optional[Dict[str, str]] = None,
-                 ybounds: Optional[Tuple[float, float]] = None, **kw):
+                 ybounds: Optional[Tuple[float, float]] = None, show_legend: bool = True, **kw):
         super().__init__(**kw)
+        self.show_legend = show_legend  # False: the screen names the series elsewhere (the overlay)
         self.title, self.xlabel, self.ylabel, self.kind = title, xlabel, ylabel, kind
         self.integer_x, self.series_colors = integer_x, dict(colors or {})
         self.ybounds = ybounds  # e.g. (0, 100) for percentages: the padding never passes them
@@ -236,13 +242,25 @@ class SeriesPlot(PlotextPlot):
     def on_mount(self) -> None:
         self.redraw()
 
-    def legend(self) -> Text:
-        parts: List[object] = [self.title]
+    def legend(self, title: bool = True) -> Text:
+        parts: List[object] = [self.title] if title else []
         for name, (xs, _) in self.series.items():
-            if xs:
+            if xs and self.show_legend:
                 color = self.color(name)
-                parts += ["  ", ("● " + name, RICH_COLOR.get(color, color))]
+                parts += ["  " if parts else "", ("● " + name, RICH_COLOR.get(color, color))]
         return Text.assemble(*parts)
+
+    def place_legend(self) -> None:
+        """The title and legend on the top border where they fit, else the title there and the
+        names on the bottom border (the compare screen's at 80 columns was cut)."""
+        whole = self.legend()
+        if whole.cell_len <= self.outer_size.width - 6 or not self.outer_size.width:  # corners, spaces, a rule
+            self.border_title, self.border_subtitle = whole, None
+        else:
+            self.border_title, self.border_subtitle = Text(self.title), self.legend(title=False)
+
+    def on_resize(self) -> None:
+        self.place_legend()
 
     def redraw(self) -> None:
         plt = self.plt
@@ -250,7 +268,7 @@ class SeriesPlot(PlotextPlot):
         plt.clear_figure()
         plt.xlabel(self.xlabel)
         plt.ylabel(self.ylabel)
-        self.border_title = self.legend()
+        self.place_legend()
         xs_all, ys_all = [], []
         for name, (xs, ys) in self.series.items():
             if xs:
