@@ -508,14 +508,17 @@ async def test_plot_y_ticks_are_even_at_every_size(store):
             assert len(values) >= (3 if rows >= 5 else 2) and len(steps) == 1, (size, shown)  # one step, none skipped
             assert [label for _, label in shown] == loss.yticks[::-1]
             gaps = [b - a for (a, _), (b, _) in zip(shown, shown[1:])]
-            assert shown[0][0] == 0 and shown[-1][0] == rows - 1, (size, shown)
-            assert max(gaps) - min(gaps) <= 1 and min(gaps) >= 2, (size, shown)
+            assert shown[-1][0] == rows - 1 and len(set(gaps)) == 1, (size, shown)  # the same number of rows apart
             assert values[-1] <= 2 / 3 and values[0] >= 2.5  # the curves (2/e and 2.5/e, e = 1..3) lie within
-    for rows in range(2, 60):  # and for any data: ticks at one step, at least two rows apart
-        for lo, hi in ((0.58, 2.59), (99.81, 100.0), (-0.3, 0.7), (1e-4, 3e-4), (12.0, 97.0)):
-            low, high, ticks, labels = even_ticks(lo, hi, rows, (0, 100) if lo > 10 else None)
-            assert low <= lo and high >= hi and len(ticks) - 1 <= max(1 + (lo < 0 < hi and rows < 5), (rows - 1) // 2)
+    for rows in range(2, 60):  # and for any data: one round step, each tick exactly on a row
+        for lo, hi in ((0.58, 2.59), (99.81, 100.0), (-0.3, 0.7), (1e-4, 3e-4), (12.0, 97.0), (58.0, 82.0)):
+            bounds = (0, 100) if lo > 10 else None
+            low, high, ticks, labels = even_ticks(lo, hi, rows, bounds)
+            at = [(t - low) / (high - low) * (rows - 1) for t in ticks]
+            assert low <= lo and high >= hi and ticks[0] == low and len(ticks) >= (3 if rows >= 3 else 2), (rows, lo)
+            assert all(abs(r - round(r)) < 1e-6 and round(r) <= rows - 1 for r in at), (rows, lo, ticks)
             assert len({round(b - a, 12) for a, b in zip(ticks, ticks[1:])}) == 1 and len(set(labels)) == len(labels)
+            assert bounds is None or bounds[0] <= ticks[0] and ticks[-1] <= bounds[1]
 
 
 def _shown(w) -> list:

@@ -176,29 +176,46 @@ class SummaryBar(Static):
 
 def even_ticks(lo: float, hi: float, rows: int,
                bounds: Optional[Tuple[float, float]] = None) -> Tuple[float, float, List[float], List[str]]:
-    """Y ticks a plot of `rows` canvas rows shows without dropping one: a round step (1, 2, 2.5
-    or 5 × 10^k), the range widened to whole steps (within `bounds`) so the first and last
-    tick are its bottom and top, and at most one tick every two rows, so no two fall on one
-    row (plotext's own ticks could, and then a label went missing: 1.84, 1.66, 1.49, 1.14).
-    Returns (low, high, ticks, labels)."""
-    allowed = max(1, (rows - 1) // 2)
+    """Y ticks for a plot of `rows` canvas rows, evenly spaced at every size: a round step (1, 2,
+    2.5 or 5 × 10^k) that is a whole number d of rows, the first tick on the bottom row and the
+    range `rows - 1` times step / d (within `bounds`), so every tick falls exactly on a row, d rows
+    after the one before (plotext's own ticks could share a row, and then a label went missing:
+    1.84, 1.66, 1.49, 1.14). Of those with three ticks or more, the tightest range around the
+    data, then the most ticks; in a plot of more than 8 rows a label on every row only where that
+    is 1.5 times tighter. Returns (low, high, ticks, labels)."""
+    if bounds:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
     span = max(hi - lo, 1e-12)
-    for intervals in (allowed, allowed + 1):  # one more only where a step per two rows cannot fit (across zero)
-        exp = math.floor(math.log10(span / intervals))
-        for step in (m * 10.0 ** e for e in (exp, exp + 1, exp + 2) for m in (1, 2, 2.5, 5)):
-            first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
-            if bounds:  # a bound is a whole number of steps of any round step it is plotted with (0, 100)
-                first = max(first, math.ceil(bounds[0] / step - 1e-9))
-                last = min(last, math.floor(bounds[1] / step + 1e-9))
-            if 0 < last - first <= intervals:
-                break
-        else:
-            continue
-        break
+    gaps = max(1, rows - 1)
+    best = None
+    # within the bounds if a range fits there; else past the upper one, unlabelled (0..100 in 3 rows)
+    for strict in (True, False) if bounds else (False,):
+        for d in range(1, max(1, gaps // 2) + 1):  # rows per step: three ticks at least, where two gaps fit
+            exp = math.floor(math.log10(span * d / gaps))
+            for step in (m * 10.0 ** e for e in range(exp, exp + 4) for m in (1, 2, 2.5, 5)):
+                top_span = gaps * step / d
+                low = math.floor(lo / step + 1e-9)  # in steps
+                while strict and low * step + top_span > bounds[1] + 1e-9 and (low - 1) * step >= bounds[0] - 1e-9:
+                    low -= 1  # down from the upper bound, a step at a time
+                if low * step + top_span < hi - 1e-9 or (strict and low * step + top_span > bounds[1] + 1e-9):
+                    continue
+                score = (round(top_span * (1.5 if d < 2 and rows > 8 else 1), 12), -(gaps // d))
+                if best is None or score < best[0]:
+                    best = (score, step, low, d)
+                break  # a larger step for this d is only looser
+        if best is not None:
+            break
+    if best is None:  # nothing fits within the bounds: the bounds, unticked between
+        return lo, hi, [lo, hi], [f"{lo:g}", f"{hi:g}"]
+    _, step, low, d = best
     decimals = max(0, -math.floor(math.log10(step) + 1e-9)) + (1 if str(step / 10.0 ** math.floor(
         math.log10(step) + 1e-9)).startswith("2.5") else 0)
-    ticks = [k * step for k in range(first, last + 1)]
-    return ticks[0], ticks[-1], ticks, [f"{t:.{decimals}f}" for t in ticks]
+    ticks = [(low + k) * step for k in range(gaps // d + 1)]
+    bottom, top = low * step, low * step + gaps * step / d
+    if bounds:  # within rounding: 100.00000000000001 is 100
+        ticks = [t for t in ticks if t <= bounds[1] + 1e-9]
+        bottom, top = max(bottom, bounds[0]), top if top > bounds[1] + 1e-9 else min(top, bounds[1])
+    return bottom, top, ticks, [f"{t:.{decimals}f}" for t in ticks]
 
 
 SERIES_COLORS = ("cyan", "orange", "magenta", "green", "red", "yellow", "blue", "white")
