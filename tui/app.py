@@ -133,9 +133,10 @@ class GaussregApp(App):
         if not plan:
             return
         n = len(plan.runs)
+        slurm_backend = plan.request.backend == "slurm"
         self.notify(f"launching {n} run{'' if n == 1 else 's'} of {', '.join(plan.request.experiments)}"
-                    + (" on Slurm" if plan.request.backend == "slurm" else "")
-                    + "; the rows appear as its scheduler creates them", markup=False)
+                    + (" on Slurm; the rows appear once submitted" if slurm_backend
+                       else "; the rows appear as its scheduler creates them"), markup=False)
         self._launch(plan)
 
     @work(thread=True, group="control")
