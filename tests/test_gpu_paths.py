@@ -9,10 +9,10 @@ import sys
 
 import pytest
 import torch
-from conftest import gaussreg, python_env
+from conftest import gaussreg, python_env, wait_for
 from factories import queued_run, spec, spec_only_run
 from fake_worker import ARGV as FAKE
-from fake_worker import KILLED, LONG
+from fake_worker import LONG
 from typer.testing import CliRunner
 
 from gaussreg.cli import app as cli_app
@@ -412,29 +412,34 @@ def test_a_cpu_spec_takes_no_gpu_place(tmp_path, monkeypatch):
 @pytest.mark.process
 @pytest.mark.gpu
 def test_the_tuis_rerun_takes_a_free_gpu_place_held_by_its_worker(tmp_path, monkeypatch):
+    """The rerun is a launch (request.rerun_plan): a slot on each GPU with the places the
+    store's launches made there; it trains on the first with a free place, its worker holding
+    it, and says beforehand when every place is taken (it then waits)."""
     import os
-
-    from gaussreg.launch import control
     fake_nvidia_smi(tmp_path, monkeypatch, modes=("Default",) * 2)
     st, run = _one_run(tmp_path, seed=LONG)
     run.write_status({"state": "cancelled"})
-    real = control.start_worker
-    monkeypatch.setattr(control, "start_worker", lambda *a, **k: real(*a, argv=FAKE, **k))
+    p = launch.rerun_plan(run)
+    assert [(s.gpu, s.place, s.shares) for s in p.slots] == [("0", "GPU-00000000", 1), ("1", "GPU-00000001", 1)]
+    assert [r.id for r in p.runs] == [run.id] and not p.request.rerun  # from its last.pt, not from scratch
     gpu0 = st.lock_gpu_share("GPU-00000000", 1)
     try:
-        p = control.restart(run)
-        other = st.lock_gpu_share("GPU-00000001", 1)
-        assert p.poll() is None, "the fake worker (2 s) ended before its place could be checked"
-        assert other is None  # the worker holds GPU 1's place
-        # every place taken: refused in one sentence, nothing started
-        run2 = _one_run(tmp_path, seed=KILLED)[1]
-        run2.write_status({"state": "failed"})
-        with pytest.raises(control.ControlError, match=r"every place on the GPUs this process sees \(0, 1\) is taken"):
-            control.restart(run2)
-        assert not run2.file("worker.log").exists()
-        p.wait(60)
+        assert launch.place_wait(p) is None  # GPU 1 has a free place: it starts at once
+        gpu1 = st.lock_gpu_share("GPU-00000001", 1)
+        assert "every place on GPU 0, GPU 1 (2, as its launches made them) is taken" in launch.place_wait(p)
+        os.close(gpu1)
+        started = []
+        sched = scheduler.Scheduler(st, [run.id], p.slots, worker_argv=FAKE, poll_s=0.05,
+                                    on_change=lambda _s, what, r: started.append(what) if what == "started" else None)
+        import threading
+        t = threading.Thread(target=sched.run)
+        t.start()
+        wait_for(lambda: started, 60, "the rerun's worker to start")
+        assert st.lock_gpu_share("GPU-00000001", 1) is None  # the worker holds GPU 1's place
+        t.join(60)
     finally:
         os.close(gpu0)
+    assert sched.summary.count("completed") == 1
     rec = json.loads(run.file("fake.json").read_text())
     assert (rec["cuda"], rec["gpu_slot"], rec["order"]) == ("1", "1", "PCI_BUS_ID")
     fd = st.lock_gpu_share("GPU-00000001", 1)  # free again once the worker ended

@@ -283,13 +283,13 @@ def test_tui_cells_and_detail_values_carry_no_control_sequences():
     from rich.text import Text
 
     from gaussreg.runs.reader import RunRow
-    from tui.screens.detail import _grid
+    from tui.screens.detail import _Pairs
     from tui.widgets import cells
     row = RunRow("fx-baseline-0a1b2c3d4e", experiment="fx\x1b]0;owned\x07", model="mlp\x1b[2J", params="a=1\x1b[5m")
     shown = " ".join(str(v) for v in cells(row).values())
     assert "\x1b" not in shown and "mlp" in shown and "a=1" in shown
     out = Console(file=__import__("io").StringIO(), width=80, color_system=None)
-    out.print(_grid([("error", Text("boom \x1b[2J", style="red")), ("model", "mlp\x1b]0;x\x07")]))
+    out.print(_Pairs([("error", Text("boom \x1b[2J", style="red")), ("model", "mlp\x1b]0;x\x07")]))
     assert "\x1b" not in out.file.getvalue() and "boom" in out.file.getvalue()
 
 

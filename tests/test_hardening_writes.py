@@ -10,7 +10,7 @@ import pytest
 from conftest import gaussreg as cli
 from test_adversarial_input import one_sentence_exit_2
 
-from gaussreg.launch.control import restart
+from gaussreg.launch.request import rerun_plan
 from gaussreg.runs import reader
 from gaussreg.runs.spec import resolve, run_id
 from gaussreg.runs.store import RunDir, RunFileError, Store, atomic_write_json, try_lock
@@ -54,7 +54,7 @@ def test_no_writer_follows_a_linked_run_directory(linked):
     one_sentence_exit_2(cli("certify", link.id, "--store", st.root), "is a symbolic link")
     one_sentence_exit_2(cli("cancel", link.id, "--store", st.root), "is a symbolic link")
     one_sentence_exit_2(cli("train", link.path), "is a symbolic link")
-    for write in (lambda: try_lock(link), lambda: restart(link), lambda: link.write_status({"state": "queued"}),
+    for write in (lambda: try_lock(link), lambda: rerun_plan(link), lambda: link.write_status({"state": "queued"}),
                   lambda: link.forget_results(), lambda: st.create(_spec(2), link.id),
                   lambda: link.write_certification({"sigma": 0.5, "per_image": []})):
         with pytest.raises(RunFileError, match="symbolic link"):

@@ -595,3 +595,56 @@ def test_gaussreg_cancel_of_a_stuck_foreground_train_marks_it_cancelled(tmp_path
         assert status["state"] == "cancelled" and "did not stop within 1 s" in status["error"], status
     finally:
         t.kill()
+
+
+@pytest.mark.process
+def test_cpu_places_hold_across_launches_and_a_rerun_waits_for_one(tmp_path):
+    """--max-parallel holds across the launches of a store as --per-gpu does: a launch's CPU
+    slots lock the store's CPU places, and a rerun (request.rerun_plan, the TUI's `r`) takes
+    one with the cores divided as that launch divides them, or waits while all are taken and
+    says so, instead of training beside the launch's workers."""
+    import os
+    import threading
+
+    from gaussreg.launch.gpus import CPU_PLACE, usable_cpus
+    from gaussreg.launch.request import LaunchError, place_wait, rerun_plan
+    st, ids = _store_with(tmp_path, [1, 2, 3])
+    launch_slots = make_slots([], max_parallel=2, cpus=2)
+    assert [(s.place, s.shares) for s in launch_slots] == [(CPU_PLACE, 2)] * 2
+    held = [Scheduler(st, [], launch_slots)._gpu_share(s) for s in launch_slots]  # the launch's two workers
+    assert all(fd is not None and fd >= 0 for fd in held) and st.lock_gpu_share(CPU_PLACE, 2) is None
+    run = RunDir(st.root / ids[0])
+    run.write_status({"state": "failed"})
+    p = rerun_plan(run)
+    assert [(s.gpu, s.place, s.shares, s.threads) for s in p.slots] == [(None, CPU_PLACE, 2, max(1, usable_cpus() // 2))]
+    assert [r.id for r in p.runs] == [run.id] and not p.request.rerun
+    assert place_wait(p) == (f"every place on the CPU (2, as its launches made them) is taken by runs of store "
+                             f"{st.root}: it waits for one")
+    ticks, started, said = threading.Semaphore(0), [], []
+
+    def on_change(_s, what, r):
+        if what == "tick":
+            ticks.release()
+        elif what == "started":
+            started.append(r.id)
+    sched = Scheduler(st, [run.id], p.slots, worker_argv=FAKE, poll_s=0.01, on_change=on_change, say=said.append)
+    t = threading.Thread(target=sched.run)
+    t.start()
+    try:
+        for _ in range(10):
+            assert ticks.acquire(timeout=30)
+        assert started == []  # ten rounds, and both places are still the launch's
+        assert said == [f"waiting: every place on the CPU of store {st.root} (2) is taken by runs of its other "
+                        "launches; a run starts when one of them ends"]
+    finally:
+        os.close(held[0])  # one of the launch's runs ends
+    t.join(60)
+    assert not t.is_alive() and sched.summary.count("completed") == 1 and started == [run.id]
+    assert json.loads(run.file("fake.json").read_text())["threads"] == str(max(1, usable_cpus() // 2))
+    assert place_wait(p) is None
+    os.close(held[1])
+    with pytest.raises(LaunchError, match="is completed; use `gaussreg run --rerun`"):
+        rerun_plan(run)
+    diverged = RunDir(st.root / ids[1])
+    diverged.write_status({"state": "diverged"})
+    assert rerun_plan(diverged).request.rerun  # from scratch: from its checkpoint it would diverge again

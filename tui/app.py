@@ -11,8 +11,8 @@ from textual.app import App, SystemCommand
 from textual.screen import Screen
 
 from gaussreg.launch import slurm
-from gaussreg.launch.control import ControlError, cancel_launch, cancel_run, launches, restart
-from gaussreg.launch.request import LaunchError, launch
+from gaussreg.launch.control import ControlError, cancel_launch, cancel_run, launches
+from gaussreg.launch.request import LaunchError, launch, place_wait, rerun_plan
 from gaussreg.runs.store import RunDir, RunFileError, Store
 
 from .messages import RunsChanged
@@ -34,6 +34,8 @@ class GaussregApp(App):
     #log { height: 1fr; border-top: solid $primary; }
     #compare-title, #compare-footer { height: auto; padding: 0 1; }
     #best { height: auto; max-height: 12; }
+    /* no horizontal scrollbar under the rows (a stray glyph there); ← and → still scroll */
+    RunsTable, #best { scrollbar-size-horizontal: 0; }
     #compare-selects { height: auto; }
     #experiment { width: 1fr; max-width: 60; }
     #setting { width: 1fr; max-width: 60; }
@@ -49,7 +51,10 @@ class GaussregApp(App):
     #sort-columns { height: auto; max-height: 16; }
     #experiments { height: 6; }
     #overlay Horizontal { height: 1fr; }
-    #dialog.launch { overflow-y: auto; }  /* a two-line error at 80x24 scrolls instead of hiding the buttons */
+    #overlay-legend { height: auto; padding: 0 1; }
+    /* a two-line error at 80x24 scrolls instead of hiding the buttons; without one it fits 80x24 unscrolled
+       (a scrollbar took the columns the Load button needed) */
+    #dialog.launch { overflow-y: auto; padding: 0 2; }
     #dialog.launch .row Input { width: 1fr; }
     #dialog.launch .row Input.short { width: 10; }
     #dialog.launch .row Input#gpus { width: 12; }  /* "auto" and a cursor, or "0,1,2" */
@@ -120,14 +125,24 @@ class GaussregApp(App):
         self.push_screen(CompareScreen(exps, current))
 
     def action_launch(self) -> None:
-        self.push_screen(LaunchScreen(self.manifest, str(self.store_root)), self._launch)
+        self.push_screen(LaunchScreen(self.manifest, str(self.store_root)), self._launch_checked)
+
+    def _launch_checked(self, plan) -> None:
+        """The dialog closed with a checked plan: said at once, before the scheduler process is
+        started and long before its runs show up as rows."""
+        if not plan:
+            return
+        n = len(plan.runs)
+        slurm_backend = plan.request.backend == "slurm"
+        self.notify(f"launching {n} run{'' if n == 1 else 's'} of {', '.join(plan.request.experiments)}"
+                    + (" on Slurm; the rows appear once submitted" if slurm_backend
+                       else "; the rows appear as its scheduler creates them"), markup=False)
+        self._launch(plan)
 
     @work(thread=True, group="control")
     def _launch(self, plan) -> None:
         """One scheduler process for the whole plan the dialog checked (it owns the GPUs and cores
         it was given)."""
-        if not plan:
-            return
         request = plan.request
         try:
             info = launch(plan)
@@ -215,10 +230,14 @@ class GaussregApp(App):
                 sub = slurm.resubmit(run)
                 self.call_from_thread(self.notify, f"resubmitted {run_id} as Slurm array job {sub.job_id}",
                                       markup=False)
-            else:
-                p = restart(run)
-                self.call_from_thread(self.notify, f"training {run_id} again (pid {p.pid})", markup=False)
-        except (ControlError, RunFileError) as e:  # RunFileError: a run directory that is a link, a bad lock
+            else:  # a launch of its own: it takes a place (GPU or CPU) as launches do, or waits for one
+                plan = rerun_plan(run)
+                wait = place_wait(plan)
+                info = launch(plan)
+                self.call_from_thread(self.notify, f"training {run_id} again (launch pid {info['pid']}, X stops it): "
+                                      + (f"{wait}" if wait else "it starts now"), markup=False,
+                                      severity="warning" if wait else "information")
+        except (ControlError, LaunchError, RunFileError) as e:  # RunFileError: a run directory that is a link
             self.call_from_thread(self.notify, str(e), severity="error", markup=False)
 
     @work(thread=True, group="control")

@@ -36,6 +36,7 @@ class PlanReady(Message):
 
 
 class OverlayReady(Message):
-    def __init__(self, series: dict):
+    def __init__(self, series: dict, labels: dict):
         super().__init__()
         self.series = series  # plot key -> {short run id: (xs, ys)}
+        self.labels = labels  # short run id -> its method and parameters

@@ -12,11 +12,12 @@ import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from gaussreg.launch import slurm
 from gaussreg.runs.reader import RunReader, RunRow, stat_signature
-from gaussreg.runs.store import LIVE, SPEC_FILE, RunDir, RunFileError, parse_iso, short_id
+from gaussreg.runs.spec import describe_params
+from gaussreg.runs.store import LIVE, SPEC_FILE, RunDir, RunFileError, parse_iso, short_id, strip_control
 from gaussreg.views.report import run_certified
 
 
@@ -156,17 +157,20 @@ class RunDetailWatcher:
                       self.run.log_tail(40), run_certified(self.run), progress)
 
 
-def overlay_series(root, run_ids: List[str]) -> Dict[str, Dict[str, tuple]]:
+def overlay_series(root, run_ids: List[str]) -> Tuple[Dict[str, Dict[str, tuple]], Dict[str, str]]:
     """Curves of several runs for the overlay, keyed by plot then by short run id: train loss
-    and validation accuracy (%) per epoch, consistency and accuracy under noise (%) per sigma.
+    and validation accuracy (%) per epoch, consistency and accuracy under noise (%) per sigma;
+    and what each short id is: its method and parameters ("regularizer alpha=1 sigma=0.5").
     A run whose files cannot be read contributes nothing."""
     out: Dict[str, Dict[str, tuple]] = {"loss": {}, "acc": {}, "consistency": {}, "noisy": {}}
+    labels: Dict[str, str] = {}
     for rid in run_ids:
         run, name = RunDir(Path(root) / rid), short_id(rid)
         try:
-            epochs, result = run.epochs(), run.result()
+            spec, epochs, result = run.spec(), run.epochs(), run.result()
         except RunFileError:
             continue
+        labels[name] = strip_control(f"{spec.get('method', '?')} {describe_params(spec)}".strip())
         ep = [e["epoch"] for e in epochs if isinstance(e.get("epoch"), int)]
         out["loss"][name] = (ep, [e.get("train_loss") for e in epochs if isinstance(e.get("epoch"), int)])
         out["acc"][name] = (ep, [e.get("val_accuracy", 0) * 100 for e in epochs if isinstance(e.get("epoch"), int)])
@@ -174,4 +178,4 @@ def overlay_series(root, run_ids: List[str]) -> Dict[str, Dict[str, tuple]]:
             out["consistency"][name] = (result["sigmas"], [v * 100 for v in result.get("per_sigma", [])])
             if result.get("accuracy_per_sigma"):
                 out["noisy"][name] = (result["sigmas"], [v * 100 for v in result["accuracy_per_sigma"]])
-    return out
+    return out, labels

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -134,9 +135,13 @@ class RunsTable(DataTable):
         self.sync(rows, keep)
 
     def sort_by(self, column: str) -> None:
-        """Sort by a column; the same column again reverses."""
+        """Sort by a column; the same column again reverses. Its header says so: ▲ ascending, ▼ reversed."""
         self.reverse = not self.reverse if self.sorted_by == column else False
         self.sorted_by = column
+        for key, label in COLUMNS:
+            self.columns[key].label = Text(label + ((" ▼" if self.reverse else " ▲") if key == column else ""))
+        self._require_update_dimensions = True  # the arrow can widen its column
+        self._redraw()
         self._order()
 
     def _order(self, keep_selected: bool = True) -> None:
@@ -164,6 +169,50 @@ class SummaryBar(Static):
         self.update(Text.assemble(*parts))
 
 
+def even_ticks(lo: float, hi: float, rows: int,
+               bounds: Optional[Tuple[float, float]] = None) -> Tuple[float, float, List[float], List[str]]:
+    """Y ticks for a plot of `rows` canvas rows, evenly spaced at every size: a round step (1, 2,
+    2.5 or 5 × 10^k) that is a whole number d of rows, the first tick on the bottom row and the
+    range `rows - 1` times step / d (within `bounds`), so every tick falls exactly on a row, d rows
+    after the one before (plotext's own ticks could share a row, and then a label went missing:
+    1.84, 1.66, 1.49, 1.14). Of those with three ticks or more, the tightest range around the
+    data, then the most ticks; in a plot of more than 8 rows a label on every row only where that
+    is 1.5 times tighter. Returns (low, high, ticks, labels)."""
+    if bounds:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    span = max(hi - lo, 1e-12)
+    gaps = max(1, rows - 1)
+    best = None
+    # within the bounds if a range fits there; else past the upper one, unlabelled (0..100 in 3 rows)
+    for strict in (True, False) if bounds else (False,):
+        for d in range(1, max(1, gaps // 2) + 1):  # rows per step: three ticks at least, where two gaps fit
+            exp = math.floor(math.log10(span * d / gaps))
+            for step in (m * 10.0 ** e for e in range(exp, exp + 4) for m in (1, 2, 2.5, 5)):
+                top_span = gaps * step / d
+                low = math.floor(lo / step + 1e-9)  # in steps
+                while strict and low * step + top_span > bounds[1] + 1e-9 and (low - 1) * step >= bounds[0] - 1e-9:
+                    low -= 1  # down from the upper bound, a step at a time
+                if low * step + top_span < hi - 1e-9 or (strict and low * step + top_span > bounds[1] + 1e-9):
+                    continue
+                score = (round(top_span * (1.5 if d < 2 and rows > 8 else 1), 12), -(gaps // d))
+                if best is None or score < best[0]:
+                    best = (score, step, low, d)
+                break  # a larger step for this d is only looser
+        if best is not None:
+            break
+    if best is None:  # nothing fits within the bounds: the bounds, unticked between
+        return lo, hi, [lo, hi], [f"{lo:g}", f"{hi:g}"]
+    _, step, low, d = best
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9)) + (1 if str(step / 10.0 ** math.floor(
+        math.log10(step) + 1e-9)).startswith("2.5") else 0)
+    ticks = [(low + k) * step for k in range(gaps // d + 1)]
+    bottom, top = low * step, low * step + gaps * step / d
+    if bounds:  # within rounding: 100.00000000000001 is 100
+        ticks = [t for t in ticks if t <= bounds[1] + 1e-9]
+        bottom, top = max(bottom, bounds[0]), top if top > bounds[1] + 1e-9 else min(top, bounds[1])
+    return bottom, top, ticks, [f"{t:.{decimals}f}" for t in ticks]
+
+
 SERIES_COLORS = ("cyan", "orange", "magenta", "green", "red", "yellow", "blue", "white")
 RICH_COLOR = {"orange": "dark_orange"}  # plotext's name -> Rich's name for the same colour
 
@@ -174,17 +223,21 @@ class SeriesPlot(PlotextPlot):
     puts ticks on whole numbers only (epochs); the y range hugs the data (a robustness of
     99.8-100 % is shown as such, not flattened against 0-100)."""
 
-    DEFAULT_CSS = "SeriesPlot { border: round $panel; border-title-align: left; }"
+    DEFAULT_CSS = ("SeriesPlot { border: round $panel; border-title-align: left; "
+                   "border-subtitle-align: left; }")
 
     def __init__(self, title: str, xlabel: str = "", ylabel: str = "", kind: str = "line",
                  integer_x: bool = False, colors: Optional[Dict[str, str]] = None,
-                 ybounds: Optional[Tuple[float, float]] = None, **kw):
+                 ybounds: Optional[Tuple[float, float]] = None, show_legend: bool = True, **kw):
         super().__init__(**kw)
+        self.show_legend = show_legend  # False: the screen names the series elsewhere (the overlay)
         self.title, self.xlabel, self.ylabel, self.kind = title, xlabel, ylabel, kind
         self.integer_x, self.series_colors = integer_x, dict(colors or {})
         self.ybounds = ybounds  # e.g. (0, 100) for percentages: the padding never passes them
         self.series: Dict[str, Tuple[List[float], List[float]]] = {}
         self.vlines: List[Tuple[float, str]] = []
+        self.yrange: Optional[Tuple[float, float]] = None  # the data's, padded; ticks follow the plot's rows
+        self.yticks: List[str] = []  # the tick labels last drawn
 
     def color(self, name: str) -> str:
         if name not in self.series_colors:
@@ -201,13 +254,25 @@ class SeriesPlot(PlotextPlot):
     def on_mount(self) -> None:
         self.redraw()
 
-    def legend(self) -> Text:
-        parts: List[object] = [self.title]
+    def legend(self, title: bool = True) -> Text:
+        parts: List[object] = [self.title] if title else []
         for name, (xs, _) in self.series.items():
-            if xs:
+            if xs and self.show_legend:
                 color = self.color(name)
-                parts += ["  ", ("● " + name, RICH_COLOR.get(color, color))]
+                parts += ["  " if parts else "", ("● " + name, RICH_COLOR.get(color, color))]
         return Text.assemble(*parts)
+
+    def place_legend(self) -> None:
+        """The title and legend on the top border where they fit, else the title there and the
+        names on the bottom border (the compare screen's at 80 columns was cut)."""
+        whole = self.legend()
+        if whole.cell_len <= self.outer_size.width - 6 or not self.outer_size.width:  # corners, spaces, a rule
+            self.border_title, self.border_subtitle = whole, None
+        else:
+            self.border_title, self.border_subtitle = Text(self.title), self.legend(title=False)
+
+    def on_resize(self) -> None:
+        self.place_legend()
 
     def redraw(self) -> None:
         plt = self.plt
@@ -215,7 +280,7 @@ class SeriesPlot(PlotextPlot):
         plt.clear_figure()
         plt.xlabel(self.xlabel)
         plt.ylabel(self.ylabel)
-        self.border_title = self.legend()
+        self.place_legend()
         xs_all, ys_all = [], []
         for name, (xs, ys) in self.series.items():
             if xs:
@@ -225,15 +290,26 @@ class SeriesPlot(PlotextPlot):
                     xs, ys, color=self.color(name), marker="dot" if self.kind == "scatter" else "braille")
         for x, color in self.vlines:
             plt.vline(x, color)
+        self.yrange = None
         if ys_all:
             lo, hi = min(ys_all), max(ys_all)
             pad = (hi - lo) * 0.05 or max(abs(hi) * 0.001, 1e-3)
             lo, hi = lo - pad, hi + pad
             if self.ybounds:
                 lo, hi = max(lo, self.ybounds[0]), min(hi, self.ybounds[1])
-            plt.ylim(lo, hi)
+            self.yrange = (lo, hi)
         if self.integer_x and xs_all:
             lo, hi = int(min(xs_all)), int(max(xs_all))
             step = max(1, (hi - lo) // 6 + (1 if (hi - lo) % 6 else 0))
             plt.xticks(list(range(lo, hi + 1, step)))
         self.refresh()
+
+    def render(self):
+        """The y ticks are chosen here, where the plot's height is known: plotext's canvas has
+        its height less the frame, the x tick labels and the x label."""
+        if self.yrange:
+            rows = self.size.height - 3 - (1 if self.xlabel else 0)
+            lo, hi, ticks, self.yticks = even_ticks(*self.yrange, rows, self.ybounds)
+            self.plt.ylim(lo, hi)
+            self.plt.yticks(ticks, self.yticks)
+        return super().render()

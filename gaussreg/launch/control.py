@@ -1,5 +1,6 @@
 """Run control, apart from the scheduling loop (gaussreg.launch.scheduler): starting one worker,
-cancelling or rerunning a run, and the detached launches of a store (list, cancel, start).
+cancelling a run, and the detached launches of a store (list, cancel, start); a rerun is a
+launch (gaussreg.launch.request.rerun_plan).
 The CLI, the TUI and the scheduler's loop all go through here."""
 
 from __future__ import annotations
@@ -15,10 +16,8 @@ from typing import List, Optional
 
 import psutil
 
-from gaussreg.launch.gpus import GpuPlaceError, take_gpu_place, wants_gpu
 from gaussreg.runs.device import worker_environment
-from gaussreg.runs.store import (LIVE, RunDir, RunFileError, Store, atomic_write_json, now_iso, pid_alive, read_json,
-                                 try_lock)
+from gaussreg.runs.store import LIVE, RunDir, RunFileError, Store, atomic_write_json, now_iso, pid_alive, read_json
 
 GRACE_S = 30.0  # how long a SIGTERMed worker gets to stop (at its next batch) before SIGKILL
 
@@ -150,36 +149,6 @@ def _kill_tree(proc: psutil.Process, wait_s: float = 10.0) -> None:
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline and not all(_gone(p) for p in procs):
         time.sleep(0.05)
-
-
-def restart(run: RunDir, gpu: Optional[str] = None) -> subprocess.Popen:
-    """Train a run that is not running and not completed again, detached (the TUI's
-    rerun key; retraining completed runs is `gaussreg run --rerun`): a diverged one from
-    scratch (it would diverge again from its checkpoint), any other from its last.pt. Without `gpu`,
-    on a GPU box it takes a free GPU place of its store (take_gpu_place) and that GPU."""
-    fd = try_lock(run)
-    if fd is None:
-        raise ControlError(f"run {run.id} is being trained by another process")
-    place = None
-    try:
-        state = run.state()
-        if state == "completed":
-            raise ControlError(f"run {run.id} is completed; use `gaussreg run --rerun` to train it again")
-        if gpu is None and wants_gpu(run):
-            try:
-                place = take_gpu_place(Store(run.path.parent))
-            except GpuPlaceError as e:
-                raise ControlError(str(e)) from None
-            if place is not None:
-                gpu = place[0]
-        if state == "diverged":
-            run.forget_results()
-        return start_worker(run, resume=run.last_checkpoint.exists(), gpu=gpu, lock_fd=fd,
-                            hold_fds=(place[1],) if place else ())
-    finally:
-        os.close(fd)
-        if place is not None:
-            os.close(place[1])  # the worker holds its own copy until it exits
 
 
 def _is_our_launch(info: dict) -> bool:

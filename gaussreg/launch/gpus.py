@@ -1,7 +1,7 @@
 """The GPUs this machine has and how runs share them: nvidia-smi's inventory (GPUs, MIG
 devices, UUIDs), the names CUDA_VISIBLE_DEVICES takes, compute modes, the usable cores,
-and the places a store's launches lock on each GPU (STORE/_gpus) for runs started outside a
-scheduler."""
+and the places a store's launches lock on each GPU and on the CPU (STORE/_gpus), also for runs
+started outside a scheduler."""
 
 from __future__ import annotations
 
@@ -13,6 +13,11 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from gaussreg.runs.store import RunDir, RunFileError, Store, read_json
+
+
+# the CPU's places (a launch's CPU runs, --max-parallel) lie beside the GPUs' in STORE/_gpus: a
+# GPU's name is an index, a UUID or a MIG id, never this
+CPU_PLACE = "cpu"
 
 
 class GpuPlaceError(Exception):
@@ -159,7 +164,7 @@ def wants_gpu(run: RunDir) -> bool:
 
 
 def take_gpu_place(store: Store) -> Optional[Tuple[str, int]]:
-    """For a run started outside a scheduler (`gaussreg train`, the TUI's rerun): the first GPU
+    """For a run started outside a scheduler (`gaussreg train`): the first GPU
     this process sees with a free place in the store (STORE/_gpus, the places `--per-gpu`
     counts), as (its CUDA_VISIBLE_DEVICES name, the locked place's fd). A GPU no launch has
     made places for has one. None when no GPU is visible; ControlError when all are taken."""

@@ -5,6 +5,7 @@ way before anything says "launched", and one launch owns its GPUs and cores."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
@@ -12,11 +13,12 @@ from typing import Dict, List, Optional, Tuple, Union
 from gaussreg.data import loading as data
 from gaussreg.launch import slurm
 from gaussreg.launch.control import detach_plan
-from gaussreg.launch.gpus import canonical_gpu, detect_gpus, exclusive_gpus, nvidia_gpus, parse_gpus, usable_cpus
+from gaussreg.launch.gpus import (CPU_PLACE, canonical_gpu, detect_gpus, exclusive_gpus, nvidia_gpus, parse_gpus,
+                                  usable_cpus)
 from gaussreg.launch.scheduler import Slot, make_slots
 from gaussreg.runs import manifest as mf
 from gaussreg.runs.manifest import PlannedRun
-from gaussreg.runs.store import MAX_PLAN, RunFileError, Store, atomic_write_json, read_json
+from gaussreg.runs.store import MAX_PLAN, RunDir, RunFileError, Store, atomic_write_json, read_json, try_lock
 
 
 class LaunchError(Exception):
@@ -196,6 +198,58 @@ def plan(req: LaunchRequest, commands: bool = True) -> Plan:
     experiments = [{"name": e.name, "tolerance": e.tolerance, "manifest": str(Path(req.manifest).resolve())}
                    for e in m.experiments if e.name in chosen]
     return Plan(req, m, runs, slots, missing, cfg, experiments)
+
+
+def rerun_plan(run: RunDir) -> Plan:
+    """A launch that trains one run of a store again (the TUI's rerun key), to be carried out by
+    `launch` like any other: a diverged run from scratch (it would diverge again from its
+    checkpoint), a failed, cancelled, interrupted or queued one from its last.pt. Its slot takes
+    a place as a launch's do: on a GPU box a GPU place (unless its spec says `device = "cpu"`),
+    else one of the store's CPU places, with the cores divided as the launch that made them
+    divides them; while every place is taken it waits (`place_wait` says so beforehand).
+    LaunchError when the run is completed or being trained; RunFileError for a run directory
+    that cannot be written (a symbolic link)."""
+    fd = try_lock(run)
+    if fd is None:
+        raise LaunchError(f"run {run.id} is being trained by another process")
+    try:
+        spec, state = run.spec(), run.state()
+    except RunFileError as e:
+        raise LaunchError(str(e)) from None
+    finally:
+        os.close(fd)
+    if state == "completed":
+        raise LaunchError(f"run {run.id} is completed; use `gaussreg run --rerun` to train it again")
+    store = Store(run.path.parent)
+    gpus = resolve_gpus("auto") if spec.get("device") != "cpu" else []
+    if gpus:  # one slot per GPU: the run takes the first that has a free place
+        slots = make_slots(gpus)
+        for s in slots:
+            s.shares = max(1, store.gpu_places_made(s.place))
+    else:
+        places = max(1, store.gpu_places_made(CPU_PLACE))
+        slots = make_slots([], max_parallel=places)[:1]
+    req = LaunchRequest(str(run.spec_file), str(store.root), only=run.id, gpus="auto" if gpus else "none",
+                        rerun=state == "diverged")
+    return Plan(req, None, [PlannedRun(run.id, spec)], slots)
+
+
+def place_wait(p: Plan) -> Optional[str]:
+    """None when one of the plan's slots has a free place in its store now (its runs start at
+    once), else one sentence saying that the launch waits, and for what."""
+    st = Store(p.request.store)
+    for s in p.slots:
+        try:
+            fd = st.lock_gpu_share(s.place or CPU_PLACE, s.shares)
+        except (OSError, RunFileError):  # places cannot be counted: nothing waits for them
+            return None
+        if fd is not None:
+            os.close(fd)
+            return None
+    where = ", ".join(f"GPU {s.gpu}" if s.gpu else "the CPU" for s in p.slots)
+    n = sum(s.shares for s in p.slots)
+    return (f"every place on {where} ({n}, as its launches made them) is taken by runs of store {st.root}: "
+            "it waits for one")
 
 
 def write_experiments(p: Plan) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 from gaussreg.launch.control import GRACE_S, ControlError, is_stopped, start_worker
-from gaussreg.launch.gpus import canonical_gpu, nvidia_gpus, usable_cpus
+from gaussreg.launch.gpus import CPU_PLACE, canonical_gpu, nvidia_gpus, usable_cpus
 from gaussreg.runs.device import oom_kill_count
 from gaussreg.runs.store import FINISHED, LIVE, RunDir, RunFileError, Store, now_iso, try_lock
 
@@ -27,14 +27,16 @@ class Slot:
     index: int
     gpu: Optional[str]  # CUDA_VISIBLE_DEVICES of the runs in this slot; None on CPU (workers get "")
     threads: Optional[int] = None
-    shares: int = 1  # --per-gpu: runs of all launches of a store that may share this slot's GPU
-    place: Optional[str] = None  # the GPU's canonical name (canonical_gpu), which names its places in the store
+    shares: int = 1  # runs of all launches of a store that may share this slot's GPU (--per-gpu) or the CPU
+    # (--max-parallel)
+    place: Optional[str] = None  # the GPU's canonical name (canonical_gpu) or CPU_PLACE: names its places in the store
 
 
 def make_slots(gpus: List[str], per_gpu: int = 1, max_parallel: Optional[int] = None,
                cpus: Optional[int] = None) -> List[Slot]:
     """`per_gpu` slots on each GPU (capped by max_parallel); without GPUs, max_parallel
-    CPU slots (default: one) sharing the cores evenly."""
+    CPU slots (default: one) sharing the cores evenly, and as many CPU places in the store:
+    the launches of a store share its CPU as they share a GPU."""
     if per_gpu < 1:
         raise ValueError("--per-gpu must be >= 1")
     if max_parallel is not None and max_parallel < 1:
@@ -50,8 +52,8 @@ def make_slots(gpus: List[str], per_gpu: int = 1, max_parallel: Optional[int] = 
         threads = max(1, cpus // n)
     table = nvidia_gpus() if gpus else []
     for s in slots:
-        s.threads, s.shares = threads, per_gpu
-        s.place = canonical_gpu(s.gpu, table) if s.gpu else None
+        s.threads, s.shares = threads, per_gpu if gpus else len(slots)
+        s.place = canonical_gpu(s.gpu, table) if s.gpu else CPU_PLACE
     return slots
 
 
@@ -136,6 +138,9 @@ class Scheduler:
         # runs still on it ends (else the next run would run out of memory too)
         self.oom_hold: set = set()
         self.share_error: Optional[str] = None  # why GPU shares could not be locked (then not counted)
+        # a saved plan of an older gaussreg has CPU slots without places: they are this many
+        self.cpu_slots = sum(1 for s in slots if not s.gpu)
+        self.waiting_said: set = set()  # the places whose wait was said (once each)
 
     def stop(self, *_args) -> None:
         """First Ctrl-C (or SIGTERM): launch nothing more and cancel the running workers;
@@ -158,16 +163,22 @@ class Scheduler:
                 self.view_error = f"{type(e).__name__}: {e}"
 
     def _gpu_share(self, slot: Slot) -> Optional[int]:
-        """For a GPU slot, a lock on one of its GPU's --per-gpu places in this store (see
-        Store.lock_gpu_share); -1 for a CPU slot; None while other launches fill the GPU."""
-        if not slot.gpu:
-            return -1
+        """A lock on one of the places of the slot's GPU (--per-gpu) or of the CPU (--max-parallel)
+        in this store (see Store.lock_gpu_share); None while other launches fill them."""
+        place, shares = (slot.place or slot.gpu, slot.shares) if slot.gpu else (CPU_PLACE, max(slot.shares,
+                                                                                                self.cpu_slots))
         try:
-            return self.store.lock_gpu_share(slot.place or slot.gpu, slot.shares)
+            fd = self.store.lock_gpu_share(place, shares)
         except (OSError, RunFileError) as e:  # no flock, an unwritable store: shares cannot be counted
             if self.share_error is None:
                 self.share_error = str(e)
             return -1
+        if fd is None and place not in self.waiting_said:  # a launch never waits silently
+            self.waiting_said.add(place)
+            self.say(f"waiting: every place on {'the CPU' if place == CPU_PLACE else 'GPU ' + place} of store "
+                     f"{self.store.root} ({shares}) is taken by runs of its other launches; a run starts when one "
+                     "of them ends")
+        return fd
 
     def _launch(self, run: RunDir, slot: Slot, share_fd: int = -1) -> bool:
         """Start one run; any problem of that run (a corrupt file, a lock that is a

@@ -18,7 +18,7 @@ import io
 import json
 import math
 from collections import Counter, defaultdict
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from rich.console import Group
 from rich.markup import escape
@@ -612,17 +612,25 @@ def cost_lines(rec) -> List[str]:
     return lines
 
 
+def comparison_text(rec: dict) -> Tuple[str, List[str], List[List[str]], List[str]]:
+    """A comparison as `gaussreg table` shows it: its title (the selection split), the header and
+    rows of its best configurations (means ± std, the two-standard-error check, cost), and its
+    footer lines; the TUI's compare screen shows the same text."""
+    return _title(rec), HEADER + _cert_header(rec), _rows(rec), _footer(rec)
+
+
 def render_rich(table: dict, show_all: bool = False):
     """Rich renderables, one table per comparison (user strings escaped)."""
     parts = []
     if not table["experiments"]:
         return Text("no runs in the store")
     for rec in table["experiments"]:
-        t = Table(title=escape(_title(rec)), title_justify="left", caption=escape("\n".join(_footer(rec))),
+        title, header, rows, footer = comparison_text(rec)
+        t = Table(title=escape(title), title_justify="left", caption=escape("\n".join(footer)),
                   caption_justify="left")
-        for h in HEADER + _cert_header(rec):
+        for h in header:
             t.add_column(h, justify="left" if h in ("method", "params") else "right")
-        for r in _rows(rec):
+        for r in rows:
             t.add_row(*map(escape, r))
         parts.append(t)
         if rec["best_per_sigma"]:

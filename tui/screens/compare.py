@@ -8,26 +8,29 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal
+from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input, Select, Static
 
 from gaussreg.runs import reader
-from gaussreg.runs.spec import describe_params
 from gaussreg.runs.store import Store
 from gaussreg.views import report
-from gaussreg.views.report import budget_problem, cost_cells, cost_lines
+from gaussreg.views.report import budget_problem
 
 from ..messages import CompareReady
-from ..widgets import SeriesPlot, pct
+from ..widgets import SeriesPlot
 
 METHOD_COLORS = {"baseline": "white", "augment": "orange", "regularizer": "cyan", "randsign": "magenta",
                  "fgsm": "red"}
 
 
 class CompareScreen(Screen):
-    BINDINGS = [Binding("escape,backspace", "app.pop_screen", "back"), Binding("question_mark", "app.help", "help"),
-                Binding("q", "app.quit", "quit")]
+    """The comparison as `gaussreg table` shows it (report.comparison_text: means ± std, the
+    two-standard-error check, the selection split, cost), and the scatter of every completed
+    run; below COMPACT_BELOW rows one of the two at a time (p switches)."""
+    BINDINGS = [Binding("escape,backspace", "app.pop_screen", "back"), Binding("p", "switch", "table/plot"),
+                Binding("question_mark", "app.help", "help"), Binding("q", "app.quit", "quit")]
+    COMPACT_BELOW = 34
 
     def __init__(self, experiments: List[str], experiment: Optional[str] = None):
         super().__init__()
@@ -38,6 +41,8 @@ class CompareScreen(Screen):
         self.budget: Optional[float] = None  # as `gaussreg table --budget`: times the baseline's training time
         self._labels: List[str] = []
         self._last: Optional[CompareReady] = None
+        self._header: List[str] = []  # the table's columns, as report.comparison_text names them
+        self.plot_shown = False  # below COMPACT_BELOW rows: the plot instead of the table
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -49,21 +54,29 @@ class CompareScreen(Screen):
             yield Select([], prompt="setting", id="setting")
             yield Input(placeholder="budget × (enter)", id="budget")
         yield Static(id="budget-error")
-        yield Static(id="compare-title")
-        yield DataTable(id="best", cursor_type="row")
-        yield Static(id="compare-footer")
+        with VerticalScroll(id="compare-body"):
+            yield Static(id="compare-title")
+            yield DataTable(id="best", cursor_type="row")
+            yield Static(id="compare-footer")
         yield SeriesPlot("every completed run: R % vs clean test accuracy %", "test accuracy %", "", kind="scatter",
                          colors=METHOD_COLORS, ybounds=(0, 100), id="scatter")
         yield Footer()
 
     def on_mount(self) -> None:
-        t = self.query_one("#best", DataTable)
-        for key, label in [("method", "method"), ("params", "params"), ("acc", "acc %"), ("dacc", "Δacc"),
-                           ("r", "R %"), ("dr", "ΔR"), ("seeds", "seeds"), ("steps", "steps ×"), ("time", "time ×"),
-                           ("epochs", "best/epochs")]:
-            t.add_column(label, key=key)
         if self.experiment:
             self.load(self.experiment)
+
+    def on_resize(self) -> None:
+        compact = self.size.height < self.COMPACT_BELOW
+        body = self.query_one("#compare-body")
+        body.display = not compact or not self.plot_shown
+        body.styles.height = "1fr" if compact else "auto"
+        body.styles.max_height = None if compact else "65%"  # the plot keeps the rest
+        self.query_one("#scatter").display = not compact or self.plot_shown
+
+    def action_switch(self) -> None:
+        self.plot_shown = not self.plot_shown
+        self.on_resize()
 
     @on(Select.Changed, "#experiment")
     def changed(self, event: Select.Changed) -> None:
@@ -138,23 +151,16 @@ class CompareScreen(Screen):
             chooser.value = self.setting
         rec = recs[labels.index(self.setting)]
         b = rec["baseline"]
-        self.query_one("#compare-title", Static).update(Text(
-            f"{rec['experiment']} · {rec['dataset']} · {rec['model']} · tolerance {rec['tolerance'] * 100:.2f}% · "
-            + (f"budget {self.budget:g}× the baseline's time · " if self.budget is not None else "")
-            + (f"baseline acc {pct(b['accuracy'])}%, R {pct(b['robustness'])}%" if b else "no completed baseline")))
-        for e in rec["best"]:
-            t.add_row(Text(e["method"], style=METHOD_COLORS.get(e["method"], "")), Text(describe_params(e)),
-                      pct(e["accuracy"]), f"{e['d_accuracy'] * 100:+.2f}", pct(e["robustness"]),
-                      f"{e['d_robustness'] * 100:+.2f}", str(e["seeds"]), *cost_cells(e), key=e["method"])
-        ef = rec["equivalent_folds"]
-        counts = ", ".join(f"{m} {c['eligible']}/{c['completed']}/{c['total']}" for m, c in rec["counts"].items())
-        certs = ", ".join(f"{e['method']} " + "/".join(pct(v) for v in e["certified"]["accuracy"].values())
-                          for e in rec["best"] if e.get("certified"))
-        self.query_one("#compare-footer", Static).update(Text(
-            (f"equivalent augmentation (the paper's Ñ = folds + 1): {ef['text']}\n" if ef else "")
-            + f"runs eligible/completed/total: {counts}"
-            + (f"\ncertified acc % at radius 0/0.25/0.5: {certs}" if certs else "")
-            + "".join(f"\n{line}" for line in cost_lines(rec))))
+        title, header, rows, footer = report.comparison_text(rec)  # what `gaussreg table` shows, word for word
+        self.query_one("#compare-title", Static).update(Text(title))
+        if header != self._header:  # the certified columns come and go
+            t.clear(columns=True)
+            for h in header:
+                t.add_column(h, key=h)
+            self._header = header
+        for e, r in zip(rec["best"], rows):  # method and params are data: Text, never markup
+            t.add_row(Text(r[0], style=METHOD_COLORS.get(e["method"], "")), Text(r[1]), *r[2:], key=e["method"])
+        self.query_one("#compare-footer", Static).update(Text("\n".join(footer)))
         series: Dict[str, tuple] = {}
         ids = {i for c in rec["configurations"] for i in c["run_ids"]}  # this setting's completed runs
         for p in message.points:

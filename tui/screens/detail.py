@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 from textual import on, work
@@ -23,15 +24,30 @@ from ..watcher import RunDetailWatcher
 from ..widgets import SeriesPlot, pct
 
 
-def _grid(pairs) -> Table:
-    """Label/value lines that wrap within the side panel instead of running off it."""
-    g = Table.grid(padding=(0, 1))
-    g.add_column(style="dim", no_wrap=True)
-    g.add_column(overflow="fold")
-    for k, v in pairs:  # values are data (run files): Text, never markup
-        v = v if isinstance(v, Text) else Text(str(v))
-        g.add_row(k, Text(strip_control(v.plain), style=v.style) if has_control(v.plain) else v)
-    return g
+class _Pairs:
+    """Label/value lines that wrap within the side panel: a value beside its label where its
+    longest word fits there, else below it, so a narrow panel (80x24) wraps values at spaces
+    instead of breaking a word ("fashion-mnis / t")."""
+
+    def __init__(self, pairs):
+        self.pairs = []
+        for k, v in pairs:  # values are data (run files): Text, never markup
+            v = v if isinstance(v, Text) else Text(str(v))
+            self.pairs.append((k, Text(strip_control(v.plain), style=v.style) if has_control(v.plain) else v))
+
+    def __rich_console__(self, console, options):
+        label = max((len(k) for k, _ in self.pairs), default=0)
+        room = options.max_width - label - 1
+        for k, v in self.pairs:
+            if max((len(w) for w in v.plain.split()), default=0) <= room:
+                g = Table.grid(padding=(0, 1))
+                g.add_column(style="dim", no_wrap=True, width=label)
+                g.add_column(overflow="fold")
+                g.add_row(k, v)
+                yield g
+            else:
+                yield Text(k, style="dim")
+                yield Padding(v, (0, 0, 0, 2))
 
 
 def _optimizer(o: dict) -> str:
@@ -62,6 +78,7 @@ class RunDetailScreen(Screen):
         self.title = run_id
         self.shown_plot = 0
         self._stop = threading.Event()
+        self.log_lines: list = []  # the log tail shown, written again at a new width
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -77,7 +94,8 @@ class RunDetailScreen(Screen):
                 yield Static(id="status")
                 with VerticalScroll(id="spec-box"):
                     yield Static(id="spec")
-                yield RichLog(id="log", max_lines=200, wrap=True, markup=False, highlight=False)
+                # min_width 1: lines wrap at the panel's width (the default 78 cut them at 80x24)
+                yield RichLog(id="log", max_lines=200, wrap=True, min_width=1, markup=False, highlight=False)
         yield Footer()
 
     def on_mount(self) -> None:
@@ -87,6 +105,13 @@ class RunDetailScreen(Screen):
         compact = self.size.height < self.COMPACT_BELOW
         for i, name in enumerate(self.PLOTS):
             self.query_one(f"#{name}").display = not compact or i == self.shown_plot
+        self.call_after_refresh(self._write_log)  # wrapped at the log's new width, once it is laid out
+
+    def _write_log(self) -> None:
+        log = self.query_one(RichLog)
+        log.clear()
+        for line in self.log_lines:
+            log.write(line)
 
     def action_next_plot(self) -> None:
         self.shown_plot = (self.shown_plot + 1) % len(self.PLOTS)
@@ -122,13 +147,11 @@ class RunDetailScreen(Screen):
         self.query_one("#status", Static).update(self._status(d))
         if d.spec:
             self.query_one("#spec", Static).update(self._spec(d.spec))
-        log = self.query_one(RichLog)
-        log.clear()
-        for line in d.log_tail.splitlines():
-            log.write(_log_line(line))
+        self.log_lines = [_log_line(line) for line in d.log_tail.splitlines()]
+        self._write_log()
 
     @staticmethod
-    def _status(d) -> Table:
+    def _status(d) -> _Pairs:
         st = d.status
         state = st.get("state", "?")
         done, total = (d.epochs[-1]["epoch"] if d.epochs else 0), st.get("max_epochs") or "?"
@@ -163,13 +186,13 @@ class RunDetailScreen(Screen):
                                       + "  ".join(f"r={k} {pct(v)}%" for k, v in c["accuracy"].items())))
         if st.get("error"):
             rows.append(("error", Text(str(st["error"]), style="red")))
-        return _grid(rows)
+        return _Pairs(rows)
 
     @staticmethod
-    def _spec(s: dict) -> Table:
+    def _spec(s: dict) -> _Pairs:
         rob = s.get("robustness", {})
         sig = rob.get("sigmas") or []
-        return _grid([
+        return _Pairs([
             ("run", f"{s.get('experiment')} · {s.get('method')} {describe_params(s, with_seed=False)}"),
             ("data", f"{s.get('dataset')} · {s.get('model')}"),
             ("seed", str(s.get("seed"))),

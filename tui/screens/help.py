@@ -18,23 +18,26 @@ class HelpScreen(ModalScreen[None]):
 Runs screen
   enter   the run's detail (curves, robustness, spec, status, log)
   /       filter by text (any column); the selector filters by state
-  s       sort by any column (a menu; the same column again reverses)
+  s       sort by any column (a menu; the same column again reverses;
+          the header marks it ▲, or ▼ reversed)
   space   mark a run;  o  overlay the curves of the marked runs
   c       compare: the fair table and accuracy vs robustness
   l       launch experiments of a manifest, locally (they go on after
           quit) or on Slurm (one sbatch array job)
   x       cancel the selected run (scancel for a Slurm run)
   r       train the selected run again if it is failed, cancelled,
-          interrupted, diverged or queued (a Slurm run is resubmitted
-          to Slurm with its launch's settings)
+          interrupted, diverged or queued: a launch of its own that
+          takes a free GPU or CPU place of the store, or waits for one
+          (a Slurm run is resubmitted with its launch's settings)
   X       cancel a whole launch (every run it trains)
   d       remove the selected run and its files, asking (gaussreg rm)
   ?       this help      ctrl+p  command palette      q  quit
 
 Detail, overlay and compare screens: escape goes back; in the
-detail, p shows the next plot when they do not fit one above another;
-in compare, a budget X (enter) lets only configurations trained in at
-most X times the baseline's time compete (gaussreg table --budget).
+detail, p shows the next plot when they do not fit one above another,
+in compare the plot or the table; in compare, a budget X (enter) lets
+only configurations trained in at most X times the baseline's time
+compete (gaussreg table --budget).
 States: queued, running, completed, failed, cancelled, diverged; a run
 whose worker died without a word (its lock is free; on another host, a
 stale heartbeat) shows as interrupted. A running run says when it

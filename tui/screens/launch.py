@@ -143,7 +143,9 @@ class LaunchScreen(ModalScreen[Optional[Plan]]):
     @on(Button.Pressed, "#launch")
     def launch(self) -> None:
         req = self.request()
-        if req is not None:
+        if req is not None:  # the check can take seconds (nvidia-smi, a big grid): never silent
+            self.query_one("#plan-error", Static).update(Text("checking the request (manifest, GPUs, data)…",
+                                                              style="dim"))
             self.check(req)
 
     @work(thread=True, exclusive=True, group="plan")
