@@ -17,12 +17,12 @@ from gaussreg.runs.spec import describe_params
 from gaussreg.runs.store import Store
 from gaussreg.views import report
 from gaussreg.views.report import budget_problem, cost_cells, cost_lines
+from gaussreg.views.style import METHOD_STYLE
 
 from ..messages import CompareReady
 from ..widgets import SeriesPlot, pct
 
-METHOD_COLORS = {"baseline": "white", "augment": "orange", "regularizer": "cyan", "randsign": "magenta",
-                 "fgsm": "red"}
+METHOD_COLORS = METHOD_STYLE
 
 
 class CompareScreen(Screen):
