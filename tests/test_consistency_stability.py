@@ -1,6 +1,7 @@
 """Consistency regularization (Jeong and Shin 2020) and stability training (Zheng et al.
 2016): each loss against a hand computation, and each through a sweep to the fair table."""
 
+import csv
 import json
 import math
 import subprocess
@@ -12,7 +13,10 @@ from conftest import cli, python_env
 from torch import nn
 
 from gaussreg.runs.spec import SpecError, default_certify_sigma
+from gaussreg.runs.store import Store
 from gaussreg.science.methods import check_params, make_method
+from gaussreg.views import plot
+from gaussreg.views.export import export
 
 W = [[0.5, -1.0], [1.5, 0.25], [-0.75, 0.8]]  # a Linear(2, 3): three classes
 B = [0.1, -0.2, 0.05]
@@ -172,8 +176,24 @@ def test_both_train_through_the_scheduler_and_compete_in_the_fair_table(tmp_path
     per_sigma = {(e["method"], e["sigma"]) for e in comp["best_per_sigma"]}
     assert {("consistency", 0.25), ("stability", 0.25)} <= per_sigma  # their noise is the training sigma
     assert comp["counts"]["consistency"] == {"total": 2, "completed": 2, "eligible": 2}
-    epochs = (store / ls[0]["id"] / "events.jsonl").read_text()
-    term_keys = {tuple(json.loads(line).get("train_terms", {})) for line in epochs.splitlines()
-                 if '"epoch"' in line and json.loads(line).get("type") == "epoch"}
-    method = ls[0]["spec"]["method"]
-    assert term_keys == {(*make_method(method, {"sigma": 0.1} if method != "baseline" else {}).term_names, "loss")}
+    for r in ls:  # every epoch logs the method's own terms
+        lines = (store / r["id"] / "events.jsonl").read_text().splitlines()
+        terms = {tuple(e["train_terms"]) for e in map(json.loads, lines) if e.get("type") == "epoch"}
+        assert terms == {make_method(r["spec"]["method"], r["spec"]["params"]).term_names}, r["id"]
+    # exports: each term its own column, the parameters and the cost
+    st = Store(store)
+    rows = {r["run_id"]: r for r in csv.DictReader(export(st, "epochs", "csv").splitlines())}
+    cons = next(r for r in rows.values() if r["method"] == "consistency")
+    assert float(cons["train_loss"]) == pytest.approx(float(cons["train_ce"]) + float(cons["train_kl"]) * float(
+        next(x for x in ls if x["id"] == cons["run_id"])["spec"]["params"]["lbd"]) + 0.5 * float(cons["train_entropy"]),
+        rel=1e-4)  # CSV keeps 6 significant digits
+    assert next(r for r in rows.values() if r["method"] == "stability")["train_stab"] != ""
+    runs = list(csv.DictReader(export(st, "runs", "csv").splitlines()))
+    assert {(r["method"], r["param_sigma"], r["images_noisy"]) for r in runs if r["method"] == "stability"} == {
+        ("stability", "0.25", "1200")}
+    # figures: the new methods in their own colours
+    pytest.importorskip("matplotlib")
+    files = plot.plot(st, tmp_path / "fig", fmt="svg")
+    scatter = next(f for f in files if "accuracy-vs-robustness" in str(f)).read_text()
+    for method in ("consistency", "stability"):
+        assert plot.COLORS[method].lstrip("#").lower() in scatter.lower() and f"{method} (" in scatter
