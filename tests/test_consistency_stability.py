@@ -64,7 +64,8 @@ def test_consistency_loss_is_mean_ce_plus_lbd_kl_plus_eta_entropy():
     assert L.terms["kl"].item() == pytest.approx(kl, rel=1e-6)
     assert L.terms["entropy"].item() == pytest.approx(ent, rel=1e-6)
     assert L.total.item() == pytest.approx(ce + lbd * kl + eta * ent, rel=1e-6)
-    assert L.logits is None  # no clean logits: the epoch's train accuracy is not the clean one
+    z0 = torch.tensor(z[0], dtype=torch.float64)  # the train accuracy's logits: the first noisy copy's
+    assert torch.allclose(L.logits, _net()(x + sigma * z0), rtol=1e-12, atol=0)
     assert tuple(L.terms) == method.term_names == ("ce", "kl", "entropy")
 
 

@@ -430,7 +430,8 @@ class Consistency(Method):
         kl = (p_bar * (log_p_bar - logp)).sum(-1).mean()  # mean over copies and images of KL(p_bar || p_i)
         entropy = -(p_bar * log_p_bar).sum(-1).mean()
         total = ce + self.params["lbd"] * kl + self.params["eta"] * entropy
-        return Loss(total, {"ce": ce, "kl": kl, "entropy": entropy}, None)
+        # the first copy's logits: the epoch's train accuracy is on noisy images, as augment's and randsign's
+        return Loss(total, {"ce": ce, "kl": kl, "entropy": entropy}, logits[:len(x)])
 
     def objective(self, model, x, y, g):
         return self.clean_loss(model, x, y)
