@@ -1,6 +1,7 @@
 """Training methods, each its parameters (names, types, ranges, defaults) and a loss on a
-batch: baseline, augment, regularizer, randsign, fgsm, consistency, stability. Adding a method is adding a class
-here and listing it in METHOD_CLASSES (a colour in the plots and the TUI is optional).
+batch: baseline, augment, regularizer, randsign, fgsm, consistency, stability. Adding a
+method is adding a class here and listing it in METHOD_CLASSES (a colour in
+gaussreg.views.style and gaussreg.views.plot is optional).
 
 torch is imported inside the functions: specs and manifests check a method's parameters
 through the classes here, and reading them must start without torch.
