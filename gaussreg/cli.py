@@ -31,7 +31,7 @@ from gaussreg.runs import reader
 from gaussreg.runs.device import autocast
 from gaussreg.runs.spec import MAX_SAMPLES, SpecError, default_certify_sigma, describe_params, resolve, valid_device
 from gaussreg.runs.store import FINISHED, STATES, RunDir, RunFileError, Store, check_locking, strip_control
-from gaussreg.science.robustness import robustness
+from gaussreg.science.robustness import certify_batch, robustness
 from gaussreg.views import export as ex
 from gaussreg.views import plot as plots
 from gaussreg.views import report, slurm_view
@@ -581,13 +581,28 @@ def export(store: Path = StoreOpt,
            what: ExportWhat = typer.Option(ExportWhat.runs, "--what",
                                            help="One row per run, per epoch, or per (run, split, sigma)."),
            format: ExportFormat = typer.Option(ExportFormat.csv, "--format", help="csv or jsonl."),
-           experiment: Optional[str] = typer.Option(None, help="Only this experiment.")):
+           experiment: Optional[str] = typer.Option(None, help="Only this experiment."),
+           from_export: Optional[Path] = typer.Option(None, "--from", metavar="<runs.jsonl>", parser=a_path("--from"),
+                                                      help="Export from a `gaussreg export --what runs --format "
+                                                           "jsonl` file instead of a store (runs and sigmas: it "
+                                                           "carries no epochs).")):
     """The store in long format on stdout, for pandas (pd.read_csv / pd.read_json(lines=True))."""
-    existing_store(store)
-    if experiment and not reader.has_runs(Store(store), experiment):
-        fail(f"no runs of experiment {experiment!r} in {store}")
+    if from_export is not None:
+        if what == ExportWhat.epochs:
+            fail(f"--what epochs needs a store: {from_export}, an export of runs, carries no epochs")
+        try:
+            source = read_runs(from_export)
+        except ValueError as e:
+            fail(str(e))
+        if experiment and not any(r["spec"].get("experiment") == experiment for r in source):
+            fail(f"no runs of experiment {experiment!r} in {from_export}")
+    else:
+        existing_store(store)
+        if experiment and not reader.has_runs(Store(store), experiment):
+            fail(f"no runs of experiment {experiment!r} in {store}")
+        source = Store(store)
     try:
-        for text in ex.export_lines(Store(store), what.value, format.value, experiment, warn):
+        for text in ex.export_lines(source, what.value, format.value, experiment, warn):
             sys.stdout.write(text)
         sys.stdout.flush()
     except BrokenPipeError:  # `gaussreg export | head` is fine
@@ -820,14 +835,15 @@ def certify(run_id: str = typer.Argument(..., help="A run id (or a unique prefix
             n0: int = typer.Option(100, "--n0", callback=COUNT, help="Noise draws per image that pick the class."),
             alpha: float = typer.Option(0.001, help="Failure probability of each certificate."),
             images: int = typer.Option(500, callback=COUNT, help="Test images, spread evenly over the test set."),
-            batch: int = typer.Option(1000, callback=COUNT, help="Noisy copies per forward pass."),
+            batch: Optional[int] = typer.Option(None, callback=COUNT, help="Noisy copies per forward pass "
+                                                "(default 1000 on a CPU, 5000 on a GPU)."),
             seed: Optional[int] = typer.Option(None, callback=SEED, help="Noise seed (default: the run's seed)."),
             device: str = typer.Option("auto"),
             data_dir: Optional[Path] = DataDirOpt):
     """Certified robustness of a trained run by randomized smoothing (Cohen et al. 2019): writes certify-<sigma>.json."""
     if sigma is not None and not (math.isfinite(sigma) and sigma > 0):  # inf would write an unreadable certificate
         fail(f"--sigma must be > 0 and finite, not {sigma}")
-    if n < 1 or n0 < 1 or images < 1 or batch < 1:
+    if n < 1 or n0 < 1 or images < 1 or (batch is not None and batch < 1):
         fail("--n, --n0, --images and --batch must be >= 1")
     if n0 > n:
         fail(f"--n0 ({n0}) must not exceed --n ({n})")
@@ -847,6 +863,7 @@ def certify(run_id: str = typer.Argument(..., help="A run id (or a unique prefix
         fail(f"cannot write {target}: the run directory is not writable (a read-only store?)")
     from gaussreg.runs.certificate import certify_run  # here: it imports torch, which the other commands never need
     model, splits, precision = _model_from_checkpoint(ckpt, spec, device, data_dir)
+    batch = batch or certify_batch(splits.test_x.device.type)
     with Progress(TextColumn(f"certifying at sigma {sigma:g}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=err_console, transient=True) as bar:
         task = bar.add_task("certify", total=min(images, len(splits.test_x)))

@@ -30,7 +30,7 @@ from gaussreg.runs.device import (autocast, device_name, keep_freed_memory, make
 from gaussreg.runs.store import RunDir, atomic_write_bytes, now_iso, to_json
 from gaussreg.science.methods import Method, make_method
 from gaussreg.science.models import build_model, parameter_count
-from gaussreg.science.robustness import EvaluationStopped, constant_accuracy, robustness
+from gaussreg.science.robustness import EvaluationStopped, certify_batch, constant_accuracy, robustness
 
 PROGRESS_EVERY_S = 0.5
 CHECKPOINT_EVERY_S = 60.0  # last.pt at most this often (and at every stop), see LastCheckpoint
@@ -488,7 +488,8 @@ def _certify(spec, model, splits, run, should_stop, events, log) -> None:
     log(f"certifying {c['images']} test images at sigma {c['sigma']:g} (n0 {c['n0']}, n {c['n']}, "
         f"alpha {c['alpha']:g})")
     cert = certify_run(run, model, splits.test_x, splits.test_y, c["sigma"], c["n0"], c["n"], c["alpha"],
-                       c["images"], seed=spec["seed"], should_stop=should_stop)
+                       c["images"], certify_batch(splits.test_x.device.type), seed=spec["seed"],
+                       should_stop=should_stop)
     if cert is None:
         raise Cancelled()
     events.emit("certify", sigma=cert["sigma"], images=cert["images"], n=cert["n"],
