@@ -406,9 +406,10 @@ class Consistency(Method):
     (their `consistency_loss(loss='default')`: gradients flow through p_bar too). Every
     image of a batch gets its m copies, so a step sees batch_size clean images and costs m
     noisy forward passes each (their code splits each batch into m chunks instead, so a
-    step sees batch_size / m images). Defaults are their code's and paper's: m = 2,
-    lbd = 10, eta = 0.5; their MNIST runs use lbd 10 at sigma 0.25 and 5 at 0.5 and 1,
-    their CIFAR-10 runs lbd in {5, 10, 20}. Noise is in pixel units, fresh per step."""
+    step sees batch_size / m images). Defaults are theirs: lbd = 10 and eta = 0.5 their
+    script's, m = 2 that of every Gaussian run of theirs; their MNIST runs use lbd 10 at
+    sigma 0.25 and 5 at 0.5 and 1, their CIFAR-10 runs lbd in {5, 10, 20}. Noise is in
+    pixel units, fresh per step."""
 
     name = "consistency"
     noise_param = "sigma"
@@ -445,11 +446,11 @@ class Stability(Method):
         loss = CE(f(x), y) + alpha KL(p(x) || p(x + sigma z)),  z ~ N(0, I)
 
     with gradients through both passes (one clean, one noisy: two forward passes per
-    image). sigma is in pixel units, fresh per step; alpha defaults to 0.01, the weight
-    of their experiments, which are small distortions (sigma 0.04 on their [0, 1]
-    pixels); at the noise levels of this comparison larger alphas are worth a grid
-    (experiments/paper-lenet.toml: up to 2, the stability baseline of Jeong and Shin's
-    code on MNIST, whose `train_stab.py` uses the cross-entropy to the clean softmax)."""
+    image). sigma is in pixel units, fresh per step; alpha defaults to a small 0.01 (they
+    stabilised against small distortions); at the noise levels of this comparison larger
+    alphas are worth a grid (experiments/paper-lenet.toml: up to 2, the weight of the
+    stability baseline in Jeong and Shin's MNIST runs, whose `train_stab.py` takes the
+    cross-entropy to the clean softmax instead of the KL)."""
 
     name = "stability"
     noise_param = "sigma"
