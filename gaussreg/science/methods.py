@@ -397,8 +397,8 @@ def _log_probs(logits) -> torch.Tensor:
 
 
 class Consistency(Method):
-    """Consistency regularization (Jeong and Shin, NeurIPS 2020, Eq. 4 with their default
-    form): m noisy copies x + sigma z_i of each image, p_i = softmax(f(x + sigma z_i)),
+    """Consistency regularization (Jeong and Shin, NeurIPS 2020, in the default form of
+    their code): m noisy copies x + sigma z_i of each image, p_i = softmax(f(x + sigma z_i)),
     p_bar = mean_i p_i;
 
         loss = mean_i CE(f(x + sigma z_i), y) + lbd mean_i KL(p_bar || p_i) + eta H(p_bar)
@@ -440,8 +440,8 @@ class Consistency(Method):
 
 
 class Stability(Method):
-    """Stability training (Zheng, Song, Leung and Goodfellow, CVPR 2016, Eq. 1 with the
-    KL stability loss of their classification task, Eq. 4):
+    """Stability training (Zheng, Song, Leung and Goodfellow, CVPR 2016) with the KL
+    stability loss of their classification task:
 
         loss = CE(f(x), y) + alpha KL(p(x) || p(x + sigma z)),  z ~ N(0, I)
 
