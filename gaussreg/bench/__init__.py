@@ -46,7 +46,7 @@ METHODS = [("baseline", {}), ("regularizer", {"sigma": 0.5, "alpha": 1.0}),
            ("augment", {"sigma": 0.5, "folds": 2}), ("augment", {"sigma": 0.5, "folds": 6}),
            ("augment", {"sigma": 0.5, "folds": 11}), ("augment", {"sigma": 0.5, "folds": 21}),
            ("randsign", {"eps": 0.1}), ("fgsm", {"eps": 0.1}),
-           ("consistency", {"sigma": 0.5}), ("consistency", {"sigma": 0.5, "m": 4}), ("stability", {"sigma": 0.5})]
+           ("consistency", {"sigma": 0.5}), ("stability", {"sigma": 0.5})]
 
 
 def sync(dev):
