@@ -205,6 +205,7 @@ def test_shipped_manifests_are_valid():
              "alexnet-cifar10": 0.0168, "alexnet-cifar100": 0.0483}  # AlexNet's: read from Fig. 5's caption
     assert tol == {**paper, **{f"{n}-{mode}-noise": t for n, t in paper.items() for mode in ("fixed", "fresh")},
                    "lenet-mnist-seed-methods": 0.0, "alexnet-cifar10-seed-methods": 0.0168,
+                   "lenet-mnist-noise-methods": 0.0,
                    "lenet-cifar10-reference-units": 0.0039, "lenet-cifar100-reference-units": 0.0075,
                    "alexnet-cifar10-reference-units": 0.0168, "alexnet-cifar100-reference-units": 0.0483}
     mnist = lenet.experiments[0]
@@ -223,7 +224,10 @@ def test_shipped_manifests_are_valid():
             assert {r.spec["method"] for r in e.runs} == (
                 {"baseline", "augment", "regularizer"} if full else {"baseline", "augment"}), e.name
     all_methods = {r.spec["method"] for r in lenet.runs() + alex.runs()}
-    assert {"randsign", "fgsm"} <= all_methods
+    assert {"randsign", "fgsm", "consistency", "stability"} <= all_methods
+    noise = next(e for e in lenet.experiments if e.name == "lenet-mnist-noise-methods")
+    assert sum(r.spec["method"] == "consistency" for r in noise.runs) == 15
+    assert sum(r.spec["method"] == "stability" for r in noise.runs) == 20
 
 
 def test_every_error_is_reported_in_one_pass_with_its_table(tmp_path):

@@ -225,7 +225,8 @@ def test_certify_defaults_to_the_methods_own_training_noise_level():
     """A method declares which parameter is its Gaussian training noise (noise_param);
     certification defaults to that sigma, else to 0.25 (randsign's eps is not a sigma)."""
     from gaussreg.runs.spec import CERTIFY_SIGMA, default_certify_sigma
-    assert {n for n, c in METHOD_CLASSES.items() if c.noise_param} == {"augment", "regularizer"}
+    assert {n for n, c in METHOD_CLASSES.items() if c.noise_param} == {"augment", "regularizer", "consistency",
+                                                                       "stability"}
     assert default_certify_sigma({"method": "regularizer", "params": {"sigma": 0.5, "alpha": 1.0}}) == 0.5
     assert default_certify_sigma({"method": "augment", "params": {"sigma": 0.1, "folds": 2}}) == 0.1
     assert default_certify_sigma({"method": "randsign", "params": {"eps": 0.3}}) == CERTIFY_SIGMA == 0.25

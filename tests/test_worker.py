@@ -427,7 +427,8 @@ def _training(method, params, X, Y, g, model, precision="fp32"):
     ("regularizer", {"sigma": 0.3, "alpha": 1.0}),
     ("regularizer", {"sigma": 0.3, "alpha": 1.0, "depth": "all"}), ("randsign", {"eps": 0.1}),
     ("fgsm", {"eps": 0.1}), ("regularizer", {"sigma": 0.3, "alpha": 1.0, "sigma_units": "reference"}),
-    ("augment", {"sigma": 0.3, "folds": 2, "sigma_units": "reference"})])
+    ("augment", {"sigma": 0.3, "folds": 2, "sigma_units": "reference"}), ("consistency", {"sigma": 0.3}),
+    ("stability", {"sigma": 0.3, "alpha": 1.0})])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_a_training_step_and_its_bookkeeping_read_nothing_back_from_the_device(monkeypatch, method, params, precision):
     from gaussreg.data import datasets

@@ -45,7 +45,8 @@ METHODS = [("baseline", {}), ("regularizer", {"sigma": 0.5, "alpha": 1.0}),
            ("regularizer", {"sigma": 0.5, "alpha": 1.0, "depth": "all"}),
            ("augment", {"sigma": 0.5, "folds": 2}), ("augment", {"sigma": 0.5, "folds": 6}),
            ("augment", {"sigma": 0.5, "folds": 11}), ("augment", {"sigma": 0.5, "folds": 21}),
-           ("randsign", {"eps": 0.1}), ("fgsm", {"eps": 0.1})]
+           ("randsign", {"eps": 0.1}), ("fgsm", {"eps": 0.1}),
+           ("consistency", {"sigma": 0.5}), ("stability", {"sigma": 0.5})]
 
 
 def sync(dev):

@@ -30,7 +30,7 @@ from gaussreg.runs.device import (autocast, device_name, keep_freed_memory, make
 from gaussreg.runs.store import RunDir, atomic_write_bytes, now_iso, to_json
 from gaussreg.science.methods import Method, make_method
 from gaussreg.science.models import GaussNet, build_model, parameter_count
-from gaussreg.science.robustness import EvaluationStopped, certify_batch, robustness
+from gaussreg.science.robustness import EvaluationStopped, certify_batch, constant_accuracy, robustness
 
 PROGRESS_EVERY_S = 0.5
 CHECKPOINT_EVERY_S = 60.0  # last.pt at most this often (and at every stop), see LastCheckpoint
@@ -480,6 +480,8 @@ def _result_record(t: Training, run: RunDir, ev: _Evaluation, t_start: float) ->
         "precision": t.precision, "compile": spec["compile"],
         **({"pixel_sigma": list(t.method.pixel_sigma)} if t.method.pixel_sigma is not None else {}),
         "sizes": t.splits.sizes(), "host": socket.gethostname(),
+        # what a constant classifier scores on each split: the fair table flags one (views.report)
+        "constant_accuracy": {"val": constant_accuracy(t.splits.val_y), "test": constant_accuracy(t.splits.test_y)},
         "versions": {"gaussreg": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "finished_at": now_iso(),
     }

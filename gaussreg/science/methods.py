@@ -1,6 +1,7 @@
 """Training methods, each its parameters (names, types, ranges, defaults) and a loss on a
-batch: baseline, augment, regularizer, randsign, fgsm. Adding a method is adding a class
-here and listing it in METHOD_CLASSES (a colour in the plots and the TUI is optional).
+batch: baseline, augment, regularizer, randsign, fgsm, consistency, stability. Adding a
+method is adding a class here and listing it in METHOD_CLASSES (a colour in
+gaussreg.views.style and gaussreg.views.plot is optional).
 
 torch is imported inside the functions: specs and manifests check a method's parameters
 through the classes here, and reading them must start without torch.
@@ -388,7 +389,97 @@ class FGSM(Method):
         return Loss(0.5 * ce + 0.5 * adv, {"ce": ce, "adv": adv}, logits)
 
 
-METHOD_CLASSES = {cls.name: cls for cls in (Baseline, Augment, Regularizer, RandSign, FGSM)}
+def _fresh_noise(x, sigma: float, g) -> torch.Tensor:
+    """x + sigma z, z ~ N(0, I) in pixel units from the run's generator (augment's fresh noise)."""
+    import torch  # here: specs and manifests read methods without torch
+    return x + sigma * torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+
+
+def _log_probs(logits) -> torch.Tensor:
+    """log softmax in at least float32: under bf16 autocast the logits are bf16, and the KL
+    and entropy terms below are differences of nearly equal logs."""
+    import torch  # here: specs and manifests read methods without torch
+    import torch.nn.functional as F
+    return F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+
+
+class Consistency(Method):
+    """Consistency regularization (Jeong and Shin, NeurIPS 2020, in the default form of
+    their code): m noisy copies x + sigma z_i of each image, p_i = softmax(f(x + sigma z_i)),
+    p_bar = mean_i p_i;
+
+        loss = mean_i CE(f(x + sigma z_i), y) + lbd mean_i KL(p_bar || p_i) + eta H(p_bar)
+
+    (their `consistency_loss(loss='default')`: gradients flow through p_bar too). Every
+    image of a batch gets its m copies, so a step sees batch_size clean images and costs m
+    noisy forward passes each (their code splits each batch into m chunks instead, so a
+    step sees batch_size / m images). Defaults are theirs: lbd = 10 and eta = 0.5 their
+    script's, m = 2 that of every Gaussian run of theirs; their MNIST runs use lbd 10 at
+    sigma 0.25 and 5 at 0.5 and 1, their CIFAR-10 runs lbd in {5, 10, 20}. Noise is in
+    pixel units, fresh per step."""
+
+    name = "consistency"
+    noise_param = "sigma"
+    schema = {"sigma": nonneg(float), "m": Param(int, 2, lambda v: v >= 1, "must be >= 1"),
+              "lbd": nonneg(float, 10.0), "eta": nonneg(float, 0.5)}
+    term_names = ("ce", "kl", "entropy")
+
+    def passes(self, n):
+        return {"clean": 0, "noisy": n * self.params["m"], "expected": 0}
+
+    def loss(self, model, x, y, g):
+        import torch  # here: specs and manifests read methods without torch
+        m, sigma = self.params["m"], self.params["sigma"]
+        noisy = torch.cat([_fresh_noise(x, sigma, g) for _ in range(m)])  # copy i is rows i*B..(i+1)*B
+        logits = model(noisy)
+        ce = _cross_entropy(logits, y.repeat(m))  # the mean over copies and images
+        logp = _log_probs(logits).view(m, len(x), -1)
+        p_bar = logp.exp().mean(0)
+        log_p_bar = torch.log(p_bar.clamp_min(1e-20))  # p_bar underflows to 0 where every copy's does
+        kl = (p_bar * (log_p_bar - logp)).sum(-1).mean()  # mean over copies and images of KL(p_bar || p_i)
+        entropy = -(p_bar * log_p_bar).sum(-1).mean()
+        total = ce + self.params["lbd"] * kl + self.params["eta"] * entropy
+        # the first copy's logits: the epoch's train accuracy is on noisy images, as augment's and randsign's
+        return Loss(total, {"ce": ce, "kl": kl, "entropy": entropy}, logits[:len(x)])
+
+    def objective(self, model, x, y, g):
+        return self.clean_loss(model, x, y)
+
+
+class Stability(Method):
+    """Stability training (Zheng, Song, Leung and Goodfellow, CVPR 2016) with the KL
+    stability loss of their classification task:
+
+        loss = CE(f(x), y) + alpha KL(p(x) || p(x + sigma z)),  z ~ N(0, I)
+
+    with gradients through both passes (one clean, one noisy: two forward passes per
+    image). sigma is in pixel units, fresh per step; alpha defaults to a small 0.01 (they
+    stabilised against small distortions); at the noise levels of this comparison larger
+    alphas are worth a grid (experiments/paper-lenet.toml: up to 2, the weight of the
+    stability baseline in Jeong and Shin's MNIST runs, whose `train_stab.py` takes the
+    cross-entropy to the clean softmax instead of the KL)."""
+
+    name = "stability"
+    noise_param = "sigma"
+    schema = {"sigma": nonneg(float), "alpha": nonneg(float, 0.01)}
+    term_names = ("ce", "stab")
+
+    def passes(self, n):
+        return {"clean": n, "noisy": n, "expected": 0}
+
+    def loss(self, model, x, y, g):
+        logits = model(x)
+        ce = _cross_entropy(logits, y)
+        logp = _log_probs(logits)
+        logq = _log_probs(model(_fresh_noise(x, self.params["sigma"], g)))
+        stab = (logp.exp() * (logp - logq)).sum(-1).mean()  # KL(p(x) || p(x + n)), mean over images
+        return Loss(ce + self.params["alpha"] * stab, {"ce": ce, "stab": stab}, logits)
+
+    def objective(self, model, x, y, g):
+        return self.clean_loss(model, x, y)
+
+
+METHOD_CLASSES = {cls.name: cls for cls in (Baseline, Augment, Regularizer, RandSign, FGSM, Consistency, Stability)}
 
 
 def method_class(name: str) -> type:

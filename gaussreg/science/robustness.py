@@ -40,6 +40,28 @@ class Robustness:
         return asdict(self)
 
 
+# A classifier is (nearly) constant when its predictions survive the noise almost always
+# (R >= CONSTANT_R) while its accuracy is within CONSTANT_MARGIN of the best constant answer
+# (constant_accuracy): it is robust because it ignores its input (README, "The fair comparison").
+CONSTANT_R = 0.99
+CONSTANT_MARGIN = 0.05
+
+
+def constant_accuracy(labels) -> float:
+    """The accuracy of the best constant classifier on these labels: the largest class's
+    share (1/classes on a stratified subset)."""
+    counts = labels.bincount()
+    return float(counts.max()) / max(1, len(labels))
+
+
+def nearly_constant(accuracy: Optional[float], r: Optional[float], chance: Optional[float]) -> bool:
+    """Whether accuracy and R (fractions) are those of a (nearly) constant classifier, given
+    `chance`, the split's constant_accuracy; False when a number is unknown."""
+    if accuracy is None or r is None or chance is None:
+        return False
+    return r >= CONSTANT_R and accuracy <= chance + CONSTANT_MARGIN
+
+
 def score_of(sigmas, per_sigma) -> float:
     """Trapezoidal average of a per-sigma curve (its mean for a single sigma), over the
     sigmas in increasing order whatever order they were given in (`--sigmas 0.25,0,0.5`)."""

@@ -18,10 +18,11 @@ from gaussreg.science.methods import METHOD_CLASSES
 from gaussreg.views import report
 
 FORMATS = ("png", "svg", "pdf")
-# the TUI's hues (tui/screens/compare.py METHOD_COLORS); the TUI's white baseline is black on paper
+# the TUI's hues (gaussreg.views.style.METHOD_STYLE) on paper: its white baseline is black, its yellow dark
 COLORS = {"baseline": "black", "augment": "orange", "regularizer": "#00a6b8", "randsign": "magenta",
-          "fgsm": "red"}
-MARKERS = {"baseline": "s", "augment": "^", "regularizer": "o", "randsign": "D", "fgsm": "v"}
+          "fgsm": "red", "consistency": "#2ca02c", "stability": "#b8860b"}
+MARKERS = {"baseline": "s", "augment": "^", "regularizer": "o", "randsign": "D", "fgsm": "v", "consistency": "P",
+           "stability": "X"}
 
 
 class PlotsUnavailable(RuntimeError):

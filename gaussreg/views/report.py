@@ -25,11 +25,12 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from gaussreg.data.datasets import DATASETS
 from gaussreg.runs.reader import list_runs
 from gaussreg.runs.spec import describe_params
 from gaussreg.runs.store import RunDir, RunFileError, Store
 from gaussreg.science.methods import METHOD_CLASSES
-from gaussreg.science.robustness import score_of
+from gaussreg.science.robustness import CONSTANT_MARGIN, CONSTANT_R, nearly_constant, score_of
 
 EPS = 1e-12  # accuracies are ratios of integers; keep "equal to a0 - tol" eligible
 SELECTIONS = ("validation", "test")
@@ -78,6 +79,18 @@ def run_metrics(result: dict) -> dict:
             "val_noisy_accuracy": noisy(result.get("sigmas"), result.get("val_accuracy_per_sigma"))}
 
 
+def run_chance(result: dict, spec: dict, split: str) -> Optional[float]:
+    """The accuracy of a constant classifier on a run's `split` ("val" or "test"): what its
+    worker recorded (the largest class's share), else 1/classes of a built-in dataset
+    (runs from before it was recorded; their subsets are stratified), else None."""
+    rec = result.get("constant_accuracy")
+    v = _num(rec.get(split)) if isinstance(rec, dict) else None
+    if v is not None:
+        return v
+    ds = DATASETS.get(spec.get("dataset")) if isinstance(spec.get("dataset"), str) else None
+    return 1 / ds.classes if ds else None
+
+
 def spread(values: List[float]) -> dict:
     """n, mean and sample standard deviation (None for one value)."""
     n = len(values)
@@ -102,7 +115,7 @@ def _configs(rows: List[dict], select: str) -> List[dict]:
                "run_ids": sorted(r["id"] for r in done), "seeds": sorted(r["spec"].get("seed", 0) for r in done),
                "n": len(done), "states": dict(Counter(r["state"] for r in runs)), "stats": stats,
                "accuracy": None, "accuracy_std": None, "robustness": None, "robustness_std": None,
-               "noisy_accuracy": None, "sel_accuracy": None, "sel_robustness": None,
+               "noisy_accuracy": None, "sel_accuracy": None, "sel_robustness": None, "sel_chance": None,
                **_cost([r["result"] for r in sorted(done, key=lambda r: r["id"])])}
         if done:
             cfg.update(accuracy=stats["test_accuracy"]["mean"], accuracy_std=stats["test_accuracy"]["std"],
@@ -113,6 +126,7 @@ def _configs(rows: List[dict], select: str) -> List[dict]:
             a, r = stats[f"{split}_accuracy"], stats[f"{split}_robustness"]
             if a["n"] == len(done) and r["n"] == len(done):
                 cfg.update(sel_accuracy=a["mean"], sel_robustness=r["mean"])
+            cfg["sel_chance"] = _mean_or_none([run_chance(r["result"], r["spec"], split) for r in done])
         out.append(cfg)
     return out
 
@@ -200,12 +214,22 @@ def _reason(c: dict, base: Optional[dict], threshold: Optional[float], select: s
     if c["sel_accuracy"] is None:
         return (f"no {select} numbers (trained before they were recorded; use --select test)"
                 if select == "validation" else "no test numbers")
+    if nearly_constant(c["sel_accuracy"], c["sel_robustness"], c["sel_chance"]):
+        return constant_reason(c, select)
     if threshold is None:
         return f"the baseline has no {select} numbers"
     if c["sel_accuracy"] < threshold - EPS:
         return (f"{select} accuracy {c['sel_accuracy'] * 100:.2f}% below a0 - tolerance = "
                 f"{threshold * 100:.2f}%")
     return _budget_reason(c, base, budget)
+
+
+def constant_reason(c: dict, select: str) -> str:
+    """Why a configuration whose predictions are (nearly) constant is never chosen."""
+    return (f"predictions (nearly) constant: {select} accuracy {c['sel_accuracy'] * 100:.2f}% is within "
+            f"{CONSTANT_MARGIN * 100:g} points of always answering the most frequent class "
+            f"({c['sel_chance'] * 100:.2f}%) and R {c['sel_robustness'] * 100:.2f}% >= {CONSTANT_R * 100:g}%: "
+            "robust because it ignores its input")
 
 
 def _budget_reason(c: dict, base: Optional[dict], budget: Optional[float]) -> Optional[str]:
@@ -249,6 +273,9 @@ def compare(rows: List[dict], experiment: str, dataset: str, model: str, toleran
         c["reason"] = _reason(c, base, threshold, select, budget)
         c["eligible"] = c["reason"] is None
         c["outside_budget"] = bool(c["n"]) and _budget_reason(c, base, budget) is not None
+    if base and base["reason"] is not None and base["reason"].startswith("predictions (nearly) constant"):
+        rec["warnings"].append(f"the baseline's {base['reason']}; a0 is chance accuracy, so the comparison "
+                               "says nothing about robustness")
     if budget is not None and base:
         rec["budget"] = _budget_summary(cfgs, base, budget)
         if base["time_s"] is None:

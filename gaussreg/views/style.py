@@ -1,5 +1,6 @@
 """How the views print: the colours every view gives a run's state (the CLI's tables, the
-live views, the TUI), and a console that never passes a store's control sequences on."""
+live views, the TUI) and a training method (the TUI; the figures take the same hues on
+paper), and a console that never passes a store's control sequences on."""
 
 from rich.console import Console
 from rich.segment import Segment
@@ -10,6 +11,9 @@ from gaussreg.runs.store import has_control, strip_control
 STATE_STYLE = {"completed": "green", "failed": "bold red", "diverged": "magenta", "cancelled": "yellow",
                "interrupted": "dark_orange", "running": "bold cyan", "queued": "dim", "elsewhere": "dim",
                "skipped": "dim", "corrupt": "reverse red"}
+# a method without one is shown unstyled
+METHOD_STYLE = {"baseline": "white", "augment": "orange", "regularizer": "cyan", "randsign": "magenta",
+                "fgsm": "red", "consistency": "green", "stability": "yellow"}
 
 
 class CleanConsole(Console):

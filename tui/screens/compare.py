@@ -16,12 +16,12 @@ from gaussreg.runs import reader
 from gaussreg.runs.store import Store
 from gaussreg.views import report
 from gaussreg.views.report import budget_problem
+from gaussreg.views.style import METHOD_STYLE
 
 from ..messages import CompareReady
 from ..widgets import SeriesPlot
 
-METHOD_COLORS = {"baseline": "white", "augment": "orange", "regularizer": "cyan", "randsign": "magenta",
-                 "fgsm": "red"}
+METHOD_COLORS = METHOD_STYLE
 
 
 class CompareScreen(Screen):
