@@ -3,6 +3,7 @@ the environment and arguments children get, and the errors a GPU box or cluster 
 import errno
 import fcntl
 import json
+import os
 import subprocess
 import sys
 
@@ -101,6 +102,7 @@ def test_auto_and_all_use_every_gpu_nvidia_smi_lists(manifest, tmp_path, monkeyp
 @pytest.mark.gpu
 def test_packing_runs_on_an_exclusive_process_gpu_is_refused(manifest, tmp_path, monkeypatch):
     fake_nvidia_smi(tmp_path, monkeypatch, modes=("Default", "Exclusive_Process"))
+    monkeypatch.setattr(launch, "mps_running", lambda: False)  # so on a GPU box that runs MPS too
     assert inventory.exclusive_gpus(["0", "1"]) == ["1"]
     req = dict(manifest=manifest, store=str(tmp_path / "runs"))
     with pytest.raises(LaunchError, match=r"GPU 1 is in EXCLUSIVE_PROCESS compute mode .* --per-gpu 2 cannot pack"):
@@ -110,6 +112,41 @@ def test_packing_runs_on_an_exclusive_process_gpu_is_refused(manifest, tmp_path,
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-00000001")  # a UUID names the same GPU
     with pytest.raises(LaunchError, match="GPU GPU-00000001 is in EXCLUSIVE_PROCESS"):
         plan(LaunchRequest(**req, per_gpu=3))
+
+
+@pytest.mark.process
+@pytest.mark.gpu
+def test_packing_runs_on_an_exclusive_process_gpu_is_accepted_under_mps(manifest, tmp_path, monkeypatch):
+    fake_nvidia_smi(tmp_path, monkeypatch, modes=("Exclusive_Process", "Exclusive_Process"))
+    monkeypatch.setattr(launch, "mps_running", lambda: True)
+    p = plan(LaunchRequest(manifest=manifest, store=str(tmp_path / "runs"), per_gpu=3))
+    assert sorted(s.gpu for s in p.slots) == ["0", "0", "0", "1", "1", "1"]
+    monkeypatch.setattr(launch, "mps_running", lambda: False)
+    with pytest.raises(LaunchError, match=r"GPU 0 is in EXCLUSIVE_PROCESS .* start the MPS daemon "
+                                          r"\(`nvidia-cuda-mps-control -d`"):
+        plan(LaunchRequest(manifest=manifest, store=str(tmp_path / "runs"), per_gpu=3))
+
+
+class _Proc:
+    def __init__(self, name):
+        self.info = {"name": name}
+
+
+def test_mps_is_seen_by_its_control_process_or_its_control_pipe(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path / "mps"))
+    procs = [_Proc("python"), _Proc("nvidia-smi")]
+    monkeypatch.setattr(inventory.psutil, "process_iter", lambda attrs: iter(procs))
+    assert not inventory.mps_running()  # no daemon, no pipe directory
+    (tmp_path / "mps").mkdir()
+    (tmp_path / "mps" / "control").write_text("")  # a plain file is no daemon's pipe
+    assert not inventory.mps_running()
+    (tmp_path / "mps" / "control").unlink()
+    os.mkfifo(tmp_path / "mps" / "control")  # what `nvidia-cuda-mps-control -d` creates (seen from a container)
+    assert inventory.mps_running()
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path / "elsewhere"))
+    assert not inventory.mps_running()
+    procs.append(_Proc("nvidia-cuda-mps-control"))  # the daemon itself, whatever its pipe directory
+    assert inventory.mps_running()
 
 
 # ------------------------------------------------------------ CPU counting
