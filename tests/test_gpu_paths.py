@@ -498,3 +498,30 @@ def test_a_checkpoint_copied_away_from_its_run_evaluates_alone(tmp_path):
     (tmp_path / "elsewhere" / "junk.pt").write_bytes(b"not a checkpoint")
     r = CliRunner().invoke(cli_app, ["eval", str(tmp_path / "elsewhere" / "junk.pt")])
     assert r.exit_code == 2 and "no spec inside it" in " ".join(r.stderr.split())
+
+
+@pytest.mark.process  # the driver's version comes from nvidia-smi (a fake here)
+def test_result_json_records_what_a_gpu_runs_repeatability_depends_on(tmp_path, monkeypatch):
+    """CUDA and cuDNN versions, the driver, the GPU's name and UUID (mocked CUDA queries and a
+    fake nvidia-smi), TF32 and inductor's mode; on a CPU the GPU fields are None."""
+    import types
+
+    from gaussreg.runs import device
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text('#!/bin/sh\ncase "$*" in *driver_version*) echo "570.86.15";; esac\n')
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    props = types.SimpleNamespace(name="NVIDIA H100 80GB HBM3", uuid="8f3c1a2b-1111-2222-3333-444455556666")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: props)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91002)
+    device.make_deterministic()
+    rep = device.repeatability(torch.device("cuda", 0))
+    assert rep == {"cuda": "12.8", "cudnn": 91002, "driver": "570.86.15", "gpu_name": "NVIDIA H100 80GB HBM3",
+                   "gpu_uuid": "GPU-8f3c1a2b-1111-2222-3333-444455556666", "tf32": False,
+                   "inductor_deterministic": True}
+    assert device.repeatability(torch.device("cpu")) == {**rep, "cuda": None, "cudnn": None, "driver": None,
+                                                         "gpu_name": None, "gpu_uuid": None}
+    (bin_dir / "nvidia-smi").unlink()  # no nvidia-smi: the driver is unknown, the rest still there
+    assert device.repeatability(torch.device("cuda", 0))["driver"] is None
