@@ -67,6 +67,7 @@ def test_two_epoch_run_writes_the_documented_files(tmp_path):
     assert res["repeatability"] == {"cuda": None, "cudnn": None, "driver": None, "gpu_name": None, "gpu_uuid": None,
                                     "tf32": False, "inductor_deterministic": True, "regularizer_kernel": ["exact"],
                                     "regularizer_compile_error": None}
+    assert res["gpu_peak_memory"] is None
     # validation robustness for selecting on validation: every validation image here (44 <= 1000), same sigmas
     assert res["val_robustness_images"] == 44 and len(res["val_per_sigma"]) == 3 and res["val_per_sigma"][0] == 1.0
     vps = res["val_per_sigma"]

@@ -489,6 +489,10 @@ def _result_record(t: Training, run: RunDir, ev: _Evaluation, t_start: float) ->
         # kernels of the regularizer's ReLU moments in the process that finished the run
         "repeatability": {**repeatability(t.dev), "regularizer_kernel": kernels_ran()["kernels"] or None,
                           "regularizer_compile_error": kernels_ran()["compile_error"]},
+        # what packing runs on a GPU must fit: the caching allocator's peak (reserved) and the
+        # tensors' peak (allocated) in the process that finished the run; None on a CPU
+        "gpu_peak_memory": ({"reserved": torch.cuda.max_memory_reserved(t.dev),
+                             "allocated": torch.cuda.max_memory_allocated(t.dev)} if t.dev.type == "cuda" else None),
         **({"pixel_sigma": list(t.method.pixel_sigma)} if t.method.pixel_sigma is not None else {}),
         "sizes": t.splits.sizes(), "host": socket.gethostname(),
         "versions": {"gaussreg": __version__, "torch": torch.__version__, "python": platform.python_version()},
