@@ -342,6 +342,7 @@ def main(argv=None) -> int:
     make_deterministic()
     if a.cpu:
         gpu, dev = None, torch.device("cpu")
+        torch.set_num_threads(1)  # beside the workers of a busy test machine: spinning threads cost seconds
     else:
         visible = detect_gpus()
         if visible:  # before CUDA starts: this process, its children and their `--gpus all` see that GPU only
