@@ -22,7 +22,8 @@ def test_the_gpu_check_passes_in_its_cpu_mode_and_writes_its_json(tmp_path):
     assert r["mode"] == "cpu" and r["passed"] is True and r["gpu"] is None
     assert [c["name"] for c in r["checks"]] == [
         "sweep --per-gpu 3", "regularizer repeats bitwise (inductor caches off)",
-        "SIGKILL then resume equals the uninterrupted run", "peak GPU memory per run", "step timings (no per-step sync)"]
+        "SIGKILL then resume equals the uninterrupted run", "peak GPU memory per run",
+        "step timings (no per-step sync)"]
     assert all(c["ok"] for c in r["checks"])
     assert "killed after epoch 3" in r["checks"][2]["detail"] and "['exact']" in r["checks"][0]["detail"]
     assert sorted((s["method"], s["precision"]) for s in r["steps"]) == [

@@ -241,16 +241,19 @@ def start_repeat(work: Path, spec_run: manifests.PlannedRun, env: dict):
     return run, worker(run, {**env, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"})
 
 
-def check_repeat(report: Report, run: RunDir, proc: subprocess.Popen, ref: RunDir, t0: float) -> None:
-    rc = proc.wait()
-    if rc != 0 or not ref.result():
-        report.add("regularizer repeats bitwise (inductor caches off)", False,
-                   f"worker exited {rc}; {run.status().get('error') or ''}", t0)
+def report_equal(report: Report, name: str, rc: int, run: RunDir, ref: RunDir, t0: float, equal: str) -> None:
+    """The check `name`: the worker of `run` ended well and its numbers equal ref's bitwise."""
+    if rc != 0 or not run.result() or not ref.result():
+        report.add(name, False, f"worker exited {rc}; {run.status().get('error') or ''}", t0)
         return
     diff = differences(ref.result(), run.result(), ref, run)
-    report.add("regularizer repeats bitwise (inductor caches off)", not diff,
-               f"differs in {', '.join(diff)}" if diff else
-               f"{run.result()['epochs_run']} epochs, every result number and loss equal", t0)
+    report.add(name, not diff, f"differs in {', '.join(diff)}" if diff else equal, t0)
+
+
+def check_repeat(report: Report, run: RunDir, proc: subprocess.Popen, ref: RunDir, t0: float) -> None:
+    rc = proc.wait()
+    report_equal(report, "regularizer repeats bitwise (inductor caches off)", rc, run, ref, t0,
+                 f"{(run.result() or {}).get('epochs_run')} epochs, every result number and loss equal")
 
 
 def kill_and_resume(report: Report, run: RunDir, env: dict, ref_of: Callable[[], RunDir], t0: float) -> None:
@@ -269,15 +272,8 @@ def kill_and_resume(report: Report, run: RunDir, env: dict, ref_of: Callable[[],
     p.wait()
     killed_after = epochs_done(run)
     rc = worker(run, env, "--resume").wait()
-    ref = ref_of()
-    if rc != 0 or not run.result() or not ref.result():
-        report.add("SIGKILL then resume equals the uninterrupted run", False,
-                   f"resumed worker exited {rc}; {run.status().get('error') or ''}", t0)
-        return
-    diff = differences(ref.result(), run.result(), ref, run)
-    report.add("SIGKILL then resume equals the uninterrupted run", not diff,
-               f"differs in {', '.join(diff)}" if diff else
-               f"killed after epoch {killed_after}, resumed to epoch {run.result()['epochs_run']}: equal", t0)
+    report_equal(report, "SIGKILL then resume equals the uninterrupted run", rc, run, ref_of(), t0,
+                 f"killed after epoch {killed_after}, resumed to epoch {(run.result() or {}).get('epochs_run')}: equal")
 
 
 def timings(report: Report, mode: Mode, dev: torch.device) -> List[dict]:
