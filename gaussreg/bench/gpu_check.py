@@ -38,7 +38,7 @@ import torch
 from gaussreg import __version__
 from gaussreg.bench import machine, make_step, sync
 from gaussreg.data import loading as data
-from gaussreg.launch.gpus import detect_gpus
+from gaussreg.launch.gpus import detect_gpus, usable_cpus
 from gaussreg.runs import manifest as manifests
 from gaussreg.runs.device import keep_freed_memory, make_deterministic, repeatability
 from gaussreg.runs.store import RunDir, Store, atomic_write_json, now_iso
@@ -354,12 +354,16 @@ def main(argv=None) -> int:
     (work / "check.toml").write_text(MANIFEST.format(m=mode))
     planned = {r.spec["method"]: r for r in manifests.load(work / "check.toml").runs()}
     report = Report()
-    print(f"gaussreg {__version__} GPU check ({mode.name} mode) on {machine(dev)}, torch {torch.__version__}; "
-          f"stores in {work}", flush=True)
+    # no CUDA call in this process until the timings: its context would take GPU memory from
+    # the workers, and on an EXCLUSIVE_PROCESS GPU the GPU itself
+    print(f"gaussreg {__version__} GPU check ({mode.name} mode) on {f'GPU {gpu}' if gpu else 'the CPU'}, torch "
+          f"{torch.__version__}; stores in {work}", flush=True)
     if not a.skip_tests:
         run_tests(report, mode, a.test_timeout)
     env = child_env(**({"CUDA_VISIBLE_DEVICES": gpu, "GAUSSREG_GPU": gpu} if gpu is not None
-                       else {"CUDA_VISIBLE_DEVICES": ""}), GAUSSREG_THREADS=os.environ.get("GAUSSREG_THREADS", "1"))
+                       else {"CUDA_VISIBLE_DEVICES": ""}),
+                    # the thread count the sweep's workers get (3 slots), so that every run computes alike
+                    GAUSSREG_THREADS=str(max(1, usable_cpus() // 3)))
     side: dict = {}
     swept = threading.Event()
 
