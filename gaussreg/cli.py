@@ -31,7 +31,7 @@ from gaussreg.runs import reader
 from gaussreg.runs.device import autocast
 from gaussreg.runs.spec import MAX_SAMPLES, SpecError, default_certify_sigma, describe_params, resolve, valid_device
 from gaussreg.runs.store import FINISHED, STATES, RunDir, RunFileError, Store, check_locking, strip_control
-from gaussreg.science.robustness import robustness
+from gaussreg.science.robustness import certify_batch, robustness
 from gaussreg.views import export as ex
 from gaussreg.views import plot as plots
 from gaussreg.views import report, slurm_view
@@ -295,7 +295,7 @@ def run(manifest: Path = ManifestArg,
     readable_store(store)
     st = Store(store)
     if dry_run:
-        _check_own_code(p.manifest)
+        _check_own_code(p.manifest, runs)
         _dry_run(p, st, manifest)
         return
     if p.missing_data:
@@ -326,11 +326,8 @@ def _run_here(p, st, manifest: Path, store: Path, gpus: str, rerun: bool):
     except OSError as e:  # a full disk, a file where a folder should be: nothing launched
         fail(f"cannot write the experiments of {manifest} in {store} "
              f"({e.strerror}{': ' + str(e.filename) if e.filename else ''})")
-    survive_closed_output(console.print)(f"{plural(len(runs), 'run')} from {manifest} into {st.root}/ on "
-                  f"{', '.join('gpu ' + s.gpu if s.gpu else 'cpu' for s in slots)}"
-                  f" ({slots[0].threads} thread(s) each"
-                  + ("; no GPU visible, --gpus none says so, --backend slurm uses a cluster's GPUs"
-                     if gpus.strip() == "auto" and not any(s.gpu for s in slots) else "") + ")", markup=False)
+    survive_closed_output(console.print)(launch_line(len(runs), manifest, st.root, slots, gpus), markup=False,
+                                         highlight=False)
     view = LiveView(len(runs), console)
     survive_closed_output(view.__enter__)()
     try:
@@ -343,6 +340,18 @@ def _run_here(p, st, manifest: Path, store: Path, gpus: str, rerun: bool):
         survive_closed_output(view.__exit__)(None, None, None)
     survive_closed_output(_print_outcome)(summary, st, runs)
     raise typer.Exit(summary.exit_code())
+
+
+def launch_line(n: int, manifest: Path, root: Path, slots, gpus: str) -> str:
+    """The first line of a launch, as `key: value` facts a reader (or a script) can take apart:
+    "3 runs from m.toml into runs/; slots: cpu; threads per run: 2; GPUs visible: none (...)"."""
+    facts = [f"{plural(n, 'run')} from {manifest} into {root}/",
+             f"slots: {', '.join('gpu ' + s.gpu if s.gpu else 'cpu' for s in slots)}",
+             f"threads per run: {slots[0].threads}"]
+    if gpus.strip() == "auto" and not any(s.gpu for s in slots):
+        facts.append("GPUs visible: none (so --gpus auto trains on the CPU, and --backend slurm on a cluster's "
+                     "GPUs)")
+    return "; ".join(facts)
 
 
 def _print_outcome(summary, st, runs):
@@ -358,12 +367,13 @@ def _print_outcome(summary, st, runs):
         print_whole(report.render_rich(report.fair_table(st, e)))
 
 
-def _check_own_code(m) -> None:
-    """--dry-run: import the manifest's own model factories and data loaders in a subprocess
-    and try them (gaussreg.runs.check); every problem as a manifest error, then exit 2."""
-    if not mf.uses_own_code(m):
+def _check_own_code(m, runs) -> None:
+    """--dry-run: import the own model factories and data loaders of the runs chosen (those a
+    launch would train) in a subprocess and try them (gaussreg.runs.check); every problem as
+    a manifest error, then exit 2."""
+    if not mf.uses_own_code(m, runs):
         return
-    errors = mf.check_code(m)
+    errors = mf.check_code(m, runs=runs)
     for e in errors[:-1]:
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
     if errors:
@@ -387,9 +397,9 @@ def _dry_run(p, st, manifest) -> None:
             state = rd.state() if rd.spec_file.exists() else "new"
         except RunFileError as e:
             state = f"corrupt: {e}"
-        args = " ".join(f"{k}={v}" for k, v in {**r.spec.get("dataset_args", {}), **r.spec.get("model_args", {})}.items())
-        cells = (r.id, r.spec["dataset"], f"{r.spec['model']} {args}".strip(), r.spec["method"],
-                 describe_params(r.spec), state)
+        cells = (r.id, _with_args(r.spec["dataset"], r.spec.get("dataset_args")),
+                 _with_args(r.spec["model"], r.spec.get("model_args")), r.spec["method"], describe_params(r.spec),
+                 state)
         if big:
             lines.append(cells)
         else:
@@ -413,6 +423,11 @@ def _dry_run(p, st, manifest) -> None:
                       soft_wrap=True)
 
 
+def _with_args(name: str, args: Optional[dict]) -> str:
+    """A dataset or model with its factory's arguments: "lenet width=8"."""
+    return " ".join([name] + [f"{k}={v}" for k, v in (args or {}).items()])
+
+
 def _run_slurm(req, follow, dry_run, yes):
     """`gaussreg run --backend slurm`: one sbatch array job for the runs that need training
     (launch.submit_slurm, as the TUI's launch dialog)."""
@@ -423,7 +438,7 @@ def _run_slurm(req, follow, dry_run, yes):
         fail(str(e))
     runs, cfg = p.runs, p.slurm
     if dry_run:
-        _check_own_code(p.manifest)
+        _check_own_code(p.manifest, runs)
         console.print(" ".join(slurm.sbatch_command(cfg, -(-len(runs) // cfg.per_gpu), Path("JOB.sh"),
                                                     st.root / "_slurm" / "LAUNCH")), highlight=False, markup=False)
         return
@@ -568,6 +583,7 @@ def plot(store: Path = StoreOpt,
 class ExportFormat(str, Enum):
     csv = "csv"
     jsonl = "jsonl"
+    tensorboard = "tensorboard"
 
 
 class ExportWhat(str, Enum):
@@ -581,17 +597,62 @@ def export(store: Path = StoreOpt,
            what: ExportWhat = typer.Option(ExportWhat.runs, "--what",
                                            help="One row per run, per epoch, or per (run, split, sigma)."),
            format: ExportFormat = typer.Option(ExportFormat.csv, "--format", help="csv or jsonl."),
-           experiment: Optional[str] = typer.Option(None, help="Only this experiment.")):
-    """The store in long format on stdout, for pandas (pd.read_csv / pd.read_json(lines=True))."""
-    existing_store(store)
-    if experiment and not reader.has_runs(Store(store), experiment):
-        fail(f"no runs of experiment {experiment!r} in {store}")
+           experiment: Optional[str] = typer.Option(None, help="Only this experiment."),
+           from_export: Optional[Path] = typer.Option(None, "--from", metavar="<runs.jsonl>", parser=a_path("--from"),
+                                                      help="Export from a `gaussreg export --what runs --format "
+                                                           "jsonl` file instead of a store (runs and sigmas: it "
+                                                           "carries no epochs)."),
+           out: Optional[Path] = typer.Option(None, "--out", parser=a_path("--out"), metavar="DIR",
+                                              help="--format tensorboard: the folder of event files (one "
+                                                   "folder per run; --what does not apply).")):
+    """The store in long format on stdout, for pandas (pd.read_csv / pd.read_json(lines=True)),
+    or as TensorBoard event files (--format tensorboard --out DIR)."""
+    if (format == ExportFormat.tensorboard) != (out is not None):
+        fail("--format tensorboard writes into a folder: give it --out DIR" if out is None else
+             "--out is for --format tensorboard; csv and jsonl go to stdout")
+    if from_export is not None:
+        if what == ExportWhat.epochs or out is not None:
+            fail(f"{'--format tensorboard' if out is not None else '--what epochs'} needs a store: {from_export}, "
+                 "an export of runs, carries no epochs")
+        try:
+            source = read_runs(from_export)
+        except ValueError as e:
+            fail(str(e))
+        if experiment and not any(r["spec"].get("experiment") == experiment for r in source):
+            fail(f"no runs of experiment {experiment!r} in {from_export}")
+    else:
+        existing_store(store)
+        if experiment and not reader.has_runs(Store(store), experiment):
+            fail(f"no runs of experiment {experiment!r} in {store}")
+        source = Store(store)
+    if out is not None:
+        export_tensorboard(store, out, experiment)
+        return
     try:
-        for text in ex.export_lines(Store(store), what.value, format.value, experiment, warn):
+        for text in ex.export_lines(source, what.value, format.value, experiment, warn):
             sys.stdout.write(text)
         sys.stdout.flush()
     except BrokenPipeError:  # `gaussreg export | head` is fine
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def export_tensorboard(store: Path, out: Path, experiment: Optional[str]) -> None:
+    try:  # here: an optional extra, and half a second of imports no other command should pay
+        from gaussreg.views.tensorboard_export import SigmaStepError, write_tensorboard
+    except ImportError as e:
+        if not (e.name or "").startswith(("tensorboard", "google.protobuf")):
+            raise
+        fail("--format tensorboard needs the tensorboard package: pip install -e '.[tensorboard]' in the clone")
+    try:
+        dirs = write_tensorboard(Store(store), out, experiment)
+    except SigmaStepError as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"cannot write the event files into {out}: {e.strerror or e}")
+    if not dirs:
+        fail(f"no runs{' of experiment ' + repr(experiment) if experiment else ''} in {store}")
+    console.print(f"{len(dirs)} runs written to {escape(str(out))}; view them with "
+                  f"`tensorboard --logdir {escape(shlex.quote(str(out)))}`", highlight=False, soft_wrap=True)
 
 
 @app.command("ls")
@@ -604,14 +665,15 @@ def ls(store: Path = StoreOpt,
         fail(f"--state must be one of {', '.join(STATES + ('corrupt',))}, not {state!r}")
     rows = [r for r in reader.list_runs(Store(store)) if not state or r["state"] == state]
     if format == ListFormat.json:
-        print(json.dumps([{"id": r["id"], "state": r["state"], "spec": r["spec"], "result": r["result"],
-                           "error": r["error"]} for r in rows], indent=2))
+        print(json.dumps([{"id": r["id"], "state": r["state"], "not_launched": r["row"].not_launched,
+                           "spec": r["spec"], "result": r["result"], "error": r["error"]} for r in rows], indent=2))
         return
     if len(rows) > BIG_GRID:
         print_plain(f"{plural(len(rows), 'run')} in {store} (more than {BIG_GRID:,}: one line each, tab-separated)",
-                    ["run id", "data/model", "params", "state", "acc %", "R %", "slurm job"],
+                    ["run id", "data/model", "params", "state", "acc %", "R %", "time", "slurm job"],
                     ((r["id"], f"{r['row'].dataset or '?'}/{r['row'].model or '?'}", r["row"].params, r["state"],
-                      _pct_cell(r["row"].test_acc), _pct_cell(r["row"].robustness), r["row"].slurm_job or "-")
+                      _pct_cell(r["row"].test_acc), _pct_cell(r["row"].robustness), reader.duration(r["row"].duration),
+                      r["row"].slurm_job or "-")
                      for r in rows))
         return
     t = Table(title=escape(f"{plural(len(rows), 'run')} in {store}"), title_justify="left", box=None,
@@ -619,8 +681,8 @@ def ls(store: Path = StoreOpt,
     t.add_column("run id", no_wrap=True)
     t.add_column("data/model", overflow="fold")
     t.add_column("params", overflow="fold")
-    for h in ("state", "acc %", "R %"):
-        t.add_column(h, no_wrap=True, justify="right" if "%" in h else "left")
+    for h in ("state", "acc %", "R %", "time"):  # time: trained in all, resumes included
+        t.add_column(h, no_wrap=True, justify="left" if h == "state" else "right")
     jobs = any(r.get("slurm_job") for r in rows)
     if jobs:
         t.add_column("slurm job", no_wrap=True)
@@ -629,11 +691,18 @@ def ls(store: Path = StoreOpt,
         params = " ".join(p for p in (row.params, f"seed={row.seed}" if row.seed else "") if p)
         t.add_row(escape(row.id), escape(f"{row.dataset or '?'}/{row.model or '?'}" if r["spec"] else "?/?"),
                   escape(params if r["spec"] else row.error or ""),
-                  f"[{STATE_STYLE.get(row.state, 'red')}]{row.state}[/]",
+                  f"[{STATE_STYLE.get(row.state, 'red')}]{row.state}[/]"
+                  + (" [yellow](not launched)[/]" if row.not_launched else ""),
                   f"{row.test_acc * 100:.2f}" if row.test_acc is not None else "-",
                   f"{row.robustness * 100:.2f}" if row.robustness is not None else "-",
-                  *([row.slurm_job or "-"] if jobs else []))
+                  reader.duration(row.duration), *([row.slurm_job or "-"] if jobs else []))
     print_whole(t)
+    stranded = sum(r["row"].not_launched for r in rows)
+    if stranded:
+        them = "it" if stranded == 1 else "them"
+        console.print(f"{plural(stranded, 'queued run')} not launched: the launch that queued {them} has ended "
+                      f"(Ctrl-C?), so nothing will start {them}; `gaussreg run` with the manifest starts {them}, "
+                      f"`gaussreg rm --state queued --store {store}` removes {them}", markup=False, highlight=False)
 
 
 def _pct_cell(v) -> str:
@@ -667,10 +736,10 @@ def show(run_id: str = typer.Argument(..., help="A run id (or a unique prefix)."
         console.print(f"epoch {e['epoch']}: train loss {e['train_loss']:.4f}, val loss {e['val_loss']:.4f}, "
                       f"val acc {e['val_accuracy'] * 100:.2f}%, lr {e['lr']:.3g}, {e['images_per_s']:.0f} img/s")
     if result:
-        wall = result.get("wall_time_s")
+        wall = reader.training_time(status, state)  # in all: a resumed run's earlier epochs included
         console.print(f"test accuracy {result['test_accuracy'] * 100:.2f}%, robustness {result['robustness'] * 100:.2f}%"
                       f", best epoch {result.get('best_epoch', '?')} of {result.get('epochs_run', '?')}, "
-                      + (f"{wall:.1f}s " if wall is not None else "")
+                      + (f"{wall:.1f}s in all " if wall is not None else "")
                       + f"on {_device(result)} in {result.get('precision', 'fp32')}"
                       + (", compiled" if result.get("compile") else ""), highlight=False, markup=False)
     tail = run.log_tail(15)
@@ -703,6 +772,68 @@ def cancel(run_id: str = typer.Argument(..., help="A run id (or a unique prefix)
     except OSError as e:  # a Slurm run's cancel request or status on a full or read-only store
         fail(f"cannot write the cancel of {run.id} into {run.path}: {e.strerror or e}")
     console.print(done, markup=False, highlight=False)
+
+
+@app.command()
+def rm(run_ids: Optional[List[str]] = typer.Argument(None, metavar="RUN",
+                                                   help="Run ids (or unique prefixes)."),
+       store: Path = StoreOpt,
+       experiment: Optional[str] = typer.Option(None, help="Every run of this experiment."),
+       state: Optional[str] = typer.Option(None, help="Every run in this state (with --experiment: of it)."),
+       yes: bool = typer.Option(False, "--yes", help="Remove without asking.")):
+    """Remove runs from the store, with their checkpoints, certificates, events and log (asks first);
+    running runs, and queued ones a launch will start, are refused."""
+    existing_store(store)
+    if run_ids and (experiment or state):
+        fail("name runs, or choose them with --experiment and --state, not both")
+    if not run_ids and not (experiment or state):
+        fail("name the runs to remove: run ids, --experiment NAME or --state STATE")
+    if state and state not in STATES + ("corrupt",):
+        fail(f"--state must be one of {', '.join(STATES + ('corrupt',))}, not {state!r}")
+    st = Store(store)
+    if run_ids:
+        runs = list({r.id: r for r in (_get_run(store, i) for i in run_ids)}.values())
+    else:
+        if experiment and not reader.has_runs(st, experiment):
+            fail(f"no runs of experiment {experiment!r} in {store}")
+        runs = [RunDir(st.root / r["id"]) for r in reader.list_runs(st, experiment)
+                if not state or r["state"] == state]
+        if not runs:
+            console.print("no run matches: nothing removed", highlight=False, markup=False)
+            return
+    refused = {r.id: st.removal_refused(r) for r in runs}
+    for why in filter(None, refused.values()):
+        err_console.print(f"[yellow]not removed:[/] {escape(why)}", highlight=False, soft_wrap=True)
+    runs = [r for r in runs if not refused[r.id]]
+    if not runs:
+        raise typer.Exit(1)
+    if not yes:
+        shown = 20
+        for r in runs[:shown]:
+            console.print(r.id, highlight=False, markup=False)
+        if len(runs) > shown:
+            console.print(f"... and {len(runs) - shown} more", highlight=False, markup=False)
+        try:
+            sure = typer.confirm(f"Remove {plural(len(runs), 'run')} with their checkpoints and certificates?")
+        except typer.Abort:  # no answer (end of input)
+            sure = False
+        if not sure:
+            fail("nothing removed (add --yes to remove without asking)", 1)
+    gone, failed = 0, 0
+    for r in runs:
+        try:
+            st.remove(r)
+            gone += 1
+        except RunFileError as e:
+            failed += 1
+            err_console.print(f"[yellow]not removed:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        except OSError as e:
+            failed += 1
+            err_console.print(f"[bold red]error:[/] cannot remove {escape(r.id)}: {escape(e.strerror or str(e))}",
+                              highlight=False, soft_wrap=True)
+    console.print(f"removed {plural(gone, 'run')} from {store}", highlight=False, markup=False)
+    if failed or any(refused.values()):
+        raise typer.Exit(1)
 
 
 def _parse_sigmas(text: Optional[str]) -> Optional[List[float]]:
@@ -820,14 +951,15 @@ def certify(run_id: str = typer.Argument(..., help="A run id (or a unique prefix
             n0: int = typer.Option(100, "--n0", callback=COUNT, help="Noise draws per image that pick the class."),
             alpha: float = typer.Option(0.001, help="Failure probability of each certificate."),
             images: int = typer.Option(500, callback=COUNT, help="Test images, spread evenly over the test set."),
-            batch: int = typer.Option(1000, callback=COUNT, help="Noisy copies per forward pass."),
+            batch: Optional[int] = typer.Option(None, callback=COUNT, help="Noisy copies per forward pass "
+                                                "(default 1000 on a CPU, 5000 on a GPU)."),
             seed: Optional[int] = typer.Option(None, callback=SEED, help="Noise seed (default: the run's seed)."),
             device: str = typer.Option("auto"),
             data_dir: Optional[Path] = DataDirOpt):
     """Certified robustness of a trained run by randomized smoothing (Cohen et al. 2019): writes certify-<sigma>.json."""
     if sigma is not None and not (math.isfinite(sigma) and sigma > 0):  # inf would write an unreadable certificate
         fail(f"--sigma must be > 0 and finite, not {sigma}")
-    if n < 1 or n0 < 1 or images < 1 or batch < 1:
+    if n < 1 or n0 < 1 or images < 1 or (batch is not None and batch < 1):
         fail("--n, --n0, --images and --batch must be >= 1")
     if n0 > n:
         fail(f"--n0 ({n0}) must not exceed --n ({n})")
@@ -847,6 +979,7 @@ def certify(run_id: str = typer.Argument(..., help="A run id (or a unique prefix
         fail(f"cannot write {target}: the run directory is not writable (a read-only store?)")
     from gaussreg.runs.certificate import certify_run  # here: it imports torch, which the other commands never need
     model, splits, precision = _model_from_checkpoint(ckpt, spec, device, data_dir)
+    batch = batch or certify_batch(splits.test_x.device.type)
     with Progress(TextColumn(f"certifying at sigma {sigma:g}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=err_console, transient=True) as bar:
         task = bar.add_task("certify", total=min(images, len(splits.test_x)))
@@ -914,12 +1047,26 @@ def train(run_dir: Path = typer.Argument(..., parser=a_path("RUN_DIR"), metavar=
     raise typer.Exit(code)
 
 
+WEB_PORT = 8000  # textual-serve's own default
+
+
 @app.command()
 def tui(store: Path = StoreOpt,
         manifest: Path = typer.Option(Path("experiments.toml"), parser=a_path("--manifest"), metavar="PATH",
-                                      help="The manifest the launch dialog opens.")):
+                                      help="The manifest the launch dialog opens."),
+        web: bool = typer.Option(False, "--web", help="Serve the dashboard to a browser (textual-serve) instead."),
+        port: Optional[int] = typer.Option(None, "--port", metavar="N", callback=int_flag(65535, 1),
+                                           help=f"--web: the port (default {WEB_PORT})."),
+        host: Optional[str] = typer.Option(None, "--host", metavar="H",
+                                           help="--web: the address to listen on (default localhost; any other "
+                                                "lets whoever reaches it launch and cancel runs).")):
     """The Textual dashboard: watch, launch, cancel, compare and browse runs."""
     readable_store(store)  # a store that does not exist yet is fine: the launch dialog makes it
+    if not web and (port is not None or host is not None):
+        fail("--port and --host are for --web")
+    if web:
+        serve_web(store, manifest, host or "localhost", WEB_PORT if port is None else port)
+        return
     try:
         from tui.app import run_app  # the only place gaussreg touches textual
     except ImportError as e:
@@ -927,12 +1074,35 @@ def tui(store: Path = StoreOpt,
     run_app(str(store), str(manifest))
 
 
+def serve_web(store: Path, manifest: Path, host: str, port: int) -> None:
+    if host == "":
+        fail("--host is empty; name an address (localhost, or 0.0.0.0 for every interface)")
+    try:  # here: an optional extra that only --web needs
+        from gaussreg.views import web_dashboard
+    except ImportError as e:
+        if not (e.name or "").startswith(("textual_serve", "aiohttp", "jinja2")):
+            raise
+        fail("--web needs textual-serve: pip install -e '.[web]' in the clone")
+    if not web_dashboard.is_local(host):
+        warn(f"listening on {host}: anyone who can reach port {port} there can launch and cancel runs "
+             "(textual-serve has no login); use an SSH tunnel to localhost instead where you can")
+    console.print(f"serving `gaussreg tui --store {escape(str(store))}` on http://{escape(host)}:{port} "
+                  "(Ctrl+C stops it)", highlight=False, soft_wrap=True)
+    try:
+        web_dashboard.serve(store, manifest, host, port)
+    except OSError as e:
+        fail(f"cannot listen on {host}:{port}: {e.strerror or e}")
+
+
 # ---------------------------------------------------------------- data
 
 @data_app.command("list")
 def data_list(data_dir: Optional[Path] = DataDirOpt):
     """Each dataset, where it was found, and its sizes."""
-    t = Table(title=f"datasets (data root: {datasets.data_root(data_dir)})", title_justify="left")
+    # the root on a line of its own, and the table at the width it needs: as the table's
+    # title, or a folded cell, a path was split across lines in a pipe or log
+    console.print(f"datasets (data root: {datasets.data_root(data_dir)})", markup=False, highlight=False)
+    t = Table()
     for h in ("name", "shape", "classes", "found in", "train", "test"):
         t.add_column(h, overflow="fold")
     missing = []
@@ -942,7 +1112,7 @@ def data_list(data_dir: Optional[Path] = DataDirOpt):
                   str(d["train"] or "-"), str(d["test"] or "-"))
         if not d["found"]:
             missing.append(d["note"])
-    console.print(t)
+    print_whole(t)
     for note in missing:
         console.print(f"- {note}", highlight=False, markup=False)
 
@@ -953,11 +1123,12 @@ def data_download(name: str = typer.Argument(..., help="mnist, fashion-mnist, ci
     """Make a dataset available (Debian package, torchvision, or the official files)."""
     if name not in datasets.DATASETS:
         fail(f"unknown dataset {name!r}; known: {', '.join(datasets.DATASETS)}")
+    had = data.find(name, data_dir) is not None  # said once, below: "already" when it was there
     try:
         where = download.download(name, data_dir, log=lambda m: console.print(m, highlight=False, markup=False))
     except datasets.DataError as e:
         fail(str(e), 1)
-    console.print(f"{name} is available in {where}", markup=False)
+    console.print(f"{name} is {'already ' if had else ''}available in {where}", markup=False, highlight=False)
 
 
 class _GuardedOutput:

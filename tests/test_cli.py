@@ -1,12 +1,17 @@
 import json
+import os
+import signal
+import socket
 import subprocess
+import sys
 import time
 
 import pytest
-from conftest import cli, python_env
+from conftest import cli, python_env, wait_for
 from conftest import gaussreg as in_process
 from factories import queued_run, written_run
 
+from gaussreg.runs import reader
 from gaussreg.runs.store import RunFileError, Store
 
 DEMO = """
@@ -327,3 +332,183 @@ def test_a_failed_download_does_not_send_you_to_the_same_command(tmp_path, monke
     assert msg.startswith("Could not download 'mnist'") and "gaussreg data download" not in msg
     assert "run it again where the dataset's site can be reached" in msg
     assert "gaussreg data download mnist" in data.missing_message("mnist", tmp_path)  # elsewhere it is the way
+
+
+def test_rm_removes_whole_runs_after_asking_and_refuses_live_ones(tmp_path):
+    """`gaussreg rm`: asks (no answer removes nothing), refuses a running and a queued run with
+    one sentence each, and takes a run's checkpoints and certificates with it; nothing is left
+    half-removed (no trash in the store, which `ls` never lists anyway)."""
+    from typer.testing import CliRunner
+
+    from gaussreg import cli as gaussreg_cli
+    from gaussreg.runs.store import try_lock
+    st = Store(tmp_path / "runs")
+    done = written_run(st, status={"state": "completed"}, result={"test_accuracy": 0.9, "robustness": 0.5},
+                       experiment="a", seed=1)
+    for name in ("best.pt", "last.pt", "certify-0.25.json", "worker.log"):
+        done.file(name).write_text("x")
+    failed = [written_run(st, status={"state": "failed", "error": "boom"}, experiment="a", seed=s).id for s in (2, 3)]
+    other = written_run(st, status={"state": "failed"}, experiment="b").id
+    queued = queued_run(st, experiment="a", seed=4)
+    running = written_run(st, status={"state": "running", "pid": 1, "host": socket.gethostname()},
+                          experiment="a", seed=5)
+    lock = try_lock(running)  # its worker holds the lock: it is alive
+    launch = st.hold_launch()  # and a launch runs, which will start the queued one
+    try:
+        out = CliRunner().invoke(gaussreg_cli.app, ["rm", "--store", str(st.root), "--state", "failed"], input="n\n")
+        assert out.exit_code == 1 and "nothing removed (add --yes" in out.stderr
+        assert all(i in out.stdout for i in failed + [other]) and "Remove 3 runs" in out.stdout
+        assert len(list(st.runs())) == 6
+        out = gaussreg("rm", "--store", st.root, done.id, running.id, queued.id, "--yes")
+        assert out.exit_code == 1, out.stdout + out.stderr
+        said = " ".join(out.stderr.split())
+        assert f"not removed: run {running.id} is running: cancel it first (`gaussreg cancel {running.id}`)" in said
+        assert f"not removed: run {queued.id} is queued: a launch will start it" in said
+        assert "removed 1 run from" in out.stdout
+        assert not done.path.exists() and running.path.is_dir() and queued.path.is_dir()
+        out = CliRunner().invoke(gaussreg_cli.app, ["rm", "--store", str(st.root), "--experiment", "a",
+                                                    "--state", "failed"], input="y\n")
+        assert out.exit_code == 0 and "removed 2 runs" in out.stdout, out.stdout + out.stderr
+        assert sorted(r.id for r in st.runs()) == sorted([other, queued.id, running.id])
+        assert not any(r["row"].not_launched for r in reader.list_runs(st))
+        assert [p.name for p in st.root.iterdir() if p.name.startswith(".")] == []  # no trash left
+        st.release_launch(launch)
+        launch = None
+        # its launch ended without starting it (Ctrl-C): nothing will, so it may go
+        out = gaussreg("rm", "--store", st.root, queued.id, "--yes")
+        assert out.exit_code == 0 and not queued.path.exists(), out.stderr
+    finally:
+        os.close(lock)
+        if launch:
+            st.release_launch(launch)
+    out = gaussreg("rm", "--store", st.root, "--experiment", "nope", "--yes")
+    assert out.exit_code == 2 and "no runs of experiment 'nope'" in out.stderr
+    out = gaussreg("rm", "--store", st.root, other, "--state", "failed")
+    assert out.exit_code == 2 and "not both" in out.stderr
+    assert gaussreg("rm", "--store", st.root).exit_code == 2
+    out = gaussreg("rm", "--store", st.root, "--state", "cancelled", "--yes")
+    assert out.exit_code == 0 and "nothing removed" in out.stdout
+
+
+def test_a_removal_cut_short_leaves_only_hidden_trash_that_the_next_one_clears(tmp_path):
+    st = Store(tmp_path / "runs")
+    a, b = (written_run(st, status={"state": "failed"}, seed=s) for s in (1, 2))
+    trash = st.root / ".trash-old.1.2"  # what a removal killed between its rename and its delete leaves
+    (trash / "sub").mkdir(parents=True)
+    (trash / "sub" / "best.pt").write_text("x")
+    assert sorted(r.id for r in st.runs()) == sorted([a.id, b.id])  # the trash is no run
+    st.remove(a)
+    assert not trash.exists() and not a.path.exists() and [r.id for r in st.runs()] == [b.id]
+    with pytest.raises(RunFileError, match="is not a run directory of store"):
+        st.remove(type(a)(tmp_path / "elsewhere"))
+
+
+def test_the_launch_line_is_key_value_facts():
+    from pathlib import Path
+
+    from gaussreg.cli import launch_line
+    from gaussreg.launch.scheduler import Slot
+    line = launch_line(3, Path("m.toml"), Path("runs"), [Slot(0, None, 2), Slot(1, None, 2)], "auto")
+    head, *facts = line.split("; ")
+    assert head == "3 runs from m.toml into runs/"
+    assert dict(f.split(": ", 1) for f in facts) == {
+        "slots": "cpu, cpu", "threads per run": "2",
+        "GPUs visible": "none (so --gpus auto trains on the CPU, and --backend slurm on a cluster's GPUs)"}
+    line = launch_line(1, Path("m.toml"), Path("runs"), [Slot(0, "0", 4), Slot(1, "1", 4)], "all")
+    assert line == "1 run from m.toml into runs/; slots: gpu 0, gpu 1; threads per run: 4"
+
+
+def test_text_into_a_pipe_is_not_wrapped_mid_phrase(tmp_path):
+    """A pipe or log has no width: a sentence stays one line there (Rich's 80 columns broke
+    "no GPU ⏎ visible"), and `data list` prints the data root and each folder whole."""
+    import io
+
+    from gaussreg.views.style import CleanConsole
+    out = CleanConsole(file=io.StringIO(), width=40)
+    sentence = "3 runs from m.toml into runs/; slots: cpu; threads per run: 2; GPUs visible: none"
+    out.print(sentence, markup=False)
+    assert out.file.getvalue() == sentence + "\n"
+    from test_data import make_mnist
+    deep = tmp_path / ("a-rather-long-folder-name-" * 3) / "data"
+    make_mnist(deep, n_train=40, n_test=10)
+    listed = in_process("data", "list", "--data-dir", deep)  # 80 columns, as in a pipe
+    assert listed.exit_code == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert f"datasets (data root: {deep})" in lines
+    assert any(line.startswith("│ mnist") and str(deep) in line for line in lines), listed.stdout
+
+
+def test_data_download_of_a_dataset_already_there_says_so_once(tmp_path):
+    from test_data import make_mnist
+    make_mnist(tmp_path, n_train=40, n_test=10)
+    out = in_process("data", "download", "mnist", "--data-dir", tmp_path)
+    assert out.exit_code == 0, out.stderr
+    assert out.stdout.count("available") == 1 and "mnist is already available in " in out.stdout
+
+
+def test_a_resumed_runs_time_counts_its_epochs_before_the_resume(tmp_path):
+    """started_at is the resume's; time_before_s (the worker's record of the epochs before it)
+    is added wherever a run's time shows: ls, show, the TUI's runs table and detail."""
+    import io
+
+    from rich.console import Console
+
+    from tui.screens.detail import RunDetailScreen
+    from tui.watcher import Detail
+    st = Store(tmp_path / "runs")
+    status = {"state": "completed", "started_at": "2026-01-01T10:00:00.000+00:00",
+              "finished_at": "2026-01-01T10:01:00.000+00:00", "time_before_s": 120.0}
+    run = written_run(st, status=status, result={"test_accuracy": 0.9, "robustness": 0.5}, experiment="t")
+    out = gaussreg("ls", "--store", st.root)
+    assert out.exit_code == 0 and "3m00s" in out.stdout, out.stdout
+    assert "180.0s in all" in gaussreg("show", run.id, "--store", st.root).stdout
+    shown = Console(file=io.StringIO(), width=120, color_system=None)
+    shown.print(RunDetailScreen._status(Detail(run.id, [], status, None, None, None, "")))
+    assert "0/? done; 3m00s in all" in shown.file.getvalue()
+    del status["time_before_s"]  # a run never resumed (or from an older worker): its one attempt
+    run.write_status(status)
+    assert "1m00s" in gaussreg("ls", "--store", st.root).stdout
+
+
+def test_a_queued_run_no_launch_will_start_says_so_in_ls_and_the_tui(tmp_path):
+    from tui.widgets import cells
+    st = Store(tmp_path / "runs")
+    run = queued_run(st, experiment="q")
+    slurm = written_run(st, status={"state": "queued", "backend": "slurm", "slurm_job": "7_0"}, experiment="q", seed=3)
+    out = gaussreg("ls", "--store", st.root)
+    assert "queued (not launched)" in out.stdout
+    assert "1 queued run not launched: the launch that queued it" in out.stdout
+    rows = {r["id"]: r["row"] for r in reader.list_runs(st)}
+    assert rows[run.id].not_launched and not rows[slurm.id].not_launched  # Slurm starts its own
+    assert cells(rows[run.id])["state"].plain == "queued (not launched)"
+    held = st.hold_launch()  # a launch runs: it will start the run
+    try:
+        assert not any(r["row"].not_launched for r in reader.list_runs(st))
+        assert "not launched" not in gaussreg("ls", "--store", st.root).stdout
+    finally:
+        st.release_launch(held)
+    assert {r["id"]: r["row"].not_launched for r in reader.list_runs(st)} == {run.id: True, slurm.id: False}
+
+
+@pytest.mark.process
+def test_a_launch_killed_with_sigkill_leaves_its_queued_runs_not_launched(tmp_path):
+    """kill -9 runs no cleanup: the launch's file stays, but its lock dies with it; the next
+    launch of the store clears such files."""
+    from gaussreg.runs.store import launch_alive
+    st = Store(tmp_path / "runs")
+    run = queued_run(st, experiment="k")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom gaussreg.runs.store import Store\n"
+                               f"Store({str(st.root)!r}).hold_launch()\nprint('held', flush=True)\ntime.sleep(600)"],
+                              stdout=subprocess.PIPE, text=True, env=python_env())
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert launch_alive(st.root) and not reader.list_runs(st)[0]["row"].not_launched
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    wait_for(lambda: not launch_alive(st.root), 10, "the killed launch to read as ended")
+    assert [r["row"].not_launched for r in reader.list_runs(st)] == [True] and run.path.is_dir()
+    left = list((st.root / "_launches").glob("*.live"))
+    assert len(left) == 1
+    st.release_launch(st.hold_launch())
+    assert not list((st.root / "_launches").glob("*.live"))

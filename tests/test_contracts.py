@@ -18,7 +18,7 @@ TORCH_FREE = ["gaussreg.runs.store", "gaussreg.runs.spec", "gaussreg.runs.manife
               "gaussreg.views.report", "gaussreg.launch.scheduler", "gaussreg.cli", "gaussreg.launch.request",
               "gaussreg.views.live_view", "gaussreg.launch.slurm", "gaussreg.runs.device", "gaussreg.science.methods",
               "gaussreg.science.robustness", "gaussreg.core.schema", "gaussreg.data.datasets", "gaussreg.science.units",
-              "tui.app"]
+              "gaussreg.api", "tui.app"]
 CORE = ["gaussreg.cli", "gaussreg.runs.worker", "gaussreg.views.report", "gaussreg.launch.scheduler", "gaussreg.bench"]
 
 

@@ -4,6 +4,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -85,7 +86,8 @@ def test_the_cli_says_so_when_auto_found_no_gpu_and_refuses_all(manifest, tmp_pa
     out = subprocess.run([sys.executable, "-m", "gaussreg", "run", manifest, "--store", str(tmp_path / "runs")],
                          capture_output=True, text=True, env=python_env(COLUMNS="300"), timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "on cpu (" in out.stdout and "no GPU visible, --gpus none says so" in out.stdout
+    assert re.search(r"; slots: cpu; threads per run: \d+; GPUs visible: none \(so --gpus auto trains on the CPU, "
+                     r"and --backend slurm on a cluster's GPUs\)\n", out.stdout), out.stdout
 
 
 @pytest.mark.process

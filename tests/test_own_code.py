@@ -376,6 +376,24 @@ def test_dry_run_imports_and_tries_each_factory_in_a_subprocess(project):
     assert not (project / "runs").exists()  # nothing written
 
 
+@pytest.mark.process
+def test_dry_run_of_one_experiment_checks_only_its_runs_and_shows_each_factorys_arguments(project):
+    """--experiment good trains only good: another experiment's broken model must not refuse
+    its dry run; and dataset_args stand under the dataset, model_args under the model."""
+    two = (MANIFEST.replace('"npz:data/tiny.npz"', '"mypkg.data:load"\ndataset_args = { n = 40 }')
+           + '\n[[experiment]]\nname = "bad"\nmodel = "mypkg.models:broken"\nmethods.baseline = {}\n')
+    m = write(project, two)
+    out = run("run", m, "--store", project / "runs", "--dry-run")
+    assert out.returncode == 2 and "model factory 'mypkg.models:broken' raised ValueError" in out.stderr
+    out = run("run", m, "--store", project / "runs", "--dry-run", "--experiment", "own")
+    assert out.returncode == 0, out.stderr
+    row = next(line for line in out.stdout.splitlines() if "own-baseline-" in line)
+    cells = [c.strip() for c in row.split("\u2502") if c.strip()]  # the table's column rule
+    assert cells[1:4] == ["mypkg.data:load n=40", "mypkg.models:resnet width=8", "baseline"], cells
+    assert "own: 2 new, 0 done" in out.stdout and "bad" not in out.stdout
+    assert not (project / "runs").exists()
+
+
 def test_a_loader_by_import_path_with_mean_and_std_computed(project):
     x, y, tx, ty, info = data.load_custom("mypkg.data:load", {"n": 40}, [str(project / "src")])
     assert x.shape == (40, 1, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64

@@ -2,6 +2,7 @@ import csv
 import io
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import cli, gaussreg, python_env
@@ -89,6 +90,62 @@ def test_plot_budget_chooses_as_the_table_does(store, tmp_path, monkeypatch):
     bad = gaussreg("plot", "--store", store.root, "--out", tmp_path / "bad", "--budget", "0")
     assert bad.exit_code == 2 and "--budget must be a finite number > 0" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+
+
+def _drawn_axes(plots, monkeypatch, name) -> list:
+    """The (first) axes of each figure `name` draws, looked at before the figure is closed."""
+    seen = []
+    real = getattr(plots, name)
+
+    def spy(*args):
+        fig = real(*args)
+        ax = fig.axes[0]
+        band = [p for p in ax.patches if p.get_label().startswith("test accuracy ≥")]
+        seen.append({"xlim": ax.get_xlim(), "xticks": [t.get_text() for t in ax.get_xticklabels()],
+                     "band": [p.get_window_extent().transformed(ax.transData.inverted()).x1 for p in band],
+                     "xlabel": ax.get_xlabel()})
+        return fig
+    monkeypatch.setattr(plots, name, spy)
+    return seen
+
+
+def test_the_tolerance_band_reaches_the_right_edge(store, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from gaussreg.views import plot as plots
+    seen = _drawn_axes(plots, monkeypatch, "_fig_scatter")
+    plots.plot(store, tmp_path / "fig", fmt="png")
+    (ax,) = seen
+    (right,) = ax["band"]
+    assert right == pytest.approx(ax["xlim"][1], abs=1e-6)
+
+
+def test_one_training_sigma_gives_an_honest_per_sigma_axis(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from gaussreg.views import plot as plots
+    st = Store(tmp_path / "runs")
+    st.write_experiment("P", {"tolerance": 0.05})
+    figure_run(st, "baseline", 0.90, 0.50)
+    figure_run(st, "regularizer", 0.90, 0.78, sigma=0.25, alpha=1)
+    figure_run(st, "regularizer", 0.89, 0.80, sigma=0.25, alpha=2)
+    seen = _drawn_axes(plots, monkeypatch, "_fig_per_sigma")
+    plots.plot(st, tmp_path / "fig", fmt="png")
+    (ax,) = seen
+    assert ax["xticks"] == ["0.25"] and ax["xlim"] == (0, 0.5)
+    assert "only one training sigma (0.25) is eligible" in ax["xlabel"]
+    figure_run(st, "regularizer", 0.90, 0.85, sigma=1.0, alpha=1)
+    plots.plot(st, tmp_path / "fig2", fmt="png")
+    assert seen[-1]["xticks"] == ["0.25", "1"] and "one training sigma" not in seen[-1]["xlabel"]
+
+
+def test_plots_default_folder_is_git_ignored_like_the_store():
+    """`gaussreg plot` writes into ./figures unless told otherwise: like ./runs, output, not source."""
+    import inspect
+    from pathlib import Path
+
+    from gaussreg import cli as gaussreg_cli
+    default = inspect.signature(gaussreg_cli.plot).parameters["out"].default.default
+    ignored = (Path(__file__).resolve().parents[1] / ".gitignore").read_text().splitlines()
+    assert f"/{default}/" in ignored and "/runs/*" in ignored
 
 
 @pytest.mark.process
@@ -184,3 +241,82 @@ def test_export_carries_each_runs_cost(store):
     assert lines[reg.id]["images_expected"] == 6000 and lines[reg.id]["train_cpu_s"] == 12.5
     assert lines[reg.id]["result"]["images"] == {"clean": 6000, "noisy": 0, "expected": 6000}
     assert lines[old["run_id"]]["steps"] is None and lines[old["run_id"]]["images_noisy"] is None
+
+
+def _export_file(store, path, *args):
+    """`gaussreg export ARGS` (in this process) written to `path`, as a user redirects it."""
+    out = gaussreg("export", "--store", store.root, *args)
+    assert out.exit_code == 0, out.stderr
+    path.write_text(out.stdout)
+    return path
+
+
+@pytest.mark.parametrize("what", ["runs", "epochs", "sigmas"])
+def test_every_json_line_has_every_column_in_one_order(store, tmp_path, what):
+    """A reader that takes its columns from the first lines (polars' read_ndjson) lost
+    param_alpha of a mixed-method export whose first run was an augment run: now every line
+    has every column, null where its run has none, in the CSV's order; the param_* columns
+    come sorted right after `params` whatever method comes first."""
+    pd = pytest.importorskip("pandas")
+    f = _export_file(store, tmp_path / f"{what}.jsonl", "--what", what, "--format", "jsonl")
+    lines = [json.loads(x) for x in f.read_text().splitlines()]
+    assert lines[0]["method"] == "augment" and lines[0]["param_alpha"] is None  # an augment run comes first
+    keys = list(lines[0])
+    assert all(list(x) == keys for x in lines)
+    i = keys.index("params")
+    assert keys[i + 1:i + 5] == ["param_alpha", "param_folds", "param_fresh_noise", "param_sigma"]
+    assert not any(k.startswith("param_") for k in keys[i + 5:])
+    frame = pd.read_json(f, lines=True)
+    assert list(frame.columns) == keys
+    reg = frame[frame["method"] == "regularizer"]
+    assert set(reg["param_alpha"]) == {1.0} and frame[frame["method"] != "regularizer"]["param_alpha"].isna().all()
+    csv_file = _export_file(store, tmp_path / f"{what}.csv", "--what", what)
+    header = list(pd.read_csv(csv_file).columns)
+    assert header == [k for k in keys if k not in ("spec", "result", "certified")]  # JSON lines of runs: whole runs
+    if what == "epochs":  # the loss's terms: a family of columns too, after the epoch's own
+        assert keys[keys.index("best") + 1:] == ["train_ce"]
+
+
+def test_params_text_labels_every_export(store, tmp_path):
+    pd = pytest.importorskip("pandas")
+    labels = {"runs": {"", "folds=1 sigma=0.25", "folds=5 sigma=0.5", "alpha=1 sigma=0.25", "alpha=1 sigma=1",
+                       "alpha=1 sigma=5", "alpha=1 sigma=10"}}
+    labels["epochs"] = labels["runs"]
+    labels["sigmas"] = labels["runs"] - {"alpha=1 sigma=10"}  # the failed run has no curves
+    for what, want in labels.items():
+        frame = pd.read_csv(_export_file(store, tmp_path / f"{what}.csv", "--what", what))
+        assert set(frame["params"].fillna("")) == want, what  # the baseline's: empty
+        five = frame[frame["params"] == "folds=5 sigma=0.5"]
+        assert set(five["method"]) == {"augment"} and set(five["param_folds"]) == {5}
+        assert set(five["param_sigma"]) == {0.5} and five["param_alpha"].isna().all()
+    curves = pd.read_csv(tmp_path / "sigmas.csv")
+    test = curves[curves["split"] == "test"].pivot_table(index="sigma", columns="params", values="consistency")
+    assert list(test["alpha=1 sigma=1"]) == [1.0, 0.85, pytest.approx(0.75)]
+
+
+def test_export_from_an_export_file(store, tmp_path):
+    """`export --from runs.jsonl`, as `table --from`: the same rows as from the store (runs and
+    sigmas; an export of runs holds no epochs), and in this version's columns from an older file."""
+    pd = pytest.importorskip("pandas")
+    f = _export_file(store, tmp_path / "runs.jsonl", "--format", "jsonl")
+    for args in (["--format", "jsonl"], [], ["--what", "sigmas"], ["--what", "sigmas", "--format", "jsonl"],
+                 ["--experiment", "P"]):
+        mine = gaussreg("export", "--from", f, *args)
+        assert mine.exit_code == 0, mine.stderr
+        assert mine.stdout == gaussreg("export", "--store", store.root, *args).stdout, args
+    again = pd.read_json(io.StringIO(gaussreg("export", "--from", f, "--format", "jsonl").stdout), lines=True)
+    assert len(again) == 8 and again["test_accuracy"].max() == pytest.approx(0.91)
+    for args, words in ((["--what", "epochs"], f"--what epochs needs a store: {f}, an export of runs, carries no epochs"),
+                        (["--experiment", "nope"], f"no runs of experiment 'nope' in {f}")):
+        out = gaussreg("export", "--from", f, *args)
+        assert out.exit_code == 2 and words in " ".join(out.stderr.split()) and out.stdout == "", args
+    (tmp_path / "bad.jsonl").write_text('{"run_id": "x"}\n')
+    out = gaussreg("export", "--from", tmp_path / "bad.jsonl")
+    assert out.exit_code == 2 and "bad.jsonl:1: not a run of `gaussreg export" in " ".join(out.stderr.split())
+    # the study's file, exported before `params` existed: now with it
+    study = Path(__file__).resolve().parents[1] / "docs" / "study-fmnist" / "runs.jsonl"
+    old = json.loads(study.read_text().splitlines()[0])
+    assert "params" not in old
+    frame = pd.read_csv(io.StringIO(gaussreg("export", "--from", study).stdout))
+    assert len(frame) == 52 and "alpha=0.5 sigma=1" in set(frame["params"])
+    assert list(frame.columns).index("param_alpha") == list(frame.columns).index("params") + 1

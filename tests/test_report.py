@@ -370,3 +370,26 @@ def _old_store(tmp_path):
     table_run(st, "O", "baseline", 0.90, 0.50)
     table_run(st, "O", "regularizer", 0.90, 0.80, sigma=0.5, alpha=1)
     return st
+
+
+def test_the_cert_columns_say_on_how_many_images_and_draws_they_were_measured(tmp_path):
+    st = Store(tmp_path / "runs")
+    st.write_experiment("c", {"tolerance": 0.05})
+    base = table_run(st, "c", "baseline", 0.90, 0.50)
+    reg = table_run(st, "c", "regularizer", 0.90, 0.80, sigma=0.25, alpha=1.0)
+    for rid, n in ((base, 1000), (reg, 1000)):
+        per_image = [{"index": i, "label": 0, "prediction": 0 if i < 150 else -1, "radius": 0.3 if i < 150 else 0.0,
+                      "correct": i < 150} for i in range(200)]
+        atomic_write_json(st.get(rid).file("certify-0.25.json"),
+                          {"sigma": 0.25, "n0": 100, "n": n, "alpha": 0.001, "images": 200, "per_image": per_image})
+    out = gaussreg("table", "--store", st.root, "--format", "markdown")
+    assert out.exit_code == 0, out.stderr
+    assert "| cert@0 % | cert@0.25 % | cert@0.5 % |" in out.stdout
+    assert ("- cert@r: certified accuracy (%) within L2 radius r by randomized smoothing (the best over the sigmas "
+            "certified at; mean over certified seeds), measured on 200 test images, n = 1000 noise draws each, "
+            "alpha 0.001") in out.stdout.splitlines()
+    shown = gaussreg("table", "--store", st.root, COLUMNS="200")
+    assert "measured on 200 test images, n = 1000 noise draws each" in " ".join(shown.stdout.split())
+    rec = json.loads(gaussreg("table", "--store", st.root, "--format", "json").stdout)["experiments"][0]
+    assert rec["best"][0]["certified"]["measured"] == [{"sigma": 0.25, "images": 200, "n": 1000, "alpha": 0.001}]
+    assert rec["best"][0]["certified"]["accuracy"]["0.25"] == 0.75

@@ -10,12 +10,14 @@ import psutil
 import pytest
 import torch
 from conftest import cli, python_env, wait_for
+from conftest import gaussreg as in_process
 from factories import queued_runs
 from fake_worker import ARGV as FAKE
 from fake_worker import CRASH, KILLED, LONG, OUT_OF_MEMORY
 
 from gaussreg.launch.gpus import parse_gpus
 from gaussreg.launch.scheduler import Scheduler, make_slots
+from gaussreg.runs import reader
 from gaussreg.runs.spec import resolve, run_id
 from gaussreg.runs.store import RunDir, Store
 
@@ -123,11 +125,18 @@ def test_ctrl_c_cancels_every_running_worker_and_leaves_no_orphan(tmp_path):
     assert len(running) == 2
     workers = [c.pid for c in psutil.Process(p.pid).children(recursive=True)]
     assert len(workers) >= 2
+    waiting = [r for r in reader.list_runs(st) if r["state"] == "queued"]
+    assert waiting and not any(r["row"].not_launched for r in waiting)  # its launch will start them
     p.send_signal(signal.SIGINT)
     out, _ = p.communicate(timeout=60)
     assert p.returncode == 130, out
     states = sorted(r.status()["state"] for r in st.runs())
     assert states == ["cancelled", "cancelled", "queued", "queued"]
+    # nothing will start the queued two now: ls says so, and they may be removed
+    listed = in_process("ls", "--store", st.root, COLUMNS="200")
+    assert listed.stdout.count("queued (not launched)") == 2, listed.stdout
+    assert "2 queued runs not launched: the launch that queued them has ended" in listed.stdout
+    assert [r["row"].not_launched for r in reader.list_runs(st) if r["state"] == "queued"] == [True, True]
     for r in running:
         assert r.status()["state"] == "cancelled"
         assert "model" in torch.load(r.file("last.pt"), weights_only=True)

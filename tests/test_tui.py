@@ -217,6 +217,40 @@ async def test_cancel_and_rerun_refuse_first_with_the_reason(store):
         await pilot.press("n")
 
 
+async def test_d_removes_a_run_after_asking_and_refuses_a_running_one(store):
+    app = GaussregApp("runs", poll_s=0.05)
+    async with app.run_test(size=(160, 40)) as pilot:
+        await until(pilot, lambda: table(app).row_count == 5)
+        t = table(app)
+        failed = next(r for r in store.runs() if r.status()["state"] == "failed")
+        failed.file("last.pt").write_text("x")
+        t.move_cursor(row=t.get_row_index(failed.id))
+        await pilot.press("d")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("n")  # no: nothing happens
+        await until(pilot, lambda: isinstance(app.screen, RunsScreen))
+        assert failed.path.is_dir() and t.row_count == 5
+        await pilot.press("d")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        await until(pilot, lambda: table(app).row_count == 4)
+        assert not failed.path.exists() and failed.id not in [r.id for r in store.runs()]
+        assert any(f"removed {failed.id}" in n.message for n in app._notifications)
+        live = next(r for r in store.runs() if "augment" in r.id)
+        live.write_status({**live.status(), "state": "running", "host": socket.gethostname()})
+        fd = hold_lock(live)
+        try:
+            await until(pilot, lambda: t.get_cell(live.id, "state").plain == "running")
+            t.move_cursor(row=t.get_row_index(live.id))
+            await pilot.press("d")
+            await until(pilot, lambda: any("remove refused" in n.message for n in app._notifications))
+            assert isinstance(app.screen, RunsScreen) and live.path.is_dir()
+            note = next(n.message for n in app._notifications if "remove refused" in n.message)
+            assert f"run {live.id} is running: cancel it first" in note
+        finally:
+            os.close(fd)
+
+
 async def test_compare_screen_follows_the_store(store):
     app = GaussregApp("runs", poll_s=0.05)
     async with app.run_test(size=(160, 48)) as pilot:

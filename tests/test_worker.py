@@ -12,7 +12,9 @@ from conftest import python_env, wait_for
 from factories import queued_run, spec_only_run
 
 from gaussreg.data import loading as data
+from gaussreg.runs.reader import training_time
 from gaussreg.runs.spec import resolve
+from gaussreg.runs.store import parse_iso
 
 FAST = {"dataset": "synthetic", "model": "mlp", "method": "baseline", "batch_size": 100,
         "optimizer": {"lr": 1e-3}, "robustness": {"sigmas": [0.0, 0.2, 0.4]}}
@@ -354,10 +356,16 @@ def test_sigterm_writes_the_last_finished_epoch_and_the_resume_is_exact(tmp_path
     # the stop is noticed at the next batch, so the epoch under way is dropped, never half-saved
     assert torch.load(run.file("last.pt"), weights_only=True)["state"]["epoch"] == done
     assert f"last.pt written (epoch {done})" in run.file("worker.log").read_text()
+    before = torch.load(run.file("last.pt"), weights_only=True)["state"]["train_time"]
     rc, _, err = finish(worker(run, "--resume"))
     assert rc == 0, err
     _compare_results(ref.result(), run.result())
     assert [e["val_loss"] for e in run.epochs()] == [e["val_loss"] for e in ref.epochs()]
+    # its training time in all: the epochs before the resume, which started_at no longer covers, and after
+    st = run.status()
+    assert before > 0 and st["time_before_s"] == before and ref.status()["time_before_s"] == 0.0
+    since = parse_iso(st["finished_at"]) - parse_iso(st["started_at"])
+    assert training_time(st, "completed") == pytest.approx(before + since)
 
 
 @pytest.mark.process

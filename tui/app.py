@@ -178,6 +178,30 @@ class GaussregApp(App):
         self.push_screen(ConfirmScreen(f"Train run {run_id} again{where} (from its last.pt when it has one)?"),
                          answer)
 
+    def confirm_remove_run(self, run_id: str) -> None:
+        """The runs screen's remove key: Store.remove, as `gaussreg rm`, after a yes."""
+        run = Store(self.store_root).get(run_id) if run_id in self._rows else None
+        why = Store(self.store_root).removal_refused(run) if run is not None else f"no run {run_id}"
+        if why:
+            self.notify(f"remove refused: {why}", severity="error", markup=False)
+            return
+
+        def answer(yes: bool) -> None:
+            if yes:
+                self._remove(run_id)
+        self.push_screen(ConfirmScreen(f"Remove run {run_id} from the store, with its checkpoints, certificates "
+                                       "and log? This cannot be undone."), answer)
+
+    @work(thread=True, group="control")
+    def _remove(self, run_id: str) -> None:
+        st = Store(self.store_root)
+        try:
+            st.remove(st.get(run_id))
+            self.call_from_thread(self.notify, f"removed {run_id}", markup=False)
+        except (OSError, RunFileError) as e:
+            self.call_from_thread(self.notify, f"remove failed: {getattr(e, 'strerror', None) or e}",
+                                  severity="error", markup=False)
+
     @work(thread=True, group="control")
     def _control(self, what: str, run_id: str) -> None:
         run = RunDir(self.store_root / run_id)

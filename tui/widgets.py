@@ -11,6 +11,7 @@ from textual.widgets import DataTable, Static
 from textual_plotext import PlotextPlot
 
 from gaussreg.launch.slurm import fatal
+from gaussreg.runs.reader import duration
 from gaussreg.runs.store import STATES, short_id, strip_control
 from gaussreg.views.style import STATE_STYLE
 
@@ -31,13 +32,6 @@ def pct(v: Optional[float]) -> str:
     return "-" if v is None else f"{v * 100:.2f}"
 
 
-def duration(s: Optional[float]) -> str:
-    if s is None:
-        return "-"
-    s = int(s)
-    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 def _data(text: str) -> str:
     return escape(strip_control(text))
 
@@ -55,7 +49,8 @@ def cells(row: RunRow) -> Dict[str, object]:
         + (Text(f" {row.slurm_job}", style="dim") if row.slurm_job else "")  # Slurm runs: their array task
         + (Text(f" ({row.slurm_reason})", style="bold red" if fatal(row.slurm_reason) or row.slurm_reason == "not in squeue"
                                                      else "yellow")
-           if row.slurm_reason else ""),  # and why Slurm has not started it
+           if row.slurm_reason else "")  # and why Slurm has not started it
+        + (Text(" (not launched)", style="yellow") if row.not_launched else ""),  # its launch ended: none will
         "epoch": f"{row.epoch}/{row.max_epochs}" if row.max_epochs else str(row.epoch),
         "best_val_acc": pct(row.best_val_acc), "test_acc": pct(row.test_acc), "robustness": pct(row.robustness),
         "duration": duration(row.duration)}

@@ -61,8 +61,7 @@ def download(name: str, data_dir=None, log: Callable = print) -> Path:
         raise DataError("'synthetic' is generated on the fly; there is nothing to download")
     found = find(name, data_dir)
     if found:
-        log(f"{name} is already available in {found}")
-        return found
+        return found  # the caller says where it is, once
     if name == "fashion-mnist" and _apt_install_fashion_mnist(log) and find(name, data_dir):
         return find(name, data_dir)
     root = data_root(data_dir)

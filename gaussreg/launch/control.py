@@ -16,6 +16,7 @@ from typing import List, Optional
 import psutil
 
 from gaussreg.launch.gpus import GpuPlaceError, take_gpu_place, wants_gpu
+from gaussreg.runs.device import worker_environment
 from gaussreg.runs.store import (LIVE, RunDir, RunFileError, Store, atomic_write_json, now_iso, pid_alive, read_json,
                                  try_lock)
 
@@ -30,7 +31,8 @@ def start_worker(run: RunDir, resume: bool, gpu: Optional[str] = None, threads: 
     With watch_parent the worker stops (saving last.pt, as on SIGTERM) when this process
     dies: a scheduler that dies must not leave workers training for nobody. hold_fds: more
     locks the worker holds until it exits (its share of a GPU)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # the worker sets these defaults itself too; here they are in place before torch even loads
+    env = {**worker_environment(str(run.path.parent)), **os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("GAUSSREG_LOCK_FD", None)
     env.pop("GAUSSREG_PARENT_PID", None)
     if watch_parent:

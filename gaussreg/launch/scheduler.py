@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from gaussreg.launch.control import GRACE_S, ControlError, is_stopped, start_worker
 from gaussreg.launch.gpus import canonical_gpu, nvidia_gpus, usable_cpus
+from gaussreg.runs.device import oom_kill_count
 from gaussreg.runs.store import FINISHED, LIVE, RunDir, RunFileError, Store, now_iso, try_lock
 
 
@@ -60,6 +61,7 @@ class Active:
     slot: Slot
     proc: subprocess.Popen
     started: float
+    oom_kills: Optional[int] = None  # the kernel's OOM-kill count when it started (device.oom_kill_count)
 
 
 @dataclass
@@ -230,7 +232,7 @@ class Scheduler:
                                 hold_fds=(share_fd,) if share_fd >= 0 else ())
         finally:
             os.close(fd)  # the worker holds the lock now (same open file description)
-        self.active[slot.index] = Active(run, slot, proc, time.time())
+        self.active[slot.index] = Active(run, slot, proc, time.time(), oom_kill_count())
         self._notify("started", run)
         return True
 
@@ -245,8 +247,11 @@ class Scheduler:
             # the worker died without saying so (crash, SIGKILL, OOM)
             # cancelled: by this scheduler's stop, or by `gaussreg cancel` (which killed a stuck worker)
             state = "cancelled" if self.stopping or a.run.cancel_request.exists() else "failed"
-            status.update(state=state, finished_at=now_iso(), updated_at=now_iso(),
-                          error=_died(rc, a.run, self.killed.get(a.run.id)))
+            killed = self.killed.get(a.run.id)
+            oom = _oom_killed(rc, a.oom_kills) if not killed else None
+            status.update(state=state, finished_at=now_iso(), updated_at=now_iso(), error=_died(rc, a.run, killed, oom))
+            if oom:
+                status["out_of_memory"] = True
             try:
                 a.run.write_status(status)
             except OSError as e:  # a full disk: the status stays as the worker left it, reading as interrupted
@@ -314,6 +319,18 @@ class Scheduler:
                 self._reap(a)
 
     def run(self) -> Summary:
+        # while it runs, its queued runs read as waiting for it (store.launch_alive), not as not launched
+        try:
+            held = self.store.hold_launch()
+        except (OSError, RunFileError):  # no flock or an unwritable store: each run's launch says why it fails
+            held = None
+        try:
+            return self._run()
+        finally:
+            if held is not None:
+                self.store.release_launch(held)
+
+    def _run(self) -> Summary:
         old = {}
         if _main_thread():
             # SIGHUP (the terminal or tmux session closed) is handled like Ctrl-C: nobody
@@ -351,14 +368,27 @@ class Scheduler:
         return self.summary
 
 
-def _died(rc: Optional[int], run: RunDir, killed: Optional[str] = None) -> str:
+def _oom_killed(rc: Optional[int], kills_at_start: Optional[int]) -> Optional[str]:
+    """How the kernel's OOM killer shows that it killed a worker that died of SIGKILL, or None."""
+    if rc != -signal.SIGKILL or kills_at_start is None:
+        return None
+    now = oom_kill_count()
+    if now is None or now <= kills_at_start:
+        return None
+    return f"/proc/vmstat oom_kill went from {kills_at_start} to {now} while it ran"
+
+
+def _died(rc: Optional[int], run: RunDir, killed: Optional[str] = None, oom: Optional[str] = None) -> str:
     """Why a worker that never said how it ended is not running: a signal (kill -9, the
     kernel's OOM killer) leaves nothing in worker.log, so say which, and what is kept;
-    `killed`: why this scheduler killed it."""
+    `killed`: why this scheduler killed it; `oom`: the evidence that the OOM killer did."""
     kept = (" (its last.pt holds the last finished epoch: run it again to resume)"
             if run.last_checkpoint.exists() else "")
     if killed:
         return f"worker {killed}{kept}"
+    if oom:
+        return (f"worker was killed by the kernel's out-of-memory killer ({oom}): the machine ran out of memory; "
+                f"run fewer runs at once or a smaller batch_size or train_subset{kept}")
     if rc is not None and rc < 0:
         try:
             name = signal.Signals(-rc).name

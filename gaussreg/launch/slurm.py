@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from gaussreg.launch.control import GRACE_S, ControlError
+from gaussreg.runs.device import worker_environment
 from gaussreg.runs.environment import gpu_task
 from gaussreg.runs.slurm_settings import (SlurmConfigError, SlurmSettings,  # noqa: F401 - settings: slurm.settings
                                           settings, times_mem)
@@ -357,7 +358,8 @@ def _task(runs_file: Path, per_task: int) -> int:
             todo.append(run)
     if not todo:
         return 0
-    env = dict(os.environ, GAUSSREG_BACKEND="slurm", GAUSSREG_RUNS_PER_TASK=str(per_task))
+    env = {**worker_environment(str(todo[0].path.parent)), **os.environ,
+           "GAUSSREG_BACKEND": "slurm", "GAUSSREG_RUNS_PER_TASK": str(per_task)}
     env.pop("GAUSSREG_GPU", None)
     if gpu_task():
         # the workers are on GPU slots: they get CUDA or refuse, never train on the CPU

@@ -81,12 +81,55 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown processor"
 
 
+# How allocation failures read when they are not torch.OutOfMemoryError: the CPU allocator's,
+# and cuBLAS's and cuDNN's, which allocate their own workspaces and raise a plain RuntimeError.
+OOM_MARKERS = ("out of memory", "can't allocate memory", "not enough memory", "cublas_status_alloc_failed",
+               "cudnn_status_alloc_failed", "not enough workspace", "cudnn_status_not_enough_workspace")
+
+
 def out_of_memory(e: BaseException) -> bool:
-    """A CUDA out-of-memory error, or the CPU allocator's."""
+    """A CUDA out-of-memory error, a cuBLAS/cuDNN allocation failure, or the CPU allocator's."""
     import torch  # here: the CLI checks device names without torch
     oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
-    return isinstance(e, (MemoryError, oom)) or (isinstance(e, RuntimeError) and (
-        "out of memory" in str(e) or "can't allocate memory" in str(e) or "not enough memory" in str(e)))
+    text = str(e).lower()
+    return isinstance(e, (MemoryError, oom)) or (isinstance(e, RuntimeError) and any(m in text for m in OOM_MARKERS))
+
+
+def oom_kill_count() -> Optional[int]:
+    """How many processes the kernel's out-of-memory killer has killed on this machine
+    (/proc/vmstat's oom_kill, which counts cgroup-limit kills too), or None where it is not
+    counted. A worker that died of SIGKILL while this grew was, in all likelihood, one of them:
+    such a death leaves nothing in worker.log."""
+    try:
+        with open("/proc/vmstat") as f:
+            for line in f:
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def worker_environment(store_root: Optional[str] = None) -> dict:
+    """The settings every worker gets unless its environment already has them:
+    - expandable segments: packed runs on one GPU fragment the caching allocator less;
+    - one inductor compile thread: each worker would otherwise start a compile pool of up to
+      32 processes, times --per-gpu runs at once;
+    - one inductor/Triton cache per user in the node's /tmp, shared by every worker of the node
+      and never on the store's (often network) filesystem."""
+    cache = os.path.join("/tmp", f"gaussreg-inductor-{os.getuid() if hasattr(os, 'getuid') else 'user'}")
+    if store_root and os.path.realpath(cache).startswith(os.path.realpath(store_root) + os.sep):
+        cache = os.path.join(os.path.expanduser("~"), ".cache", "gaussreg-inductor")  # only if /tmp is in the store
+    return {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "TORCHINDUCTOR_COMPILE_THREADS": "1",
+            "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": os.path.join(cache, "triton")}
+
+
+def apply_worker_environment(store_root: Optional[str] = None) -> dict:
+    """Set worker_environment()'s defaults in this process, before torch starts CUDA or
+    inductor (both read them on first use); the user's own values win. What was set."""
+    added = {k: v for k, v in worker_environment(store_root).items() if k not in os.environ}
+    os.environ.update(added)
+    return added
 
 
 def make_deterministic() -> None:
@@ -125,7 +168,9 @@ def bf16_native(dev) -> bool:
     Elsewhere bf16 autocast is emulated and slower than fp32."""
     import torch  # here: the CLI checks device names without torch
     if dev.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
+        # is_bf16_supported() also counts emulation (V100, T4, P100), where bf16 is slower than
+        # fp32: native bf16 tensor cores start at compute capability 8.0 (Ampere)
+        return torch.cuda.get_device_capability(dev) >= (8, 0) and bool(torch.cuda.is_bf16_supported())
     if dev.type != "cpu":
         return False
     return bool(cpu_bf16_units())

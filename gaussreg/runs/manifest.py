@@ -422,20 +422,24 @@ def _resolve_all(partial: dict, report) -> Optional[dict]:
     return None
 
 
-def uses_own_code(m: Manifest) -> bool:
-    """Whether a run names a model or dataset that is not built into gaussreg, or gives
-    a factory arguments (which only calling it checks)."""
+def uses_own_code(m: Manifest, runs: Optional[List[PlannedRun]] = None) -> bool:
+    """Whether a run (of `runs`, default all of the manifest's) names a model or dataset that
+    is not built into gaussreg, or gives a factory arguments (which only calling it checks)."""
     return any(r.spec["model"] not in plugins.BUILTIN_MODELS or not datasets.is_builtin(r.spec["dataset"])
-               or any(k in r.spec for k in ARG_TABLES) for r in m.runs())
+               or any(k in r.spec for k in ARG_TABLES) for r in (m.runs() if runs is None else runs))
 
 
-def check_code(m: Manifest, timeout: float = 600) -> List[ManifestError]:
+def check_code(m: Manifest, timeout: float = 600, runs: Optional[List[PlannedRun]] = None) -> List[ManifestError]:
     """Import every factory and loader the manifest names, in a subprocess (gaussreg.runs.check),
     build each model, run 2 images through it and check its split; the problems found,
-    as manifest errors naming the file, line and key."""
+    as manifest errors naming the file, line and key. With `runs`, only theirs: a launch of
+    some experiments trains only those, so another's broken model is not its problem."""
     combos, where = [], {}
+    chosen = None if runs is None else {r.id for r in runs}
     for e in m.experiments:
         for r in e.runs:
+            if chosen is not None and r.id not in chosen:
+                continue
             s = r.spec
             item = {k: s.get(k) for k in ("model", "model_args", "dataset", "dataset_args", "python_path")}
             key = json.dumps(item, sort_keys=True)

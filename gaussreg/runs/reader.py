@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from gaussreg.runs.spec import describe_params
-from gaussreg.runs.store import LIVE, RunDir, RunFileError, Store, parse_iso, phase_of
+from gaussreg.runs.store import LIVE, RunDir, RunFileError, Store, not_launched, parse_iso, phase_of
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,29 @@ class RunRow:
     slurm_job: Optional[str] = None  # "JOBID_INDEX" for runs submitted with --backend slurm
     phase: Optional[str] = None  # what a running worker does: "validating", "evaluating R", ...
     slurm_reason: Optional[str] = None  # why Slurm has not started a queued Slurm run (squeue; the TUI asks)
+    not_launched: bool = False  # queued, but its launch has ended (Ctrl-C): nothing will start it (store.not_launched)
+
+
+def training_time(status: dict, state: str, now: Optional[float] = None) -> Optional[float]:
+    """Seconds the run has trained in all, as `ls`, `show` and the TUI show it: this attempt
+    (started_at to finished_at, or to now while it runs) plus what the worker recorded of the
+    attempts before it (time_before_s: the finished epochs a resume took over; an epoch cut
+    short is redone, so not counted). None before it started."""
+    started, ended = parse_iso(status.get("started_at")), parse_iso(status.get("finished_at"))
+    if not started or not (ended or state == "running"):
+        return None
+    before = status.get("time_before_s")
+    before = before if isinstance(before, (int, float)) and not isinstance(before, bool) and before > 0 else 0.0
+    # max: a start dated by a node whose clock is ahead must not show a negative duration
+    return before + max(0.0, (ended or (time.time() if now is None else now)) - started)
+
+
+def duration(s: Optional[float]) -> str:
+    """A training time as every view writes it: 4m05s, 2h13m; "-" when there is none."""
+    if s is None:
+        return "-"
+    s = int(s)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def stat_signature(path) -> Optional[tuple]:
@@ -113,10 +136,7 @@ class RunReader:
             if state in LIVE or not self._events_read:
                 self._read_events()
             epoch, best = self._epoch, self._best_val_acc
-        started = parse_iso(self.status.get("started_at"))
-        ended = parse_iso(self.status.get("finished_at"))
-        # max: a start dated by a node whose clock is ahead must not show a negative duration
-        duration = max(0.0, (ended or now) - started) if started and (ended or state == "running") else None
+        duration = training_time(self.status, state, now)
         s = self.spec
         self.row = RunRow(run.id, s.get("experiment", ""), s.get("dataset", ""), s.get("model", ""),
                           s.get("method", ""), describe_params(s, with_seed=False), s.get("seed"), state, epoch,
@@ -124,7 +144,8 @@ class RunReader:
                           res.get("robustness") if res else None, duration,
                           self.status.get("error") or (run.heartbeat_note(self.status) if state == "interrupted"
                                                        else None),
-                          self.status.get("slurm_job"), phase_of({**self.status, "state": state}))
+                          self.status.get("slurm_job"), phase_of({**self.status, "state": state}),
+                          not_launched=not_launched(self.status, state, run.path.parent))
         return self.row
 
 

@@ -3,9 +3,10 @@
 Writers: the worker writes a run's progress, checkpoints and result; the scheduler and
 gaussreg.launch.control create the run (spec.json, status.json), write its status around the
 worker's life and delete its outputs before a retrain; gaussreg.launch.slurm writes status and
-a cancel request; `gaussreg certify` adds certificate files. The CLI's views and the TUI
-only read. Files others read are replaced atomically; events.jsonl is append-only and
-may end in a partial line."""
+a cancel request; `gaussreg certify` adds certificate files; Store.remove (`gaussreg rm`,
+the TUI's remove key) deletes whole runs. The CLI's views and the TUI otherwise only read.
+Files others read are replaced atomically; events.jsonl is append-only and may end in a
+partial line."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 import stat
 import tempfile
@@ -320,7 +322,8 @@ STATUS_FIELDS = {"state": (lambda v: v in STATES, True), "pid": (_opt(_is_int), 
                  "host": (_opt(_is_str), False), "device": (_opt(_is_str), False),
                  "epoch": (_opt(_is_int), False), "max_epochs": (_opt(_is_int), False),
                  "error": (_opt(_is_str), False), "started_at": (_opt(_is_str), False),
-                 "updated_at": (_opt(_is_str), False), "finished_at": (_opt(_is_str), False)}
+                 "updated_at": (_opt(_is_str), False), "finished_at": (_opt(_is_str), False),
+                 "time_before_s": (_opt(_is_num), False)}
 RESULT_FIELDS = {"test_accuracy": (_is_num, True), "robustness": (_is_num, True),
                  "best_epoch": (_is_int, False), "epochs_run": (_is_int, False),
                  "best_val_accuracy": (_opt(_is_num), False), "wall_time_s": (_is_num, False),
@@ -521,6 +524,7 @@ WORKER_LOG = "worker.log"  # the worker's stdout and stderr
 LOCK_FILE = "lock"  # flock'd by whoever trains the run (try_lock)
 CANCEL_REQUEST = "cancel_requested"  # a Slurm run's cancel asked for before its worker started (gaussreg.launch.slurm)
 CERTIFICATE_GLOB = "certify-*.json"
+TRASH_PREFIX = ".trash-"  # a removed run directory, renamed at once, deleted after (Store.remove)
 
 
 class RunDir:
@@ -801,6 +805,57 @@ def check_locking(root: Path) -> Optional[str]:
     return None
 
 
+# A launch (a scheduler: `gaussreg run` in the foreground or detached, the TUI's launches)
+# holds STORE/_launches/<host>@<pid>.<ns>.live locked (flock) while it runs. A queued run of
+# the local backend with no live launch in its store will never start (its launch was stopped
+# by Ctrl-C before it got to it): the readers say "not launched", and `gaussreg rm` may remove it.
+LAUNCHES_DIR = "_launches"
+LIVE_LAUNCH = ".live"
+LIVE_CACHE_S = 1.0  # the readers ask per queued run; the answer is kept this long (or until a launch comes or goes)
+_live_cache: dict = {}
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())
+
+
+def launch_alive(root: os.PathLike) -> bool:
+    """Whether some launch of the store at `root` is running. A launch of another host counts
+    as alive (flock is not trusted across nodes); one of this host, while its file is locked."""
+    d = Path(root) / LAUNCHES_DIR
+    try:
+        mtime = os.stat(d).st_mtime_ns  # a launch's file made or removed changes it
+    except OSError:
+        return False
+    now, hit = time.monotonic(), _live_cache.get(str(d))
+    if hit and hit[0] == mtime and now - hit[1] < LIVE_CACHE_S:
+        return hit[2]
+    alive, mine = False, _host_tag() + "@"
+    for p in d.glob("*" + LIVE_LAUNCH):
+        if not p.name.startswith(mine):
+            alive = True
+            break
+        try:
+            fd = open_plain(p)
+        except (OSError, RunFileError):
+            continue  # removed meanwhile: that launch ended
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:  # held (BlockingIOError), or no way to tell: believe it runs
+            alive = True
+            break
+        finally:
+            os.close(fd)
+    _live_cache[str(d)] = (mtime, now, alive)
+    return alive
+
+
+def not_launched(status: dict, state: str, root: os.PathLike) -> bool:
+    """A queued run that nothing will start: of the local backend (Slurm starts its own), with
+    no launch of its store running."""
+    return state == "queued" and status.get("backend") != "slurm" and not launch_alive(root)
+
+
 class Store:
     """A folder of run directories (default ./runs)."""
 
@@ -887,6 +942,87 @@ class Store:
             atomic_create_json(run.status_file, {"state": "queued", "updated_at": now_iso(), "epoch": 0,
                                                          "max_epochs": spec.get("max_epochs")})
         return run
+
+    def hold_launch(self) -> Tuple[int, Path]:
+        """Mark a launch as running until release_launch (or its process's death): its queued
+        runs then read as waiting, not as not launched (see launch_alive). Files that launches
+        of this host killed without a word left behind are removed."""
+        d = self.root / LAUNCHES_DIR
+        d.mkdir(parents=True, exist_ok=True)
+        mine = _host_tag() + "@"
+        for old in d.glob(glob.escape(mine) + "*" + LIVE_LAUNCH):
+            try:
+                fd = open_plain(old, os.O_RDWR)
+            except (OSError, RunFileError):
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                old.unlink()  # locked by us: its launch is dead, and no one else reopens its file
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        path = d / f"{mine}{os.getpid()}.{time.time_ns()}{LIVE_LAUNCH}"
+        _live_cache.clear()  # this process's own answer changes now, whatever the folder's time says
+        fd = open_plain(path, os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise RunFileError(no_locks_message(self.root, e)) from None
+        return fd, path
+
+    @staticmethod
+    def release_launch(held: Tuple[int, Path]) -> None:
+        fd, path = held
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)
+        _live_cache.clear()
+
+    def removal_refused(self, run: RunDir) -> Optional[str]:
+        """Why `run` must not be removed now (one sentence), or None: a running run's worker
+        and a queued run's launch would write into a directory that is gone (a queued run that
+        was never launched, whose launch has ended, may go)."""
+        try:
+            status = run.status()
+            state = run.state(status)
+        except RunFileError:
+            return None  # corrupt: nothing trains it
+        if state == "running":
+            return f"run {run.id} is running: cancel it first (`gaussreg cancel {run.id}`), then remove it"
+        if state == "queued" and not not_launched(status, state, self.root):
+            return (f"run {run.id} is queued: a launch will start it; stop that launch (or cancel the run) "
+                    "first, then remove it")
+        return None
+
+    def remove(self, run: RunDir) -> None:
+        """Delete a run directory with all it holds (checkpoints, certificates, events, log).
+        RunFileError (one sentence) while it is queued or running. Nothing is half-removed:
+        the directory is first renamed to a hidden trash name in the store (one atomic rename,
+        so every reader sees the run whole or not at all), and the trash is deleted after;
+        trash left by a removal cut short is deleted by the next one."""
+        if run.path.parent != self.root or run.id.startswith((".", "_")) or not run.id:
+            raise RunFileError(f"{run.path} is not a run directory of store {self.root}")
+        trash = self.root / f"{TRASH_PREFIX}{run.id}.{os.getpid()}.{time.time_ns()}"
+        if os.path.islink(run.path):  # the link goes, never what it points to
+            os.rename(run.path, trash)
+            os.unlink(trash)
+            return
+        why = self.removal_refused(run)  # read before the lock is ours: holding it makes a run look alive
+        if why:
+            raise RunFileError(why)
+        fd = try_lock(run)  # no worker starts while it is held; one holding it is training the run
+        if fd is None:
+            raise RunFileError(f"run {run.id} is being trained by another process: cancel it first, then remove it")
+        try:
+            os.rename(run.path, trash)
+        finally:
+            os.close(fd)
+        _fsync_dir(self.root)
+        for old in self.root.glob(glob.escape(TRASH_PREFIX) + "*"):
+            shutil.rmtree(old, ignore_errors=old != trash)  # another removal's trash may be going meanwhile
 
     def write_experiment(self, name: str, info: dict) -> None:
         """Experiment-level facts (tolerance, manifest) that are not part of any run."""

@@ -31,7 +31,7 @@ from gaussreg.runs.store import RunDir, atomic_write_bytes, now_iso, to_json
 from gaussreg.science.methods import Method, make_method
 from gaussreg.science.moments import kernels_ran
 from gaussreg.science.models import build_model, parameter_count
-from gaussreg.science.robustness import EvaluationStopped, robustness
+from gaussreg.science.robustness import EvaluationStopped, certify_batch, robustness
 
 PROGRESS_EVERY_S = 0.5
 CHECKPOINT_EVERY_S = 60.0  # best.pt and last.pt at most this often (and at every stop), see Checkpoints
@@ -338,6 +338,9 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status, log) -> di
     t_start = time.time()
     t = setup(spec, log)
     resuming = start_or_resume(t, run, resume, log)
+    # started_at is this attempt's start: the readers add the epochs trained before it, so a
+    # resumed run shows its whole training time (reader.training_time)
+    status.update(time_before_s=t.state["train_time"] if resuming else 0.0)
     checkpoints = Checkpoints(run, checkpoint_every_s(), spec)
     events = Events(run.events_file, truncate=not resuming)
     try:
@@ -507,7 +510,8 @@ def _certify(spec, model, splits, run, should_stop, events, log) -> None:
     log(f"certifying {c['images']} test images at sigma {c['sigma']:g} (n0 {c['n0']}, n {c['n']}, "
         f"alpha {c['alpha']:g})")
     cert = certify_run(run, model, splits.test_x, splits.test_y, c["sigma"], c["n0"], c["n"], c["alpha"],
-                       c["images"], seed=spec["seed"], should_stop=should_stop)
+                       c["images"], certify_batch(splits.test_x.device.type), seed=spec["seed"],
+                       should_stop=should_stop)
     if cert is None:
         raise Cancelled()
     events.emit("certify", sigma=cert["sigma"], images=cert["images"], n=cert["n"],

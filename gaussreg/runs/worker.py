@@ -19,7 +19,8 @@ from contextlib import contextmanager
 from gaussreg.data import loading as data
 from gaussreg.runs import environment
 from gaussreg.runs.environment import orphaned, watch_parent
-from gaussreg.runs.device import make_deterministic, out_of_memory, pick_device, resolve_precision
+from gaussreg.runs.device import (apply_worker_environment, make_deterministic, out_of_memory, pick_device,
+                                  resolve_precision)
 from gaussreg.runs.spec import SpecError, changed_noise_bank, changed_source, resolve
 from gaussreg.runs.store import HEARTBEAT_S, RunDir, RunFileError, atomic_write_json, now_iso, read_json, try_lock
 from gaussreg.runs.training import Cancelled, Diverged, train
@@ -94,6 +95,7 @@ def main(argv=None) -> int:
     except RunFileError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    apply_worker_environment(str(run.path.resolve().parent))  # before torch starts CUDA or inductor
     try:
         fd = os.open(run.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0),
                      0o666)

@@ -45,8 +45,12 @@ def sample_counts(model, x, sigma: float, num: int, batch: int, generator) -> to
         b = min(batch, left)
         noise = torch.randn((b, *x.shape), generator=generator, device=dev)
         logits = model(x.unsqueeze(0) + sigma * noise)
-        c = torch.bincount(logits.argmax(1), minlength=logits.shape[1])
-        counts = c if counts is None else counts + c
+        if counts is None:
+            counts = torch.zeros(logits.shape[1], dtype=torch.long, device=dev)
+        # counted into a fixed-size tensor: bincount sizes its output from the data, which
+        # costs a GPU run a wait for the host at every batch
+        votes = logits.argmax(1)
+        counts.index_add_(0, votes, torch.ones_like(votes))
         left -= b
     return counts
 

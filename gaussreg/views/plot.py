@@ -113,9 +113,15 @@ def _fig_scatter(plt, rec, runs, results, title):
     b = rec["baseline"]
     if b:
         a0 = b["accuracy"] * 100
-        ax.axvspan(a0 - rec["tolerance"] * 100, ax.get_xlim()[1], color="0.85", alpha=0.5, zorder=0,
-                   label=f"test accuracy ≥ $a_0$ − {rec['tolerance'] * 100:.2f}%")
         ax.axvline(a0, color="black", lw=0.8, ls="--", label="baseline accuracy $a_0$")
+        # the limits are fixed once every point and line is drawn: the band then reaches the
+        # right edge (drawn to the limits of its moment, a later autoscale left a gap)
+        lo, hi = ax.get_xlim()
+        edge = a0 - rec["tolerance"] * 100
+        lo = min(lo, edge - 0.05 * (hi - lo))  # its left edge stays in view
+        ax.axvspan(edge, hi, color="0.85", alpha=0.5, zorder=0,
+                   label=f"test accuracy ≥ $a_0$ − {rec['tolerance'] * 100:.2f}%")
+        ax.set_xlim(lo, hi)
     ax.set_xlabel("clean test accuracy (%)")
     ax.set_ylabel("robustness R (%)")
     ax.set_title(f"{title}\naccuracy vs robustness, every completed run (test numbers)", fontsize=9)
@@ -139,10 +145,17 @@ def _fig_per_sigma(plt, rec, runs, results, title):
     b = rec["baseline"]
     if b:
         ax.axhline(b["robustness"] * 100, color=COLORS["baseline"], ls="--", lw=1, label="baseline")
-    if by_method and max(e["sigma"] for es in by_method.values() for e in es) / max(
-            min(e["sigma"] for es in by_method.values() for e in es), 1e-9) > 20:
+    trained = sorted({e["sigma"] for es in by_method.values() for e in es})
+    if trained and trained[-1] / max(trained[0], 1e-9) > 20:
         ax.set_xscale("log")
-    ax.set_xlabel("training sigma (pixel units, [0, 1] images)")
+    if trained:
+        ax.set_xticks(trained, [f"{v:g}" for v in trained])  # the sigmas trained at, not a grid between them
+        ax.minorticks_off()
+    xlabel = "training sigma (pixel units, [0, 1] images)"
+    if len(trained) == 1:  # one point per method: an axis around it would invent a scale
+        ax.set_xlim(0, 2 * trained[0] if trained[0] > 0 else 1)
+        xlabel += f"\nonly one training sigma ({trained[0]:g}) is eligible: no trend across sigmas to show"
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("robustness R (%)")
     ax.set_title(f"{title}\nbest eligible configuration per training sigma "
                  f"(selected on {rec['selection']}; test R, ± std over seeds)", fontsize=9)

@@ -412,7 +412,17 @@ def run_certified(run, problems: Optional[List[str]] = None) -> Optional[dict]:
     for r in CERT_RADII:
         acc[f"{r:g}"] = max(sum(1 for i in c["per_image"] if i.get("correct") and i.get("radius", 0) >= r)
                             / max(1, len(c["per_image"])) for c in certs)
-    return {"sigmas": [c["sigma"] for c in certs], "accuracy": acc}
+    return {"sigmas": [c["sigma"] for c in certs], "accuracy": acc,
+            # on how much it was measured: the table's footnote says it next to the cert@ columns
+            "measured": [_measured(c) for c in certs]}
+
+
+def _measured(cert: dict) -> dict:
+    """A certificate's sample: its noise level, images, noise draws per image (n) and failure
+    probability (alpha); None where an older file does not say."""
+    num = lambda v: v if isinstance(v, (int, float)) and not isinstance(v, bool) else None  # noqa: E731
+    return {"sigma": cert["sigma"], "images": len(cert["per_image"]), "n": num(cert.get("n")),
+            "alpha": num(cert.get("alpha"))}
 
 
 def certified_runs(store: Store, rows: List[dict], warn: Optional[Callable[[str], None]] = None
@@ -434,11 +444,25 @@ def _add_certified(by_id: Dict[str, Optional[dict]], records: List[dict]) -> Non
             certs = [by_id[i] for i in e["run_ids"] if by_id.get(i)]
             e["certified"] = None if not certs else {
                 "runs": len(certs), "sigmas": sorted({s for c in certs for s in c["sigmas"]}),
-                "accuracy": {k: sum(c["accuracy"][k] for c in certs) / len(certs) for k in certs[0]["accuracy"]}}
+                "accuracy": {k: sum(c["accuracy"][k] for c in certs) / len(certs) for k in certs[0]["accuracy"]},
+                "measured": [dict(t) for t in sorted({tuple(m.items()) for c in certs for m in c.get("measured", [])},
+                                                     key=str)]}
 
 
 def _cert_header(rec) -> List[str]:
     return [f"cert@{r:g} %" for r in CERT_RADII] if any(e.get("certified") for e in rec["best"]) else []
+
+
+def cert_lines(rec) -> List[str]:
+    """What the cert@ columns are and on how many images and noise draws they were measured."""
+    if not _cert_header(rec):
+        return []
+    samples = sorted({(m["images"], m["n"], m["alpha"]) for e in rec["best"] if e.get("certified")
+                      for m in e["certified"].get("measured", [])}, key=str)
+    how = "; ".join(f"{i} test images, n = {'?' if n is None else n} noise draws each, alpha "
+                    f"{'?' if a is None else f'{a:g}'}" for i, n, a in samples)
+    return ["cert@r: certified accuracy (%) within L2 radius r by randomized smoothing (the best over the sigmas "
+            "certified at; mean over certified seeds)" + (f", measured on {how}" if how else "")]
 
 
 def _cert_csv(e) -> list:
@@ -554,6 +578,7 @@ def _footer(rec) -> List[str]:
     lines.append(f"numbers are test means ± std over seeds; eligibility and the best per method were decided on "
                  f"{rec['selection']} accuracy and R")
     lines.extend(cost_lines(rec))
+    lines.extend(cert_lines(rec))
     for e in rec["best"]:
         if e.get("exceeds_2se") is not None:
             lines.append(f"{e['method']}: ΔR {_pct(e['d_robustness'], True)} "

@@ -13,6 +13,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Header, RichLog, Static
 
+from gaussreg.runs.reader import duration, training_time
 from gaussreg.runs.spec import describe_params
 from gaussreg.runs.store import RunDir, has_control, phase_of, strip_control
 from gaussreg.views.style import STATE_STYLE
@@ -143,6 +144,9 @@ class RunDetailScreen(Screen):
         shown = Text(state, style=STATE_STYLE.get(state, ""))
         if phase and phase != "training":
             shown += Text(f", {phase}", style="cyan")
+        spent = training_time(st, state)  # in all: a resumed run's earlier epochs included
+        if spent is not None:
+            epochs += f"; {duration(spent)} in all"
         rows = [("state", shown), ("epochs", epochs),
                 ("device", str(st.get("device") or "-") + (f" in {st['precision']}" if st.get("precision") else ""))]
         if d.epochs:

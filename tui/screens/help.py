@@ -28,6 +28,7 @@ Runs screen
           interrupted, diverged or queued (a Slurm run is resubmitted
           to Slurm with its launch's settings)
   X       cancel a whole launch (every run it trains)
+  d       remove the selected run and its files, asking (gaussreg rm)
   ?       this help      ctrl+p  command palette      q  quit
 
 Detail, overlay and compare screens: escape goes back; in the

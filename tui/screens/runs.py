@@ -34,6 +34,7 @@ class RunsScreen(Screen):
         Binding("x", "cancel_run", "cancel"),
         Binding("r", "rerun", "rerun"),
         Binding("X", "app.cancel_launch", "stop launch"),
+        Binding("d,delete", "remove_run", "remove", show=False),  # in the help: the footer is full at 80 columns
         Binding("question_mark", "app.help", "help"),
         Binding("q", "app.quit", "quit"),
     ]
@@ -132,6 +133,10 @@ class RunsScreen(Screen):
     def action_cancel_run(self) -> None:
         if self.table.selected_id:
             self.app.confirm_cancel_run(self.table.selected_id)
+
+    def action_remove_run(self) -> None:
+        if self.table.selected_id:
+            self.app.confirm_remove_run(self.table.selected_id)
 
     def action_rerun(self) -> None:
         if self.table.selected_id:
