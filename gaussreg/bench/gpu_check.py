@@ -191,13 +191,13 @@ def sweep(report: Report, mode: Mode, work: Path, gpu: Optional[str], planned: D
     store = work / "sweep"
     # the checked GPU is this process's only visible one (CUDA_VISIBLE_DEVICES): `all` is that GPU
     flags = ["--gpus", "all", "--per-gpu", "3"] if gpu is not None else ["--gpus", "none", "--max-parallel", "3"]
-    cli = subprocess.Popen([sys.executable, "-m", "gaussreg", "run", str(work / "check.toml"), "--store", str(store),
-                            "--yes", *flags], env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           stdin=subprocess.DEVNULL, text=True)
+    with open(work / "sweep.log", "w") as log:  # a file: a pipe nobody reads while it runs could fill up
+        cli = subprocess.Popen([sys.executable, "-m", "gaussreg", "run", str(work / "check.toml"), "--store",
+                                str(store), "--yes", *flags], env=child_env(), stdout=log, stderr=subprocess.STDOUT,
+                               stdin=subprocess.DEVNULL)
     others()
     runs = {name: RunDir(store / r.id) for name, r in planned.items()}
     places: Dict[str, set] = {name: set() for name in runs}
-    pids: Dict[str, int] = {}
     while cli.poll() is None:  # which place each worker holds, while it runs
         for name, run in runs.items():
             try:
@@ -205,10 +205,9 @@ def sweep(report: Report, mode: Mode, work: Path, gpu: Optional[str], planned: D
             except Exception:  # noqa: BLE001 - not created yet
                 continue
             if st.get("state") == "running" and st.get("pid"):
-                pids[name] = st["pid"]
                 places[name].update(held_places(st["pid"], store / "_gpus"))
         time.sleep(0.02)
-    out = cli.stdout.read()
+    out = (work / "sweep.log").read_text(errors="replace")
     if cli.returncode != 0:
         report.add("sweep --per-gpu 3", False, f"gaussreg run exited {cli.returncode}: {out.strip()[-600:]}", t0)
         return runs
@@ -224,8 +223,9 @@ def sweep(report: Report, mode: Mode, work: Path, gpu: Optional[str], planned: D
             problems.append(f"{name} held places {sorted(places[name]) or 'none'}, not one")
     if gpu is not None and len(set().union(*places.values())) != 3:
         problems.append(f"the three workers held {len(set().union(*places.values()))} distinct places, not 3")
-    if len(set(pids.values())) != 3:
-        problems.append(f"seen {len(set(pids.values()))} worker processes, not 3")
+    pids = {run.status().get("pid") for run in runs.values()}
+    if len(pids - {None}) != 3:
+        problems.append(f"{len(pids - {None})} worker processes trained the 3 runs")
     kernel = (runs["regularizer"].result() or {}).get("repeatability", {}).get("regularizer_kernel")
     if kernel != mode.kernel:
         problems.append(f"the bf16 regularizer ran the {kernel} kernel(s), not {mode.kernel}")
