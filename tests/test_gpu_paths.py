@@ -3,6 +3,7 @@ the environment and arguments children get, and the errors a GPU box or cluster 
 import errno
 import fcntl
 import json
+import os
 import re
 import subprocess
 import sys
@@ -103,6 +104,7 @@ def test_auto_and_all_use_every_gpu_nvidia_smi_lists(manifest, tmp_path, monkeyp
 @pytest.mark.gpu
 def test_packing_runs_on_an_exclusive_process_gpu_is_refused(manifest, tmp_path, monkeypatch):
     fake_nvidia_smi(tmp_path, monkeypatch, modes=("Default", "Exclusive_Process"))
+    monkeypatch.setattr(launch, "mps_running", lambda: False)  # so on a GPU box that runs MPS too
     assert inventory.exclusive_gpus(["0", "1"]) == ["1"]
     req = dict(manifest=manifest, store=str(tmp_path / "runs"))
     with pytest.raises(LaunchError, match=r"GPU 1 is in EXCLUSIVE_PROCESS compute mode .* --per-gpu 2 cannot pack"):
@@ -112,6 +114,41 @@ def test_packing_runs_on_an_exclusive_process_gpu_is_refused(manifest, tmp_path,
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-00000001")  # a UUID names the same GPU
     with pytest.raises(LaunchError, match="GPU GPU-00000001 is in EXCLUSIVE_PROCESS"):
         plan(LaunchRequest(**req, per_gpu=3))
+
+
+@pytest.mark.process
+@pytest.mark.gpu
+def test_packing_runs_on_an_exclusive_process_gpu_is_accepted_under_mps(manifest, tmp_path, monkeypatch):
+    fake_nvidia_smi(tmp_path, monkeypatch, modes=("Exclusive_Process", "Exclusive_Process"))
+    monkeypatch.setattr(launch, "mps_running", lambda: True)
+    p = plan(LaunchRequest(manifest=manifest, store=str(tmp_path / "runs"), per_gpu=3))
+    assert sorted(s.gpu for s in p.slots) == ["0", "0", "0", "1", "1", "1"]
+    monkeypatch.setattr(launch, "mps_running", lambda: False)
+    with pytest.raises(LaunchError, match=r"GPU 0 is in EXCLUSIVE_PROCESS .* start the MPS daemon "
+                                          r"\(`nvidia-cuda-mps-control -d`"):
+        plan(LaunchRequest(manifest=manifest, store=str(tmp_path / "runs"), per_gpu=3))
+
+
+class _Proc:
+    def __init__(self, name):
+        self.info = {"name": name}
+
+
+def test_mps_is_seen_by_its_control_process_or_its_control_pipe(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path / "mps"))
+    procs = [_Proc("python"), _Proc("nvidia-smi")]
+    monkeypatch.setattr(inventory.psutil, "process_iter", lambda attrs: iter(procs))
+    assert not inventory.mps_running()  # no daemon, no pipe directory
+    (tmp_path / "mps").mkdir()
+    (tmp_path / "mps" / "control").write_text("")  # a plain file is no daemon's pipe
+    assert not inventory.mps_running()
+    (tmp_path / "mps" / "control").unlink()
+    os.mkfifo(tmp_path / "mps" / "control")  # what `nvidia-cuda-mps-control -d` creates (seen from a container)
+    assert inventory.mps_running()
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path / "elsewhere"))
+    assert not inventory.mps_running()
+    procs.append(_Proc("nvidia-cuda-mps-control"))  # the daemon itself, whatever its pipe directory
+    assert inventory.mps_running()
 
 
 # ------------------------------------------------------------ CPU counting
@@ -468,3 +505,30 @@ def test_a_checkpoint_copied_away_from_its_run_evaluates_alone(tmp_path):
     (tmp_path / "elsewhere" / "junk.pt").write_bytes(b"not a checkpoint")
     r = CliRunner().invoke(cli_app, ["eval", str(tmp_path / "elsewhere" / "junk.pt")])
     assert r.exit_code == 2 and "no spec inside it" in " ".join(r.stderr.split())
+
+
+@pytest.mark.process  # the driver's version comes from nvidia-smi (a fake here)
+def test_result_json_records_what_a_gpu_runs_repeatability_depends_on(tmp_path, monkeypatch):
+    """CUDA and cuDNN versions, the driver, the GPU's name and UUID (mocked CUDA queries and a
+    fake nvidia-smi), TF32 and inductor's mode; on a CPU the GPU fields are None."""
+    import types
+
+    from gaussreg.runs import device
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text('#!/bin/sh\ncase "$*" in *driver_version*) echo "570.86.15";; esac\n')
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    props = types.SimpleNamespace(name="NVIDIA H100 80GB HBM3", uuid="8f3c1a2b-1111-2222-3333-444455556666")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: props)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91002)
+    device.make_deterministic()
+    rep = device.repeatability(torch.device("cuda", 0))
+    assert rep == {"cuda": "12.8", "cudnn": 91002, "driver": "570.86.15", "gpu_name": "NVIDIA H100 80GB HBM3",
+                   "gpu_uuid": "GPU-8f3c1a2b-1111-2222-3333-444455556666", "tf32": False,
+                   "inductor_deterministic": True}
+    assert device.repeatability(torch.device("cpu")) == {**rep, "cuda": None, "cudnn": None, "driver": None,
+                                                         "gpu_name": None, "gpu_uuid": None}
+    (bin_dir / "nvidia-smi").unlink()  # no nvidia-smi: the driver is unknown, the rest still there
+    assert device.repeatability(torch.device("cuda", 0))["driver"] is None

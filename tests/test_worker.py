@@ -65,6 +65,11 @@ def test_two_epoch_run_writes_the_documented_files(tmp_path):
     assert res["per_sigma"][0] == 1.0 and res["robustness"] == pytest.approx(
         (0.1 * (res["per_sigma"][0] + res["per_sigma"][1]) + 0.1 * (res["per_sigma"][1] + res["per_sigma"][2])) / 0.4)
     assert res["versions"]["torch"] == torch.__version__ and res["device"] == "cpu"
+    # what repeatability depends on: no GPU fields on a CPU; the fp32 regularizer's exact kernel ran
+    assert res["repeatability"] == {"cuda": None, "cudnn": None, "driver": None, "gpu_name": None, "gpu_uuid": None,
+                                    "tf32": False, "inductor_deterministic": True, "regularizer_kernel": ["exact"],
+                                    "regularizer_compile_error": None}
+    assert res["gpu_peak_memory"] is None
     # validation robustness for selecting on validation: every validation image here (44 <= 1000), same sigmas
     assert res["val_robustness_images"] == 44 and len(res["val_per_sigma"]) == 3 and res["val_per_sigma"][0] == 1.0
     vps = res["val_per_sigma"]
@@ -312,16 +317,24 @@ def test_the_worker_asks_for_deterministic_gpu_kernels_before_it_picks_the_devic
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    monkeypatch.delenv("TORCHINDUCTOR_DETERMINISTIC", raising=False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # torch's default for convolutions
+    import torch._inductor.config as inductor  # imported already (a compile ran): its setting is changed too
+    monkeypatch.setattr(inductor, "deterministic", False)
     seen = {}
 
     def pick(name, gpu_slot=None):  # the device is picked before CUDA starts: the settings must be in place by then
         seen.update(cublas=os.environ.get("CUBLAS_WORKSPACE_CONFIG"), det=torch.backends.cudnn.deterministic,
-                    bench=torch.backends.cudnn.benchmark)
+                    bench=torch.backends.cudnn.benchmark, inductor_env=os.environ.get("TORCHINDUCTOR_DETERMINISTIC"),
+                    inductor=inductor.deterministic,
+                    tf32=(torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
         raise SpecError("device", "stop here")
     monkeypatch.setattr(worker, "pick_device", pick)
     run = queued_run(Store(tmp_path / "runs"), seed=1, experiment="t")
     assert worker.main([str(run.path)]) == 2
-    assert seen == {"cublas": ":4096:8", "det": True, "bench": False}
+    assert seen == {"cublas": ":4096:8", "det": True, "bench": False, "inductor_env": "1", "inductor": True,
+                    "tf32": (False, False)}
 
 
 @pytest.mark.process
@@ -529,3 +542,97 @@ def test_the_per_batch_code_has_no_host_sync_by_construction():
     assert reads == ["tally.mean_loss()"]  # the progress event's loss
     progress = next(n for n in ast.walk(loop) if isinstance(n, ast.If) and "next_progress" in ast.unparse(n.test))
     assert "tally.mean_loss()" in ast.unparse(progress)
+
+
+class _Killed(BaseException):
+    """kill -9 at a checkpoint write: the process is gone, so nothing after it is written."""
+
+
+class _Status:
+    def __init__(self):
+        self.fields = {}
+
+    def note(self, **fields):
+        self.fields.update(fields)
+
+    update = note
+
+
+@pytest.mark.parametrize("every,kill_at", [("0", 2), ("0", 3), ("0", 4), ("0", 7), ("3600", 2)])
+def test_a_kill_between_checkpoint_writes_loses_at_most_the_epochs_since_the_last_write(tmp_path, monkeypatch,
+                                                                                      every, kill_at):
+    """README ("GPUs"): best.pt and last.pt are written together, best.pt first, every
+    GAUSSREG_CHECKPOINT_S at an epoch end; a kill -9 loses the epochs since the last write.
+    Killed before its kill_at-th checkpoint write (1: last.pt at the start, then best.pt of an
+    improving epoch and last.pt), the run left on disk a last.pt no newer than its best.pt and
+    at most the epochs since the last write lost; resumed, it ends equal to an uninterrupted run."""
+    from factories import queued_run as planned
+
+    from gaussreg.runs import training
+    from gaussreg.runs.store import Store
+    st = Store(tmp_path / "runs")
+    keys = dict(FAST, method="augment", params={"sigma": 0.3, "folds": 1}, max_epochs=6, train_subset=300)
+    ref, run = planned(st, seed=3, experiment="ref", **keys), planned(st, seed=3, experiment="killed", **keys)
+    spec = run.spec()
+    expected = training.train(ref.spec(), ref, False, lambda: False, _Status(), lambda _m: None)
+
+    real_write, writes = training.atomic_write_bytes, []
+
+    def write(path, payload):
+        writes.append(path.name)
+        if len(writes) >= kill_at:
+            raise _Killed()
+        real_write(path, payload)
+    monkeypatch.setattr(training, "atomic_write_bytes", write)
+    monkeypatch.setenv("GAUSSREG_CHECKPOINT_S", every)
+    with pytest.raises(_Killed):
+        training.train(spec, run, False, lambda: False, _Status(), lambda _m: None)
+    monkeypatch.setattr(training, "atomic_write_bytes", real_write)
+
+    done = len(run.epochs())  # epochs finished before the kill (their events are written)
+    last = torch.load(run.file("last.pt"), weights_only=True)["state"]
+    written = writes[:kill_at - 1]
+    assert last["epoch"] == written.count("last.pt") - 1  # the one at the start is epoch 0
+    if every == "0":
+        assert writes[kill_at - 1] in ("best.pt", "last.pt") and done - last["epoch"] <= 1
+    else:
+        assert written == ["last.pt"] and last["epoch"] == 0 and done == spec["max_epochs"]  # the timer never fired
+    if run.file("best.pt").exists():  # never older than last.pt: the model of last.pt's best epoch, or newer
+        best = torch.load(run.file("best.pt"), weights_only=True)["state"]
+        assert best["epoch"] == last["best_epoch"] or best["epoch"] > last["epoch"]
+    else:
+        assert last["best_epoch"] == 0
+    resumed = training.train(spec, run, True, lambda: False, _Status(), lambda _m: None)
+    _compare_results(expected, resumed)
+    assert [e["val_loss"] for e in run.epochs()] == [e["val_loss"] for e in ref.epochs()]
+
+
+def test_a_failed_compile_of_the_regularizer_kernel_is_logged_and_recorded(tmp_path, monkeypatch):
+    """Without a compiler the bf16 regularizer's fused kernel runs its maths uncompiled once,
+    then the exact kernel: numbers differ in bf16 rounding, so worker.log says when it
+    switched and why, and result.json which kernels ran."""
+    from gaussreg.runs import training
+    from gaussreg.runs.store import Store
+    from gaussreg.science import moments
+    monkeypatch.setattr(moments, "_compiled", {})
+    monkeypatch.setattr(moments, "_ran", set())
+    monkeypatch.setattr(moments, "_compile_error", [])
+
+    def compile_(fn, **_kw):
+        def broken(*_a):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore lines")
+        return broken
+    monkeypatch.setattr(torch, "compile", compile_)
+    monkeypatch.setattr(moments, "_COMPILE_FROM", 1)  # every bf16 batch takes the fused kernel: a small MLP does
+    run = queued_run(Store(tmp_path / "runs"), experiment="t", **{
+        **FAST, "method": "regularizer", "params": {"sigma": 0.3, "alpha": 1.0}, "precision": "bf16",
+        "max_epochs": 2, "train_subset": 200, "test_subset": 100})
+    lines = []
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        res = training.train(run.spec(), run, False, lambda: False, _Status(), lines.append)
+    rep = res["repeatability"]
+    assert rep["regularizer_kernel"] == ["eager", "exact"]
+    assert rep["regularizer_compile_error"] == "RuntimeError: InvalidCxxCompiler: No working C++ compiler found"
+    switches = [m for m in lines if m.startswith("regularizer kernel")]
+    assert switches == ["regularizer kernel: eager, exact (compiling failed: RuntimeError: InvalidCxxCompiler: "
+                        "No working C++ compiler found)"]

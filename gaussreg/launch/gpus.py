@@ -8,9 +8,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple
+
+import psutil
 
 from gaussreg.runs.store import RunDir, RunFileError, Store, read_json
 
@@ -151,6 +155,28 @@ def exclusive_gpus(gpus: List[str]) -> List[str]:
         if len(parts) == 3 and parts[2].replace("_", " ").lower() == "exclusive process":
             exclusive.update(parts[:2])
     return [g for g in gpus if g in exclusive]
+
+
+MPS_CONTROL = "nvidia-cuda-mps-control"
+MPS_PIPE_DEFAULT = "/tmp/nvidia-mps"
+
+
+def mps_running() -> bool:
+    """Whether NVIDIA's MPS daemon serves this machine: its control process is visible, or
+    its control pipe is in the pipe directory (CUDA_MPS_PIPE_DIRECTORY, else /tmp/nvidia-mps;
+    the pipe is what a container sees of a daemon started on the host). Under MPS the GPU's
+    one process is the MPS server, so EXCLUSIVE_PROCESS mode (the mode NVIDIA recommends for
+    MPS) still lets many workers share the GPU, and their kernels overlap."""
+    try:
+        if any(p.info["name"] == MPS_CONTROL for p in psutil.process_iter(["name"])):
+            return True
+    except psutil.Error:
+        pass
+    pipe = Path(os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or MPS_PIPE_DEFAULT) / "control"
+    try:
+        return stat.S_ISFIFO(pipe.stat().st_mode)
+    except OSError:
+        return False
 
 
 def wants_gpu(run: RunDir) -> bool:

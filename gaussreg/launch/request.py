@@ -13,8 +13,8 @@ from typing import Dict, List, Optional, Tuple, Union
 from gaussreg.data import loading as data
 from gaussreg.launch import slurm
 from gaussreg.launch.control import detach_plan
-from gaussreg.launch.gpus import (CPU_PLACE, canonical_gpu, detect_gpus, exclusive_gpus, nvidia_gpus, parse_gpus,
-                                  usable_cpus)
+from gaussreg.launch.gpus import (CPU_PLACE, canonical_gpu, detect_gpus, exclusive_gpus, mps_running, nvidia_gpus,
+                                  parse_gpus, usable_cpus)
 from gaussreg.launch.scheduler import Slot, make_slots
 from gaussreg.runs import manifest as mf
 from gaussreg.runs.manifest import PlannedRun
@@ -178,9 +178,10 @@ def plan(req: LaunchRequest, commands: bool = True) -> Plan:
         gpus = resolve_gpus(req.gpus)
         if req.per_gpu > 1:
             excl = exclusive_gpus(gpus)
-            if excl:
+            if excl and not mps_running():  # under MPS the one process is the MPS server
                 raise LaunchError(f"GPU {excl[0]} is in EXCLUSIVE_PROCESS compute mode (nvidia-smi), which lets one "
-                                  f"process use it: --per-gpu {req.per_gpu} cannot pack runs on it; use --per-gpu 1, "
+                                  f"process use it: --per-gpu {req.per_gpu} cannot pack runs on it; start the MPS "
+                                  "daemon (`nvidia-cuda-mps-control -d`, README \"GPUs\"), use --per-gpu 1, "
                                   "or have an administrator run `nvidia-smi -c DEFAULT`")
         try:
             slots = make_slots(gpus, req.per_gpu, req.max_parallel)

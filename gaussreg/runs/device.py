@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
+import subprocess
 import sys
 from typing import Optional
 
@@ -133,12 +135,23 @@ def apply_worker_environment(store_root: Optional[str] = None) -> dict:
 def make_deterministic() -> None:
     """GPU runs repeat only with cuDNN's deterministic kernels, no autotuning (it may pick
     another algorithm each run) and a fixed cuBLAS workspace; the variable must be set
-    before cuBLAS starts, so this runs before the device is picked. Strict
-    `use_deterministic_algorithms` is left off: CUDA NLLLoss has no deterministic kernel."""
+    before cuBLAS starts, so this runs before the device is picked. Inductor's deterministic
+    mode: it would otherwise benchmark configurations of the compiled bf16 regularizer
+    kernel's reductions, and near-tied ones sum in another order (TORCHINDUCTOR_DETERMINISTIC
+    is read when inductor is first imported, which costs seconds a worker that never compiles
+    need not pay). TF32 off, for fp32 and for the fp32 parts of bf16 runs (the ADF variances):
+    fp32 means IEEE fp32 on Ampere and later too. Strict `use_deterministic_algorithms` is
+    left off: CUDA NLLLoss has no deterministic kernel."""
     import torch  # here: the CLI checks device names without torch
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    os.environ.setdefault("TORCHINDUCTOR_DETERMINISTIC", "1")
+    inductor = sys.modules.get("torch._inductor.config")
+    if inductor is not None and hasattr(inductor, "deterministic"):
+        inductor.deterministic = os.environ["TORCHINDUCTOR_DETERMINISTIC"] == "1"
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 
 def threads_from_env() -> None:
@@ -196,3 +209,35 @@ def prefer_channels_last(model, precision: str):
     if precision == "bf16" and any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
         return model.to(memory_format=torch.channels_last), True
     return model, False
+
+
+def repeatability(dev) -> dict:
+    """What a GPU run's numbers depend on besides the spec (result.json's `repeatability`):
+    CUDA and cuDNN versions, the driver, the GPU's name and UUID, TF32 and inductor's
+    deterministic mode; the GPU fields are None on a CPU."""
+    import torch  # here: the CLI checks device names without torch
+    inductor = sys.modules.get("torch._inductor.config")
+    out = {"cuda": None, "cudnn": None, "driver": None, "gpu_name": None, "gpu_uuid": None,
+           "tf32": bool(torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32),
+           "inductor_deterministic": bool(getattr(inductor, "deterministic", False)) if inductor is not None
+           else os.environ.get("TORCHINDUCTOR_DETERMINISTIC") == "1"}
+    if dev.type != "cuda":
+        return out
+    props = torch.cuda.get_device_properties(dev)
+    uuid = getattr(props, "uuid", None)
+    out.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(), driver=nvidia_driver(),
+               gpu_name=props.name, gpu_uuid=None if uuid is None else (
+                   str(uuid) if str(uuid).startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"))
+    return out
+
+
+def nvidia_driver() -> Optional[str]:
+    """The NVIDIA driver's version (nvidia-smi; one driver serves every GPU of a machine), or None."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out[0] if out else None

@@ -26,14 +26,15 @@ from gaussreg import __version__
 from gaussreg.data import loading as data
 from gaussreg.runs.certificate import certify_run
 from gaussreg.runs.device import (autocast, device_name, keep_freed_memory, make_deterministic, pick_device,
-                                  prefer_channels_last, resolve_precision, threads_from_env)
+                                  prefer_channels_last, repeatability, resolve_precision, threads_from_env)
 from gaussreg.runs.store import RunDir, atomic_write_bytes, now_iso, to_json
 from gaussreg.science.methods import Method, make_method
+from gaussreg.science.moments import kernels_ran
 from gaussreg.science.models import GaussNet, build_model, parameter_count
 from gaussreg.science.robustness import EvaluationStopped, certify_batch, constant_accuracy, robustness
 
 PROGRESS_EVERY_S = 0.5
-CHECKPOINT_EVERY_S = 60.0  # last.pt at most this often (and at every stop), see LastCheckpoint
+CHECKPOINT_EVERY_S = 60.0  # best.pt and last.pt at most this often (and at every stop), see Checkpoints
 # Validation robustness (for selecting on validation): the first images of the validation
 # split (a seeded permutation shared by every run of a dataset), and the same noise for
 # every run, so configurations are compared on identical noisy images.
@@ -137,43 +138,49 @@ def load_checkpoint(path: Path, model, opt, sched) -> dict:
 
 
 def checkpoint_every_s() -> float:
-    """Seconds between last.pt writes (at epoch ends); GAUSSREG_CHECKPOINT_S sets it (tests)."""
+    """Seconds between checkpoint writes (at epoch ends); GAUSSREG_CHECKPOINT_S sets it (tests)."""
     try:
         return max(0.0, float(os.environ.get("GAUSSREG_CHECKPOINT_S", CHECKPOINT_EVERY_S)))
     except ValueError:
         return CHECKPOINT_EVERY_S
 
 
-class LastCheckpoint:
-    """last.pt, written at an epoch end when `every_s` has passed since the last write, and
-    on `flush` (the end of training, a cancel, preemption, a crash). In between, the state
-    of the last finished epoch is kept in memory (cloned on its device), so whatever stops
-    the run, last.pt holds exactly a finished epoch and resuming equals an uninterrupted run.
-    A checkpoint of AlexNet is ~160 MB and fsync'd: written per short GPU epoch, by 16 runs
-    packed on a cluster filesystem, it would dominate the training."""
+class Checkpoints:
+    """best.pt and last.pt, written together: at an epoch end when `every_s` has passed since
+    the last write, and on `flush` (the end of training, a cancel, preemption, a crash). In
+    between, the last finished epoch's state and the best epoch's model are kept in memory
+    (cloned on their device), so whatever stops the run, last.pt holds exactly a finished
+    epoch and resuming equals an uninterrupted run. best.pt is written first, so last.pt is
+    never newer than best.pt: the best validation loss a resume reads belongs to the model in
+    best.pt. A kill -9 loses the epochs since the last write (at most `every_s` of training),
+    which a resume redoes. A checkpoint of AlexNet is ~160 MB and fsync'd: written per short
+    GPU epoch, by 16 runs packed on a cluster filesystem, it would dominate the training."""
 
-    def __init__(self, path: Path, every_s: float, spec: dict):
-        self.path, self.every_s, self.spec = path, every_s, spec
-        self.pending: Optional[dict] = None
+    def __init__(self, run: RunDir, every_s: float, spec: dict):
+        self.run, self.every_s, self.spec = run, every_s, spec
+        self.pending: Optional[dict] = None  # last.pt's content, not yet written
+        self.best: Optional[dict] = None  # best.pt's content, not yet written
         self.written_at = time.monotonic()
 
-    def epoch_end(self, t: "Training") -> None:
+    def epoch_end(self, t: "Training", improved: bool) -> None:
         content = _training_state(t)
+        if improved:  # the model alone: what evaluation, `eval` and `certify` read
+            self.best = {"model": content["model"], "state": dict(t.state)}
+        self.pending = content
         if time.monotonic() - self.written_at >= self.every_s:
-            self.pending = None
-            self.write(content)
-        else:
-            self.pending = content
-
-    def write(self, content: dict) -> None:
-        write_checkpoint(self.path, content, self.spec)
-        self.written_at = time.monotonic()
+            self.flush()
 
     def flush(self) -> bool:
-        if self.pending is None:
+        """Write what is kept in memory, best.pt before last.pt; whether anything was written."""
+        if self.pending is None and self.best is None:
             return False
-        content, self.pending = self.pending, None
-        self.write(content)
+        if self.best is not None:
+            write_checkpoint(self.run.best_checkpoint, self.best, self.spec)
+            self.best = None
+        if self.pending is not None:
+            write_checkpoint(self.run.last_checkpoint, self.pending, self.spec)
+            self.pending = None
+        self.written_at = time.monotonic()
         return True
 
 
@@ -337,22 +344,22 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status, log) -> di
     # started_at is this attempt's start: the readers add the epochs trained before it, so a
     # resumed run shows its whole training time (reader.training_time)
     status.update(time_before_s=t.state["train_time"] if resuming else 0.0)
-    last_ck = LastCheckpoint(run.last_checkpoint, checkpoint_every_s(), spec)
+    checkpoints = Checkpoints(run, checkpoint_every_s(), spec)
     events = Events(run.events_file, truncate=not resuming)
     try:
         events.emit("resume" if resuming else "start", epoch=t.state["epoch"], device=str(t.dev),
                     sizes=t.splits.sizes(), parameters=parameter_count(t.model))
         try:
-            train_epochs(t, run, events, status, last_ck, should_stop, log)
+            train_epochs(t, run, events, status, checkpoints, should_stop, log)
         except BaseException:
-            # cancel, preemption, divergence or a crash: last.pt gets the last finished epoch
+            # cancel, preemption, divergence or a crash: best.pt and last.pt get the last finished epoch
             try:
-                if last_ck.flush():
+                if checkpoints.flush():
                     log(f"last.pt written (epoch {t.state['epoch']})")
             except Exception as e:  # noqa: BLE001 - the original error matters more
                 log(f"could not write last.pt: {type(e).__name__}: {e}")
             raise
-        last_ck.flush()
+        checkpoints.flush()
         ev = _final_evaluation(t, run, status, should_stop, events)
         if spec.get("certify"):
             status.update(phase="certifying")
@@ -363,20 +370,23 @@ def train(spec: dict, run: RunDir, resume: bool, should_stop, status, log) -> di
     return _result_record(t, run, ev, t_start)
 
 
-def train_epochs(t: Training, run: RunDir, events: Events, status, last_ck: LastCheckpoint, should_stop, log) -> None:
-    """The epochs from t.state["epoch"] + 1 on: train, validate, schedule the LR, keep the best
-    model (best.pt, the model only) and hand each finished epoch to last_ck; early stopping
-    ends it. Per batch nothing reads back from the device but a progress event's loss."""
+def train_epochs(t: Training, run: RunDir, events: Events, status, checkpoints: Checkpoints, should_stop, log) -> None:
+    """The epochs from t.state["epoch"] + 1 on: train, validate, schedule the LR and hand each
+    finished epoch, and whether it is the best so far, to checkpoints; early stopping ends it. Per
+    batch nothing reads back from the device but a progress event's loss. Phase and epoch
+    reach status.json with its next heartbeat: two fsync'd writes per epoch cost more than a
+    short GPU epoch's validation."""
     spec, model, method, opt, state = t.spec, t.model, t.method, t.opt, t.state
     B, batches = spec["batch_size"], t.batches
     passes = method.passes(len(t.splits.train_x))
     val_seed = spec["seed"] + 1_000_003
     # the progress clock runs across epochs: short epochs still give a progress event every PROGRESS_EVERY_S
     next_progress = time.monotonic() + PROGRESS_EVERY_S
+    kernels_seen = {"kernels": [], "compile_error": None}
     for epoch in range(state["epoch"] + 1, spec["max_epochs"] + 1):
         if state["bad_epochs"] >= spec["early_stop"]:
             break
-        status.update(epoch=epoch, phase="training")
+        status.note(epoch=epoch, phase="training")
         t0, c0 = time.time(), time.process_time()
         model.train()
         es = epoch_seed(spec["seed"], epoch)  # the epoch's randomness depends on (seed, epoch) only
@@ -392,14 +402,14 @@ def train_epochs(t: Training, run: RunDir, events: Events, status, last_ck: Last
                 next_progress = time.monotonic() + PROGRESS_EVERY_S
                 events.emit("progress", epoch=epoch, batch=b + 1, batches=batches, loss=tally.mean_loss())
         train, train_accuracy = tally.close(epoch)  # Diverged if a loss term went non-finite
-        status.update(phase="validating")  # what the views say while no batch progresses
+        status.note(phase="validating")  # what the views say while no batch progresses
         val = evaluate(method, model, t.splits.val_x, t.splits.val_y, B, val_seed, t.precision)
         if not math.isfinite(val["loss"]):
             raise Diverged(epoch, "val_loss")
         t.sched.step(val["loss"])
         improved = val["loss"] < state["best_val_loss"]
         dt = time.time() - t0
-        # new objects, never changed in place: last_ck may hold this state's shallow copy
+        # new objects, never changed in place: checkpoints may hold this state's shallow copy
         state.update(epoch=epoch, train_time=state["train_time"] + dt, steps=state["steps"] + batches,
                      images={k: state["images"].get(k, 0) + v for k, v in passes.items()},
                      cpu_time=_plus(state["cpu_time"], time.process_time() - c0),
@@ -408,17 +418,20 @@ def train_epochs(t: Training, run: RunDir, events: Events, status, last_ck: Last
                      gpu_time=_plus(state["gpu_time"], dt) if t.dev.type == "cuda" else None)
         if improved:
             state.update(best_val_loss=val["loss"], best_epoch=epoch, bad_epochs=0, best_val_accuracy=val["accuracy"])
-            # the model alone: what evaluation, `eval` and `certify` read
-            write_checkpoint(run.best_checkpoint, {"model": model.state_dict(), "state": dict(state)}, spec)
         else:
             state["bad_epochs"] += 1
         train_loss = train.pop("loss")
         events.emit("epoch", epoch=epoch, train_loss=train_loss, train_terms=train, train_accuracy=train_accuracy,
                     val_loss=val["loss"], val_ce=val["ce"], val_accuracy=val["accuracy"],
                     lr=opt.param_groups[0]["lr"], epoch_time=dt, images_per_s=tally.seen / dt, best=improved)
-        last_ck.epoch_end(t)
+        checkpoints.epoch_end(t, improved)
         log(f"epoch {epoch}: train {train_loss:.4f} "
             f"val {val['loss']:.4f} acc {val['accuracy']:.4f} ({dt:.1f}s, {tally.seen / dt:.0f} img/s)")
+        kernels = kernels_ran()
+        if kernels != kernels_seen:  # a kernel switch changes the numbers: worker.log says when
+            log(f"regularizer kernel: {', '.join(kernels['kernels'])}"
+                + (f" (compiling failed: {kernels['compile_error']})" if kernels["compile_error"] else ""))
+            kernels_seen = kernels
 
 
 def _plus(total: Optional[float], x: float) -> Optional[float]:
@@ -478,6 +491,14 @@ def _result_record(t: Training, run: RunDir, ev: _Evaluation, t_start: float) ->
         "wall_time_s": time.time() - t_start,
         "parameters": parameter_count(t.model), "device": str(t.dev), "device_name": device_name(t.dev),
         "precision": t.precision, "compile": spec["compile"],
+        # what repeating the numbers bitwise needs besides the spec; regularizer_kernel: the
+        # kernels of the regularizer's ReLU moments in the process that finished the run
+        "repeatability": {**repeatability(t.dev), "regularizer_kernel": kernels_ran()["kernels"] or None,
+                          "regularizer_compile_error": kernels_ran()["compile_error"]},
+        # what packing runs on a GPU must fit: the caching allocator's peak (reserved) and the
+        # tensors' peak (allocated) in the process that finished the run; None on a CPU
+        "gpu_peak_memory": ({"reserved": torch.cuda.max_memory_reserved(t.dev),
+                             "allocated": torch.cuda.max_memory_allocated(t.dev)} if t.dev.type == "cuda" else None),
         **({"pixel_sigma": list(t.method.pixel_sigma)} if t.method.pixel_sigma is not None else {}),
         "sizes": t.splits.sizes(), "host": socket.gethostname(),
         # what a constant classifier scores on each split: the fair table flags one (views.report)

@@ -30,7 +30,8 @@ EXIT_LOCKED = 3
 
 
 class Status:
-    """status.json, replaced atomically; a heartbeat thread refreshes updated_at."""
+    """status.json, replaced atomically; a heartbeat thread refreshes updated_at and writes
+    what `note` was told since."""
 
     def __init__(self, run: RunDir, **fields):
         self.run, self.fields, self.lock = run, dict(fields), threading.Lock()
@@ -41,6 +42,11 @@ class Status:
         with self.lock:
             self.fields.update(fields, updated_at=now_iso())
             self.run.write_status(self.fields)
+
+    def note(self, **fields) -> None:
+        """Fields the next heartbeat writes (phase and epoch: no fsync'd write per change)."""
+        with self.lock:
+            self.fields.update(fields)
 
     def start_heartbeat(self) -> None:
         def beat():

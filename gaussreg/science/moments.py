@@ -152,6 +152,7 @@ def relu_and_mean(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     if mu.dtype in (torch.float16, torch.bfloat16) and mu.numel() >= _COMPILE_FROM and _compiled.get(
             _fused_forward) is not False:
         return _FusedReluMean.apply(mu, sigma.float())
+    _ran.add("exact")
     out_dtype, dt = _compute_dtype(mu, sigma)
     return _ReluMean.apply(mu.to(dt), sigma.to(dt), True).to(out_dtype)
 
@@ -169,6 +170,17 @@ _AS = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
 # demo's 2.5M-element batches stay exact, the paper's 25M ones are fused
 _COMPILE_FROM = 1 << 22
 _compiled: dict = {}
+# Which kernels computed relu_and_mean in this process, and why compiling failed: the
+# kernels agree only to bf16 rounding, so a run's result.json says which ran (kernels_ran).
+_ran: set = set()
+_compile_error: list = []
+_compile_disabled: list = [False]
+
+
+def kernels_ran() -> dict:
+    """{"kernels": those of "compiled", "eager" (the fused maths uncompiled, after a failed
+    compile) and "exact" that ran in this process, "compile_error": the failure, or None}."""
+    return {"kernels": sorted(_ran), "compile_error": _compile_error[0] if _compile_error else None}
 
 
 def _erfc_abs(v):
@@ -210,16 +222,24 @@ def _kernel(fn, *args):
     """fn compiled (once per process). If compiling fails (no C++ compiler, say), fn runs
     eagerly this once (the same maths) and relu_and_mean takes the exact kernel from then on."""
     if _compiled.get(fn) is False:
+        _ran.add("eager")
         return fn(*args)
     if fn not in _compiled:
         _compiled[fn] = torch.compile(fn, dynamic=True)
+        # TORCH_COMPILE_DISABLE=1: torch.compile gives a wrapper that runs fn eagerly
+        _compile_disabled[:] = [bool(torch._dynamo.config.disable)]
     try:
-        return _compiled[fn](*args)
+        out = _compiled[fn](*args)
     except Exception as e:  # noqa: BLE001 - any compiler failure: the eager path is the same maths
-        warnings.warn(f"torch.compile failed ({type(e).__name__}); the regularizer's half-precision kernel "
-                      "runs uncompiled (slower, same results)")
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        _compile_error[:] = [f"{type(e).__name__}: {first}".rstrip(": ")]
+        warnings.warn(f"torch.compile failed ({_compile_error[0]}); the regularizer's half-precision kernel "
+                      "runs uncompiled (slower, same results to bf16 rounding)")
         _compiled[fn] = _compiled[_fused_forward] = False
+        _ran.add("eager")
         return fn(*args)
+    _ran.add("eager" if _compile_disabled[0] else "compiled")
+    return out
 
 
 class _FusedReluMean(torch.autograd.Function):
