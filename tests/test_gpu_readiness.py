@@ -89,6 +89,8 @@ def test_the_compile_cache_is_never_inside_the_store():
 def test_a_started_worker_gets_the_defaults_and_keeps_the_users_values(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "3")
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    # inductor sets this in its own process once it has compiled (a test before may have)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     run = queued_run(Store(tmp_path / "store"))
     dump = [sys.executable, "-c", "import json, os, sys; "
             "json.dump(dict(os.environ), open(os.path.join(sys.argv[1], 'env.json'), 'w'))"]

@@ -187,11 +187,13 @@ def test_sweep_cancel_resume_on_a_real_slurm_gives_the_local_table(slurm_conf, t
         other, victim, last = runs
 
         def training_epoch_2():
-            s = victim.status()
-            return s if s.get("state") == "running" and (s.get("epoch") or 0) >= 2 else None
+            # the epoch event, written at every epoch's end (status.json's epoch rides on the
+            # heartbeat, every 5 s, by which time a short run may be done)
+            s, last = victim.status(), victim.last_epoch()
+            return s if s.get("state") == "running" and last and last["epoch"] >= 1 else None
         stopped = wait_for(training_epoch_2, 180, "run 1 to train its second epoch", every=0.02)["pid"]
         os.kill(stopped, signal.SIGSTOP)
-        assert victim.state() == "running" and victim.status()["epoch"] < MAX_EPOCHS, victim.status()
+        assert victim.state() == "running" and victim.last_epoch()["epoch"] < MAX_EPOCHS, victim.status()
         wait_for(lambda: other.status().get("cuda_visible_devices") is not None, 60, "run 0 to start", every=0.1)
         seen = {other.status()["cuda_visible_devices"], victim.status()["cuda_visible_devices"]}
         assert seen == {"0", "1"}, seen  # each worker got its own GPU
@@ -201,7 +203,7 @@ def test_sweep_cancel_resume_on_a_real_slurm_gives_the_local_table(slurm_conf, t
         wait_for(lambda: victim.status().get("state") == "cancelled", 60, "the cancelled run to say so", every=0.1)
         stopped = None
         assert victim.file("last.pt").exists() and not victim.file("result.json").exists()
-        assert victim.status()["epoch"] < MAX_EPOCHS
+        assert victim.last_epoch()["epoch"] < MAX_EPOCHS
 
         # running the manifest again resubmits only the cancelled run, which resumes from last.pt;
         # run 0 and 2 (completed, or still in Slurm) are skipped, and --follow waits for all three
