@@ -1,3 +1,4 @@
+import fcntl
 import functools
 import inspect
 import multiprocessing.util
@@ -46,6 +47,20 @@ def python_env(**extra):
 
 def cli(*args):
     return [sys.executable, "-m", "gaussreg", *map(str, args)]
+
+
+def apt_install(*packages: str) -> subprocess.CompletedProcess:
+    """apt-get update and install, one test worker at a time (the Slurm and browser tests may
+    ask at once, and apt holds a lock while it runs): the others wait for the first."""
+    with open("/tmp/gaussreg-tests-apt.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        wait = ["-o", "DPkg::Lock::Timeout=600"]  # an apt run by anyone else: wait, do not fail
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        r = subprocess.run(["apt-get", *wait, "update", "-q"], capture_output=True, text=True, timeout=900, env=env)
+        if r.returncode != 0:
+            return r
+        return subprocess.run(["apt-get", *wait, "install", "-y", "-q", *packages], capture_output=True, text=True,
+                              timeout=900, env=env)
 
 
 def wait_for(cond, timeout: float, what: str, every: float = 0.05):

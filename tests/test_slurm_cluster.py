@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import cli, python_env, wait_for
+from conftest import apt_install, cli, python_env, wait_for
 
 from gaussreg.launch import slurm
 from gaussreg.runs.store import TERMINAL, Store
@@ -47,8 +47,7 @@ def _install() -> str:
         return ""
     if os.geteuid() != 0:
         return "Slurm is not installed and installing it needs root"
-    r = subprocess.run("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "
-                       "slurmctld slurmd slurm-client", shell=True, capture_output=True, text=True, timeout=900)
+    r = apt_install("slurmctld", "slurmd", "slurm-client")  # one test worker at a time (the browser test too)
     if r.returncode != 0 or not all(shutil.which(c) for c in DAEMONS):
         tail = (r.stderr or r.stdout).strip().splitlines()
         return f"apt could not install Slurm: {tail[-1] if tail else 'exit ' + str(r.returncode)}"

@@ -10,7 +10,6 @@ page loads hands to the test.
 """
 import asyncio
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ import urllib.request
 
 import psutil
 import pytest
-from conftest import cli, gaussreg, python_env, wait_for
+from conftest import apt_install, cli, gaussreg, python_env, wait_for
 from factories import dashboard_run
 
 from gaussreg.runs.store import Store, short_id
@@ -44,20 +43,14 @@ KEYS = {"?": ("Slash", 191), "s": ("KeyS", 83), "q": ("KeyQ", 81), "Escape": ("E
 
 def chromium() -> str:
     """Debian's chromium, installed here when missing (once, whichever test worker asks first)."""
-    with open("/tmp/gaussreg-tests-chromium.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # test workers in parallel: one apt-get at a time
-        found = shutil.which("chromium")
-        if found:
-            return found
-        if os.geteuid() != 0 or not shutil.which("apt-get"):
-            pytest.fail("the browser test needs Debian's chromium: apt-get install -y chromium (as root)")
-        # the Slurm test may be running apt-get beside this one: wait for its lock, do not fail on it
-        wait = ["-o", "DPkg::Lock::Timeout=600"]
-        for cmd in (["apt-get", *wait, "update", "-q"], ["apt-get", *wait, "install", "-y", "-q", "chromium"]):
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
-                               env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-            assert r.returncode == 0, f"{' '.join(cmd)} failed: {r.stderr[-2000:]}"
-        return shutil.which("chromium")
+    found = shutil.which("chromium")
+    if found:
+        return found
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.fail("the browser test needs Debian's chromium: apt-get install -y chromium (as root)")
+    r = apt_install("chromium")  # one test worker at a time; a second finds it installed
+    assert r.returncode == 0 and shutil.which("chromium"), f"apt-get could not install chromium: {r.stderr[-2000:]}"
+    return shutil.which("chromium")
 
 
 def free_port() -> int:
