@@ -305,8 +305,10 @@ async def test_d_removes_a_run_after_asking_and_refuses_a_running_one(store):
         assert not failed.path.exists() and failed.id not in [r.id for r in store.runs()]
         assert any(f"removed {failed.id}" in n.message for n in app._notifications)
         live = next(r for r in store.runs() if "augment" in r.id)
-        live.write_status({**live.status(), "state": "running", "host": socket.gethostname()})
+        # the lock first, as a worker takes it: a "running" status read while no one holds the
+        # lock reads as interrupted, and taking the lock changes no file the TUI would re-read
         fd = hold_lock(live)
+        live.write_status({**live.status(), "state": "running", "host": socket.gethostname()})
         try:
             await until(pilot, lambda: t.get_cell(live.id, "state").plain == "running")
             t.move_cursor(row=t.get_row_index(live.id))
