@@ -177,6 +177,31 @@ def test_failed_or_cancelled_augment_runs_change_nothing_in_equivalent_folds(tmp
     assert ef["text"] == "Ñ > 6" and ef["max_n_tilde_tried"] == 6 and ef["augment_less_robust"] == 1
 
 
+def test_equivalent_folds_per_noise_mode_and_never_below_the_smallest_tried(tmp_path):
+    st = Store(tmp_path / "runs")
+    table_run(st, "G", "baseline", 0.90, 0.50)
+    table_run(st, "G", "regularizer", 0.90, 0.80, sigma=1.0, alpha=1)
+    # shared noise: Ñ = 2 less robust than the regularizer, Ñ = 6 more
+    table_run(st, "G", "augment", 0.90, 0.75, sigma=0.5, folds=1, noise="shared")
+    table_run(st, "G", "augment", 0.90, 0.82, sigma=0.5, folds=5, noise="shared")
+    # fixed noise: already the smallest tried is as robust, so only N~ <= 2 is known
+    table_run(st, "G", "augment", 0.90, 0.80, sigma=0.5, folds=1, noise="fixed")
+    # fresh noise (the old spelling): never as robust
+    table_run(st, "G", "augment", 0.90, 0.70, sigma=0.5, folds=1, fresh_noise=True)
+    ef = report.fair_table(st, tolerance=0.0)["experiments"][0]["equivalent_folds"]
+    assert ef["text"] == "shared noise Ñ = 6, fixed noise Ñ ≤ 2 (the smallest tried), fresh noise Ñ > 2"
+    assert ef["by_noise"]["shared"]["n_tilde"] == 6 and ef["by_noise"]["fresh"]["max_n_tilde_tried"] == 2
+    assert ef["n_tilde"] == 2 and ef["text"].count("Ñ") == 3  # all modes together: the smallest tried matches
+    st2 = Store(tmp_path / "runs2")
+    table_run(st2, "H", "baseline", 0.90, 0.50)
+    table_run(st2, "H", "regularizer", 0.90, 0.80, sigma=1.0, alpha=1)
+    table_run(st2, "H", "augment", 0.90, 0.85, sigma=0.5, folds=1)
+    table_run(st2, "H", "augment", 0.90, 0.90, sigma=0.5, folds=5)
+    ef = report.fair_table(st2, tolerance=0.0)["experiments"][0]["equivalent_folds"]
+    assert ef["text"] == "Ñ ≤ 2 (the smallest tried)" and "by_noise" not in ef
+    assert report.noise_mode({"fresh_noise": False}) == "fixed"
+
+
 def test_validation_selection_picks_a_different_winner_than_test_selection(tmp_path):
     st = Store(tmp_path / "runs")
     table_run(st, "V", "baseline", 0.90, 0.50, val=(0.88, 0.52))

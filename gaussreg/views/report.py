@@ -29,7 +29,7 @@ from gaussreg.data.datasets import DATASETS
 from gaussreg.runs.reader import list_runs
 from gaussreg.runs.spec import describe_params
 from gaussreg.runs.store import RunDir, RunFileError, Store
-from gaussreg.science.methods import METHOD_CLASSES
+from gaussreg.science.methods import METHOD_CLASSES, NOISE_MODES
 from gaussreg.science.robustness import CONSTANT_MARGIN, CONSTANT_R, nearly_constant, score_of
 
 EPS = 1e-12  # accuracies are ratios of integers; keep "equal to a0 - tol" eligible
@@ -355,15 +355,37 @@ def _equivalent_folds(cfgs, eligible) -> dict:
     aug = [c for c in eligible if c["method"] == "augment"]
     out["augment_less_robust"] = sum(1 for c in aug if c["sel_robustness"] < reg["sel_robustness"])
     out["regularizer_robustness"] = reg["sel_robustness"]
-    tried = sorted({c["params"]["folds"] for c in done})
-    if not tried:
+    if not done:
         return {**out, "text": "no completed augment runs"}
+    out.update(_smallest_matching(done, aug, reg))
+    modes = sorted({noise_mode(c["params"]) for c in done}, key=NOISE_ORDER.index)
+    if len(modes) > 1:  # augmentation protocols differ in kind: one answer per noise mode
+        out["by_noise"] = {m: _smallest_matching([c for c in done if noise_mode(c["params"]) == m],
+                                                 [c for c in aug if noise_mode(c["params"]) == m], reg)
+                           for m in modes}
+        out["text"] = ", ".join(f"{m} noise {out['by_noise'][m]['text']}" for m in modes)
+    return out
+
+
+NOISE_ORDER = tuple(sorted(NOISE_MODES, key=("shared", "fixed", "fresh").index))  # the reference's protocol first
+
+
+def noise_mode(params: dict) -> str:
+    """An augment configuration's noise mode (methods.NOISE_MODES), also for runs made
+    before `noise` existed (fresh_noise = true/false)."""
+    return "fresh" if params.get("fresh_noise") or params.get("noise") == "fresh" else params.get("noise", "fixed")
+
+
+def _smallest_matching(done, aug, reg) -> dict:
+    """The smallest tried N~ whose best eligible configuration is as robust as `reg`; when
+    that is the smallest tried, the runs say only N~ <= it."""
+    tried = sorted({c["params"]["folds"] for c in done})
     for f in tried:
         b = _best([c for c in aug if c["params"]["folds"] == f])
         if b and b["sel_robustness"] >= reg["sel_robustness"]:
-            return {**out, "n_tilde": f + 1, "folds": f, "text": f"Ñ = {f + 1}",
-                    "augment_robustness": b["sel_robustness"]}
-    return {**out, "text": f"Ñ > {tried[-1] + 1}", "max_n_tilde_tried": tried[-1] + 1}
+            text = f"Ñ ≤ {f + 1} (the smallest tried)" if f == tried[0] else f"Ñ = {f + 1}"
+            return {"n_tilde": f + 1, "folds": f, "text": text, "augment_robustness": b["sel_robustness"]}
+    return {"n_tilde": None, "folds": None, "text": f"Ñ > {tried[-1] + 1}", "max_n_tilde_tried": tried[-1] + 1}
 
 
 def fair_table(store: Store, experiment: Optional[str] = None, tolerance: Optional[float] = None,
