@@ -313,8 +313,8 @@ def test_export_from_an_export_file(store, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"run_id": "x"}\n')
     out = gaussreg("export", "--from", tmp_path / "bad.jsonl")
     assert out.exit_code == 2 and "bad.jsonl:1: not a run of `gaussreg export" in " ".join(out.stderr.split())
-    # the study's file, exported before `params` existed: now with it
-    study = Path(__file__).resolve().parents[1] / "docs" / "study-fmnist" / "runs.jsonl"
+    # the first study's file (5 epochs), exported before `params` existed: now with it
+    study = Path(__file__).resolve().parents[1] / "docs" / "study-fmnist" / "runs-5-epochs.jsonl"
     old = json.loads(study.read_text().splitlines()[0])
     assert "params" not in old
     frame = pd.read_csv(io.StringIO(gaussreg("export", "--from", study).stdout))
